@@ -1,0 +1,223 @@
+"""Declarative models: variables, objective terms and constraints — data that backends translate.
+
+A :class:`Program` is not solver code. Reference backends (cvxpy, Gurobi, SCIP, enumeration, flow) and the
+production torch solvers read the same object; :meth:`Program.evaluate` and :meth:`Program.check` score any
+candidate solution, so every backend's answer is judged by one definition.
+
+Builders for the models of METHODS.md:
+
+* :func:`l0_program`     — choose support and weights: ``min f(W)  s.t.  W = 0 where z = 0, z ∈ pattern`` (MIQP)
+* :func:`refit_program`  — least-squares refit on a fixed support (convex QP)
+* :func:`l1_program`     — FISTAPruner's ``min f(W) + λ‖W‖₁`` (convex)
+* :func:`mask_program`   — ``max Σ S_ij z_ij  s.t.  z ∈ pattern`` (LP/MILP; EGGS' expander N:M masks)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .patterns import ColumnGroups, LinearRow, Pattern
+from .problem import LayerProblem
+
+__all__ = [
+    "Variable", "LayerObjective", "L1Penalty", "LinearScore", "Indicator", "Program",
+    "l0_program", "refit_program", "l1_program", "mask_program",
+]
+
+
+@dataclass
+class Variable:
+    name: str
+    shape: tuple
+    domain: str = "real"  # 'real' or 'binary'
+    fixed_zero: Optional[torch.Tensor] = None  # bool tensor of `shape`: entries fixed at 0
+
+    @property
+    def size(self) -> int:
+        s = 1
+        for d in self.shape:
+            s *= int(d)
+        return s
+
+    @property
+    def free_size(self) -> int:
+        return self.size - (0 if self.fixed_zero is None else int(self.fixed_zero.sum()))
+
+
+@dataclass
+class LayerObjective:
+    """``f(W)`` of the program's :class:`LayerProblem` (a convex quadratic in W)."""
+    var: str = "W"
+
+    def value(self, program, values):
+        return program.problem.objective(values[self.var])
+
+
+@dataclass
+class L1Penalty:
+    """``λ Σ |W_ij|``."""
+    lam: float
+    var: str = "W"
+
+    def value(self, program, values):
+        return self.lam * float(values[self.var].to(torch.float64).abs().sum())
+
+
+@dataclass
+class LinearScore:
+    """``− Σ S_ij z_ij`` (programs minimise; a score is maximised)."""
+    scores: torch.Tensor
+    var: str = "z"
+
+    def value(self, program, values):
+        return -float((self.scores.to(torch.float64) * values[self.var].to(torch.float64)).sum())
+
+
+@dataclass
+class Indicator:
+    """``W_ij = 0`` whenever ``b[index(i, j)] = 0`` for the binary variable ``b``.
+
+    ``index`` maps each flattened entry of W to an entry of b: the identity (elementwise mask ``z``) or the
+    column → group map (structured ``g``). Backends use indicator constraints or a big-M bound.
+    """
+    weight: str
+    binary: str
+    index: torch.Tensor  # long, size m*n
+
+    def satisfied(self, values, tol=1e-7) -> bool:
+        W = values[self.weight].reshape(-1).to(torch.float64)
+        b = values[self.binary].reshape(-1).to(torch.float64)[self.index]
+        return bool((W[b < 0.5].abs() <= tol * max(1.0, float(W.abs().max()))).all())
+
+
+@dataclass
+class Program:
+    name: str
+    kind: str  # 'QP' | 'L1' | 'MIQP' | 'LP' | 'MILP'
+    variables: dict
+    objective: list
+    constraints: list = field(default_factory=list)
+    problem: Optional[LayerProblem] = None
+    pattern: Optional[Pattern] = None
+    meta: dict = field(default_factory=dict)
+
+    # sizes, used by backends' capability checks (e.g. Gurobi's size-limited licence)
+    @property
+    def n_variables(self) -> int:
+        return sum(v.free_size for v in self.variables.values())
+
+    @property
+    def n_integer(self) -> int:
+        return sum(v.free_size for v in self.variables.values() if v.domain == "binary")
+
+    @property
+    def n_constraints(self) -> int:
+        return len(self.constraints)
+
+    @property
+    def is_integer(self) -> bool:
+        return self.kind in ("MIQP", "MILP")
+
+    @property
+    def is_quadratic(self) -> bool:
+        return any(isinstance(t, LayerObjective) for t in self.objective)
+
+    def linear_rows(self) -> list[LinearRow]:
+        return [c for c in self.constraints if isinstance(c, LinearRow)]
+
+    def indicators(self) -> list[Indicator]:
+        return [c for c in self.constraints if isinstance(c, Indicator)]
+
+    def evaluate(self, values: dict) -> float:
+        return float(sum(t.value(self, values) for t in self.objective))
+
+    def check(self, values: dict, tol: float = 1e-6) -> dict:
+        """Feasibility report of a candidate: ``{'feasible': bool, 'violations': [...]}``."""
+        bad = []
+        for name, v in self.variables.items():
+            if name not in values:
+                if v.domain == "binary" and name != "z":
+                    continue
+                if name == "z" and "W" in values:
+                    continue
+                bad.append(f"missing variable {name}")
+                continue
+            x = torch.as_tensor(values[name])
+            if tuple(x.shape) != tuple(v.shape):
+                bad.append(f"{name}: shape {tuple(x.shape)} != {tuple(v.shape)}")
+                continue
+            if v.fixed_zero is not None and (x.to(torch.float64)[v.fixed_zero].abs() > tol).any():
+                bad.append(f"{name}: nonzero where fixed to zero")
+            if v.domain == "binary" and ((x.to(torch.float64) - x.to(torch.float64).round()).abs() > tol).any():
+                bad.append(f"{name}: not binary")
+        vals = dict(values)
+        if "z" in self.variables and "z" not in vals and "W" in vals:  # support of W as the mask
+            vals["z"] = (vals["W"] != 0).to(torch.float64)
+        for c in self.constraints:
+            if isinstance(c, LinearRow):
+                if not all(t[0] in vals for t in c.terms):
+                    continue
+                if not c.satisfied(vals, tol=tol * max(1.0, abs(c.rhs))):
+                    bad.append(f"row {c.sense} {c.rhs} violated")
+            elif isinstance(c, Indicator):
+                if c.binary in vals and not c.satisfied(vals, tol=tol):
+                    bad.append(f"{c.weight} nonzero where {c.binary} = 0")
+        return {"feasible": not bad, "violations": bad[:10], "n_violations": len(bad)}
+
+    def summary(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "variables": self.n_variables, "integer": self.n_integer,
+                "constraints": self.n_constraints, "shape": None if self.problem is None else list(self.problem.shape)}
+
+
+def _W(problem: LayerProblem, fixed_zero=None) -> Variable:
+    return Variable("W", tuple(problem.shape), "real", fixed_zero)
+
+
+def l0_program(problem: LayerProblem, pattern: Pattern) -> Program:
+    """The mask-and-weights MIQP. Structured patterns couple W to one binary per group."""
+    pattern.validate(problem.shape)
+    m, n = problem.shape
+    if isinstance(pattern, ColumnGroups):
+        gi = pattern.group_index(n)
+        index = gi.unsqueeze(0).expand(m, n).reshape(-1)
+        g = pattern.n_groups(n)
+        variables = {"W": _W(problem), "g": Variable("g", (g,), "binary")}
+        rows = [LinearRow([("g", torch.arange(g), torch.ones(g, dtype=torch.float64))], "==",
+                          pattern.keep_groups(n))]
+        cons = [Indicator("W", "g", index)] + rows
+        return Program("group-selection MIQP", "MIQP", variables, [LayerObjective()], cons, problem, pattern)
+    variables = {"W": _W(problem), "z": Variable("z", (m, n), "binary")}
+    for name, size in pattern.aux_variables(problem.shape).items():
+        variables[name] = Variable(name, (size,), "binary")
+    cons = [Indicator("W", "z", torch.arange(m * n))] + pattern.constraints(problem.shape)
+    return Program("L0 mask-and-weights MIQP", "MIQP", variables, [LayerObjective()], cons, problem, pattern)
+
+
+def refit_program(problem: LayerProblem, mask: torch.Tensor) -> Program:
+    """``min f(W) s.t. W_ij = 0 where mask_ij = 0`` — a convex QP, separable by rows when X̂ = X or not."""
+    mask = mask.to(torch.bool).cpu()
+    if tuple(mask.shape) != tuple(problem.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(problem.shape)}")
+    return Program("least-squares refit QP", "QP", {"W": _W(problem, ~mask)}, [LayerObjective()], [], problem,
+                   meta={"mask": mask})
+
+
+def l1_program(problem: LayerProblem, lam: float) -> Program:
+    """FISTAPruner's convex model ``min ½‖W X̂ − W0 X‖² + λ‖W‖₁``."""
+    if lam < 0:
+        raise ValueError(f"λ must be ≥ 0, got {lam}")
+    return Program("l1 (FISTAPruner) convex model", "L1", {"W": _W(problem)}, [LayerObjective(), L1Penalty(lam)],
+                   [], problem, meta={"lam": float(lam)})
+
+
+def mask_program(scores: torch.Tensor, pattern: Pattern) -> Program:
+    """``max Σ S z  s.t.  z ∈ pattern`` (an LP whose matrix is TU for N:M and expander N:M tiles)."""
+    pattern.validate(tuple(scores.shape))
+    m, n = scores.shape
+    variables = {"z": Variable("z", (m, n), "binary")}
+    for name, size in pattern.aux_variables((m, n)).items():
+        variables[name] = Variable(name, (size,), "binary")
+    return Program("mask selection (max score)", "MILP", variables, [LinearScore(scores.detach().cpu())],
+                   pattern.constraints((m, n)), None, pattern)

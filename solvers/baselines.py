@@ -1,0 +1,252 @@
+"""Torch baselines (METHODS.md §1): magnitude, Wanda, RIA, SparseGPT, and the least-squares refit.
+
+All share the production signature ``fn(problem, pattern, **options) -> LayerResult`` and run on the
+problem's device (CPU or CUDA) in float32 (or float64 when the problem is float64), whatever the model dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, PatternError, Unstructured
+from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
+from ..formulations.programs import l0_program, refit_program
+from .base import LayerResult, Timer
+from .registry import register_method
+
+__all__ = ["magnitude", "wanda", "ria", "sparsegpt", "refit", "ria_scores", "wanda_scores", "score_prune"]
+
+
+def _work_dtype(problem: LayerProblem) -> torch.dtype:
+    return torch.float64 if problem.H.dtype == torch.float64 else torch.float32
+
+
+def _finish(problem: LayerProblem, W: torch.Tensor, mask: torch.Tensor, info: dict) -> LayerResult:
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"layer {problem.name!r}: the pruned weights contain NaN/Inf")
+    W = W * mask
+    info.setdefault("error", problem.objective(W))
+    info.setdefault("sparsity", 1.0 - float(mask.float().mean()))
+    return LayerResult(W=W.to(problem.W0.dtype), mask=mask, info=info)
+
+
+def _check_pattern(name: str, pattern: Pattern, ok=(Unstructured, NM)) -> None:
+    if isinstance(pattern, ExpanderNM) or not isinstance(pattern, ok):
+        raise PatternError(f"method {name!r} does not handle the {pattern.name} pattern")
+
+
+def score_prune(problem: LayerProblem, pattern: Pattern, scores: torch.Tensor, name: str,
+                do_refit: bool = False) -> LayerResult:
+    """Keep the feasible mask of largest score, weights unchanged (or refitted)."""
+    with Timer() as t:
+        mask = pattern.project(scores)
+        W = problem.W0.to(_work_dtype(problem)) * mask
+    info = {"method": name, "time_s": t.elapsed}
+    res = _finish(problem, W, mask, info)
+    return refit_result(problem, res) if do_refit else res
+
+
+# --------------------------------------------------------------------------------------------- scores
+def wanda_scores(problem: LayerProblem) -> torch.Tensor:
+    return problem.W0.to(_work_dtype(problem)).abs() * problem.col_norms().to(_work_dtype(problem)).unsqueeze(0)
+
+
+def ria_scores(problem: LayerProblem, a: float = 0.5) -> torch.Tensor:
+    W = problem.W0.to(_work_dtype(problem)).abs()
+    ri = W / W.sum(0, keepdim=True).clamp_min(1e-12) + W / W.sum(1, keepdim=True).clamp_min(1e-12)
+    return ri * problem.col_norms().to(W.dtype).pow(a).unsqueeze(0)
+
+
+@register_method("magnitude", needs="none", patterns=("unstructured", "row", "nm"),
+                 description="zero the smallest |W_ij| (per matrix, per row, or per N:M group)")
+def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, **_) -> LayerResult:
+    _check_pattern("magnitude", pattern)
+    return score_prune(problem, pattern, problem.W0.to(_work_dtype(problem)).abs(), "magnitude", refit)
+
+
+@register_method("wanda", needs="diag", patterns=("unstructured", "row", "nm"),
+                 description="|W_ij|·‖X_j‖₂ compared within each output row; no weight update")
+def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, **_) -> LayerResult:
+    _check_pattern("wanda", pattern)
+    if isinstance(pattern, Unstructured) and pattern.scope == "matrix":
+        pattern = Unstructured(pattern.sparsity, "row")  # Wanda's rule: compare within each output row
+    return score_prune(problem, pattern, wanda_scores(problem), "wanda", refit)
+
+
+@register_method("ria", needs="diag", patterns=("unstructured", "row", "nm"),
+                 description="relative importance × ‖X_j‖^a (a = 0.5); no weight update")
+def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False, **_) -> LayerResult:
+    _check_pattern("ria", pattern)
+    return score_prune(problem, pattern, ria_scores(problem, a), "ria", refit)
+
+
+# --------------------------------------------------------------------------------------------- SparseGPT
+class SparseGPT:
+    """SparseGPT (Frantar & Alistarh 2023) on the layer problem, as one readable class.
+
+    With error-corrected inputs (Ĥ ≠ H) the objective is ``½ tr((W − W*) Ĥ (W − W*)ᵀ) + f(W*)`` with
+    ``W* = W0 C Ĥ⁻¹``; the OBS sweep runs on W* with Ĥ, which is exactly SparseGPT on the corrected problem.
+    Masks: chosen per block of ``blocksize`` columns by ``w²/[H⁻¹]_jj²`` (unstructured: across the whole
+    block, with a running count so the matrix hits its exact target; per-row: per row; N:M: per row group).
+    """
+
+    def __init__(self, problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128,
+                 damp: Optional[float] = None):
+        _check_pattern("sparsegpt", pattern)
+        pattern.validate(problem.shape)
+        self.p, self.pattern = problem, pattern
+        self.bs = blocksize
+        if isinstance(pattern, NM) and blocksize % pattern.M:
+            self.bs = (blocksize // pattern.M) * pattern.M or pattern.M
+        self.damp = problem.damp if damp is None else damp
+        self.dtype = _work_dtype(problem)
+
+    def _hinv_chol(self):
+        """Upper Cholesky factor of (Ĥ + δ I)⁻¹, with damping raised on failure."""
+        A = self.p.damped_hessian(0.0, dtype=self.dtype)
+        L, d = cholesky_with_retry(A, self.damp, name=self.p.name)
+        Hinv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        while int(info) != 0:  # rare: inverse not numerically PD; add more damping
+            d *= 10
+            L, d = cholesky_with_retry(A, d, name=self.p.name)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return U, d
+
+    def _start_weights(self):
+        W = self.p.W0.to(self.dtype).clone()
+        if self.p.corrected:
+            A = self.p.damped_hessian(dtype=self.dtype)
+            L, _ = cholesky_with_retry(A, 0.0, name=self.p.name)
+            W = torch.cholesky_solve(self.p.target(self.dtype).T, L).T
+        W[:, self.p.dead_inputs()] = 0
+        return W
+
+    def run(self) -> LayerResult:
+        with Timer() as t:
+            m, n = self.p.shape
+            W = self._start_weights()
+            U, damp_used = self._hinv_chol()
+            mask = torch.ones(m, n, dtype=torch.bool, device=W.device)
+            pat = self.pattern
+            total_prune = m * n - pat.kept_count((m, n)) if isinstance(pat, Unstructured) and pat.scope == "matrix" else 0
+            pruned = 0
+            for i1 in range(0, n, self.bs):
+                i2 = min(i1 + self.bs, n)
+                W1 = W[:, i1:i2].clone()
+                Q1 = torch.zeros_like(W1)
+                Err1 = torch.zeros_like(W1)
+                U1 = U[i1:i2, i1:i2]
+                d = U1.diagonal()
+                score = W1 ** 2 / d.unsqueeze(0) ** 2
+                M1 = torch.ones_like(W1, dtype=torch.bool)
+                if isinstance(pat, Unstructured) and pat.scope == "matrix":
+                    k = int(pat.sparsity * m * i2) - pruned if i2 < n else total_prune - pruned
+                    k = max(0, min(k, W1.numel()))
+                    if k:
+                        M1.view(-1)[torch.topk(score.reshape(-1), k, largest=False).indices] = False
+                    pruned += k
+                elif isinstance(pat, Unstructured):  # per row: exact per-row count via running totals
+                    kr = int(pat.sparsity * i2) - int(pat.sparsity * i1) if i2 < n else \
+                        int(pat.sparsity * n) - int(pat.sparsity * i1)
+                    if kr:
+                        M1.scatter_(1, torch.topk(score, kr, dim=1, largest=False).indices, False)
+                for j in range(i2 - i1):
+                    w = W1[:, j]
+                    dj = d[j]
+                    if isinstance(pat, NM) and j % pat.M == 0:  # N:M decided on the updated weights
+                        sc = W1[:, j:j + pat.M] ** 2 / d[j:j + pat.M].unsqueeze(0) ** 2
+                        M1[:, j:j + pat.M] = False
+                        if pat.N:
+                            M1[:, j:j + pat.M].scatter_(1, torch.topk(sc, pat.N, dim=1).indices, True)
+                    q = w * M1[:, j]
+                    Q1[:, j] = q
+                    err = (w - q) / dj
+                    W1[:, j:] -= err.unsqueeze(1) @ U1[j, j:].unsqueeze(0)
+                    Err1[:, j] = err
+                W[:, i1:i2] = Q1
+                mask[:, i1:i2] = M1
+                W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W = W * mask
+        info = {"method": "sparsegpt", "time_s": t.elapsed, "damp_used": damp_used}
+        return _finish(self.p, W, mask, info)
+
+
+@register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm"),
+                 description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates")
+def sparsegpt(problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, damp: Optional[float] = None,
+              refit: bool = False, **_) -> LayerResult:
+    res = SparseGPT(problem, pattern, blocksize=blocksize, damp=damp).run()
+    return refit_result(problem, res) if refit else res
+
+
+# --------------------------------------------------------------------------------------------- refit
+def refit_weights(problem: LayerProblem, mask: torch.Tensor, *, damp: float = 0.0,
+                  max_chunk_bytes: int = 256 << 20) -> torch.Tensor:
+    """Exact least-squares refit on a fixed support: per row ``W_S = B_S (Ĥ_SS)⁻¹`` with ``B = W0 C``.
+
+    Rows are solved in batches as ``(D Ĥ D + (I − D)) w = D b`` (D = diag(mask_i)), which is Ĥ_SS on the
+    support and the identity off it; a failed factorisation raises the damping (from ``1e-10`` relative).
+    """
+    dt = _work_dtype(problem)
+    m, n = problem.shape
+    Hh = problem.Hh.to(dt)
+    B = problem.target(dt)
+    mask = mask.to(Hh.device).bool()
+    W = torch.zeros(m, n, dtype=dt, device=Hh.device)
+    scale = float(Hh.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(n, dtype=dt, device=Hh.device)
+    chunk = max(1, int(max_chunk_bytes // (n * n * (8 if dt == torch.float64 else 4))))
+    for r0 in range(0, m, chunk):
+        Dm = mask[r0:r0 + chunk].to(dt)  # (c, n)
+        A = Dm.unsqueeze(2) * Hh.unsqueeze(0) * Dm.unsqueeze(1)
+        A = A + torch.diag_embed(1.0 - Dm)
+        rhs = (B[r0:r0 + chunk] * Dm).unsqueeze(2)
+        d = damp
+        for _ in range(10):
+            L, info = torch.linalg.cholesky_ex(A + (d * scale) * (Dm.unsqueeze(2) * eye))
+            if int(info.max()) == 0:
+                break
+            d = max(d * 10, 1e-10)
+        else:
+            raise NumericalError(f"layer {problem.name!r}: refit factorisation failed (damping {d:g})")
+        W[r0:r0 + chunk] = torch.cholesky_solve(rhs, L).squeeze(2) * Dm
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"layer {problem.name!r}: refit produced NaN/Inf")
+    return W
+
+
+def refit_result(problem: LayerProblem, res: LayerResult) -> LayerResult:
+    """Refit a method's result on its mask; keeps the better of the two (the refit cannot be worse)."""
+    with Timer() as t:
+        W = refit_weights(problem, res.mask)
+    e_before = res.info.get("error", problem.objective(res.W))
+    e_after = problem.objective(W)
+    info = dict(res.info)
+    info.update(error_before_refit=e_before, refit_time_s=t.elapsed)
+    if e_after > e_before:  # only possible through round-off on a near-singular Ĥ
+        info.update(error=e_before, refit_improved=False)
+        return LayerResult(res.W, res.mask, info)
+    info.update(error=e_after, refit_improved=True)
+    return LayerResult(W.to(problem.W0.dtype), res.mask, info)
+
+
+@register_method("refit", needs="gram", patterns=("unstructured", "row", "nm", "expander", "groups"),
+                 program=lambda problem, pattern, mask=None, **_: refit_program(problem, mask),
+                 description="least-squares refit of a given mask (default: the magnitude mask)")
+def refit(problem: LayerProblem, pattern: Pattern, *, mask: Optional[torch.Tensor] = None,
+          start: str = "magnitude", **_) -> LayerResult:
+    if mask is None:
+        from .registry import get_method
+        mask = get_method(start)(problem, pattern).mask
+    base = LayerResult(problem.W0 * mask, mask, {"method": f"refit({start})",
+                                                   "error": problem.objective(problem.W0 * mask)})
+    return refit_result(problem, base)
+
+
+# the declarative model every mask-selecting baseline approximates
+for _name in ("magnitude", "wanda", "ria", "sparsegpt"):
+    from .registry import _METHODS as _M
+    _M[_name].program = lambda problem, pattern, **_: l0_program(problem, pattern)
