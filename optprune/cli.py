@@ -80,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None, help="require Gurobi")
     p.add_argument("--output", default=None, help="write the table as JSON here")
-    p.add_argument("--seed", type=int, default=0)
     _add_data_args(p)
 
     p = sub.add_parser("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")
