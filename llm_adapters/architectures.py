@@ -29,6 +29,7 @@ class MLPGroups:
     down: str                     # input columns of `down` are the neurons
     ups: tuple                    # output rows of these are the neurons
     config_key: str               # config field holding the intermediate width
+    bias_key: Optional[str] = None  # config flag that gives these layers a bias (None: always / never settable)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class HeadGroups:
     heads_key: str                # config field: number of query heads
     kv_heads_key: Optional[str]   # config field: number of key/value heads (None: same as heads)
     fused_qkv: bool = False       # GPT-2 stores q,k,v in one Conv1D: head surgery not offered
+    bias_key: Optional[str] = None  # config flag that gives q/k/v/o a bias
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ _LLAMA = ArchSpec(
     blocks="model.layers",
     sublayers=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",)),
-    mlp=MLPGroups("mlp.down_proj", ("mlp.up_proj", "mlp.gate_proj"), "intermediate_size"),
+    mlp=MLPGroups("mlp.down_proj", ("mlp.up_proj", "mlp.gate_proj"), "intermediate_size", bias_key="mlp_bias"),
     heads=HeadGroups("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "num_attention_heads", "num_key_value_heads"),
+                     "num_attention_heads", "num_key_value_heads", bias_key="attention_bias"),
     embed="model.embed_tokens", final_norm="model.norm", rotary="model.rotary_emb",
 )
 
@@ -77,9 +79,9 @@ _OPT = ArchSpec(
     blocks="model.decoder.layers",
     sublayers=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
                ("fc1",), ("fc2",)),
-    mlp=MLPGroups("fc2", ("fc1",), "ffn_dim"),
+    mlp=MLPGroups("fc2", ("fc1",), "ffn_dim", bias_key="enable_bias"),
     heads=HeadGroups("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                     "num_attention_heads", None),
+                     "num_attention_heads", None, bias_key="enable_bias"),
     embed="model.decoder.embed_tokens", final_norm="model.decoder.final_layer_norm",
 )
 

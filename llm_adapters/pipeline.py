@@ -1,0 +1,713 @@
+"""The sequential pruning pipeline (METHODS.md §0, issue 3 item 4).
+
+``prune_model(model, calib_ids, config)`` prunes a transformers causal LM block by block:
+
+1. **Capture** the inputs of block 0 once: a catcher module takes block 0's place, records the hidden states
+   and every other argument the model passes (attention mask, position ids, LLaMA's ``position_embeddings``,
+   cache position ...) and raises, so nothing after it runs. Cache objects are replaced by ``None``.
+   Calibration runs one batch of samples at a time; identical per-batch arguments are stored once.
+2. For each block, for each group of sub-layers in ``arch.sublayers`` order (``q,k,v → o → up,gate → down``),
+   **accumulate the Gram matrices** of the group's input with forward pre-hooks (float32, streaming over the
+   batches, never holding all tokens). Sub-layers of one group share their input and their Grams.
+
+   * ``error_correction=True`` (FISTAPruner's intra-block order): per group and batch the block runs twice,
+     up to the group's input only (the hook stops the forward): a deep copy of the *dense* block gives ``X``,
+     the pruned-so-far block gives ``X̂``; both see the same block input. ``H, Ĥ, C`` →
+     ``f(W) = ½‖W X̂ − W0 X‖²``.
+   * ``error_correction=False`` (the SparseGPT/Wanda reference order): one pass of the still-dense block
+     collects ``H = X Xᵀ`` of every group at once; every sub-layer is solved on ``X̂ = X`` (dense within the
+     block; the block input itself comes from the stream chosen by ``mode``).
+3. **Solve** each sub-layer: ``LayerProblem`` from the Grams, ``get_method(config.method)(problem, pattern,
+   **method_options)``, optionally ``refit_result``; NaN/Inf → :class:`NumericalError` naming the layer.
+   **Write back** in the model's dtype and device.
+4. **Propagate**: the next block's inputs are this block's outputs — of the pruned block (``mode=
+   "sequential"``) or of the dense block (``mode="dense-input"``: blocks are independent, so ``blocks=[i]``
+   prunes block ``i`` exactly as a full run would: the basis for parallel pruning).
+
+Statistics per sub-layer: full Grams whenever the method needs them (``needs="gram"``), a refit is asked for,
+or the width ``n ≤ DIAG_ONLY_ABOVE`` (cheap: the reconstruction error is then reported for every method,
+magnitude and Wanda included). Above that width, ``needs in ("none", "diag")`` methods get only
+``Σ x̂_j²`` (Wanda's ``‖X_j‖²``); ``H`` is then the diagonal matrix of it and the error fields are ``None``.
+
+Structured methods (``spec.structured``) prune the structure sub-layers (``down``/``fc2`` for ``"mlp"``,
+``o``/``out_proj`` for ``"heads"``) named by ``llm_adapters.surgery.structure_pattern`` and let
+``surgery.apply_structured`` shrink the block.
+
+Memory: one block (plus its dense copy with error correction or in dense-input mode), the block inputs and
+outputs (``nsamples × seqlen × hidden`` each, model dtype, on the compute device) and the Grams of one group.
+A model on the CPU with ``device="cuda"`` stays on the CPU; each block visits the GPU while it is pruned.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formulations import GramAccumulator, LayerProblem, NumericalError, PatternError, parse_pattern
+from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
+from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
+
+__all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
+           "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH"]
+
+#: above this input width, methods that need no Gram get only the diagonal Σ x̂_j² (no error reported)
+DIAG_ONLY_ABOVE = 4096
+#: default calibration batch: this many tokens per forward (seqlen 2048 → one sample at a time)
+TOKENS_PER_BATCH = 2048
+
+_STRUCTURE_KINDS = ("mlp", "heads")
+_MODES = ("sequential", "dense-input")
+
+
+class PipelineError(ValueError):
+    """Bad input to the pipeline (one line; raised before the model is touched)."""
+
+
+@dataclass
+class PruneConfig:
+    method: str
+    sparsity: float = 0.5
+    pattern: str = "unstructured"          # parse_pattern(pattern, sparsity, min_degree=...)
+    min_degree: Optional[int] = None       # expander N:M (EGGS)
+    layer_sparsity: Optional[dict] = None  # full sub-layer module name -> sparsity (allocation)
+    structure: str = "mlp"                 # structured methods: "mlp", "heads", "mlp,heads"
+    mode: str = "sequential"               # "sequential" | "dense-input"
+    error_correction: bool = True          # within a block: X̂ from pruned upstream, target dense W0 X
+    refit: bool = False                    # finish each layer with solvers.baselines.refit_result
+    method_options: dict = field(default_factory=dict)
+    damp: float = 0.01
+    device: Optional[str] = None           # default cuda if available else cpu
+    blocks: Optional[list] = None          # only prune these block indices; others untouched
+    gram_dtype: torch.dtype = torch.float32
+    batch_size: Optional[int] = None       # calibration samples per forward (default: TOKENS_PER_BATCH tokens)
+
+
+# ============================================================================================ helpers
+class _Stop(Exception):
+    """Raised by hooks to end a forward early (once the needed input has been seen)."""
+
+
+def pattern_kind(p: Pattern) -> str:
+    """The registry's pattern kind of a pattern object."""
+    if isinstance(p, ExpanderNM):
+        return "expander"
+    if isinstance(p, NM):
+        return "nm"
+    if isinstance(p, ColumnGroups):
+        return "groups"
+    if isinstance(p, Unstructured):
+        return "row" if p.scope == "row" else "unstructured"
+    return getattr(p, "name", type(p).__name__)
+
+
+def _is_cache(obj) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except Exception:  # pragma: no cover - transformers missing
+        return False
+    return isinstance(obj, Cache)
+
+
+def _same(a, b) -> bool:
+    """Structural equality of captured block arguments (tensors compared by value)."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devs = {p.device for p in model.parameters()}
+    if len(devs) != 1:
+        raise PipelineError(f"the model is spread over several devices ({', '.join(map(str, sorted(devs, key=str)))}); "
+                            f"load it on one device (the pipeline moves one block at a time to the compute device)")
+    return devs.pop()
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A float32 contiguous copy that never aliases the module's storage."""
+    return t.detach().to(dtype=torch.float32, copy=True).contiguous()
+
+
+def _jsonable(v):
+    if isinstance(v, bool) or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v
+    if torch.is_tensor(v) and v.numel() == 1:
+        return v.item()
+    try:
+        import numpy as np
+        if isinstance(v, np.generic) and v.size == 1:
+            return v.item()
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ============================================================================================ capture / replay
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its arguments and stops the model's forward."""
+
+    def __init__(self, layer: nn.Module, store):
+        super().__init__()
+        object.__setattr__(self, "_wrapped", layer)  # not registered: model.to() does not move it
+        object.__setattr__(self, "_store", store)
+
+    def __getattr__(self, name):  # attributes the model reads off its layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, *args, **kwargs):
+        if args:
+            h, rest = args[0], tuple(None if _is_cache(a) else a for a in args[1:])
+        else:
+            h, rest = kwargs.pop("hidden_states"), ()
+        kw = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+        self._store(h, rest, kw)
+        raise _Stop
+
+
+@dataclass
+class BlockInputs:
+    """Block inputs for the whole calibration set, batch by batch.
+
+    ``hidden``: (nsamples, seqlen, d) on the compute device in the model dtype; ``batches``: a list of
+    ``(slice, args, kwargs)`` — the extra positional/keyword arguments the model passes its blocks for
+    that batch (identical ones are shared, not copied).
+    """
+    hidden: torch.Tensor
+    batches: list
+
+
+def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+    if config_bs is not None:
+        return int(config_bs)
+    return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=None, batch_size: Optional[int] = None,
+                         arch: Optional[ArchSpec] = None) -> BlockInputs:
+    """Run the model up to block 0 on every calibration batch and keep block 0's inputs (see module doc)."""
+    arch = arch or get_arch(model)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    orig = _model_device(model)
+    blocks = get_module(model, arch.blocks)
+    saved = list(blocks)
+    n, L = calib_ids.shape
+    bs = _batch_size(batch_size, n, L)
+    state = {"hidden": None, "batches": [], "cur": None, "prev": None}
+
+    def store(h, args, kw):
+        if state["hidden"] is None:
+            state["hidden"] = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=dev)
+        sl = state["cur"]
+        state["hidden"][sl] = h.to(dev)
+        args = tuple(_to(a, dev) for a in args)
+        kw = {k: _to(v, dev) for k, v in kw.items()}
+        prev = state["prev"]
+        if prev is not None:  # share identical arguments between batches (masks, rotary tables)
+            args = tuple(p if _same(a, p) else a for a, p in zip(args, prev[0])) if len(args) == len(prev[0]) else args
+            kw = {k: (prev[1][k] if k in prev[1] and _same(v, prev[1][k]) else v) for k, v in kw.items()}
+        state["prev"] = (args, kw)
+        state["batches"].append((sl, args, kw))
+
+    catcher = _Catcher(saved[0], store)
+    moved = dev != orig
+    try:
+        blocks[0] = catcher
+        if moved:  # move everything but the blocks (embeddings, rotary, norms) to the compute device
+            for i in range(1, len(saved)):
+                blocks[i] = nn.Identity()
+            model.to(dev)
+        for b0 in range(0, n, bs):
+            state["cur"] = slice(b0, min(n, b0 + bs))
+            try:
+                model(calib_ids[state["cur"]].to(dev), use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError("block 0 was never called by the model's forward; check the architecture table "
+                                   f"(blocks path {arch.blocks!r})")
+    finally:
+        if moved:
+            model.to(orig)
+        for i, b in enumerate(saved):
+            blocks[i] = b
+    return BlockInputs(state["hidden"], state["batches"])
+
+
+def _to(obj, dev):
+    if torch.is_tensor(obj):
+        return obj.to(dev)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, dev) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, dev) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
+def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+    y = block(h, *args, **kw)
+    return y[0] if isinstance(y, (tuple, list)) else y  # transformers <5 returned tuples
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, inputs: BlockInputs, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The block's outputs for every batch (into ``out`` if given; may be ``inputs.hidden``'s twin)."""
+    if out is None:
+        out = torch.empty_like(inputs.hidden)
+    for sl, args, kw in inputs.batches:
+        out[sl] = _call_block(block, inputs.hidden[sl], args, kw)
+    return out
+
+
+def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
+    """The input of sub-module ``path`` when ``block`` runs on ``h``; the forward stops there."""
+    box = {}
+
+    def pre(mod, a, k):
+        box["x"] = a[0] if a else next(iter(k.values()))
+        raise _Stop
+
+    handle = get_module(block, path).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        _call_block(block, h, args, kw)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in box:
+        raise RuntimeError(f"sub-layer {path!r} was not called by its block's forward")
+    return box["x"]
+
+
+# ============================================================================================ statistics
+class _DiagAccumulator:
+    """Only Σ x̂_j² (for methods that need no Gram on very wide layers)."""
+
+    def __init__(self, n, dtype, device):
+        self.sq = torch.zeros(n, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    def add(self, x, xhat=None):
+        x = (x if xhat is None else xhat)
+        x = x.reshape(-1, x.shape[-1]).to(self.sq.device, self.sq.dtype)
+        self.sq += (x * x).sum(0)
+        self.nsamples += x.shape[0]
+
+    def problem(self, W0, *, name, damp):
+        return LayerProblem(W0=W0, H=torch.diag(self.sq), name=name, damp=damp, nsamples=self.nsamples,
+                            input_sq_norm=self.sq, meta={"stats": "diag"})
+
+
+class _Stats:
+    """A Gram (or diagonal) accumulator plus the input means ``meta["input_mean"]`` (dense X) and
+    ``meta["input_mean_hat"]`` (X̂, error-corrected only) that FLAP-style bias compensation reads."""
+
+    def __init__(self, n, full, corrected, dtype, device):
+        self.acc = GramAccumulator(n, corrected=corrected, dtype=dtype, device=device) if full \
+            else _DiagAccumulator(n, dtype, device)
+        self.full, self.corrected = full, corrected and full
+        self.sum = torch.zeros(n, dtype=dtype, device=device) if full else None
+        self.sum_hat = torch.zeros(n, dtype=dtype, device=device) if self.corrected else None
+        self.count = 0
+
+    def add(self, x, xhat=None):
+        if not self.full:  # diagonal only (of X̂); no means
+            self.acc.add(x if xhat is None else xhat)
+            return
+        self.acc.add(x, xhat) if self.corrected else self.acc.add(x)
+        self.sum += x.reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
+        if self.sum_hat is not None:
+            self.sum_hat += xhat.reshape(-1, xhat.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
+        self.count += x.numel() // x.shape[-1]
+
+    def problem(self, W0, *, name, damp):
+        p = self.acc.problem(W0, name=name, damp=damp)
+        if not self.full:
+            return p
+        c = max(self.count, 1)
+        p.meta["input_mean"] = self.sum / c
+        if self.sum_hat is not None:
+            p.meta["input_mean_hat"] = self.sum_hat / c
+        return p
+
+
+# ============================================================================================ validation
+@dataclass
+class _Plan:
+    arch: ArchSpec
+    spec: object
+    blocks: list            # sorted block indices to prune
+    units: dict             # block -> list of groups; group = list of (sub, full name, pattern, kind|None)
+    n_blocks: int
+    device: torch.device
+
+
+def _layer_sparsity(config: PruneConfig, name: str) -> float:
+    ls = config.layer_sparsity or {}
+    return ls.get(name, config.sparsity)
+
+
+def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[torch.Tensor] = None) -> _Plan:
+    """Check everything that can be checked before touching the model; one-line errors."""
+    from ..solvers import get_method
+    arch = get_arch(model)
+    spec = get_method(config.method)  # UnknownMethodError (a ValueError) names the available methods
+    if config.mode not in _MODES:
+        raise PipelineError(f"mode must be one of {', '.join(_MODES)}, got {config.mode!r}")
+    check_sparsity(config.sparsity)
+    if config.damp is None or not (float(config.damp) >= 0) or math.isinf(float(config.damp)):
+        raise PipelineError(f"damp must be a finite number ≥ 0, got {config.damp!r}")
+    if config.batch_size is not None and int(config.batch_size) < 1:
+        raise PipelineError(f"batch_size must be ≥ 1, got {config.batch_size}")
+    if not isinstance(config.method_options, dict):
+        raise PipelineError(f"method_options must be a dict, got {type(config.method_options).__name__}")
+    if calib_ids is not None:
+        if not torch.is_tensor(calib_ids) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+            raise PipelineError("calib_ids must be a non-empty (nsamples, seqlen) tensor of token ids")
+        if calib_ids.dtype not in (torch.int64, torch.int32):
+            raise PipelineError(f"calib_ids must hold integer token ids, got dtype {calib_ids.dtype}")
+        emb = model.get_input_embeddings()
+        vocab = getattr(emb, "num_embeddings", None)
+        if vocab is not None and (int(calib_ids.max()) >= vocab or int(calib_ids.min()) < 0):
+            raise PipelineError(f"calib_ids contain token ids outside the vocabulary [0, {vocab})")
+
+    blocks_mod = get_module(model, arch.blocks)
+    nb = len(blocks_mod)
+    if config.blocks is None:
+        sel = list(range(nb))
+    else:
+        try:
+            sel = sorted({int(b) for b in config.blocks})
+        except (TypeError, ValueError):
+            raise PipelineError(f"blocks must be a list of block indices, got {config.blocks!r}") from None
+        bad = [b for b in sel if not 0 <= b < nb]
+        if bad or not sel:
+            raise PipelineError(f"blocks must be indices in [0, {nb}), got {config.blocks!r}")
+
+    all_names = {f"{arch.blocks}.{i}.{s}" for i in range(nb) for s in arch.sublayer_names()}
+    if config.layer_sparsity:
+        unknown = sorted(set(config.layer_sparsity) - all_names)
+        if unknown:
+            raise PipelineError(f"layer_sparsity names unknown sub-layers: {', '.join(unknown[:3])}"
+                                f"{' ...' if len(unknown) > 3 else ''} (expected names such as "
+                                f"{arch.blocks}.0.{arch.sublayer_names()[0]})")
+        for k, v in config.layer_sparsity.items():
+            check_sparsity(v, f"sparsity of {k}")
+
+    units = {}
+    if spec.structured:
+        if "groups" not in spec.patterns:
+            raise PipelineError(f"structured method {spec.name!r} does not declare the 'groups' pattern")
+        kinds = [k.strip().lower() for k in str(config.structure).split(",") if k.strip()]
+        if not kinds or any(k not in _STRUCTURE_KINDS for k in kinds):
+            raise PipelineError(f"structure must be 'mlp', 'heads' or 'mlp,heads', got {config.structure!r}")
+        try:
+            surgery = importlib.import_module(f"{__package__}.surgery")
+        except ModuleNotFoundError as e:
+            raise PipelineError(f"structured method {spec.name!r} needs optprune.llm_adapters.surgery, which is "
+                                f"not available ({e})") from None
+        order = arch.sublayer_names()
+        for bi in sel:
+            groups = []
+            for kind in dict.fromkeys(kinds):
+                table = arch.mlp if kind == "mlp" else arch.heads
+                if table is None:
+                    raise PipelineError(f"architecture {arch.name!r} has no {kind} structure table")
+                sub0 = table.down if kind == "mlp" else table.o
+                s = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
+                sub, pat = surgery.structure_pattern(model, arch, bi, kind, s)
+                name = f"{arch.blocks}.{bi}.{sub}"
+                shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
+                _check_layer(spec, pat, name, shape)
+                groups.append([(sub, name, pat, kind)])
+            groups.sort(key=lambda g: order.index(g[0][0]) if g[0][0] in order else len(order))
+            units[bi] = groups
+    else:
+        for bi in sel:
+            groups = []
+            for grp in arch.sublayers:
+                g = []
+                for sub in grp:
+                    name = f"{arch.blocks}.{bi}.{sub}"
+                    pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree)
+                    shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
+                    _check_layer(spec, pat, name, shape)
+                    g.append((sub, name, pat, None))
+                groups.append(g)
+            units[bi] = groups
+
+    dev = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(dev)
+    except (RuntimeError, TypeError):
+        raise PipelineError(f"unknown device {config.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device 'cuda' asked for but CUDA is not available")
+    _model_device(model)
+    return _Plan(arch, spec, sel, units, nb, dev)
+
+
+def _check_layer(spec, pat: Pattern, name: str, shape) -> None:
+    kind = pattern_kind(pat)
+    if kind not in spec.patterns:
+        raise PipelineError(f"method {spec.name!r} does not handle the {pat.name} pattern "
+                            f"(it takes: {', '.join(sorted(spec.patterns))})")
+    try:
+        pat.validate(shape)
+    except PatternError as e:
+        raise PatternError(f"{e}; layer {name} has shape {shape[0]}x{shape[1]}") from None
+
+
+# ============================================================================================ the pipeline
+def _needs_full(spec, config: PruneConfig, n: int) -> bool:
+    return spec.needs == "gram" or config.refit or n <= DIAG_ONLY_ABOVE
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True) -> dict:
+    """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc)."""
+    from ..solvers.baselines import refit_result
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    plan = validate_config(model, config, calib_ids)  # nothing is touched before this passes
+    arch, spec, dev = plan.arch, plan.spec, plan.device
+    surgery = importlib.import_module(f"{__package__}.surgery") if spec.structured else None
+    orig_dev = _model_device(model)
+    was_training = model.training
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    blocks_mod = get_module(model, arch.blocks)
+    selected = set(plan.blocks)
+    last = plan.blocks[-1]
+    layers_rec, blocks_rec = [], []
+    gdt = config.gram_dtype
+
+    model.eval()
+    try:
+        inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch)
+        out = torch.empty_like(inputs.hidden)
+        bar = tqdm(range(last + 1), desc=f"prune {spec.name}", unit="block", disable=not progress)
+        for bi in bar:
+            block = blocks_mod[bi]
+            block.to(dev)
+            tb = time.perf_counter()
+            if bi not in selected:  # untouched: just propagate
+                forward_block(block, inputs, out)
+                block.to(orig_dev)
+                inputs.hidden, out = out, inputs.hidden
+                continue
+            t_stats = t_solve = t_fwd = 0.0
+            groups = plan.units[bi]
+            dense = copy.deepcopy(block) if config.error_correction else None
+            need_out_dense = config.mode == "dense-input" and bi != last
+
+            def solve_group(group, acc):
+                nonlocal t_solve
+                for sub, name, pat, kind in group:
+                    ts = time.perf_counter()
+                    rec = _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result,
+                                       surgery, model)
+                    t_solve += time.perf_counter() - ts
+                    layers_rec.append(rec)
+
+            if config.error_correction:
+                if need_out_dense:  # dense stream: this block's outputs before anything is pruned
+                    t0 = time.perf_counter()
+                    forward_block(block, inputs, out)
+                    t_fwd += time.perf_counter() - t0
+                for gi, group in enumerate(groups):
+                    t0 = time.perf_counter()
+                    # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
+                    acc = _accumulate_corrected(block, dense if gi else None, group[0][0], inputs, arch, spec,
+                                                config, gdt, dev)
+                    t_stats += time.perf_counter() - t0
+                    solve_group(group, acc)
+                    del acc
+            else:
+                t0 = time.perf_counter()
+                accs = _accumulate_dense(block, [g[0][0] for g in groups], inputs, arch, spec, config, gdt, dev,
+                                         out if need_out_dense else None)
+                t_stats += time.perf_counter() - t0
+                for group, acc in zip(groups, accs):
+                    solve_group(group, acc)
+                del accs
+            del dense
+            if config.mode == "sequential" and bi != last:
+                t0 = time.perf_counter()
+                forward_block(block, inputs, out)
+                t_fwd += time.perf_counter() - t0
+            block.to(orig_dev)
+            inputs.hidden, out = out, inputs.hidden
+            blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, "stats_time_s": t_stats,
+                               "solve_time_s": t_solve, "forward_time_s": t_fwd})
+        bar.close()
+    finally:
+        for b in blocks_mod:  # on error, leave every block where it was
+            b.to(orig_dev)
+        model.train(was_training)
+
+    tot = sum(math.prod(r["shape"]) for r in layers_rec)
+    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
+    res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
+           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
+           "device": str(dev), "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+           "batch_size": _batch_size(config.batch_size, *calib_ids.shape)}
+    if dev.type == "cuda":
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return res
+
+
+def _new_acc(n, full, corrected, gdt, dev):
+    return _Stats(n, full, corrected, gdt, dev)
+
+
+def _width(block, sub, arch) -> int:
+    return linear_weight(get_module(block, sub), sub in arch.transposed).shape[1]
+
+
+def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev):
+    """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block.
+
+    ``dense=None``: nothing upstream is pruned yet, so X̂ = X and a plain (uncorrected) accumulator is exact.
+    """
+    n = _width(block, sub, arch)
+    full = _needs_full(spec, config, n)
+    corrected = dense is not None and full  # diag-only statistics need X̂ alone: no dense pass
+    acc = _new_acc(n, full, corrected, gdt, dev)
+    for sl, args, kw in inputs.batches:
+        h = inputs.hidden[sl]
+        xhat = _input_until(block, sub, h, args, kw)
+        if corrected:
+            acc.add(_input_until(dense, sub, h, args, kw), xhat)
+        else:
+            acc.add(xhat)
+    return acc
+
+
+def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out):
+    """One pass of the (still dense) block: H of every group's input; outputs into ``out`` when given."""
+    accs = [_new_acc(_width(block, s, arch), _needs_full(spec, config, _width(block, s, arch)), False, gdt, dev)
+            for s in subs]
+    stop_at = None if out is not None else len(subs) - 1
+    handles = []
+
+    def make(i):
+        def pre(mod, a, k):
+            accs[i].add(a[0] if a else next(iter(k.values())))
+            if i == stop_at:
+                raise _Stop
+        return pre
+
+    try:
+        for i, s in enumerate(subs):
+            handles.append(get_module(block, s).register_forward_pre_hook(make(i), with_kwargs=True))
+        for sl, args, kw in inputs.batches:
+            try:
+                y = _call_block(block, inputs.hidden[sl], args, kw)
+            except _Stop:
+                continue
+            if out is not None:
+                out[sl] = y
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model) -> dict:
+    tr = sub in arch.transposed
+    mod = get_module(block, sub)
+    W_model = linear_weight(mod, tr)
+    model_dtype = W_model.dtype
+    W0 = _fresh(W_model)
+    m, n = W0.shape
+    problem = acc.problem(W0, name=name, damp=config.damp)
+    full = problem.meta.get("stats") != "diag"
+    t0 = time.perf_counter()
+    res = spec(problem, pat, **config.method_options)
+    if config.refit:
+        res = refit_result(problem, res)
+    t_solve = time.perf_counter() - t0
+    W = res.W
+    if W is None or tuple(W.shape) != (m, n):
+        raise NumericalError(f"layer {name!r}: method {spec.name!r} returned weights of shape "
+                             f"{None if W is None else tuple(W.shape)}, expected ({m}, {n})")
+    if not torch.isfinite(W).all():
+        raise NumericalError(f"layer {name!r}: method {spec.name!r} returned NaN/Inf weights")
+
+    rec = {}
+    for k, v in (res.info or {}).items():
+        j = _jsonable(v)
+        if j is not None:
+            rec[k] = j
+    if "time_s" in rec:
+        rec["method_time_s"] = rec.pop("time_s")
+    rec.pop("error", None)
+    rec.pop("sparsity", None)
+
+    if kind is None:  # unstructured / N:M / expander: write the weights in place
+        set_linear_weight(mod, W, tr)
+        written = linear_weight(mod, tr)
+        if not torch.isfinite(written).all():  # e.g. overflow in a half-precision model
+            raise NumericalError(f"layer {name!r}: the written weights contain NaN/Inf (model dtype {model_dtype})")
+        sparsity = float((written == 0).sum()) / (m * n)
+        W_eval = written.float() if model_dtype != torch.float32 else W
+        try:
+            rec["feasible"] = bool(pat.is_feasible(res.mask.to(W.device)))
+        except Exception:  # pragma: no cover - a pattern without a feasibility test
+            pass
+    else:  # structured: surgery removes the groups and writes the refitted weights into the shrunk layer
+        info = surgery.apply_structured(model, arch, bi, kind, res, pat) or {}
+        for k, v in info.items():
+            j = _jsonable(v)
+            if j is not None:
+                rec.setdefault(f"surgery_{k}" if k in rec else k, j)
+        written = linear_weight(get_module(block, sub), tr)
+        if not torch.isfinite(written).all():
+            raise NumericalError(f"layer {name!r}: the shrunk layer contains NaN/Inf")
+        sparsity = 1.0 - float((written != 0).sum()) / (m * n)
+        rec["shape_after"] = list(written.shape)
+        W_eval = W
+
+    if full:
+        err_before = problem.objective(problem.W0)
+        err = problem.objective(W_eval.to(problem.H.device))
+        f0 = problem.constant()
+        rel = err / f0 if f0 > 0 else 0.0
+    else:
+        err_before = err = rel = None
+    rec.update(name=name, block=bi, shape=[m, n], pattern=pat.name, sparsity_target=pat.target_sparsity((m, n)),
+               sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
+               stats="gram" if full else "diag", nsamples=problem.nsamples)
+    return rec
