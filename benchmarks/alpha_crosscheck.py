@@ -133,12 +133,11 @@ def summarise(res: dict) -> dict:
         out["max|α_full − α_WWFit| (same eigenvalues)"] = d("alpha_full", "ww_fit_alpha")
     if res.get("ww_analyze"):
         wa = res["ww_analyze"]
-        if len(wa) == len(rows):
-            diffs = [abs(r["alpha_full"] - w["alpha"]) for r, w in zip(rows, wa)]
+        by = {r["matrix"]: r for r in rows}
+        diffs = [abs(by[k]["alpha_full"] - w["alpha"]) for w in wa for k in by if k.endswith("." + w["name"])]
+        out["ww.analyze matrices matched by name"] = f"{len(diffs)} of {len(rows)}"
+        if diffs:
             out["max|α_full − α_ww.analyze| (own SVDs)"] = max(diffs)
-            out["median|α_full − α_ww.analyze|"] = sorted(diffs)[len(diffs) // 2]
-        else:
-            out["ww.analyze layers"] = f"{len(wa)} layers reported vs {len(rows)} matrices (not compared)"
     return out
 
 

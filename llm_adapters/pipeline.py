@@ -29,9 +29,19 @@ or the width ``n ≤ DIAG_ONLY_ABOVE`` (cheap: the reconstruction error is then 
 magnitude and Wanda included). Above that width, ``needs in ("none", "diag")`` methods get only
 ``Σ x̂_j²`` (Wanda's ``‖X_j‖²``); ``H`` is then the diagonal matrix of it and the error fields are ``None``.
 
+With full Grams the problem also carries ``meta["input_mean"]`` (mean of X) and, error-corrected,
+``meta["input_mean_hat"]`` (mean of X̂): FLAP-style bias compensation reads them.
+
 Structured methods (``spec.structured``) prune the structure sub-layers (``down``/``fc2`` for ``"mlp"``,
-``o``/``out_proj`` for ``"heads"``) named by ``llm_adapters.surgery.structure_pattern`` and let
-``surgery.apply_structured`` shrink the block.
+``o``/``out_proj`` for ``"heads"``) named by ``llm_adapters.surgery.structure_pattern``, in block order (heads
+before MLP), and let ``surgery.apply_structured`` shrink the block. Their ``error`` is ``f(W)`` of the method's
+``W`` (a bias compensation the method adds is not part of ``f``).
+
+Record per sub-layer: ``name, block, shape [m, n], pattern, sparsity_target, sparsity`` (zeros of the written
+weight; structured: ``1 − nnz/(m·n)`` of the shrunk layer, plus ``shape_after``), ``error_before = f(W0)``
+(0 unless error-corrected), ``error = f(W)`` (of the weights as written, i.e. after the cast to the model
+dtype), ``rel_error = error/f(0)``, ``time_s`` (method + refit), ``stats``, ``nsamples`` (tokens), ``feasible``,
+and the method's scalar ``info`` items (its own ``time_s`` as ``method_time_s``).
 
 Memory: one block (plus its dense copy with error correction or in dense-input mode), the block inputs and
 outputs (``nsamples × seqlen × hidden`` each, model dtype, on the compute device) and the Grams of one group.
@@ -148,6 +158,12 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 def _jsonable(v):
     if isinstance(v, bool) or isinstance(v, str):
         return v
+    if isinstance(v, dict):  # e.g. info["graph"] (graph metrics of the mask, issue 6)
+        d = {str(k): _jsonable(x) for k, x in v.items()}
+        return {k: x for k, x in d.items() if x is not None}
+    if isinstance(v, (list, tuple)) and len(v) <= 64:
+        items = [_jsonable(x) for x in v]
+        return None if any(x is None for x in items) else items
     if isinstance(v, int):
         return v
     if isinstance(v, float):
@@ -372,7 +388,7 @@ class _Plan:
     device: torch.device
 
 
-def _layer_sparsity(config: PruneConfig, name: str) -> float:
+def _layer_sparsity(config: PruneConfig, name: str) -> Optional[float]:
     ls = config.layer_sparsity or {}
     return ls.get(name, config.sparsity)
 
@@ -384,7 +400,8 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
     spec = get_method(config.method)  # UnknownMethodError (a ValueError) names the available methods
     if config.mode not in _MODES:
         raise PipelineError(f"mode must be one of {', '.join(_MODES)}, got {config.mode!r}")
-    check_sparsity(config.sparsity)
+    if config.sparsity is not None:  # (None is fine for N:M patterns, which fix their own sparsity)
+        check_sparsity(config.sparsity)
     if config.damp is None or not (float(config.damp) >= 0) or math.isinf(float(config.damp)):
         raise PipelineError(f"damp must be a finite number ≥ 0, got {config.damp!r}")
     if config.batch_size is not None and int(config.batch_size) < 1:
@@ -445,7 +462,10 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
                     raise PipelineError(f"architecture {arch.name!r} has no {kind} structure table")
                 sub0 = table.down if kind == "mlp" else table.o
                 s = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
-                sub, pat = surgery.structure_pattern(model, arch, bi, kind, s)
+                try:
+                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s)
+                except NotImplementedError as e:  # e.g. heads of GPT-2's fused c_attn
+                    raise PipelineError(f"{kind} structure on block {bi}: {e}") from None
                 name = f"{arch.blocks}.{bi}.{sub}"
                 shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
                 _check_layer(spec, pat, name, shape)
@@ -529,7 +549,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
                 continue
             t_stats = t_solve = t_fwd = 0.0
             groups = plan.units[bi]
-            dense = copy.deepcopy(block) if config.error_correction else None
+            dense = copy.deepcopy(block) if config.error_correction and len(groups) > 1 else None
             need_out_dense = config.mode == "dense-input" and bi != last
 
             def solve_group(group, acc):
@@ -675,6 +695,10 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         rec["method_time_s"] = rec.pop("time_s")
     rec.pop("error", None)
     rec.pop("sparsity", None)
+    if isinstance(pat, NM) and "graph" not in rec and res.mask is not None:
+        # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan; issue 6)
+        from ..solvers.graph_metrics import graph_metrics
+        rec["graph"] = graph_metrics(res.mask, M=pat.M)
 
     if kind is None:  # unstructured / N:M / expander: write the weights in place
         set_linear_weight(mod, W, tr)

@@ -24,6 +24,8 @@ The declarative model is ``mask_program(scores, ExpanderNM(N, M, B))``.
 * ``enum`` (exact, small M): every feasible tile mask is enumerated once (2:4 with B = 1: 978 of the 6⁴
   row-pattern combinations; B = 2: 90) and all tiles are scored in one matmul ``S_flat @ masksᵀ``; argmax.
   Available when C(M,N)^M ≤ 2·10⁵ (M ≤ 4 in practice).
+* ``auto`` (default): ``enum`` when a tile has at most 256 feasible masks (2:4 with B = 2: 90; 1:4; 3:4 with
+  B ≥ 2), else ``ssp`` (2:4 with B = 1: 978 masks, where both cost about the same on a CPU; every M > 4).
 * ``greedy`` (heuristic, for comparison): the same repair but each round takes the cheapest *single* swap
   (one row moves from an excess to a deficit column), falling back to the exact repair for the rare tiles
   without one. Not optimal; its gap is measured in tests/benchmarks.
@@ -56,6 +58,7 @@ __all__ = ["expander_nm_mask", "solve_tiles", "feasible_tile_masks", "tile_view"
 
 ALGORITHMS = ("auto", "ssp", "enum", "greedy")
 ENUM_MAX_COMBOS = 200_000          # C(M,N)^M row-pattern combinations we are willing to enumerate
+ENUM_AUTO_MAX_MASKS = 256          # 'auto' enumerates when a tile has at most this many feasible masks
 _CHUNK_BYTES = 128 << 20           # working memory per batched step
 
 
@@ -257,8 +260,9 @@ def solve_tiles(S: torch.Tensor, N: int, M: int, B: int, algorithm: str = "auto"
     alg = (algorithm or "auto").lower()
     if alg not in ALGORITHMS:
         raise ValueError(f"unknown expander N:M algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if alg == "auto":
-        alg = "ssp"
+    if alg == "auto":  # measured (benchmarks/bench_eggs.py): enumeration wins when the tile has few masks
+        masks = _feasible_tile_masks_cpu(int(N), int(M), int(B))
+        alg = "enum" if masks is not None and masks.shape[0] <= ENUM_AUTO_MAX_MASKS else "ssp"
     stats = {"algorithm": alg, "tiles": int(S.shape[0]), "exact": alg != "greedy"}
     if alg == "enum":
         x = _enum(S, N, M, B)

@@ -57,7 +57,7 @@ from .base import LayerResult, Timer
 from .registry import get_method, register_method
 
 __all__ = ["fista", "fista_l1", "L1Solution", "FistaEngine", "lipschitz_constant", "default_lambda",
-           "soft_threshold"]
+           "soft_threshold", "ill_conditioned_problem"]
 
 
 def soft_threshold(Z: torch.Tensor, tau: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -370,6 +370,19 @@ def fista_l1(problem: LayerProblem, lam: float, W_init: Optional[torch.Tensor] =
     kkt = l1_kkt_residual(problem, lam, W)
     return L1Solution(W=W, objective=obj, history=hist if history else None, iterations=eng.last_iters,
                       converged=converged, kkt=kkt, L=eng.L, restarts=eng.restarts, time_s=t.elapsed)
+
+
+def ill_conditioned_problem(m: int, n: int, cond: float = 1e5, *, seed: int = 0, scale: float = 100.0,
+                            dtype=torch.float64) -> LayerProblem:
+    """A layer problem whose Gram has eigenvalues log-spaced over ``[scale/cond, scale]`` (random eigenvectors):
+    the strongly ill-conditioned instance of the convergence checks (``LayerProblem.random`` has κ ≈ 1e3–1e4)."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    ev = scale * torch.logspace(0.0, -math.log10(cond), n, dtype=torch.float64)
+    H = (Q * ev) @ Q.T
+    H = 0.5 * (H + H.T)
+    W0 = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return LayerProblem(W0=W0.to(dtype), H=H.to(dtype), name=f"ill-conditioned-{m}x{n}-k{cond:g}")
 
 
 # ----------------------------------------------------------------------------------------------- pruner

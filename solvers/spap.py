@@ -26,16 +26,26 @@ update; performance is recovered by that update, with no fine-tuning; MLP neuron
   ``tol`` of the total);
 * **finish**: the exact least-squares refit on the kept groups (one factorisation of ``Ĥ_SS``, the same for
   every row), i.e. the optimal ``W`` for the chosen ``z``;
-* **initial z and safeguard** (ours, not the paper's): the path starts from the best structured baseline's
-  ``z`` (``init="best"``: group-magnitude, FLAP score, greedy group-OBS — each refitted) and, separately, from
-  the penalty's own start (``ρ → 0``: the top-k of ``p`` at the unconstrained optimum); every distinct ``z`` the
-  iteration visits is refitted and the best feasible iterate by ``f`` is returned. So SPAP is never worse than
-  its starting baselines (after refit); ``info`` reports by how much it improved on them.
+* **initial z and safeguard** (ours, not the paper's): the continuation path starts from the penalty's own
+  start (``ρ → 0``: the top-k of ``p`` at the unconstrained optimum ``W* = W0 C Ĥ⁻¹``); the structured
+  baselines' supports (``init="best"``: group-magnitude, FLAP score, greedy group-OBS — each refitted) are
+  candidates too; every distinct ``z`` any stage visits is refitted exactly and the best feasible iterate by
+  ``f`` is returned, so SPAP is never worse than its starting baselines after refit;
+* **re-opening** (ours): *damped z-steps* around the incumbent — at a few ρ (1e2 … 1e-2) a V-step from the
+  incumbent gives penalised values, and the proposal exchanges the ``t ≤ 3`` kept groups of smallest value
+  with the ``t`` dropped groups of largest value (the z-step restricted to a trust region of ``t``
+  exchanges); an exchange that lowers the exact refit objective is accepted and the round restarts.
+
+Measured (docs/notes/issue-5.md): on real layers the continuation path alone never changed ``z`` after its
+start (the penalised values of dropped groups shrink like ``1/ρ²`` while kept groups absorb their role), so
+the penalty method by itself amounts to "top-k of ``Ĥ_jj‖W*_j‖²``, then refit"; the gains over greedy
+group-OBS come from the re-opening stage and are small on real layers, larger on small random instances.
 
 Swap the reconstructed rules here when the paper's exact ones become known: :func:`_penalty_path` holds them.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -45,8 +55,8 @@ from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_r
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer
 from .registry import register_method
-from .structured_baselines import (GroupSetup, _finish, flap_scores, group_obs, group_refit, group_setup,
-                                   input_means, keep_from_scores)
+from .structured_baselines import (GroupSetup, _finish, cpu_threads, flap_scores, group_obs, group_refit,
+                                   group_setup, input_means, keep_from_scores)
 
 __all__ = ["spap", "SPAPState"]
 
@@ -54,8 +64,9 @@ __all__ = ["spap", "SPAPState"]
 class SPAPState:
     """Caches refits of visited supports and tracks the best feasible iterate by ``f``."""
 
-    def __init__(self, problem: LayerProblem, st: GroupSetup):
-        self.p, self.st = problem, st
+    def __init__(self, problem: LayerProblem, st: GroupSetup, B: torch.Tensor):
+        self.p, self.st, self.B = problem, st, B
+        self.const = problem.constant()
         self.seen: dict[bytes, float] = {}
         self.best_f = float("inf")
         self.best_keep: Optional[torch.Tensor] = None
@@ -68,10 +79,13 @@ class SPAPState:
         if key in self.seen:
             return self.seen[key]
         W = group_refit(self.p, self.st.cols(keep), self.st.dtype)
-        f = self.p.objective(W)
+        if W.dtype == torch.float64:  # at the refit optimum W_S Ĥ_SS = B_S:  f = f(0) − ½⟨W_S, B_S⟩
+            f = self.const - 0.5 * float((W * self.B).sum())
+        else:
+            f = self.p.objective(W)
         self.refits += 1
         self.seen[key] = f
-        if f < self.best_f:
+        if self.best_keep is None or f < self.best_f - 1e-12 * abs(self.best_f):  # ignore round-off gains
             self.best_f, self.best_keep, self.best_W, self.best_source = f, keep.clone(), W, source
         return f
 
@@ -80,44 +94,96 @@ def _penalised_values(st: GroupSetup, V: torch.Tensor, dH: torch.Tensor) -> torc
     return st.group_sum(dH * (V * V).sum(0))
 
 
+def _v_step(problem: LayerProblem, st: GroupSetup, A: torch.Tensor, B: torch.Tensor, dH: torch.Tensor,
+            keep: torch.Tensor, rho: float) -> torch.Tensor:
+    """V-step ``V (Ĥ + ρ D_z) = W0 C``: ``D_z`` is diagonal, so one Cholesky factorisation serves every row."""
+    M = A.clone()
+    M.diagonal().add_(rho * (~st.cols(keep)).to(A.dtype) * dH)
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0:
+        L, _ = cholesky_with_retry(M, 1e-8, name=problem.name)
+    V = torch.cholesky_solve(B.T, L).T
+    if not torch.isfinite(V).all():
+        raise NumericalError(f"layer {problem.name!r}: SPAP V-step produced NaN/Inf (ρ={rho:g})")
+    return V
+
+
+def _am(problem, st, state, A, B, dH, keep, rho, inner_iters, source):
+    """Alternating minimisation at a fixed ρ: V-step, z-step (top-k of p), until z is stable."""
+    changes = 0
+    for _ in range(inner_iters + 1):
+        V = _v_step(problem, st, A, B, dH, keep, rho)
+        p = _penalised_values(st, V, dH)
+        new = keep_from_scores(p, st.k)
+        if torch.equal(new, keep):
+            break
+        keep = new
+        changes += 1
+        state.consider(keep, source)
+    return keep, p, changes
+
+
 def _penalty_path(problem: LayerProblem, st: GroupSetup, state: SPAPState, A: torch.Tensor, B: torch.Tensor,
                   dH: torch.Tensor, keep: torch.Tensor, *, rho0: float, growth: float, rho_max: float,
                   inner_iters: int, tol: float, max_iters: int, source: str) -> dict:
     """One continuation path of the penalty method from the support ``keep`` and penalty ``rho0``.
 
-    [reconstructed] Alternating minimisation: V-step ``V(Ĥ + ρD_z) = B`` (one factorisation, all rows), z-step
-    top-k of ``p_j = Σ_{c∈G_j} Ĥ_cc‖V_c‖²``; ρ grows geometrically when z is stable (or after ``inner_iters``
-    changes at one ρ) until the dropped groups' energy ``Σ_{dropped} p_j / Σ p_j ≤ tol``.
+    [reconstructed] Alternating minimisation at each ρ (V-step ``V(Ĥ + ρD_z) = B``, z-step top-k of
+    ``p_j = Σ_{c∈G_j} Ĥ_cc‖V_c‖²``) until z is stable (at most ``inner_iters`` changes), then ``ρ ← growth·ρ``,
+    until the dropped groups' share of the penalised values ``Σ_{dropped} p_j / Σ p_j ≤ tol``.
     """
-    rho, changes_here, iters, changes, resid = rho0, 0, 0, 0, float("nan")
-    eye_idx = torch.arange(st.n, device=A.device)
-    while iters < max_iters:
-        iters += 1
-        Dz = (~st.cols(keep)).to(A.dtype) * dH
-        M = A.clone()
-        M[eye_idx, eye_idx] += rho * Dz
-        L, info = torch.linalg.cholesky_ex(M)
-        if int(info) != 0:
-            L, _ = cholesky_with_retry(M, 1e-8, name=problem.name)
-        V = torch.cholesky_solve(B.T, L).T
-        if not torch.isfinite(V).all():
-            raise NumericalError(f"layer {problem.name!r}: SPAP V-step produced NaN/Inf (ρ={rho:g})")
-        p = _penalised_values(st, V, dH)
-        new = keep_from_scores(p, st.k)
+    rho, levels, changes, resid = rho0, 0, 0, float("nan")
+    while levels < max_iters:
+        levels += 1
+        keep, p, c = _am(problem, st, state, A, B, dH, keep, rho, inner_iters, source)
+        changes += c
         tot = float(p.sum())
         resid = float(p[~keep].sum()) / tot if tot > 0 else 0.0
-        if not torch.equal(new, keep) and changes_here < inner_iters:
-            keep = new
-            changes += 1
-            changes_here += 1
-            state.consider(keep, source)
-            continue
         if resid <= tol or rho >= rho_max:
             break
         rho *= growth
-        changes_here = 0
     state.consider(keep, source)
-    return {"iters": iters, "z_changes": changes, "rho_final": rho, "dropped_energy": resid}
+    return {"levels": levels, "z_changes": changes, "rho_final": rho, "dropped_energy": resid}
+
+
+def _reopen(problem, st, state, A, B, dH, *, rhos, max_swaps: int, max_rounds: int,
+            time_limit: Optional[float], t0: float) -> dict:
+    """[ours] Damped z-steps around the incumbent (the best support found so far).
+
+    At each ρ of ``rhos`` (descending), a V-step from the incumbent gives penalised values ``p``; the proposal
+    exchanges the ``t`` kept groups of smallest ``p`` with the ``t`` dropped groups of largest ``p``
+    (``t = 1..max_swaps``: the z-step restricted to a trust region of ``t`` exchanges). Proposals are refitted
+    exactly; the first that lowers ``f`` becomes the incumbent and a new round starts. Stops after a round
+    without improvement, ``max_rounds`` rounds or ``time_limit`` seconds.
+    """
+    rounds, proposals, accepted = 0, 0, 0
+    while rounds < max_rounds:
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            break
+        rounds += 1
+        inc, f_inc = state.best_keep.clone(), state.best_f
+        improved = False
+        for rho in rhos:
+            V = _v_step(problem, st, A, B, dH, inc, rho)
+            p = _penalised_values(st, V, dH)
+            kept, drop = inc.nonzero().squeeze(1), (~inc).nonzero().squeeze(1)
+            ko = kept[torch.argsort(p[kept], stable=True)]
+            do = drop[torch.argsort(p[drop], descending=True, stable=True)]
+            for t in range(1, min(max_swaps, ko.numel(), do.numel()) + 1):
+                z = inc.clone()
+                z[ko[:t]] = False
+                z[do[:t]] = True
+                proposals += 1
+                state.consider(z, "reopen")
+                if state.best_f < f_inc:
+                    improved = True
+                    break
+            if improved:
+                accepted += 1
+                break
+        if not improved:
+            break
+    return {"rounds": rounds, "proposals": proposals, "accepted": accepted}
 
 
 @register_method("spap", needs="gram", patterns=("groups",), structured=True,
@@ -126,27 +192,30 @@ def _penalty_path(problem: LayerProblem, st: GroupSetup, state: SPAPState, A: to
                              "then exact refit (SPAP, arXiv 2505.03373)")
 def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: float = 1e-2,
          growth: float = 1.5, rho_max: float = 1e8, inner_iters: int = 10, tol: float = 1e-12,
-         max_iters: int = 300, rho0_warm: Optional[float] = None, damp: float = 1e-6, dtype=None,
-         input_mean=None, **_) -> LayerResult:
+         max_iters: int = 200, reopen: bool = True, reopen_rhos=(1e2, 1e1, 1.0, 1e-1, 1e-2),
+         max_swaps: int = 3, max_rounds: int = 20, time_limit: Optional[float] = None, damp: float = 1e-6,
+         dtype=None, input_mean=None, threads: Optional[int] = None, **_) -> LayerResult:
     """SPAP on one layer: returns ``W`` (zero on removed group columns) and the kept-column mask.
 
     Options: ``init`` — ``"best"`` (best refitted structured baseline, default), ``"penalty"`` (only the
     penalty's own start), or a baseline name (``group_magnitude``, ``flap``, ``group_obs``); ``rho0``,
-    ``growth``, ``rho_max``, ``tol``, ``inner_iters``, ``max_iters`` — the ρ schedule (ρ is relative: the
-    dropped columns' diagonal is multiplied by ``1+ρ``); ``rho0_warm`` — the starting ρ of the path from the
-    warm start (default ``rho0``); ``damp`` — relative ridge in the V-step only (the final refit is exact).
-    ``dtype`` defaults to float64 on CPU, the problem's dtype (float32) on CUDA.
+    ``growth``, ``rho_max``, ``tol``, ``inner_iters``, ``max_iters`` — the continuation path (ρ is relative:
+    the dropped columns' diagonal is multiplied by ``1+ρ``); ``reopen`` with ``reopen_rhos``, ``max_swaps``,
+    ``max_rounds``, ``time_limit`` — the damped z-steps around the incumbent ([ours]); ``damp`` — relative
+    ridge in the V-step only (the final refit is exact). ``dtype`` defaults to float64 on CPU, the problem's dtype on
+    CUDA. ``threads`` — CPU threads for this call (default: 1 for layers with n ≤ 512, where OpenMP
+    overhead dominates).
     """
     dt = (torch.float64 if problem.H.device.type == "cpu" else None) if dtype is None else dtype
     st = group_setup(problem, pattern, "spap", dt)
     if init not in ("best", "penalty", "group_magnitude", "flap", "group_obs"):
         raise ValueError(f"spap: init must be best, penalty, group_magnitude, flap or group_obs, got {init!r}")
-    with Timer() as t:
-        state = SPAPState(problem, st)
+    with cpu_threads(problem, threads), Timer() as t:
         Hh = problem.Hh.to(st.dtype)
         dH = Hh.diagonal().clamp_min(0).clone()
         A = problem.damped_hessian(damp, dtype=st.dtype)
         B = problem.target(st.dtype)
+        state = SPAPState(problem, st, B)
         starts = {}
         W0 = problem.W0.to(st.dtype)
         if init in ("best", "group_magnitude"):
@@ -156,26 +225,24 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
             muh = None if muh is None else muh.to(Hh.device, st.dtype)
             starts["flap"] = keep_from_scores(st.group_sum(flap_scores(problem, muh, st.dtype)), st.k)
         if init in ("best", "group_obs"):
-            starts["group_obs"] = group_obs(problem, pattern, dtype=st.dtype, refit=False).info["keep"].to(Hh.device)
+            starts["group_obs"] = group_obs(problem, pattern, dtype=st.dtype, refit=False,
+                                            threads=threads).info["keep"].to(Hh.device)
         start_f = {name: state.consider(kp, name) for name, kp in starts.items()}
         # the penalty's own start: ρ → 0, V = the unconstrained optimum, z = top-k of its penalised values
-        L, _ = cholesky_with_retry(A, 0.0, name=problem.name)
-        V = torch.cholesky_solve(B.T, L).T
+        V = _v_step(problem, st, A, B, dH, torch.ones(st.g, dtype=torch.bool, device=A.device), 0.0)
         keep0 = keep_from_scores(_penalised_values(st, V, dH), st.k)
         start_f["penalty"] = state.consider(keep0, "penalty")
-        paths = {"penalty": _penalty_path(problem, st, state, A, B, dH, keep0, rho0=rho0, growth=growth,
-                                          rho_max=rho_max, inner_iters=inner_iters, tol=tol, max_iters=max_iters,
-                                          source="path:penalty")}
-        if starts:
-            best_start = min(starts, key=lambda nm: start_f[nm])
-            paths[best_start] = _penalty_path(
-                problem, st, state, A, B, dH, starts[best_start], rho0=rho0 if rho0_warm is None else rho0_warm,
-                growth=growth, rho_max=rho_max, inner_iters=inner_iters, tol=tol, max_iters=max_iters,
-                source=f"path:{best_start}")
+        f_before = state.best_f
+        path = _penalty_path(problem, st, state, A, B, dH, keep0, rho0=rho0, growth=growth, rho_max=rho_max,
+                             inner_iters=inner_iters, tol=tol, max_iters=max_iters, source="path")
+        f_path = state.best_f
+        ro = _reopen(problem, st, state, A, B, dH, rhos=sorted(reopen_rhos, reverse=True), max_swaps=max_swaps,
+                     max_rounds=max_rounds, time_limit=time_limit, t0=t.t0) if reopen else None
         keep, W = state.best_keep, state.best_W
     best_baseline = min((f for nm, f in start_f.items() if nm != "penalty"), default=float("nan"))
-    info = {"method": "spap", "time_s": t.elapsed, "start_errors": start_f, "paths": paths,
-            "refits": state.refits, "best_source": state.best_source, "error": state.best_f,
+    info = {"method": "spap", "time_s": t.elapsed, "start_errors": start_f, "path": path, "reopen": ro,
+            "refits": state.refits, "best_source": state.best_source,
+            "error_starts": f_before, "error_after_path": f_path,
             "improvement_over_best_start": (best_baseline - state.best_f) / best_baseline
             if best_baseline == best_baseline and best_baseline > 0 else None}
     return _finish(problem, st, keep, W, info)

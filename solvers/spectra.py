@@ -178,13 +178,15 @@ def _scan(ev: torch.Tensor, cand: torch.Tensor, ks: str, chunk_elems: int = 1 <<
 
 def fit_power_law(eigs: torch.Tensor, *, xmin: Optional[float] = None, peak_limit: bool = True,
                   bins: int = 100, peak_factor: float = 1.5, min_tail: int = 2, ks: str = "lower",
-                  legacy_lower_bound: bool = False, zero_tol: float = 1e-12,
+                  legacy_lower_bound: bool = False, zero_tol: float = 1e-24,
                   compare_unlimited: bool = False) -> PowerLawFit:
     """Hill/MLE power-law exponent of the eigenvalue tail with the KS-chosen ``x_min``.
 
     ``xmin``: fix the lower cut-off instead of searching. ``peak_limit``: restrict candidates to
     ``≤ peak_factor · histogram_peak`` (public code, default). ``min_tail``: smallest tail searched (the public
-    code allows 2). ``compare_unlimited``: also record α of the unrestricted search.
+    code allows 2). ``compare_unlimited``: also record α of the unrestricted search. ``zero_tol``: eigenvalues
+    ``≤ zero_tol·λ_max`` are numerical zeros of a rank-deficient matrix (float64 SVD resolves σ only down to
+    ~1e-16·σ_max, i.e. λ down to ~1e-32·λ_max) and are dropped.
     """
     if ks not in ("lower", "two-sided"):
         raise SpectraError(f"ks must be 'lower' or 'two-sided', got {ks!r}")

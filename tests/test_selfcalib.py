@@ -1,0 +1,285 @@
+"""Self-generated calibration and the data-free KL / top-1 measure, on the real stories260K model."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from optprune.formulations.patterns import NM, Unstructured  # noqa: E402
+from optprune.formulations.problem import GramAccumulator, LayerProblem  # noqa: E402
+from optprune.llm_adapters import selfcalib  # noqa: E402
+from optprune.llm_adapters.architectures import get_arch, get_module, linear_weight, set_linear_weight  # noqa: E402
+from optprune.llm_adapters.divergence import DivergenceError, kl_eval  # noqa: E402
+from optprune.llm_adapters.selfcalib import (SelfCalibrationError, heldout_sequences, model_fingerprint,  # noqa: E402
+                                             self_calibration)
+from optprune.solvers import get_method  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+STORIES = MODEL_DIR / "stories260K"
+
+pytestmark = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reason=f"no stories260K in {MODEL_DIR}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # decoding is many tiny matmuls: on a shared 2-core machine one thread is >10x faster than two
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def test_shapes_vocab_and_start(stories):
+    model, tok = stories
+    ids = self_calibration(model, tok, 5, 48, seed=3, cache_dir=False, progress=False, batch_size=2)
+    assert ids.shape == (5, 48) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < model.config.vocab_size
+    assert (ids[:, 0] == tok.bos_token_id).all()
+    assert not (ids == tok.eos_token_id).any()  # EOS suppressed: every row is 48 tokens of running text
+    gen = self_calibration(model, tok, 3, 32, seed=3, prompts="generic", cache_dir=False, progress=False)
+    for i, row in enumerate(gen):
+        p = [tok.bos_token_id] + tok(selfcalib.GENERIC_PROMPTS[i], add_special_tokens=False)["input_ids"]
+        assert row[: len(p)].tolist() == p
+    own = self_calibration(model, tok, 2, 32, prompts=["Tom and Sue"], cache_dir=False, progress=False)
+    p = [tok.bos_token_id] + tok("Tom and Sue", add_special_tokens=False)["input_ids"]
+    assert (own[:, : len(p)] == torch.tensor(p)).all()
+
+
+def test_seeded_determinism(stories):
+    model, tok = stories
+    kw = dict(cache_dir=False, progress=False)
+    a = self_calibration(model, tok, 6, 64, seed=0, batch_size=4, **kw)
+    b = self_calibration(model, tok, 6, 64, seed=0, batch_size=4, **kw)
+    assert torch.equal(a, b)
+    # per-sample generators: the draw does not depend on the batching, and a prefix of samples is a prefix
+    c = self_calibration(model, tok, 6, 64, seed=0, batch_size=1, **kw)
+    assert torch.equal(a, c)
+    d = self_calibration(model, tok, 3, 64, seed=0, batch_size=4, **kw)
+    assert torch.equal(a[:3], d)
+    e = self_calibration(model, tok, 6, 64, seed=1, batch_size=4, **kw)
+    assert not torch.equal(a, e)
+    # samples differ from one another (sampling, not greedy) ...
+    assert len({tuple(r.tolist()) for r in a}) == 6
+    # ... while temperature 0 is greedy: all rows equal the same continuation
+    g = self_calibration(model, tok, 2, 40, temperature=0.0, **kw)
+    assert torch.equal(g[0], g[1])
+    greedy = model.generate(g[:1, :1], do_sample=False, max_new_tokens=39, eos_token_id=None,
+                            bad_words_ids=[[tok.eos_token_id]])
+    assert torch.equal(g[0], greedy[0])
+
+
+def test_heldout_uses_a_distinct_seed(stories):
+    model, tok = stories
+    cal = self_calibration(model, tok, 3, 40, seed=5, cache_dir=False, progress=False)
+    held = heldout_sequences(model, tok, 3, 40, seed=5, cache_dir=False, progress=False)
+    ref = self_calibration(model, tok, 3, 40, seed=5 + selfcalib.HELDOUT_SEED_OFFSET, cache_dir=False,
+                           progress=False)
+    assert torch.equal(held, ref) and not torch.equal(held, cal)
+
+
+def test_cache_hit_does_not_generate(stories, tmp_path, monkeypatch):
+    model, tok = stories
+    info1, info2 = {}, {}
+    a = self_calibration(model, tok, 4, 40, seed=7, cache_dir=tmp_path, progress=False, info=info1)
+    assert not info1["cache_hit"] and Path(info1["cache_path"]).is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("generation ran although the sequences are cached")
+
+    monkeypatch.setattr(selfcalib, "_generate_batch", boom)
+    b = self_calibration(model, tok, 4, 40, seed=7, cache_dir=tmp_path, progress=False, info=info2)
+    assert info2["cache_hit"] and torch.equal(a, b)
+    # the environment variable is the default cache location
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path))
+    assert torch.equal(self_calibration(model, tok, 4, 40, seed=7, progress=False), a)
+    # any change of setting or of the model is a miss (and would generate)
+    for kw in (dict(seed=8), dict(top_p=0.9), dict(temperature=0.7), dict(prompts="generic")):
+        with pytest.raises(AssertionError, match="generation ran"):
+            self_calibration(model, tok, 4, 40, **{"seed": 7, **kw}, cache_dir=tmp_path, progress=False)
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.model.layers[2].mlp.down_proj.weight[0, :5] = 0.0
+    assert model_fingerprint(pruned) != model_fingerprint(model)
+    with pytest.raises(AssertionError, match="generation ran"):
+        self_calibration(pruned, tok, 4, 40, seed=7, cache_dir=tmp_path, progress=False)
+
+
+def test_bad_arguments_are_one_line_errors(stories):
+    model, tok = stories
+    for kw in (dict(top_p=0.0), dict(temperature=-1.0), dict(nsamples=0), dict(seqlen=4096),
+               dict(prompts="wikipedia"), dict(batch_size=0)):
+        args = {"nsamples": 2, "seqlen": 16, **kw}
+        with pytest.raises(SelfCalibrationError):
+            self_calibration(model, tok, cache_dir=False, progress=False, **args)
+    assert issubclass(SelfCalibrationError, ValueError) and issubclass(DivergenceError, ValueError)
+
+
+# ------------------------------------------------------------------------------------------- divergence
+def test_kl_of_a_model_with_itself_is_zero(stories):
+    model, tok = stories
+    ids = heldout_sequences(model, tok, 4, 96, cache_dir=False, progress=False)
+    r = kl_eval(model, model, ids, batch_size=3)
+    assert r["kl"] == 0.0 and r["top1"] == 1.0 and r["tokens"] == 4 * 96
+    assert r["nll"] == r["ref_nll"] > 0
+
+
+def _reference_kl(model, ref, ids):
+    """Independent full-logit computation in float64 (no chunking, F.kl_div)."""
+    with torch.no_grad():
+        lp = model(input_ids=ids).logits.double().log_softmax(-1)
+        lq = ref(input_ids=ids).logits.double().log_softmax(-1)
+    kl = torch.nn.functional.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)
+    return float(kl.mean()), float((lp.argmax(-1) == lq.argmax(-1)).double().mean())
+
+
+def test_kl_streaming_matches_full_computation(stories):
+    model, tok = stories
+    ids = heldout_sequences(model, tok, 5, 64, cache_dir=False, progress=False)
+    noisy = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
+    kl_ref, top1_ref = _reference_kl(noisy, model, ids)
+    r = kl_eval(noisy, model, ids, batch_size=2, chunk_bytes=4096)  # forces many position chunks
+    assert r["kl"] > 0 and r["kl"] == pytest.approx(kl_ref, rel=1e-4)
+    assert r["top1"] == pytest.approx(top1_ref, abs=1e-12)
+    assert kl_eval(noisy, model, ids, batch_size=5)["kl"] == pytest.approx(r["kl"], rel=1e-5)
+    with pytest.raises(DivergenceError):
+        kl_eval(noisy, model, torch.full((1, 4), 10_000), batch_size=1)
+
+
+def _sublayers(model):
+    arch = get_arch(model)
+    blocks = get_module(model, arch.blocks)
+    for i, blk in enumerate(blocks):
+        for name in arch.sublayer_names():
+            yield f"{i}.{name}", get_module(blk, name), name in arch.transposed
+
+
+def _dense_input_stats(model, ids, gram: bool):
+    """Per-sub-layer input statistics of the dense model (dense-input mode): H or ‖X_j‖²."""
+    accs, hooks = {}, []
+    for key, mod, tr in _sublayers(model):
+        n = linear_weight(mod, tr).shape[1]
+        accs[key] = GramAccumulator(n)
+
+        def hook(m, args, key=key):
+            x = args[0].detach().float()
+            if gram:
+                accs[key].add(x)
+            else:
+                accs[key].sq_norm += (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+                accs[key].nsamples += x.numel() // x.shape[-1]
+        hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for b in range(0, ids.shape[0], 8):
+            model(input_ids=ids[b:b + 8], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return accs
+
+
+def prune_copy(model, method, pattern, calib=None):
+    """Apply a registered layer method to every linear sub-layer (dense inputs, no pipeline)."""
+    spec = get_method(method)
+    stats = _dense_input_stats(model, calib, gram=spec.needs == "gram") if spec.needs != "none" else None
+    out = copy.deepcopy(model)
+    for (key, mod, tr), (_, src, _) in zip(_sublayers(out), _sublayers(model)):
+        W0 = linear_weight(src, tr).float().clone()
+        n = W0.shape[1]
+        if stats is None:
+            prob = LayerProblem(W0=W0, H=torch.eye(n), name=key)
+        elif spec.needs == "diag":
+            sq = stats[key].sq_norm
+            prob = LayerProblem(W0=W0, H=torch.diag(sq), name=key, input_sq_norm=sq)
+        else:
+            prob = stats[key].problem(W0, name=key)
+        res = spec(prob, pattern)
+        set_linear_weight(mod, res.W, tr)
+    return out
+
+
+def _sparsity(model):
+    z = t = 0
+    for _, mod, tr in _sublayers(model):
+        W = linear_weight(mod, tr)
+        z += int((W == 0).sum())
+        t += W.numel()
+    return z / t
+
+
+def test_kl_grows_with_magnitude_sparsity(stories):
+    model, tok = stories
+    ids = heldout_sequences(model, tok, 6, 128, cache_dir=False, progress=False)
+    res = {}
+    for s in (0.3, 0.5, 0.7):
+        pruned = prune_copy(model, "magnitude", Unstructured(s))
+        assert _sparsity(pruned) == pytest.approx(s, abs=0.01)
+        res[s] = kl_eval(pruned, model, ids, batch_size=3)
+    assert 0 < res[0.3]["kl"] < res[0.5]["kl"] < res[0.7]["kl"]
+    assert res[0.3]["top1"] > res[0.7]["top1"]
+
+
+def _wikitext_windows(tok, seqlen: int, windows: int):
+    path = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.is_file():
+        return None
+    rows = [r if r.strip() else "" for r in path.read_text(encoding="utf-8").splitlines()]
+    text = "\n\n".join(rows)
+    ids = tok(text[: 400 * seqlen * windows // 64], return_tensors="pt").input_ids[0]  # enough characters
+    n = min(windows, ids.numel() // seqlen)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def test_kl_ranks_pruned_variants_like_perplexity(stories):
+    """Spearman correlation of KL (held-out self-generated text) vs WikiText-2 perplexity over pruned variants,
+    calibrated on self-generated sequences. Printed; only the monotonicity that must hold is asserted."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    model, tok = stories
+    calib = self_calibration(model, tok, 16, 256, seed=0, cache_dir=False, progress=False)
+    held = heldout_sequences(model, tok, 8, 256, seed=0, cache_dir=False, progress=False)
+    text = _wikitext_windows(tok, 512, 8)
+    if text is None:
+        pytest.skip(f"no WikiText-2 under {DATA_DIR}")
+    variants = [("magnitude", Unstructured(0.3)), ("magnitude", Unstructured(0.5)), ("magnitude", NM(2, 4)),
+                ("magnitude", Unstructured(0.7)), ("wanda", Unstructured(0.5)), ("wanda", Unstructured(0.7)),
+                ("sparsegpt", Unstructured(0.5)), ("sparsegpt", NM(2, 4)), ("sparsegpt", Unstructured(0.7))]
+    rows = []
+    for method, pat in variants:
+        pruned = prune_copy(model, method, pat, calib)
+        d = kl_eval(pruned, model, held, batch_size=4)
+        t = kl_eval(pruned, model, text, batch_size=4)
+        rows.append((f"{method}@{pat.name}:{getattr(pat, 'sparsity', '')}", d["kl"], d["top1"],
+                     float(torch.tensor(t["nll"]).exp()), t["kl"]))
+    dense_ppl = float(torch.tensor(t["ref_nll"]).exp())
+    kls, ppls, text_kls = [r[1] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+    rho = scipy_stats.spearmanr(kls, ppls).statistic
+    rho_text = scipy_stats.spearmanr(text_kls, ppls).statistic
+    print(f"\nstories260K, dense WikiText-2 ppl (8x512) {dense_ppl:.2f}")
+    print(f"{'variant':32s} {'KL(self)':>9s} {'top1':>6s} {'ppl':>8s} {'KL(wiki)':>9s}")
+    for r in rows:
+        print(f"{r[0]:32s} {r[1]:9.4f} {r[2]:6.3f} {r[3]:8.2f} {r[4]:9.4f}")
+    print(f"Spearman(KL on self-generated, WikiText-2 ppl) = {rho:.3f}; "
+          f"Spearman(KL on WikiText-2, ppl) = {rho_text:.3f}")
+    mag = [r[1] for r in rows if r[0].startswith("magnitude@unstructured:")]
+    assert mag == sorted(mag)  # KL monotone in sparsity for magnitude
+    assert all(k > 0 for k in kls) and all(p > dense_ppl * 0.9 for p in ppls)
+    assert -1.0 <= rho <= 1.0
