@@ -358,7 +358,7 @@ class ExpanderNM(NM):
         self.validate(scores.shape)
         fn = _PROJECTIONS.get("expander_nm")
         if fn is None:
-            raise NotImplementedError("no expander N:M projection registered (import optprune.solvers)")
+            raise NotImplementedError("no expander N:M projection registered (import optprune.solvers.eggs)")
         return fn(scores, self.N, self.M, self.B)
 
     def is_feasible(self, mask):

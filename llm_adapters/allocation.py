@@ -230,7 +230,7 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     p = torch.tensor([records[n]["numel"] for n in targets], dtype=torch.float64)
     s = torch.tensor([targets[n] for n in targets], dtype=torch.float64)
     info.update(res.info)
-    info.update(units=res.units, unit_sizes=res.sizes, unit_sparsities=res.sparsities,
+    info.update(targets=targets, units=res.units, unit_sizes=res.sizes, unit_sparsities=res.sparsities,
                 weighted_mean=float((p * s).sum() / p.sum()), min=float(s.min()), max=float(s.max()),
                 time_s=time.perf_counter() - t0)
     if key == "alpha":

@@ -276,15 +276,26 @@ def _source_key(name, split, data_dir):
     return (str(p), split, st.st_size, st.st_mtime_ns)
 
 
+def _doc_cache(tokenizer, name, split, data_dir) -> dict:
+    """Per (tokenizer, source file): document index -> token ids, shared by calibration and evaluation."""
+    return _TOKEN_CACHE.setdefault(("docs", _tok_key(tokenizer), _source_key(name, split, data_dir)), {})
+
+
 def eval_tokens(tokenizer, name: str = "wikitext2", *, seqlen: Optional[int] = None, data_dir=None,
                 split: str = "test") -> torch.Tensor:
     """The evaluation token stream of a text, LongTensor (N,). C4 is cut to ``256 × seqlen`` tokens as in the
     published evaluation (when ``seqlen`` is given). Cached per (tokenizer, file)."""
-    ck = ("eval", _tok_key(tokenizer), _source_key(name, split, data_dir))
-    ids = _TOKEN_CACHE.get(ck)
+    cache = _doc_cache(tokenizer, name, split, data_dir)
+    ids = cache.get("joined")
     if ids is None:
-        ids = tokenize(tokenizer, read_text(name, split, data_dir))
-        _TOKEN_CACHE[ck] = ids
+        docs = read_documents(name, split, data_dir)
+        if len(docs) == 1:  # the same single document calibration would tokenize
+            ids = cache.get(0)
+            if ids is None:
+                ids = cache[0] = tokenize(tokenizer, docs[0])
+        else:
+            ids = tokenize(tokenizer, " ".join(docs))
+        cache["joined"] = ids
     if known_dataset(name) == "c4" and seqlen:
         ids = ids[: 256 * seqlen]
     return ids
@@ -299,8 +310,7 @@ def calibration_tokens(tokenizer, name: str = "c4", *, nsamples: int = 128, seql
     if nsamples < 1 or seqlen < 2:
         raise DataError(f"calibration needs nsamples ≥ 1 and seqlen ≥ 2, got {nsamples} × {seqlen}")
     docs = read_documents(name, split, data_dir)
-    ck_base = ("calib", _tok_key(tokenizer), _source_key(name, split, data_dir))
-    cache = _TOKEN_CACHE.setdefault(ck_base, {})
+    cache = _doc_cache(tokenizer, name, split, data_dir)
     # tokenizing only the drawn documents keeps C4 cheap; cache them
     def enc(i):
         t = cache.get(i)
@@ -336,7 +346,7 @@ def calibration_tokens(tokenizer, name: str = "c4", *, nsamples: int = 128, seql
     if not return_info:
         return X
     info = {"source": name, "split": split, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-            "documents": len(docs), "distinct_documents_used": len(set(used)),
+            "documents": len(docs), "distinct_documents_used": len(set(used)), "documents_used": used,
             "sha256": hashlib.sha256(X.numpy().tobytes()).hexdigest()[:16]}
     if not (isinstance(name, str) and name.startswith("hub:")):
         info["path"] = str(dataset_path(name, split, data_dir)) if known_dataset(name) else \

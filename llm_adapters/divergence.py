@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["kl_eval", "DivergenceError"]
+__all__ = ["kl_eval", "heldout_divergence", "DivergenceError", "HELDOUT_TOKENS"]
 
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
 
@@ -164,3 +164,31 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
             "nll": nll_sum / n_lab if n_lab else float("nan"),
             "ref_nll": ref_nll_sum / n_lab if n_lab else float("nan"),
             "kl_max_window": kl_max_window}
+
+
+#: default size of the held-out self-generated evaluation set (tokens); windows of at most 512 tokens
+HELDOUT_TOKENS = 4096
+
+
+def heldout_divergence(model, dense, tokenizer, *, seed: int = 0, seqlen: int = 512,
+                       nsamples: Optional[int] = None, tokens: int = HELDOUT_TOKENS, cache_dir=None,
+                       batch_size: Optional[int] = None, progress: bool = False,
+                       num_threads: Optional[int] = None) -> dict:
+    """The data-free quality measure: KL(dense ‖ model) and top-1 agreement on held-out sequences sampled from
+    ``dense`` with seed ``seed + HELDOUT_SEED_OFFSET`` (never the calibration draw; cached like calibration).
+
+    ``nsamples`` windows of ``min(seqlen, 512, context)`` tokens; default enough windows for ``tokens`` tokens
+    (at least 8). Returns :func:`kl_eval`'s dict plus ``text``, ``seed`` and ``generation`` (cache hit, time)."""
+    from .selfcalib import HELDOUT_SEED_OFFSET, heldout_sequences
+    ctx = getattr(getattr(dense, "config", None), "max_position_embeddings", None)
+    L = int(min(int(seqlen), 512, int(ctx) if ctx else 512))
+    n = int(nsamples) if nsamples else max(8, -(-int(tokens) // L))
+    info: dict = {}
+    ids = heldout_sequences(dense, tokenizer, n, L, seed=seed, cache_dir=cache_dir, progress=progress,
+                            num_threads=num_threads, info=info)
+    bs = int(batch_size) if batch_size else max(1, 2048 // L)
+    r = kl_eval(model, dense, ids, batch_size=bs, progress=progress, num_threads=num_threads)
+    r.update(text="self-generated (held-out)", seed=int(seed) + HELDOUT_SEED_OFFSET,
+             generation={k: info.get(k) for k in ("cache_hit", "generation_time_s", "key", "temperature", "top_p",
+                                                  "prompts")})
+    return r

@@ -40,7 +40,7 @@ import torch
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
-from .evaluation import model_context, perplexity
+from .evaluation import lm_eval_available, model_context, perplexity, zero_shot
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
@@ -164,15 +164,43 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
                         s["calibration"] = "c4"
                         overrides["calibration"] = "c4"
                     except FileNotFoundError:
-                        raise _no_calibration(e, data_dir) from None
+                        _self_fallback(s, overrides, e)
                 elif calibration is None:
-                    raise _no_calibration(e, data_dir) from None
+                    _self_fallback(s, overrides, e)
                 else:
-                    raise
+                    raise _no_calibration(e, data_dir) from None
     if need_eval:
-        s["eval_paths"] = {d: D.check_dataset(d, "test", data_dir) for d in s["eval_datasets"]}
+        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
     s["name"] = s["base"] + ("+custom" if overrides else "")
     return s
+
+
+def _self_fallback(s: dict, overrides: dict, e) -> None:
+    """Issue 10: no calibration text and none asked for → sequences sampled from the model (announced)."""
+    s["calibration"] = overrides["calibration"] = "self"
+    s["calibration_path"] = None
+    s["calibration_note"] = (f"no calibration text found ({str(e).split(';')[0]}); calibrating on "
+                             f"{s['nsamples']}×{s['seqlen']} sequences sampled from the model itself "
+                             f"(--calibration self)")
+
+
+def _missing_eval_fallback(s: dict, data_dir, explicit: bool) -> None:
+    """Issue 10: evaluation texts of a defaulted protocol that are not there are skipped (announced); the
+    data-free KL on held-out self-generated sequences is still reported. Explicitly asked-for texts must exist."""
+    paths, missing = {}, []
+    for d in s["eval_datasets"]:
+        try:
+            paths[d] = D.check_dataset(d, "test", data_dir)
+        except FileNotFoundError as e:
+            if explicit:
+                raise
+            missing.append(str(e).split(";")[0])
+    s["eval_paths"] = paths
+    if missing:
+        s["eval_datasets"] = [d for d in s["eval_datasets"] if d in paths]
+        s["eval_missing"] = missing
+        s["eval_note"] = (f"no evaluation text found ({missing[0]}); perplexity skipped, quality measured as "
+                          f"KL/top-1 against the dense model on held-out self-generated sequences")
 
 
 def _no_calibration(e, data_dir) -> FileNotFoundError:
@@ -445,7 +473,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     validate_config(mdl, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
 
     record = {"command": "prune", "status": "running",
-              "config": _jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity, "pattern": pattern,
+              "config": _jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity,
+                                   "pattern": None if spec.structured else pattern,
                                    "min_degree": min_degree, "allocation": alloc, "allocation_eps": allocation_eps,
                                    "structure": structure if spec.structured else None, "mode": mode,
                                    "error_correction": bool(error_correction), "refit": bool(refit),
@@ -555,15 +584,22 @@ def _save(model, tok, out_dir: Path, arch, spec) -> dict:
 def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, model_dir=None, device=None,
              seed: int = 0, eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
              reference: Optional[str] = None, batch_size: Optional[int] = None, progress: bool = True,
-             verbose: Optional[bool] = None, _cli: bool = False) -> dict:
+             verbose: Optional[bool] = None, tasks=None, task_limit: Optional[int] = None,
+             _cli: bool = False) -> dict:
     """Perplexity (per protocol / options) of any model — built-in name, directory, ``.gguf``, hub id —
     and, with ``reference``, KL divergence and top-1 agreement against it. Returns the record; ``output`` =
-    a JSON file (or a directory, which gets ``eval.json``)."""
+    a JSON file (or a directory, which gets ``eval.json``).
+
+    API-only: ``tasks`` (comma string or list) runs zero-shot tasks through lm-eval when it is installed
+    (tasks must be available offline in its cache); ``task_limit`` caps examples per task."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
     if reference:
         _check_reference_hook()
+    task_list = _split_list(tasks) if tasks else None
+    if task_list and not lm_eval_available():
+        raise RunError("zero-shot tasks need lm-eval: pip install lm-eval (and its task data cached offline)")
     s = resolve_settings(model, protocol=protocol, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen,
                          eval_windows=eval_windows, data_dir=data_dir, seed=seed, need_calibration=False)
     out_file = None
@@ -586,6 +622,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         record["divergence"] = _divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
                                            device=dev, progress=progress)
         timings["divergence_s"] = time.perf_counter() - t0
+    if task_list:
+        t0 = time.perf_counter()
+        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev)
+        timings["zero_shot_s"] = time.perf_counter() - t0
     s.pop("calibration_path", None)
     prot = _protocol_record(s)
     for k in ("calibration", "nsamples", "seqlen"):

@@ -124,11 +124,13 @@ def test_kkt_residual_detects_non_optimal_points():
     assert l1_kkt_residual(p, 0.0, p.W0 * 0.5) > 0                # λ = 0 uses the gradient scale
 
 
-def test_lipschitz_power_iteration_brackets_the_exact_value():
-    p = LayerProblem.random(4, 300, kind="outliers", seed=1)
+@pytest.mark.parametrize("kind", ["outliers", "correlated", "ill"])
+def test_lanczos_lipschitz_brackets_the_exact_value(kind):
+    p = ill_conditioned_problem(2, 400, cond=1e6) if kind == "ill" else LayerProblem.random(4, 300, kind=kind, seed=1)
     exact = lipschitz_constant(p.H, method="exact")
-    power = lipschitz_constant(p.H.float(), method="power")
-    assert exact <= power <= exact * 1.0011
+    for H in (p.H, p.H.float()):
+        lz = lipschitz_constant(H, method="lanczos")
+        assert exact <= lz <= exact * 1.0011
 
 
 def test_float32_iterations_track_float64():

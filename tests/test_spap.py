@@ -105,11 +105,11 @@ def test_reference_backends_agree_with_enumeration(backend):
         pytest.skip(f"backend {backend!r} not written yet: {e}")
     if not be.available():
         pytest.skip(f"backend {backend!r} not installed")
-    for i in (0, 1, 2, 5):
+    for i in ((0, 4, 9, 3) if backend != "scip" else (4, 9)):  # SCIP: the two smallest (tens of s otherwise)
         p, pat = _instance(i)
         opt, _ = _optimum(p, pat)
         try:
-            res = be.solve(l0_program(p, pat))
+            res = be.solve(l0_program(p, pat), time_limit=60)
         except SolverUnavailable as e:
             pytest.skip(str(e))
         if not res.proven_optimal:
@@ -163,7 +163,7 @@ def _calibration(nseq=16, seqlen=128, seed=0):
     path = DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw"
     if path.exists():
         tok = AutoTokenizer.from_pretrained(str(STORIES))
-        ids = tok(path.read_text()[:150_000], return_tensors="pt").input_ids[0]
+        ids = tok(path.read_text()[:40_000], return_tensors="pt").input_ids[0]
         starts = torch.randint(0, ids.numel() - seqlen - 1, (nseq,), generator=g)
         return torch.stack([ids[s:s + seqlen] for s in starts])
     return torch.randint(3, 512, (nseq, seqlen), generator=g)
