@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from .selfcalib import SMALL_MODEL_PARAMS
+
 __all__ = ["kl_eval", "heldout_divergence", "DivergenceError", "HELDOUT_TOKENS"]
 
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
@@ -104,6 +106,9 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
         raise DivergenceError(f"kl_eval: vocab sizes differ (model {vocab[0]}, reference {vocab[1]})")
 
     old_threads = torch.get_num_threads()
+    if num_threads is None and _device(model).type == "cpu" and \
+            sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        num_threads = 1  # tiny matmuls: thread synchronisation dominates (see selfcalib.self_calibration)
     if num_threads:
         torch.set_num_threads(int(num_threads))
     states = [(m, m.training) for m in (model, reference_model)]

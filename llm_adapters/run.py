@@ -111,8 +111,8 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
          "eval_seqlen": base.eval_seqlen, "eval_windows": base.eval_windows}
     if recorded:  # the exact settings a previous run evaluated with
         for k in ("eval_datasets", "eval_seqlen", "eval_windows"):
-            if k in recorded:
-                s[k] = recorded[k]
+            if k in recorded and not (k == "eval_datasets" and recorded.get("eval_missing")):
+                s[k] = recorded[k]  # (texts a data-less run skipped are evaluated when they are here now)
     overrides = {}
 
     def over(k, v):
@@ -164,9 +164,9 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
                         s["calibration"] = "c4"
                         overrides["calibration"] = "c4"
                     except FileNotFoundError:
-                        _self_fallback(s, overrides, e)
+                        _self_fallback(s, overrides, e, data_dir)
                 elif calibration is None:
-                    _self_fallback(s, overrides, e)
+                    _self_fallback(s, overrides, e, data_dir)
                 else:
                     raise _no_calibration(e, data_dir) from None
     if need_eval:
@@ -175,13 +175,14 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
     return s
 
 
-def _self_fallback(s: dict, overrides: dict, e) -> None:
+def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:
     """Issue 10: no calibration text and none asked for → sequences sampled from the model (announced)."""
     s["calibration"] = overrides["calibration"] = "self"
     s["calibration_path"] = None
-    s["calibration_note"] = (f"no calibration text found ({str(e).split(';')[0]}); calibrating on "
+    s["calibration_missing"] = str(e).split(";")[0]
+    s["calibration_note"] = (f"no calibration text in {D.resolve_data_dir(data_dir)}: calibrating on "
                              f"{s['nsamples']}×{s['seqlen']} sequences sampled from the model itself "
-                             f"(--calibration self)")
+                             f"(--calibration self; --data-dir DIR for C4/WikiText)")
 
 
 def _missing_eval_fallback(s: dict, data_dir, explicit: bool) -> None:
@@ -197,10 +198,13 @@ def _missing_eval_fallback(s: dict, data_dir, explicit: bool) -> None:
             missing.append(str(e).split(";")[0])
     s["eval_paths"] = paths
     if missing:
+        s["eval_missing_names"] = [d for d in s["eval_datasets"] if d not in paths]
         s["eval_datasets"] = [d for d in s["eval_datasets"] if d in paths]
+        s["overrides"]["eval_datasets"] = s["eval_datasets"]
         s["eval_missing"] = missing
-        s["eval_note"] = (f"no evaluation text found ({missing[0]}); perplexity skipped, quality measured as "
-                          f"KL/top-1 against the dense model on held-out self-generated sequences")
+        s["eval_note"] = (f"no {', '.join(d for d in s['eval_missing_names'])} text in "
+                          f"{D.resolve_data_dir(data_dir)}: perplexity skipped; quality is reported as KL/top-1 "
+                          f"against the dense model on held-out self-generated sequences")
 
 
 def _no_calibration(e, data_dir) -> FileNotFoundError:
@@ -228,7 +232,8 @@ def _clip_to_context(s: dict, model, *, need_calibration=True) -> None:
 
 def _protocol_record(s: dict) -> dict:
     keep = ("name", "base", "origin", "calibration", "nsamples", "seqlen", "seed", "eval_datasets", "eval_seqlen",
-            "eval_windows", "overrides", "clipped", "calibration_path", "eval_paths")
+            "eval_windows", "overrides", "clipped", "calibration_path", "eval_paths", "calibration_note",
+            "calibration_missing", "eval_note", "eval_missing")
     return {k: s[k] for k in keep if k in s}
 
 
@@ -362,21 +367,34 @@ def _check_reference_hook():
         raise RunError(f"--reference needs optprune.llm_adapters.divergence, which is not available ({e})") from None
 
 
-def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress) -> dict:
-    """HOOK (issue 10): compare next-token distributions with a reference (dense) model on the first evaluation
-    text's windows (same windows as the perplexity)."""
+#: window of the held-out self-generated sequences of the data-free KL (clipped to the model's context)
+HELDOUT_SEQLEN = 512
+
+
+def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+    """Issue 10: compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
+    first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
+    ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
     from . import divergence
     from .loading import load_model
-    ref, _, ref_meta = load_model(reference, model_dir=model_dir, device=device)
-    name = s["eval_datasets"][0]
-    ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-    L = s["eval_seqlen"]
-    n = ids.numel() // L if s["eval_windows"] is None else min(ids.numel() // L, s["eval_windows"])
-    windows = ids[: n * L].view(n, L)
-    r = divergence.kl_eval(model, ref, windows, progress=progress)
-    r.update(reference=ref_meta.get("source"), text=name)
+    ref, ref_tok, ref_meta = load_model(reference, model_dir=model_dir, device=device)
+    out = {}
+    if s["eval_datasets"]:
+        name = s["eval_datasets"][0]
+        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
+        L = s["eval_seqlen"]
+        n = ids.numel() // L if s["eval_windows"] is None else min(ids.numel() // L, s["eval_windows"])
+        windows = ids[: n * L].view(n, L)
+        r = divergence.kl_eval(model, ref, windows, progress=progress)
+        r.update(reference=ref_meta.get("source"), text=name)
+        out["divergence"] = r
+    if self_gen:  # data-free: held-out sequences sampled from the reference (seed + 1000)
+        r = divergence.heldout_divergence(model, ref, ref_tok, seed=s["seed"], seqlen=HELDOUT_SEQLEN,
+                                          progress=progress)
+        r.update(reference=ref_meta.get("source"))
+        out["divergence_self"] = r
     del ref
-    return r
+    return out
 
 
 # ============================================================================================ prune
@@ -388,14 +406,19 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           output=None, evaluate: bool = True, data_dir=None, model_dir=None, device=None, seed: int = 0,
           eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
-          eval_dense: bool = False, progress: bool = True, verbose: Optional[bool] = None,
-          return_model: bool = False, _cli: bool = False):
+          eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
+          return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
+          _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
     API-only extras: ``damp`` (Hessian damping, default the pipeline's), ``batch_size`` (calibration samples per
     forward), ``eval_dense`` (also evaluate the dense model first), ``progress``, ``verbose`` (print the summary;
-    default: when called from the CLI)."""
+    default: when called from the CLI).
+
+    ``kl`` (CLI ``--no-kl`` turns it off): with ``evaluate``, keep a CPU copy of the dense model and report
+    KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``,
+    issue 10) — the quality measure that needs no data."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -422,10 +445,10 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         raise RunError(f"--nproc must be an integer ≥ 1, got {nproc!r}") from None
     if nproc < 1:
         raise RunError(f"--nproc must be ≥ 1, got {nproc}")
-    if nproc > 1 and "nproc" not in fields:
-        raise RunError("--nproc > 1 (block-parallel pruning) is not available in this pipeline yet; use --nproc 1")
-    if nproc > 1 and mode != "dense-input":
-        raise RunError("--nproc > 1 needs --mode dense-input (independent blocks)")
+    from .distributed import world_for  # issue 9: block-parallel pruning (--nproc N, or ranks of a torchrun)
+    if world_for(nproc) > 1 and mode != "dense-input":
+        raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
+                       "the sequential mode stays single-process")
     alloc = (allocation or "uniform").strip().lower()
     if alloc != "uniform":
         try:
@@ -450,6 +473,19 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
             from .selfcalib import self_calibration
         except ModuleNotFoundError as e:
             raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
+    for note in (s.get("calibration_note"), s.get("eval_note") if evaluate else None):
+        if note and verbose:
+            print(f"[optprune] {note}", file=sys.stderr, flush=True)
+
+    if low_memory:  # issue 9: one block resident at a time, read from the safetensors shards (offload.py)
+        from .offload import prune_low_memory
+        return prune_low_memory(
+            model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+            allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
+            method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
+            output=out_dir, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
+            activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
+            t_total=t_total)
 
     # ---------------------------------------------------------------- 2. model; architecture and shapes
     from .architectures import get_arch
@@ -512,7 +548,14 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         record["allocation"] = _jsonable(alloc_info)
 
     tot_w, nz_before = _count_prunable(mdl, arch)
-    res = prune_model(mdl, calib, config, progress=progress)
+    dense_copy = None
+    if kl and evaluate:  # issue 10: kept on the CPU for the data-free KL after pruning
+        import copy
+        dense_copy = copy.deepcopy(mdl).to("cpu")
+    from .distributed import prune_model_parallel  # issue 9: one process, --nproc N workers, or torchrun ranks
+    res = prune_model_parallel(mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
+    if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
+        return None
     timings["prune_s"] = res.get("time_s")
     _, nz_after = _count_prunable(mdl, arch)
     record["layers"] = _jsonable(res.get("layers", []))
@@ -534,10 +577,20 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         t0 = time.perf_counter()
         record["perplexity"] = _perplexities(mdl, tok, s, data_dir, dev, progress, None)
         timings["eval_s"] = time.perf_counter() - t0
+    if dense_copy is not None:  # issue 10: data-free KL / top-1 against the dense model, held-out sequences
+        from .divergence import heldout_divergence
+        t0 = time.perf_counter()
+        mdl.to(dev)
+        dense_copy.to(dev)
+        record["divergence_self"] = heldout_divergence(mdl, dense_copy, tok, seed=s["seed"], seqlen=HELDOUT_SEQLEN,
+                                                       progress=progress)
+        record["divergence_self"]["reference"] = "the dense model before pruning"
+        dense_copy = None
+        timings["divergence_self_s"] = time.perf_counter() - t0
     if reference:
         t0 = time.perf_counter()
-        record["divergence"] = _divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
-                                           device=dev, progress=progress)
+        record.update(_divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
+                                  device=dev, progress=progress))
         timings["divergence_s"] = time.perf_counter() - t0
     record["protocol"] = _protocol_record(s)
     if out_dir is not None:
@@ -602,6 +655,11 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         raise RunError("zero-shot tasks need lm-eval: pip install lm-eval (and its task data cached offline)")
     s = resolve_settings(model, protocol=protocol, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen,
                          eval_windows=eval_windows, data_dir=data_dir, seed=seed, need_calibration=False)
+    if not s["eval_datasets"] and not reference:
+        raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
+                       f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
+    if s.get("eval_note") and verbose:
+        print(f"[optprune] {s['eval_note']}", file=sys.stderr, flush=True)
     out_file = None
     if output is not None:
         o = Path(str(output)).expanduser()
@@ -619,8 +677,8 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     timings["eval_s"] = time.perf_counter() - t0
     if reference:
         t0 = time.perf_counter()
-        record["divergence"] = _divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
-                                           device=dev, progress=progress)
+        record.update(_divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
+                                  device=dev, progress=progress, self_gen=True))
         timings["divergence_s"] = time.perf_counter() - t0
     if task_list:
         t0 = time.perf_counter()
@@ -658,6 +716,11 @@ def _print_ppl(record, file):
     if dv:
         print(f"  vs reference ({dv.get('text')}): KL {dv.get('kl'):.4f} nats/token, top-1 agreement "
               f"{dv.get('top1'):.3f}", file=file)
+    ds = record.get("divergence_self")
+    if ds:
+        who = "dense" if record.get("command") == "prune" else "reference"
+        print(f"  vs {who} (held-out self-generated {ds.get('windows')}×{ds.get('seqlen')}, seed {ds.get('seed')}): "
+              f"KL {ds.get('kl'):.4f} nats/token, top-1 agreement {ds.get('top1'):.3f}", file=file)
 
 
 def _print_prune_summary(record: dict, out_dir, file=None) -> None:

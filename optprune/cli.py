@@ -62,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
     p.add_argument("--protocol", default=None, help="smoke, cpu or paper (PROTOCOL.md): sets data and eval defaults")
-    p.add_argument("--nproc", type=int, default=1, help="processes for block-parallel pruning (dense-input mode)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="read one block at a time from the safetensors shards and write the output shard by shard")
+    p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="--low-memory: dtype of the stored calibration activations (default: the model's)")
     p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json")
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
+    p.add_argument("--no-kl", dest="kl", action="store_false",
+                   help="skip the data-free KL/top-1 against the dense model (held-out self-generated text)")
     _add_data_args(p)
     _add_eval_args(p)
 

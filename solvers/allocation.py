@@ -208,7 +208,9 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
                 lower=prog.meta["lower"].tolist(), upper=prog.meta["upper"].tolist(),
                 target=prog.meta["target"].tolist())
     if key == "alpha":
-        info["scale_c"] = prog.meta["c_star"] + sol.info["nu"]  # s = clip(c·r), c = c* + ν
+        # s = clip(t + ν d) with t = c*·r and d = p/w ∝ r: the scale of the clipped map is c = c* + ν·(d/r)
+        d_over_r = _f64(prog.meta["sizes"]) / _f64(prog.meta["weights"]) / prog.meta["ratios"]
+        info["scale_c"] = prog.meta["c_star"] + sol.info["nu"] * float(d_over_r.mean())
         info["max_deviation_from_public_map"] = float((s - _f64(info["public_map"])).abs().max())
     elif key == "owl":
         info["shift"] = sol.info["nu"]

@@ -129,9 +129,11 @@ def _enum(S: torch.Tensor, N: int, M: int, B: int) -> torch.Tensor:
     if masks is None:
         raise PatternError(f"expander {N}:{M} has too many tile patterns to enumerate; use algorithm='ssp'")
     C = masks.shape[0]
-    Mf = masks.reshape(C, M * M).to(S.dtype).T.contiguous()   # (M², C)
+    # on CUDA the matmul runs in float64: a TF32 setting (allow_tf32) must not change which mask wins
+    dt = torch.float64 if S.is_cuda else S.dtype
+    Mf = masks.reshape(C, M * M).to(dt).T.contiguous()   # (M², C)
     T = S.shape[0]
-    Sf = S.reshape(T, M * M)
+    Sf = S.reshape(T, M * M).to(dt)
     best = torch.empty(T, dtype=torch.long, device=S.device)
     for a, b in _chunks(T, C * S.element_size() * 2):
         best[a:b] = (Sf[a:b] @ Mf).argmax(1)

@@ -434,18 +434,28 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                      problem, default_lambda(problem, pattern) if lam is None else float(lam)),
                  description="FISTAPruner: ℓ1 convex model by FISTA (restart, one matmul per iteration), "
                              "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda")
-def fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
+def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
+    """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
+
+    Options (all reachable as ``-O key=value``): ``warm_start`` (sparsegpt | wanda | magnitude | ria | dense),
+    ``iters`` (K, iterations per round, default 20), ``rounds`` (T, default 3), ``xi`` (ξ, default 0.3), ``lam``
+    (first λ; default ``lam_scale`` (0.1) × the diagonal-model λ), ``lam_step`` (bracket growth, 4),
+    ``restart`` (gradient restart, on), ``refit`` (final least-squares refit, off), ``debias_iters`` (masked-CG
+    steps on every rounded iterate before it is compared, 0 = the paper's rule), ``dtype`` (float32 for float32
+    problems), ``device`` (solve there, return on the problem's device), ``warm_options`` (dict for the warm
+    start method).
+    """
+    m, n = problem.shape
+    dev = torch.device(options["device"]) if options.get("device") is not None else problem.H.device
+    with _few_threads(2.0 * m * n * n, dev):  # tiny layers: warm start, refit and all on one thread
+        return _fista(problem, pattern, **options)
+
+
+def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
           xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
           restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
           dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
           **_) -> LayerResult:
-    """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
-
-    Options (all reachable as ``-O key=value``): ``warm_start`` (sparsegpt | wanda | magnitude | ria | dense),
-    ``iters`` (K, iterations per round), ``rounds`` (T), ``xi`` (ξ), ``lam`` (first λ; default
-    ``lam_scale`` × the diagonal-model λ), ``lam_step`` (bracket growth), ``restart``, ``refit``, ``dtype``,
-    ``device``.
-    """
     _check_pattern(pattern)
     pattern.validate(problem.shape)
     if iters < 0 or rounds < 0:

@@ -17,8 +17,8 @@ biadjacency matrix of a bipartite graph between the n **inputs** (columns) and t
 * with ``M`` given, ``tile_min_degree`` — the smallest column degree inside any M×M tile (rows grouped by M,
   columns by M), i.e. the expander N:M guarantee that EGGS enforces (``≥ B``).
 
-Singular values: a dense ``torch.linalg.svdvals`` up to ``dense_max`` entries (a 1536×576 mask takes a
-fraction of a second); above it a Lanczos solve (``scipy.sparse.linalg.svds``, k = 2, relative tolerance 1e-4)
+Singular values: up to ``dense_max`` entries (and a smaller side ≤ 2048), the eigenvalues of the smaller
+Gram matrix ``AᵀA`` or ``AAᵀ`` in float64 (a 1536×576 mask: ~0.1 s); above it a Lanczos solve (``scipy.sparse.linalg.svds``, k = 2, relative tolerance 1e-4)
 on the sparse mask — σ2 sits at the edge of the bulk of the spectrum (σ2 ≈ σ3), so this is the costly part:
 about 10 s for a 4096×4096 2:4 mask on one busy CPU core. ``spectral=False`` skips it.
 """
@@ -33,6 +33,7 @@ import torch
 __all__ = ["graph_metrics", "degree_stats", "tile_min_degree", "top_singular_values", "ramanujan_bound"]
 
 DENSE_SVD_MAX = 4_000_000
+GRAM_MAX_SIDE = 2048  # dense path: eigenvalues of the min(m, n)-sided Gram matrix
 LANCZOS_TOL = 1e-4   # relative accuracy of σ1, σ2 from svds: ample for a ratio to a bound; 1e-8 costs ~2× more
 
 
@@ -82,10 +83,17 @@ def top_singular_values(mask, k: int = 2, *, dense_max: int = DENSE_SVD_MAX) -> 
     m, n = A.shape
     if min(m, n) == 0:
         return [0.0] * k, "empty"
-    if m * n <= dense_max or min(m, n) <= k + 1:
+    if min(m, n) <= k + 1:
         s = torch.linalg.svdvals(torch.from_numpy(A.astype(np.float64)))
         vals = s[:k].tolist()
         return vals + [0.0] * (k - len(vals)), "dense"
+    if m * n <= dense_max and min(m, n) <= GRAM_MAX_SIDE:
+        # eigenvalues of the smaller Gram AᵀA (or AAᵀ) in float64: σ_i = √λ_i; the relative error of σ2 is
+        # ~eps·(σ1/σ2)² ≈ 1e-13 for these masks, and it is ~10× faster than a full SVD
+        T = torch.from_numpy(A.astype(np.float32))  # Gram entries are integer counts < 2^24: exact in float32
+        G = (T.T @ T if n <= m else T @ T.T).to(torch.float64)
+        lam = torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0)
+        return lam.sqrt().tolist(), "dense"
     import scipy.sparse as sp
     from scipy.sparse.linalg import svds
 

@@ -228,18 +228,27 @@ class GurobiBackend(Backend):
             sel = np.nonzero(sense == sn)[0]
             if sel.size:
                 mdl.addMConstr(A[sel], x, gs, rhs[sel])
+        import scipy.sparse as sp
         for ind in inds:
             wpos = lay.positions(ind.weight)
             bpos = lay.positions(ind.binary)[np.asarray(ind.index)]
-            for e in np.nonzero(wpos >= 0)[0]:
-                wp, bp = int(wpos[e]), int(bpos[e])
-                if mode == "bigm":
-                    Me = float(ub[wp])
-                    if Me > 0:  # −M b ≤ W = d + s ≤ M b
-                        mdl.addConstr(x[wp] - Me * x[bp] <= -shift[wp])
-                        mdl.addConstr(x[wp] + Me * x[bp] >= -shift[wp])
-                else:
-                    mdl.addGenConstrIndicator(x[bp].item(), False, x[wp].item() == -float(shift[wp]))
+            sel = np.nonzero(wpos >= 0)[0]
+            wp, bp = wpos[sel], bpos[sel]
+            if mode == "bigm":  # −M b ≤ W = d + s ≤ M b, as two sparse blocks
+                Me = ub[wp]
+                keep = Me > 0
+                wp, bp, Me = wp[keep], bp[keep], Me[keep]
+                k = wp.size
+                if k:
+                    r = np.arange(k)
+                    for sgn, gs in ((-1.0, "<"), (1.0, ">")):
+                        Ab = sp.csr_matrix((np.concatenate([np.ones(k), sgn * Me]),
+                                            (np.concatenate([r, r]), np.concatenate([wp, bp]))),
+                                           shape=(k, lay.size))
+                        mdl.addMConstr(Ab, x, gs, -shift[wp])
+            else:
+                for w_, b_ in zip(wp.tolist(), bp.tolist()):
+                    mdl.addGenConstrIndicator(x[b_].item(), False, x[w_].item() == -float(shift[w_]))
         if warm_start and program.is_integer and program.problem is not None:
             start = feasible_start(program)
             if start is not None:

@@ -160,7 +160,10 @@ def build_instances(quick: bool = False, seed: int = 0, model_dir=None, data_dir
         dn = LayerProblem.from_activations(Wd, Xr, name="stories260K.layers.0.down_proj")
         inst.append(Instance("stories down_proj[0:4,0:8]", dn.slice(slice(0, 4), torch.arange(8)),
                              "real weights, random-input Gram (256 Gaussian tokens)"))
-        if not quick:
+        if quick:
+            for it in inst[-3:]:
+                it.l0_backends = ("enumerate", "gurobi")
+        else:
             inst.append(Instance("stories q_proj[0:8,0:12]", full.slice(slice(0, 8), torch.arange(12)), how,
                                  models=("refit", "l1", "l0")))
     except (ImportError, FileNotFoundError, OSError, KeyError) as e:
@@ -184,7 +187,8 @@ def _pattern_kind(p: Pattern) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 class _Runner:
-    def __init__(self, gurobi, time_limit, quick):
+    def __init__(self, gurobi, time_limit, quick, threads=None):
+        self.threads = threads
         self.rows: list[dict] = []
         self.gurobi = gurobi
         self.time_limit = time_limit
@@ -219,6 +223,8 @@ class _Runner:
         ok, why = b.supports(program)
         if not ok:
             return self.add(inst, model, name, status="skipped", note=why, role=role)
+        if name == "gurobi" and self.threads:
+            opts.setdefault("threads", self.threads)
         try:
             r = b.solve(program, **opts)
         except (LicenseLimitError, SolverUnavailable) as e:
@@ -295,10 +301,23 @@ def _l1_lambda(p: LayerProblem) -> float:
     return 0.05 * float(p.target(torch.float64).abs().max())
 
 
-def _l1_torch_solvers() -> dict:
+def _l1_torch_solvers(problem: LayerProblem, lam: float) -> dict:
+    """Registered ℓ1 solvers, plus every registered method whose ``program`` builder returns an ℓ1 program and
+    which exposes its pure convex solver as ``<fn>.l1_solver`` or as ``<name>_l1`` in its module (FISTA's
+    ``fista_l1``). Each maps ``(problem, lam)`` to the minimiser (a tensor, or an object with ``.W``)."""
+    import sys
     out = dict(L1_SOLVERS)
     for name in list_methods():
-        fn = getattr(_METHODS[name].fn, "l1_solver", None)
+        spec = _METHODS[name]
+        if spec.program is None:
+            continue
+        try:
+            prog = spec.program(problem, Unstructured(0.5), lam=lam)
+        except Exception:
+            continue
+        if getattr(prog, "kind", None) != "L1":
+            continue
+        fn = getattr(spec.fn, "l1_solver", None) or getattr(sys.modules.get(spec.fn.__module__), f"{name}_l1", None)
         if callable(fn):
             out.setdefault(name, fn)
     return out
@@ -314,11 +333,12 @@ def _run_l1(R: _Runner, inst: Instance):
         R.solve(inst, "l1 model", "cvxpy", prog, solver="SCS")
         R.solve(inst, "l1 model", "scip", prog, time_limit=R.time_limit)
     R.solve(inst, "l1 model", "gurobi", prog, time_limit=R.time_limit)
-    solvers = _l1_torch_solvers()
+    solvers = _l1_torch_solvers(p, lam)
     for name, fn in solvers.items():
         t0 = time.perf_counter()
         try:
             W = fn(p, lam)
+            W = getattr(W, "W", W)
         except Exception as e:  # a solver bug is a failed row, not a crashed harness
             R.add(inst, "l1 model", f"{name} (torch)", status="error", note=f"{type(e).__name__}: {e}",
                   role="torch", time_s=time.perf_counter() - t0)
@@ -366,6 +386,10 @@ def _run_l0(R: _Runner, inst: Instance):
             t0 = time.perf_counter()
             try:
                 res = run()
+            except ValueError as e:  # the method refuses this shape/pattern (PatternError): not a failure
+                R.add(inst, model, name, status="skipped", note=f"{type(e).__name__}: {str(e)[:90]}",
+                      role="heuristic", time_s=time.perf_counter() - t0)
+                continue
             except Exception as e:
                 R.add(inst, model, name, status="error", note=f"{type(e).__name__}: {str(e)[:80]}", role="heuristic",
                       time_s=time.perf_counter() - t0)
@@ -454,19 +478,31 @@ def format_table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------ API
 def verify(quick: bool = False, gurobi: Optional[bool] = None, output: Optional[str] = None, seed: int = 0,
            data_dir=None, model_dir=None, _cli: bool = False, time_limit: Optional[float] = None,
-           **_) -> list[dict]:
+           threads: Optional[int] = 1, **_) -> list[dict]:
     """Run the cross-check; print the table (CLI) and return its rows (one dict per (instance, model, backend)).
 
     ``gurobi``: None = use it where installed and licensed; True = require gurobipy (error if absent);
-    False = skip its rows. ``time_limit``: per MIQP solve (default 10 s quick, 60 s full).
+    False = skip its rows. ``time_limit``: per MIQP solve (default 10 s quick, 60 s full). ``threads``: torch
+    and Gurobi threads while verifying (default 1: the instances are tiny, and on a shared 2-core machine
+    intra-op threading made the enumeration 8× slower); ``None`` keeps the current settings.
     """
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads) -> list[dict]:
     t_start = time.perf_counter()
     if gurobi:
         b = get_backend("gurobi")
         if not b.available():
             raise SolverUnavailable("--gurobi given but gurobipy is not installed (pip install gurobipy)")
     tl = time_limit if time_limit is not None else (10.0 if quick else 60.0)
-    R = _Runner(gurobi, tl, quick)
+    R = _Runner(gurobi, tl, quick, threads)
     instances, notes = build_instances(quick=quick, seed=seed, model_dir=model_dir, data_dir=data_dir)
     list_methods()  # import every method module (they may register ℓ1 solvers)
     for inst in instances:

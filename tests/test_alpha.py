@@ -210,7 +210,7 @@ def test_alpha_allocation_mean_bounds_and_reference_qp(band):
         ref = reference_allocation(res.program)
         assert ref.status == "optimal"
         sref = ref.values["s"].reshape(-1)
-        assert res.program.check({"s": sref}, tol=1e-7)["feasible"]
+        assert res.program.check(ref.values, tol=1e-7)["feasible"]
         assert (sref - s).abs().max() <= 1e-6
         ours = res.program.evaluate({"s": s.reshape(1, -1)})
         assert ours <= ref.objective + 1e-9 * max(1.0, abs(ref.objective))  # exact solver is never worse

@@ -229,6 +229,33 @@ def test_zeros_are_not_frozen():
     assert (W[~sg.mask] != 0).any()                               # pruned weights come back
 
 
+def test_branchless_accelerator_path_matches_the_cpu_path():
+    """The CUDA code path (no host sync: restart decided on device tensors) run on the CPU gives the same iterates."""
+    p = real_problem(16, 32)
+    lam = 0.1 * default_lambda(p, parse_pattern("unstructured", 0.5))
+    a, b = FistaEngine(p), FistaEngine(p)
+    b.branchless = True
+    Wa = a.run(p.W0, lam, 200).clone()
+    Wb = b.run(p.W0, lam, 200).clone()
+    assert a.restarts == b.restarts > 0
+    assert torch.allclose(Wa, Wb, rtol=0, atol=1e-12 * float(Wa.abs().max()))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    p = real_problem(64, 64, corrected=True).to(torch.float32)
+    pat = parse_pattern("2:4")
+    cpu = get_method("fista")(p, pat, debias_iters=10)
+    gpu = get_method("fista")(p, pat, debias_iters=10, device="cuda")
+    assert gpu.W.device == p.W0.device and pat.is_feasible(gpu.mask)
+    assert gpu.info["error"] == pytest.approx(cpu.info["error"], rel=1e-3)
+    sol_c = fista_l1(p.to(torch.float64), 1.0)
+    sol_g = fista_l1(p.to(torch.float64), 1.0, device="cuda")
+    assert sol_g.objective == pytest.approx(sol_c.objective, rel=1e-9)
+
+
 def test_registry_program_and_bad_input():
     spec = get_method("fista")
     assert spec.needs == "gram" and {"unstructured", "row", "nm"} <= set(spec.patterns)
@@ -271,3 +298,39 @@ def test_prune_model_end_to_end(pattern, sparsity):
     # the pruned model still runs
     out = model(ids[:1]).logits
     assert torch.isfinite(out).all()
+
+
+CLI_CASES = [
+    pytest.param(["--sparsity", "0.7", "-O", "warm_start=wanda", "-O", "refit=true", "-O", "iters=10"], 0.7,
+                 id="0.7-wanda-refit"),
+    pytest.param(["--sparsity", "0.5"], 0.5, id="0.5", marks=pytest.mark.slow),
+    pytest.param(["--pattern", "2:4"], 0.5, id="2:4", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("args,target", CLI_CASES)
+def test_cli_end_to_end(tmp_path, args, target):
+    """``optprune prune --model stories260k --method fista ...`` through the CLI entry point (``-O`` options
+    arrive as keyword arguments of the method). The default run keeps one case; ``-m slow`` runs all three."""
+    pytest.importorskip("optprune.llm_adapters.run")
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found in {MODEL_DIR}")
+    from optprune.cli import main
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", "stories260k", "--method", "fista", "--device", "cpu", "--nsamples", "8",
+               "--seqlen", "64", "--no-eval", "--output", str(out)] + args)
+    assert rc == 0
+    import json
+    rec = json.loads((out / "run.json").read_text())
+    opts = rec["config"]["method_options"]
+    layers = rec["layers"]
+    assert len(layers) == 35
+    for r in layers:
+        assert r["feasible"] and r["sparsity_target"] - 1e-9 <= r["sparsity"] <= r["sparsity_target"] + 5e-3
+        assert r["error"] <= r["warm_error"] * (1 + 1e-6)
+        assert r["warm_start"] == opts.get("warm_start", "sparsegpt")
+        assert r["iterations"] == 3 * opts.get("iters", 20)
+        if opts.get("refit"):
+            assert r["error_after_refit"] <= r["error_before_refit"] * (1 + 1e-6)
+    assert sum(r["error"] for r in layers) <= sum(r["warm_error"] for r in layers)
+    assert abs(rec["summary"]["sparsity"] - target) < 5e-3

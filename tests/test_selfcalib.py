@@ -296,3 +296,39 @@ def test_kl_ranks_pruned_variants_like_perplexity(stories):
     assert mag == sorted(mag) and len(mag) == 3  # KL monotone in sparsity for magnitude
     assert all(k > 0 for k in kls) and all(0 < a < 1 for a in (r[2] for r in rows))
     assert -1.0 <= rho <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- integration
+def test_cli_without_data_falls_back_to_self_calibration_and_reports_kl(tmp_path, monkeypatch, capsys):
+    """Issue 10: no data directory → `--calibration self` (announced in one line), no perplexity, KL/top-1
+    against the dense model on held-out self-generated text; `eval --reference` reproduces it from disk."""
+    pytest.importorskip("optprune.llm_adapters.run")
+    from optprune.cli import main
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    nodata, out = tmp_path / "nodata", tmp_path / "pruned"
+    common = ["--data-dir", str(nodata), "--model-dir", str(MODEL_DIR)]
+    rc = main(["prune", "--model", "stories260k", "--method", "wanda", "--sparsity", "0.5", "--nsamples", "8",
+               "--seqlen", "64", "--output", str(out), *common])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    notes = [ln for ln in cap.err.splitlines() if ln.startswith("[optprune]")]
+    assert len([n for n in notes if "--calibration self" in n]) == 1
+    import json
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["calibration"]["source"] == "self" and rec["protocol"]["calibration"] == "self"
+    assert rec["calibration"]["nsamples"] == 8 and rec["calibration"]["seqlen"] == 64
+    assert not rec.get("perplexity") and rec["protocol"]["eval_datasets"] == []
+    dv = rec["divergence_self"]
+    assert dv["kl"] > 0 and 0 < dv["top1"] < 1 and dv["seed"] == 1000 and dv["tokens"] >= 4096
+    assert "KL" in cap.out and "held-out self-generated" in cap.out
+    # the saved model against the dense reference, still without data: the same held-out set, the same KL
+    rc = main(["eval", "--model", str(out), "--reference", "stories260k", "--output", str(tmp_path / "e.json"),
+               *common])
+    assert rc == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["divergence_self"]["generation"]["cache_hit"]
+    assert ev["divergence_self"]["kl"] == pytest.approx(dv["kl"], rel=1e-6)
+    assert ev["divergence_self"]["top1"] == pytest.approx(dv["top1"], abs=1e-9)
+    # nothing to evaluate at all is a one-line error
+    rc = main(["eval", "--model", str(out), *common])
+    assert rc == 2 and "nothing to evaluate" in capsys.readouterr().err

@@ -1,0 +1,558 @@
+"""Models larger than memory: prune one decoder block at a time, straight from the safetensors shards (issue 9,
+item 2). ``optprune prune --low-memory`` / ``prune(..., low_memory=True)``.
+
+How it works:
+
+1. **Skeleton.** The model is built from its ``config.json`` with ``accelerate.init_empty_weights`` (parameters
+   on the ``meta`` device, buffers such as rotary tables real). The checkpoint's tensors are indexed by name
+   (``model.safetensors`` or ``model.safetensors.index.json``) and read **one tensor at a time** with
+   ``safetensors.safe_open`` (each file is opened per block and closed again, so no mapping stays resident).
+2. **Capture.** The non-block tensors needed before block 0 (embeddings, positional tables, norms; never the
+   output head) are materialised, block 0's inputs are captured exactly as the in-memory pipeline captures them
+   (:func:`~.pipeline.capture_block_inputs`), and those tensors are released.
+3. **One block at a time.** For each block up to the last one to prune: materialise it, prune it with any
+   unstructured/N:M method through the ordinary pipeline (:func:`~.pipeline.prune_model` on a one-block view
+   whose forward replays the stored block inputs), write its tensors to its own output shard, then compute the
+   next block's inputs *in place* (``mode="dense-input"``: from the dense block, re-read from the checkpoint;
+   ``"sequential"``: from the pruned block) and release it (back to ``meta``).
+4. **Output.** ``model-XXXXX-of-YYYYY.safetensors`` shards (the non-block tensors first, packed up to
+   ``SHARD_BYTES``; then one shard per block) + ``model.safetensors.index.json`` + ``config.json`` (+ generation
+   config, tokenizer, ``run.json``): a directory stock ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Resident memory: one block (plus the pipeline's dense copy with error correction), the block inputs of the
+calibration set twice — our buffer (``activation_dtype``: the model's dtype by default, or float16/bfloat16)
+and the pipeline's captured copy in the compute dtype — and the Gram matrices of one group of sub-layers
+(float32). The model is computed in ``dtype`` (float32 by default, like ``load_model``); with the default
+activation dtype the pruned weights are **bit-for-bit those of the in-memory dense-input/sequential run**.
+
+With ``--nproc N`` (or torchrun) the blocks are split between ranks as in :mod:`.distributed`: each rank streams
+the blocks up to its last one, writes its own block shards into the output directory (which must be visible to
+every rank: one machine, or a shared filesystem), and rank 0 writes the rest and the record.
+
+Not supported here (clear errors): structured methods (their widths change the config), per-layer
+allocations ``alpha``/``owl`` (they read every weight first), ``--calibration self`` (it samples from the whole
+model), ``--reference``. Perplexity is computed block by block from the written shards (:func:`perplexity_offloaded`),
+so the whole model is never resident in evaluation either.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "prune_offloaded", "prune_low_memory",
+           "perplexity_offloaded", "SHARD_BYTES", "INDEX_FILE"]
+
+#: the non-block tensors are packed into shards of at most this many bytes (a larger tensor gets its own)
+SHARD_BYTES = 2 << 30
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class OffloadError(ValueError):
+    """Bad input to the low-memory path (one line; nothing written)."""
+
+
+def parse_dtype(v, what="--activation-dtype") -> Optional[torch.dtype]:
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    key = str(v).strip().lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise OffloadError(f"{what} must be float32, float16 or bfloat16, got {v!r}")
+    return _DTYPES[key]
+
+
+# ============================================================================================ the checkpoint
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory, by name; read one at a time."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        idx = self.dir / INDEX_FILE
+        single = self.dir / "model.safetensors"
+        if idx.is_file():
+            wm = json.loads(idx.read_text())["weight_map"]
+            self.file_of = {k: self.dir / f for k, f in wm.items()}
+        elif single.is_file():
+            self.file_of = None
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise OffloadError(f"--low-memory reads safetensors checkpoints; {self.dir.resolve()} has no "
+                                   f"model.safetensors, {INDEX_FILE} or *.safetensors file")
+            self.file_of = None
+            single = None
+        from safetensors import safe_open
+        self.meta = {}  # name -> (shape, dtype string)
+        files = sorted(set(self.file_of.values())) if self.file_of else ([single] if single else shards)
+        fo = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    self.meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+                    fo[k] = f
+        self.file_of = fo
+
+    def __contains__(self, key) -> bool:
+        return key in self.file_of
+
+    def nbytes(self, key, dtype: Optional[torch.dtype] = None) -> int:
+        shape, dt = self.meta[key]
+        size = dtype.itemsize if dtype is not None else _st_itemsize(dt)
+        return math.prod(shape) * size
+
+    def read(self, keys) -> dict:
+        """{key: tensor} for ``keys``, each file opened once and closed again."""
+        from safetensors import safe_open
+        by_file = {}
+        for k in keys:
+            by_file.setdefault(self.file_of[k], []).append(k)
+        out = {}
+        for f, ks in by_file.items():
+            with safe_open(str(f), framework="pt") as h:
+                for k in ks:
+                    out[k] = h.get_tensor(k)
+        return out
+
+
+def _st_itemsize(dt: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}.get(dt, 4)
+
+
+# ============================================================================================ the skeleton
+class _Proxy(nn.Module):
+    """A parameterless stand-in for a (meta) block during the capture: attribute reads go to the real block."""
+
+    def __init__(self, real):
+        super().__init__()
+        object.__setattr__(self, "_real", real)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+    def forward(self, *a, **k):  # pragma: no cover - the catcher stops the forward at block 0
+        raise RuntimeError("a block past block 0 ran during the capture")
+
+
+class OffloadedModel:
+    """A model skeleton on the meta device plus its checkpoint; blocks materialised one at a time."""
+
+    def __init__(self, directory, dtype: torch.dtype = torch.float32):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .architectures import get_arch, get_module
+        self.dir = Path(directory)
+        self.ckpt = Checkpoint(self.dir)
+        self.config = AutoConfig.from_pretrained(str(self.dir))
+        self.dtype = dtype
+        self.arch = get_arch(self.config)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.model.eval()
+        self.blocks = get_module(self.model, self.arch.blocks)
+        self.n_blocks = len(self.blocks)
+        self.prefix = self.arch.blocks
+        self._prefix_alt = getattr(self.model, "base_model_prefix", "") or ""
+        sd = self.model.state_dict(keep_vars=True)
+        out_emb = self.model.get_output_embeddings()
+        self._out_key = None
+        if out_emb is not None:
+            for k, v in sd.items():
+                if v is getattr(out_emb, "weight", None):
+                    self._out_key = k
+        # model key -> checkpoint key, for every tensor of the model (tied duplicates dropped)
+        seen, self.keys = set(), {}
+        param_ids = {id(p) for p in self.model.parameters()}
+        for k, v in sd.items():
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            ck = self._ckpt_key(k)
+            if ck is None:
+                if k == self._out_key and getattr(self.config, "tie_word_embeddings", False):
+                    continue  # tied to the input embeddings: stock loading re-ties it
+                if id(v) not in param_ids:
+                    continue  # a persistent buffer the checkpoint does not carry: rebuilt at load time
+                raise OffloadError(f"tensor {k!r} of the model is not in the checkpoint {self.dir.resolve()}")
+            self.keys[k] = ck
+        self.block_keys = [[k for k in self.keys if k.startswith(f"{self.prefix}.{i}.")]
+                           for i in range(self.n_blocks)]
+        in_blocks = {k for ks in self.block_keys for k in ks}
+        self.rest_keys = [k for k in self.keys if k not in in_blocks]
+
+    def _ckpt_key(self, k: str) -> Optional[str]:
+        if k in self.ckpt:
+            return k
+        p = self._prefix_alt + "."
+        if p != "." and k.startswith(p) and k[len(p):] in self.ckpt:
+            return k[len(p):]
+        if p != "." and p + k in self.ckpt:
+            return p + k
+        return None
+
+    def n_params(self) -> int:
+        return sum(math.prod(self.ckpt.meta[c][0]) for c in self.keys.values())
+
+    def size_bytes(self) -> int:
+        return sum(math.prod(self.ckpt.meta[c][0]) * self.dtype.itemsize for c in self.keys.values())
+
+    # ------------------------------------------------------------------ materialise / release
+    def _load_into(self, module: nn.Module, prefix: str, keys) -> None:
+        raw = self.ckpt.read([self.keys[k] for k in keys])
+        sd = {}
+        for k in keys:
+            t = raw[self.keys[k]]
+            sd[k[len(prefix):]] = t.to(self.dtype) if t.is_floating_point() else t
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+        still_meta = [n for n, p in module.named_parameters() if p.is_meta]
+        if unexpected or still_meta:
+            raise OffloadError(f"loading {prefix or 'the model'} from {self.dir}: unexpected {unexpected[:3]}, "
+                               f"not in the checkpoint {still_meta[:3]}")
+
+    def block(self, i: int) -> nn.Module:
+        """Block ``i`` with its tensors read from the checkpoint (in ``dtype``, on the CPU)."""
+        b = self.blocks[i]
+        self._load_into(b, f"{self.prefix}.{i}.", self.block_keys[i])
+        return b
+
+    def release(self, i: int) -> None:
+        self.blocks[i] = self.blocks[i].to("meta")
+
+    def block_tensors(self, i: int, block: nn.Module) -> dict:
+        """The output tensors of block ``i`` (model key → contiguous CPU tensor)."""
+        sd = block.state_dict()
+        p = f"{self.prefix}.{i}."
+        return {p + k: v.detach().to("cpu").contiguous() for k, v in sd.items() if p + k in self.keys}
+
+    # ------------------------------------------------------------------ capture of block 0's inputs
+    @torch.no_grad()
+    def capture(self, calib_ids, *, device, batch_size=None):
+        """Block 0's inputs (:class:`~.pipeline.BlockInputs`), computed as in the in-memory pipeline."""
+        from .pipeline import capture_block_inputs
+        pre = [k for k in self.rest_keys if k != self._out_key]
+        out_emb = self.model.get_output_embeddings()
+        saved_blocks = list(self.blocks)
+        # the non-block tensors before the blocks (embeddings, positions, norms) — never the output head
+        self._load_into(self.model, "", pre)
+        try:
+            for i, b in enumerate(saved_blocks):
+                self.blocks[i] = _Proxy(b)
+            if out_emb is not None:
+                self.model.set_output_embeddings(nn.Identity())
+            return capture_block_inputs(self.model, calib_ids, device=device, batch_size=batch_size, arch=self.arch)
+        finally:
+            for i, b in enumerate(saved_blocks):
+                self.blocks[i] = b
+            if out_emb is not None:
+                self.model.set_output_embeddings(out_emb)
+            self._release_rest()
+
+    def _release_rest(self) -> None:
+        blocks = set(map(id, self.blocks))
+        for mod in self.model.modules():
+            if id(mod) in blocks or any(id(mod) == id(x) for x in ()):
+                continue
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    setattr(mod, name, nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+
+    # ------------------------------------------------------------------ output pieces
+    def rest_shards(self) -> list:
+        """The non-block model keys packed into shards of ≤ SHARD_BYTES (deterministic)."""
+        shards, cur, size = [], [], 0
+        for k in self.rest_keys:
+            n = self.ckpt.nbytes(self.keys[k], self.dtype)
+            if cur and size + n > SHARD_BYTES:
+                shards.append(cur)
+                cur, size = [], 0
+            cur.append(k)
+            size += n
+        if cur:
+            shards.append(cur)
+        return shards
+
+    def shard_names(self) -> tuple:
+        """(names of the rest shards, names of the block shards)."""
+        r = len(self.rest_shards())
+        total = r + self.n_blocks
+        names = [f"model-{j + 1:05d}-of-{total:05d}.safetensors" for j in range(total)]
+        return names[:r], names[r:]
+
+
+def _save_shard(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".part")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+# ============================================================================================ one-block view
+class _BlockView(nn.Module):
+    """A causal-LM look-alike holding one block: its forward replays stored block inputs batch by batch, so that
+    ``prune_model(view, ids, config)`` captures exactly those inputs (and prunes exactly that block)."""
+
+    def __init__(self, config, arch, block, feed, vocab):
+        super().__init__()
+        self.config = config
+        parts = arch.blocks.split(".")
+        parent = self
+        for p in parts[:-1]:
+            child = nn.Module()
+            parent.add_module(p, child)
+            parent = child
+        parent.add_module(parts[-1], nn.ModuleList([block]))
+        object.__setattr__(self, "_path", arch.blocks)
+        object.__setattr__(self, "_feed", feed)   # (hidden on CPU, batches, compute dtype)
+        object.__setattr__(self, "_emb", types.SimpleNamespace(num_embeddings=vocab))
+        object.__setattr__(self, "_k", 0)
+
+    def get_input_embeddings(self):
+        return self._emb
+
+    def forward(self, input_ids, **_):
+        from .architectures import get_module
+        hidden, batches, dtype = self._feed
+        sl, args, kw = batches[self._k % len(batches)]
+        object.__setattr__(self, "_k", self._k + 1)
+        if input_ids.shape[0] != sl.stop - sl.start:
+            raise RuntimeError("low-memory replay: calibration batches out of step with the stored block inputs")
+        blk = get_module(self, self._path)[0]
+        dev = input_ids.device
+        return blk(hidden[sl].to(dev, dtype), *args, **kw)
+
+
+def _rename(rec: dict, prefix: str, i: int) -> dict:
+    r = dict(rec)
+    r["block"] = i
+    if "name" in r and r["name"].startswith(f"{prefix}.0."):
+        r["name"] = f"{prefix}.{i}." + r["name"][len(prefix) + 3:]
+    return r
+
+
+@torch.no_grad()
+def _forward_inplace(block, hidden, batches, dtype, dev) -> None:
+    """hidden ← block(hidden), batch by batch (each batch depends on its own rows only)."""
+    from .pipeline import _call_block
+    block.to(dev)
+    try:
+        for sl, args, kw in batches:
+            y = _call_block(block, hidden[sl].to(dev, dtype), args, kw)
+            hidden[sl] = y.to("cpu", hidden.dtype)
+    finally:
+        block.to("cpu")
+
+
+# ============================================================================================ pruning
+@torch.no_grad()
+def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: Optional[list] = None,
+                    activation_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                    write_rest: bool = True) -> dict:
+    """Prune the blocks ``blocks`` (default: ``config.blocks`` or all) of the checkpoint ``om`` one at a time and
+    write their shards to ``out_dir``; with ``write_rest`` also the non-block shards, the unselected blocks,
+    the index and the config. Returns the pipeline-style record (``layers``, ``blocks``, ...)."""
+    from tqdm.auto import tqdm
+
+    from .pipeline import PipelineError, _batch_size, prune_model, validate_config
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    plan = validate_config(om.model, config, calib_ids)
+    if plan.spec.structured:
+        raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {plan.spec.name!r} is structured "
+                           f"(it changes widths): use the in-memory path")
+    mine = sorted(plan.blocks if blocks is None else blocks)
+    dev = plan.device
+    act_dtype = activation_dtype or om.dtype
+    rest_names, block_names = om.shard_names()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers_rec, blocks_rec = [], []
+    nz_before = nz_after = tot = 0
+    last = mine[-1] if mine else -1
+
+    t0 = time.perf_counter()
+    inputs = om.capture(calib_ids, device=dev, batch_size=config.batch_size) if mine else None
+    t_capture = time.perf_counter() - t0
+    if inputs is not None:
+        hidden = inputs.hidden.to("cpu", act_dtype)
+        batches = inputs.batches
+        del inputs
+    vocab = getattr(om.config, "vocab_size", None) or int(calib_ids.max()) + 1
+    bar = tqdm(range(last + 1), desc=f"prune {plan.spec.name} (low memory)", unit="block", disable=not progress)
+    for i in bar:
+        tb = time.perf_counter()
+        blk = om.block(i)
+        if i not in mine:
+            _forward_inplace(blk, hidden, batches, om.dtype, dev)
+            om.release(i)
+            continue
+        subs = [f"{om.prefix}.{i}.{s}" for s in plan.arch.sublayer_names()]
+        before = {}
+        from .architectures import get_module, linear_weight
+        for s in plan.arch.sublayer_names():
+            W = linear_weight(get_module(blk, s), s in plan.arch.transposed)
+            nz_before += int((W != 0).sum())
+            tot += W.numel()
+        ls = None
+        if config.layer_sparsity:
+            ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
+                  for n, v in config.layer_sparsity.items() if n in subs}
+        view = _BlockView(om.config, plan.arch, blk, (hidden, batches, om.dtype), vocab)
+        cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
+        try:
+            res = prune_model(view, calib_ids, cfg, progress=False)
+        except PipelineError as e:
+            raise PipelineError(f"block {i}: {e}") from None
+        layers_rec += [_rename(r, om.prefix, i) for r in res["layers"]]
+        for r in res["blocks"]:
+            blocks_rec.append(_rename(r, om.prefix, i))
+        for s in plan.arch.sublayer_names():
+            nz_after += int((linear_weight(get_module(blk, s), s in plan.arch.transposed) != 0).sum())
+        tw = time.perf_counter()
+        _save_shard(om.block_tensors(i, blk), out_dir / block_names[i])
+        t_write = time.perf_counter() - tw
+        tf = time.perf_counter()
+        if i != last:
+            if config.mode == "dense-input":  # the next inputs come from the dense block: read it again
+                om.release(i)
+                blk = om.block(i)
+            _forward_inplace(blk, hidden, batches, om.dtype, dev)
+        om.release(i)
+        blocks_rec[-1].update(write_time_s=t_write, next_inputs_time_s=time.perf_counter() - tf,
+                              total_time_s=time.perf_counter() - tb)
+    bar.close()
+    if write_rest:
+        write_rest_and_index(om, out_dir, skip=set(mine))
+    tot_all = sum(math.prod(r["shape"]) for r in layers_rec)
+    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
+    res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
+           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
+           "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "low_memory": {"activation_dtype": str(act_dtype).replace("torch.", ""),
+                          "compute_dtype": str(om.dtype).replace("torch.", ""), "capture_time_s": t_capture,
+                          "model_mb": om.size_bytes() / 2 ** 20,
+                          "max_block_mb": max(sum(om.ckpt.nbytes(om.keys[k], om.dtype) for k in ks)
+                                              for ks in om.block_keys) / 2 ** 20,
+                          "activations_mb": (int(calib_ids.numel()) * _hidden(om) * act_dtype.itemsize) / 2 ** 20,
+                          "prunable_weights": tot, "nonzero_before": nz_before, "nonzero_after": nz_after}}
+    if dev.type == "cuda":
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return res
+
+
+def _hidden(om) -> int:
+    c = om.config
+    return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model", 0))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_rest_and_index(om: OffloadedModel, out_dir, *, skip=frozenset()) -> dict:
+    """Write the non-block shards and the blocks not in ``skip`` (unpruned, copied tensor by tensor from the
+    checkpoint in the compute dtype), then the index and the config. Returns the index."""
+    out_dir = Path(out_dir)
+    rest_names, block_names = om.shard_names()
+    for name, keys in zip(rest_names, om.rest_shards()):
+        raw = om.ckpt.read([om.keys[k] for k in keys])
+        _save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in keys}, out_dir / name)
+        del raw
+    for i in range(om.n_blocks):
+        if i in skip:
+            continue
+        raw = om.ckpt.read([om.keys[k] for k in om.block_keys[i]])
+        _save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in om.block_keys[i]}, out_dir / block_names[i])
+        del raw
+    wm = {}
+    for name, keys in zip(rest_names, om.rest_shards()):
+        wm.update({k: name for k in keys})
+    for i, keys in enumerate(om.block_keys):
+        wm.update({k: block_names[i] for k in keys})
+    missing = [n for n in set(wm.values()) if not (out_dir / n).is_file()]
+    if missing:
+        raise RuntimeError(f"low-memory output incomplete: shard(s) {sorted(missing)[:3]} missing in {out_dir}")
+    total = sum(om.ckpt.nbytes(om.keys[k], om.dtype) for k in wm)
+    index = {"metadata": {"total_size": total, "format": "optprune-low-memory"}, "weight_map": dict(sorted(wm.items()))}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    cfg = copy.deepcopy(om.config)
+    try:
+        cfg.dtype = om.dtype
+    except Exception:  # pragma: no cover - older configs
+        cfg.torch_dtype = om.dtype
+    cfg.save_pretrained(str(out_dir))
+    gen = om.dir / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, out_dir / "generation_config.json")
+    return index
+
+
+def _cast(t, dtype):
+    return (t.to(dtype) if t.is_floating_point() else t).contiguous()
+
+
+# ============================================================================================ perplexity
+@torch.no_grad()
+def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windows: Optional[int] = None,
+                         device=None, dtype=torch.float32, batch_size: Optional[int] = None,
+                         progress: bool = True, desc: str = "perplexity") -> dict:
+    """Perplexity as :func:`~.evaluation.perplexity` computes it (non-overlapping windows, mean token NLL), but
+    streaming the model block by block from ``directory``'s shards: resident are one block and the hidden states
+    of the evaluated windows (``windows × seqlen × hidden`` in ``dtype``), and the output head per batch."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .architectures import get_module
+    from .evaluation import window_count
+    t0 = time.perf_counter()
+    om = OffloadedModel(directory, dtype=dtype)
+    ids = torch.as_tensor(ids).reshape(-1).to(torch.long)
+    n = window_count(ids.numel(), seqlen, max_windows)
+    if n < 1:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    X = ids[: n * seqlen].view(n, seqlen)
+    dev = torch.device(device or "cpu")
+    inp = om.capture(X, device=dev, batch_size=batch_size)
+    hidden = inp.hidden.to("cpu")
+    batches = inp.batches
+    del inp
+    for i in tqdm(range(om.n_blocks), desc=desc, unit="block", leave=False, disable=not progress):
+        _forward_inplace(om.block(i), hidden, batches, om.dtype, dev)
+        om.release(i)
+    # the final norm and the output head (tied: the input embedding's weight)
+    head_keys = [k for k in om.rest_keys]
+    om._load_into(om.model, "", head_keys)
+    out = om.model.get_output_embeddings()
+    if out is not None and out.weight.is_meta:  # tied to the input embeddings
+        out.weight = om.model.get_input_embeddings().weight
+    norm = get_module(om.model, om.arch.final_norm).to(dev)
+    out.to(dev)
+    total, count = 0.0, 0
+    for sl, _, _ in batches:
+        h = norm(hidden[sl].to(dev, om.dtype))
+        logits = out(h)[:, :-1, :].float()
+        x = X[sl].to(dev)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x.shape[0] * (seqlen - 1)
+    mean = total / count
+    ppl = math.exp(mean) if math.isfinite(mean) and mean < 700 else float("nan" if not math.isfinite(mean) else "inf")
+    return {"ppl": ppl, "nll": mean, "tokens": count, "windows": n, "seqlen": seqlen,
+            "time_s": time.perf_counter() - t0, "streamed": True}
