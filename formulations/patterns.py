@@ -167,8 +167,8 @@ class NM(Pattern):
 
     def __init__(self, n: int, m: int):
         n, m = int(n), int(m)
-        if m < 1 or n < 0:
-            raise PatternError(f"N:M needs M ≥ 1 and N ≥ 0, got {n}:{m}")
+        if m < 1 or n < 1:  # N = 0 would prune everything (sparsity 1)
+            raise PatternError(f"N:M needs M ≥ 1 and N ≥ 1, got {n}:{m}")
         if n > m:
             raise PatternError(f"N:M needs N ≤ M, got {n}:{m}")
         self.N, self.M = n, m

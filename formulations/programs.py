@@ -155,6 +155,14 @@ class Program:
         vals = dict(values)
         if "z" in self.variables and "z" not in vals and "W" in vals:  # support of W as the mask
             vals["z"] = (vals["W"] != 0).to(torch.float64)
+        if ("g" in self.variables and "g" not in vals and "W" in vals and isinstance(self.pattern, ColumnGroups)
+                and tuple(torch.as_tensor(vals["W"]).shape) == tuple(self.variables["W"].shape)):
+            # the groups W uses, padded with unused ones up to the kept count (so Σg = k can hold)
+            g = self.pattern.kept_groups_of(torch.as_tensor(vals["W"]) != 0)
+            k = self.pattern.keep_groups(self.variables["W"].shape[1])
+            free = torch.nonzero(~g).reshape(-1)[: max(0, k - int(g.sum()))]
+            g[free] = True
+            vals["g"] = g.to(torch.float64)
         for c in self.constraints:
             if isinstance(c, LinearRow):
                 if not all(t[0] in vals for t in c.terms):

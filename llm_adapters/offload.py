@@ -221,11 +221,12 @@ class OffloadedModel:
         for k in keys:
             t = raw[self.keys[k]]
             sd[k[len(prefix):]] = t.to(self.dtype) if t.is_floating_point() else t
-        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
-        still_meta = [n for n, p in module.named_parameters() if p.is_meta]
+        _, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+        loaded = module.state_dict(keep_vars=True)
+        still_meta = [k for k in sd if loaded[k].is_meta]
         if unexpected or still_meta:
             raise OffloadError(f"loading {prefix or 'the model'} from {self.dir}: unexpected {unexpected[:3]}, "
-                               f"not in the checkpoint {still_meta[:3]}")
+                               f"not loaded {still_meta[:3]}")
 
     def block(self, i: int) -> nn.Module:
         """Block ``i`` with its tensors read from the checkpoint (in ``dtype``, on the CPU)."""
@@ -266,9 +267,10 @@ class OffloadedModel:
             self._release_rest()
 
     def _release_rest(self) -> None:
-        blocks = set(map(id, self.blocks))
+        """Every materialised non-block parameter back to ``meta`` (frees the embeddings after the capture)."""
+        inside = {id(m) for b in self.blocks for m in b.modules()}
         for mod in self.model.modules():
-            if id(mod) in blocks or any(id(mod) == id(x) for x in ()):
+            if id(mod) in inside:
                 continue
             for name, p in list(mod.named_parameters(recurse=False)):
                 if not p.is_meta:
@@ -556,3 +558,236 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
     ppl = math.exp(mean) if math.isfinite(mean) and mean < 700 else float("nan" if not math.isfinite(mean) else "inf")
     return {"ppl": ppl, "nll": mean, "tokens": count, "windows": n, "seqlen": seqlen,
             "time_s": time.perf_counter() - t0, "streamed": True}
+
+
+# ============================================================================================ run.prune's hook
+def _resolve_source(model, model_dir) -> Path:
+    """The safetensors directory of a model name: built-in, local directory, or a hub id (downloaded to the hub
+    cache shard by shard by ``huggingface_hub``, never loaded)."""
+    from .loading import _ALIASES, builtin_path
+    name = str(model)
+    key = _ALIASES.get(name.strip().lower())
+    if key is not None:
+        d, gguf = builtin_path(key, model_dir)
+        if gguf:
+            raise OffloadError(f"--low-memory reads safetensors shards; the built-in {key!r} is a GGUF file "
+                               f"({d / gguf}): save it once as safetensors (load_model + save_pretrained) and pass "
+                               f"that directory, or prune it without --low-memory (it is small)")
+        return d
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        raise OffloadError(f"--low-memory reads safetensors shards, not GGUF ({p}); convert it to a safetensors "
+                           f"directory first")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise OffloadError(f"--low-memory needs a Hugging Face directory with config.json; {p.resolve()} has none")
+        return p
+    if p.exists() or name.startswith((".", "/", "~")):
+        raise OffloadError(f"no model directory at {p.resolve()}")
+    try:  # a hub id: the shards go to the hub cache on disk (ordinary client), never into memory
+        from huggingface_hub import snapshot_download
+        pats = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        try:
+            return Path(snapshot_download(name, allow_patterns=pats, local_files_only=True))
+        except Exception:
+            return Path(snapshot_download(name, allow_patterns=pats))
+    except Exception as e:
+        raise OffloadError(f"model {name!r}: not a built-in name or directory, and the hub download failed "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _clean_output(out_dir: Path) -> None:
+    """Remove the weight files of a previous run in ``out_dir`` (an optprune output, checked by run.prune): a stale
+    ``model.safetensors`` next to a new index would be loaded instead of it."""
+    if out_dir.is_dir():
+        for f in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model*.safetensors.part")) + \
+                [out_dir / INDEX_FILE, out_dir / "pytorch_model.bin"]:
+            if f.is_file():
+                f.unlink()
+
+
+def _spawned_offload_worker(directory, dtype, config, out_dir, act, assignment):
+    """A spawned worker of the low-memory run: its own skeleton, its own blocks, its own shards."""
+    from .distributed import distributed_context
+    with distributed_context(1, device=config.device) as ctx:
+        om, err = None, None
+        try:
+            om = OffloadedModel(directory, dtype=dtype)
+        except Exception as e:
+            err = e
+        _offload_rank(ctx, om, None, config, out_dir, act, assignment, progress=False, _error=err)
+
+
+def _offload_rank(ctx, om, calib_ids, config, out_dir, act, assignment, *, progress, _error=None):
+    """Every rank: prune its blocks of the checkpoint and write their shards; rank 0 then writes the rest, the
+    index and returns the merged record (others: None)."""
+    from .distributed import (_broadcast_inputs, _check_mode, _device_for_rank, _merge, _tcp_addresses, _rss_mb,
+                              assign_blocks, exchange)
+    from .pipeline import validate_config
+    import socket
+    t0 = time.perf_counter()
+    calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
+    _check_mode(config)
+    config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
+    err, res, mine, plan = _error, {}, [], None
+    if err is None:
+        try:
+            plan = validate_config(om.model, config, calib_ids)
+            owners = assign_blocks(plan.blocks, ctx.world, assignment)
+            mine = owners[ctx.rank]
+            res = prune_offloaded(om, calib_ids, config, out_dir, blocks=mine, activation_dtype=act,
+                                  progress=progress and ctx.rank == 0, write_rest=False)
+        except Exception as e:
+            err = e
+    summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
+               "device": str(config.device), "tcp_addresses": _tcp_addresses(),
+               **{k: res.get(k) for k in ("layers", "blocks", "time_s", "peak_cuda_mb", "low_memory")},
+               "prune_time_s": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
+               "forward_blocks": min(mine) if mine else 0}
+    proceed, gathered = exchange(ctx, summary, err)
+    if not proceed or ctx.rank != 0:
+        return None
+    write_rest_and_index(om, out_dir, skip=set(plan.blocks))
+    owners = assign_blocks(plan.blocks, ctx.world, assignment)
+    merged = _merge(gathered, ctx, owners, assignment, calib_ids, config, time.perf_counter() - t0, 0.0, 0)
+    lm = [g["low_memory"] for g in gathered if g.get("low_memory")]
+    if lm:
+        low = dict(lm[0])
+        for k in ("prunable_weights", "nonzero_before", "nonzero_after"):
+            low[k] = sum(x[k] for x in lm)
+        low["capture_time_s"] = max(x["capture_time_s"] for x in lm)
+        merged["low_memory"] = low
+    for r in merged["distributed"]["ranks"]:
+        r["shards_written_by_rank"] = True
+    return merged
+
+
+def prune_low_memory(*, model, model_dir, spec, sparsity, pattern, min_degree, allocation, structure, mode,
+                     error_correction, refit, method_options, damp, batch_size, nproc, device, settings, output,
+                     evaluate, data_dir, reference, seed, activation_dtype, progress, verbose, return_model,
+                     t_total, assignment=None):
+    """``run.prune(..., low_memory=True)``: everything after run.prune's input checks (see the module doc)."""
+    from . import data as D
+    from . import run as R
+    from .distributed import _check_mode, distributed_context, world_for
+    from .pipeline import PruneConfig, validate_config
+    s = settings
+    if output is None:
+        raise OffloadError("--low-memory writes the pruned model shard by shard: give --output DIR")
+    if spec.structured:
+        raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {spec.name!r} is structured (it changes "
+                           f"widths): use the in-memory path")
+    if allocation != "uniform":
+        raise OffloadError(f"--allocation {allocation} reads every weight matrix first; it is not available with "
+                           f"--low-memory (use --allocation uniform)")
+    if s["calibration"] == "self":
+        raise OffloadError("--calibration self samples from the whole model; with --low-memory give a calibration "
+                           "text (--calibration c4|wikitext2|ptb|FILE, --data-dir DIR)")
+    if reference:
+        raise OffloadError("--reference is not available with --low-memory (it loads two whole models); run "
+                           "optprune eval --model OUT --reference DENSE afterwards")
+    if return_model:
+        raise OffloadError("return_model is not available with low_memory (the model is never whole in memory); "
+                           "load the output directory instead")
+    act = parse_dtype(activation_dtype)
+    out_dir = Path(output)
+    timings = {}
+    t0 = time.perf_counter()
+    directory = _resolve_source(model, model_dir)
+    om = OffloadedModel(directory)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    timings["load_s"] = time.perf_counter() - t0
+    R._clip_to_context(s, om.model)
+    cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, structure=structure,
+                  mode=mode, error_correction=bool(error_correction), refit=bool(refit),
+                  method_options=method_options, device=device)
+    if damp is not None:
+        cfg_kw["damp"] = float(damp)
+    if batch_size is not None:
+        cfg_kw["batch_size"] = int(batch_size)
+    config = PruneConfig(**cfg_kw)
+    validate_config(om.model, config)
+    world = world_for(nproc)
+    if world > 1:
+        _check_mode(config)
+    c = om.config
+    meta = {"name": str(model), "source": str(Path(directory).resolve()), "format": "safetensors (low-memory)",
+            "model_type": getattr(c, "model_type", None), "architecture": (getattr(c, "architectures", None) or
+                                                                           [type(om.model).__name__])[0],
+            "n_params": om.n_params(), "dtype": str(om.dtype).replace("torch.", ""),
+            "num_layers": om.n_blocks, "hidden_size": _hidden(om),
+            "max_position_embeddings": getattr(c, "max_position_embeddings", getattr(c, "n_positions", None)),
+            "vocab_size": getattr(c, "vocab_size", None)}
+    record = {"command": "prune", "status": "running",
+              "config": R._jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity,
+                                     "pattern": pattern, "min_degree": min_degree, "allocation": allocation,
+                                     "allocation_eps": None, "structure": None, "mode": mode,
+                                     "error_correction": bool(error_correction), "refit": bool(refit),
+                                     "method_options": method_options, "damp": config.damp, "nproc": nproc,
+                                     "world_size": world, "device": device, "seed": s["seed"],
+                                     "output": str(out_dir), "evaluate": bool(evaluate), "low_memory": True,
+                                     "activation_dtype": str(act or om.dtype).replace("torch.", ""),
+                                     "data_dir": str(D.resolve_data_dir(data_dir)), "reference": None}),
+              "versions": R._versions(), "machine": R._machine(device), "model": meta}
+    t0 = time.perf_counter()
+    calib, calib_info = D.calibration_tokens(tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
+                                             seed=s["seed"], data_dir=data_dir, return_info=True)
+    timings["calibration_s"] = time.perf_counter() - t0
+    record["calibration"] = R._jsonable(calib_info)
+    _clean_output(out_dir)
+    if world > 1:
+        with distributed_context(world, _spawned_offload_worker,
+                                 (str(directory), om.dtype, config, str(out_dir), act, assignment),
+                                 device=device) as ctx:
+            res = _offload_rank(ctx, om, calib, config, out_dir, act, assignment, progress=progress)
+        if res is None:
+            return None
+    else:
+        res = prune_offloaded(om, calib, config, out_dir, activation_dtype=act, progress=progress)
+    timings["prune_s"] = res.get("time_s")
+    low = res.get("low_memory") or {}
+    record["layers"] = R._jsonable(res.get("layers", []))
+    record["blocks"] = R._jsonable(res.get("blocks", []))
+    record["pipeline"] = R._jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")})
+    rel = [r["rel_error"] for r in res.get("layers", []) if r.get("rel_error") is not None]
+    targets = [(r["sparsity_target"], math.prod(r["shape"])) for r in res.get("layers", []) if "shape" in r]
+    tot_w = low.get("prunable_weights", 0)
+    record["summary"] = {
+        "prunable_weights": tot_w, "nonzero_before": low.get("nonzero_before"),
+        "nonzero_after": low.get("nonzero_after"),
+        "sparsity": 1.0 - low.get("nonzero_after", 0) / tot_w if tot_w else 0.0,
+        "sparsity_target": (sum(t * n for t, n in targets) / sum(n for _, n in targets)) if targets else None,
+        "layers": len(res.get("layers", [])),
+        "mean_rel_error": (sum(rel) / len(rel)) if rel else None, "max_rel_error": max(rel) if rel else None}
+    t0 = time.perf_counter()
+    tok.save_pretrained(str(out_dir))
+    record["saved"] = {"path": str(out_dir.resolve()), "format": "hf (safetensors shards, written block by block)",
+                       "stock_loadable": True}
+    timings["save_s"] = time.perf_counter() - t0
+    if evaluate and s["eval_datasets"]:
+        t0 = time.perf_counter()
+        ppl = {}
+        for name in s["eval_datasets"]:
+            ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
+            r = perplexity_offloaded(out_dir, ids, s["eval_seqlen"], max_windows=s["eval_windows"], device=device,
+                                     dtype=om.dtype, progress=progress, desc=f"eval {name} (streamed)")
+            r["dataset"] = name
+            r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]
+            ppl[name] = r
+        record["perplexity"] = ppl
+        timings["eval_s"] = time.perf_counter() - t0
+    record["protocol"] = R._protocol_record(s)
+    timings["total_s"] = time.perf_counter() - t_total
+    record["timings"] = timings
+    record["peak_rss_mb"] = _peak_rss_mb()
+    if res.get("peak_cuda_mb") is not None:
+        record["peak_cuda_mb"] = res["peak_cuda_mb"]
+    record["status"] = "done"
+    record = R._jsonable(record)
+    (out_dir / R.RUN_FILE).write_text(json.dumps(record, indent=1))
+    if verbose:
+        R._print_prune_summary(record, out_dir)
+        print(f"  low memory: largest block {low.get('max_block_mb', 0):.1f} MB of a {low.get('model_mb', 0):.1f} MB "
+              f"model; activations {low.get('activations_mb', 0):.1f} MB ({low.get('activation_dtype')})")
+    return record

@@ -357,8 +357,11 @@ def _heuristic_values(prog: Program, pattern: Pattern, W: torch.Tensor, mask: to
     vals = {"W": W.to(torch.float64) * mask}
     if "z" in prog.variables:
         vals["z"] = mask.to(torch.float64)
-    if "g" in prog.variables:
-        vals["g"] = pattern.kept_groups_of(mask).to(torch.float64)
+    if "g" in prog.variables:  # the groups the mask uses, padded with unused ones up to the kept count
+        g = pattern.kept_groups_of(mask)
+        k = pattern.keep_groups(mask.shape[1])
+        g[torch.nonzero(~g).reshape(-1)[: max(0, k - int(g.sum()))]] = True
+        vals["g"] = g.to(torch.float64)
     return vals
 
 

@@ -187,8 +187,8 @@ def _check_feasible(res, S, lo=None, hi=None):
     p = torch.tensor(res.sizes, dtype=torch.float64)
     s = torch.tensor(res.sparsities, dtype=torch.float64)
     assert abs(float((p * s).sum() / p.sum()) - S) <= 1e-9
-    lo = torch.tensor(res.info["lower"]) if lo is None else lo
-    hi = torch.tensor(res.info["upper"]) if hi is None else hi
+    lo = torch.tensor(res.info["lower"], dtype=torch.float64) if lo is None else lo
+    hi = torch.tensor(res.info["upper"], dtype=torch.float64) if hi is None else hi
     assert torch.all(s >= lo - 1e-12) and torch.all(s <= hi + 1e-12)
     assert torch.all(s >= 0) and torch.all(s < 1)
 
@@ -205,7 +205,7 @@ def test_alpha_allocation_mean_bounds_and_reference_qp(band):
         # KKT form: s = clip(c·r, lo, hi) with one scalar c
         r = alpha_ratios(a, eps)
         c = res.info["scale_c"]
-        lo, hi = torch.tensor(res.info["lower"]), torch.tensor(res.info["upper"])
+        lo, hi = torch.tensor(res.info["lower"], dtype=torch.float64), torch.tensor(res.info["upper"], dtype=torch.float64)
         assert torch.allclose(s, torch.minimum(torch.maximum(c * r, lo), hi), atol=1e-12)
         ref = reference_allocation(res.program)
         assert ref.status == "optimal"
