@@ -153,10 +153,12 @@ def main(argv=None):
               f"linear-weight ideal speed-up {tot / (tot - mlp + mlp_s):.3f}x")
     g = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
-    ids1 = torch.randint(0, vocab, (1, args.prefill), generator=g)
-    shares, total = time_shares(dense, [lambda: dense(ids1, use_cache=False)] * 2)
-    print("time shares, dense prefill b=1: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
-          + f" ({total * 1e3:.0f} ms per forward)")
+    for b in batches:
+        ids1 = torch.randint(0, vocab, (b, args.prefill), generator=g)
+        for label_m, mdl in [("dense", dense)] + [(f"{s:.0%}", pruned[s]) for s in sps[-1:]]:
+            shares, total = time_shares(mdl, [lambda: mdl(ids1, use_cache=False)] * 2)
+            print(f"time shares, {label_m} prefill b={b}: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+                  + f" ({total * 1e3:.0f} ms per forward)")
     with torch.no_grad():
         out = dense(torch.randint(0, vocab, (1, 16), generator=g), use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)

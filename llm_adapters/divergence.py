@@ -97,11 +97,13 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
         ids = ids[: int(max_windows)]
     if int(batch_size) < 1:
         raise DivergenceError(f"kl_eval: batch_size must be ≥ 1, got {batch_size}")
+    if int(ids.min()) < 0:
+        raise DivergenceError(f"kl_eval: negative token id {int(ids.min())}")
     for m, nm in ((model, "model"), (reference_model, "reference")):
         vs = getattr(getattr(m, "config", None), "vocab_size", None)
         if vs is not None and int(ids.max()) >= int(vs):
             raise DivergenceError(f"kl_eval: token id {int(ids.max())} ≥ the {nm}'s vocab size {vs}")
-    vocab = getattr(model.config, "vocab_size", None), getattr(reference_model.config, "vocab_size", None)
+    vocab = tuple(getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, reference_model))
     if None not in vocab and vocab[0] != vocab[1]:
         raise DivergenceError(f"kl_eval: vocab sizes differ (model {vocab[0]}, reference {vocab[1]})")
 

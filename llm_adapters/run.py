@@ -749,9 +749,14 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
         rel = b["rel"]
         print(f"  {bi:>5} {b['n']:>6} {b['z'] / b['w']:>9.4f} {_fmt(sum(rel) / len(rel) if rel else None):>13} "
               f"{_fmt(max(rel) if rel else None):>12} {b['t']:>8.2f}", file=file)
-    print(f"  {'all':>5} {sm['layers']:>6} {sm['sparsity']:>9.4f} {_fmt(sm['mean_rel_error']):>13} "
+    pruned_w = sum(b["w"] for b in blocks.values())
+    pruned_s = sum(b["z"] for b in blocks.values()) / pruned_w if pruned_w else 0.0
+    print(f"  {'all':>5} {sm['layers']:>6} {pruned_s:>9.4f} {_fmt(sm['mean_rel_error']):>13} "
           f"{_fmt(sm['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
           f"(target {_fmt(sm['sparsity_target'])})", file=file)
+    if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
+        print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
+              file=file)
     print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
           f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "
           f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)

@@ -51,7 +51,11 @@ def solve_allocation(program: Program) -> SolveResult:
         # g is constant below the first and above the last breakpoint; find the crossing segment
         vals = torch.tensor([g(float(b)) for b in bps], dtype=torch.float64)
         k = int(torch.searchsorted(vals, torch.tensor([total], dtype=torch.float64)))
-        if k == 0:
+        if abs(g(0.0) - total) <= 1e-15 * max(1.0, total):  # the target itself is optimal (no clip, mean S)
+            k, nu0 = -1, 0.0
+        if k == -1:
+            nu = nu0
+        elif k == 0:
             nu = float(bps[0])
         elif k >= len(bps):
             nu = float(bps[-1])

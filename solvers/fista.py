@@ -14,12 +14,15 @@ the whole matrix is a single fused ``addmm`` plus a few in-place elementwise pas
     Y  = W⁺ + β (W⁺ − W),  β = (t−1)/t⁺
 
 Numerics: iterates in float32 (float64 for float64 problems and for the pure solver :func:`fista_l1`);
-``L``, ``W0 C`` and ``I − Ĥ/L`` formed in float64 and rounded once; objectives accumulated in float64.
+``L`` and ``I − Ĥ/L`` formed in float64 and rounded once (``W0 C`` in the work dtype: it enters every
+iteration at that precision anyway); objectives accumulated in float64 from the stable form
+``½⟨EĤ, E⟩ + ⟨E, W0(Ĥ − C)⟩ + f(W0)`` (``E = W − W0``), which has no cancellation against ``½ tr(W0 H W0ᵀ)``.
 ``L`` is the largest eigenvalue of the **undamped** ``Ĥ`` — the model ``F`` has no damping (the ℓ1 term is the
 regulariser), so ``1/L`` is exactly the step of FISTA's convergence theorem for this ``F``. It is computed
-exactly (``eigvalsh``) for n ≤ 256 and otherwise by block power iteration with a float64 Rayleigh–Ritz step,
-raised by a 1e-3 safety factor (a Ritz value never exceeds λ_max). Dead inputs (``Ĥ_jj = 0``) carry no
-signal: their weights are 0 at the optimum and are held at 0.
+exactly (``eigvalsh``) for n ≤ 256 and otherwise by Lanczos (full reorthogonalisation, float64 tridiagonal
+problem), as the top Ritz value plus its residual bound, raised by a 1e-3 safety factor (a Ritz value never
+exceeds λ_max). Dead inputs (``Ĥ_jj = 0``) carry no signal: their weights are 0 at the optimum and are held at 0.
+On CUDA the restart decision and the momentum coefficient stay on the device (no host sync per iteration).
 
 The production method :func:`fista` (registered as ``"fista"``) adds what turns the convex model into a pruner:
 
@@ -30,7 +33,11 @@ The production method :func:`fista` (registered as ``"fista"``) adds what turns 
   unstructured per matrix or per row, any N:M);
 * the best rounded iterate by ``f`` is kept; the result is never worse than the warm start (if it would be,
   the warm start is returned and ``info['returned_warm_start']`` says so);
-* an optional least-squares refit on the chosen support (``refit=True``), measured separately.
+* an optional least-squares refit on the chosen support (``refit=True``), measured separately
+  (``info['error_before_refit']``, ``info['error_after_refit']``);
+* an option *not in the paper*, ``debias_iters=k``: each rounded iterate (and the warm start) is debiased by
+  ``k`` masked conjugate-gradient steps on its support before the comparison. Without it the rounded ℓ1
+  iterates carry the ℓ1 shrinkage and rarely beat a SparseGPT warm start (docs/notes/issue-4.md).
 
 **[reconstructed] λ rule.** The paper reports bisection on λ with ``K = 20``, ``T = 3`` and a rounding-error
 share threshold ``ξ = 0.3`` but its exact rule is not available offline. This implementation reads it as:
@@ -45,7 +52,7 @@ separable (diagonal-Ĥ) model has exactly the target sparsity s. All of these ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch

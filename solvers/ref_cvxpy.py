@@ -127,6 +127,13 @@ class CvxpyBackend(Backend):
             prob = cp.Problem(cp.Minimize(obj), cons)
             name = (solver or ("HIGHS" if quad is None and not l1s else "CLARABEL")).upper()
             opts = dict(_SOLVER_OPTS.get(name, {}))
+            if name == "OSQP":  # osqp ≥ 1.0 renamed 'polish'
+                try:
+                    import osqp
+                    if int(str(getattr(osqp, "__version__", "0")).split(".")[0]) >= 1:
+                        opts["polishing"] = opts.pop("polish")
+                except ImportError:
+                    pass
             if time_limit is not None:
                 opts.update({"CLARABEL": {"time_limit": time_limit}, "HIGHS": {"time_limit": time_limit},
                              "SCS": {"time_limit_secs": time_limit}, "OSQP": {"time_limit": time_limit}}.get(name, {}))

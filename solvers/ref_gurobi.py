@@ -70,8 +70,11 @@ def gurobi_size_limited() -> bool:
 
 
 def _fallback(kind: str) -> str:
-    if kind in ("MIQP", "MILP"):
+    if kind == "MIQP":
         return "use backend 'scip' (PySCIPOpt) or 'enumerate' (tiny instances) instead"
+    if kind == "MILP":
+        return ("use backend 'scip', 'enumerate' (tiny instances) or 'cvxpy' (LP relaxation, exact when "
+                "integral) instead")
     return "use backend 'cvxpy' (Clarabel/HiGHS) instead"
 
 

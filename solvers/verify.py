@@ -139,9 +139,11 @@ def build_instances(quick: bool = False, seed: int = 0, model_dir=None, data_dir
         for kind, corr in (("random", True), ("correlated", False), ("outliers", True), ("dead", False)):
             p = LayerProblem.random(6, 8, kind=kind, corrected=corr, seed=seed + 1)
             inst.append(Instance(f"{kind}{'+ec' if corr else ''} 6x8", p,
-                                 f"synthetic {kind}{', error-corrected X̂' if corr else ''}"))
+                                 f"synthetic {kind}{', error-corrected X̂' if corr else ''}",
+                                 l0_backends=("enumerate", "gurobi")))
         p = LayerProblem.random(8, 12, kind="random", corrected=True, seed=seed + 2)
-        inst.append(Instance("random+ec 8x12", p, "synthetic random, error-corrected X̂"))
+        inst.append(Instance("random+ec 8x12", p, "synthetic random, error-corrected X̂",
+                             l0_backends=("enumerate", "gurobi")))
         p = LayerProblem.random(12, 16, kind="outliers", seed=seed + 3)
         inst.append(Instance("outliers 12x16", p, "synthetic outliers", models=("l0",),
                              patterns=[Unstructured(0.5, "row"), NM(2, 4)]))
@@ -165,7 +167,7 @@ def build_instances(quick: bool = False, seed: int = 0, model_dir=None, data_dir
                 it.l0_backends = ("enumerate", "gurobi")
         else:
             inst.append(Instance("stories q_proj[0:8,0:12]", full.slice(slice(0, 8), torch.arange(12)), how,
-                                 models=("refit", "l1", "l0")))
+                                 models=("refit", "l1", "l0"), l0_backends=("enumerate", "gurobi")))
     except (ImportError, FileNotFoundError, OSError, KeyError) as e:
         notes.append(f"stories260K slices skipped: {type(e).__name__}: {e}")
     return inst, notes
@@ -485,7 +487,7 @@ def verify(quick: bool = False, gurobi: Optional[bool] = None, output: Optional[
     """Run the cross-check; print the table (CLI) and return its rows (one dict per (instance, model, backend)).
 
     ``gurobi``: None = use it where installed and licensed; True = require gurobipy (error if absent);
-    False = skip its rows. ``time_limit``: per MIQP solve (default 10 s quick, 60 s full). ``threads``: torch
+    False = skip its rows. ``time_limit``: per MIQP solve (default 10 s quick, 30 s full). ``threads``: torch
     and Gurobi threads while verifying (default 1: the instances are tiny, and on a shared 2-core machine
     intra-op threading made the enumeration 8× slower); ``None`` keeps the current settings.
     """
@@ -504,7 +506,7 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
         b = get_backend("gurobi")
         if not b.available():
             raise SolverUnavailable("--gurobi given but gurobipy is not installed (pip install gurobipy)")
-    tl = time_limit if time_limit is not None else (10.0 if quick else 60.0)
+    tl = time_limit if time_limit is not None else (10.0 if quick else 30.0)
     R = _Runner(gurobi, tl, quick, threads)
     instances, notes = build_instances(quick=quick, seed=seed, model_dir=model_dir, data_dir=data_dir)
     list_methods()  # import every method module (they may register ℓ1 solvers)

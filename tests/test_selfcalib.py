@@ -64,15 +64,15 @@ def test_shapes_vocab_and_start(stories):
 def test_seeded_determinism(stories):
     model, tok = stories
     kw = dict(cache_dir=False, progress=False)
-    a = self_calibration(model, tok, 6, 64, seed=0, batch_size=4, **kw)
-    b = self_calibration(model, tok, 6, 64, seed=0, batch_size=4, **kw)
+    a = self_calibration(model, tok, 6, 40, seed=0, batch_size=4, **kw)
+    b = self_calibration(model, tok, 6, 40, seed=0, batch_size=4, **kw)
     assert torch.equal(a, b)
     # per-sample generators: the draw does not depend on the batching, and a prefix of samples is a prefix
-    c = self_calibration(model, tok, 6, 64, seed=0, batch_size=1, **kw)
+    c = self_calibration(model, tok, 6, 40, seed=0, batch_size=2, **kw)
     assert torch.equal(a, c)
-    d = self_calibration(model, tok, 3, 64, seed=0, batch_size=4, **kw)
+    d = self_calibration(model, tok, 3, 40, seed=0, batch_size=4, **kw)
     assert torch.equal(a[:3], d)
-    e = self_calibration(model, tok, 6, 64, seed=1, batch_size=4, **kw)
+    e = self_calibration(model, tok, 6, 40, seed=1, batch_size=4, **kw)
     assert not torch.equal(a, e)
     # samples differ from one another (sampling, not greedy) ...
     assert len({tuple(r.tolist()) for r in a}) == 6
@@ -262,9 +262,20 @@ def _prune_variant(model, method, pattern: str, sparsity: float, calib):
     return out
 
 
-def test_kl_ranks_pruned_variants_like_perplexity(stories):
+_QUICK = [("magnitude", "unstructured", 0.3), ("magnitude", "unstructured", 0.5), ("magnitude", "unstructured", 0.7),
+          ("wanda", "unstructured", 0.5), ("sparsegpt", "unstructured", 0.5)]
+_FULL = [("magnitude", "unstructured", 0.3), ("magnitude", "unstructured", 0.5),
+         ("magnitude", "2:4", 0.5), ("magnitude", "unstructured", 0.7),
+         ("wanda", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("wanda", "unstructured", 0.7),
+         ("sparsegpt", "unstructured", 0.5), ("sparsegpt", "2:4", 0.5), ("sparsegpt", "unstructured", 0.7)]
+
+
+@pytest.mark.parametrize("variants", [pytest.param(_QUICK, id="quick"),
+                                      pytest.param(_FULL, id="full", marks=pytest.mark.slow)])
+def test_kl_ranks_pruned_variants_like_perplexity(stories, variants):
     """Spearman correlation of KL (held-out self-generated text) vs WikiText-2 perplexity over pruned variants,
-    calibrated on self-generated sequences. Printed; only the monotonicity that must hold is asserted."""
+    calibrated on self-generated sequences. Printed; only the monotonicity that must hold is asserted.
+    ``-m slow -k full -s`` prints the 10-variant table quoted in docs/notes/issue-10.md."""
     scipy_stats = pytest.importorskip("scipy.stats")
     model, tok = stories
     text = _wikitext_windows(tok, 512, 4)
@@ -272,10 +283,6 @@ def test_kl_ranks_pruned_variants_like_perplexity(stories):
         pytest.skip(f"no WikiText-2 under {DATA_DIR}")
     calib = self_calibration(model, tok, 16, 128, seed=0, cache_dir=False, progress=False)
     held = heldout_sequences(model, tok, 8, 128, seed=0, cache_dir=False, progress=False)
-    variants = [("magnitude", "unstructured", 0.3), ("magnitude", "unstructured", 0.5),
-                ("magnitude", "2:4", 0.5), ("magnitude", "unstructured", 0.7),
-                ("wanda", "unstructured", 0.5), ("wanda", "2:4", 0.5), ("wanda", "unstructured", 0.7),
-                ("sparsegpt", "unstructured", 0.5), ("sparsegpt", "2:4", 0.5), ("sparsegpt", "unstructured", 0.7)]
     rows = []
     for method, pat, sp in variants:
         pruned = _prune_variant(model, method, pat, sp, calib)
