@@ -6,7 +6,8 @@
    * ``powerlaw`` with the same fixed x_min (closed-form MLE; α range widened, see below) — α and KS D,
    * ``powerlaw`` with its own full x_min search, vs ours without the peak limit,
    * ``weightwatcher``'s fitter (``WW_powerlaw.WWFit``) on the same eigenvalues, vs ours without the limit,
-   * ``weightwatcher.WeightWatcher(model).analyze()`` end to end (its own SVDs), vs ours without the limit.
+   * ``weightwatcher.WeightWatcher(model).analyze()`` end to end (its own SVDs), vs ours without the limit,
+   * precision: α from float16-rounded weights and from float32 SVDs vs float64 SVDs of the stored weights.
 
 ``powerlaw`` 2.x fits α numerically (not in closed form) when α ∉ (1.5, 3] and clamps α to its default
 range [0, 3]; we pass ``parameter_ranges={'alpha': [1, 50]}`` so that it returns the MLE for LLM-like α > 3.
@@ -89,6 +90,9 @@ def real(model, label: str, with_ww: bool = True, device=None, search_every: int
         except Exception as e:  # pragma: no cover - optional
             print(f"weightwatcher unavailable: {e}")
     rows = []
+    # precision: the same α from float16-rounded weights, and from float32 SVDs (the public code's choice)
+    ev16 = [e.cpu() for e in eigenvalues([W.to(torch.float16) for W in Ws], device=device)]
+    ev32 = [(torch.linalg.svdvals(W.to(torch.float32).cpu()) ** 2).to(torch.float64) for W in Ws]
     for k, ((name, bi, sub, _), ev) in enumerate(zip(mats, evs)):
         ours = fit_power_law(ev)                       # peak-limited (public code's default)
         full = fit_power_law(ev, peak_limit=False)     # unrestricted KS search
@@ -97,7 +101,8 @@ def real(model, label: str, with_ww: bool = True, device=None, search_every: int
         r = {"matrix": name, "block": bi, "N": ours.n_eigs,
              "alpha_peak": ours.alpha, "xmin_peak": ours.xmin, "n_tail": ours.n_tail, "ks": ours.ks,
              "alpha_full": full.alpha, "xmin_full": full.xmin, "n_tail_full": full.n_tail, "ks_full": full.ks,
-             "powerlaw_fixed_alpha": float(pf.power_law.alpha), "powerlaw_fixed_D": float(pf.power_law.D)}
+             "powerlaw_fixed_alpha": float(pf.power_law.alpha), "powerlaw_fixed_D": float(pf.power_law.D),
+             "alpha_fp16_weights": fit_power_law(ev16[k]).alpha, "alpha_fp32_svd": fit_power_law(ev32[k]).alpha}
         if k % search_every == 0:  # powerlaw's own x_min search is slow (one fit object per candidate)
             pa = _quiet(powerlaw.Fit, x, parameter_ranges={"alpha": [1, 50]}, verbose=False)
             r.update(powerlaw_search_alpha=float(pa.power_law.alpha), powerlaw_search_xmin=float(pa.power_law.xmin),
@@ -131,7 +136,13 @@ def summarise(res: dict) -> dict:
                                                             for r in rows if "powerlaw_search_alpha" in r) /
                                                         max(1, sum("powerlaw_search_alpha" in r for r in rows)),
            "max|α_peak − α_full| (effect of the peak limit)": d("alpha_peak", "alpha_full"),
-           "share peak limit changed α": sum(abs(r["alpha_peak"] - r["alpha_full"]) > 1e-12 for r in rows) / len(rows)}
+           "share peak limit changed α": sum(abs(r["alpha_peak"] - r["alpha_full"]) > 1e-12 for r in rows) / len(rows),
+           "max|α(float64 SVD) − α(float32 SVD)|": d("alpha_peak", "alpha_fp32_svd"),
+           "max|α(float32 weights) − α(float16-rounded weights)|": d("alpha_peak", "alpha_fp16_weights"),
+           "median|α(float32 weights) − α(float16-rounded weights)|":
+               sorted(abs(r["alpha_peak"] - r["alpha_fp16_weights"]) for r in rows)[len(rows) // 2],
+           "matrices with n_tail < 10": sum(r["n_tail"] < 10 for r in rows),
+           "min n_tail": min(r["n_tail"] for r in rows)}
     if any("ww_fit_alpha" in r for r in rows):
         out["max|α_full − α_WWFit| (same eigenvalues)"] = d("alpha_full", "ww_fit_alpha")
     if res.get("ww_analyze"):

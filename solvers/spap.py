@@ -55,8 +55,8 @@ from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_r
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer
 from .registry import register_method
-from .structured_baselines import (GroupSetup, _finish, cpu_threads, flap_scores, group_obs, group_refit,
-                                   group_setup, input_means, keep_from_scores)
+from .structured_baselines import (GroupSetup, _finish, centered_problem, cpu_threads, flap_scores, group_obs,
+                                   group_refit, group_setup, input_means, keep_from_scores)
 
 __all__ = ["spap", "SPAPState"]
 
@@ -194,7 +194,8 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
          growth: float = 1.5, rho_max: float = 1e8, inner_iters: int = 10, tol: float = 1e-12,
          max_iters: int = 200, reopen: bool = True, reopen_rhos=(1e2, 1e1, 1.0, 1e-1, 1e-2),
          max_swaps: int = 3, max_rounds: int = 20, time_limit: Optional[float] = None, damp: float = 1e-6,
-         dtype=None, input_mean=None, threads: Optional[int] = None, **_) -> LayerResult:
+         dtype=None, input_mean=None, input_mean_hat=None, bias: bool = False, threads: Optional[int] = None,
+         **_) -> LayerResult:
     """SPAP on one layer: returns ``W`` (zero on removed group columns) and the kept-column mask.
 
     Options: ``init`` — ``"best"`` (best refitted structured baseline, default), ``"penalty"`` (only the
@@ -208,6 +209,13 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
     """
     dt = (torch.float64 if problem.H.device.type == "cpu" else None) if dtype is None else dtype
     st = group_setup(problem, pattern, "spap", dt)
+    original = problem
+    if bias:
+        mu, muh = input_means(problem, input_mean, input_mean_hat)
+        if mu is None:
+            raise ValueError(f"spap: bias=True needs the input mean (problem.meta['input_mean'] or input_mean=) "
+                             f"for layer {problem.name!r}")
+        problem = centered_problem(problem, mu, muh)
     if init not in ("best", "penalty", "group_magnitude", "flap", "group_obs"):
         raise ValueError(f"spap: init must be best, penalty, group_magnitude, flap or group_obs, got {init!r}")
     with cpu_threads(problem, threads), Timer() as t:
@@ -221,9 +229,9 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
         if init in ("best", "group_magnitude"):
             starts["group_magnitude"] = keep_from_scores(st.group_sum((W0 * W0).sum(0)), st.k)
         if init in ("best", "flap"):
-            _, muh = input_means(problem, input_mean, None)
-            muh = None if muh is None else muh.to(Hh.device, st.dtype)
-            starts["flap"] = keep_from_scores(st.group_sum(flap_scores(problem, muh, st.dtype)), st.k)
+            _, mh = input_means(original, input_mean, input_mean_hat)
+            mh = None if mh is None else mh.to(Hh.device, st.dtype)
+            starts["flap"] = keep_from_scores(st.group_sum(flap_scores(original, mh, st.dtype)), st.k)
         if init in ("best", "group_obs"):
             starts["group_obs"] = group_obs(problem, pattern, dtype=st.dtype, refit=False,
                                             threads=threads).info["keep"].to(Hh.device)
@@ -245,4 +253,8 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
             "error_starts": f_before, "error_after_path": f_path,
             "improvement_over_best_start": (best_baseline - state.best_f) / best_baseline
             if best_baseline == best_baseline and best_baseline > 0 else None}
-    return _finish(problem, st, keep, W, info)
+    if bias:
+        Wd = W.to(original.H.dtype)
+        info["bias_delta"] = (original.W0.to(Wd.dtype) @ mu.to(Wd) - Wd @ muh.to(Wd)).to(original.W0.dtype)
+        info["error_with_bias"] = problem.objective(W * st.mask(keep))
+    return _finish(original, st, keep, W, info)

@@ -39,7 +39,7 @@ from ..formulations.programs import l0_program
 from .base import LayerResult, Timer
 from .registry import register_method
 
-__all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores",
+__all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores", "centered_problem",
            "group_magnitude", "flap", "group_obs", "flap_scores", "input_means"]
 
 
@@ -185,6 +185,21 @@ def input_means(problem: LayerProblem, input_mean=None, input_mean_hat=None):
         if tuple(v.shape) != (problem.n,):
             raise ValueError(f"layer {problem.name!r}: {nm} has shape {tuple(v.shape)}, expected ({problem.n},)")
     return mu, muh
+
+
+def centered_problem(problem: LayerProblem, mu: torch.Tensor, muh: torch.Tensor) -> LayerProblem:
+    """The layer problem with a free output bias eliminated: ``min_{W,b} ½‖W X̂ + b1ᵀ − W0 X‖²`` has
+    ``b = W0 μ − W μ̂`` and leaves ``f_c(W)`` on the centred Grams ``H − Nμμᵀ``, ``Ĥ − Nμ̂μ̂ᵀ``, ``C − Nμμ̂ᵀ``."""
+    N = float(problem.nsamples)
+    if N <= 0:
+        raise ValueError(f"layer {problem.name!r}: bias compensation needs problem.nsamples > 0")
+    dt = problem.H.dtype
+    mu, muh = mu.to(problem.H.device, dt), muh.to(problem.H.device, dt)
+    H = problem.H - N * torch.outer(mu, mu)
+    Hh = problem.Hh - N * torch.outer(muh, muh)
+    C = problem.Cm - N * torch.outer(mu, muh)
+    return LayerProblem(W0=problem.W0, H=H, Hhat=Hh, C=C, name=problem.name + "[centred]", damp=problem.damp,
+                        nsamples=problem.nsamples, meta=dict(problem.meta))
 
 
 def flap_scores(problem: LayerProblem, mu_hat: Optional[torch.Tensor], dtype) -> torch.Tensor:

@@ -414,3 +414,25 @@ def test_prune_end_to_end_with_alpha_allocation(tmp_path):
         m_, k = r["shape"]
         assert abs(r["sparsity_target"] - targets[n]) <= 1.0 / (m_ * k) + 1e-12
         assert abs(r["sparsity"] - targets[n]) <= 1.0 / k + 1e-9  # Wanda prunes per row
+
+
+def test_structured_widths_follow_block_targets():
+    """SPAP-style structured pruning reads the MLP ``down`` entry of the same dict: widths follow α."""
+    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.architectures import get_arch
+    from optprune.llm_adapters.pipeline import PruneConfig, prune_model
+    m = _stories()
+    arch = get_arch(m)
+    tg, info = layer_sparsities(m, arch, "alpha", 0.5)
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    res = prune_model(m, ids, PruneConfig(method="group_magnitude", sparsity=0.5, layer_sparsity=tg, structure="mlp"),
+                      progress=False)
+    widths = {}
+    for r in res["layers"]:
+        bi = r["block"]
+        s = info["unit_sparsities"][bi]
+        assert abs(r["sparsity_target"] - s) <= 1.0 / 172 + 1e-12  # whole neurons of 172
+        widths[bi] = m.model.layers[bi].mlp.down_proj.weight.shape[1]
+    ab = info["alpha_per_block"]
+    hi, lo = max(ab, key=ab.get), min(ab, key=ab.get)
+    assert widths[hi] < widths[lo]  # the block with the largest α keeps the fewest neurons

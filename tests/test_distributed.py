@@ -265,19 +265,22 @@ _MEM_SCRIPT = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
-    big, small, data, models, out, low = sys.argv[1:7]
-    kw = dict(method="sparsegpt", mode="dense-input", calibration="wikitext2", nsamples=8, seqlen=128,
-              evaluate=False, kl=False, progress=False, data_dir=data, model_dir=models, low_memory=low == "1")
+    big, small, calib, models, out, low = sys.argv[1:7]
+    # a short calibration text keeps tokenisation (tens of MB of Python ints for all of WikiText) out of the peak
+    kw = dict(method="wanda", mode="dense-input", error_correction=False, calibration=calib, nsamples=4,
+              seqlen=64, evaluate=False, kl=False, progress=False, model_dir=models, low_memory=low == "1")
     R.prune(model=small, output=out + "-warm", **kw)     # warm-up: every code path imported once
-    # reset the high-water mark (Linux: writing 5 to clear_refs), then measure from here
-    open("/proc/self/clear_refs", "w").write("5")
+    try:  # reset the high-water mark (Linux: writing 5 to clear_refs); if refused, the warm-up's peak counts too
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
     base = rss()
     R.prune(model=big, output=out, **kw)
     print(json.dumps({"base_mb": base, "peak_mb": hwm(), "increase_mb": hwm() - base}))
 """)
 
 
-def _random_llama(path: Path, layers=10, hidden=512, inter=1536):
+def _random_llama(path: Path, layers=20, hidden=384, inter=1024):
     cfgl = transformers.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter,
                                     num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
                                     max_position_embeddings=512, tie_word_embeddings=True)
@@ -293,7 +296,9 @@ def _mem_run(tmp_path, big, low: bool) -> dict:
     script = tmp_path / "mem.py"
     script.write_text(_MEM_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(script), str(big), str(STORIES), str(DATA_DIR), str(MODEL_DIR),
+    calib = tmp_path / "calib.txt"
+    calib.write_text((DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:40000])
+    p = subprocess.run([sys.executable, str(script), str(big), str(STORIES), str(calib), str(MODEL_DIR),
                         str(tmp_path / ("low" if low else "full")), "1" if low else "0"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -301,19 +306,20 @@ def _mem_run(tmp_path, big, low: bool) -> dict:
 
 
 def test_low_memory_rss_cap(tmp_path):
-    """A ~150 MB model pruned with --low-memory: peak RSS rises by far less than the model (one 13.6 MB block,
-    its dense copy, 4 MB of activations, Grams of 1536²)."""
+    """A 136 MB model (20 blocks of 6.8 MB, in 5 shards) pruned with --low-memory in a subprocess: the peak RSS
+    rises by far less than the model's size (measured ≈ 35-40 MB: one block, its written shard being serialised,
+    the Grams of one block, the activations)."""
     _need_stories()
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw").is_file():
         pytest.skip("WikiText-2 not found")
     big = tmp_path / "big"
     size_mb = _random_llama(big)
-    assert len(list(big.glob("*.safetensors"))) > 1 and size_mb > 130
+    assert len(list(big.glob("*.safetensors"))) > 1 and size_mb > 120
     r = _mem_run(tmp_path, big, low=True)
     assert r["increase_mb"] < 0.4 * size_mb, (r, size_mb)
     out = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "low"), dtype=torch.float32)
-    W = out.model.layers[9].mlp.down_proj.weight
-    assert (W == 0).float().mean().item() == pytest.approx(0.5)
+    W = out.model.layers[19].mlp.down_proj.weight
+    assert ((W == 0).sum(1) == W.shape[1] // 2).all()  # wanda: 50% per row
 
 
 @pytest.mark.slow

@@ -153,6 +153,24 @@ def test_flap_without_mean_says_so_and_with_mean_compensates():
     assert r.info["error_with_bias"] < r.info["error"]
 
 
+def test_spap_with_bias_fits_an_intercept_exactly():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 12, generator=g, dtype=torch.float64) * 0.5 + torch.linspace(-2, 3, 12, dtype=torch.float64)
+    Xh = X + 0.1 * torch.randn(300, 12, generator=g, dtype=torch.float64)
+    W0 = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    q = LayerProblem.from_activations(W0, X, Xh)
+    q.meta.update(input_mean=X.mean(0), input_mean_hat=Xh.mean(0))
+    pat = ColumnGroups(2, sparsity=0.5)
+    rb, r0 = get_method("spap")(q, pat, bias=True), get_method("spap")(q, pat)
+    b = rb.info["bias_delta"]
+    direct = 0.5 * float(((Xh @ rb.W.T + b) - X @ W0.T).pow(2).sum())
+    assert abs(rb.info["error_with_bias"] - direct) <= 1e-8 * direct
+    assert abs(rb.info["error"] - q.objective(rb.W)) <= 1e-9 * rb.info["error"]
+    assert rb.info["error_with_bias"] < r0.info["error"]  # the intercept is worth something on shifted inputs
+    with pytest.raises(ValueError, match="input mean"):
+        get_method("spap")(LayerProblem.random(4, 8, seed=0), ColumnGroups(1, sparsity=0.5), bias=True)
+
+
 # --------------------------------------------------------------------------------------------- real model
 needs_model = pytest.mark.skipif(not (STORIES / "config.json").exists(), reason=f"no stories260K at {STORIES}")
 
