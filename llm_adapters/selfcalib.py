@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["self_calibration", "heldout_sequences", "model_fingerprint", "default_cache_dir",
+__all__ = ["self_calibration", "heldout_sequences", "model_fingerprint", "default_cache_dir", "default_batch_size",
            "GENERIC_PROMPTS", "SelfCalibrationError", "start_token_id", "HELDOUT_SEED_OFFSET"]
 
 #: short, domain-neutral openings used by ``prompts="generic"`` (cycled over the samples)
@@ -52,6 +52,9 @@ _FORMAT_VERSION = 1
 
 #: below this many parameters, CPU generation defaults to one torch thread (see ``num_threads``)
 SMALL_MODEL_PARAMS = 20_000_000
+#: default batching: at most this many sequences at once, KV cache at most this many bytes
+MAX_BATCH = 64
+KV_BUDGET = 2 * 2 ** 30
 
 
 class SelfCalibrationError(ValueError):
@@ -163,6 +166,27 @@ def _sample_rows(logits: torch.Tensor, temperature: float, top_p: float, gens: l
     return si.gather(1, idx).squeeze(1)
 
 
+def _kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token occupies (all layers), from the config; a generous guess when unknown."""
+    cfg = getattr(model, "config", None)
+    g = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), default)
+    layers = int(g("num_hidden_layers", "n_layer", "num_layers", default=32))
+    heads = int(g("num_attention_heads", "n_head", default=1))
+    hidden = int(g("hidden_size", "n_embd", "d_model", default=4096))
+    kv_heads = int(g("num_key_value_heads", default=heads))
+    head_dim = int(g("head_dim", default=max(1, hidden // max(1, heads))))
+    itemsize = next(model.parameters()).element_size()
+    return layers * 2 * kv_heads * head_dim * itemsize
+
+
+def default_batch_size(model, nsamples: int, seqlen: int) -> int:
+    """Sequences decoded together: up to :data:`MAX_BATCH`, with the KV cache under :data:`KV_BUDGET` bytes.
+    Larger batches amortise the weight reads: SmolLM2-135M on one CPU core generated 44 / 70 / 87 tokens per
+    CPU-second at batch 8 / 32 / 64."""
+    fit = KV_BUDGET // max(1, _kv_bytes_per_token(model) * int(seqlen))
+    return int(max(1, min(MAX_BATCH, int(nsamples), fit)))
+
+
 def _accepts_logits_to_keep(model) -> bool:
     import inspect
     try:
@@ -202,7 +226,7 @@ def _generate_batch(model, prompt: list[int], rows: list[int], seqlen: int, seed
 
 def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *, seed: int = 0,
                      temperature: float = 1.0, top_p: float = 0.95,
-                     prompts: Union[str, Sequence[str]] = "bos", batch_size: int = 16,
+                     prompts: Union[str, Sequence[str]] = "bos", batch_size: Optional[int] = None,
                      cache_dir: Union[str, Path, None] = None, suppress_eos: bool = True,
                      progress: bool = True, num_threads: Optional[int] = None,
                      info: Optional[dict] = None) -> torch.LongTensor:
@@ -212,6 +236,7 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
     sampled at ``temperature`` from the top-``top_p`` nucleus (``temperature=0``: greedy).
 
     Cached under ``cache_dir`` (default ``$OPTPRUNE_CACHE_DIR`` or ``~/.cache/optprune``) in ``selfcalib/``;
+    ``batch_size``: sequences decoded together (default :func:`default_batch_size`: ≤ 64, KV cache ≤ 2 GiB).
     ``cache_dir=False`` disables the cache. ``info`` (a dict), when given, is filled with the record of what
     was done: cache key and path, whether it was a cache hit, generation time, the settings.
 
@@ -226,6 +251,8 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
         raise SelfCalibrationError(f"self-calibration: top_p must be in (0, 1], got {top_p}")
     if float(temperature) < 0.0:
         raise SelfCalibrationError(f"self-calibration: temperature must be ≥ 0, got {temperature}")
+    if batch_size is None:
+        batch_size = default_batch_size(model, int(nsamples), int(seqlen))
     if int(batch_size) < 1:
         raise SelfCalibrationError(f"self-calibration: batch_size must be ≥ 1, got {batch_size}")
     nsamples, seqlen, batch_size = int(nsamples), int(seqlen), int(batch_size)

@@ -1,4 +1,4 @@
-"""Reference backend: SCIP through PySCIPOpt (MIQP, MILP; also QP/LP/ℓ1 on small instances).
+"""Reference backend: SCIP through PySCIPOpt (MIQP, MILP; also QP/LP on small instances).
 
 SCIP takes a linear objective only, so the layer objective goes into epigraph variables, one per output row:
 ``t_i ≥ ½ d_Sᵀ Ĥ_SS d_S + linᵀ d_S`` (a convex quadratic constraint), minimise ``Σ t_i + const``. As in the
@@ -30,10 +30,24 @@ from .registry import register_backend
 __all__ = ["ScipBackend"]
 
 
+def _row_lower_bound(Q: np.ndarray, lin: np.ndarray):
+    """A valid lower bound on ``½ dᵀQd + linᵀd`` (its unconstrained minimum ``−½ linᵀQ⁻¹lin``; 0 when
+    ``lin = 0``), or None. Bounding the epigraph variable keeps SCIP's first LP relaxation bounded."""
+    if not np.any(lin):
+        return 0.0
+    try:
+        L = np.linalg.cholesky(Q)
+    except np.linalg.LinAlgError:
+        return None
+    y = np.linalg.solve(L, lin)
+    return float(-0.5 * y @ y) - 1e-9 * (1.0 + abs(float(y @ y)))
+
+
 @register_backend
 class ScipBackend(Backend):
     name = "scip"
-    capabilities = Capabilities(kinds=frozenset({"MIQP", "MILP", "QP", "LP", "L1"}), proves_optimality=True,
+    # ℓ1 models are left to cvxpy/Gurobi: SCIP found no dual bound for 4×8 ℓ1 models within 30 s
+    capabilities = Capabilities(kinds=frozenset({"MIQP", "MILP", "QP", "LP"}), proves_optimality=True,
                                 max_variables=20_000, note="PySCIPOpt; quadratic objective via row epigraphs")
 
     @classmethod
@@ -110,7 +124,7 @@ class ScipBackend(Backend):
             const += c
             if not S.size:
                 continue
-            t = mdl.addVar(vtype="C", lb=None, ub=None)
+            t = mdl.addVar(vtype="C", lb=_row_lower_bound(Q, lin), ub=None)
             xs = [x[int(p)] for p in pos]
             k = len(xs)
             expr = quicksum(0.5 * float(Q[a, a]) * xs[a] * xs[a] for a in range(k))

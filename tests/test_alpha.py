@@ -436,3 +436,20 @@ def test_structured_widths_follow_block_targets():
     ab = info["alpha_per_block"]
     hi, lo = max(ab, key=ab.get), min(ab, key=ab.get)
     assert widths[hi] < widths[lo]  # the block with the largest α keeps the fewest neurons
+
+
+@pytest.mark.slow
+def test_alpha_sweep_script_smoke(tmp_path):
+    """benchmarks/alpha_sweep.py end to end on stories260K (smoke protocol), one pruner × one sparsity."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("alpha_sweep", REPO / "benchmarks" / "alpha_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sweep"
+    assert mod.main(["--protocol", "smoke", "--methods", "wanda", "--sparsities", "0.7", "--out", str(out),
+                     "--eval-windows", "4", "--model-dir", str(MODEL_DIR)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert len(res["runs"]) == 3
+    for r in res["runs"].values():
+        assert abs(r["allocation_weighted_mean"] - 0.7) <= 1e-9 and r["perplexity"]["wikitext2"] > 1
+    assert "| wanda | 70% |" in out.with_suffix(".md").read_text()
