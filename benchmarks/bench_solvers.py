@@ -75,8 +75,9 @@ def _t(fn, repeats=1):
 class Refs:
     """Reference backends with a per-ladder 'exhausted' state."""
 
-    def __init__(self, names, *, time_limit, max_ref_s, threads=1):
+    def __init__(self, names, *, time_limit, max_ref_s, threads=1, convex_time_limit=300.0):
         self.names = list(names)
+        self.convex_time_limit = convex_time_limit
         self.time_limit = time_limit
         self.max_ref_s = max_ref_s
         self.threads = threads
@@ -107,6 +108,8 @@ class Refs:
             return {**row, "status": "skipped", "note": why}
         if name in ("gurobi", "scip"):
             opts.setdefault("time_limit", self.time_limit)
+        elif name == "cvxpy" and prog.kind in ("QP", "L1"):
+            opts.setdefault("time_limit", self.convex_time_limit)
         if name == "gurobi":
             opts.setdefault("threads", self.threads)
         try:
@@ -118,8 +121,9 @@ class Refs:
             return {**row, "status": "skipped", "note": self.exhausted[name]}
         row.update(status=r.status, objective=r.objective, bound=r.bound, proven=bool(r.proven_optimal),
                    time_s=wall, values=r.values, solver=r.solver)
-        if not r.proven_optimal and r.status in ("time_limit", "feasible", "node_limit"):
-            self.exhausted[name] = f"did not prove optimality within {self.time_limit:g} s at the previous size"
+        if not r.proven_optimal and r.status not in ("infeasible",):
+            lim = self.convex_time_limit if name == "cvxpy" and prog.kind in ("QP", "L1") else self.time_limit
+            self.exhausted[name] = f"no proven optimum ({r.status}) within {lim:g} s at the previous size"
         elif wall > self.max_ref_s:
             self.exhausted[name] = f"previous size took {wall:.0f} s > --max-ref-s {self.max_ref_s:g}"
         return row
@@ -466,6 +470,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the first sizes of each ladder only")
     ap.add_argument("--time-limit", type=float, default=20.0, help="per MIQP solve (Gurobi/SCIP)")
     ap.add_argument("--max-ref-s", type=float, default=60.0, help="stop a reference's ladder after a slower solve")
+    ap.add_argument("--convex-time-limit", type=float, default=300.0, help="per cvxpy QP/ℓ1 solve")
     ap.add_argument("--repeats", type=int, default=3, help="torch solvers: best of R (references run once)")
     ap.add_argument("--layer-repeats", type=int, default=1)
     ap.add_argument("--methods", default=None, help="per-layer: comma list (default every registered method)")
@@ -498,10 +503,12 @@ def main(argv=None) -> int:
     if "ladders" in secs:
         if "refit" in lad:
             doc["ladders"] += ladder_refit(cut(REFIT_SIZES), Refs(["cvxpy", "gurobi"], time_limit=args.time_limit,
-                                                                  max_ref_s=args.max_ref_s), args.repeats, log)
+                                                                  max_ref_s=args.max_ref_s,
+                                                                  convex_time_limit=args.convex_time_limit), args.repeats, log)
         if "l1" in lad:
             doc["ladders"] += ladder_l1(cut(L1_SIZES), Refs(["cvxpy", "gurobi"], time_limit=args.time_limit,
-                                                            max_ref_s=args.max_ref_s), log)
+                                                            max_ref_s=args.max_ref_s,
+                                                            convex_time_limit=args.convex_time_limit), log)
         if "l0" in lad:
             pats = [("per-row 50%", lambda n: Unstructured(0.5, "row")), ("2:4", lambda n: NM(2, 4)),
                     ("groups 50%", lambda n: ColumnGroups(1, sparsity=0.5))]

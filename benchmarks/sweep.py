@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--tag", default=None, help="free label stored in the row key")
+    ap.add_argument("--no-kl", dest="kl", action="store_false",
+                    help="skip the data-free KL/top-1 against the dense model (faster; rows get kl = null)")
     ap.add_argument("--out", required=True, help="JSONL results file (appended; resumable)")
     ap.add_argument("--save-dir", default=None, help="keep each pruned model under this folder")
     args = ap.parse_args(argv)
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
                     kw["nsamples"] = args.nsamples
                 if args.allocation_eps is not None:
                     kw["allocation_eps"] = args.allocation_eps
+                if not args.kl:
+                    kw["kl"] = False
                 if args.save_dir:
                     kw["output"] = os.path.join(args.save_dir, f"{j['method']}-{j['pattern'].replace(':', 'of')}-"
                                                                f"{j['sparsity']:.2f}-{j['allocation']}")

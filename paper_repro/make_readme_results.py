@@ -66,7 +66,7 @@ def series(docs: dict) -> dict:
                 kind = "unstructured"
             else:
                 kind = st["pattern"]
-            parts = [kind]
+            parts = []
             if c.get("allocation", "uniform") != "uniform":
                 parts.append(f"{c['allocation']} allocation")
             if not c.get("structure"):
@@ -75,10 +75,9 @@ def series(docs: dict) -> dict:
                 parts.append(", ".join(f"{k}={v}" for k, v in sorted(c["method_options"].items())))
             if c.get("min_degree") is not None:
                 parts.append(f"B={c['min_degree']}")
-            label = ", ".join(parts)
+            label = ", ".join(parts) or kind
             pts = out.setdefault(c["method"], {}).setdefault(label, {})
-            pts.setdefault(st["sparsity"] if kind == "unstructured" or kind.startswith("structured")
-                           else (st["sparsity"], st["pattern"]), (c["ppl"], c["setting_label"], paper))
+            pts.setdefault((kind, st["sparsity"]), (c["ppl"], c["setting_label"], paper))
     return {"dense": dense, "methods": out}
 
 
@@ -91,16 +90,22 @@ def plot_methods(sv: dict, img_dir: Path, scale: str, model_label: str, metric: 
     files = {}
     for meth, ser in sorted(sv["methods"].items()):
         fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
-        for label, pts in sorted(ser.items()):
-            xs = sorted(k for k in pts if not isinstance(k, tuple))
-            if xs:
-                ax.plot(xs, [pts[x][0] for x in xs], marker="o", label=label)
-            for k in sorted((k for k in pts if isinstance(k, tuple)), key=str):
-                ax.scatter([k[0]], [pts[k][0]], marker="s", s=40, label=label, zorder=3)
+        markers = {"2:4": "s", "4:8": "^"}
+        for i, (label, pts) in enumerate(sorted(ser.items())):
+            color = f"C{i % 10}"
+            kinds = sorted({k for k, _ in pts})
+            for kind in kinds:
+                xs = sorted(x for k, x in pts if k == kind)
+                ys = [pts[(kind, x)][0] for x in xs]
+                if kind in markers or ":" in kind:
+                    ax.scatter(xs, ys, marker=markers.get(kind, "D"), s=45, color=color, zorder=3,
+                               label=f"{label} ({kind})")
+                else:
+                    ax.plot(xs, ys, marker="o", color=color, label=f"{label} ({kind})")
         if sv["dense"] is not None:
             ax.axhline(sv["dense"], color="gray", ls="--", lw=1, label=f"dense {sv['dense']:.1f}")
         ax.set_yscale("log")
-        ax.set_xlabel("sparsity (fraction of weights; structured: of MLP neurons; N:M at its density)")
+        ax.set_xlabel("sparsity (structured: share of MLP neurons removed)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{meth} — {model_label} ({scale}); {metric}", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
@@ -283,10 +288,10 @@ def replace_block(text: str, block: str) -> str:
         sep = "" if text.endswith("\n") else "\n"
         text = text + sep + "\n## Results\n\n" + START + "\n" + END + "\n"
     elif (START in text) != (END in text):
-        raise ReadmeError(f"README has only one of {START} / {END}")
+        raise ReadmeError(f"README has only one results marker of the pair {START} / {END}")
     i, j = text.index(START), text.index(END)
     if j < i:
-        raise ReadmeError(f"{END} comes before {START} in the README")
+        raise ReadmeError(f"the results marker {END} comes before {START} in the README")
     return text[: i + len(START)] + "\n" + block + text[j:]
 
 
@@ -300,9 +305,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     readme = Path(args.readme)
     text = readme.read_text() if readme.exists() else ""
+    try:
+        replace_block(text, "")  # check the markers before anything is drawn
+    except ReadmeError as e:
+        raise SystemExit(f"make_readme_results: error: {e}") from None
     block = build_block(readme, Path(args.results_dir), Path(args.bench_dir), Path(args.img_dir),
                         [s for s in args.scales.split(",") if s])
-    new = replace_block(text, block)
+    try:
+        new = replace_block(text, block)
+    except ReadmeError as e:
+        raise SystemExit(f"make_readme_results: error: {e}") from None
     readme.write_text(new)
     print(f"updated {readme}: results block {len(block.splitlines())} lines")
     return 0

@@ -282,12 +282,27 @@ def group_obs(problem: LayerProblem, pattern: Pattern, *, damp: Optional[float] 
         uniform = bool((st.sizes == st.sizes[0]).all())
         if uniform:
             G = torch.tensor(st.groups, device=st.device)  # (g, s)
+        single = uniform and int(G.shape[1]) == 1
+        if single:  # one column per group: rank-1 updates in place (the common MLP-neuron case)
+            col_of = G[:, 0]
+            inf = torch.tensor(float("inf"), dtype=dt, device=st.device)
         for _step in range(st.g - st.k):
+            if single:
+                cost = 0.5 * (W * W).sum(0)[col_of] / Hinv.diagonal()[col_of].clamp_min(1e-300)
+                gid = int(torch.argmin(torch.where(alive, cost, inf)))
+                c = int(col_of[gid])
+                u = Hinv[c].clone()
+                h = float(u[c])
+                W.addr_(W[:, c].clone(), u, alpha=-1.0 / h)
+                Hinv.addr_(u, u, alpha=-1.0 / h)
+                W[:, c] = 0
+                Hinv[c, :] = 0
+                Hinv[:, c] = 0
+                Hinv[c, c] = 1.0
+                alive[gid] = False
+                continue
             ids = alive.nonzero().squeeze(1)
-            if uniform and G.shape[1] == 1:
-                c = G[ids, 0]
-                cost = 0.5 * (W[:, c] ** 2).sum(0) / Hinv.diagonal()[c].clamp_min(1e-300)
-            elif uniform:
+            if uniform:
                 Gi = G[ids]  # (a, s)
                 blocks = Hinv[Gi.unsqueeze(2), Gi.unsqueeze(1)]  # (a, s, s)
                 Lb, info = torch.linalg.cholesky_ex(blocks)
@@ -304,11 +319,10 @@ def group_obs(problem: LayerProblem, pattern: Pattern, *, damp: Optional[float] 
                     cost[a] = 0.5 * (W[:, cg].T * torch.cholesky_solve(W[:, cg].T, Lg)).sum()
             gid = int(ids[int(torch.argmin(cost))])
             cg = torch.tensor(st.groups[gid], device=st.device)
-            Hgg = Hinv[cg][:, cg]
-            Lg = torch.linalg.cholesky(Hgg)
-            rowsG = Hinv[cg]  # (s, n)
-            W -= torch.cholesky_solve(W[:, cg].T, Lg).T @ rowsG
-            Hinv -= rowsG.T @ torch.cholesky_solve(rowsG, Lg)
+            Lg = torch.linalg.cholesky(Hinv[cg][:, cg])
+            rowsG = Hinv[cg].clone()  # (s, n)
+            W.sub_(torch.cholesky_solve(W[:, cg].T, Lg).T @ rowsG)
+            Hinv.sub_(rowsG.T @ torch.cholesky_solve(rowsG, Lg))
             W[:, cg] = 0
             Hinv[cg, :] = 0
             Hinv[:, cg] = 0

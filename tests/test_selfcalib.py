@@ -27,15 +27,6 @@ STORIES = MODEL_DIR / "stories260K"
 pytestmark = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reason=f"no stories260K in {MODEL_DIR}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # decoding is many tiny matmuls: on a shared 2-core machine one thread is >10x faster than two
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def stories():
     from transformers import AutoModelForCausalLM, AutoTokenizer

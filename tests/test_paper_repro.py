@@ -1,0 +1,197 @@
+"""paper_repro/ (issue 8): every paper script runs at stories scale with --quick and writes JSON + Markdown whose
+numbers are the JSONL rows' numbers; make_readme_results replaces only the marked block of a README.
+
+The four quick runs share one process (imports and the model load are paid once) and one module-scoped fixture:
+each is 1 dense evaluation + 2 pruning runs on stories260K with 8 calibration samples and 4 evaluation windows.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PR = REPO / "paper_repro"
+STORIES = Path(__import__("os").environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models")) / "stories260K"
+PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp"]
+
+
+def _load(name: str):
+    key = f"_paper_repro_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, PR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    out = tmp_path_factory.mktemp("paper_repro")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = {}
+        for p in PAPERS:
+            mod = _load(p)
+            # --no-extra: the SPAP speed / EGGS 2:4 sections start worker processes (covered by the full runs)
+            res[p] = mod.main(mod.SPEC, ["--scale", "stories", "--quick", "--out-dir", str(out), "--no-extra"])
+    finally:
+        torch.set_num_threads(n)
+    return out, res
+
+
+def _common():
+    _load("fistapruner")  # the scripts put paper_repro/ on sys.path and import common
+    return sys.modules["common"]
+
+
+def _rows(path: Path) -> dict:
+    return {json.loads(line)["key"]: json.loads(line) for line in path.read_text().splitlines() if line.strip()}
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_quick_run_numbers_are_the_jsonl_rows(quick_runs, paper):
+    out, res = quick_runs
+    stem = f"{paper}_stories_quick"
+    jf, mf, lf = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.jsonl"
+    assert jf.is_file() and mf.is_file() and lf.is_file()
+    doc = json.loads(jf.read_text())
+    md = mf.read_text()
+    rows = _rows(lf)
+    assert doc["quick"] and doc["scale"] == "stories" and doc["model"] == "stories260k"
+    done = [c for c in doc["rows"] if c["status"] == "done"]
+    assert len(done) >= 2, f"{paper}: expected at least two completed quick rows, got {doc['rows']}"
+    for c in done:
+        r = rows[c["key"]]  # the cell points at its JSONL row
+        assert r["config"]["method"] == c["method"]
+        assert c["ppl"] == r["perplexity"]["wikitext2"]
+        assert c["kl"] == r["kl"] and c["sparsity_achieved"] == r["sparsity_achieved"]
+        assert math.isfinite(c["ppl"]) and c["ppl"] > 1
+        assert f"{c['ppl']:.2f}" in md, f"{paper}: {c['label']} ppl {c['ppl']:.2f} not in the Markdown"
+    dense = [r for r in rows.values() if r["config"]["method"] == "dense"]
+    assert len(dense) == 1 and doc["dense"]["ppl"] == dense[0]["perplexity"]["wikitext2"]
+    assert f"{doc['dense']['ppl']:.2f}" in md
+    # claims are computed from the same cells
+    by = {(c["variant"], c["setting"]): c for c in doc["rows"]}
+    measured = [c for c in doc["claims"] if c.get("ours_values")]
+    assert measured, f"{paper}: no claim measurable in the quick run"
+    for c in measured:
+        a, b = by[tuple(c["a"])], by[tuple(c["b"])]
+        assert c["ours_values"] == [a["ppl"], b["ppl"]]
+        assert c["ours_holds"] == (a["ppl"] < b["ppl"])
+        assert c["verdict"] in ("agrees", "DISAGREES", "holds", "does not hold")
+        if c["verdict"] == "DISAGREES":
+            assert "DISAGREES" in md and "disagree with the paper" in md
+    # the paper's numbers are quoted from METHODS.md lines that really hold them
+    assert all(s["ok"] is not False for s in doc["sources"]), doc["sources"]
+    assert "not comparable" in md  # the header says the paper's models differ
+
+
+def test_rerun_resumes_without_new_rows(quick_runs):
+    out, _ = quick_runs
+    lf = out / "fistapruner_stories_quick.jsonl"
+    before = lf.read_text()
+    mod = _load("fistapruner")
+    doc = mod.main(mod.SPEC, ["--scale", "stories", "--quick", "--out-dir", str(out), "--no-extra"])
+    assert lf.read_text() == before  # every row was already there: nothing re-run
+    assert [c["ppl"] for c in doc["rows"]] == [c["ppl"] for c in json.loads(
+        (out / "fistapruner_stories_quick.json").read_text())["rows"]]
+
+
+def test_paper_scale_refuses_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    mod = _load("spap")
+    with pytest.raises(SystemExit) as e:
+        mod.main(mod.SPEC, ["--scale", "paper", "--out-dir", str(tmp_path)])
+    assert "CUDA" in str(e.value)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_paper_numbers_cite_methods_md():
+    common = _common()
+    if not common.methods_md_path().is_file():
+        pytest.skip("shared/METHODS.md not present")
+    for p in PAPERS:
+        spec = _load(p).SPEC
+        for s in common.check_sources(spec.numbers):
+            assert s["ok"], (p, s)
+        ids = {v.id for v in spec.variants}
+        for c in spec.claims:  # every claim compares rows the script runs
+            assert c.a[0] in ids and c.b[0] in ids, (p, c.text)
+            assert c.a[1] in spec.settings and c.b[1] in spec.settings, (p, c.text)
+
+
+# ------------------------------------------------------------------------------------------------ README block
+def _readme_inputs(quick_runs, tmp_path):
+    out, _ = quick_runs
+    res = tmp_path / "results"
+    res.mkdir()
+    for p in PAPERS:  # the generator reads non-quick files: present the quick ones under that name
+        shutil.copy(out / f"{p}_stories_quick.json", res / f"{p}_stories.json")
+        shutil.copy(out / f"{p}_stories_quick.md", res / f"{p}_stories.md")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    return res, bench
+
+
+def test_make_readme_results_replaces_only_the_block(quick_runs, tmp_path):
+    mk = _load("make_readme_results")
+    res, bench = _readme_inputs(quick_runs, tmp_path)
+    readme = tmp_path / "README.md"
+    before = "# title\n\nIntro text.\n\n## Results\n\n"
+    after = "\n\n## After\n\nMore text, kept as is.\n"
+    readme.write_text(before + mk.START + "\nOLD CONTENT 123.45\n" + mk.END + after)
+    img = tmp_path / "img"
+    args = ["--readme", str(readme), "--results-dir", str(res), "--bench-dir", str(bench), "--img-dir", str(img)]
+    assert mk.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(before + mk.START) and text.endswith(mk.END + after)
+    block = text[text.index(mk.START) + len(mk.START): text.index(mk.END)]
+    assert "OLD CONTENT" not in block
+    for p in PAPERS:  # every number of every result file's rows is in the block
+        doc = json.loads((res / f"{p}_stories.json").read_text())
+        for c in doc["rows"]:
+            if c["ppl"] is not None:
+                assert f"{c['ppl']:.2f}" in block
+    pngs = sorted(img.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    methods = {c["method"] for p in PAPERS for c in json.loads((res / f"{p}_stories.json").read_text())["rows"]
+               if c["ppl"] is not None}
+    assert {p.name.split("ppl_vs_sparsity_")[1].rsplit("_stories", 1)[0] for p in pngs} == methods
+    for p in pngs:
+        assert f"({p.relative_to(tmp_path).as_posix()})" in block  # embedded with a path relative to the README
+    # idempotent: a second run gives the same README
+    assert mk.main(args) == 0
+    assert readme.read_text() == text
+
+
+def test_make_readme_results_appends_markers_when_absent(quick_runs, tmp_path):
+    mk = _load("make_readme_results")
+    res, bench = _readme_inputs(quick_runs, tmp_path)
+    readme = tmp_path / "README.md"
+    original = "# title\n\nNo results section yet.\n"
+    readme.write_text(original)
+    mk.main(["--readme", str(readme), "--results-dir", str(res), "--bench-dir", str(bench),
+             "--img-dir", str(tmp_path / "img")])
+    text = readme.read_text()
+    assert text.startswith(original)
+    assert text.count(mk.START) == 1 and text.count(mk.END) == 1 and text.rstrip().endswith(mk.END)
+    # one marker alone is an error and changes nothing
+    bad = tmp_path / "BAD.md"
+    bad.write_text("x\n" + mk.START + "\n")
+    with pytest.raises(SystemExit, match="marker"):
+        mk.main(["--readme", str(bad), "--results-dir", str(res), "--bench-dir", str(bench),
+                 "--img-dir", str(tmp_path / "img2")])
+    assert bad.read_text() == "x\n" + mk.START + "\n"
