@@ -51,6 +51,7 @@ from optprune.solvers.base import LayerResult, LicenseLimitError, SolverUnavaila
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+CVXPY_MAX_NNZ = 2e7  # largest m·n² handed to cvxpy for the QP/ℓ1 models (memory of its canonicalisation)
 
 REFIT_SIZES = [(8, 16), (16, 32), (32, 64), (64, 128), (128, 256), (256, 512)]
 L1_SIZES = [(4, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256)]
@@ -103,6 +104,11 @@ class Refs:
         if b is None:
             return {**row, "status": "skipped", "note": self.exhausted.get(name, "unavailable")}
         ok, why = b.supports(prog)
+        if ok and name == "cvxpy" and prog.kind in ("QP", "L1") and prog.problem is not None:
+            m, n = prog.problem.shape
+            if m * n * n > CVXPY_MAX_NNZ:  # cvxpy's factor form holds one n×|S| block per row
+                ok, why = False, (f"cvxpy would build a {m}·{n}² ≈ {m * n * n / 1e6:.0f}M-nonzero model (> "
+                                  f"{CVXPY_MAX_NNZ / 1e6:.0f}M: at 256×512 it passed 6.8 GB of memory in 5 min without finishing)")
         if not ok:
             self.exhausted[name] = why
             return {**row, "status": "skipped", "note": why}

@@ -394,19 +394,34 @@ def save_shrunk(model: nn.Module, output_dir: str, arch: Optional[ArchSpec] = No
             cfg.quantization_config = None
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
+    note = None
     if stock and widths:
         w0 = widths[0]
+        new = {}
         if "mlp" in w0:
-            setattr(cfg, arch.mlp.config_key, int(w0["mlp"]))
+            new[arch.mlp.config_key] = int(w0["mlp"])
         if heads_changed:
-            setattr(cfg, arch.heads.heads_key, int(w0["heads"]))
+            new[arch.heads.heads_key] = int(w0["heads"])
             if arch.heads.kv_heads_key:
-                setattr(cfg, arch.heads.kv_heads_key, int(w0["kv_heads"]))
-            cfg.head_dim = int(w0["head_dim"])
+                new[arch.heads.kv_heads_key] = int(w0["kv_heads"])
+            new["head_dim"] = int(w0["head_dim"])
+        old = {k: getattr(cfg, k, None) for k in new}
+        for k, v in new.items():
+            setattr(cfg, k, v)
+        try:  # e.g. LlamaConfig insists on hidden_size % num_attention_heads == 0
+            if callable(getattr(cfg, "validate", None)):
+                cfg.validate()
+        except Exception as e:  # the config cannot say it: keep the dense config, use the optprune format
+            for k, v in old.items():
+                setattr(cfg, k, v)
+            stock = False
+            note = f"a stock config cannot describe these widths ({str(e).splitlines()[-1].strip()})"
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, **save_kw)
     record = {"format": _FORMAT, "architecture": arch.name, "uniform": uniform, "stock_loadable": stock,
               "dense": dense, "layers": widths, "bias_flags_set": bias_keys}
+    if note:
+        record["note"] = note
     with open(os.path.join(output_dir, WIDTHS_FILE), "w") as fh:
         json.dump(record, fh, indent=1)
     return record

@@ -232,6 +232,9 @@ class _Runner:
             r = b.solve(program, **opts)
         except (LicenseLimitError, SolverUnavailable) as e:
             return self.add(inst, model, name, status="skipped", note=str(e), role=role)
+        except Exception as e:  # a backend crash is a failed row, not a crashed harness
+            return self.add(inst, model, name, status="error", note=f"{type(e).__name__}: {str(e)[:90]}",
+                            role=role, proven=False)
         label = r.solver if name == "cvxpy" else name
         if not r.values:
             return self.add(inst, model, label, status=r.status, time_s=r.time, note=str(r.info.get("error", "")),

@@ -295,7 +295,10 @@ def _random_llama(path: Path, layers=20, hidden=384, inter=1024):
 def _mem_run(tmp_path, big, low: bool) -> dict:
     script = tmp_path / "mem.py"
     script.write_text(_MEM_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a fixed glibc mmap threshold: freed tensors go back to the OS at once, so RSS tracks live memory. Without
+    # it glibc keeps up to 64 MB of freed small tensors in its heap (the threshold grows to 32 MB): measured
+    # peaks then vary 37-75 MB run to run on this toy model; real models' tensors (> 32 MB) are mmapped anyway.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
     calib = tmp_path / "calib.txt"
     calib.write_text((DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:40000])
     p = subprocess.run([sys.executable, str(script), str(big), str(STORIES), str(calib), str(MODEL_DIR),
@@ -305,20 +308,22 @@ def _mem_run(tmp_path, big, low: bool) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_low_memory_rss_cap(tmp_path):
-    """A 136 MB model (20 blocks of 6.8 MB, in 5 shards) pruned with --low-memory in a subprocess: the peak RSS
-    rises by far less than the model's size (measured ≈ 35-40 MB: one block, its written shard being serialised,
-    the Grams of one block, the activations)."""
+@pytest.mark.parametrize("layers,cap", [(12, 0.45), pytest.param(20, 0.3, marks=pytest.mark.slow)])
+def test_low_memory_rss_cap(tmp_path, layers, cap):
+    """A random LLaMA of 12 (82 MB) or 20 (136 MB) blocks of 6.8 MB, in several shards, pruned with --low-memory
+    in a subprocess: the peak RSS rises by far less than the model's size. Measured ≈ 26 MB whatever the depth
+    (4 runs of the 20-block model: 25.6-26.4 MB = 0.19×): one block, its shard being serialised, the Grams of one
+    block, the activations, allocator slack — it does not grow with the number of blocks."""
     _need_stories()
     if not (DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw").is_file():
         pytest.skip("WikiText-2 not found")
     big = tmp_path / "big"
-    size_mb = _random_llama(big)
-    assert len(list(big.glob("*.safetensors"))) > 1 and size_mb > 120
+    size_mb = _random_llama(big, layers=layers)
+    assert len(list(big.glob("*.safetensors"))) > 1 and size_mb > 80
     r = _mem_run(tmp_path, big, low=True)
-    assert r["increase_mb"] < 0.4 * size_mb, (r, size_mb)
+    assert r["increase_mb"] < cap * size_mb, (r, size_mb)
     out = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "low"), dtype=torch.float32)
-    W = out.model.layers[19].mlp.down_proj.weight
+    W = out.model.layers[layers - 1].mlp.down_proj.weight
     assert ((W == 0).sum(1) == W.shape[1] // 2).all()  # wanda: 50% per row
 
 

@@ -330,6 +330,36 @@ def test_heads_gqa_uneven_removal_is_exact_and_roundtrips(stories, tmp_path):
 
 
 @needs_model
+@pytest.mark.parametrize("kept,stock", [([4, 5, 6, 7], True), ([2, 3, 4, 5, 6, 7], False)])
+def test_uniform_head_removal_stock_config_or_fallback(stories, tmp_path, kept, stock):
+    """4 heads / 2 kv heads fit a LlamaConfig; 6 heads do not (hidden 64 % 6 ≠ 0): then the optprune format."""
+    from transformers import AutoModelForCausalLM
+    from optprune.llm_adapters.architectures import get_arch, get_module
+    from optprune.llm_adapters.surgery import apply_structured, is_uniform, load_shrunk, save_shrunk, structure_pattern
+    model0, _, ids = stories
+    model = copy.deepcopy(model0)
+    arch = get_arch(model)
+    for i in range(5):
+        name, pat = structure_pattern(model, arch, i, "heads", 1 - len(kept) / 8)
+        W = get_module(get_module(model, arch.blocks)[i], name).weight.data.clone()
+        keep = torch.zeros(8, dtype=torch.bool)
+        keep[kept] = True
+        mask = pat.mask_from_groups(keep, 64, 64)
+        apply_structured(model, arch, i, "heads", LayerResult(W * mask, mask, {}), pat)
+    assert is_uniform(model)
+    rec = save_shrunk(model, str(tmp_path))
+    assert rec["stock_loadable"] is stock
+    ref = _logits(model, ids)
+    if stock:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 8)
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32), ids), ref)
+    else:
+        assert "cannot describe" in rec["note"]
+    assert torch.equal(_logits(load_shrunk(str(tmp_path)), ids), ref)
+
+
+@needs_model
 def test_surgery_bad_input(stories):
     from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.surgery import SurgeryError, apply_structured, structure_pattern
