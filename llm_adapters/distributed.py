@@ -401,6 +401,7 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
 
     t0 = time.perf_counter()
     calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
+    t_ready = time.perf_counter()  # every rank is up (rank 0 waited here for the spawned workers to start)
     _check_mode(config)
     config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
     plan = None
@@ -419,7 +420,8 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
             err = e
     summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
                "device": str(config.device), "tcp_addresses": _tcp_addresses(), **local,
-               "prune_time_s": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
+               "prune_time_s": time.perf_counter() - t0, "wait_s": t_ready - t0,
+               "work_s": time.perf_counter() - t_ready, "peak_rss_mb": _rss_mb(),
                "forward_blocks": (min(mine) if mine else 0), "structured": None}
     if plan is not None:
         summary["structured"] = bool(plan.spec.structured)
@@ -457,7 +459,10 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
     t_transfer = time.perf_counter() - t_x
     if ctx.rank != 0:
         return None
-    return _merge(gathered, ctx, owners, assignment, calib_ids, config, time.perf_counter() - t0, t_transfer, sent)
+    res = _merge(gathered, ctx, owners, assignment, calib_ids, config, time.perf_counter() - t0, t_transfer, sent)
+    res["distributed"]["startup_wait_s"] = t_ready - t0
+    res["distributed"]["parallel_s"] = time.perf_counter() - t_ready  # broadcast done → gathered
+    return res
 
 
 def _merge(gathered: list, ctx: DistContext, owners, assignment, calib_ids, config, wall, t_transfer, nbytes) -> dict:
@@ -471,7 +476,8 @@ def _merge(gathered: list, ctx: DistContext, owners, assignment, calib_ids, conf
     threads = sorted({g["threads"] for g in gathered})
     addrs = sorted({a for g in gathered for a in g.get("tcp_addresses") or []})
     ranks = [{k: g.get(k) for k in ("rank", "host", "blocks_owned", "forward_blocks", "threads", "device",
-                                     "prune_time_s", "time_s", "peak_rss_mb", "peak_cuda_mb", "tcp_addresses")}
+                                     "prune_time_s", "wait_s", "work_s", "time_s", "peak_rss_mb", "peak_cuda_mb",
+                                     "tcp_addresses")}
              for g in gathered]
     res = {"layers": layers, "blocks": blocks, "time_s": wall,
            "peak_rss_mb": max(g.get("peak_rss_mb") or 0.0 for g in gathered),
