@@ -264,6 +264,9 @@ def summarise(rows: list, meta: dict) -> dict:
             e[f"{lr['phase']}_b{lr['batch']}_pruned_ms"] = lr["pruned_ms"]
             e[f"{lr['phase']}_b{lr['batch']}_pruned_tok_s"] = lr["pruned_tok_s"]
             e[f"{lr['phase']}_b{lr['batch']}_dense_tok_s"] = lr["dense_tok_s"]
+            pairs = list(zip(lr.get("dense_ms_all") or [], lr.get("pruned_ms_all") or []))
+            # sign test over the alternated pairs: k of n pairs where the pruned model was faster
+            e[f"{lr['phase']}_b{lr['batch']}_pairs"] = [sum(p < d for d, p in pairs), len(pairs)]
         table.append(e)
     done = [r for r in rows if r.get("machine")]
     return {"meta": meta, "machine": done[-1]["machine"] if done else None,
@@ -284,7 +287,9 @@ def render_markdown(doc: dict, level: int = 2) -> str:
                f"process; peak RSS is that process's (model, calibration, pruning); the 'dense' row loads the model "
                f"and its calibration tokens only. Speed-up = dense time / pruned time (median of "
                f"{meta['repeats']} alternated runs; prefill {meta['prefill']} tokens/sequence, decode "
-               f"{meta['decode']} steps). Command: `{meta['command']}`.")
+               f"{meta['decode']} steps; in brackets: in how many of the alternated pairs the pruned model was "
+               f"faster — n/n or 0/n is a sign-test result, anything between is within this machine's noise). "
+               f"Command: `{meta['command']}`.")
     out.append("")
     hdr = ["method", "setting", "kind", "prune s", "peak RSS MB", "Δ vs dense MB", "params"]
     for b in batches:
@@ -300,8 +305,9 @@ def render_markdown(doc: dict, level: int = 2) -> str:
                (f"{e['n_params_pruned'] / 1e6:.3f}M" if e.get("n_params_pruned") else
                 (f"{e['n_params_dense'] / 1e6:.3f}M" if e.get("n_params_dense") else ""))]
         for b in batches:
-            row += [_f(e.get(f"prefill_b{b}_speedup"), ".3f", suffix="×"), _f(e.get(f"decode_b{b}_speedup"), ".3f",
-                                                                             suffix="×")]
+            for ph in ("prefill", "decode"):
+                k = e.get(f"{ph}_b{b}_pairs")
+                row.append(_f(e.get(f"{ph}_b{b}_speedup"), ".3f", suffix="×") + (f" ({k[0]}/{k[1]})" if k else ""))
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     dense = next((e for e in doc["table"] if e["method"] != "dense" and e.get(f"prefill_b{batches[0]}_dense_ms")), None)

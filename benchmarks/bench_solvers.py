@@ -21,7 +21,8 @@ or against the best incumbent when no reference proved one (then also the gap to
 bound on the true gap); masks ``(S_ref − S_torch)/S_ref``. References come from
 :func:`optprune.solvers.get_backend`, programs from :mod:`optprune.formulations.programs`.
 
-Instances: ``LayerProblem.random(m, n, kind="correlated")`` in float64 (synthetic Grams). The per-layer part uses
+Instances: ``LayerProblem.random(m, n, kind="outliers")`` in float64 (synthetic Grams; a few input features
+20× larger, as in LLM activations; ``--kind`` for the others). The per-layer part uses
 SmolLM2-135M's shapes (q/o 576×576, k/v 192×576, up/gate 1536×576, down 576×1536) with **random** weights and
 Grams of N = 2048 Gaussian tokens with a few outlier features (timings depend on shapes, not values), or with
 ``--real-grams`` the Grams of SmolLM2's block 0 from a short C4 calibration (``benchmarks/fista_layers.py``).
@@ -135,8 +136,11 @@ class Refs:
         return row
 
 
+KIND = "outliers"  # LayerProblem.random kind of the ladder instances (--kind)
+
+
 def _problem(m, n, seed):
-    return LayerProblem.random(m, n, kind="correlated", seed=seed)
+    return LayerProblem.random(m, n, kind=KIND, seed=seed)
 
 
 def _strip(r):
@@ -377,7 +381,7 @@ def render_markdown(doc, level=2) -> str:
     out = [f"{h} Solvers against their references", ""]
     out.append(f"Hardware: {meta['hardware']}; torch {meta['torch']}, {meta['threads']} torch thread(s); MIQP time "
                f"limit {meta['time_limit']} s, ladders stop when a reference's solve exceeds {meta['max_ref_s']} s. "
-               f"Instances: `LayerProblem.random(m, n, kind='correlated')`, float64. Command: `{meta['command']}`.")
+               f"Instances: `LayerProblem.random(m, n, kind='{meta.get('kind', 'outliers')}')`, float64. Command: `{meta['command']}`.")
     out.append("")
     conv = [r for r in doc.get("ladders", []) if r["ladder"] in ("refit QP", "l1 model")]
     if conv:
@@ -404,6 +408,12 @@ def render_markdown(doc, level=2) -> str:
                    "in brackets, an upper bound on the true gap). Speed-up = reference time / heuristic time.")
         out.append("")
         for r in l0:
+            if r["ref_objective"] is None:
+                why = "; ".join(f"{x['reference']}: {x.get('note') or x['status']}" for x in r["references"])
+                out.append(f"**{r['ladder']}, {r['m']}×{r['n']}** ({r['variables']} variables) — no reference solves "
+                           f"this size ({why or 'all exhausted at smaller sizes'}); the ladder ends here.")
+                out.append("")
+                continue
             refs = ", ".join(f"{x['reference']} {x['status']}"
                              + (f" {x['time_s']:.2f} s" if x.get("time_s") is not None else "")
                              + (f" ({x['note'][:60]})" if x.get("note") else "") for x in r["references"])
@@ -484,9 +494,19 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kind", default="outliers", choices=["random", "correlated", "outliers", "dead"],
+                    help="ladder instances: LayerProblem.random kind (outliers: a few inputs 20× larger, LLM-like)")
     ap.add_argument("--out", default=str(RESULTS / "bench_solvers.json"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON at --out")
     args = ap.parse_args(argv)
+    if args.render:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(render_markdown(json.loads(out.read_text())) + "\n")
+        print(f"wrote {out.with_suffix('.md')}")
+        return 0
     torch.set_num_threads(args.threads)
+    global KIND
+    KIND = args.kind
     secs = set(args.sections.split(","))
     lad = set(args.ladders.split(","))
     cut = (lambda s: s[:2]) if args.quick else (lambda s: s)
@@ -538,7 +558,7 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         hw += f", {torch.cuda.get_device_name(0)} (unused: CPU solvers)"
     cmd = "python benchmarks/bench_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    doc["meta"] = {"hardware": hw, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    doc["meta"] = {"kind": args.kind, "hardware": hw, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "time_limit": args.time_limit, "max_ref_s": args.max_ref_s, "repeats": args.repeats,
                    "layer_repeats": args.layer_repeats, "quick": args.quick, "command": cmd.strip(),
                    "wall_s": time.perf_counter() - t_start, "written": time.strftime("%Y-%m-%d %H:%M:%S")}

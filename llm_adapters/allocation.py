@@ -20,7 +20,10 @@ their structure sub-layer (``down``/``o``) from the same dict.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -52,10 +55,27 @@ def prunable_matrices(model: nn.Module, arch: Optional[ArchSpec] = None) -> list
     return out
 
 
+_SPECTRA_CACHE: "OrderedDict[str, list]" = OrderedDict()
+_SPECTRA_CACHE_SIZE = 4
+
+
+def _weights_key(items, device, options) -> str:
+    h = hashlib.sha1(repr((str(device), sorted(options.items()))).encode())
+    for name, bi, W in items:
+        t = W.detach().contiguous().cpu()
+        h.update(f"{name}|{bi}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=None, keep_eigs=False,
-                  names=None, **fit_options) -> list[MatrixSpectrum]:
-    """Spectra and power-law fits of the prunable matrices (float64 from the stored weights)."""
+                  names=None, cache: bool = True, **fit_options) -> list[MatrixSpectrum]:
+    """Spectra and power-law fits of the prunable matrices (float64 from the stored weights).
+
+    Results are memoised in-process by a hash of the weights and the options (``cache=False`` to skip): a sweep
+    that reloads the same model for each run pays for the SVDs once.
+    """
     arch = _arch(model, arch)
     items = []
     for name, bi, sub, mod in prunable_matrices(model, arch):
@@ -65,7 +85,15 @@ def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=N
     if not items:
         raise AllocationError("no prunable matrices selected")
     keep = keep_eigs if not isinstance(keep_eigs, (set, list, tuple)) else False
+    key = _weights_key(items, device, fit_options) if cache and not keep else None
+    if key is not None and key in _SPECTRA_CACHE:
+        _SPECTRA_CACHE.move_to_end(key)
+        return [copy.copy(s) for s in _SPECTRA_CACHE[key]]
     spectra = matrix_spectra(items, device=device, keep_eigs=bool(keep), **fit_options)
+    if key is not None:
+        _SPECTRA_CACHE[key] = [copy.copy(s) for s in spectra]
+        while len(_SPECTRA_CACHE) > _SPECTRA_CACHE_SIZE:
+            _SPECTRA_CACHE.popitem(last=False)
     if isinstance(keep_eigs, (set, list, tuple)):  # keep eigenvalues only for the named matrices
         want = set(keep_eigs)
         from ..solvers.spectra import eigenvalues

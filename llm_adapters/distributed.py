@@ -23,11 +23,13 @@ that with ``blocks=mine``). There is no activation traffic — for a 7B model on
 ``nsamples × seqlen × hidden`` = 128·2048·4096 floats = 4 GiB, while a dense block forward costs a fraction of
 pruning it — at the price of ``start_r`` extra dense block forwards on rank ``r``.
 
-**Assignment** (``assignment=`` / ``$OPTPRUNE_BLOCK_ASSIGNMENT``): ``"contiguous"`` (default) gives rank ``r``
-a contiguous run of blocks, sizes differing by at most one, the larger runs to the *earlier* ranks (they forward
-fewer dense blocks first); ``"round-robin"`` gives block ``i`` to rank ``i mod N`` (every rank then forwards
-almost the whole model). Contiguous is also what the low-memory mode wants: a rank never loads a block past its
-last one.
+**Assignment** (``assignment=`` / ``$OPTPRUNE_BLOCK_ASSIGNMENT``): ``"contiguous"`` (default) gives each rank
+a contiguous run of blocks, balanced for ``first_block × FORWARD_COST + number_of_blocks`` (rank ``r`` first
+forwards the dense blocks before its own, each ≈ 0.2 of pruning one), so earlier ranks get a few more blocks;
+``"round-robin"`` gives the ``j``-th block to rank ``j mod N`` (every rank then forwards almost the whole model).
+Contiguous is also what the low-memory mode wants: a rank never loads a block past its last one. Limit: the last
+rank's chain of dense forwards grows with the depth, so beyond N ≈ 1/FORWARD_COST ranks it dominates (see the
+capacity plan in docs/notes/issue-9.md).
 
 **What travels.** Rank 0 broadcasts the calibration tokens and the :class:`PruneConfig` (so every rank prunes
 with rank 0's data, also under torchrun where each rank sampled them itself). After pruning, every rank sends
@@ -116,8 +118,18 @@ def world_for(nproc: int) -> int:
     return env[1]
 
 
-def assign_blocks(blocks, world: int, how: Optional[str] = None) -> list:
-    """Blocks (a sorted list of indices) → one list per rank (see the module doc)."""
+#: cost of forwarding one dense block relative to pruning one (for the contiguous split): ≈ 1 of the ~5 block
+#: passes that statistics with error correction take (see benchmarks/bench_distributed.py's FLOP model)
+FORWARD_COST = 0.2
+
+
+def assign_blocks(blocks, world: int, how: Optional[str] = None, forward_cost: float = FORWARD_COST) -> list:
+    """Blocks (indices) → one sorted list per rank (see the module doc).
+
+    ``"contiguous"``: rank ``r`` gets a contiguous run; the runs are balanced for the cost
+    ``first_index·forward_cost + count`` (rank ``r`` forwards the dense blocks before its first one, then prunes its
+    own), i.e. earlier ranks get more blocks. ``"round-robin"``: block ``blocks[j]`` → rank ``j mod world``.
+    Deterministic: every rank computes the same assignment."""
     how = (how or os.environ.get(ENV_ASSIGNMENT) or "contiguous").strip().lower().replace("_", "-")
     if how not in ASSIGNMENTS:
         raise DistributedError(f"block assignment must be one of {', '.join(ASSIGNMENTS)}, got {how!r}")
@@ -125,13 +137,31 @@ def assign_blocks(blocks, world: int, how: Optional[str] = None) -> list:
     world = int(world)
     if how == "round-robin":
         return [blocks[r::world] for r in range(world)]
-    base, extra = divmod(len(blocks), world)
-    out, i = [], 0
-    for r in range(world):
-        k = base + (1 if r < extra else 0)
-        out.append(blocks[i:i + k])
-        i += k
-    return out
+    f = max(0.0, float(forward_cost))
+
+    def greedy(T):
+        out, i = [], 0
+        for r in range(world):
+            j = i
+            while j < len(blocks) and (blocks[i] * f + (j - i + 1)) <= T + 1e-9:
+                j += 1
+            if r == world - 1:
+                j = len(blocks)
+            out.append(blocks[i:j])
+            i = j
+        return out
+
+    def cost(parts):
+        return max((p[0] * f + len(p)) if p else 0.0 for p in parts)
+
+    lo, hi = 0.0, (blocks[-1] * f + len(blocks)) if blocks else 0.0
+    for _ in range(60):  # smallest bottleneck cost a greedy split achieves
+        mid = (lo + hi) / 2
+        if cost(greedy(mid)) <= mid + 1e-9:
+            hi = mid
+        else:
+            lo = mid
+    return greedy(hi)
 
 
 def loopback_interface() -> str:
@@ -149,9 +179,10 @@ def loopback_interface() -> str:
     return "lo"
 
 
-def choose_backend(device) -> str:
+def choose_backend(device, local_world: Optional[int] = None) -> str:
     """``$OPTPRUNE_DIST_BACKEND`` if set; NCCL when computing on CUDA and every local rank has its own GPU;
-    gloo otherwise (CPU, or more ranks than GPUs: the transfers are of host tensors anyway)."""
+    gloo otherwise (CPU, or more ranks than GPUs: the transfers are of host tensors anyway).
+    ``local_world``: processes on this machine (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in ("gloo", "nccl"):
@@ -159,9 +190,10 @@ def choose_backend(device) -> str:
         return env
     dev = str(device or "cpu")
     if dev.startswith("cuda") and torch.cuda.is_available() and dist.is_nccl_available():
-        ew = env_world()
-        local_world = ew[3] if ew else None
-        if local_world is None or torch.cuda.device_count() >= local_world:
+        if local_world is None:
+            ew = env_world()
+            local_world = ew[3] if ew else 1
+        if torch.cuda.device_count() >= local_world:
             return "nccl"
     return "gloo"
 
@@ -266,7 +298,7 @@ def distributed_context(nproc: int, target: Optional[Callable] = None, args: tup
     if world <= 1:
         yield None
         return
-    backend = choose_backend(device)
+    backend = choose_backend(device, None if env_world() is not None else world)
     if env_world() is not None:  # torchrun, or a worker spawned below
         ctx = _init_from_env(backend)
         try:

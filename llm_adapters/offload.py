@@ -646,6 +646,7 @@ def _offload_rank(ctx, om, calib_ids, config, out_dir, act, assignment, *, progr
     import socket
     t0 = time.perf_counter()
     calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
+    torch.distributed.barrier()  # rank 0 has cleaned the output directory before anyone writes a shard
     _check_mode(config)
     config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
     err, res, mine, plan = _error, {}, [], None
@@ -754,7 +755,9 @@ def prune_low_memory(*, model, model_dir, spec, sparsity, pattern, min_degree, a
                                              seed=s["seed"], data_dir=data_dir, return_info=True)
     timings["calibration_s"] = time.perf_counter() - t0
     record["calibration"] = R._jsonable(calib_info)
-    _clean_output(out_dir)
+    from .distributed import env_world
+    if env_world() is None or env_world()[0] == 0:  # (torchrun: rank 0 only; the others wait at a barrier)
+        _clean_output(out_dir)
     if world > 1:
         with distributed_context(world, _spawned_offload_worker,
                                  (str(directory), om.dtype, config, str(out_dir), act, assignment),

@@ -477,6 +477,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         if note and verbose:
             print(f"[optprune] {note}", file=sys.stderr, flush=True)
 
+    if activation_dtype is not None and not low_memory:
+        raise RunError("--activation-dtype applies to --low-memory only")
     if low_memory:  # issue 9: one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
         return prune_low_memory(

@@ -362,7 +362,8 @@ def _claim(c: Claim, cells: list, spec: PaperSpec) -> dict:
     if bad:
         errs = [x["error"] for x in bad if x.get("error")]
         d["verdict"] = "not measurable" if errs else "not run"
-        d["why"] = "; ".join(f"{x['label']} @ {x['setting_label']}: {x['error']}" for x in bad if x.get("error"))
+        first = next((x for x in bad if x.get("error")), None)
+        d["why"] = f"not runnable: {first['label']} @ {first['setting_label']}: {first['error'][:110]}" if first else ""
         return d
     if ca.get("kl") is not None and cb.get("kl") is not None:
         d["ours_kl_values"] = [ca["kl"], cb["kl"]]
@@ -371,6 +372,7 @@ def _claim(c: Claim, cells: list, spec: PaperSpec) -> dict:
     d["ours_values"] = [a, b]
     d["ours_ratio"] = a / b if b else None
     d["ours_holds"] = bool(a < b)
+    d["ours_tie"] = bool(a == b)
     if c.ours_only:
         d["verdict"] = "holds" if d["ours_holds"] else "does not hold"
     else:
@@ -499,8 +501,8 @@ def render_markdown(res: dict, level: int = 1, title: bool = True) -> str:
         else:
             pv = f"yes — {c['paper_text'] or 'claimed'}" + (f" ({c['paper_source']})" if c["paper_source"] else "")
         if c["ours_values"]:
-            ov = (f"{'yes' if c['ours_holds'] else 'no'} ({fmt_num(c['ours_values'][0])} vs "
-                  f"{fmt_num(c['ours_values'][1])}, ratio {c['ours_ratio']:.3f})")
+            ov = (f"{'yes' if c['ours_holds'] else ('no — a tie' if c.get('ours_tie') else 'no')} "
+                  f"({fmt_num(c['ours_values'][0])} vs {fmt_num(c['ours_values'][1])}, ratio {c['ours_ratio']:.3f})")
         else:
             ov = c["why"] or "–"
         verdict = {"DISAGREES": "**DISAGREES**", "does not hold": "**does not hold**"}.get(c["verdict"], c["verdict"])

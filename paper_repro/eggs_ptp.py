@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Claim, PaperSpec, Variant, _load_script, main  # noqa: E402
+from common import Claim, PaperSpec, Variant, _load_script, _rel, main  # noqa: E402
 
 ABS = "seeds/001 abstract"
 SETTINGS = ["2:4", "4:8"]
@@ -53,7 +53,7 @@ def speed_section(args, cfg, res, out_dir, stem):
     why = bs.no_kernel_reason()
     lines = []
     if why:
-        claim["why"] = "no 2:4 kernel on this machine (CPU): " + why.split(":")[0]
+        claim["why"] = "no 2:4 kernel on this machine: " + why.split(" (")[0].split("; ")[0]
         lines.append(f"Not measurable here: {why}")
     else:
         bm = _load_script("benchmarks/bench_models.py", "_optprune_bench_models")
@@ -72,7 +72,8 @@ def speed_section(args, cfg, res, out_dir, stem):
                              f"tokens, {torch.cuda.get_device_name()})")
         else:
             claim["why"] = ss.get("note") or e.get("error") or "no result"
-        lines.append(f"`python benchmarks/bench_models.py {' '.join(argv)}`: {claim['why']}")
+        shown = " ".join(_rel(a) if a == str(jsonl) else a for a in argv)
+        lines.append(f"`python benchmarks/bench_models.py {shown}`: {claim['why']}")
     res["claims"].append(claim)
     res.setdefault("sections", []).append({"title": "2:4 inference speed", "lines": lines})
 

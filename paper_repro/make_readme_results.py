@@ -136,7 +136,8 @@ def solver_summary(doc: dict) -> list:
     """A condensed view of bench_solvers.json (the full tables are in benchmarks/results/bench_solvers.md)."""
     meta = doc["meta"]
     out = [f"Command: `{meta['command']}` — {meta['hardware']}, torch {meta['torch']}, {meta['threads']} thread(s); "
-           f"MIQP time limit {meta['time_limit']} s. Instances are synthetic (`LayerProblem.random`, float64).", ""]
+           f"MIQP time limit {meta['time_limit']} s. Instances are synthetic (`LayerProblem.random(kind="
+           f"'{meta.get('kind', '?')}')`, float64).", ""]
     conv = [r for r in doc.get("ladders", []) if r["ladder"] in ("refit QP", "l1 model") and r.get("status") != "skipped"]
     mk = [r for r in doc.get("ladders", []) if r["ladder"].startswith("EGGS") and r.get("status") != "skipped"]
     if conv or mk:
@@ -165,6 +166,8 @@ def solver_summary(doc: dict) -> list:
         out.append("| program | m×n | reference (s) | " + " | ".join(meths) + " |")
         out.append("|---|---|---|" + "---|" * len(meths))
         for r in l0:
+            if r["ref_objective"] is None:  # no reference took this size: the ladder's end
+                continue
             hs = {h["method"]: h for h in r["heuristics"]}
             cells = [fmt_num(hs[m_].get("gap"), ".2e") if m_ in hs else "" for m_ in meths]
             out.append(f"| {r['ladder'][3:]} | {r['m']}×{r['n']} | {r['ref_solver']}{'' if r['ref_proven'] else '*'} "

@@ -47,11 +47,18 @@ class SpectraError(ValueError):
 
 # --------------------------------------------------------------------------------------------- eigenvalues
 @torch.no_grad()
-def eigenvalues(mats: Sequence[torch.Tensor], *, device=None, batch_bytes: int = 512 << 20) -> list[torch.Tensor]:
+def eigenvalues(mats: Sequence[torch.Tensor], *, device=None, batch_bytes: int = 512 << 20,
+                method: str = "svd") -> list[torch.Tensor]:
     """Eigenvalues of ``WᵀW`` (= σ(W)², float64, ascending) for each matrix, batched where shapes agree.
 
-    ``device``: where the SVDs run (default: each matrix's own device). Results are returned on that device.
+    ``device``: where they are computed (default: each matrix's own device); results stay there.
+    ``method``: ``"svd"`` (default) squares ``torch.linalg.svdvals`` in float64 — every eigenvalue to relative
+    accuracy; ``"gram"`` takes ``eigvalsh`` of the smaller Gram matrix (``WᵀW`` or ``WWᵀ``) in float64 — several
+    times faster on a CPU, exact to ~1e-16·λ_max absolute (so the large eigenvalues, where the tail fit lives,
+    to full relative accuracy; eigenvalues below ~1e-10·λ_max lose digits).
     """
+    if method not in ("svd", "gram"):
+        raise SpectraError(f"eigenvalue method must be 'svd' or 'gram', got {method!r}")
     mats = list(mats)
     out: list[Optional[torch.Tensor]] = [None] * len(mats)
     by_shape: dict = {}
@@ -68,8 +75,12 @@ def eigenvalues(mats: Sequence[torch.Tensor], *, device=None, batch_bytes: int =
             if not torch.isfinite(A).all():
                 bad = [i for i, a in zip(chunk, A) if not torch.isfinite(a).all()]
                 raise SpectraError(f"matrices {bad}: weights contain NaN/Inf")
-            sv = torch.linalg.svdvals(A)  # (b, min(m, n)), descending
-            ev = (sv * sv).flip(-1)       # ascending
+            if method == "svd":
+                sv = torch.linalg.svdvals(A)  # (b, min(m, n)), descending
+                ev = (sv * sv).flip(-1)       # ascending
+            else:
+                G = A.transpose(-1, -2) @ A if shape[0] >= shape[1] else A @ A.transpose(-1, -2)
+                ev = torch.linalg.eigvalsh(G).clamp_min(0.0)  # ascending
             for k, i in enumerate(chunk):
                 out[i] = ev[k].contiguous()
     return out  # type: ignore[return-value]
@@ -275,11 +286,13 @@ class MatrixSpectrum:
         return d
 
 
-def matrix_spectra(named: Iterable, *, device=None, keep_eigs: bool = False, **fit_options) -> list[MatrixSpectrum]:
+def matrix_spectra(named: Iterable, *, device=None, keep_eigs: bool = False, eig_method: str = "svd",
+                   **fit_options) -> list[MatrixSpectrum]:
     """Spectra and power-law fits of named matrices.
 
     ``named``: iterable of ``(name, W)`` or ``(name, block, W)`` with ``W`` in (out, in) layout (any dtype;
-    converted to float64). Eigenvalues are computed batched by shape on ``device``.
+    converted to float64). Eigenvalues are computed batched by shape on ``device`` (``eig_method``: see
+    :func:`eigenvalues`).
     """
     items = []
     for it in named:
@@ -289,7 +302,7 @@ def matrix_spectra(named: Iterable, *, device=None, keep_eigs: bool = False, **f
             items.append(tuple(it))
     if not items:
         raise SpectraError("no matrices given")
-    evs = eigenvalues([W for _, _, W in items], device=device)
+    evs = eigenvalues([W for _, _, W in items], device=device, method=eig_method)
     out = []
     for (name, block, W), ev in zip(items, evs):
         try:

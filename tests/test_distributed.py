@@ -87,6 +87,13 @@ def test_assign_blocks():
         flat = sorted(b for p in parts for b in p)
         assert len(flat) == len(set(flat))
     assert D.assign_blocks([1, 4, 5], 5) == [[1], [4], [5], [], []]
+    # contiguous runs are balanced for (first block)·FORWARD_COST + count: never worse than an even split
+    for L, N in ((30, 2), (32, 8), (80, 16)):
+        parts = D.assign_blocks(range(L), N)
+        assert [b for p in parts for b in p] == list(range(L))
+        even = [list(range(L))[i * L // N:(i + 1) * L // N] for i in range(N)]
+        cost = lambda ps: max(p[0] * D.FORWARD_COST + len(p) for p in ps if p)  # noqa: E731
+        assert cost(parts) <= cost(even) + 1e-9
     with pytest.raises(D.DistributedError):
         D.assign_blocks(range(3), 2, "random")
 
@@ -392,4 +399,4 @@ def test_smollm2_two_processes_bit_for_bit():
     ref_model, _, _ = load_model(src)
     prune_model(ref_model, ids, c, progress=False)
     assert_same_state(ref_model.state_dict(), model.state_dict())
-    assert res["distributed"]["owners"] == [list(range(15)), list(range(15, 30))]
+    assert res["distributed"]["owners"] == D.assign_blocks(range(30), 2)
