@@ -26,28 +26,44 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ============================================================================================ FLOP model
-def block_shapes(d, ff, heads, kv_heads, head_dim=None):
-    """(m, n) of q, k, v, o, up, gate, down and the input width of each group (LLaMA block)."""
+def block_shapes(d, ff, heads, kv_heads, head_dim=None, gated=True):
+    """(m, n) of q, k, v, o, up, (gate,) down and the input width of each group (LLaMA block; OPT: not gated)."""
     hd = head_dim or d // heads
     q, kv = heads * hd, kv_heads * hd
-    layers = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "up": (ff, d), "gate": (ff, d), "down": (d, ff)}
+    layers = {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "up": (ff, d), "down": (d, ff)}
+    if gated:
+        layers["gate"] = (ff, d)
     groups = [d, q, d, ff]  # input widths of (q,k,v), o, (up,gate), down
     return layers, groups
 
 
-def block_flops(d, ff, heads, kv_heads, tokens, head_dim=None, seqlen=2048):
-    """FLOPs of pruning one block with SparseGPT, dense-input, error correction on (the pipeline's default).
+def block_flops(d, ff, heads, kv_heads, tokens, head_dim=None, seqlen=2048, ec=True, gated=True, report=True):
+    """FLOPs of pruning one block with SparseGPT in dense-input mode.
 
-    stats: ~5 block-forward equivalents (dense outputs; per group a dense and a pruned partial pass) at
-    2·P FLOPs per token, plus attention scores (4·seqlen·d per token per pass), plus the Grams (3 per group
-    with error correction: H, Ĥ, C; 2·T·n² each). solve: per layer a damped Cholesky/inverse (n³/3·2) and the
-    OBS column sweep (2·m·n²), plus the reported errors before/after (~4·m·n²)."""
-    layers, groups = block_shapes(d, ff, heads, kv_heads, head_dim)
+    stats: block-forward equivalents at 2·P FLOPs per token plus attention scores (4·seqlen·d per token) —
+    5 with error correction (the dense outputs; per group a dense and a pruned partial pass), 1 without —
+    plus the Grams, 2·T·n² each (3 per group with error correction: H, Ĥ, C; 1 without).
+    solve: per layer the damped inverse (≈ n³) and the OBS column sweep (2·m·n²), plus ``report``: the errors
+    before/after that the pipeline records (≈ 4·m·n²)."""
+    layers, groups = block_shapes(d, ff, heads, kv_heads, head_dim, gated)
     P = sum(m * n for m, n in layers.values())
     attn = 4 * seqlen * d
-    stats = 5 * tokens * (2 * P + attn) + sum(3 * 2 * tokens * n * n for n in groups)
-    solve = sum(2 * m * n * n + 4 * m * n * n for m, n in layers.values()) + sum(2 * n ** 3 / 3 for n in groups) * 1.0
-    return {"params": P, "stats": stats, "solve": solve}
+    passes, grams = (5, 3) if ec else (1, 1)
+    stats = passes * tokens * (2 * P + attn) + sum(grams * 2 * tokens * n * n for n in groups)
+    solve = sum((6 if report else 2) * m * n * n + n ** 3 for m, n in layers.values())
+    fwd = tokens * (2 * P + attn)
+    return {"params": P, "stats": stats, "solve": solve, "forward": fwd}
+
+
+#: published anchor: SparseGPT (Frantar & Alistarh 2023) prunes OPT-175B (96 blocks, d 12288, MLP 49152, no
+#: error correction, 128×2048 calibration) "in under 4.5 hours" on one A100 80GB
+ANCHOR = dict(d=12288, ff=49152, heads=96, kv_heads=96, blocks=96, hours=4.5)
+
+
+def anchor_tflops() -> float:
+    a = ANCHOR
+    f = block_flops(a["d"], a["ff"], a["heads"], a["kv_heads"], 128 * 2048, ec=False, gated=False, report=False)
+    return (f["stats"] + f["solve"]) / (a["hours"] * 3600 / a["blocks"]) / 1e12
 
 
 def block_memory(d, ff, heads, kv_heads, tokens, head_dim=None, act_bytes=4):
@@ -77,9 +93,9 @@ def measure(args) -> dict:
     load_s = time.perf_counter() - t0
     ids = D.calibration_tokens(tok, args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     cfg = PruneConfig(method=args.method, sparsity=0.5, mode="dense-input", device="cpu")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r1 = prune_model(model, ids, cfg, progress=False)
-    t1 = time.perf_counter() - t0
+    t1, cpu1 = time.perf_counter() - t0, time.process_time() - c0
     sd1 = {k: v.clone() for k, v in model.state_dict().items()}
     del model
     model2, _, _ = load_model(args.model)
@@ -95,7 +111,7 @@ def measure(args) -> dict:
            "dims": dict(d=c.hidden_size, ff=c.intermediate_size, heads=c.num_attention_heads,
                         kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None),
                         blocks=c.num_hidden_layers),
-           "one_process_s": t1, "n_process_total_s": tn,
+           "one_process_s": t1, "one_process_cpu_s": cpu1, "n_process_total_s": tn,
            "startup_wait_s": r2["distributed"]["startup_wait_s"], "parallel_s": r2["distributed"]["parallel_s"],
            "transfer_s": r2["distributed"]["transfer_time_s"], "ranks": r2["distributed"]["ranks"],
            "bit_for_bit": same, "owners": r2["distributed"]["owners"],
@@ -119,45 +135,56 @@ def report(m: dict) -> None:
           f"+ parallel phase {m['parallel_s']:.2f} s (transfer {m['transfer_s']:.3f} s)")
     for r in m["ranks"]:
         print(f"    rank {r['rank']}: blocks {r['blocks_owned']}, {r['forward_blocks']} dense blocks forwarded first, "
-              f"work {r['work_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"  speed-up: {m['one_process_s'] / m['parallel_s']:.2f}× on the parallel phase, "
-          f"{m['one_process_s'] / m['n_process_total_s']:.2f}× including worker start-up")
+              f"work {r['work_s']:.2f} s (CPU {r.get('cpu_s') or 0:.2f} s), peak RSS {r['peak_rss_mb']:.0f} MB")
+    print(f"  wall-clock speed-up: {m['one_process_s'] / m['parallel_s']:.2f}× on the parallel phase, "
+          f"{m['one_process_s'] / m['n_process_total_s']:.2f}× including worker start-up (shared, loaded machine)")
+    crit = max(r.get("cpu_s") or 0 for r in m["ranks"])
+    if crit:
+        print(f"  CPU-time critical path: 1 process {m['one_process_cpu_s']:.2f} s CPU vs slowest rank {crit:.2f} s "
+              f"CPU → {m['one_process_cpu_s'] / crit:.2f}× on {m['nproc']} dedicated cores (load-independent estimate)")
     print(f"  bit for bit (torch.equal on every tensor): {m['bit_for_bit']}")
 
 
-def plan(m: dict, gpu_tflops: float) -> None:
+def plan(m: dict, gpu_tflops) -> None:
     """Capacity plan from the measured per-block figures, scaled by FLOPs (assumptions in the printout)."""
+    from optprune.llm_adapters.distributed import assign_blocks
     dm = m["dims"]
     T_meas = m["nsamples"] * m["seqlen"]
     f_meas = block_flops(dm["d"], dm["ff"], dm["heads"], dm["kv_heads"], T_meas, dm.get("head_dim"), m["seqlen"])
     rate_stats = f_meas["stats"] / max(m["per_block_stats_s"], 1e-9)
     rate_solve = f_meas["solve"] / max(m["per_block_solve_s"], 1e-9)
-    print(f"\n== capacity plan (SparseGPT-type method, dense-input, error correction on; 128×2048 calibration)")
-    print(f"  measured here ({m['model']}, {T_meas} tokens): {f_meas['stats'] / 1e9:.2f} GFLOP stats in "
-          f"{m['per_block_stats_s']:.3f} s → {rate_stats / 1e9:.2f} GFLOP/s; {f_meas['solve'] / 1e9:.2f} GFLOP solve in "
-          f"{m['per_block_solve_s']:.3f} s → {rate_solve / 1e9:.2f} GFLOP/s (1 contended CPU thread)")
-    print(f"  GPU assumption: {gpu_tflops:.0f} TFLOP/s effective for both phases (fp32/TF32 GEMMs at ~15-30% of an "
-          f"A100/H100 peak); published anchor: SparseGPT prunes OPT-175B (96 blocks) in ≈4 h on one A100")
+    anchor = anchor_tflops()
+    gpu = gpu_tflops or anchor
+    print(f"\n== capacity plan: SparseGPT, dense-input, error correction on (the pipeline's default), 128×2048 "
+          f"calibration, one rank per GPU")
+    print(f"  measured here ({m['model']}, {T_meas} tokens, per block): stats {f_meas['stats'] / 1e9:.1f} GFLOP in "
+          f"{m['per_block_stats_s']:.3f} s = {rate_stats / 1e9:.1f} GFLOP/s; solve {f_meas['solve'] / 1e9:.1f} GFLOP "
+          f"in {m['per_block_solve_s']:.3f} s = {rate_solve / 1e9:.2f} GFLOP/s (one contended CPU thread)")
+    print(f"  GPU rate: {gpu:.1f} TFLOP/s effective ({'given' if gpu_tflops else 'from the anchor'}; anchor: SparseGPT "
+          f"prunes OPT-175B, 96 blocks, no error correction, in < 4.5 h on one A100 → {anchor:.1f} TFLOP/s by this "
+          f"FLOP model; an H100 is ~2-3× faster)")
+    print(f"  N ranks: contiguous balanced split; the last rank first forwards the dense blocks before its own "
+          f"(one forward = 1/5 of the statistics)")
     T = 128 * 2048
-    print(f"  {'model':>5} {'blocks':>6} {'params/blk':>10} {'GFLOP/blk':>10} {'CPU-here s/blk':>14} "
-          f"{'GPU s/blk':>9} {'mem/blk GB':>10}   wall on N GPUs (N = 1, 8, 16, 32)")
-    for name, d in list(MODELS.items()) + [("175B", dict(d=12288, ff=49152, heads=96, kv_heads=96, blocks=96))]:
+    print(f"  {'model':>5} {'blocks':>6} {'params/blk':>10} {'TFLOP/blk':>9} {'CPU-here h/blk':>14} {'GPU s/blk':>9} "
+          f"{'GPU GB/blk':>10}  wall on N GPUs: N = 1 | 8 | 16 | 32 | 80")
+    for name, d in MODELS.items():
         f = block_flops(d["d"], d["ff"], d["heads"], d["kv_heads"], T)
         mem = block_memory(d["d"], d["ff"], d["heads"], d["kv_heads"], T)
-        cpu_s = f["stats"] / rate_stats + f["solve"] / rate_solve
-        gpu_s = (f["stats"] + f["solve"]) / (gpu_tflops * 1e12)
-        # the last rank forwards (L - ceil(L/N)) dense blocks first (≈ 1/5 of a block's stats each) then prunes
-        fwd_s = gpu_s * (f["stats"] / (f["stats"] + f["solve"])) / 5
+        cpu_h = (f["stats"] / rate_stats + f["solve"] / rate_solve) / 3600
+        t_blk = (f["stats"] + f["solve"]) / (gpu * 1e12)
+        t_fwd = f["forward"] / (gpu * 1e12)
         walls = []
-        for N in (1, 8, 16, 32):
-            k = math.ceil(d["blocks"] / N)
-            walls.append(k * gpu_s + (d["blocks"] - k) * fwd_s)
-        memgb = sum(mem.values()) / 2 ** 30
-        print(f"  {name:>5} {d['blocks']:>6} {f['params'] / 1e6:>9.0f}M {(f['stats'] + f['solve']) / 1e9:>10.0f} "
-              f"{cpu_s:>14.0f} {gpu_s:>9.1f} {memgb:>10.1f}   " + ", ".join(_hms(w) for w in walls))
-        print(f"  {'':>5} memory per block: fp32 block + dense copy {mem['block'] / 2 ** 30:.1f} GB, 3 Grams "
-              f"{mem['grams'] / 2 ** 30:.1f} GB, activations in+out {mem['activations'] / 2 ** 30:.1f} GB "
-              f"(bf16 storage halves the last)")
+        for N in (1, 8, 16, 32, 80):
+            parts = assign_blocks(range(d["blocks"]), N, forward_cost=t_fwd / t_blk)
+            walls.append(max(p[0] * t_fwd + len(p) * t_blk for p in parts if p))
+        print(f"  {name:>5} {d['blocks']:>6} {f['params'] / 1e6:>9.0f}M {(f['stats'] + f['solve']) / 1e12:>9.0f} "
+              f"{cpu_h:>14.1f} {t_blk:>9.0f} {sum(mem.values()) / 2 ** 30:>10.1f}  " + " | ".join(_hms(w) for w in walls))
+        host = (mem["block"] / 2 + mem["activations"] / 2) / 2 ** 30
+        print(f"  {'':>5} GPU memory per rank: fp32 block + dense copy {mem['block'] / 2 ** 30:.1f} GB, 3 Grams "
+              f"{mem['grams'] / 2 ** 30:.1f} GB, block inputs+outputs {mem['activations'] / 2 ** 30:.1f} GB (fp32; bf16 "
+              f"halves them); host memory per rank with --low-memory ≈ {host:.1f} GB (one fp32 block + the fp32 "
+              f"activation buffer; {host - mem['activations'] / 4 / 2 ** 30:.1f} GB with --activation-dtype bfloat16)")
 
 
 def _hms(s: float) -> str:
@@ -172,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--gpu-tflops", type=float, default=30.0)
+    ap.add_argument("--gpu-tflops", type=float, default=None, help="default: from the SparseGPT A100 anchor")
     ap.add_argument("--json", default=None, help="write the measurement here")
     ap.add_argument("--plan-only", action="store_true")
     ap.add_argument("--per-block-json", default=None, help="a measurement written by --json (for --plan-only)")

@@ -434,6 +434,7 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
     t0 = time.perf_counter()
     calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
     t_ready = time.perf_counter()  # every rank is up (rank 0 waited here for the spawned workers to start)
+    cpu0 = time.process_time()
     _check_mode(config)
     config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
     plan = None
@@ -453,7 +454,7 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
     summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
                "device": str(config.device), "tcp_addresses": _tcp_addresses(), **local,
                "prune_time_s": time.perf_counter() - t0, "wait_s": t_ready - t0,
-               "work_s": time.perf_counter() - t_ready, "peak_rss_mb": _rss_mb(),
+               "work_s": time.perf_counter() - t_ready, "cpu_s": time.process_time() - cpu0, "peak_rss_mb": _rss_mb(),
                "forward_blocks": (min(mine) if mine else 0), "structured": None}
     if plan is not None:
         summary["structured"] = bool(plan.spec.structured)
@@ -508,7 +509,8 @@ def _merge(gathered: list, ctx: DistContext, owners, assignment, calib_ids, conf
     threads = sorted({g["threads"] for g in gathered})
     addrs = sorted({a for g in gathered for a in g.get("tcp_addresses") or []})
     ranks = [{k: g.get(k) for k in ("rank", "host", "blocks_owned", "forward_blocks", "threads", "device",
-                                     "prune_time_s", "wait_s", "work_s", "time_s", "peak_rss_mb", "peak_cuda_mb",
+                                     "prune_time_s", "wait_s", "work_s", "cpu_s", "time_s", "peak_rss_mb",
+                                     "peak_cuda_mb",
                                      "tcp_addresses")}
              for g in gathered]
     res = {"layers": layers, "blocks": blocks, "time_s": wall,

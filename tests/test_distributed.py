@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
 DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 STORIES = MODEL_DIR / "stories260K"
-METHODS = ["magnitude", "wanda", "sparsegpt", "fista"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "fista", "flap"]  # flap: structured (shrunk blocks travel pickled)
+_EXTRA = {"flap": dict(structure="mlp,heads", sparsity=0.3)}
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +62,7 @@ def calib(n=8, L=64, seed=0):
 
 
 def cfg(method, **kw):
-    return PruneConfig(method=method, mode="dense-input", device="cpu", **kw)
+    return PruneConfig(method=method, mode="dense-input", device="cpu", **{**_EXTRA.get(method, {}), **kw})
 
 
 def assert_same_state(a: dict, b: dict):
@@ -157,7 +158,10 @@ def test_two_processes_bit_for_bit():
         assert res["distributed"]["owners"] == [[0, 1, 2], [3, 4]]
         for b in range(5):
             k = f"model.layers.{b}.mlp.down_proj.weight"
-            assert not torch.equal(sd[k], dense[k]) and (sd[k] == 0).float().mean() >= 0.5
+            if m == "flap":  # structured: the block shrank (columns of down removed)
+                assert sd[k].shape[1] < dense[k].shape[1]
+            else:
+                assert not torch.equal(sd[k], dense[k]) and (sd[k] == 0).float().mean() >= 0.5
         assert [r["name"] for r in res["layers"]] == [r["name"] for r in ref["layers"]]
         assert [r["error"] for r in res["layers"]] == [r["error"] for r in ref["layers"]]
         assert [r["block"] for r in res["blocks"]] == list(range(5))
