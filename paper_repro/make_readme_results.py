@@ -105,7 +105,9 @@ def plot_methods(sv: dict, img_dir: Path, scale: str, model_label: str, metric: 
         if sv["dense"] is not None:
             ax.axhline(sv["dense"], color="gray", ls="--", lw=1, label=f"dense {sv['dense']:.1f}")
         ax.set_yscale("log")
-        ax.set_xlabel("sparsity (structured: share of MLP neurons removed)")
+        structured = all(k.startswith("structured") for pts in ser.values() for k, _ in pts)
+        ax.set_xlabel("sparsity (share of MLP neurons removed)" if structured else
+                      "sparsity (share of weights removed; N:M at N/M)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{meth} — {model_label} ({scale}); {metric}", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
@@ -215,8 +217,8 @@ def build_block(readme: Path, results_dir: Path, bench_dir: Path, img_dir: Path,
         for sc, title, c in disagreements:
             pv = (f"paper {fmt_num(c['paper_values'][0])} vs {fmt_num(c['paper_values'][1])} on {c['paper_model']}"
                   if c.get("paper_values") else f"paper: {c['paper_text']}")
-            ov = (f"ours {fmt_num(c['ours_values'][0])} vs {fmt_num(c['ours_values'][1])}" if c.get("ours_values")
-                  else c.get("why", ""))
+            ov = (f"ours {fmt_num(c['ours_values'][0])} vs {fmt_num(c['ours_values'][1])}"
+                  + (" (a tie)" if c.get("ours_tie") else "") if c.get("ours_values") else c.get("why", ""))
             kl = ""
             if c.get("ours_kl_values"):
                 kl = f"; by KL to dense the claim {'holds' if c['ours_kl_holds'] else 'fails too'}"

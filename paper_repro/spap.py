@@ -43,11 +43,24 @@ CLAIMS += [Claim(f"SPAP (penalty start only) < {lab.split(' (')[0]} at {LABELS[s
            for s in SETTINGS for m, lab in BASELINES if m == "group_obs"]
 
 
+CONTROL = "magnitude:0.5"  # unstructured zeros in dense matrices: cannot run faster — the noise floor
+
+
+def _cells(e, batches):
+    out = []
+    for ph in ("prefill", "decode"):
+        for x in batches:
+            k = e.get(f"{ph}_b{x}_pairs")
+            out.append(fmt_num(e.get(f"{ph}_b{x}_speedup"), ".3f") + "×" + (f" ({k[0]}/{k[1]})" if k else ""))
+    return out
+
+
 def speed_section(args, cfg, res, out_dir, stem):
-    """SPAP-pruned models vs dense: latency/throughput from benchmarks/bench_models.py (resumable rows)."""
+    """SPAP-pruned models vs dense: latency/throughput from benchmarks/bench_models.py (resumable rows), with an
+    unstructured-50% control (zeros stored densely: it cannot be faster, so its spread is this machine's noise)."""
     bm = _load_script("benchmarks/bench_models.py", "_optprune_bench_models")
     sts = res["settings"]
-    runs = "dense," + ",".join(f"spap:{s}" for s in sts)
+    runs = "dense," + ",".join(f"spap:{s}" for s in sts) + "," + CONTROL
     jsonl = Path(out_dir) / f"{stem}_speed.jsonl"
     argv = ["--model", cfg["model"], "--protocol", cfg["protocol"], "--runs", runs, "--structure", "mlp",
             "--out", str(jsonl), "--threads", str(args.threads or 1)]
@@ -56,12 +69,17 @@ def speed_section(args, cfg, res, out_dir, stem):
     bm.main(argv)
     doc = json.loads(jsonl.with_suffix(".json").read_text())
     tab = {e["setting"]: e for e in doc["table"] if e["method"] == "spap"}
+    ctrl = next((e for e in doc["table"] if e["method"] == CONTROL.split(":")[0] and not e.get("error")), None)
     batches = doc["meta"]["batches"]
     b = max(batches)
+    tiny = cfg["model"] == "stories260k"
     shown = " ".join(_rel(a) if a == str(jsonl) else a for a in argv)
-    lines = [f"Measured by `python benchmarks/bench_models.py {shown}` on this machine "
-             f"({doc['meta']['device']}); speed-up = dense / pruned time, median of {doc['meta']['repeats']} "
-             f"alternated runs (in brackets: pruned faster in k of n alternated pairs; only n/n or 0/n is a result, anything between is this machine's noise). {res['model_label']} is {'tiny (0.26M parameters): per-call overhead dominates its latency, so these ratios say little' if cfg['model'] == 'stories260k' else 'SmolLM2-135M'}.", ""]
+    lines = [f"Measured by `python benchmarks/bench_models.py {shown}` on this machine ({doc['meta']['device']}); "
+             f"speed-up = dense / pruned time, median of {doc['meta']['repeats']} alternated runs; in brackets: in how "
+             f"many alternated pairs the pruned model was faster. The control row is a 50% unstructured model (zeros "
+             f"in dense matrices, no sparse kernel): it cannot be faster, so its spread is this machine's noise."
+             + (" stories260K is tiny (0.26M parameters): per-call overhead dominates its latency." if tiny else ""),
+             ""]
     hdr = ["MLP sparsity", "params"] + [f"prefill b={x}" for x in batches] + [f"decode b={x}" for x in batches]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
@@ -70,14 +88,13 @@ def speed_section(args, cfg, res, out_dir, stem):
         if e is None or e.get("error"):
             lines.append(f"| {LABELS.get(s, s)} | {(e or {}).get('error', 'not run')} |" + " |" * (len(hdr) - 2))
             continue
-        row = [LABELS.get(s, s), f"{e['n_params_pruned'] / 1e6:.3f}M of {e['n_params_dense'] / 1e6:.3f}M"]
-        for ph in ("prefill", "decode"):
-            for x in batches:
-                k = e.get(f"{ph}_b{x}_pairs")
-                row.append(fmt_num(e.get(f"{ph}_b{x}_speedup"), ".3f") + "×" + (f" ({k[0]}/{k[1]})" if k else ""))
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([LABELS.get(s, s), f"{e['n_params_pruned'] / 1e6:.3f}M of "
+                                        f"{e['n_params_dense'] / 1e6:.3f}M"] + _cells(e, batches)) + " |")
+    if ctrl:
+        lines.append("| control: magnitude 50% unstructured | " + f"{ctrl['n_params_pruned'] / 1e6:.3f}M | "
+                     + " | ".join(_cells(ctrl, batches)) + " |")
     res.setdefault("sections", []).append({"title": "Inference speed of the SPAP-pruned models", "lines": lines})
-    res["speed"] = {"jsonl": str(jsonl), "table": list(tab.values()), "meta": doc["meta"]}
+    res["speed"] = {"jsonl": _rel(jsonl), "table": list(tab.values()), "control": ctrl, "meta": doc["meta"]}
     e = tab.get("0.3")
     claim = {"text": "SPAP at 30% MLP runs faster than dense (prefill, largest batch)", "a": ["spap", "0.3"],
              "b": ["dense", "-"], "paper_model": "OPT, LLaMA-3/3.1/3.2, Qwen2.5", "paper_line": 79,
@@ -88,15 +105,19 @@ def speed_section(args, cfg, res, out_dir, stem):
     if e is not None and not e.get("error") and e.get(f"prefill_b{b}_speedup") is not None:
         sp = e[f"prefill_b{b}_speedup"]
         k, n = e.get(f"prefill_b{b}_pairs") or [None, None]
-        txt = (f"prefill b={b} speed-up {sp:.3f}× (pruned faster in {k}/{n} alternated pairs; decode b={b} "
-               f"{fmt_num(e.get(f'decode_b{b}_speedup'), '.3f')}×)")
-        if n and k == n:  # sign test: every alternated pair faster
+        ck, cn = (ctrl or {}).get(f"prefill_b{b}_pairs") or [None, None]
+        csp = (ctrl or {}).get(f"prefill_b{b}_speedup")
+        txt = (f"prefill b={b} {sp:.3f}× (faster in {k}/{n} pairs); control {fmt_num(csp, '.3f')}× "
+               f"({ck}/{cn})")
+        claim["ours_speedup"] = sp
+        if tiny:
+            claim.update(verdict="not measurable", why="not measurable on a 0.26M-parameter model: " + txt)
+        elif n and k == n and ck is not None and ck < cn:  # sign test passed, and the control's did not
             claim.update(ours_holds=True, verdict="agrees", why="yes: " + txt)
-        elif n and k == 0:
+        elif n and k == 0 and ck is not None and ck > 0:
             claim.update(ours_holds=False, verdict="DISAGREES", why="no: " + txt)
         else:
             claim.update(verdict="within noise", why="inconclusive: " + txt)
-        claim["ours_speedup"] = sp
     elif e is not None and e.get("error"):
         claim.update(verdict="not measurable", why=e["error"])
     res["claims"].append(claim)
