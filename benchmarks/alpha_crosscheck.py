@@ -13,6 +13,7 @@
 range [0, 3]; we pass ``parameter_ranges={'alpha': [1, 50]}`` so that it returns the MLE for LLM-like α > 3.
 
     python benchmarks/alpha_crosscheck.py [--smollm2] [--seeds 50] [--search-every K] [--json out.json]
+    python benchmarks/alpha_crosscheck.py --smollm2 --precision --no-crosscheck --seeds 0   # precision only
 """
 from __future__ import annotations
 
@@ -90,9 +91,6 @@ def real(model, label: str, with_ww: bool = True, device=None, search_every: int
         except Exception as e:  # pragma: no cover - optional
             print(f"weightwatcher unavailable: {e}")
     rows = []
-    # precision: the same α from float16-rounded weights, and from float32 SVDs (the public code's choice)
-    ev16 = [e.cpu() for e in eigenvalues([W.to(torch.float16) for W in Ws], device=device)]
-    ev32 = [(torch.linalg.svdvals(W.to(torch.float32).cpu()) ** 2).to(torch.float64) for W in Ws]
     for k, ((name, bi, sub, _), ev) in enumerate(zip(mats, evs)):
         ours = fit_power_law(ev)                       # peak-limited (public code's default)
         full = fit_power_law(ev, peak_limit=False)     # unrestricted KS search
@@ -101,8 +99,7 @@ def real(model, label: str, with_ww: bool = True, device=None, search_every: int
         r = {"matrix": name, "block": bi, "N": ours.n_eigs,
              "alpha_peak": ours.alpha, "xmin_peak": ours.xmin, "n_tail": ours.n_tail, "ks": ours.ks,
              "alpha_full": full.alpha, "xmin_full": full.xmin, "n_tail_full": full.n_tail, "ks_full": full.ks,
-             "powerlaw_fixed_alpha": float(pf.power_law.alpha), "powerlaw_fixed_D": float(pf.power_law.D),
-             "alpha_fp16_weights": fit_power_law(ev16[k]).alpha, "alpha_fp32_svd": fit_power_law(ev32[k]).alpha}
+             "powerlaw_fixed_alpha": float(pf.power_law.alpha), "powerlaw_fixed_D": float(pf.power_law.D)}
         if k % search_every == 0:  # powerlaw's own x_min search is slow (one fit object per candidate)
             pa = _quiet(powerlaw.Fit, x, parameter_ranges={"alpha": [1, 50]}, verbose=False)
             r.update(powerlaw_search_alpha=float(pa.power_law.alpha), powerlaw_search_xmin=float(pa.power_law.xmin),
@@ -124,6 +121,34 @@ def real(model, label: str, with_ww: bool = True, device=None, search_every: int
     return {"model": label, "eig_time_s": t_eig, "device": str(device or "cpu"), "rows": rows, "ww_analyze": ww_model}
 
 
+def precision(model, label: str, device=None) -> dict:
+    """How α (peak-limited, the default) moves with the arithmetic: float64 SVD (reference) vs float64 Gram
+    eigvalsh (``method='gram'``), float32 SVD (the public code), and float16-rounded weights (a float16 model)."""
+    from optprune.llm_adapters.allocation import prunable_matrices
+    from optprune.llm_adapters.architectures import get_arch, linear_weight
+    arch = get_arch(model)
+    mats = prunable_matrices(model, arch)
+    Ws = [linear_weight(m, sub in arch.transposed) for _, _, sub, m in mats]
+    times, alphas = {}, {}
+    for key, fn in (("svd64", lambda: eigenvalues(Ws, device=device)),
+                    ("gram64", lambda: eigenvalues(Ws, device=device, method="gram")),
+                    ("svd32", lambda: [(torch.linalg.svdvals(W.to(torch.float32)) ** 2).to(torch.float64) for W in Ws]),
+                    ("fp16_gram64", lambda: eigenvalues([W.to(torch.float16) for W in Ws], device=device,
+                                                        method="gram"))):
+        t0 = time.perf_counter()
+        evs = fn()
+        times[key] = time.perf_counter() - t0
+        alphas[key] = [fit_power_law(e.cpu()).alpha for e in evs]
+    ref = alphas["svd64"]
+    out = {"model": label, "matrices": len(Ws), "time_s": times}
+    for key in ("gram64", "svd32", "fp16_gram64"):
+        diffs = sorted(abs(a - b) for a, b in zip(alphas[key], ref))
+        out[f"max|Δα| {key} vs svd64"] = diffs[-1]
+        out[f"median|Δα| {key} vs svd64"] = diffs[len(diffs) // 2]
+        out[f"matrices |Δα|>0.1 {key}"] = sum(x > 0.1 for x in diffs)
+    return out
+
+
 def summarise(res: dict) -> dict:
     rows = res["rows"]
     d = lambda k1, k2: max([abs(r[k1] - r[k2]) for r in rows if k1 in r and k2 in r] or [float("nan")])  # noqa: E731
@@ -137,10 +162,6 @@ def summarise(res: dict) -> dict:
                                                         max(1, sum("powerlaw_search_alpha" in r for r in rows)),
            "max|α_peak − α_full| (effect of the peak limit)": d("alpha_peak", "alpha_full"),
            "share peak limit changed α": sum(abs(r["alpha_peak"] - r["alpha_full"]) > 1e-12 for r in rows) / len(rows),
-           "max|α(float64 SVD) − α(float32 SVD)|": d("alpha_peak", "alpha_fp32_svd"),
-           "max|α(float32 weights) − α(float16-rounded weights)|": d("alpha_peak", "alpha_fp16_weights"),
-           "median|α(float32 weights) − α(float16-rounded weights)|":
-               sorted(abs(r["alpha_peak"] - r["alpha_fp16_weights"]) for r in rows)[len(rows) // 2],
            "matrices with n_tail < 10": sum(r["n_tail"] < 10 for r in rows),
            "min n_tail": min(r["n_tail"] for r in rows)}
     if any("ww_fit_alpha" in r for r in rows):
@@ -167,17 +188,30 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", default=os.environ.get("OPTPRUNE_MODEL_DIR",
                                                           os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--precision", action="store_true",
+                    help="also measure α under float64 Gram / float32 SVD / float16 weights (and the timings)")
+    ap.add_argument("--no-crosscheck", action="store_true", help="skip the package cross-checks (with --precision)")
     a = ap.parse_args(argv)
-    out = {"synthetic": synthetic(a.seeds, a.n)}
-    print(f"Synthetic Pareto, n = {a.n}, {a.seeds} seeds")
-    print("| α | x_min | bias | sd | max|err| | share |err|≤0.1 | MLE s.e. |\n|---|---|---|---|---|---|---|")
+    out = {"synthetic": synthetic(a.seeds, a.n) if a.seeds > 1 else []}
+    if out["synthetic"]:
+        print(f"Synthetic Pareto, n = {a.n}, {a.seeds} seeds")
+        print("| α | x_min | bias | sd | max|err| | share |err|≤0.1 | MLE s.e. |\n|---|---|---|---|---|---|---|")
     for r in out["synthetic"]:
         print(f"| {r['alpha']} | {r['xmin']} | {r['bias']:+.4f} | {r['sd']:.4f} | {r['max_abs_err']:.4f} | "
               f"{r['share_within_0.1']:.2f} | {r['mle_se']:.4f} |")
     models = ["stories260k"] + (["smollm2"] if a.smollm2 else [])
     out["models"] = {}
+    out["precision"] = {}
     for name in models:
         model = load(name, a.model_dir)
+        if a.precision:
+            pr = precision(model, name, device=a.device)
+            out["precision"][name] = pr
+            print(f"\n{name}: precision of α (peak-limited) against float64 SVD")
+            for k, v in pr.items():
+                print(f"  {k}: {v}" if not isinstance(v, float) else f"  {k}: {v:.3g}")
+        if a.no_crosscheck:
+            continue
         every = a.search_every or (1 if name == "stories260k" else 10)
         res = real(model, name, with_ww=not a.no_ww, device=a.device, search_every=every)
         res["summary"] = summarise(res)

@@ -81,6 +81,7 @@ def plot_esd(path, spectrum, title: str = "") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
     import numpy as np
 
     ev = spectrum.eigs.numpy()
@@ -110,6 +111,7 @@ def plot_esd(path, spectrum, title: str = "") -> str:
     ccdf = 1.0 - np.arange(n) / n
     ax2.loglog(tail, ccdf, "o", ms=3, color="#3182bd", label="tail, empirical CCDF")
     ax2.loglog(tail, (tail / f.xmin) ** (1 - f.alpha), color="#d62728", lw=2, label="fitted CCDF (x/x_min)^(1−α)")
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.set_xlabel("λ ≥ x_min")
     ax2.set_ylabel("P(Λ ≥ λ)")
     ax2.set_title(f"tail fit: KS distance D = {f.ks:.3f}, σ(α) ≈ {f.sigma:.2f}")

@@ -156,8 +156,8 @@ class _few_threads:
 class FistaEngine:
     """FISTA on one layer's ℓ1 model with preallocated buffers (the whole matrix, all rows at once).
 
-    Builds ``M = I − Ĥ/L`` and ``B/L = W0 C / L`` once (in float64, then rounded to the work dtype), so that
-    an iteration is ``addmm`` + softshrink + a restart test + one fused momentum update, all in place.
+    Builds ``M = I − Ĥ/L`` (in float64, rounded once) and ``B/L = W0 C / L`` once, so that an iteration is
+    ``addmm`` + softshrink + a restart test + one fused momentum update, all in place.
     ``objective`` evaluates ``f`` in the stable form ``½⟨EĤ, E⟩ + ⟨E, P⟩ + f(W0)`` (``E = W − W0``,
     ``P = W0 Ĥ − W0 C``) with float64 accumulation, one matmul per call.
     """
