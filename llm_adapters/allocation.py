@@ -88,18 +88,19 @@ def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=N
     key = _weights_key(items, device, fit_options) if cache and not keep else None
     if key is not None and key in _SPECTRA_CACHE:
         _SPECTRA_CACHE.move_to_end(key)
-        return [copy.copy(s) for s in _SPECTRA_CACHE[key]]
-    spectra = matrix_spectra(items, device=device, keep_eigs=bool(keep), **fit_options)
-    if key is not None:
-        _SPECTRA_CACHE[key] = [copy.copy(s) for s in spectra]
-        while len(_SPECTRA_CACHE) > _SPECTRA_CACHE_SIZE:
-            _SPECTRA_CACHE.popitem(last=False)
+        spectra = [copy.copy(s) for s in _SPECTRA_CACHE[key]]
+    else:
+        spectra = matrix_spectra(items, device=device, keep_eigs=bool(keep), **fit_options)
+        if key is not None:
+            _SPECTRA_CACHE[key] = [copy.copy(s) for s in spectra]
+            while len(_SPECTRA_CACHE) > _SPECTRA_CACHE_SIZE:
+                _SPECTRA_CACHE.popitem(last=False)
     if isinstance(keep_eigs, (set, list, tuple)):  # keep eigenvalues only for the named matrices
         want = set(keep_eigs)
         from ..solvers.spectra import eigenvalues
         for s, (_, _, W) in zip(spectra, items):
             if s.name in want:
-                s.eigs = eigenvalues([W], device=device)[0].cpu()
+                s.eigs = eigenvalues([W], device=device, method=fit_options.get("eig_method", "svd"))[0].cpu()
     return spectra
 
 

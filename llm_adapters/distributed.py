@@ -81,6 +81,7 @@ ENV_ASSIGNMENT = "OPTPRUNE_BLOCK_ASSIGNMENT"
 ENV_BACKEND = "OPTPRUNE_DIST_BACKEND"
 ENV_TIMEOUT = "OPTPRUNE_DIST_TIMEOUT"
 _ENV_FILESTORE = "OPTPRUNE_DIST_FILESTORE"  # set for spawned workers: the FileStore of the parent
+_SPAWN_STORE = None  # a spawned worker's handle on that FileStore
 
 
 class DistributedError(ValueError):
@@ -264,7 +265,8 @@ def _init_from_env(backend: str) -> DistContext:
     if backend == "nccl":
         torch.cuda.set_device(local % max(1, torch.cuda.device_count()))
     if store_path:
-        store = dist.FileStore(store_path, world)
+        store = _SPAWN_STORE if _SPAWN_STORE is not None else dist.FileStore(store_path, world)
+        store.set(f"ready/{rank}", "1")  # the spawning parent waits for this before joining the group
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=_timeout())
         launcher = "spawn"
     else:
@@ -275,10 +277,12 @@ def _init_from_env(backend: str) -> DistContext:
 
 def _spawned_entry(i: int, world: int, store_path: str, backend: str, threads: int, target: Callable, args: tuple):
     """Entry of a worker started by :func:`distributed_context` (rank ``i + 1``)."""
+    global _SPAWN_STORE
     rank = i + 1
     torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", **{_ENV_FILESTORE: store_path})
+    _SPAWN_STORE = dist.FileStore(store_path, world)
     target(*args)
 
 
@@ -319,12 +323,13 @@ def distributed_context(nproc: int, target: Optional[Callable] = None, args: tup
     procs = None
     ctx = None
     try:
+        store = dist.FileStore(store_path, world)
         procs = mp.start_processes(_spawned_entry, args=(world, store_path, backend, torch.get_num_threads(),
                                                          target, args),
                                    nprocs=world - 1, join=False, start_method="spawn")
+        _wait_for_workers(store, procs, world)
         if backend == "nccl":
             torch.cuda.set_device(0)
-        store = dist.FileStore(store_path, world)
         dist.init_process_group(backend, store=store, rank=0, world_size=world, timeout=_timeout())
         ctx = DistContext(0, world, 0, backend, "spawn", owns_group=True)
         yield ctx
@@ -346,6 +351,23 @@ def distributed_context(nproc: int, target: Optional[Callable] = None, args: tup
                 else:
                     os.environ[k] = v
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_workers(store, procs, world: int) -> None:
+    """Wait until every spawned worker is about to join the group; a worker that dies first (import error, bad
+    model, killed) raises :class:`RankFailed` at once instead of leaving rank 0 waiting for the timeout."""
+    pending = set(range(1, world))
+    deadline = time.time() + _timeout().total_seconds()
+    while pending:
+        pending = {r for r in pending if not store.check([f"ready/{r}"])}
+        for i, p in enumerate(procs.processes):
+            if p.exitcode is not None and (i + 1) in pending:
+                raise RankFailed(f"worker rank {i + 1} exited (code {p.exitcode}) before joining the process group; "
+                                 f"its traceback is above")
+        if pending and time.time() > deadline:
+            raise RankFailed(f"workers {sorted(pending)} did not start within ${ENV_TIMEOUT} seconds")
+        if pending:
+            time.sleep(0.05)
 
 
 def _join_quietly(procs, grace: float = 30.0) -> None:

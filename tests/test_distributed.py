@@ -171,6 +171,22 @@ def test_two_processes_bit_for_bit():
         assert_loopback(res["distributed"]["tcp_addresses"])
 
 
+def _worker_dies_at_start():
+    raise RuntimeError("worker start-up failure (deliberate)")
+
+
+def test_worker_dying_before_joining_is_reported():
+    """A spawned worker that fails before joining the group: rank 0 raises at once (no timeout wait)."""
+    import time as _t
+    before = os.environ.get("GLOO_SOCKET_IFNAME")
+    t0 = _t.perf_counter()
+    with pytest.raises(D.RankFailed, match="worker rank 1 exited"):
+        with D.distributed_context(2, _worker_dies_at_start, (), device="cpu"):
+            pytest.fail("the group must not form")
+    assert _t.perf_counter() - t0 < 300  # far below the collective timeout (3600 s)
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == before  # the loopback pin is restored
+
+
 def _cli(*args):
     from optprune.cli import main
     return main(["prune", "--model", "stories260k", "--method", "sparsegpt", "--mode", "dense-input",
