@@ -90,15 +90,15 @@ def test_histogram_peak_matches_numpy():
 
 @pytest.mark.parametrize("alpha,tol", [(1.5, 0.1), (2.0, 0.1), (2.5, 0.1), (3.0, 0.15)])
 def test_synthetic_pareto_recovers_exponent(alpha, tol):
-    """n = 2000: ±0.1 (α ≤ 2.5) / ±0.15 (α = 3, MLE s.e. 0.045) per sample, bias < 0.03 over 10 seeds."""
+    """n = 2000: ±0.1 (α ≤ 2.5) / ±0.15 (α = 3, MLE s.e. 0.045) per sample, |mean error| < 0.04 over 5 seeds."""
     errs = []
-    for seed in range(10):
-        x = pareto(alpha, 2000, 100 + seed)
+    for seed in range(5):
+        x = pareto(alpha, 2000, 1000 * int(10 * alpha) + seed)  # independent draws per α
         for f in (fit_power_law(x, peak_limit=False), fit_power_law(x, xmin=1.0), fit_power_law(x)):
             assert abs(f.alpha - alpha) <= tol, (seed, f)
             assert 0 < f.ks < 0.1 and f.n_tail >= 2
         errs.append(fit_power_law(x, peak_limit=False).alpha - alpha)
-    assert abs(sum(errs) / len(errs)) < 0.03
+    assert abs(sum(errs) / len(errs)) < 0.04
 
 
 def test_ks_search_finds_the_tail_of_a_mixture():
