@@ -111,8 +111,11 @@ def plot_esd(path, spectrum, title: str = "") -> str:
     ccdf = 1.0 - np.arange(n) / n
     ax2.loglog(tail, ccdf, "o", ms=3, color="#3182bd", label="tail, empirical CCDF")
     ax2.loglog(tail, (tail / f.xmin) ** (1 - f.alpha), color="#d62728", lw=2, label="fitted CCDF (x/x_min)^(1−α)")
-    if n and tail[-1] / tail[0] >= 10:  # ≥ one decade: major labels only (minor ones collide)
-        ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
+    if n and tail[-1] / tail[0] < 10:  # less than a decade: a few plain ticks instead of none
+        ticks = np.geomspace(tail[0], tail[-1], 4)
+        ax2.set_xticks(ticks)
+        ax2.set_xticklabels([f"{t:.3g}" for t in ticks])
     ax2.set_xlabel("λ ≥ x_min")
     ax2.set_ylabel("P(Λ ≥ λ)")
     ax2.set_title(f"tail fit: KS distance D = {f.ks:.3f}, σ(α) ≈ {f.sigma:.2f}")

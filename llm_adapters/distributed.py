@@ -55,7 +55,6 @@ The sequential (pruned-input) mode stays single-process: ``--nproc > 1`` (or a t
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import math

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 import types
 from pathlib import Path

@@ -1,8 +1,9 @@
 """Issue 9: block-parallel pruning on torch.distributed (gloo, loopback only) and the low-memory path.
 
 * 2 processes (gloo on CPU, 127.0.0.1 only) give exactly the weights of the single-process dense-input run for
-  magnitude, wanda, sparsegpt and fista on stories260K (torch.equal on every tensor), and the same records;
-* a rank that fails is reported on rank 0 by rank and error, nobody hangs;
+  magnitude, wanda, sparsegpt, fista and flap (structured) on stories260K (torch.equal on every tensor), and the
+  same records;
+* a rank that fails is reported on rank 0 by rank and error, nobody hangs; so is a worker dying at start-up;
 * ``optprune prune --nproc 2`` (CLI, in-process rank 0 + a spawned worker) saves the same model as ``--nproc 1``;
 * ``--low-memory`` (one block resident at a time, safetensors in and out) gives bit-for-bit the in-memory
   weights in both modes, its output loads with stock transformers, and its streamed perplexity matches;
@@ -29,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 from optprune.llm_adapters import distributed as D  # noqa: E402
 from optprune.llm_adapters import offload as O  # noqa: E402
-from optprune.llm_adapters.architectures import get_arch, get_module  # noqa: E402
+from optprune.llm_adapters.architectures import get_module  # noqa: E402
 from optprune.llm_adapters.pipeline import PruneConfig, prune_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
