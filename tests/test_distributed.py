@@ -41,12 +41,6 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "fista", "flap"]  # flap: structur
 _EXTRA = {"flap": dict(structure="mlp,heads", sparsity=0.3)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _need_stories():

@@ -30,12 +30,6 @@ STORIES = MODEL_DIR / "stories260K" / "model.safetensors"
 CONFIGS = [(2, 4, 1), (2, 4, 2), (1, 4, 1), (3, 4, 2), (4, 8, 1), (4, 8, 3), (2, 8, 1), (8, 16, 2)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a, b):

@@ -20,13 +20,6 @@ MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "
 STORIES = MODEL_DIR / "stories260K"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: two BLAS threads on tiny matrices are far slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------- instances

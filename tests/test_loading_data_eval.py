@@ -24,13 +24,6 @@ PROTOCOL_MD = REPO.parent / "shared" / "PROTOCOL.md"
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's 2 cores are shared: one thread is much faster on these tiny matrices
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def need(path: Path):

@@ -21,13 +21,6 @@ MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "
 STORIES = MODEL_DIR / "stories260K"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the test machine's 2 cores are shared: two BLAS threads on tiny matrices are ~50x slower than one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def stories():
