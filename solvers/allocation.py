@@ -16,7 +16,7 @@ For AlphaPruning (``t = c* r``, ``w = p/r``) this is the paper's map ``s = c·r`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 
