@@ -67,7 +67,9 @@ def main(argv=None):
     ap.add_argument("--algorithms", default="ssp,enum,greedy")
     ap.add_argument("--smollm2", action="store_true", help="real SmolLM2-135M block-0 weights for its shapes")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (score prep, N:M projection)")
+    ap.add_argument("--solver-threads", type=int, default=None,
+                    help="threads inside expander_nm_mask (default: its own, 1 on CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="best of R runs")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -77,7 +79,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     real = smollm2_weights() if args.smollm2 else {}
     rows = []
-    print(f"device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"device={dev} threads={torch.get_num_threads()} solver threads={args.solver_threads or 'default'} "
+          f"torch={torch.__version__}")
     hdr = f"{'layer':<18} {'pattern':<9} {'alg':<7} {'wall s':>7} {'cpu s':>7} {'N:M s':>6} {'repaired':>9} " \
           f"{'rounds':>6} {'loss vs N:M':>11} {'gap vs exact':>12}"
     print(hdr)
@@ -104,7 +107,8 @@ def main(argv=None):
                     best = None
                     for _ in range(args.repeat):
                         (mask, st), tw, tc = timed(
-                            lambda: expander_nm_mask(S, N, M, B, algorithm=alg, return_stats=True), dev)
+                            lambda: expander_nm_mask(S, N, M, B, algorithm=alg, return_stats=True,
+                                                         num_threads=args.solver_threads), dev)
                         best = (mask, st, tw, tc) if best is None or tw < best[2] else best
                     mask, st, tw, tc = best
                     s = float((S.double() * mask).sum())
