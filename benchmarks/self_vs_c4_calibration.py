@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="default smollm2-135m (stories260k with --quick)")
     ap.add_argument("--protocol", default=None, help="default cpu (smoke with --quick)")
     ap.add_argument("--methods", default=None, help="default wanda,sparsegpt,fista")
-    ap.add_argument("--settings", default="50%,2:4", help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default="50%,2:4", help="comma list of " + ", ".join(SETTINGS).replace("%", "%%"))
     ap.add_argument("--calibrations", default="self,c4")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration samples (default: the protocol's)")
     ap.add_argument("--seqlen", type=int, default=None, help="calibration window (default: the protocol's)")

@@ -604,7 +604,8 @@ def build_parser(spec: PaperSpec) -> argparse.ArgumentParser:
 def main(spec: PaperSpec, argv=None) -> dict:
     args = build_parser(spec).parse_args(argv)
     cfg = scale_config(args.scale, args.model)
-    require_cuda(cfg)
+    if not args.no_run:  # rebuilding tables from stored rows needs no GPU
+        require_cuda(cfg)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -330,3 +330,31 @@ def test_zero_shot_without_lm_eval_is_a_clear_error(stories):
     model, tok, _ = stories
     with pytest.raises(ImportError, match="pip install lm-eval"):
         zero_shot(model, tok, ["hellaswag"])
+
+
+def test_gguf_dequantization_is_cached_in_process_and_copies_are_independent(tmp_path, monkeypatch):
+    """A sweep loads the same GGUF for every run; the dequantized model is cached once per process and each
+    load gets its own deep copy (a pruned copy must never leak into the next run)."""
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    calls = []
+
+    def fake(directory, gguf_file, dtype):
+        calls.append(gguf_file)
+        torch.manual_seed(len(calls))
+        return torch.nn.Sequential(torch.nn.Linear(4, 3)), object()
+
+    monkeypatch.setattr(L, "_gguf_load_uncached", fake)
+    monkeypatch.setattr(L, "_GGUF_CACHE", {})
+    a, tok_a = L._gguf_load(tmp_path, "m.gguf", torch.float32)
+    b, tok_b = L._gguf_load(tmp_path, "m.gguf", torch.float32)
+    assert len(calls) == 1 and tok_a is tok_b
+    assert torch.equal(a[0].weight, b[0].weight) and a[0].weight.data_ptr() != b[0].weight.data_ptr()
+    b[0].weight.data.zero_()
+    c, _ = L._gguf_load(tmp_path, "m.gguf", torch.float32)
+    assert torch.equal(c[0].weight, a[0].weight) and c[0].weight.abs().sum() > 0
+    L._gguf_load(tmp_path, "m.gguf", torch.float64)  # another dtype is another entry
+    assert len(calls) == 2
+    monkeypatch.setenv("OPTPRUNE_GGUF_CACHE", "0")
+    L._gguf_load(tmp_path, "m.gguf", torch.float64)
+    assert len(calls) == 3
