@@ -52,6 +52,27 @@ paper)
         --threads "$THREADS" --gen-threads "$THREADS" --output "$RES/self_vs_c4" > "$RES/logs/self_vs_c4.log" 2>&1 &
     wait
     ;;
+paper2)  # the same rows as `paper`, prioritised over six workers, evaluated on WikiText-2 + PTB only (no C4)
+    EV="--no-extra --eval-datasets wikitext2,ptb --threads 2 --out-dir $RES/paper"
+    run() { timeout -s INT $(( $(left) - 15 )) $PY paper_repro/$1.py --scale paper $EV --variants "$2" \
+                > "$RES/logs/paper2_$1_${3}.log" 2>&1; }
+    run fistapruner sparsegpt,sparsegpt_ec 1 &
+    run fistapruner wanda,magnitude 2 &
+    { run fistapruner fista,fista_noec 3; } &
+    run spap spap,group_obs,flap 4 &
+    run alphapruning alpha_wanda,owl_wanda,alpha_sparsegpt,owl_sparsegpt,uniform_sparsegpt 5 &
+    run eggs_ptp ria,sparsegpt,eggs_b2,wanda 6 &
+    wait
+    ;;
+kernels)
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_fista.py::test_cuda_matches_cpu \
+        2>&1 | tail -3
+    for b in cutlass cusparselt; do
+        timeout 100 $PY benchmarks/bench_semistructured.py --backend $b --iters 100 \
+            --json "$RES/semistructured_layers_$b.json" > "$RES/logs/semistructured_$b.log" 2>&1
+        echo "bench_semistructured --backend $b rc=$?"; grep -v Warning "$RES/logs/semistructured_$b.log" | tail -32
+    done
+    ;;
 speed)
     timeout -s INT $(( $(left) - 15 )) $PY benchmarks/bench_models.py --model smollm2-135m --protocol paper \
         --out "$RES/bench_models_smollm2.jsonl" > "$RES/logs/bench_models.log" 2>&1

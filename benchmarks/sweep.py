@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("-O", "--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--eval-datasets", default=None,
+                    help="comma list overriding the protocol's evaluation texts (e.g. wikitext2,ptb); not part of "
+                         "the row key: each row's perplexity dict says which texts it was evaluated on")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--tag", default=None, help="free label stored in the row key")
     ap.add_argument("--no-kl", dest="kl", action="store_false",
@@ -125,7 +128,8 @@ def main(argv=None) -> int:
         print(f"\n=== {key}", flush=True)
         try:
             if j["method"] == "dense":
-                rec = optprune.evaluate(model=j["model"], protocol=j["protocol"], eval_windows=args.eval_windows)
+                rec = optprune.evaluate(model=j["model"], protocol=j["protocol"], eval_windows=args.eval_windows,
+                                        eval_datasets=args.eval_datasets)
             else:
                 kw = {k: v for k, v in j.items() if k not in ("tag", "calibration", "structure", "min_degree",
                                                             "method_options") and v is not None}
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
                     kw["eval_windows"] = args.eval_windows
                 if args.nsamples:
                     kw["nsamples"] = args.nsamples
+                if args.eval_datasets:
+                    kw["eval_datasets"] = args.eval_datasets
                 if args.allocation_eps is not None:
                     kw["allocation_eps"] = args.allocation_eps
                 if not args.kl:

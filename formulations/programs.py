@@ -234,12 +234,13 @@ def l1_kkt_residual(problem: LayerProblem, lam: float, W: torch.Tensor, *, zero_
     ``max(|g_ij + λ sign W_ij|, max(|g_ij| − λ, 0))``, divided by ``λ`` (by ``‖∇f(0)‖_∞`` when ``λ = 0``).
     Entries with ``|W_ij| ≤ zero_tol`` count as zero (interior-point solutions have no exact zeros).
     """
-    dt = torch.float64
-    W = W.to(dt)
-    g = W @ problem.Hh.to(dt) - problem.W0.to(dt) @ problem.Cm.to(dt)
+    dt, dev = torch.float64, problem.W0.device  # W may come back from a GPU solver: evaluate where the problem is
+    W = W.to(device=dev, dtype=dt)
+    W0C = problem.W0.to(dt) @ problem.Cm.to(dt)
+    g = W @ problem.Hh.to(dt) - W0C
     zero = W.abs() <= zero_tol
     r = torch.where(zero, (g.abs() - lam).clamp_min(0.0), (g + lam * torch.sign(W)).abs())
-    scale = lam if lam > 0 else float((problem.W0.to(dt) @ problem.Cm.to(dt)).abs().max().clamp_min(1e-300))
+    scale = lam if lam > 0 else float(W0C.abs().max().clamp_min(1e-300))
     return float(r.max()) / scale
 
 

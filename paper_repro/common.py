@@ -219,7 +219,7 @@ def require_cuda(cfg: dict) -> None:
 
 # ================================================================================================ running
 def sweep_argv(spec: PaperSpec, v: Variant, cfg: dict, out: Path, *, quick: bool, threads: Optional[int],
-               dense: bool, eval_windows=None, nsamples=None, kl: bool = True) -> list:
+               dense: bool, eval_windows=None, nsamples=None, kl: bool = True, eval_datasets=None) -> list:
     argv = ["--model", cfg["model"], "--protocol", cfg["protocol"], "--methods", v.method,
             "--settings", ",".join(_settings(spec, v, quick)), "--allocations", v.allocation,
             "--error-correction", "on" if v.error_correction else "off", "--tag", _tag(spec, v, quick),
@@ -240,6 +240,8 @@ def sweep_argv(spec: PaperSpec, v: Variant, cfg: dict, out: Path, *, quick: bool
         argv += ["--nsamples", str(ns)]
     if threads:
         argv += ["--threads", str(threads)]
+    if eval_datasets:
+        argv += ["--eval-datasets", eval_datasets]
     if dense:
         argv += ["--dense"]
     if quick or not kl:
@@ -248,13 +250,13 @@ def sweep_argv(spec: PaperSpec, v: Variant, cfg: dict, out: Path, *, quick: bool
 
 
 def run_paper(spec: PaperSpec, cfg: dict, out: Path, *, quick: bool, threads: Optional[int], only=None,
-              eval_windows=None, nsamples=None, kl: bool = True) -> list:
+              eval_windows=None, nsamples=None, kl: bool = True, eval_datasets=None) -> list:
     """Run (or resume) every variant through sweep.py; returns the sweep argument lists used."""
     sweep = load_sweep()
     calls = []
     for i, v in enumerate(_variants(spec, quick, only)):
         argv = sweep_argv(spec, v, cfg, out, quick=quick, threads=threads, dense=(i == 0),
-                          eval_windows=eval_windows, nsamples=nsamples, kl=kl)
+                          eval_windows=eval_windows, nsamples=nsamples, kl=kl, eval_datasets=eval_datasets)
         calls.append(argv)
         print(f"\n[{spec.name}] {v.label}: python benchmarks/sweep.py {shlex.join(argv)}", flush=True)
         sweep.main(argv)
@@ -524,7 +526,9 @@ def render_markdown(res: dict, level: int = 1, title: bool = True) -> str:
     if dis:
         out.append("")
         out.append("**Where our numbers disagree with the paper:** "
-                   + "; ".join(f"{c['text']}: ours {fmt_num(c['ours_values'][0])} vs {fmt_num(c['ours_values'][1])}"
+                   + "; ".join(f"{c['text']}: ours "
+                               + (f"{fmt_num(c['ours_values'][0])} vs {fmt_num(c['ours_values'][1])}"
+                                  if c.get("ours_values") else (c.get("why") or "see below"))
                                + (f" (paper {fmt_num(c['paper_values'][0])} vs {fmt_num(c['paper_values'][1])})"
                                   if c["paper_values"] else "")
                                + (f"; by KL to dense the claim {'holds' if c['ours_kl_holds'] else 'fails too'}"
@@ -596,6 +600,9 @@ def build_parser(spec: PaperSpec) -> argparse.ArgumentParser:
     ap.add_argument("--nsamples", type=int, default=None, help="override the protocol's calibration samples")
     ap.add_argument("--no-kl", dest="kl", action="store_false",
                     help="skip the data-free KL to the dense model (rows get kl = null; quicker on SmolLM2)")
+    ap.add_argument("--eval-datasets", default=None,
+                    help="comma list overriding the protocol's evaluation texts for the runs made now (rows keep "
+                         "the same key: each row's perplexities say which texts it was evaluated on)")
     ap.add_argument("--no-run", action="store_true", help="only rebuild the tables from the JSONL rows")
     ap.add_argument("--no-extra", action="store_true", help="skip the paper's extra section (e.g. speed)")
     return ap
@@ -624,7 +631,8 @@ def main(spec: PaperSpec, argv=None) -> dict:
     t0 = time.time()
     if not args.no_run:
         calls = run_paper(spec, cfg, jsonl, quick=args.quick, threads=args.threads, only=only,
-                          eval_windows=args.eval_windows, nsamples=args.nsamples, kl=args.kl)
+                          eval_windows=args.eval_windows, nsamples=args.nsamples, kl=args.kl,
+                          eval_datasets=args.eval_datasets)
     else:
         calls = [sweep_argv(spec, v, cfg, jsonl, quick=args.quick, threads=args.threads, dense=(i == 0),
                             eval_windows=args.eval_windows, nsamples=args.nsamples, kl=args.kl)
