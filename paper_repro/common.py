@@ -319,6 +319,14 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
                 "eval_windows": QUICK["eval_windows"] if quick else prot.eval_windows}
     if quick:
         protocol["name"] = prot.name + "+quick"
+    notes = list(spec.notes)
+    want = set(protocol["eval_datasets"])
+    short = [c for c in cells if c["status"] == "done" and c["perplexity"] and not want <= set(c["perplexity"])]
+    if short:
+        got = sorted({", ".join(sorted(c["perplexity"])) for c in short})
+        notes.append(f"{len(short)} of {sum(c['status'] == 'done' for c in cells)} rows were evaluated on "
+                     f"{' / '.join(got)} only (not every text the protocol names; run with --eval-datasets to save "
+                     f"GPU time); the tables' metric, {protocol['eval_datasets'][0]}, is complete for every row.")
     return {
         "paper": {"name": spec.name, "title": spec.title, "seed": spec.seed, "arxiv": spec.arxiv},
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
@@ -327,7 +335,7 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
         "sweep_commands": [f"python benchmarks/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
         "dense": dense_cell, "rows": cells,
         "paper_numbers": [asdict(n) for n in spec.numbers], "sources": check_sources(spec.numbers),
-        "claims": claims, "notes": list(spec.notes), "allocation_eps": spec.allocation_eps,
+        "claims": claims, "notes": notes, "allocation_eps": spec.allocation_eps,
         "machine": machine, "versions": versions, "written": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
