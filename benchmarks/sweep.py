@@ -2,7 +2,7 @@
 
 Resumable: a row whose key is already in the results file is skipped, so a long sweep (SmolLM2 on the
 `cpu` protocol takes minutes per run on 2 cores) can be stopped and continued. Tables are made from the
-JSONL file by ``benchmarks/tables.py``; nothing is typed by hand.
+JSONL file by ``paper_repro/common.py`` (the paper scripts) and ``paper_repro/make_readme_results.py``; nothing is typed by hand.
 
     python benchmarks/sweep.py --model smollm2-135m --protocol cpu \
         --methods magnitude,wanda,sparsegpt,fista --settings 0.5,2:4,0.7 --out results/cpu_baselines.jsonl
