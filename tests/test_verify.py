@@ -129,7 +129,10 @@ def test_skipped_rows_carry_a_reason(quick):
     gb = get_backend("gurobi")
     if gb.available() and gurobi_size_limited():
         lic = [r for r in data["rows"] if r["backend"] == "gurobi" and r["check"] == "skipped"]
-        assert lic and all("size-limited" in r["note"] and "cvxpy" in r["note"] for r in lic)
+        assert all("size-limited" in r["note"] and "cvxpy" in r["note"] for r in lic)
+        # the quick set's only instance above the pip licence's limits is the real stories260K layer (64×64 refit)
+        if any(str(r.get("instance", "")).startswith("stories") for r in data["rows"]):
+            assert lic
 
 
 def test_gurobi_absent_rows_are_skipped_with_reason():
