@@ -70,7 +70,8 @@ def tables(rows: list, metric: str = "wikitext2") -> str:
     versions = next((r.get("versions") for r in rows if r.get("versions")), None) or {}
     proto = sorted({(r.get("config") or {}).get("protocol") for r in rows} - {None})
     out = [f"Rows: {len(rows)}; protocol {', '.join(proto) or '?'}; machine: "
-           f"{machine.get('cuda') or machine.get('processor') or '?'} ({machine.get('cpu_count', '?')} cores, "
+           f"{machine.get('cuda') or machine.get('processor') or machine.get('machine') or machine.get('device') or '?'} "
+           f"({machine.get('cpu_count', '?')} cores, "
            f"{machine.get('torch_threads', '?')} torch threads); torch {versions.get('torch', '?')}, "
            f"transformers {versions.get('transformers', '?')}.", ""]
 
