@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-__all__ = ["Capabilities", "SolveResult", "LayerResult", "Backend", "SolverUnavailable", "LicenseLimitError",
+__all__ = ["torch_threads", "Capabilities", "SolveResult", "LayerResult", "Backend", "SolverUnavailable", "LicenseLimitError",
            "Timer"]
 
 
@@ -109,3 +110,19 @@ class Timer:
 
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self.t0
+
+
+@contextmanager
+def torch_threads(n: Optional[int]):
+    """Run the block with ``n`` torch CPU threads and restore the previous count afterwards; ``None`` (or the
+    current count) changes nothing. The solvers use it for small dense kernels, where OpenMP barrier waits on a
+    shared 2-core machine made two threads several times slower than one (measurements in each caller)."""
+    prev = torch.get_num_threads()
+    change = n is not None and int(n) != prev
+    if change:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(prev)

@@ -49,7 +49,7 @@ import torch
 from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, register_projection
 from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import mask_program
-from .base import LayerResult, Timer
+from .base import LayerResult, Timer, torch_threads
 from .baselines import refit_result, ria_scores, wanda_scores
 from .registry import register_method
 
@@ -291,15 +291,10 @@ def expander_nm_mask(scores: torch.Tensor, N: int, M: int, B: int, *, algorithm:
         raise PatternError(f"a weight matrix is 2-D, got shape {tuple(scores.shape)}")
     _check_args(N, M, B, scores.shape)
     m, n = scores.shape
-    nth = torch.get_num_threads()
     want = num_threads if num_threads is not None else (1 if scores.device.type == "cpu" else None)
-    if want:
-        torch.set_num_threads(int(want))
-    try:
+    with torch_threads(want):
         x, stats = solve_tiles(tile_view(scores, M), N, M, B, algorithm)
         mask = untile(x, m, n)
-    finally:
-        torch.set_num_threads(nth)
     return (mask, stats) if return_stats else mask
 
 

@@ -60,7 +60,7 @@ import torch
 from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
 from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import l1_kkt_residual, l1_program
-from .base import LayerResult, Timer
+from .base import LayerResult, Timer, torch_threads
 from .registry import get_method, register_method
 
 __all__ = ["fista", "fista_l1", "L1Solution", "FistaEngine", "lipschitz_constant", "default_lambda",
@@ -134,22 +134,10 @@ def default_lambda(problem: LayerProblem, pattern: Pattern) -> float:
     return float(torch.kthvalue(score.cpu(), k).values)
 
 
-class _few_threads:
+def _few_threads(flops: float, device: torch.device):
     """Run tiny problems (one matmul below ~4 MFLOP) on one CPU thread: on a shared machine OpenMP's barrier
     waits make a 2-thread 8×24×24 matmul ~10× slower than a 1-thread one. Restores the thread count after."""
-
-    def __init__(self, flops: float, device: torch.device):
-        self.active = device.type == "cpu" and flops < 4e6 and torch.get_num_threads() > 1
-
-    def __enter__(self):
-        if self.active:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.saved)
+    return torch_threads(1 if (device.type == "cpu" and flops < 4e6) else None)
 
 
 # ----------------------------------------------------------------------------------------------- engine

@@ -30,6 +30,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .base import torch_threads
+
 __all__ = ["graph_metrics", "degree_stats", "tile_min_degree", "top_singular_values", "ramanujan_bound"]
 
 DENSE_SVD_MAX = 4_000_000
@@ -92,14 +94,10 @@ def top_singular_values(mask, k: int = 2, *, dense_max: int = DENSE_SVD_MAX) -> 
         # eps·σ1²/(2σ2) (~1e-12 for pruning masks; an exactly-zero σ2 reads as ~1e-8·σ1); ~10× faster than an SVD
         # one thread: on the shared 2-core machines two threads made this 4–20× slower (0.05 s → 0.2–5 s for
         # 1536×576 in a busy pipeline run), as for the other small dense kernels (see llm_adapters/selfcalib.py)
-        nth = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             T = torch.from_numpy(A.astype(np.float32))  # Gram entries are integer counts < 2^24: exact in float32
             G = (T.T @ T if n <= m else T @ T.T).to(torch.float64)
             lam = torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0)
-        finally:
-            torch.set_num_threads(nth)
         return lam.sqrt().tolist(), "dense"
     import scipy.sparse as sp
     from scipy.sparse.linalg import svds

@@ -36,7 +36,7 @@ import torch
 from ..formulations.patterns import ColumnGroups, Pattern, PatternError
 from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
 from ..formulations.programs import l0_program
-from .base import LayerResult, Timer
+from .base import LayerResult, Timer, torch_threads
 from .registry import register_method
 
 __all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores", "centered_problem",
@@ -74,16 +74,10 @@ def cpu_threads(problem: LayerProblem, threads: Optional[int] = None):
     """Run a CPU solve with ``threads`` torch threads (default: 1 when ``n ≤ 512``, where the many small
     factorisations are dominated by OpenMP start-up/contention — measured 10–25× faster on the 2-core box).
     Restores the previous setting. No effect on CUDA problems."""
-    prev = torch.get_num_threads()
     if threads is None:
-        threads = 1 if (problem.H.device.type == "cpu" and problem.n <= 512) else prev
-    if threads != prev:
-        torch.set_num_threads(int(threads))
-    try:
+        threads = 1 if (problem.H.device.type == "cpu" and problem.n <= 512) else None
+    with torch_threads(threads):
         yield
-    finally:
-        if threads != prev:
-            torch.set_num_threads(prev)
 
 
 def _work_dtype(problem: LayerProblem, dtype=None) -> torch.dtype:

@@ -118,3 +118,21 @@ def test_numerical_failures_name_the_layer():
         cholesky_with_retry(-torch.eye(4, dtype=torch.float64), name="q_proj", max_tries=2)
     L, d = cholesky_with_retry(torch.zeros(4, 4, dtype=torch.float64) + torch.diag(torch.tensor([1.0, 1, 1, 0])))
     assert torch.isfinite(L).all() and d > 0  # singular Gram: damping raised until it factors
+
+
+def test_torch_threads_sets_and_restores():
+    from optprune.solvers.base import torch_threads
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with torch_threads(1):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
