@@ -277,7 +277,7 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
     """The result document: our cells (from ``rows`` only), the paper's numbers and the claims."""
     from optprune.llm_adapters.data import PROTOCOLS
     prot = PROTOCOLS[cfg["protocol"]]
-    cells = []
+    cells, shared = [], []
     for v in _variants(spec, quick, None):
         tag = _tag(spec, v, quick)
         for st in _settings(spec, v, quick):
@@ -285,6 +285,8 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
                      and r["config"].get("method") == v.method and _same_setting(r["config"], st)
                      and (r["config"].get("allocation") or "uniform") == v.allocation]
             r = match[-1] if match else None
+            if r is not None and r.get("shared_from_tag"):
+                shared.append(f"{v.label} @ {spec.setting_labels.get(st, st)} (from {r['shared_from_tag']})")
             cell = {"variant": v.id, "label": v.label, "method": v.method, "setting": st,
                     "setting_label": spec.setting_labels.get(st, st), "allocation": v.allocation,
                     "error_correction": v.error_correction, "method_options": v.method_options,
@@ -327,6 +329,9 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
         notes.append(f"{len(short)} of {sum(c['status'] == 'done' for c in cells)} rows were evaluated on "
                      f"{' / '.join(got)} only (not every text the protocol names; run with --eval-datasets to save "
                      f"GPU time); the tables' metric, {protocol['eval_datasets'][0]}, is complete for every row.")
+    if shared:
+        notes.append("Rows copied from another paper script's run of the identical configuration (same method, "
+                     "setting, allocation and error correction; only the tag differs): " + "; ".join(shared) + ".")
     return {
         "paper": {"name": spec.name, "title": spec.title, "seed": spec.seed, "arxiv": spec.arxiv},
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
