@@ -13,6 +13,7 @@ model's evaluation as a row. ``-O method:key=value`` passes a method option to o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -48,7 +49,32 @@ def summarise(rec: dict) -> dict:
             "mean_rel_error": (rec.get("summary") or {}).get("mean_rel_error"),
             "timings": t, "peak_rss_mb": rec.get("peak_rss_mb"),
             "error_sum": sum((l.get("error") or 0.0) for l in rec.get("layers", []) if isinstance(l, dict)),
-            "versions": rec.get("versions"), "machine": rec.get("machine")}
+            "versions": rec.get("versions"), "machine": rec.get("machine"),
+            "graph": graph_summary(rec.get("layers") or [])}
+
+
+def graph_summary(layers: list) -> dict | None:
+    """Worst case / mean over the layers of the N:M masks' graph metrics (solvers/graph_metrics.py), or None."""
+    g = [l["graph"] for l in layers if isinstance(l, dict) and isinstance(l.get("graph"), dict)]
+    if not g:
+        return None
+    ratio = [x["sigma2_over_bound"] for x in g if x.get("sigma2_over_bound") is not None]
+    tile = [x["tile_min_degree"] for x in g if x.get("tile_min_degree") is not None]
+    return {"layers": len(g),
+            "min_in_degree": min(x["in_degree"]["min"] for x in g),
+            "min_in_degree_frac": min(x["in_degree"]["min"] / max(x["shape"][0], 1) for x in g),
+            "isolated_inputs": sum(x["isolated_inputs"] for x in g),
+            "layers_with_isolated_inputs": sum(x["isolated_inputs"] > 0 for x in g),
+            "max_components": max(x["components"] for x in g),
+            "min_tile_degree": min(tile) if tile else None,
+            "mean_sigma2_over_bound": sum(ratio) / len(ratio) if ratio else None,
+            "max_sigma2_over_bound": max(ratio) if ratio else None,
+            "mean_relative_gap": sum(x.get("relative_gap") or 0.0 for x in g) / len(g)}
+
+
+def record_path(out: Path, key: str) -> Path:
+    """Where the full run record (per-layer errors, sparsities, graph metrics, timings) of a sweep row is kept."""
+    return out.with_name(out.stem + ".runs") / (hashlib.sha1(key.encode()).hexdigest()[:12] + ".json")
 
 
 def main(argv=None) -> int:
@@ -65,7 +91,8 @@ def main(argv=None) -> int:
                          "as in their published code)")
     ap.add_argument("--mode", default="sequential")
     ap.add_argument("--structure", default=None, help="structured methods: mlp / heads")
-    ap.add_argument("--min-degree", type=int, default=None)
+    ap.add_argument("--min-degree", type=int, default=None,
+                    help="EGGS: at least B kept per column per M×M tile (ignored by methods without that pattern)")
     ap.add_argument("--refit", action="store_true")
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     ap.add_argument("-O", "--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE")
@@ -80,12 +107,15 @@ def main(argv=None) -> int:
                     help="skip the data-free KL/top-1 against the dense model (faster; rows get kl = null)")
     ap.add_argument("--out", required=True, help="JSONL results file (appended; resumable)")
     ap.add_argument("--save-dir", default=None, help="keep each pruned model under this folder")
+    ap.add_argument("--no-records", dest="records", action="store_false",
+                    help="do not keep each run's full JSON record (default: <out stem>.runs/<key hash>.json)")
     args = ap.parse_args(argv)
 
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     import optprune
+    from optprune.solvers import get_method
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +144,12 @@ def main(argv=None) -> int:
             for meth in args.methods.split(","):
                 for st in args.settings.split(","):
                     ec = {"on": True, "off": False}.get(args.error_correction, meth == "fista")
+                    # --min-degree is EGGS's expander constraint: give it only to methods that take that pattern
+                    md = args.min_degree if "expander" in get_method(meth).patterns else None
                     jobs.append({"model": args.model, "protocol": args.protocol, "method": meth,
                                  **parse_setting(st), "allocation": alloc, "error_correction": ec,
                                  "mode": args.mode, "calibration": cal, "refit": args.refit,
-                                 "structure": args.structure, "min_degree": args.min_degree,
+                                 "structure": args.structure, "min_degree": md,
                                  "method_options": mopts.get(meth) or None, "tag": args.tag})
     print(f"sweep: {len(jobs)} runs, {sum(row_key(j) in done for j in jobs)} already in {out}", flush=True)
     for j in jobs:
@@ -156,6 +188,11 @@ def main(argv=None) -> int:
                                                                f"{j['sparsity']:.2f}-{j['allocation']}")
                 rec = optprune.prune(**kw)
             row = {"key": key, "config": j, "wall_s": time.time() - t0, **summarise(rec)}
+            if args.records:
+                rp = record_path(out, key)
+                rp.parent.mkdir(parents=True, exist_ok=True)
+                rp.write_text(json.dumps(rec, default=str, indent=1))
+                row["record"] = os.path.relpath(rp, out.parent)
         except Exception as e:  # record the failure, keep going
             traceback.print_exc()
             row = {"key": key, "config": j, "wall_s": time.time() - t0, "error": f"{type(e).__name__}: {e}"}

@@ -40,3 +40,32 @@ def test_sweep_table_puts_each_row_in_its_cell(tmp_path):
     assert line.split("|")[2:5] == [" – ", " 49.59 ", " – "]  # columns: dense, 50%, 2:4
     assert "| fista · EC on · calib self | – | – | error: NumericalError: layer x |" in md
     assert "0.738 / 0.581" in md and "131 (55)" in md
+
+
+def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeypatch):
+    """benchmarks/sweep.py on stories260K (smoke protocol), EGGS 2:4 with B=1: the JSONL row carries the worst-case
+    graph metrics over the layers (matching the full run record it points to), and a second call skips the row."""
+    import importlib.util
+    import json
+    monkeypatch.setenv("OPTPRUNE_MODEL_DIR", str(stories_dir.parent))
+    spec = importlib.util.spec_from_file_location("sweep", REPO / "benchmarks" / "sweep.py")
+    sw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sw)
+    out = tmp_path / "r.jsonl"
+    argv = ["--model", "stories260k", "--protocol", "smoke", "--methods", "eggs,wanda", "--settings", "2:4",
+            "--min-degree", "1", "--eval-windows", "2", "--nsamples", "4", "--no-kl", "--threads", "1",
+            "--out", str(out)]
+    assert sw.main(argv) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2 and all("error" not in r for r in rows), rows
+    by = {r["config"]["method"]: r for r in rows}
+    for meth, r in by.items():
+        rec = json.loads((out.parent / r["record"]).read_text())
+        gs = [l["graph"] for l in rec["layers"]]
+        assert len(gs) == r["graph"]["layers"] == 35
+        assert r["graph"]["min_in_degree"] == min(g["in_degree"]["min"] for g in gs)
+        assert r["graph"]["isolated_inputs"] == sum(g["isolated_inputs"] for g in gs)
+        assert r["graph"]["min_tile_degree"] == min(g["tile_min_degree"] for g in gs)
+    assert by["eggs"]["graph"]["min_tile_degree"] >= 1 and by["eggs"]["graph"]["isolated_inputs"] == 0
+    assert sw.main(argv) == 0  # resumable: both rows are already there
+    assert len(out.read_text().splitlines()) == 2
