@@ -102,6 +102,21 @@ def tables(rows: list, metric: str = "wikitext2") -> str:
     grid(f"{metric} perplexity (lower is better)", ppl)
     grid("KL to dense (nats/token) / top-1 agreement, held-out self-generated text", kl)
     grid("wall time of the run, s (pruning alone)", times)
+    graph = [(lab, st, cells[(lab, st)]["graph"]) for lab in labels for st in settings
+             if isinstance((cells.get((lab, st)) or {}).get("graph"), dict)]
+    if graph:
+        out.extend(["**Graph of the N:M masks (worst case or mean over the pruned layers; solvers/graph_metrics.py)**",
+                    "", "| configuration | pattern | layers | min in-degree (/rows) | isolated inputs (layers) | "
+                    "max components | min tile column degree | σ2/Ramanujan mean (max) | relative gap mean |",
+                    "|---|---|---|---|---|---|---|---|---|"])
+        for lab, st, g in graph:
+            def f(v, fmt="{:.3f}"):
+                return "–" if v is None else fmt.format(v)
+            out.append(f"| {lab} | {st} | {g['layers']} | {g['min_in_degree']} ({f(g['min_in_degree_frac'])}) | "
+                       f"{g['isolated_inputs']} ({g['layers_with_isolated_inputs']}) | {g['max_components']} | "
+                       f"{f(g.get('min_tile_degree'), '{}')} | {f(g.get('mean_sigma2_over_bound'))} "
+                       f"({f(g.get('max_sigma2_over_bound'))}) | {f(g.get('mean_relative_gap'))} |")
+        out.append("")
     return "\n".join(out)
 
 

@@ -69,3 +69,10 @@ def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeyp
     assert by["eggs"]["graph"]["min_tile_degree"] >= 1 and by["eggs"]["graph"]["isolated_inputs"] == 0
     assert sw.main(argv) == 0  # resumable: both rows are already there
     assert len(out.read_text().splitlines()) == 2
+    st_spec = importlib.util.spec_from_file_location("sweep_table", REPO / "benchmarks" / "sweep_table.py")
+    st = importlib.util.module_from_spec(st_spec)
+    st_spec.loader.exec_module(st)
+    md = st.tables(st.load(out))
+    g = by["eggs"]["graph"]
+    line = next(l for l in md.splitlines() if l.startswith("| eggs · EC off · B=1 | 2:4 |"))
+    assert f"| {g['isolated_inputs']} ({g['layers_with_isolated_inputs']}) |" in line
