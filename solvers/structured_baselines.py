@@ -111,22 +111,25 @@ def keep_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def group_refit(problem: LayerProblem, cols: torch.Tensor, dtype=None) -> torch.Tensor:
+def group_refit(problem: LayerProblem, cols: torch.Tensor, dtype=None, *, B: Optional[torch.Tensor] = None,
+                Hh: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact least-squares refit on kept columns ``S``: ``W_S = B_S Ĥ_SS⁻¹`` (``B = W0 C``), zero elsewhere.
 
     The support is the same for every row, so one Cholesky factorisation of ``Ĥ_SS`` serves all rows.
     Dead inputs (``Ĥ_jj = 0``) in S carry no signal and get weight 0. The factorisation is undamped; if it
     fails (singular ``Ĥ_SS``) the damping is raised from ``1e-8·mean(diag)`` until it succeeds.
+    ``B`` / ``Hh``: the target ``W0 C`` and ``Ĥ`` already in the working dtype, for callers that refit many
+    supports of one layer (SPAP): recomputing ``W0 C`` was half the cost of a refit.
     """
     dt = _work_dtype(problem, dtype)
     m, n = problem.shape
-    Hh = problem.Hh.to(dt)
+    Hh = problem.Hh.to(dt) if Hh is None else Hh
     cols = cols.to(Hh.device).bool() & (Hh.diagonal() > 0)
     W = torch.zeros(m, n, dtype=dt, device=Hh.device)
     if not bool(cols.any()):
         return W
     idx = cols.nonzero().squeeze(1)
-    B = problem.target(dt)[:, idx]
+    B = (problem.target(dt) if B is None else B)[:, idx]
     L, _ = cholesky_with_retry(Hh[idx][:, idx], 0.0, name=problem.name)
     W[:, idx] = torch.cholesky_solve(B.T, L).T
     if not torch.isfinite(W).all():

@@ -86,6 +86,46 @@ def test_tiny_instances_never_below_optimum_and_feasible():
     assert float((gaps <= 1e-9).double().mean()) >= 0.75, gaps
 
 
+@pytest.mark.parametrize("kind", ["random", "correlated", "outliers", "dead"])
+def test_woodbury_v_step_equals_the_factorised_one(kind):
+    """VStep's Woodbury/eigen form gives the V of ``V(Ĥ + ρD_z) = B`` that a fresh Cholesky factorisation gives,
+    for ρ from 1e-3 to 1e6 and several supports (grouped columns, dead inputs, error correction)."""
+    from optprune.solvers.spap import VStep, _v_step
+    from optprune.solvers.structured_baselines import group_setup
+    p = LayerProblem.random(12, 48, seed=7, kind=kind, corrected=True)
+    pat = ColumnGroups(3, sparsity=0.5)
+    st = group_setup(p, pat, "spap", torch.float64)
+    A = p.damped_hessian(1e-6, dtype=torch.float64)
+    B = p.target(torch.float64)
+    dH = p.Hh.to(torch.float64).diagonal().clamp_min(0).clone()
+    fast = VStep(p, st, A, B, dH)
+    assert fast.fast
+    g = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        keep = torch.zeros(st.g, dtype=torch.bool)
+        keep[torch.randperm(st.g, generator=g)[: st.k]] = True
+        for rho in (1e-3, 1e-1, 1.0, 1e2, 1e4, 1e6):
+            ref = _v_step(p, st, A, B, dH, keep, rho)
+            got = fast(keep, rho)
+            assert torch.allclose(got, ref, rtol=0, atol=1e-9 * float(ref.abs().max())), (kind, trial, rho)
+            dropped = ~st.cols(keep)
+            # the dropped columns shrink like 1/ρ: their relative size is resolved, not round-off
+            if rho >= 1e2 and bool(ref[:, dropped].abs().max() > 0):
+                rel = float((got - ref)[:, dropped].norm() / ref[:, dropped].norm())
+                assert rel < 1e-6, (kind, rho, rel)
+
+
+def test_spap_fast_and_direct_v_steps_choose_the_same_support():
+    for seed in range(4):
+        p = LayerProblem.random(16, 64, seed=seed, kind=("random", "correlated")[seed % 2], corrected=seed % 2 == 1)
+        pat = ColumnGroups(2, sparsity=0.4)
+        a = get_method("spap")(p, pat, fast_vstep=True)
+        b = get_method("spap")(p, pat, fast_vstep=False)
+        assert a.info["v_step"] == "woodbury" and b.info["v_step"] == "cholesky"
+        assert torch.equal(a.mask, b.mask), seed
+        assert p.objective(a.W) == pytest.approx(p.objective(b.W), rel=1e-10)
+
+
 def test_spap_refit_is_the_exact_least_squares_solution():
     p = LayerProblem.random(5, 12, seed=3, kind="correlated", corrected=True)
     pat = ColumnGroups(2, sparsity=0.5)
