@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="stories260k")
     ap.add_argument("--protocol", default=None, help="default: smoke for stories260k, cpu otherwise")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help="comma list of method[:setting]; 'dense' = load only")
-    ap.add_argument("--structure", default="mlp", help="structured methods: mlp, heads or mlp,heads")
+    ap.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     ap.add_argument("--nsamples", type=int, default=None, help="override the protocol's calibration samples")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prefill", type=int, default=128)

@@ -72,7 +72,7 @@ DIAG_ONLY_ABOVE = 4096
 #: default calibration batch: this many tokens per forward (seqlen 2048 → one sample at a time)
 TOKENS_PER_BATCH = 2048
 
-_STRUCTURE_KINDS = ("mlp", "heads")
+_STRUCTURE_KINDS = ("mlp", "heads", "heads:kv")  # heads:kv = whole key/value groups (GQA), see surgery
 _MODES = ("sequential", "dense-input")
 
 
@@ -87,7 +87,7 @@ class PruneConfig:
     pattern: str = "unstructured"          # parse_pattern(pattern, sparsity, min_degree=...)
     min_degree: Optional[int] = None       # expander N:M (EGGS)
     layer_sparsity: Optional[dict] = None  # full sub-layer module name -> sparsity (allocation)
-    structure: str = "mlp"                 # structured methods: "mlp", "heads", "mlp,heads"
+    structure: str = "mlp"                 # structured methods: "mlp", "heads", "heads:kv", "mlp,heads", …
     mode: str = "sequential"               # "sequential" | "dense-input"
     error_correction: bool = True          # within a block: X̂ from pruned upstream, target dense W0 X
     refit: bool = False                    # finish each layer with solvers.baselines.refit_result
@@ -447,7 +447,10 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
             raise PipelineError(f"structured method {spec.name!r} does not declare the 'groups' pattern")
         kinds = [k.strip().lower() for k in str(config.structure).split(",") if k.strip()]
         if not kinds or any(k not in _STRUCTURE_KINDS for k in kinds):
-            raise PipelineError(f"structure must be 'mlp', 'heads' or 'mlp,heads', got {config.structure!r}")
+            raise PipelineError(f"structure must be a comma list of 'mlp', 'heads' (query heads) and 'heads:kv' "
+                                f"(whole key/value groups), e.g. 'mlp,heads'; got {config.structure!r}")
+        if "heads" in kinds and "heads:kv" in kinds:
+            raise PipelineError("structure: give 'heads' (query heads) or 'heads:kv' (key/value groups), not both")
         try:
             surgery = importlib.import_module(f"{__package__}.surgery")
         except ModuleNotFoundError as e:
@@ -456,14 +459,15 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
         order = arch.sublayer_names()
         for bi in sel:
             groups = []
-            for kind in dict.fromkeys(kinds):
+            for token in dict.fromkeys(kinds):
+                kind, _, head_groups = token.partition(":")
                 table = arch.mlp if kind == "mlp" else arch.heads
                 if table is None:
                     raise PipelineError(f"architecture {arch.name!r} has no {kind} structure table")
                 sub0 = table.down if kind == "mlp" else table.o
                 s = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
                 try:
-                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s)
+                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s, head_groups=head_groups or "query")
                 except NotImplementedError as e:  # e.g. heads of GPT-2's fused c_attn
                     raise PipelineError(f"{kind} structure on block {bi}: {e}") from None
                 name = f"{arch.blocks}.{bi}.{sub}"

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-degree", type=int, default=None, help="expander N:M: keep ≥ B entries per column per tile")
     p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
     p.add_argument("--allocation-eps", type=float, default=None, help="alpha/owl: sparsities in [S(1-ε), S(1+ε)]")
-    p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads or mlp,heads")
+    p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",

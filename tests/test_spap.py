@@ -463,3 +463,29 @@ def test_gpt2_and_opt_adapters(tmp_path):
         d = tmp_path / name
         save_shrunk(model, str(d))
         assert torch.allclose(_logits(load_shrunk(str(d)), ids), b, atol=1e-6)
+
+
+@needs_model
+def test_prune_heads_by_kv_group_shrinks_kv_without_replication(tmp_path):
+    """``structure="heads:kv"`` through the public API: SPAP chooses whole key/value groups of stories260K's
+    8q/4kv attention, so at 50% every block keeps 4 query and 2 key/value heads (nothing replicated), the saved
+    config is stock (4, 2, head_dim 8) and stock transformers reproduces the pruned model's logits; ``heads`` and
+    ``heads:kv`` together, or an unknown structure, are refused with a clear error."""
+    import optprune
+    from transformers import AutoModelForCausalLM
+    from optprune.llm_adapters.pipeline import PipelineError
+    from optprune.llm_adapters.run import RunError
+    out = tmp_path / "kv"
+    rec = optprune.prune(model="stories260k", method="spap", sparsity=0.5, structure="heads:kv", nsamples=4,
+                         seqlen=64, evaluate=False, kl=False, output=str(out), model_dir=str(MODEL_DIR))
+    heads = [l for l in rec["layers"] if l["name"].endswith("o_proj")]
+    assert len(heads) == 5
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (4, 2, 8)
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    for blk in model.model.layers:
+        assert blk.self_attn.k_proj.weight.shape[0] == 16 and blk.self_attn.q_proj.weight.shape[0] == 32
+    for bad in ("heads,heads:kv", "heads:query2"):
+        with pytest.raises((PipelineError, RunError, ValueError), match="structure"):
+            optprune.prune(model="stories260k", method="spap", sparsity=0.5, structure=bad, nsamples=4, seqlen=64,
+                           evaluate=False, kl=False, model_dir=str(MODEL_DIR))
