@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     cals = args.calibrations.split(",") if args.calibrations else [None]
     for cal in cals:
         for alloc in args.allocations.split(","):
-            for meth in args.methods.split(","):
+            for meth in [m.strip() for m in args.methods.split(",") if m.strip()]:  # --methods "" --dense: dense only
                 for st in args.settings.split(","):
                     ec = {"on": True, "off": False}.get(args.error_correction, meth == "fista")
                     # --min-degree is EGGS's expander constraint: give it only to methods that take that pattern

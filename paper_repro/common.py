@@ -330,8 +330,9 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
                      f"{' / '.join(got)} only (not every text the protocol names; run with --eval-datasets to save "
                      f"GPU time); the tables' metric, {protocol['eval_datasets'][0]}, is complete for every row.")
     if shared:
-        notes.append("Rows copied from another paper script's run of the identical configuration (same method, "
-                     "setting, allocation and error correction; only the tag differs): " + "; ".join(shared) + ".")
+        notes.append("Rows copied from another run of the identical configuration (another paper script's, or a "
+                     "sweep file given to --import-rows; same method, setting, allocation, error correction and "
+                     "options; only the tag differs): " + "; ".join(shared) + ".")
     return {
         "paper": {"name": spec.name, "title": spec.title, "seed": spec.seed, "arxiv": spec.arxiv},
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
@@ -599,6 +600,63 @@ def _cell_text(c: Optional[dict]) -> str:
 
 
 # ================================================================================================ CLI
+def _expected_config(v: Variant, cfg: dict, setting: str) -> dict:
+    """The sweep config of a variant's cell without its tag (what sweep.py would run for it)."""
+    return {"model": cfg["model"], "protocol": cfg["protocol"], "method": v.method, **parse_setting(setting),
+            "allocation": v.allocation, "error_correction": bool(v.error_correction), "mode": "sequential",
+            "calibration": None, "refit": False, "structure": v.structure, "min_degree": v.min_degree,
+            "method_options": v.method_options or None}
+
+
+def import_rows(spec: PaperSpec, cfg: dict, jsonl: Path, sources: list, *, quick: bool) -> int:
+    """Copy rows of identical configurations from other sweep files into ``jsonl`` for cells (and the dense row)
+    that have none, re-tagged for this script and marked ``shared_from_tag`` with the source file, so the tables
+    say which rows were copied. Only error-free rows whose whole configuration matches are taken; the source
+    files must have been run with the protocol's own window and sample counts (a row's key does not hold them).
+    Returns the number of rows copied."""
+    sweep = load_sweep()
+    have = read_rows(jsonl) if jsonl.exists() else []
+    src_rows = []
+    for f in sources:
+        src_rows += [(Path(f), r) for r in read_rows(Path(f)) if not r.get("error")]
+    keys = ("model", "protocol", "method", "pattern", "sparsity", "allocation", "error_correction", "mode",
+            "calibration", "refit", "structure", "min_degree", "method_options")
+
+    def same(c: dict, want: dict) -> bool:
+        c = {"allocation": "uniform", "mode": "sequential", "refit": False, **c}
+        return all(c.get(k) == want.get(k) for k in keys if k in want)
+
+    def copy(f: Path, r: dict, tag: str) -> dict:
+        c = dict(r["config"], tag=tag)
+        out = {**r, "key": sweep.row_key(c), "config": c, "shared_from_tag": _rel(f)}
+        if r.get("record"):  # the run record's path is relative to the source file's folder
+            out["record"] = os.path.relpath(f.parent / r["record"], jsonl.parent)
+        return out
+
+    new = []
+    variants = _variants(spec, quick, None)
+    if variants and not any((r.get("config") or {}).get("method") == "dense" for r in have):
+        want = {"model": cfg["model"], "protocol": cfg["protocol"], "method": "dense"}
+        hit = [(f, r) for f, r in src_rows if same(r.get("config") or {}, want)]
+        if hit:
+            new.append(copy(*hit[-1], _tag(spec, variants[0], quick)))
+    for v in variants:
+        tag = _tag(spec, v, quick)
+        for st in _settings(spec, v, quick):
+            want = _expected_config(v, cfg, st)
+            if any((r.get("config") or {}).get("tag") == tag and same(r["config"], want) for r in have):
+                continue
+            hit = [(f, r) for f, r in src_rows if same(r.get("config") or {}, want)]
+            if hit:
+                new.append(copy(*hit[-1], tag))
+    if new:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with jsonl.open("a") as fh:
+            for r in new:
+                fh.write(json.dumps(r, default=str) + "\n")
+    return len(new)
+
+
 def build_parser(spec: PaperSpec) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=f"{spec.title} ({spec.seed}): the paper's headline comparisons at "
                                              f"our scales, side by side with its reported numbers.")
@@ -618,6 +676,9 @@ def build_parser(spec: PaperSpec) -> argparse.ArgumentParser:
                          "the same key: each row's perplexities say which texts it was evaluated on)")
     ap.add_argument("--no-run", action="store_true", help="only rebuild the tables from the JSONL rows")
     ap.add_argument("--no-extra", action="store_true", help="skip the paper's extra section (e.g. speed)")
+    ap.add_argument("--import-rows", action="append", default=[], metavar="JSONL",
+                    help="copy rows of identical configurations from another sweep file (e.g. "
+                         "benchmarks/results/cpu_smollm2.jsonl) into the missing cells; the tables name them")
     return ap
 
 
@@ -642,6 +703,9 @@ def main(spec: PaperSpec, argv=None) -> dict:
         (f" --nsamples {args.nsamples}" if args.nsamples else "")
     calls = []
     t0 = time.time()
+    if args.import_rows:
+        n = import_rows(spec, cfg, jsonl, args.import_rows, quick=args.quick)
+        print(f"imported {n} row(s) from {', '.join(args.import_rows)} into {jsonl}")
     if not args.no_run:
         calls = run_paper(spec, cfg, jsonl, quick=args.quick, threads=args.threads, only=only,
                           eval_windows=args.eval_windows, nsamples=args.nsamples, kl=args.kl,

@@ -195,3 +195,46 @@ def test_make_readme_results_appends_markers_when_absent(quick_runs, tmp_path):
         mk.main(["--readme", str(bad), "--results-dir", str(res), "--bench-dir", str(bench),
                  "--img-dir", str(tmp_path / "img2")])
     assert bad.read_text() == "x\n" + mk.START + "\n"
+
+
+def test_import_rows_fills_missing_cells_and_names_them(tmp_path):
+    """``--import-rows`` copies rows of the identical configuration (and the dense row) from a sweep file into the
+    paper script's missing cells, re-tagged; rows of other configurations (another error correction, an error)
+    are not taken; the Markdown names the copied rows; a second import copies nothing."""
+    mod = _load("fistapruner")
+    common = sys.modules["common"]
+    sweep = common.load_sweep()
+    cfg = common.scale_config("cpu")
+
+    def row(method, setting, ec, ppl, error=None):
+        c = {"model": cfg["model"], "protocol": "cpu", "method": method, **common.parse_setting(setting),
+             "allocation": "uniform", "error_correction": ec, "mode": "sequential", "calibration": None,
+             "refit": False, "structure": None, "min_degree": None, "method_options": None, "tag": None}
+        r = {"key": sweep.row_key(c), "config": c, "perplexity": {"wikitext2": ppl}, "wall_s": 1.0,
+             "record": "src.runs/abc.json"}
+        return dict(r, error=error) if error else r
+
+    dense = {"model": cfg["model"], "protocol": "cpu", "method": "dense", "tag": None}
+    src = tmp_path / "src" / "sweep.jsonl"
+    src.parent.mkdir()
+    rows = [{"key": sweep.row_key(dense), "config": dense, "perplexity": {"wikitext2": 20.5}},
+            row("fista", "2:4", True, 88.8), row("sparsegpt", "2:4", False, 99.9),
+            row("wanda", "2:4", True, 1.0),            # EC on: not the Wanda variant (EC off)
+            row("wanda", "0.7", False, 5.0, error="NumericalError: x")]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    doc = mod.main(mod.SPEC, ["--scale", "cpu", "--no-run", "--no-extra", "--out-dir", str(out),
+                              "--import-rows", str(src)])
+    cell = {(c["variant"], c["setting"]): c for c in doc["rows"]}
+    assert cell[("fista", "2:4")]["ppl"] == 88.8 and cell[("sparsegpt", "2:4")]["ppl"] == 99.9
+    assert cell[("wanda", "2:4")]["status"] == "missing" and cell[("wanda", "0.7")]["status"] == "missing"
+    assert doc["dense"]["ppl"] == 20.5
+    copied = common.read_rows(out / "fistapruner_cpu.jsonl")
+    assert len(copied) == 3 and all(r["shared_from_tag"] for r in copied)
+    assert {r["config"]["tag"] for r in copied} == {"fistapruner/fista", "fistapruner/sparsegpt"}
+    recs = [r["record"] for r in copied if r.get("record")]  # the pruned rows' run records, re-based
+    assert len(recs) == 2 and all((out / x).resolve() == (src.parent / "src.runs/abc.json").resolve() for x in recs)
+    md = (out / "fistapruner_cpu.md").read_text()
+    assert "Rows copied from another run" in md and "FISTA (SparseGPT warm start, EC on) — the paper @ 2:4" in md
+    mod.main(mod.SPEC, ["--scale", "cpu", "--no-run", "--no-extra", "--out-dir", str(out), "--import-rows", str(src)])
+    assert len(common.read_rows(out / "fistapruner_cpu.jsonl")) == 3
