@@ -622,8 +622,13 @@ def import_rows(spec: PaperSpec, cfg: dict, jsonl: Path, sources: list, *, quick
     keys = ("model", "protocol", "method", "pattern", "sparsity", "allocation", "error_correction", "mode",
             "calibration", "refit", "structure", "min_degree", "method_options")
 
-    def same(c: dict, want: dict) -> bool:
+    from optprune.llm_adapters.data import PROTOCOLS
+    default_cal = PROTOCOLS[cfg["protocol"]].calibration
+
+    def same(c: dict, want: dict) -> bool:  # calibration None = the protocol's own source
         c = {"allocation": "uniform", "mode": "sequential", "refit": False, **c}
+        c["calibration"] = c.get("calibration") or default_cal
+        want = dict(want, calibration=want.get("calibration") or default_cal) if "calibration" in want else want
         return all(c.get(k) == want.get(k) for k in keys if k in want)
 
     def copy(f: Path, r: dict, tag: str) -> dict:

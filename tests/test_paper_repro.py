@@ -219,6 +219,10 @@ def test_import_rows_fills_missing_cells_and_names_them(tmp_path):
     src.parent.mkdir()
     rows = [{"key": sweep.row_key(dense), "config": dense, "perplexity": {"wikitext2": 20.5}},
             row("fista", "2:4", True, 88.8), row("sparsegpt", "2:4", False, 99.9),
+            dict(row("sparsegpt", "0.5", False, 44.4), config=dict(row("sparsegpt", "0.5", False, 0)["config"],
+                                                                  calibration="c4")),  # the protocol's own source
+            dict(row("magnitude", "0.5", False, 3.0), config=dict(row("magnitude", "0.5", False, 0)["config"],
+                                                                  calibration="self")),  # another source
             row("wanda", "2:4", True, 1.0),            # EC on: not the Wanda variant (EC off)
             row("wanda", "0.7", False, 5.0, error="NumericalError: x")]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -228,13 +232,14 @@ def test_import_rows_fills_missing_cells_and_names_them(tmp_path):
     cell = {(c["variant"], c["setting"]): c for c in doc["rows"]}
     assert cell[("fista", "2:4")]["ppl"] == 88.8 and cell[("sparsegpt", "2:4")]["ppl"] == 99.9
     assert cell[("wanda", "2:4")]["status"] == "missing" and cell[("wanda", "0.7")]["status"] == "missing"
+    assert cell[("sparsegpt", "0.5")]["ppl"] == 44.4 and cell[("magnitude", "0.5")]["status"] == "missing"
     assert doc["dense"]["ppl"] == 20.5
     copied = common.read_rows(out / "fistapruner_cpu.jsonl")
-    assert len(copied) == 3 and all(r["shared_from_tag"] for r in copied)
+    assert len(copied) == 4 and all(r["shared_from_tag"] for r in copied)
     assert {r["config"]["tag"] for r in copied} == {"fistapruner/fista", "fistapruner/sparsegpt"}
     recs = [r["record"] for r in copied if r.get("record")]  # the pruned rows' run records, re-based
-    assert len(recs) == 2 and all((out / x).resolve() == (src.parent / "src.runs/abc.json").resolve() for x in recs)
+    assert len(recs) == 3 and all((out / x).resolve() == (src.parent / "src.runs/abc.json").resolve() for x in recs)
     md = (out / "fistapruner_cpu.md").read_text()
     assert "Rows copied from another run" in md and "FISTA (SparseGPT warm start, EC on) — the paper @ 2:4" in md
     mod.main(mod.SPEC, ["--scale", "cpu", "--no-run", "--no-extra", "--out-dir", str(out), "--import-rows", str(src)])
-    assert len(common.read_rows(out / "fistapruner_cpu.jsonl")) == 3
+    assert len(common.read_rows(out / "fistapruner_cpu.jsonl")) == 4
