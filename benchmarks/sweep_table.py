@@ -22,6 +22,15 @@ def _setting(c: dict) -> str:
     return p if ":" in p else f"{p} {c.get('sparsity', 0):.0%}"
 
 
+def _default_calibration(protocol) -> str | None:
+    """The protocol's own calibration source: a row that names it is the same configuration as one that doesn't."""
+    try:
+        from optprune.llm_adapters.data import PROTOCOLS
+        return PROTOCOLS[protocol].calibration
+    except Exception:  # optprune not importable, or an unknown protocol: keep every label
+        return None
+
+
 def _label(c: dict) -> str:
     if c.get("method") == "dense":
         return "dense"
@@ -30,7 +39,7 @@ def _label(c: dict) -> str:
         parts.append("EC on" if c["error_correction"] else "EC off")
     if c.get("allocation") not in (None, "uniform"):
         parts.append(f"alloc {c['allocation']}")
-    if c.get("calibration"):
+    if c.get("calibration") and c["calibration"] != _default_calibration(c.get("protocol")):
         parts.append(f"calib {c['calibration']}")
     if c.get("min_degree") is not None:
         parts.append(f"B={c['min_degree']}")
