@@ -467,7 +467,8 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
                 sub0 = table.down if kind == "mlp" else table.o
                 s = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
                 try:
-                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s, head_groups=head_groups or "query")
+                    kw = {"head_groups": head_groups} if head_groups else {}  # "heads:kv"
+                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s, **kw)
                 except NotImplementedError as e:  # e.g. heads of GPT-2's fused c_attn
                     raise PipelineError(f"{kind} structure on block {bi}: {e}") from None
                 name = f"{arch.blocks}.{bi}.{sub}"
