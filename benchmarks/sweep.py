@@ -90,7 +90,7 @@ def main(argv=None) -> int:
                     help="on, off, or auto (= on for fista — the paper's setting — off for the baselines, "
                          "as in their published code)")
     ap.add_argument("--mode", default="sequential")
-    ap.add_argument("--structure", default=None, help="structured methods: mlp / heads")
+    ap.add_argument("--structure", default=None, help="structured methods: mlp, heads, heads:kv or a comma list")
     ap.add_argument("--min-degree", type=int, default=None,
                     help="EGGS: at least B kept per column per M×M tile (ignored by methods without that pattern)")
     ap.add_argument("--refit", action="store_true")
