@@ -615,21 +615,21 @@ def import_rows(spec: PaperSpec, cfg: dict, jsonl: Path, sources: list, *, quick
     files must have been run with the protocol's own window and sample counts (a row's key does not hold them).
     Returns the number of rows copied."""
     sweep = load_sweep()
-    have = read_rows(jsonl) if jsonl.exists() else []
+    have = read_rows(jsonl)
     src_rows = []
     for f in sources:
         src_rows += [(Path(f), r) for r in read_rows(Path(f)) if not r.get("error")]
-    keys = ("model", "protocol", "method", "pattern", "sparsity", "allocation", "error_correction", "mode",
-            "calibration", "refit", "structure", "min_degree", "method_options")
 
     from optprune.llm_adapters.data import PROTOCOLS
     default_cal = PROTOCOLS[cfg["protocol"]].calibration
 
-    def same(c: dict, want: dict) -> bool:  # calibration None = the protocol's own source
-        c = {"allocation": "uniform", "mode": "sequential", "refit": False, **c}
+    def norm(c: dict) -> str:  # sweep's own row key without the tag; calibration None = the protocol's source
+        c = {"allocation": "uniform", "mode": "sequential", "refit": False, **c, "tag": None}
         c["calibration"] = c.get("calibration") or default_cal
-        want = dict(want, calibration=want.get("calibration") or default_cal) if "calibration" in want else want
-        return all(c.get(k) == want.get(k) for k in keys if k in want)
+        return sweep.row_key(c)
+
+    def same(c: dict, want: dict) -> bool:
+        return norm(c) == norm(want)
 
     def copy(f: Path, r: dict, tag: str) -> dict:
         c = dict(r["config"], tag=tag)
