@@ -76,3 +76,39 @@ def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeyp
     g = by["eggs"]["graph"]
     line = next(l for l in md.splitlines() if l.startswith("| eggs · EC off · B=1 | 2:4 |"))
     assert f"| {g['isolated_inputs']} ({g['layers_with_isolated_inputs']}) |" in line
+
+
+def _script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spap_path_summary_reads_real_run_records(tmp_path, stories_dir, monkeypatch, capsys):
+    """SPAP through benchmarks/sweep.py on stories260K (smoke protocol), default start and penalty-only start; the
+    summary of their run records accounts for every MLP layer, never puts a start below SPAP's own objective, and
+    reports no baseline comparison for the penalty-only run (it tried none)."""
+    import json
+    monkeypatch.setenv("OPTPRUNE_MODEL_DIR", str(stories_dir.parent))
+    sw, ps = _script("sweep"), _script("spap_path_summary")
+    out = tmp_path / "r.jsonl"
+    base = ["--model", "stories260k", "--protocol", "smoke", "--methods", "spap", "--settings", "0.3",
+            "--structure", "mlp", "--error-correction", "on", "--eval-windows", "2", "--nsamples", "4", "--no-kl",
+            "--threads", "1", "--out", str(out)]
+    assert sw.main(base) == 0 and sw.main(base + ["-O", "spap:init=penalty"]) == 0
+    rows = {json.dumps(r["config"]["method_options"]): r for r in map(json.loads, out.read_text().splitlines())}
+    summ = {json.dumps(s["method_options"]): s for s in ps.load(str(tmp_path / "r.runs"))}
+    assert set(summ) == set(rows) == {"null", '{"init": "penalty"}'}
+    for key, s in summ.items():
+        assert s["layers"] == sum(s["wins"].values()) == 5  # stories260K: 5 blocks, one down_proj each
+        assert s["ppl"] == rows[key]["perplexity"]["wikitext2"]
+        assert all(g >= -1e-9 for g in s["start_gap_median"].values()), s
+    dflt, pen = summ["null"], summ['{"init": "penalty"}']
+    assert set(dflt["start_gap_median"]) == {"group_magnitude", "flap", "group_obs", "penalty"}
+    assert dflt["compared_layers"] == 5 and 0 <= dflt["improvement_max"] < 1
+    assert set(pen["start_gap_median"]) == {"penalty"} and pen["compared_layers"] == 0
+    assert ps.main([str(tmp_path / "r.runs")]) is None
+    md = capsys.readouterr().out
+    assert md.count("\n| default | 0.3 |") == 1 and '| {"init": "penalty"} | 0.3 |' in md
