@@ -48,15 +48,15 @@ def summarise(record: dict) -> dict | None:
             gaps.setdefault(name, []).append(err / final - 1 if final > 0 else 0.0)
     # improvement over the best *baseline* start (None when no baseline was tried: init=penalty)
     imp = [layer["improvement_over_best_start"] for layer in layers
-           if layer.get("improvement_over_best_start") is not None] or [float("nan")]
+           if layer.get("improvement_over_best_start") is not None]
     return {
         "method_options": cfg.get("method_options") or None, "sparsity": cfg.get("sparsity"),
         "ppl": (next(iter((record.get("perplexity") or {}).values()), None) or {}).get("ppl"),
         "layers": len(layers), "wins": dict(wins),
         "z_changes": sum(layer["path"]["z_changes"] for layer in layers),
         "reopen_accepted": sum(layer["reopen"]["accepted"] for layer in layers),
-        "improved_layers": sum(i > 0 for i in imp), "compared_layers": sum(i == i for i in imp), "improvement_median": statistics.median(imp),
-        "improvement_max": max(imp),
+        "improved_layers": sum(i > 0 for i in imp), "compared_layers": len(imp),
+        "improvement_median": statistics.median(imp) if imp else None, "improvement_max": max(imp, default=None),
         "start_gap_median": {k: statistics.median(v) for k, v in gaps.items()},
         "start_gap_p90": {k: _q(v, 0.9) for k, v in gaps.items()},
         "time_per_layer_s": statistics.mean(layer["method_time_s"] for layer in layers),

@@ -11,6 +11,14 @@ SCRIPTS = sorted(p for d in ("benchmarks", "paper_repro") for p in (REPO / d).gl
                  if "__main__" in p.read_text() and "argparse" in p.read_text())
 
 
+def _script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_script_help(path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
@@ -23,10 +31,7 @@ def test_script_help(path, monkeypatch, capsys):
 
 def test_sweep_table_puts_each_row_in_its_cell(tmp_path):
     import json
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sweep_table", REPO / "benchmarks" / "sweep_table.py")
-    st = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(st)
+    st = _script("sweep_table")
     rows = [{"config": {"method": "dense"}, "perplexity": {"wikitext2": 21.6}, "wall_s": 5},
             {"config": {"method": "wanda", "pattern": "unstructured", "sparsity": 0.5, "error_correction": False},
              "perplexity": {"wikitext2": 49.59}, "kl": 0.7381, "top1": 0.581, "wall_s": 131,
@@ -45,12 +50,9 @@ def test_sweep_table_puts_each_row_in_its_cell(tmp_path):
 def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeypatch):
     """benchmarks/sweep.py on stories260K (smoke protocol), EGGS 2:4 with B=1: the JSONL row carries the worst-case
     graph metrics over the layers (matching the full run record it points to), and a second call skips the row."""
-    import importlib.util
     import json
     monkeypatch.setenv("OPTPRUNE_MODEL_DIR", str(stories_dir.parent))
-    spec = importlib.util.spec_from_file_location("sweep", REPO / "benchmarks" / "sweep.py")
-    sw = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sw)
+    sw = _script("sweep")
     out = tmp_path / "r.jsonl"
     argv = ["--model", "stories260k", "--protocol", "smoke", "--methods", "eggs,wanda", "--settings", "2:4",
             "--min-degree", "1", "--eval-windows", "2", "--nsamples", "4", "--no-kl", "--threads", "1",
@@ -69,21 +71,11 @@ def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeyp
     assert by["eggs"]["graph"]["min_tile_degree"] >= 1 and by["eggs"]["graph"]["isolated_inputs"] == 0
     assert sw.main(argv) == 0  # resumable: both rows are already there
     assert len(out.read_text().splitlines()) == 2
-    st_spec = importlib.util.spec_from_file_location("sweep_table", REPO / "benchmarks" / "sweep_table.py")
-    st = importlib.util.module_from_spec(st_spec)
-    st_spec.loader.exec_module(st)
+    st = _script("sweep_table")
     md = st.tables(st.load(out))
     g = by["eggs"]["graph"]
     line = next(l for l in md.splitlines() if l.startswith("| eggs · EC off · B=1 | 2:4 |"))
     assert f"| {g['isolated_inputs']} ({g['layers_with_isolated_inputs']}) |" in line
-
-
-def _script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_spap_path_summary_reads_real_run_records(tmp_path, stories_dir, monkeypatch, capsys):
