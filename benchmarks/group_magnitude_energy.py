@@ -25,22 +25,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not 0 <= args.sparsity < 1:
         raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.data import calibration_tokens
     from optprune.llm_adapters.loading import load_model
-    from optprune.llm_adapters.surgery import capture_problems
+    from optprune.llm_adapters.surgery import capture_problems, structure_pattern
+    from optprune.solvers import get_method
     torch.set_num_threads(args.threads)
     model, tok, _ = load_model(args.model)
     ids = calibration_tokens(tok, "c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     print("| block | removed share of Σ‖w_j‖²h_j | largest removed h_j / median h | largest h_j / median h "
           "| top-energy neuron removed |\n|---|---|---|---|---|")
     hit = 0
+    arch, magnitude = get_arch(model), get_method("group_magnitude")
     for i, p in enumerate(capture_problems(model, ids, kind="mlp", batch_size=4)):
+        _, pat = structure_pattern(model, arch, i, "mlp", args.sparsity)
+        removed = ~pat.kept_groups_of(magnitude(p, pat).mask)  # one group = one neuron = one down_proj column
         W, h = p.W0.double(), p.H.diagonal().double()
-        g = W.shape[1]
-        norm = (W * W).sum(0)
-        removed = torch.ones(g, dtype=torch.bool)
-        removed[norm.topk(g - int(round(args.sparsity * g))).indices] = False
-        energy = norm * h
+        energy = (W * W).sum(0) * h
         top = bool(removed[energy.argmax()])
         hit += top
         print(f"| {i} | {float(energy[removed].sum() / energy.sum()):.3f} | {float(h[removed].max() / h.median()):.1f} "
