@@ -1,4 +1,4 @@
-"""Issue 7 evidence: uniform / OWL / alpha allocation × pruner × sparsity, perplexity under one protocol.
+"""Uniform / OWL / alpha allocation × pruner × sparsity, perplexity under one protocol.
 
 The AlphaPruning claim: at high sparsity (70–80%) allocating by α beats uniform and OWL for the same pruner.
 Every run goes through ``optprune.api.prune`` (the same code path as ``optprune prune``), so the calibration,

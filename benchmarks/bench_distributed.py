@@ -1,4 +1,4 @@
-"""Block-parallel pruning (issue 9): speed-up of N processes vs 1, bit-for-bit check, per-block time and memory,
+"""Block-parallel pruning: speed-up of N processes vs 1, bit-for-bit check, per-block time and memory,
 and a capacity plan for 7B / 70B models scaled from the measured per-block figures by FLOPs.
 
     python benchmarks/bench_distributed.py                                  # stories260K, smoke calibration

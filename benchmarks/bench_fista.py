@@ -1,4 +1,4 @@
-"""FISTA speed on the layer shapes of SmolLM2-135M (issue 4, item 5).
+"""FISTA speed on the layer shapes of SmolLM2-135M.
 
 Per shape (q/o 576×576, k/v 192×576, up/gate 1536×576, down 576×1536) it prints
 

@@ -1,4 +1,4 @@
-"""Whole-model benchmark (issue 8, item 3): pruning wall time and peak memory per method, and the pruned models'
+"""Whole-model benchmark: pruning wall time and peak memory per method, and the pruned models'
 inference latency / throughput against the dense model on the same machine.
 
 Every run is a fresh worker process (so that its peak memory is its own): it prunes the model through the public

@@ -1,4 +1,4 @@
-"""Every production solver against its reference on a ladder of layer sizes (issue 8, item 2), and the
+"""Every production solver against its reference on a ladder of layer sizes, and the
 per-layer time of every method on SmolLM2-135M's layer shapes.
 
 Ladders (each climbs until no reference can take the next size — refused by its size limit, or its previous

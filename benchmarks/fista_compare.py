@@ -1,4 +1,4 @@
-"""FISTAPruner against SparseGPT / Wanda / magnitude in one run on one machine (issue 4, "done when").
+"""FISTAPruner against SparseGPT / Wanda / magnitude in one run on one machine.
 
 For each setting (50% unstructured, 2:4, 70% unstructured by default) it prunes a fresh copy of the model with
 each variant through :func:`optprune.api.prune` (the sequential pipeline; the model's protocol, e.g. ``smoke``

@@ -1,4 +1,4 @@
-"""Self-generated vs C4 calibration (issue 10): WikiText-2 perplexity after pruning with each, and whether the
+"""Self-generated vs C4 calibration: WikiText-2 perplexity after pruning with each, and whether the
 data-free KL(dense ‖ pruned) ranks the pruned models as perplexity does.
 
     python benchmarks/self_vs_c4_calibration.py                       # SmolLM2-135M, `cpu` protocol (long)

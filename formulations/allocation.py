@@ -1,4 +1,4 @@
-"""Layer-wise sparsity allocation as a small declarative program (METHODS.md §3).
+"""Layer-wise sparsity allocation as a small declarative program (docs/methods.md §3).
 
 Units ``l = 1..L`` (decoder blocks, or single matrices) with parameter counts ``p_l`` receive sparsities
 ``s_l``. Every allocation in optprune — AlphaPruning's, OWL's and uniform — is the same convex QP::
@@ -42,7 +42,7 @@ __all__ = ["AllocationError", "alpha_ratios", "public_alpha_map", "allocation_pr
            "alpha_program", "owl_program", "uniform_program", "allocation_bounds", "DEFAULT_EPS",
            "DEFAULT_S_MAX", "OWL_LAMBDA"]
 
-DEFAULT_EPS = 0.3      # AlphaPruning's ε (METHODS.md §3 default)
+DEFAULT_EPS = 0.3      # AlphaPruning's ε (docs/methods.md §3 default)
 DEFAULT_S_MAX = 0.99   # no unit is pruned to (or beyond) 100%
 OWL_LAMBDA = 0.08      # OWL's λ
 

@@ -1,4 +1,4 @@
-"""Sparsity patterns as constraint objects (METHODS.md §0).
+"""Sparsity patterns as constraint objects (docs/methods.md §0).
 
 A *mask* is a boolean tensor of the weight's shape (m, n); ``True`` means the weight is **kept**.
 Every pattern offers:
@@ -331,7 +331,7 @@ def register_projection(name: str, fn: Callable) -> None:
 class ExpanderNM(NM):
     """N:M per row plus connectivity: in every tile of M rows × M columns each column keeps ≥ B.
 
-    (EGGS-PTP, METHODS.md §5, reconstructed.) Each row of a tile keeps exactly N of its M columns.
+    (EGGS-PTP, docs/methods.md §5, reconstructed.) Each row of a tile keeps exactly N of its M columns.
     The projection is the tile transportation problem; the EGGS solver registers it (``"expander_nm"``).
     """
 

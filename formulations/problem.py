@@ -1,4 +1,4 @@
-"""The shared layer problem (METHODS.md §0).
+"""The shared layer problem (docs/methods.md §0).
 
 A linear sub-layer computes ``y = W x`` with ``W`` of shape (m, n) (out x in, ``nn.Linear`` layout).
 Calibration gives dense inputs ``X`` (n x N) and, when upstream sub-layers are already pruned, the

@@ -4,7 +4,7 @@ A :class:`Program` is not solver code. Reference backends (cvxpy, Gurobi, SCIP, 
 production torch solvers read the same object; :meth:`Program.evaluate` and :meth:`Program.check` score any
 candidate solution, so every backend's answer is judged by one definition.
 
-Builders for the models of METHODS.md:
+Builders for the models of docs/methods.md:
 
 * :func:`l0_program`     — choose support and weights: ``min f(W)  s.t.  W = 0 where z = 0, z ∈ pattern`` (MIQP)
 * :func:`refit_program`  — least-squares refit on a fixed support (convex QP)

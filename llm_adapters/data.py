@@ -20,7 +20,7 @@ Reading follows the published perplexity code (SparseGPT / Wanda ``datautils``):
 * TinyStories sample and any local text file: the whole file as it is, one document (this reproduces the
   published stories260K value 6.36 on the sample; the ``<|endoftext|>`` separators stay in the text).
 
-Calibration sampling (PROTOCOL.md, the published convention): with ``random.Random(seed)``, draw a random
+Calibration sampling (docs/protocols.md, the published convention): with ``random.Random(seed)``, draw a random
 document whose tokenization is longer than the window, take one random window from it; repeat ``nsamples``
 times. WikiText-2 / PTB / text files are one document each (the published loaders sample windows from the
 concatenated split). Same seed ⇒ same tokens.

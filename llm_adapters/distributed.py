@@ -1,4 +1,4 @@
-"""Block-parallel pruning on ``torch.distributed`` (issue 9, item 1).
+"""Block-parallel pruning on ``torch.distributed``.
 
 In ``mode="dense-input"`` every decoder block is pruned on the inputs the *dense* model gives it, so blocks are
 independent: ``prune_model(model, ids, PruneConfig(mode="dense-input", blocks=[i]))`` prunes block ``i`` bit for

@@ -1,5 +1,5 @@
-"""Models larger than memory: prune one decoder block at a time, straight from the safetensors shards (issue 9,
-item 2). ``optprune prune --low-memory`` / ``prune(..., low_memory=True)``.
+"""Models larger than memory: prune one decoder block at a time, straight from the safetensors shards.
+``optprune prune --low-memory`` / ``prune(..., low_memory=True)``.
 
 How it works:
 

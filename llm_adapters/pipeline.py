@@ -1,4 +1,4 @@
-"""The sequential pruning pipeline (METHODS.md §0, issue 3 item 4).
+"""The sequential pruning pipeline (docs/methods.md §0).
 
 ``prune_model(model, calib_ids, config)`` prunes a transformers causal LM block by block:
 
@@ -158,7 +158,7 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 def _jsonable(v):
     if isinstance(v, bool) or isinstance(v, str):
         return v
-    if isinstance(v, dict):  # e.g. info["graph"] (graph metrics of the mask, issue 6)
+    if isinstance(v, dict):  # e.g. info["graph"] (graph metrics of the mask)
         d = {str(k): _jsonable(x) for k, x in v.items()}
         return {k: x for k, x in d.items() if x is not None}
     if isinstance(v, (list, tuple)) and len(v) <= 64:
@@ -701,7 +701,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     rec.pop("error", None)
     rec.pop("sparsity", None)
     if isinstance(pat, NM) and "graph" not in rec and res.mask is not None:
-        # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan; issue 6)
+        # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan)
         from ..solvers.graph_metrics import graph_metrics
         rec["graph"] = graph_metrics(res.mask, M=pat.M)
 

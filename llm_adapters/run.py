@@ -7,7 +7,7 @@
    ``FileNotFoundError`` and changes nothing (no output directory is created);
 2. load the model (built-in name, HF directory, ``.gguf``, hub id), check its architecture and the pattern
    against every prunable sub-layer (e.g. 4:8 on a width-172 layer), still before anything is written;
-3. calibration tokens (protocol defaults, PROTOCOL.md), optional per-layer allocation
+3. calibration tokens (protocol defaults, docs/protocols.md), optional per-layer allocation
    (:func:`optprune.llm_adapters.allocation.layer_sparsities`), the sequential pipeline
    (:func:`optprune.llm_adapters.pipeline.prune_model`);
 4. perplexity per protocol, ``save_pretrained`` (+ tokenizer) to ``output`` — structured methods go through
@@ -176,7 +176,7 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
 
 
 def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:
-    """Issue 10: no calibration text and none asked for → sequences sampled from the model (announced)."""
+    """no calibration text and none asked for → sequences sampled from the model (announced)."""
     s["calibration"] = overrides["calibration"] = "self"
     s["calibration_path"] = None
     s["calibration_missing"] = str(e).split(";")[0]
@@ -186,7 +186,7 @@ def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:
 
 
 def _missing_eval_fallback(s: dict, data_dir, explicit: bool) -> None:
-    """Issue 10: evaluation texts of a defaulted protocol that are not there are skipped (announced); the
+    """evaluation texts of a defaulted protocol that are not there are skipped (announced); the
     data-free KL on held-out self-generated sequences is still reported. Explicitly asked-for texts must exist."""
     paths, missing = {}, []
     for d in s["eval_datasets"]:
@@ -360,7 +360,7 @@ def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=No
 
 
 def _check_reference_hook():
-    """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py, issue 10)."""
+    """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py)."""
     try:
         from . import divergence  # noqa: F401
     except ModuleNotFoundError as e:
@@ -372,7 +372,7 @@ HELDOUT_SEQLEN = 512
 
 
 def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
-    """Issue 10: compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
+    """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
     first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
     ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
     from . import divergence
@@ -417,8 +417,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     default: when called from the CLI).
 
     ``kl`` (CLI ``--no-kl`` turns it off): with ``evaluate``, keep a CPU copy of the dense model and report
-    KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``,
-    issue 10) — the quality measure that needs no data."""
+    KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``)
+    — the quality measure that needs no data."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -445,7 +445,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         raise RunError(f"--nproc must be an integer ≥ 1, got {nproc!r}") from None
     if nproc < 1:
         raise RunError(f"--nproc must be ≥ 1, got {nproc}")
-    from .distributed import world_for  # issue 9: block-parallel pruning (--nproc N, or ranks of a torchrun)
+    from .distributed import world_for  # block-parallel pruning (--nproc N, or ranks of a torchrun)
     if world_for(nproc) > 1 and mode != "dense-input":
         raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
                        "the sequential mode stays single-process")
@@ -479,7 +479,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
-    if low_memory:  # issue 9: one block resident at a time, read from the safetensors shards (offload.py)
+    if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
         return prune_low_memory(
             model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
@@ -529,7 +529,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         timings["eval_dense_s"] = time.perf_counter() - t0
         mdl.to("cpu")
     t0 = time.perf_counter()
-    if s["calibration"] == "self":  # issue 10: sequences sampled from the dense model itself
+    if s["calibration"] == "self":  # sequences sampled from the dense model itself
         info: dict = {}
         mdl.to(dev)
         calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress)
@@ -551,10 +551,10 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     tot_w, nz_before = _count_prunable(mdl, arch)
     dense_copy = None
-    if kl and evaluate:  # issue 10: kept on the CPU for the data-free KL after pruning
+    if kl and evaluate:  # kept on the CPU for the data-free KL after pruning
         import copy
         dense_copy = copy.deepcopy(mdl).to("cpu")
-    from .distributed import prune_model_parallel  # issue 9: one process, --nproc N workers, or torchrun ranks
+    from .distributed import prune_model_parallel  # one process, --nproc N workers, or torchrun ranks
     res = prune_model_parallel(mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
     if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
         return None
@@ -579,7 +579,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         t0 = time.perf_counter()
         record["perplexity"] = _perplexities(mdl, tok, s, data_dir, dev, progress, None)
         timings["eval_s"] = time.perf_counter() - t0
-    if dense_copy is not None:  # issue 10: data-free KL / top-1 against the dense model, held-out sequences
+    if dense_copy is not None:  # data-free KL / top-1 against the dense model, held-out sequences
         from .divergence import heldout_divergence
         t0 = time.perf_counter()
         mdl.to(dev)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="c4, wikitext2, ptb, self, or a text file (default: c4 if the data dir has it, else self)")
     p.add_argument("--nsamples", type=int, default=None)
     p.add_argument("--seqlen", type=int, default=None)
-    p.add_argument("--protocol", default=None, help="smoke, cpu or paper (PROTOCOL.md): sets data and eval defaults")
+    p.add_argument("--protocol", default=None, help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun)")
     p.add_argument("--low-memory", action="store_true",

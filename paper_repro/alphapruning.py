@@ -36,7 +36,7 @@ def _claims():
         Claim("α < OWL with Wanda at 70%", ("alpha_wanda", "0.7"), ("owl_wanda", "0.7"), (23.86, 24.55), L7, 69),
         Claim("OWL < uniform with Wanda at 70%", ("owl_wanda", "0.7"), ("uniform_wanda", "0.7"), (24.55, 85.77), L7, 69),
         Claim("α < uniform with SparseGPT at 70%", ("alpha_sparsegpt", "0.7"), ("uniform_sparsegpt", "0.7"),
-              paper_text="α helps multiple pruners (no SparseGPT number in METHODS.md)", paper_source=ABS),
+              paper_text="α helps multiple pruners (no SparseGPT number in docs/methods.md)", paper_source=ABS),
         Claim("α < OWL with SparseGPT at 70%", ("alpha_sparsegpt", "0.7"), ("owl_sparsegpt", "0.7"),
               paper_text="α beats OWL (LLaMA-7B Wanda number only)", paper_line=69),
     ]
@@ -112,7 +112,7 @@ SPEC = PaperSpec(
     ],
     claims=_claims(),
     notes=[
-        "Allocation units are decoder blocks (AlphaPruning's default); α allocation ε = 0.3 (METHODS.md §3 default); "
+        "Allocation units are decoder blocks (AlphaPruning's default); α allocation ε = 0.3 (docs/methods.md §3 default); "
         "OWL M = 5, λ = 0.08. Every target is kept inside [0, 1) (the public code's ratios are not clipped).",
         "Pruners as their published code runs them (sequential blocks, no intra-layer error correction).",
         "The paper's 23.86 / 85.77 / 24.55 are on LLaMA-7B (7B parameters, 32 blocks); our models have 5 "

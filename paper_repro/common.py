@@ -1,4 +1,4 @@
-"""Shared machinery of the paper-reproduction scripts (issue 8).
+"""Shared machinery of the paper-reproduction scripts.
 
 Each ``paper_repro/<paper>.py`` declares a :class:`PaperSpec` — the rows it reruns (:class:`Variant`: a method
 with its options), the paper's sparsity settings, the paper's reported numbers as data (:class:`PaperNumber`,
@@ -75,7 +75,7 @@ class PaperNumber:
     value: float
     model: str         # the paper's model (OPT-125M, LLaMA-7B, ...)
     metric: str        # e.g. "WikiText-2 ppl (seqlen 2048)"
-    line: int          # line in METHODS.md
+    line: int          # line in docs/methods.md
     quote: str         # the text on that line that holds the number
 
 
@@ -89,7 +89,7 @@ class Claim:
     paper_model: str = ""
     paper_line: Optional[int] = None
     paper_text: str = ""                  # what the paper says when there is no number
-    paper_source: str = ""                # where, when not a METHODS.md line (e.g. the seed's abstract)
+    paper_source: str = ""                # where, when not a docs/methods.md line (e.g. the seed's abstract)
     ours_only: bool = False               # not a paper claim: a check of ours (verdict holds / does not hold)
 
 
@@ -131,11 +131,11 @@ def parse_setting(s: str) -> dict:
 
 def methods_md_path() -> Path:
     env = os.environ.get("OPTPRUNE_SHARED_DIR")
-    return Path(env) / "METHODS.md" if env else REPO.parent / "shared" / "METHODS.md"
+    return Path(env) / "docs/methods.md" if env else REPO.parent / "shared" / "docs/methods.md"
 
 
 def check_sources(numbers: list) -> list:
-    """For every paper number: is its quote on the cited line of METHODS.md, with the number in it?"""
+    """For every paper number: is its quote on the cited line of docs/methods.md, with the number in it?"""
     p = methods_md_path()
     out = []
     lines = p.read_text().splitlines() if p.is_file() else None
@@ -147,7 +147,7 @@ def check_sources(numbers: list) -> list:
         else:
             line = lines[n.line - 1]
             ok = n.quote in line and _num_str(n.value) in n.quote
-            why = "" if ok else f"quote/number not on METHODS.md line {n.line}"
+            why = "" if ok else f"quote/number not on docs/methods.md line {n.line}"
         out.append({"variant": n.variant, "setting": n.setting, "value": n.value, "line": n.line, "ok": ok,
                     "why": why})
     return out
@@ -364,7 +364,7 @@ def _claim(c: Claim, cells: list, spec: PaperSpec) -> dict:
     ca, cb = _cell(cells, *c.a), _cell(cells, *c.b)
     d = {"text": c.text, "a": list(c.a), "b": list(c.b), "paper_model": c.paper_model, "paper_line": c.paper_line,
          "paper_values": list(c.paper_values) if c.paper_values else None, "paper_text": c.paper_text,
-         "paper_source": f"METHODS.md:{c.paper_line}" if c.paper_line else c.paper_source,
+         "paper_source": f"docs/methods.md:{c.paper_line}" if c.paper_line else c.paper_source,
          "ours_only": c.ours_only,
          "paper_holds": None if c.ours_only else ((c.paper_values[0] < c.paper_values[1]) if c.paper_values else True),
          "paper_ratio": (c.paper_values[0] / c.paper_values[1]) if c.paper_values else None,
@@ -576,7 +576,7 @@ def _metric(res: dict) -> str:
 def _paper_models(res: dict) -> str:
     ms = sorted({n["model"] for n in res["paper_numbers"]} | {c["paper_model"] for c in res["claims"]
                                                               if c.get("paper_model")})
-    return ", ".join(ms) if ms else "the paper's models; no perplexity is quoted in METHODS.md"
+    return ", ".join(ms) if ms else "the paper's models; no perplexity is quoted in docs/methods.md"
 
 
 def _hardware(m: dict) -> str:

@@ -1,7 +1,7 @@
 """EGGS-PTP (seed 001, arXiv 2508.09471): the paper's headline comparisons at our scales.
 
 Semi-structured N:M masks (2:4 and 4:8). Rows: EGGS (RIA scores + an N:M mask that keeps at least B entries per
-column in every M×M tile — the [reconstructed] transportation problem of METHODS.md §5, solved exactly per tile)
+column in every M×M tile — the [reconstructed] transportation problem of docs/methods.md §5, solved exactly per tile)
 with B = 1 and B = 2, and the baselines it claims to beat: RIA (its base score, plain N:M), Wanda and SparseGPT,
 all as their published code runs them (no error correction). The speed claim (up to 1.6× with 2:4 kernels) needs
 a CUDA GPU with 2:4 sparse tensor cores: on a GPU the 2:4 EGGS model is timed through
@@ -34,10 +34,10 @@ VARIANTS += [Variant(m, f"{lab} (EC off)", m, quick=(m == "ria")) for m, lab in 
 
 CLAIMS = [Claim(f"EGGS < {lab} at {s}", ("eggs", s), (m, s),
                 paper_text="EGGS-PTP outperforms existing (structured) pruning in accuracy (no perplexity in "
-                           "METHODS.md)", paper_source=ABS)
+                           "docs/methods.md)", paper_source=ABS)
           for s in SETTINGS for m, lab in BASELINES]
 CLAIMS += [Claim(f"EGGS B=2 < RIA at {s}", ("eggs_b2", s), ("ria", s),
-                 paper_text="B guarantees connectivity; quality at least RIA's (no number in METHODS.md)",
+                 paper_text="B guarantees connectivity; quality at least RIA's (no number in docs/methods.md)",
                  paper_line=98) for s in SETTINGS]
 
 
@@ -45,7 +45,7 @@ def speed_section(args, cfg, res, out_dir, stem):
     """The 1.6× claim: 2:4 kernels only exist on CUDA (compute capability ≥ 8.0)."""
     import torch
     claim = {"text": "EGGS 2:4 model runs faster than dense with 2:4 kernels", "a": ["eggs", "2:4"],
-             "b": ["dense", "-"], "paper_model": "the paper's LLMs", "paper_line": 99, "paper_source": "METHODS.md:99",
+             "b": ["dense", "-"], "paper_model": "the paper's LLMs", "paper_line": 99, "paper_source": "docs/methods.md §5",
              "paper_values": None, "ours_only": False, "paper_text": "up to 1.6× speed-up (2:4 kernels)",
              "paper_holds": True, "paper_ratio": None, "ours_values": None, "ours_ratio": None, "ours_holds": None,
              "verdict": "not measurable", "why": ""}
@@ -89,9 +89,9 @@ SPEC = PaperSpec(
     numbers=[],
     claims=CLAIMS,
     notes=[
-        "METHODS.md quotes no perplexity for EGGS-PTP (its full text is not available offline): the paper column "
+        "docs/methods.md quotes no perplexity for EGGS-PTP (its full text is not available offline): the paper column "
         "is empty and the claims are the abstract's.",
-        "EGGS's mask problem is [reconstructed] (METHODS.md §5; solvers/eggs.py): RIA score (a = 0.5), exact per-tile "
+        "EGGS's mask problem is [reconstructed] (docs/methods.md §5; solvers/eggs.py): RIA score (a = 0.5), exact per-tile "
         "transportation problem with every column of an M×M tile keeping at least B entries; no weight update.",
         "All rows: sequential blocks, no intra-layer error correction (the baselines' published setting).",
     ],

@@ -60,15 +60,15 @@ SPEC = PaperSpec(
         Claim("FISTA < SparseGPT at 2:4", ("fista", "2:4"), ("sparsegpt", "2:4"), (14.54, 14.65), LL3, 56),
         Claim("FISTA < Wanda at 2:4", ("fista", "2:4"), ("wanda", "2:4"), (14.54, 22.56), LL3, 56),
         Claim("FISTA < SparseGPT at 70%", ("fista", "0.7"), ("sparsegpt", "0.7"),
-              paper_text="superior to SparseGPT/Wanda across sparsities (no 70% number in METHODS.md)",
+              paper_text="superior to SparseGPT/Wanda across sparsities (no 70% number in docs/methods.md)",
               paper_source="seeds/002 abstract"),
         Claim("FISTA < Wanda at 70%", ("fista", "0.7"), ("wanda", "0.7"),
-              paper_text="superior across sparsities (no 70% number in METHODS.md)",
+              paper_text="superior across sparsities (no 70% number in docs/methods.md)",
               paper_source="seeds/002 abstract"),
         Claim("SparseGPT warm start < dense warm start at 50%", ("fista", "0.5"), ("fista_dense", "0.5"),
               (33.54, 38.62), OPT, 50),
         Claim("error correction helps FISTA at 50%", ("fista", "0.5"), ("fista_noec", "0.5"),
-              paper_text="intra-layer error correction is part of the method (no ablation number in METHODS.md)",
+              paper_text="intra-layer error correction is part of the method (no ablation number in docs/methods.md)",
               paper_line=51),
         Claim("error correction helps FISTA at 2:4", ("fista", "2:4"), ("fista_noec", "2:4"),
               paper_text="as above", paper_line=51),
@@ -83,7 +83,7 @@ SPEC = PaperSpec(
         "inputs of the already-pruned upstream sub-layers (X̂) and the dense target; the baselines' published "
         "code does not do this, so the paper's comparison is FISTA (EC on) vs baselines (EC off). The "
         "'SparseGPT (EC on)' row shows how much of FISTA's margin is the error correction rather than the ℓ1 model.",
-        "FISTA's λ rule is [reconstructed] (METHODS.md §2; solvers/fista.py): K=20, T=3, ξ=0.3, SparseGPT warm "
+        "FISTA's λ rule is [reconstructed] (docs/methods.md §2; solvers/fista.py): K=20, T=3, ξ=0.3, SparseGPT warm "
         "start, the best rounded iterate kept; it returns the warm start when no rounded iterate beats it.",
         "Mode: sequential (block inputs from the pruned model), the sweep default; the paper's blocks take dense "
         "inputs (parallel mode) — available as --mode dense-input in sweep.py.",

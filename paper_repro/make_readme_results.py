@@ -1,4 +1,4 @@
-"""Generate README.md's "Results" section from the files the benchmark scripts wrote (issue 8, item 4).
+"""Generate README.md's "Results" section from the files the benchmark scripts wrote.
 
 Reads
 

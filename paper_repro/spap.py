@@ -2,7 +2,7 @@
 
 Structured pruning of MLP neurons (each neuron = one column of ``down_proj`` and the matching rows of
 ``up``/``gate``, removed by surgery so the model really shrinks) at 20 / 30 / 50% of the MLP width. Rows: SPAP
-([reconstructed] penalty method + alternating minimisation on the group MIQP, METHODS.md §4) and the structured
+([reconstructed] penalty method + alternating minimisation on the group MIQP, docs/methods.md §4) and the structured
 baselines it claims to beat: group magnitude, FLAP (fluctuation score + bias compensation) and greedy group-OBS
 (OSSCAR/ZipLM-style) with refit. The paper's speed claim (1.29× at 30%) is measured by
 ``benchmarks/bench_models.py`` on the SPAP-pruned models (dense vs pruned latency on this machine).
@@ -34,11 +34,11 @@ VARIANTS += [Variant(m, lab, m, error_correction=True, structure="mlp", quick=(m
              for m, lab in BASELINES]
 
 CLAIMS = [Claim(f"SPAP < {lab.split(' (')[0]} at {LABELS[s]}", ("spap", s), (m, s),
-                paper_text="SPAP outperforms state-of-the-art structured pruning (no perplexity in METHODS.md)",
+                paper_text="SPAP outperforms state-of-the-art structured pruning (no perplexity in docs/methods.md)",
                 paper_source=ABS)
           for s in SETTINGS for m, lab in BASELINES]
 CLAIMS += [Claim(f"SPAP (penalty start only) < {lab.split(' (')[0]} at {LABELS[s]}", ("spap_penalty", s), (m, s),
-                 paper_text="the penalty method itself, without our baseline starts (no number in METHODS.md)",
+                 paper_text="the penalty method itself, without our baseline starts (no number in docs/methods.md)",
                  paper_source=ABS)
            for s in SETTINGS for m, lab in BASELINES if m == "group_obs"]
 
@@ -98,7 +98,7 @@ def speed_section(args, cfg, res, out_dir, stem):
     e = tab.get("0.3")
     claim = {"text": "SPAP at 30% MLP runs faster than dense (prefill, largest batch)", "a": ["spap", "0.3"],
              "b": ["dense", "-"], "paper_model": "OPT, LLaMA-3/3.1/3.2, Qwen2.5", "paper_line": 79,
-             "paper_source": "METHODS.md:79", "paper_values": None, "ours_only": False,
+             "paper_source": "docs/methods.md §4", "paper_values": None, "ours_only": False,
              "paper_text": "1.29× at 30% sparsity (linear inference speed-up)", "paper_holds": True,
              "paper_ratio": None, "ours_values": None, "ours_ratio": None, "ours_holds": None,
              "verdict": "not in this run", "why": ""}
@@ -134,9 +134,9 @@ SPEC = PaperSpec(
     numbers=[],
     claims=CLAIMS,
     notes=[
-        "METHODS.md quotes no perplexity for SPAP (its full text is not available offline): the paper column is "
+        "docs/methods.md quotes no perplexity for SPAP (its full text is not available offline): the paper column is "
         "empty and the claims are the abstract's (SPAP beats state-of-the-art structured pruning; 1.29× at 30%).",
-        "SPAP's exact model and algorithm are [reconstructed] (METHODS.md §4; solvers/spap.py).",
+        "SPAP's exact model and algorithm are [reconstructed] (docs/methods.md §4; solvers/spap.py).",
         "Sparsity = fraction of MLP neurons removed in every block (attention untouched); the run records' "
         "'sparsity_achieved' is over all prunable weights, so it is lower.",
         "All rows solve down_proj with the same statistics (sequential blocks, error correction on — with only the "

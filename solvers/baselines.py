@@ -1,4 +1,4 @@
-"""Torch baselines (METHODS.md §1): magnitude, Wanda, RIA, SparseGPT, and the least-squares refit.
+"""Torch baselines (docs/methods.md §1): magnitude, Wanda, RIA, SparseGPT, and the least-squares refit.
 
 All share the production signature ``fn(problem, pattern, **options) -> LayerResult`` and run on the
 problem's device (CPU or CUDA) in float32 (or float64 when the problem is float64), whatever the model dtype.

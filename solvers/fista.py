@@ -1,4 +1,4 @@
-"""FISTAPruner (METHODS.md §2; Zhao et al., arXiv 2408.03728): the ℓ1 convex model solved by FISTA.
+"""FISTAPruner (docs/methods.md §2; Zhao et al., arXiv 2408.03728): the ℓ1 convex model solved by FISTA.
 
 The model (``l1_program``)::
 

@@ -1,4 +1,4 @@
-"""Connectivity of a pruned layer seen as a bipartite graph (EGGS-PTP, METHODS.md §5).
+"""Connectivity of a pruned layer seen as a bipartite graph (EGGS-PTP, docs/methods.md §5).
 
 A 0/1 mask ``A`` of shape (m, n) (m outputs × n inputs, ``nn.Linear`` layout; ``True`` = kept) is the
 biadjacency matrix of a bipartite graph between the n **inputs** (columns) and the m **outputs** (rows).

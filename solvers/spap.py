@@ -1,6 +1,6 @@
 """SPAP — structured pruning by a penalty method with alternating minimisation (seed 000, arXiv 2505.03373).
 
-The model (METHODS.md §4) is the group-selection MIQP: for a layer whose input columns form groups ``G_j``::
+The model (docs/methods.md §4) is the group-selection MIQP: for a layer whose input columns form groups ``G_j``::
 
     min_{W, z}  f(W) = ½‖W X̂ − W0 X‖²_F   s.t.  W_{:,G_j} = 0 if z_j = 0,   Σ_j z_j = k,   z ∈ {0,1}^g
 
@@ -14,7 +14,7 @@ layer's reconstruction error (not a heuristic score); it is attacked by a **pena
 coupling ``W = V·diag(z)``; an **alternating minimisation** exploits the splittable structure for the weight
 update; performance is recovered by that update, with no fine-tuning; MLP neurons are the primary structure.
 
-*[reconstructed] — our reading, since the paper's exact rules are not available offline (METHODS.md §4):*
+*[reconstructed] — our reading, since the paper's exact rules are not available offline (docs/methods.md §4):*
 
 * penalty ``ρ/2 Σ_j (1−z_j) ‖V_{:,G_j}‖²_D`` with ``D = diag(Ĥ)`` (scale-free in the input magnitudes);
 * **z-step**: ``z`` binary with ``Σz = k``; minimising the penalty over ``z`` keeps the ``k`` groups of largest

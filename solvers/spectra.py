@@ -1,4 +1,4 @@
-"""Heavy-tailed spectral analysis of weight matrices (METHODS.md §3, AlphaPruning / HT-SR theory).
+"""Heavy-tailed spectral analysis of weight matrices (docs/methods.md §3, AlphaPruning / HT-SR theory).
 
 For a weight matrix ``W`` (out × in) the empirical spectral density (ESD) is the set of eigenvalues of
 ``WᵀW``, i.e. ``λ = σ(W)²`` — the ``min(m, n)`` squared singular values (the structural zeros of a

@@ -1,4 +1,4 @@
-"""Structured (column-group) baselines and the shared group machinery (METHODS.md §4).
+"""Structured (column-group) baselines and the shared group machinery (docs/methods.md §4).
 
 A structured layer problem keeps ``k`` of the ``g`` input-column groups of ``W`` (an MLP neuron = one column
 of ``down_proj``/``fc2``; an attention head = ``head_dim`` columns of ``o_proj``/``out_proj``). The model is

@@ -1,4 +1,4 @@
-"""The cross-check harness (issue 2, METHODS.md §6): every applicable (model, backend) pair on small layers.
+"""The cross-check harness (docs/methods.md §6): every applicable (model, backend) pair on small layers.
 
 ``verify()`` / ``optprune verify`` builds small instances — ``LayerProblem.random`` kinds random, correlated,
 outliers and dead (with and without error correction) and slices of a real layer of stories260K — and solves

@@ -1,4 +1,4 @@
-"""AlphaPruning (issue 7): spectra and the Hill/KS power-law fit, the allocation program and its solvers, the
+"""AlphaPruning: spectra and the Hill/KS power-law fit, the allocation program and its solvers, the
 model side (α per block, OWL statistics, targets for the pipeline), ``optprune analyze`` and the end-to-end
 ``optprune prune --allocation alpha``."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9: block-parallel pruning on torch.distributed (gloo, loopback only) and the low-memory path.
+"""block-parallel pruning on torch.distributed (gloo, loopback only) and the low-memory path.
 
 * 2 processes (gloo on CPU, 127.0.0.1 only) give exactly the weights of the single-process dense-input run for
   magnitude, wanda, sparsegpt, fista and flap (structured) on stories260K (torch.equal on every tensor), and the

@@ -1,4 +1,4 @@
-"""EGGS-PTP (issue 6): the expander N:M mask problem, its exact backends, the torch solver, graph metrics.
+"""EGGS-PTP: the expander N:M mask problem, its exact backends, the torch solver, graph metrics.
 
 Exact backends that must agree (objective to 1e-9 relative; masks may differ only on ties):
   * torch ``ssp`` (successive shortest paths, any M) and ``enum`` (all feasible tile masks, M ≤ 4);

@@ -20,7 +20,7 @@ from optprune.llm_adapters.evaluation import perplexity  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-PROTOCOL_MD = REPO.parent / "shared" / "PROTOCOL.md"
+PROTOCOL_MD = REPO.parent / "shared" / "docs/protocols.md"
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -269,7 +269,7 @@ def test_tinystories_sample_matches_models_readme(stories):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,published", [("wikitext2", 122.3), ("ptb", 112.1)])
 def test_dense_stories260k_published_perplexity(stories, name, published):
-    """PROTOCOL.md: stories260K seqlen 512, all windows: WikiText-2 122.3, PTB 112.1 (~3 min / ~40 s here)."""
+    """docs/protocols.md: stories260K seqlen 512, all windows: WikiText-2 122.3, PTB 112.1 (~3 min / ~40 s here)."""
     model, tok, _ = stories
     ids = D.eval_tokens(tok, name, data_dir=DATA_DIR)
     t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def test_smollm2_first_windows_match_plain_loop(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_full_wikitext2_published(smollm2):
-    """PROTOCOL.md: SmolLM2-135M WikiText-2 full test, seqlen 2048 = 21.61 (148 windows, ~14 min on 2 cores)."""
+    """docs/protocols.md: SmolLM2-135M WikiText-2 full test, seqlen 2048 = 21.61 (148 windows, ~14 min on 2 cores)."""
     if os.environ.get("OPTPRUNE_FULL_SMOLLM2") != "1":
         pytest.skip("set OPTPRUNE_FULL_SMOLLM2=1 to run the 148-window SmolLM2 evaluation")
     model, tok, _ = smollm2

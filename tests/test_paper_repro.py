@@ -1,4 +1,4 @@
-"""paper_repro/ (issue 8): every paper script runs at stories scale with --quick and writes JSON + Markdown whose
+"""paper_repro/: every paper script runs at stories scale with --quick and writes JSON + Markdown whose
 numbers are the JSONL rows' numbers; make_readme_results replaces only the marked block of a README.
 
 The four quick runs share one process (imports and the model load are paid once) and one module-scoped fixture:
@@ -93,7 +93,7 @@ def test_quick_run_numbers_are_the_jsonl_rows(quick_runs, paper):
         assert c["verdict"] in ("agrees", "DISAGREES", "holds", "does not hold")
         if c["verdict"] == "DISAGREES":
             assert "DISAGREES" in md and "disagree with the paper" in md
-    # the paper's numbers are quoted from METHODS.md lines that really hold them
+    # the paper's numbers are quoted from docs/methods.md lines that really hold them
     assert all(s["ok"] is not False for s in doc["sources"]), doc["sources"]
     assert "not comparable" in md  # the header says the paper's models differ
 

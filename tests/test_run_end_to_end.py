@@ -174,7 +174,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, extra, 
 def test_missing_calibration_data_is_a_clear_error(tmp_path, capsys):
     _need()
     out = tmp_path / "out"
-    # an explicitly named source must exist (with no source named, issue 10 falls back to --calibration self)
+    # an explicitly named source must exist (with no source named, the run falls back to --calibration self)
     rc = main(["prune", "--model", "stories260k", "--method", "wanda", "--output", str(out), "--calibration",
                "wikitext2", "--data-dir", str(tmp_path / "nodata"), "--model-dir", str(MODEL_DIR)])
     err = capsys.readouterr().err

@@ -241,7 +241,7 @@ def _wikitext_windows(tok, seqlen: int, windows: int):
 
 
 def _prune_variant(model, method, pattern: str, sparsity: float, calib):
-    """The sequential pipeline when it is there (issue 3), else the layer method on dense inputs."""
+    """The sequential pipeline when it is there, else the layer method on dense inputs."""
     try:
         from optprune.llm_adapters.pipeline import PruneConfig, prune_model
     except ImportError:
@@ -298,7 +298,7 @@ def test_kl_ranks_pruned_variants_like_perplexity(stories, variants):
 
 # ------------------------------------------------------------------------------------------- integration
 def test_cli_without_data_falls_back_to_self_calibration_and_reports_kl(tmp_path, monkeypatch, capsys):
-    """Issue 10: no data directory → `--calibration self` (announced in one line), no perplexity, KL/top-1
+    """no data directory → `--calibration self` (announced in one line), no perplexity, KL/top-1
     against the dense model on held-out self-generated text; `eval --reference` reproduces it from disk."""
     pytest.importorskip("optprune.llm_adapters.run")
     from optprune.cli import main

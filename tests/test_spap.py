@@ -1,4 +1,4 @@
-"""SPAP, the structured baselines and structural surgery (issue 5).
+"""SPAP, the structured baselines and structural surgery.
 
 Real-model checks use stories260K ($OPTPRUNE_MODEL_DIR, default ../shared/models) with calibration text from
 WikiText-2 validation ($OPTPRUNE_DATA_DIR, default ../shared/data); they are skipped when the model is absent.

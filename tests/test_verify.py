@@ -1,4 +1,4 @@
-"""The cross-check harness: ``optprune verify --quick`` once, then the assertions of issue 2 on its rows.
+"""The cross-check harness: ``optprune verify --quick`` once, then the assertions on its rows.
 
 The run takes ~10–25 s on a shared 2-core machine (it is the project's core acceptance check).
 """
