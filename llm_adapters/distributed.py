@@ -119,7 +119,7 @@ def world_for(nproc: int) -> int:
 
 
 #: cost of forwarding one dense block relative to pruning one (for the contiguous split): ≈ 1 of the ~5 block
-#: passes that statistics with error correction take (see benchmarks/bench_distributed.py's FLOP model)
+#: passes that statistics with error correction take (see benchmarks/models/bench_distributed.py's FLOP model)
 FORWARD_COST = 0.2
 
 

@@ -5,7 +5,7 @@ with its options), the paper's sparsity settings, the paper's reported numbers a
 each with the line of ``shared/METHODS.md`` it comes from) and the paper's claims (:class:`Claim`: "A beats B
 at setting s") — and calls :func:`main`. :func:`main`
 
-1. runs every variant through ``benchmarks/sweep.py`` (imported, its ``main`` called with arguments), so
+1. runs every variant through ``benchmarks/models/sweep.py`` (imported, its ``main`` called with arguments), so
    every result is a resumable JSONL row written by the public API (``optprune.prune`` / ``evaluate``);
 2. builds our table from those rows only (never from typed numbers), puts the paper's reported numbers
    next to it (the paper's model is named in the header: the papers ran OPT / LLaMA, we run stories260K or
@@ -111,8 +111,8 @@ class PaperSpec:
 
 # ================================================================================================ helpers
 def load_sweep():
-    """``benchmarks/sweep.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
-    return _load_script("benchmarks/sweep.py", "_optprune_bench_sweep")
+    """``benchmarks/models/sweep.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
+    return _load_script("benchmarks/models/sweep.py", "_optprune_bench_sweep")
 
 
 def _load_script(rel: str, modname: str):
@@ -258,7 +258,7 @@ def run_paper(spec: PaperSpec, cfg: dict, out: Path, *, quick: bool, threads: Op
         argv = sweep_argv(spec, v, cfg, out, quick=quick, threads=threads, dense=(i == 0),
                           eval_windows=eval_windows, nsamples=nsamples, kl=kl, eval_datasets=eval_datasets)
         calls.append(argv)
-        print(f"\n[{spec.name}] {v.label}: python benchmarks/sweep.py {shlex.join(argv)}", flush=True)
+        print(f"\n[{spec.name}] {v.label}: python benchmarks/models/sweep.py {shlex.join(argv)}", flush=True)
         sweep.main(argv)
     return calls
 
@@ -338,7 +338,7 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
         "protocol": protocol, "settings": _settings(spec, None, quick),
         "setting_labels": spec.setting_labels, "jsonl": _rel(jsonl), "command": command,
-        "sweep_commands": [f"python benchmarks/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
+        "sweep_commands": [f"python benchmarks/models/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
         "dense": dense_cell, "rows": cells,
         "paper_numbers": [asdict(n) for n in spec.numbers], "sources": check_sources(spec.numbers),
         "claims": claims, "notes": notes, "allocation_eps": spec.allocation_eps,

@@ -262,7 +262,7 @@ def solve_tiles(S: torch.Tensor, N: int, M: int, B: int, algorithm: str = "auto"
     alg = (algorithm or "auto").lower()
     if alg not in ALGORITHMS:
         raise ValueError(f"unknown expander N:M algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if alg == "auto":  # measured (benchmarks/bench_eggs.py): enumeration wins when the tile has few masks
+    if alg == "auto":  # measured (benchmarks/solvers/bench_eggs.py): enumeration wins when the tile has few masks
         masks = _feasible_tile_masks_cpu(int(N), int(M), int(B))
         alg = "enum" if masks is not None and masks.shape[0] <= ENUM_AUTO_MAX_MASKS else "ssp"
     stats = {"algorithm": alg, "tiles": int(S.shape[0]), "exact": alg != "greedy"}

@@ -6,9 +6,9 @@ the pipeline and the evaluation are the protocol's. Results are appended to the 
 (``--resume`` skips finished cells), and a Markdown table is written at the end.
 
     # the evidence run (SmolLM2-135M, `cpu` protocol: 128×512 C4 calibration, WikiText-2 first 40 windows of 2048)
-    python benchmarks/alpha_sweep.py --protocol cpu --out docs/notes/issue-7-sweep
+    python benchmarks/allocation/alpha_sweep.py --protocol cpu --out docs/notes/issue-7-sweep
     # a quick check of the script itself (stories260K, `smoke` protocol)
-    python benchmarks/alpha_sweep.py --protocol smoke --methods wanda --sparsities 0.7 --out /tmp/sweep
+    python benchmarks/allocation/alpha_sweep.py --protocol smoke --methods wanda --sparsities 0.7 --out /tmp/sweep
 
 Cost on the 2-core CPU: 18 pruning runs; a SmolLM2 run is a few minutes (SparseGPT longer), the evaluation
 ~40 forwards of 2048 tokens (~4 min) per run.

@@ -17,14 +17,14 @@ What the speed numbers mean per kind of sparsity:
 * **unstructured** (magnitude, wanda, sparsegpt, fista, ria at 50%): the zeros are stored in dense matrices;
   no sparse kernel is used, so the expected speed-up is 1.0 (measured, as a control);
 * **2:4** (sparsegpt/eggs 2:4): on a CUDA GPU (compute capability ≥ 8.0) the pruned model is saved and timed
-  with torch's semi-structured kernels by ``benchmarks/bench_semistructured.py``; on a CPU there is no 2:4
+  with torch's semi-structured kernels by ``benchmarks/semistructured/bench_semistructured.py``; on a CPU there is no 2:4
   kernel in torch — the script says so and the CPU latency is that of the dense-with-zeros model.
 
 Rows go to a resumable JSONL file (a run whose key is there is skipped), then JSON + Markdown summaries.
 
-    python benchmarks/bench_models.py                                   # stories260K, smoke protocol
-    python benchmarks/bench_models.py --model smollm2-135m              # SmolLM2-135M, cpu protocol
-    python benchmarks/bench_models.py --runs dense,spap:0.3 --repeats 9 # a subset
+    python benchmarks/models/bench_models.py                                   # stories260K, smoke protocol
+    python benchmarks/models/bench_models.py --model smollm2-135m              # SmolLM2-135M, cpu protocol
+    python benchmarks/models/bench_models.py --runs dense,spap:0.3 --repeats 9 # a subset
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_RUNS = ("dense,magnitude:0.5,wanda:0.5,ria:0.5,sparsegpt:0.5,fista:0.5,sparsegpt:2:4,eggs:2:4,"
                 "group_magnitude:0.3,flap:0.3,group_obs:0.3,spap:0.2,spap:0.3,spap:0.5")
@@ -206,11 +206,11 @@ def worker(job: dict) -> dict:
 
 def _semistructured(pruned, tok, job) -> dict:
     """2:4 kernels: only on CUDA (bench_semistructured.py); on a CPU say that none exists."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    sys.path.insert(0, str(REPO / "benchmarks" / "semistructured"))
     try:
         import bench_semistructured as bs
     except ImportError as e:
-        return {"note": f"benchmarks/bench_semistructured.py not importable: {e}"}
+        return {"note": f"benchmarks/semistructured/bench_semistructured.py not importable: {e}"}
     why = bs.no_kernel_reason()
     if why:
         print(f"[bench_models] {why}", flush=True)
@@ -394,9 +394,9 @@ def main(argv=None) -> int:
         lat = {f"{x['phase']} b={x['batch']}": round(x["speedup"], 3) for x in row.get("latency") or []}
         print(f"[bench_models]   prune {row.get('prune_s')} s, peak RSS {row.get('peak_rss_mb')} MB, speed-up {lat}"
               + (f" ERROR {row['error']}" if row.get("error") else ""), flush=True)
-    cmd = "python benchmarks/bench_models.py" + ("" if argv is None else " " + " ".join(argv))
+    cmd = "python benchmarks/models/bench_models.py" + ("" if argv is None else " " + " ".join(argv))
     if argv is None:
-        cmd = "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])
+        cmd = "python benchmarks/models/bench_models.py " + " ".join(sys.argv[1:])
     meta = {"model": args.model, "protocol": protocol, "batches": batches, "prefill": args.prefill,
             "decode": args.decode, "repeats": args.repeats, "threads": args.threads, "device": dev,
             "command": cmd.strip(), "jsonl": str(out)}

@@ -7,7 +7,7 @@ better support), how often the continuation path changed ``z`` and how much the 
 best start. This script turns those records into one table per run: how much of SPAP's perplexity is the
 method itself and how much is the warm start.
 
-    python benchmarks/spap_path_summary.py benchmarks/results/cpu_smollm2.runs
+    python benchmarks/structured/spap_path_summary.py benchmarks/results/cpu_smollm2.runs
 
 Reads only the JSON records (``<sweep out stem>.runs/*.json``); nothing is recomputed.
 """

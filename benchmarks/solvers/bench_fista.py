@@ -14,7 +14,7 @@ Inputs: random weights (Gaussian) and a Gram of random activations with a few ou
 tokens); not the SmolLM2 weights — the timings depend only on the shapes. The machine may be shared: every
 figure is the minimum over ``--repeats`` interleaved trials, and the ratio is taken per trial (median).
 
-    python benchmarks/bench_fista.py [--iters 20] [--repeats 5] [--threads N] [--device cpu|cuda] [--json out.json]
+    python benchmarks/solvers/bench_fista.py [--iters 20] [--repeats 5] [--threads N] [--device cpu|cuda] [--json out.json]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Time the pruning pipeline (llm_adapters/pipeline.py) on stories260K and print a table.
 
-    python benchmarks/bench_pipeline.py [--threads 1] [--methods magnitude,wanda,sparsegpt] [--eval]
+    python benchmarks/models/bench_pipeline.py [--threads 1] [--methods magnitude,wanda,sparsegpt] [--eval]
 
 Calibration: the `smoke` protocol of shared/PROTOCOL.md (32 × 128 tokens of WikiText-2 validation, seed 0).
 Per configuration: wall time of prune_model (capture + statistics + solve + propagate), its split, the summed
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ reconstruction error ``Σ f(W)`` of the variant. Variants:
 * ``fista+debias`` with EC: the same with ``debias_iters=20`` (masked CG on every rounded iterate; not in
   the paper) — and ``fista+refit`` (the optional final least-squares refit) when ``--refit`` is given.
 
-    python benchmarks/fista_compare.py [--model stories260k] [--settings 0.5,2:4,0.7] [--variants ...]
+    python benchmarks/models/fista_compare.py [--model stories260k] [--settings 0.5,2:4,0.7] [--variants ...]
                                        [--eval-windows N] [--json out.json] [--threads 1]
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ reports per setting the summed layer error ``Σ f(W)`` of each variant relative 
   mask quality of the convex model itself, without the K=20 / T=3 budget;
 * ``wanda`` for scale.
 
-    python benchmarks/fista_layers.py [--model stories260k|smollm2-135m] [--blocks 0,2,4] [--nsamples 16]
+    python benchmarks/solvers/fista_layers.py [--model stories260k|smollm2-135m] [--blocks 0,2,4] [--nsamples 16]
                                       [--seqlen 256] [--settings 0.5,2:4,0.7] [--no-path] [--no-refit]
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ sample (``--random-activations``: Gaussian inputs instead). Per mask: degrees, i
 components, σ2 vs the Ramanujan bound (solvers/graph_metrics.py), the per-tile column degrees, and the layer's
 relative reconstruction error f(W)/f(0). Prints a table and saves a plot (and optionally the JSON).
 
-    python benchmarks/eggs_graph_metrics.py --out docs/notes/issue-6-graph-metrics.png --json /tmp/gm.json
+    python benchmarks/semistructured/eggs_graph_metrics.py --out docs/notes/issue-6-graph-metrics.png --json /tmp/gm.json
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from optprune.formulations import NM, ExpanderNM, LayerProblem
 from optprune.solvers import get_method
 from optprune.solvers.graph_metrics import graph_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
 DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 SUBLAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -16,9 +16,9 @@ What it measures (CUDA):
    mask to dense models first, ``--prune``) is swapped for a semi-structured module; logits are compared with
    the masked dense model and forward latency is timed for a batch of tokens.
 
-    python benchmarks/bench_semistructured.py                          # layer shapes of a 7B LLaMA + SmolLM2
-    python benchmarks/bench_semistructured.py --model smollm2 --prune  # and the whole SmolLM2-135M
-    python benchmarks/bench_semistructured.py --backend cutlass        # force CUTLASS instead of cuSPARSELt
+    python benchmarks/semistructured/bench_semistructured.py                          # layer shapes of a 7B LLaMA + SmolLM2
+    python benchmarks/semistructured/bench_semistructured.py --model smollm2 --prune  # and the whole SmolLM2-135M
+    python benchmarks/semistructured/bench_semistructured.py --backend cutlass        # force CUTLASS instead of cuSPARSELt
 """
 from __future__ import annotations
 

@@ -25,11 +25,11 @@ Instances: ``LayerProblem.random(m, n, kind="outliers")`` in float64 (synthetic 
 20× larger, as in LLM activations; ``--kind`` for the others). The per-layer part uses
 SmolLM2-135M's shapes (q/o 576×576, k/v 192×576, up/gate 1536×576, down 576×1536) with **random** weights and
 Grams of N = 2048 Gaussian tokens with a few outlier features (timings depend on shapes, not values), or with
-``--real-grams`` the Grams of SmolLM2's block 0 from a short C4 calibration (``benchmarks/fista_layers.py``).
+``--real-grams`` the Grams of SmolLM2's block 0 from a short C4 calibration (``benchmarks/solvers/fista_layers.py``).
 
-    python benchmarks/bench_solvers.py                       # ladders + per-layer (random Grams)
-    python benchmarks/bench_solvers.py --sections ladders --quick
-    python benchmarks/bench_solvers.py --sections layers --real-grams --nsamples 8
+    python benchmarks/solvers/bench_solvers.py                       # ladders + per-layer (random Grams)
+    python benchmarks/solvers/bench_solvers.py --sections ladders --quick
+    python benchmarks/solvers/bench_solvers.py --sections layers --real-grams --nsamples 8
 
 Writes ``benchmarks/results/bench_solvers.json`` and ``.md`` (``--out`` to change).
 """
@@ -50,7 +50,7 @@ from optprune.formulations.programs import l0_program, l1_program, mask_program,
 from optprune.solvers import get_backend, get_method, list_methods
 from optprune.solvers.base import LayerResult, LicenseLimitError, SolverUnavailable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 CVXPY_MAX_NNZ = 2e7  # largest m·n² handed to cvxpy for the QP/ℓ1 models (memory of its canonicalisation)
 
@@ -324,7 +324,7 @@ def per_layer(methods, repeats, real_grams, nsamples, seqlen, log):
     rows = []
     probs = {}
     if real_grams:
-        sys.path.insert(0, str(REPO / "benchmarks"))
+        sys.path.insert(0, str(REPO / "benchmarks" / "solvers"))
         from fista_layers import collect
         real = collect("smollm2-135m", [0], nsamples, seqlen)
         pick = {"q_proj/o_proj": "self_attn.q_proj", "k_proj/v_proj": "self_attn.k_proj",
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
         pass
     if torch.cuda.is_available():
         hw += f", {torch.cuda.get_device_name(0)} (unused: CPU solvers)"
-    cmd = "python benchmarks/bench_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/solvers/bench_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     doc["meta"] = {"kind": args.kind, "hardware": hw, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "time_limit": args.time_limit, "max_ref_s": args.max_ref_s, "repeats": args.repeats,
                    "layer_repeats": args.layer_repeats, "quick": args.quick, "command": cmd.strip(),

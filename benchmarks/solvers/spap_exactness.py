@@ -5,7 +5,7 @@ the refit of a support is exact: ``W_S = B_S Ĥ_SS⁻¹``), so it is proven. Ins
 of the four kinds (random, correlated, outliers, dead), half of them error-corrected (Ĥ ≠ H), group size 1 or
 2, g = 4..12 groups, m = 2..8 rows, sparsity 10..90%.
 
-    python benchmarks/spap_exactness.py --instances 200
+    python benchmarks/solvers/spap_exactness.py --instances 200
 
 Prints, per method: fraction of instances solved exactly (relative gap ≤ 1e-9), median / 90th percentile / max
 relative gap ``(f − f*)/f*``, and the smallest gap (must never be below −1e-9: nothing beats a proven optimum).

@@ -4,7 +4,7 @@ Resumable: a row whose key is already in the results file is skipped, so a long 
 `cpu` protocol takes minutes per run on 2 cores) can be stopped and continued. Tables are made from the
 JSONL file by ``paper_repro/common.py`` (the paper scripts) and ``paper_repro/make_readme_results.py``; nothing is typed by hand.
 
-    python benchmarks/sweep.py --model smollm2-135m --protocol cpu \
+    python benchmarks/models/sweep.py --model smollm2-135m --protocol cpu \
         --methods magnitude,wanda,sparsegpt,fista --settings 0.5,2:4,0.7 --out results/cpu_baselines.jsonl
 
 A *setting* is a sparsity (``0.5``: unstructured) or an N:M pattern (``2:4``). ``--dense`` adds the dense

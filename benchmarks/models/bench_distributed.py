@@ -1,9 +1,9 @@
 """Block-parallel pruning: speed-up of N processes vs 1, bit-for-bit check, per-block time and memory,
 and a capacity plan for 7B / 70B models scaled from the measured per-block figures by FLOPs.
 
-    python benchmarks/bench_distributed.py                                  # stories260K, smoke calibration
-    python benchmarks/bench_distributed.py --model smollm2-135m --calibration c4 --nsamples 8 --seqlen 256
-    python benchmarks/bench_distributed.py --plan-only --per-block-json FILE   # plan from a saved measurement
+    python benchmarks/models/bench_distributed.py                                  # stories260K, smoke calibration
+    python benchmarks/models/bench_distributed.py --model smollm2-135m --calibration c4 --nsamples 8 --seqlen 256
+    python benchmarks/models/bench_distributed.py --plan-only --per-block-json FILE   # plan from a saved measurement
 
 Both runs use 1 torch thread per process (bit-for-bit needs equal thread counts). On the shared 2-core machine
 (~7 engineers, load average 10-15) two processes compete with everyone else's jobs: speed-ups measured there
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ============================================================================================ FLOP model

@@ -1,7 +1,7 @@
-"""Markdown tables from a ``benchmarks/sweep.py`` JSONL file: one row per configuration (method, error
+"""Markdown tables from a ``benchmarks/models/sweep.py`` JSONL file: one row per configuration (method, error
 correction, allocation, calibration, options), one column per setting; perplexity, KL to dense and times.
 
-    python benchmarks/sweep_table.py benchmarks/results/cpu_smollm2.jsonl [--metric wikitext2] [--out table.md]
+    python benchmarks/models/sweep_table.py benchmarks/results/cpu_smollm2.jsonl [--metric wikitext2] [--out table.md]
 
 Nothing is typed by hand: every number is a field of a row. Failed runs show their error; missing cells "–".
 """

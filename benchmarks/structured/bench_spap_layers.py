@@ -5,8 +5,8 @@ model (default stories260K), calibrated on WikiText-2 validation windows, then e
 Prints the relative error ``f(W)/f(0)`` (FLAP: including its bias compensation) and the time per layer, and the
 proven optimum (exhaustive search over group subsets with the exact refit) when ``C(g, k)`` is small (heads).
 
-    python benchmarks/bench_spap_layers.py --sparsities 0.2,0.3,0.5
-    python benchmarks/bench_spap_layers.py --model smollm2-135m --blocks 0,15,29 --sparsities 0.3 \
+    python benchmarks/structured/bench_spap_layers.py --sparsities 0.2,0.3,0.5
+    python benchmarks/structured/bench_spap_layers.py --model smollm2-135m --blocks 0,15,29 --sparsities 0.3 \
         --methods "spap,spap(direct V)"      # the Woodbury V-step against the factorised one
 
 ``--model`` is a built-in name (stories260k, smollm2-135m) or a model folder, loaded as every optprune command does.
@@ -27,7 +27,7 @@ from optprune.llm_adapters.surgery import capture_problems, structure_pattern
 from optprune.solvers import get_method
 from optprune.solvers.structured_baselines import group_refit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 METHODS = [("group_magnitude", "group_magnitude", {}), ("flap", "flap", {}), ("flap+refit", "flap", {"refit": True}),
            ("group_obs", "group_obs", {}), ("spap(init=penalty)", "spap", {"init": "penalty"}), ("spap", "spap", {}),
            ("spap(direct V)", "spap", {"fast_vstep": False})]

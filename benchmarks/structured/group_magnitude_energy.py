@@ -6,7 +6,7 @@ energy ``h_j = Σ x_j²`` that multiplies it. This prints, per block, the share 
 energy the layer's diagonal carries) in the removed neurons, how large the largest removed ``h_j`` is against
 the median, and whether the neuron carrying the most output energy is among the removed.
 
-    python benchmarks/group_magnitude_energy.py --model smollm2-135m --sparsity 0.3 --nsamples 8
+    python benchmarks/structured/group_magnitude_energy.py --model smollm2-135m --sparsity 0.3 --nsamples 8
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@
 ``powerlaw`` 2.x fits α numerically (not in closed form) when α ∉ (1.5, 3] and clamps α to its default
 range [0, 3]; we pass ``parameter_ranges={'alpha': [1, 50]}`` so that it returns the MLE for LLM-like α > 3.
 
-    python benchmarks/alpha_crosscheck.py [--smollm2] [--seeds 50] [--search-every K] [--json out.json]
-    python benchmarks/alpha_crosscheck.py --smollm2 --precision --no-crosscheck --seeds 0   # precision only
+    python benchmarks/allocation/alpha_crosscheck.py [--smollm2] [--seeds 50] [--search-every K] [--json out.json]
+    python benchmarks/allocation/alpha_crosscheck.py --smollm2 --precision --no-crosscheck --seeds 0   # precision only
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                     help="run powerlaw's own x_min search on every K-th matrix (default: 1 stories260K, 10 SmolLM2)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--model-dir", default=os.environ.get("OPTPRUNE_MODEL_DIR",
-                                                          os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")))
+                                                          os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "models")))
     ap.add_argument("--json", default=None)
     ap.add_argument("--precision", action="store_true",
                     help="also measure α under float64 Gram / float32 SVD / float16 weights (and the timings)")
