@@ -2,7 +2,7 @@
 
 Each ``paper_repro/<paper>.py`` declares a :class:`PaperSpec` — the rows it reruns (:class:`Variant`: a method
 with its options), the paper's sparsity settings, the paper's reported numbers as data (:class:`PaperNumber`,
-each with the line of ``shared/METHODS.md`` it comes from) and the paper's claims (:class:`Claim`: "A beats B
+each with the line of the methods brief it is quoted from) and the paper's claims (:class:`Claim`: "A beats B
 at setting s") — and calls :func:`main`. :func:`main`
 
 1. runs every variant through ``benchmarks/models/sweep.py`` (imported, its ``main`` called with arguments), so
@@ -69,7 +69,7 @@ class Variant:
 
 @dataclass
 class PaperNumber:
-    """A number the paper reports, as quoted in ``shared/METHODS.md`` (``line``: 1-based line number)."""
+    """A number the paper reports, as quoted in the methods brief (``line``: 1-based line number)."""
     variant: str       # Variant.id it corresponds to
     setting: str       # e.g. "0.5", "2:4", "0.7"
     value: float

@@ -37,7 +37,7 @@ The production method :func:`fista` (registered as ``"fista"``) adds what turns 
   (``info['error_before_refit']``, ``info['error_after_refit']``);
 * an option *not in the paper*, ``debias_iters=k``: each rounded iterate (and the warm start) is debiased by
   ``k`` masked conjugate-gradient steps on its support before the comparison. Without it the rounded ℓ1
-  iterates carry the ℓ1 shrinkage and rarely beat a SparseGPT warm start (docs/notes/issue-4.md).
+  iterates carry the ℓ1 shrinkage and rarely beat a SparseGPT warm start (docs/methods.md §2).
 
 **[reconstructed] λ rule.** The paper reports bisection on λ with ``K = 20``, ``T = 3`` and a rounding-error
 share threshold ``ξ = 0.3`` but its exact rule is not available offline. This implementation reads it as:

@@ -36,7 +36,7 @@ update; performance is recovered by that update, with no fine-tuning; MLP neuron
   with the ``t`` dropped groups of largest value (the z-step restricted to a trust region of ``t``
   exchanges); an exchange that lowers the exact refit objective is accepted and the round restarts.
 
-Measured (docs/notes/issue-5.md): on real layers the continuation path alone never changed ``z`` after its
+Measured (docs/methods.md §4): on real layers the continuation path alone never changed ``z`` after its
 start (the penalised values of dropped groups shrink like ``1/ρ²`` while kept groups absorb their role), so
 the penalty method by itself amounts to "top-k of ``Ĥ_jj‖W*_j‖²``, then refit"; the gains over greedy
 group-OBS come from the re-opening stage and are small on real layers, larger on small random instances.

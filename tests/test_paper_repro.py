@@ -122,7 +122,7 @@ def test_paper_scale_refuses_without_cuda(tmp_path):
 def test_paper_numbers_cite_methods_md():
     common = _common()
     if not common.methods_md_path().is_file():
-        pytest.skip("shared/METHODS.md not present")
+        pytest.skip("the methods brief with the quoted paper numbers is not present")
     for p in PAPERS:
         spec = _load(p).SPEC
         for s in common.check_sources(spec.numbers):

@@ -6,7 +6,7 @@ the pipeline and the evaluation are the protocol's. Results are appended to the 
 (``--resume`` skips finished cells), and a Markdown table is written at the end.
 
     # the evidence run (SmolLM2-135M, `cpu` protocol: 128×512 C4 calibration, WikiText-2 first 40 windows of 2048)
-    python benchmarks/allocation/alpha_sweep.py --protocol cpu --out docs/notes/issue-7-sweep
+    python benchmarks/allocation/alpha_sweep.py --protocol cpu --out out/alpha_sweep_cpu
     # a quick check of the script itself (stories260K, `smoke` protocol)
     python benchmarks/allocation/alpha_sweep.py --protocol smoke --methods wanda --sparsities 0.7 --out /tmp/sweep
 

@@ -2,7 +2,7 @@
 
     python benchmarks/models/bench_pipeline.py [--threads 1] [--methods magnitude,wanda,sparsegpt] [--eval]
 
-Calibration: the `smoke` protocol of shared/PROTOCOL.md (32 × 128 tokens of WikiText-2 validation, seed 0).
+Calibration: the `smoke` protocol of docs/protocols.md (32 × 128 tokens of WikiText-2 validation, seed 0).
 Per configuration: wall time of prune_model (capture + statistics + solve + propagate), its split, the summed
 layer reconstruction error, and (with --eval) WikiText-2 perplexity on the smoke protocol's 64 windows of 512.
 """

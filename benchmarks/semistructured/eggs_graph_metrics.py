@@ -7,7 +7,7 @@ sample (``--random-activations``: Gaussian inputs instead). Per mask: degrees, i
 components, σ2 vs the Ramanujan bound (solvers/graph_metrics.py), the per-tile column degrees, and the layer's
 relative reconstruction error f(W)/f(0). Prints a table and saves a plot (and optionally the JSON).
 
-    python benchmarks/semistructured/eggs_graph_metrics.py --out docs/notes/issue-6-graph-metrics.png --json /tmp/gm.json
+    python benchmarks/semistructured/eggs_graph_metrics.py --out out/eggs_graph_metrics.png --json /tmp/gm.json
 """
 from __future__ import annotations
 
