@@ -1,9 +1,9 @@
 """Self-generated vs C4 calibration: WikiText-2 perplexity after pruning with each, and whether the
 data-free KL(dense ‖ pruned) ranks the pruned models as perplexity does.
 
-    python benchmarks/self_vs_c4_calibration.py                       # SmolLM2-135M, `cpu` protocol (long)
-    python benchmarks/self_vs_c4_calibration.py --quick               # stories260K, `smoke` protocol (minutes)
-    python benchmarks/self_vs_c4_calibration.py --methods wanda --settings 50% --eval-windows 8
+    python benchmarks/models/self_vs_c4_calibration.py                       # SmolLM2-135M, `cpu` protocol (long)
+    python benchmarks/models/self_vs_c4_calibration.py --quick               # stories260K, `smoke` protocol (minutes)
+    python benchmarks/models/self_vs_c4_calibration.py --methods wanda --settings 50% --eval-windows 8
 
 For every calibration source (self, c4) × method (wanda, sparsegpt, fista) × setting (50% unstructured, 2:4):
 ``optprune.llm_adapters.run.prune(model=..., method=..., sparsity=..., pattern=..., calibration=...,
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     (out_dir / "self_vs_c4.json").write_text(json.dumps(result, indent=1, default=str))
 
     md = [f"# Self-generated vs C4 calibration — {model}, protocol `{protocol}`{' (quick)' if args.quick else ''}",
-          "", f"Command: `python benchmarks/{result['command']}`; {platform.node()}, torch {torch.__version__}, "
+          "", f"Command: `python benchmarks/models/{result['command']}`; {platform.node()}, torch {torch.__version__}, "
           f"total {result['total_s']:.0f} s.",
           f"Dense WikiText-2 perplexity {dense_ppl:.3f} (seqlen {eval_prot.get('eval_seqlen')}, "
           f"{dense_rec['perplexity']['wikitext2']['windows']} windows). KL(dense ‖ pruned) in nats/token and top-1 "
