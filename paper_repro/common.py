@@ -89,7 +89,7 @@ class Claim:
     paper_model: str = ""
     paper_line: Optional[int] = None
     paper_text: str = ""                  # what the paper says when there is no number
-    paper_source: str = ""                # where, when not a docs/methods.md line (e.g. the seed's abstract)
+    paper_source: str = ""                # where, when not a docs/methods.md line (e.g. the paper's abstract)
     ours_only: bool = False               # not a paper claim: a check of ours (verdict holds / does not hold)
 
 

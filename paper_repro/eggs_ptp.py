@@ -1,4 +1,4 @@
-"""EGGS-PTP (seed 001, arXiv 2508.09471): the paper's headline comparisons at our scales.
+"""EGGS-PTP (arXiv 2508.09471): the paper's headline comparisons at our scales.
 
 Semi-structured N:M masks (2:4 and 4:8). Rows: EGGS (RIA scores + an N:M mask that keeps at least B entries per
 column in every M×M tile — the [reconstructed] transportation problem of docs/methods.md §5, solved exactly per tile)
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Claim, PaperSpec, Variant, _load_script, _rel, main  # noqa: E402
 
-ABS = "seeds/001 abstract"
+ABS = "the paper's abstract"
 SETTINGS = ["2:4", "4:8"]
 LABELS = {"2:4": "2:4", "4:8": "4:8"}
 BASELINES = [("ria", "RIA"), ("wanda", "Wanda"), ("sparsegpt", "SparseGPT")]

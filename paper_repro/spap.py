@@ -1,4 +1,4 @@
-"""SPAP (seed 000, arXiv 2505.03373): the paper's headline comparisons at our scales.
+"""SPAP (arXiv 2505.03373): the paper's headline comparisons at our scales.
 
 Structured pruning of MLP neurons (each neuron = one column of ``down_proj`` and the matching rows of
 ``up``/``gate``, removed by surgery so the model really shrinks) at 20 / 30 / 50% of the MLP width. Rows: SPAP
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Claim, PaperSpec, Variant, _load_script, _rel, fmt_num, main  # noqa: E402
 
-ABS = "seeds/000 abstract"
+ABS = "the paper's abstract"
 SETTINGS = ["0.2", "0.3", "0.5"]
 LABELS = {"0.2": "20% MLP", "0.3": "30% MLP", "0.5": "50% MLP"}
 BASELINES = [("group_obs", "group-OBS (greedy, refit)"), ("flap", "FLAP (bias compensation)"),

@@ -1,4 +1,4 @@
-"""EGGS-PTP (seed 001, docs/methods.md §5): N:M masks that stay expander graphs — the production torch solver.
+"""EGGS-PTP (docs/methods.md §5): N:M masks that stay expander graphs — the production torch solver.
 
 **The mask problem** [reconstructed], solved independently per tile of M output rows × M input columns::
 

@@ -1,4 +1,4 @@
-"""SPAP — structured pruning by a penalty method with alternating minimisation (seed 000, arXiv 2505.03373).
+"""SPAP — structured pruning by a penalty method with alternating minimisation (arXiv 2505.03373).
 
 The model (docs/methods.md §4) is the group-selection MIQP: for a layer whose input columns form groups ``G_j``::
 
