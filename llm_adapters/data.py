@@ -136,7 +136,7 @@ def _where_from(data_dir) -> str:
         return "from --data-dir / data_dir="
     if os.environ.get("OPTPRUNE_DATA_DIR"):
         return "from $OPTPRUNE_DATA_DIR"
-    return "the default <repo>/../shared/data"
+    return "the development fallback folder beside the checkout"
 
 
 def known_dataset(name: str) -> Optional[str]:

@@ -57,7 +57,7 @@ def resolve_model_dir(model_dir: Union[str, os.PathLike, None] = None) -> tuple[
     env = os.environ.get("OPTPRUNE_MODEL_DIR")
     if env:
         return Path(env).expanduser(), "$OPTPRUNE_MODEL_DIR"
-    return _DEFAULT_MODEL_DIR, "the default <repo>/../shared/models"
+    return _DEFAULT_MODEL_DIR, "the development fallback folder beside the checkout"
 
 
 def _smollm2_dir() -> Optional[Path]:

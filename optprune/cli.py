@@ -23,7 +23,7 @@ def _kv(items):
 
 def _add_data_args(p):
     p.add_argument("--data-dir", default=None,
-                   help="folder with wikitext-2-raw/, ptb/, c4/ (default: $OPTPRUNE_DATA_DIR or ../shared/data)")
+                   help="folder with wikitext-2-raw/, ptb/, c4/ (default: $OPTPRUNE_DATA_DIR; layout in docs/protocols.md)")
     p.add_argument("--model-dir", default=None,
                    help="folder holding built-in models such as stories260K (default: $OPTPRUNE_MODEL_DIR)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
