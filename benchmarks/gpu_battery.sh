@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU measurements in one command (what `device`/a lent GPU machine runs).
+# The project's GPU measurements in one command (run it on a machine with a CUDA GPU).
 #
 #   bash benchmarks/gpu_battery.sh smoke [SECONDS]   # CUDA unit tests, 2:4 kernel + FISTA micro-benchmarks (GPU to
 #                                                    # themselves), then the four paper_repro scripts at --scale
