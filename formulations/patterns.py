@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "PatternError", "PatternRegistrationError", "LinearRow", "Pattern", "Unstructured", "NM", "ColumnGroups",
     "ExpanderNM", "parse_pattern", "register_pattern", "pattern_kinds", "pattern_classes", "pattern_kind",
+    "discover_patterns", "pattern_load_errors", "definition_site",
     "register_projection", "check_sparsity",
 ]
 
@@ -87,9 +88,10 @@ ENTRY_POINT_GROUP = "optprune.patterns"
 _discovered = {"done": False, "errors": {}}
 
 
-def _origin(obj) -> tuple:
-    """(source file, qualified name): the same class or function imported twice (under two module names, or a
-    re-import) has the same origin and may register again; a different one under a taken name may not."""
+def definition_site(obj) -> tuple:
+    """(source file, qualified name) of a class or function: the same definition imported twice (under two
+    module names, or a re-import) has the same site and may register again; a different one under a taken
+    name may not. The method and backend registries use it too."""
     import os
     import sys
     f = getattr(sys.modules.get(obj.__module__), "__file__", None)
@@ -114,11 +116,11 @@ def register_pattern(cls):
             raise PatternRegistrationError(f"pattern kind {kind!r} of {cls.__qualname__}: use lower-case letters, "
                                            f"digits, '_' or '-'")
         other = _KINDS.get(kind)
-        if other is not None and _origin(other) != _origin(cls):
+        if other is not None and definition_site(other) != definition_site(cls):
             raise PatternRegistrationError(f"pattern kind {kind!r} is already registered by "
                                            f"{other.__module__}.{other.__qualname__}; registered kinds: "
                                            f"{', '.join(_KINDS)}")
-    for old in [c for c in _PATTERNS if _origin(c) == _origin(cls)]:  # the same class imported again
+    for old in [c for c in _PATTERNS if definition_site(c) == definition_site(cls)]:  # the same class, re-imported
         del _PATTERNS[old]
     _PATTERNS[cls] = cls
     for kind in kinds:
@@ -126,10 +128,11 @@ def register_pattern(cls):
     return cls
 
 
-def _discover() -> None:
+def _discover(force: bool = False) -> None:
     """Load pattern classes that third-party packages declare under the ``optprune.patterns`` entry-point group
-    (once). A plug-in that fails to import is recorded in :func:`pattern_load_errors` and warned about."""
-    if _discovered["done"]:
+    (once; ``force`` reads them again). A plug-in that fails to import is recorded in
+    :func:`pattern_load_errors` and warned about."""
+    if _discovered["done"] and not force:
         return
     _discovered["done"] = True
     import warnings
@@ -143,6 +146,9 @@ def _discover() -> None:
             _discovered["errors"][ep.value] = f"{type(e).__name__}: {e}"
             warnings.warn(f"optprune: pattern plug-in {ep.value!r} failed to import: {type(e).__name__}: {e}",
                           stacklevel=2)
+
+
+discover_patterns = _discover
 
 
 def pattern_load_errors() -> dict:

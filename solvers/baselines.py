@@ -59,9 +59,12 @@ def ria_scores(problem: LayerProblem, a: float = 0.5) -> torch.Tensor:
     return ri * problem.col_norms().to(W.dtype).pow(a).unsqueeze(0)
 
 
+_REFIT_HELP = "finish with the exact least-squares refit on the chosen mask"
+
+
 @register_method("magnitude", needs="none", patterns=("unstructured", "row", "nm"),
                  description="zero the smallest |W_ij| (per matrix, per row, or per N:M group)",
-                 options={"refit": "finish with the exact least-squares refit on the chosen mask"})
+                 options={"refit": _REFIT_HELP})
 def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
     _check_pattern("magnitude", pattern)
     return score_prune(problem, pattern, problem.W0.to(_work_dtype(problem)).abs(), "magnitude", refit)
@@ -69,7 +72,7 @@ def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -
 
 @register_method("wanda", needs="diag", patterns=("unstructured", "row", "nm"),
                  description="|W_ij|·‖X_j‖₂ compared within each output row; no weight update",
-                 options={"refit": "finish with the exact least-squares refit on the chosen mask"})
+                 options={"refit": _REFIT_HELP})
 def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
     _check_pattern("wanda", pattern)
     if isinstance(pattern, Unstructured) and pattern.scope == "matrix":
@@ -79,7 +82,7 @@ def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> La
 
 @register_method("ria", needs="diag", patterns=("unstructured", "row", "nm"),
                  description="relative importance × ‖X_j‖^a (a = 0.5); no weight update",
-                 options={"a": "exponent of the input norm", "refit": "finish with the exact least-squares refit on the chosen mask"})
+                 options={"a": "exponent of the input norm", "refit": _REFIT_HELP})
 def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False) -> LayerResult:
     _check_pattern("ria", pattern)
     return score_prune(problem, pattern, ria_scores(problem, a), "ria", refit)
@@ -179,8 +182,8 @@ class SparseGPT:
 
 @register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm"),
                  description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates",
-                 options={"blocksize": "columns per mask-selection block", "damp": "relative Hessian damping "
-                          "(default: the problem's)", "refit": "finish with the exact least-squares refit on the chosen mask"})
+                 options={"blocksize": "columns per mask-selection block",
+                          "damp": "relative Hessian damping (default: the problem's)", "refit": _REFIT_HELP})
 def sparsegpt(problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, damp: Optional[float] = None,
               refit: bool = False) -> LayerResult:
     res = SparseGPT(problem, pattern, blocksize=blocksize, damp=damp).run()

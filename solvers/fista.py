@@ -432,7 +432,8 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                  options_from="_fista",
                  options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense", "iters": "iterations per "
                           "round (K)", "rounds": "rounds (T)", "xi": "rounding-error share threshold ξ",
-                          "lam": "first λ (default lam_scale × the diagonal-model λ)", "lam_step": "λ bracket growth",
+                          "lam": "first λ (default lam_scale × the diagonal-model λ)",
+                          "lam_step": "λ bracket growth",
                           "restart": "gradient restart", "refit": "final least-squares refit",
                           "debias_iters": "masked-CG steps on every rounded iterate", "dtype": "solve dtype",
                           "device": "solve on this device", "warm_options": "options of the warm-start method"})

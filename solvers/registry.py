@@ -25,6 +25,7 @@ Adding a reference backend = one file with a :class:`~.base.Backend` subclass de
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -36,10 +37,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from ..formulations.patterns import pattern_kinds
+from ..formulations.patterns import definition_site, discover_patterns, pattern_kinds
 
 __all__ = ["MethodSpec", "Option", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
-           "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover",
+           "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover", "isolated",
            "register_backend", "get_backend", "list_backends", "METHOD_ENTRY_POINTS", "BACKEND_ENTRY_POINTS"]
 
 METHOD_ENTRY_POINTS = "optprune.methods"
@@ -213,11 +214,6 @@ _state = {"methods": False, "backends": False, "loading": set()}
 _ERRORS: dict[str, str] = {}  # module or entry point -> one-line import error
 
 
-def _origin(obj) -> tuple:
-    f = getattr(sys.modules.get(obj.__module__), "__file__", None)
-    return (os.path.realpath(f) if f else obj.__module__, obj.__qualname__)
-
-
 def _key(name: str) -> str:
     return (name or "").strip().lower()
 
@@ -257,7 +253,7 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
         if not callable(fn):
             raise RegistrationError(f"method {key!r}: register_method decorates a function, got {fn!r}")
         old = _METHODS.get(key)
-        if old is not None and _origin(old.fn) != _origin(fn):
+        if old is not None and definition_site(old.fn) != definition_site(fn):
             raise RegistrationError(f"method name {key!r} is already taken by {old.fn.__module__}."
                                     f"{old.fn.__qualname__}; registered methods: {', '.join(sorted(_METHODS))}")
         spec = MethodSpec(key, fn, needs, frozenset(patterns), structured, program, description,
@@ -306,7 +302,9 @@ def _import_entry_points(group: str) -> None:
 
 def discover(force: bool = False) -> None:
     """Import the method modules of this package and the ``optprune.methods`` entry points (once; ``force``
-    re-reads the entry points, for plug-ins installed after the first call)."""
+    re-reads the entry points, pattern plug-ins included, for plug-ins installed after the first call)."""
+    if force:
+        discover_patterns(force=True)
     _load("methods", force)
 
 
@@ -326,6 +324,21 @@ def _load(kind: str, force: bool = False) -> None:
         _state[kind] = True
     finally:
         _state["loading"].discard(kind)
+
+
+@contextlib.contextmanager
+def isolated():
+    """Context manager restoring the method, backend and pattern registries on exit — for tests that register
+    throw-away methods or patterns (plug-in authors' tests included)."""
+    from ..formulations import patterns as P
+    discover()
+    saved = [(d, dict(d)) for d in (_METHODS, _BACKENDS, _ERRORS, P._PATTERNS, P._KINDS)]
+    try:
+        yield
+    finally:
+        for d, old in saved:
+            d.clear()
+            d.update(old)
 
 
 def load_errors() -> dict:
@@ -357,7 +370,7 @@ def register_backend(cls):
     if not isinstance(name, str) or not name or name == "backend":
         raise RegistrationError(f"backend class {cls.__qualname__} must set a name")
     old = _BACKENDS.get(name)
-    if old is not None and _origin(old) != _origin(cls):
+    if old is not None and definition_site(old) != definition_site(cls):
         raise RegistrationError(f"backend name {name!r} is already taken by {old.__module__}.{old.__qualname__}; "
                                 f"registered backends: {', '.join(sorted(_BACKENDS))}")
     _BACKENDS[name] = cls

@@ -22,18 +22,13 @@ def python_blocks(text: str) -> list[str]:
 
 @contextlib.contextmanager
 def isolated_registries():
-    """Restore the method, backend and pattern registries (and drop the scratch modules) afterwards."""
-    from optprune.formulations import patterns as P
-    from optprune.solvers import registry as R
-    R.discover()
-    saved = (dict(R._METHODS), dict(R._BACKENDS), dict(R._ERRORS), dict(P._PATTERNS), dict(P._KINDS))
+    """Restore the method, backend and pattern registries and drop the scratch modules afterwards."""
+    from optprune.solvers.registry import isolated
     before = set(sys.modules)
     try:
-        yield
+        with isolated():
+            yield
     finally:
-        for d, old in zip((R._METHODS, R._BACKENDS, R._ERRORS, P._PATTERNS, P._KINDS), saved):
-            d.clear()
-            d.update(old)
         for name in set(sys.modules) - before:
             if not name.startswith(("optprune", "torch", "transformers")):
                 sys.modules.pop(name, None)

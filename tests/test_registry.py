@@ -19,13 +19,9 @@ from optprune.solvers.registry import (RegistrationError, UnknownMethodError, Un
 @pytest.fixture
 def registries():
     """Leave the registries (and sys.modules) as they were."""
-    R.discover()
-    saved = (dict(R._METHODS), dict(R._BACKENDS), dict(R._ERRORS), dict(P._PATTERNS), dict(P._KINDS))
     before = set(sys.modules)
-    yield
-    for d, old in zip((R._METHODS, R._BACKENDS, R._ERRORS, P._PATTERNS, P._KINDS), saved):
-        d.clear()
-        d.update(old)
+    with R.isolated():
+        yield
     for name in set(sys.modules) - before:
         if name.startswith("plug"):
             sys.modules.pop(name, None)
@@ -219,9 +215,10 @@ def test_a_plugin_registration_error_is_not_swallowed(registries, tmp_path, monk
 # ------------------------------------------------------------------------------------------ patterns
 def test_pattern_registry_is_loud(registries):
     with pytest.raises(P.PatternRegistrationError, match="'nm' is already registered by .*NM"):
-        P.register_pattern(type("Other", (NM,), {"kinds": ("nm",), "parse": classmethod(lambda c, t, s=None, **k: None)}))
+        P.register_pattern(type("Other", (NM,), {"kinds": ("nm",), "parse": classmethod(lambda c, *a, **k: None)}))
     with pytest.raises(P.PatternRegistrationError, match="does not define project, is_feasible, constraints"):
-        P.register_pattern(type("Half", (P.Pattern,), {"kinds": ("half",), "parse": classmethod(lambda c, *a, **k: None)}))
+        P.register_pattern(type("Half", (P.Pattern,), {"kinds": ("half",),
+                                                      "parse": classmethod(lambda c, *a, **k: None)}))
     with pytest.raises(P.PatternRegistrationError, match="must declare kinds"):
         P.register_pattern(type("NoKind", (NM,), {}))
     assert "half" not in P.pattern_kinds()
