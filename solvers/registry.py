@@ -37,7 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from ..formulations.patterns import definition_site, discover_patterns, pattern_kinds
+from ..formulations.patterns import PatternRegistrationError, definition_site, discover_patterns, pattern_kinds
 
 __all__ = ["MethodSpec", "Option", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
            "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover", "isolated",
@@ -294,7 +294,7 @@ def _import_entry_points(group: str) -> None:
     for ep in entry_points(group=group):
         try:
             ep.load()
-        except RegistrationError:
+        except (RegistrationError, PatternRegistrationError):  # the plug-in's own mistake: its author must see it
             raise
         except Exception as e:  # a broken plug-in must not take optprune down, but it is reported
             _report(f"plug-in {ep.value} ({group})", e)
