@@ -131,8 +131,15 @@ def _module_names(model: nn.Module, layers: Optional[Iterable[str]]) -> list[str
 
 
 def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict:
-    return {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach())
-            for k, v in model.state_dict().items()}
+    """The state dict in ``dtype``; tensors that share storage (tied embeddings) stay shared, so that
+    ``save_pretrained`` writes them once."""
+    out, done = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key not in done:
+            done[key] = v.detach().to(dtype) if v.is_floating_point() else v.detach()
+        out[k] = done[key]
+    return out
 
 
 def _sparsity_config(model: nn.Module, names: list[str], pattern: Optional[str]):
@@ -156,6 +163,14 @@ def _sparsity_config(model: nn.Module, names: list[str], pattern: Optional[str])
         fmt, targets=["Linear"], ignore=ignore, global_sparsity=zeros / total, sparsity_structure=structure)
 
 
+def _set_config_dtype(out: Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` names the dtype of the model in memory; the file holds ``dtype``."""
+    f = out / "config.json"
+    d = json.loads(f.read_text())
+    d["dtype"] = str(dtype).replace("torch.", "")
+    f.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
 def save_model(model: nn.Module, out_dir: Union[str, os.PathLike], tokenizer=None, *, format: str = "dense",
                dtype: Union[str, torch.dtype] = torch.float32, layers: Optional[Iterable[str]] = None,
                pattern: Optional[str] = None) -> dict:
@@ -170,23 +185,19 @@ def save_model(model: nn.Module, out_dir: Union[str, os.PathLike], tokenizer=Non
     out.mkdir(parents=True, exist_ok=True)
     info = {"path": str(out.resolve()), "save_format": format, "dtype": str(dtype).replace("torch.", "")}
     sd = _cast_state_dict(model, dtype)
-    cfg = model.config
-    old = getattr(cfg, "dtype", None)
-    cfg.dtype = dtype  # config.json names the dtype the weights are stored in
-    try:
-        if format == "dense":
-            model.save_pretrained(str(out), state_dict=sd)
-        else:
-            from compressed_tensors import ModelCompressor
-            names = _module_names(model, layers)
-            scfg = _sparsity_config(model, names, pattern)
-            compressor = ModelCompressor(sparsity_config=scfg)
-            compressed = compressor.compress(model, state_dict=sd)
-            model.save_pretrained(str(out), state_dict=compressed)
-            compressor.update_config(str(out))
-            info["sparsity_config"] = scfg.model_dump()
-    finally:
-        cfg.dtype = old
+    if format == "dense":
+        model.save_pretrained(str(out), state_dict=sd)
+        _set_config_dtype(out, dtype)
+    else:
+        from compressed_tensors import ModelCompressor
+        names = _module_names(model, layers)
+        scfg = _sparsity_config(model, names, pattern)
+        compressor = ModelCompressor(sparsity_config=scfg)
+        compressed = compressor.compress(model, state_dict=sd)
+        model.save_pretrained(str(out), state_dict=compressed)
+        _set_config_dtype(out, dtype)
+        compressor.update_config(str(out))
+        info["sparsity_config"] = scfg.model_dump()
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     info["weights_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))

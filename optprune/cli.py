@@ -212,11 +212,10 @@ def main(argv=None) -> int:
     _setup_logging(level)
     try:
         if args.command == "prune":
-            from .llm_adapters.run import prune as _prune
             kw, infos = _prune_kwargs(args, argv)
             for info in infos:
                 logging.getLogger("optprune").info(f"{info['kind']}: {info['path']}")
-            rec = _prune(**kw, verbose=level < logging.ERROR, _cli=True)
+            rec = _run_prune(**kw, verbose=level < logging.ERROR, _cli=True)
             replay = next((i for i in infos if i["kind"] == "replay"), None)
             got = ((rec or {}).get("calibration") or {}).get("sha256")
             if replay and replay.get("recorded_calibration_sha256") and got != replay["recorded_calibration_sha256"]:
@@ -235,6 +234,12 @@ def main(argv=None) -> int:
         print(f"optprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_prune(**kw):
+    """``optprune prune``: :func:`optprune.llm_adapters.run.prune` (prunes, evaluates, saves to --output)."""
+    from .llm_adapters.run import prune
+    return prune(**kw)
 
 
 def _call_plain(command: str, kw: dict):
