@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["lm_eval_available", "run_tasks", "LMEvalError"]
+__all__ = ["lm_eval_available", "run_tasks", "check_tasks", "LMEvalError"]
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -78,17 +78,41 @@ def _yaml_task_names(folder: Path) -> set:
     return names
 
 
+def _task_manager(tasks, inc):
+    from lm_eval.tasks import TaskManager
+    local_only = inc is not None and set(tasks) <= _yaml_task_names(inc)
+    tm = TaskManager(include_path=str(inc) if inc else None, include_defaults=not local_only)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise LMEvalError(f"unknown lm-eval task(s) {', '.join(unknown)}"
+                          f"{' (not in ' + str(inc) + ')' if inc else ''}; `lm_eval ls tasks` lists them")
+    return tm
+
+
+def _include(include_path) -> Optional[Path]:
+    if include_path is None:
+        return None
+    inc = Path(include_path).expanduser()
+    if not inc.is_dir():
+        raise LMEvalError(f"--include-path {inc} is not a folder of task YAML files")
+    return inc
+
+
+def check_tasks(tasks: Sequence[str], include_path=None) -> None:
+    """Fail before any model is loaded when lm-eval is missing or a task is unknown."""
+    if not lm_eval_available():
+        raise LMEvalError("--tasks needs lm-evaluation-harness: pip install 'optprune[eval]'")
+    with _offline_switches(True):  # the task index is local files: no network needed to list it
+        _task_manager([str(t) for t in tasks], _include(include_path))
+
+
 def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path=None, limit: Optional[int] = None,
               batch_size: int = 8, device=None, offline: Optional[bool] = None) -> dict:
     """``{task: {metric: value}}`` for the numeric metrics lm-eval reports (module doc)."""
     if not lm_eval_available():
         raise LMEvalError("--tasks needs lm-evaluation-harness: pip install 'optprune[eval]'")
     tasks = [str(t) for t in tasks]
-    inc = None
-    if include_path is not None:
-        inc = Path(include_path).expanduser()
-        if not inc.is_dir():
-            raise LMEvalError(f"--include-path {inc} is not a folder of task YAML files")
+    inc = _include(include_path)
     if offline is None:
         offline = _env_offline()
         if not offline:
@@ -97,14 +121,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path=None, limi
     with _offline_switches(offline):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
-        local_only = inc is not None and set(tasks) <= _yaml_task_names(inc)
-        tm = TaskManager(include_path=str(inc) if inc else None, include_defaults=not local_only)
-        unknown = [t for t in tasks if t not in tm.all_tasks]
-        if unknown:
-            raise LMEvalError(f"unknown lm-eval task(s) {', '.join(unknown)}"
-                              f"{' (not in ' + str(inc) + ')' if inc else ''}; `lm_eval ls tasks` lists them")
+        tm = _task_manager(tasks, inc)
         dev = str(device) if device is not None else str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=dev)
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit)

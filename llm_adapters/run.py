@@ -41,7 +41,7 @@ import torch
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
-from .evaluation import lm_eval_available, model_context, perplexity, zero_shot
+from .evaluation import model_context, perplexity, zero_shot
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
@@ -715,10 +715,9 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     if reference:
         _check_reference_hook()
     task_list = _split_list(tasks) if tasks else None
-    if task_list and not lm_eval_available():
-        raise RunError("--tasks needs lm-evaluation-harness: pip install 'optprune[eval]'")
-    if include_path is not None and not Path(str(include_path)).expanduser().is_dir():
-        raise RunError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")
+    if task_list:  # lm-eval installed, every task known: before the model is loaded
+        from .lm_eval_tasks import check_tasks
+        check_tasks(task_list, include_path)
     no_ppl = bool(task_list) and eval_datasets is not None and not (
         [d for d in eval_datasets.split(",") if d.strip()] if isinstance(eval_datasets, str) else list(eval_datasets))
     s = resolve_settings(model, protocol=protocol, eval_datasets=None if no_ppl else eval_datasets,
