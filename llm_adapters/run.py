@@ -481,8 +481,10 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     in_memory = isinstance(model, torch.nn.Module)
     model_label = (getattr(model.config, "name_or_path", "") or type(model).__name__) if in_memory else model
     calib_given = calibration if is_in_memory(calibration) else None
-    if (in_memory or calib_given is not None or targets or ignore or save_format != "dense") and low_memory:
-        raise RunError("--low-memory takes a model path, a named/file calibration, all layers and the dense format")
+    if low_memory and (in_memory or calib_given is not None or targets or ignore or save_format != "dense"
+                       or dtype not in (None, "auto")):
+        raise RunError("--low-memory takes a model path, a named/file calibration, all layers, the dense format "
+                       "and --dtype auto")
     s = resolve_settings(model_label, protocol=protocol, calibration=None if calib_given is not None else calibration,
                          nsamples=nsamples, seqlen=seqlen, seed=seed, eval_datasets=eval_datasets,
                          eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir,
@@ -832,7 +834,10 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
           f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
     _print_ppl(record, file)
     if out_dir is not None:
-        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE})", file=file)
+        sv = record.get("saved") or {}
+        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
+              f"{sv.get('dtype', '')}{size})", file=file)
 
 
 def _print_eval_summary(record: dict, out_file, file=None) -> None:

@@ -7,8 +7,9 @@ works without the LLM extras.
 Example::
 
     import optprune
+    texts = [...]                                           # a list of strings (or a datasets.Dataset, ...)
     model, record = optprune.prune("stories260k", method="sparsegpt", sparsity=0.5, pattern="2:4",
-                                   dataset=["some text ...", "more text ..."], nsamples=16, seqlen=128)
+                                   dataset=texts, nsamples=16, seqlen=128)
     optprune.save(model, "out/", format="compressed")      # dtype="auto": the input model's dtype
 """
 from __future__ import annotations
