@@ -527,8 +527,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     timings["load_s"] = time.perf_counter() - t0
     arch = get_arch(mdl)
     _clip_to_context(s, mdl)
-    if tok is None and (evaluate or out_dir is not None or calib_given is None or
-                        not torch.is_tensor(calib_given)):
+    if tok is None and (evaluate or out_dir is not None or not torch.is_tensor(calib_given)):
         raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
                        "and saving")
     cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, layer_sparsity=None,
@@ -692,8 +691,9 @@ def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=N
 def _memory_meta(model, label) -> dict:
     from .loading import count_parameters
     cfg = model.config
-    return {"name": str(label), "source": "in-memory", "format": "in-memory", "model_type": getattr(cfg, "model_type", None),
-            "architecture": type(model).__name__, "n_params": count_parameters(model),
+    return {"name": str(label), "source": "in-memory", "format": "in-memory",
+            "model_type": getattr(cfg, "model_type", None), "architecture": type(model).__name__,
+            "n_params": count_parameters(model),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "num_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None)}
 

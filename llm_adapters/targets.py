@@ -3,8 +3,11 @@
 A pattern matches a sub-layer when it is
 
 * its full module name (``model.layers.0.self_attn.q_proj``),
-* its module class name (``Linear``, ``Conv1D``), or
-* ``re:<regex>`` that :func:`re.match` es the full name (``re:.*self_attn.*``, ``re:model.layers.(0|11)\\.``).
+* its module class name (``Linear``, ``Conv1D``),
+* ``re:<regex>`` that :func:`re.match` es the full name (``re:.*self_attn.*``, ``re:model.layers.(0|11)\\.``),
+* a module that contains it: a decoder block's name (``model.layers.3``) or a regex that matches a block's whole
+  name (``re:model.layers.\\d+$``), as older llm-compressor recipes target blocks; ``__ALL__`` /
+  ``__ALL_PRUNABLE__`` match everything.
 
 A sub-layer is pruned when ``targets`` is empty/None or some target matches it, and no ``ignore`` pattern
 matches it. A pattern that matches none of the model's prunable sub-layers is an error (typos fail loudly),
@@ -36,10 +39,20 @@ def parse_patterns(value: Union[str, Iterable[str], None], what: str = "targets"
     return items or None
 
 
+ALL = ("__ALL__", "__ALL_PRUNABLE__")  # llm-compressor's spellings of "every layer"
+
+
 def matches(pattern: str, name: str, cls_name: str) -> bool:
+    """``pattern`` names the sub-layer, its class, or a module that contains it (a decoder block such as
+    ``model.layers.3`` or ``re:model.layers.\\d+$``, as older llm-compressor recipes target blocks)."""
+    if pattern in ALL:
+        return True
+    parts = name.split(".")
+    scopes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]  # the name, then its ancestors
     if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    return pattern == name or pattern == cls_name
+        rx = re.compile(pattern[3:])
+        return any(rx.match(s) is not None and (s == name or rx.fullmatch(s) is not None) for s in scopes)
+    return pattern == cls_name or pattern in scopes
 
 
 def select_layers(layers: dict, targets=None, ignore=None, *, other_modules: Iterable[str] = ()) -> set:

@@ -135,7 +135,8 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
 
 
 def evaluate(model: PathLike, *, protocol: Optional[str] = None, eval_datasets: Union[str, Sequence[str], None] = None,
-             eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None, reference: Optional[PathLike] = None,
+             eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
+             reference: Optional[PathLike] = None,
              tasks: Union[str, Sequence[str], None] = None, task_limit: Optional[int] = None,
              include_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
              data_dir: Optional[PathLike] = None, model_dir: Optional[PathLike] = None, device: Optional[str] = None,

@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce the run recorded in this run.json (flags given here override it; default: none)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per layer")
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
-    p.add_argument("--min-degree", type=int, default=None, help="expander N:M: keep ≥ B entries per column per tile (default: none)")
+    p.add_argument("--min-degree", type=int, default=None,
+                   help="expander N:M: keep ≥ B entries per column per tile (default: none)")
     p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
-    p.add_argument("--allocation-eps", type=float, default=None, help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
+    p.add_argument("--allocation-eps", type=float, default=None,
+                   help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all)")
     p.add_argument("--ignore", default=None,
                    help="comma list of sub-layers left dense, same forms, e.g. 're:.*self_attn.*' (default: none)")
-    p.add_argument("--protocol", default=None, help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults (default: the model's, else cpu)")
+    p.add_argument("--protocol", default=None,
+                   help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults (default: the model's, "
+                        "else cpu)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun)")
     p.add_argument("--low-memory", action="store_true",

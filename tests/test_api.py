@@ -140,6 +140,9 @@ def test_targets_and_ignore_choose_the_pruned_layers(loaded):
                                                   "model.layers.4.self_attn.k_proj"]
     _, rec = _prune(loaded, TEXTS, targets=["Linear"], ignore=["lm_head", "re:model.layers.[1-4]\\."])
     assert {r["name"].split(".")[2] for r in rec["layers"]} == {"0"} and len(rec["layers"]) == 7
+    # decoder blocks as targets (older llm-compressor recipes), a block name in ignore
+    _, rec = _prune(loaded, TEXTS, targets=["re:model.layers.\\d+$"], ignore=["model.layers.2"])
+    assert len(rec["layers"]) == 28 and not any(".layers.2." in r["name"] for r in rec["layers"])
     with pytest.raises(ValueError, match="matches no prunable layer"):
         _prune(loaded, TEXTS, targets=["model.layers.0.mlp.down"])
     with pytest.raises(ValueError, match="leave no layer"):
