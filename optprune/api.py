@@ -125,8 +125,12 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
         info.update(export.save_model(model, out, tokenizer, format=format,
                                       dtype=export.resolve_dtype(dtype, src_dtype), layers=layers))
     else:
-        info = _save(model, tokenizer, Path(out), get_arch(model), spec, save_format=format,
-                     dtype=export.resolve_dtype(dtype, src_dtype), layers=layers, pattern=cfg.get("pattern"))
+        target = export.resolve_dtype(dtype, src_dtype)
+        if structured and target != next(model.parameters()).dtype:
+            import copy
+            model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
+        info = _save(model, tokenizer, Path(out), get_arch(model), spec, save_format=format, dtype=target,
+                     layers=layers, pattern=cfg.get("pattern"))
     if record is not None:
         rec = dict(record, saved=info)
         rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype)

@@ -161,3 +161,23 @@ def test_save_is_a_separate_call_and_reloads(loaded, tmp_path):
     saved = json.loads((out / "run.json").read_text())
     assert saved["config"]["pattern"] == "2:4" and saved["saved"]["save_format"] == "dense"
     assert len(saved["layers"]) == 35
+
+
+def test_save_of_a_structured_model_goes_through_surgery(loaded, tmp_path):
+    model, tok = loaded
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    m, rec = optprune.prune(copy.deepcopy(model), tok, method="spap", sparsity=0.25, structure="mlp", dataset=ids,
+                            progress=False)
+    out = tmp_path / "shrunk"
+    info = optprune.save(m, out, dtype="bfloat16")
+    assert next(m.parameters()).dtype == torch.float32  # the caller's model is not converted
+    assert info["format"] == "optprune-shrunk" and info["dtype"] == "bfloat16"
+    from optprune.llm_adapters.loading import load_model
+    back, _, _ = load_model(str(out), dtype=torch.bfloat16)
+    assert back.model.layers[0].mlp.down_proj.weight.shape == m.model.layers[0].mlp.down_proj.weight.shape
+    assert back.model.layers[0].mlp.down_proj.weight.shape[1] < model.model.layers[0].mlp.down_proj.weight.shape[1]
+    mine = {k: v.to(torch.bfloat16) for k, v in m.named_parameters()}
+    theirs = dict(back.named_parameters())
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(ValueError, match="structured"):
+        optprune.save(m, tmp_path / "c", format="compressed")
