@@ -498,7 +498,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         except ModuleNotFoundError as e:
             raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
     for note in (s.get("calibration_note"), s.get("eval_note") if evaluate else None):
-        if note and verbose:
+        if note:
             log.warning(note)
 
     if activation_dtype is not None and not low_memory:
@@ -730,7 +730,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     if not s["eval_datasets"] and not reference and not task_list:
         raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
-    if s.get("eval_note") and verbose:
+    if s.get("eval_note"):
         log.warning(s["eval_note"])
     out_file = None
     if output is not None:

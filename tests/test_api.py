@@ -181,3 +181,45 @@ def test_save_of_a_structured_model_goes_through_surgery(loaded, tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     with pytest.raises(ValueError, match="structured"):
         optprune.save(m, tmp_path / "c", format="compressed")
+
+
+def _subparser(name):
+    import argparse
+    from optprune.cli import build_parser
+    ap = build_parser()
+    return next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def test_cli_and_api_use_the_same_names_and_every_option_has_help_and_a_default():
+    cli = {a.dest for a in _subparser("prune")._actions if a.option_strings} - {"help"}
+    api = set(inspect.signature(optprune.prune).parameters)
+    api_only = {"tokenizer", "text_column", "progress", "damp", "batch_size",  # objects / fine-tuning knobs
+                "method_options"}  # the CLI's -O/--method-opt KEY=VALUE
+    cli_only = {"output", "save_format", "dtype", "config", "replay", "low_memory", "activation_dtype", "method_opt",
+                "reference", "log_level"}  # saving is optprune.save; method_opt is method_options
+    assert api - api_only <= cli, api - api_only - cli
+    assert cli - cli_only <= api, cli - cli_only - api
+    assert {"format", "dtype"} <= set(inspect.signature(optprune.save).parameters)
+    for name in ("prune", "eval", "verify", "analyze"):
+        p = _subparser(name)
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            text = p.formatter_class("x")._get_help_string(a)
+            assert a.help, (name, a.dest)
+            assert ("default" in text.lower() or "required" in text.lower() or a.required
+                    or a.dest == "log_level"), (name, a.dest, text)
+
+
+def test_quiet_hides_the_summary_and_notes_but_not_errors(stories_dir, tmp_path, capsys):
+    from optprune.cli import main
+    ids = tmp_path / "t.txt"
+    ids.write_text(" ".join(TEXTS * 3))
+    args = ["prune", "--model", str(stories_dir), "--method", "magnitude", "--dataset", str(ids), "--nsamples", "2",
+            "--seqlen", "16", "--no-eval"]
+    assert main(args) == 0
+    assert "optprune prune: magnitude" in capsys.readouterr().out
+    assert main(["-q", *args]) == 0 and main([*args, "-q"]) == 0
+    assert "optprune prune" not in capsys.readouterr().out
+    assert main([*args, "-q", "--sparsity", "1.5"]) == 2
+    assert "error" in capsys.readouterr().err
