@@ -19,13 +19,20 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["lm_eval_available", "run_tasks", "check_tasks", "LMEvalError"]
+__all__ = ["lm_eval_available", "run_tasks", "check_tasks", "LMEvalError", "LMEvalMissing"]
 
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class LMEvalError(ValueError):
-    """lm-eval missing or asked for an unknown task (one line)."""
+    """An unknown task or include path (one line)."""
+
+
+class LMEvalMissing(ImportError):
+    """lm-evaluation-harness is not installed."""
+
+
+_MISSING = "--tasks needs lm-evaluation-harness: pip install lm-eval (or 'optprune[eval]')"
 
 
 def lm_eval_available() -> bool:
@@ -101,7 +108,7 @@ def _include(include_path) -> Optional[Path]:
 def check_tasks(tasks: Sequence[str], include_path=None) -> None:
     """Fail before any model is loaded when lm-eval is missing or a task is unknown."""
     if not lm_eval_available():
-        raise LMEvalError("--tasks needs lm-evaluation-harness: pip install 'optprune[eval]'")
+        raise LMEvalMissing(_MISSING)
     with _offline_switches(True):  # the task index is local files: no network needed to list it
         _task_manager([str(t) for t in tasks], _include(include_path))
 
@@ -110,7 +117,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path=None, limi
               batch_size: int = 8, device=None, offline: Optional[bool] = None) -> dict:
     """``{task: {metric: value}}`` for the numeric metrics lm-eval reports (module doc)."""
     if not lm_eval_available():
-        raise LMEvalError("--tasks needs lm-evaluation-harness: pip install 'optprune[eval]'")
+        raise LMEvalMissing(_MISSING)
     tasks = [str(t) for t in tasks]
     inc = _include(include_path)
     if offline is None:

@@ -76,3 +76,14 @@ def test_unknown_task_is_a_one_line_error(stories_dir, task_dir, capsys):
                "--eval", ""])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "unknown lm-eval task(s) no_such_task" in err[0]
+
+
+def test_without_lm_eval_the_error_names_the_install(stories_dir, monkeypatch, capsys):
+    from optprune.llm_adapters import lm_eval_tasks
+    from optprune.llm_adapters.evaluation import zero_shot
+    monkeypatch.setattr(lm_eval_tasks, "lm_eval_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        zero_shot(None, None, ["hellaswag"])
+    rc = main(["eval", "--model", str(stories_dir), "--tasks", "hellaswag", "--eval", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pip install lm-eval" in err[0]
