@@ -25,6 +25,7 @@ protocol as ``"<name>+custom"`` and lists the overrides.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -251,18 +252,6 @@ def _default_device(device) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_output(output) -> Optional[Path]:
-    if output is None:
-        return None
-    out = Path(str(output)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
-        raise RunError(f"--output {out} is a non-empty directory that is not an optprune output; "
-                       f"choose a new or empty directory")
-    return out
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -398,8 +387,9 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
 
 
 # ============================================================================================ prune
-def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", min_degree: Optional[int] = None,
-          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: str = "mlp",
+def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
+          min_degree: Optional[int] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
+          structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
           protocol: Optional[str] = None, nproc: int = 1, method_options: Optional[dict] = None,
@@ -408,7 +398,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          _cli: bool = False):
+          overwrite: bool = False, checkpoint_dir=None, resume: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -418,7 +408,12 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     ``kl`` (CLI ``--no-kl`` turns it off): with ``evaluate``, keep a CPU copy of the dense model and report
     KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``)
-    — the quality measure that needs no data."""
+    — the quality measure that needs no data.
+
+    Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
+    existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
+    ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -426,6 +421,17 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     from .pipeline import PruneConfig, pattern_kind, prune_model, validate_config
 
     spec = get_method(method)
+    from . import preflight
+    from .checkpoint import atomic_output
+    pf = preflight.check_prune(
+        model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, sparsity_given=sparsity is not None,
+        pattern=pattern, pattern_given=pattern is not None and str(pattern).strip().lower() != "unstructured",
+        structure=structure or "mlp", structure_given=structure is not None, min_degree=min_degree,
+        allocation=allocation, allocation_eps=allocation_eps, evaluate=evaluate, data_dir=data_dir,
+        eval_options={"--eval": eval_datasets, "--eval-seqlen": eval_seqlen, "--eval-windows": eval_windows},
+        output=output, overwrite=overwrite, reference=reference, resume=resume, checkpoint_dir=checkpoint_dir,
+        low_memory=low_memory)
+    sparsity, structure = pf["sparsity"], structure or "mlp"
     sparsity = check_sparsity(sparsity)
     if not spec.structured:
         pat = parse_pattern(pattern, sparsity, min_degree=min_degree)
@@ -462,12 +468,19 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if allocation_eps is not None and not (0 <= float(allocation_eps) < 1):
         raise RunError(f"--allocation-eps must be in [0, 1), got {allocation_eps}")
     dev = _default_device(device)
-    out_dir = _check_output(output)
+    out_dir = pf["out_dir"]
     if reference:
         _check_reference_hook()
     s = resolve_settings(model, protocol=protocol, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                          seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
                          data_dir=data_dir, need_calibration=True, need_eval=bool(evaluate))
+    ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
+        out_dir, checkpoint_dir, resume, single=world_for(nproc) == 1 and not low_memory, settings=dict(
+            model=str(model), method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+            allocation=alloc, allocation_eps=allocation_eps, structure=structure, mode=mode,
+            error_correction=bool(error_correction), refit=bool(refit), method_options=method_options, damp=damp,
+            batch_size=batch_size, device=dev, **{k: s.get(k) for k in ("calibration", "calibration_path",
+                                                                        "nsamples", "seqlen", "seed")}))
     if s["calibration"] == "self":
         try:
             from .selfcalib import self_calibration
@@ -481,20 +494,23 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         raise RunError("--activation-dtype applies to --low-memory only")
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
-        return prune_low_memory(
-            model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
-            allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
-            method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
-            output=out_dir, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
-            activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
-            t_total=t_total)
+        staged = atomic_output(out_dir, overwrite=overwrite) if out_dir is not None and world_for(nproc) == 1 \
+            else contextlib.nullcontext(out_dir)  # atomic output: written beside the target, renamed at the end
+        with staged as lm_out:
+            return prune_low_memory(
+                model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+                allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
+                method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
+                output=lm_out, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
+                activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
+                t_total=t_total)
 
     # ---------------------------------------------------------------- 2. model; architecture and shapes
     from .architectures import get_arch
     from .loading import load_model
     timings = {}
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir)
+    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir)
     timings["load_s"] = time.perf_counter() - t0
     arch = get_arch(mdl)
     _clip_to_context(s, mdl)
@@ -529,12 +545,17 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         timings["eval_dense_s"] = time.perf_counter() - t0
         mdl.to("cpu")
     t0 = time.perf_counter()
-    if s["calibration"] == "self":  # sequences sampled from the dense model itself
+    if s["calibration"] == "self" and ck is not None and ck.calib is not None:  # resumed: saved sequences
+        calib, calib_info = ck.calib, ck.calib_info
+    elif s["calibration"] == "self":  # sequences sampled from the dense model itself
         info: dict = {}
         mdl.to(dev)
-        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress)
+        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress,
+                                 done_rows=ck and ck.calib_rows, on_batch=ck and ck.save_calib_rows)
         mdl.to("cpu")
         calib_info = info
+        if ck is not None:
+            ck.save_calib(calib, info)
     else:
         calib, calib_info = D.calibration_tokens(tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
                                                  seed=s["seed"], data_dir=data_dir, return_info=True)
@@ -555,7 +576,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         import copy
         dense_copy = copy.deepcopy(mdl).to("cpu")
     from .distributed import prune_model_parallel  # one process, --nproc N workers, or torchrun ranks
-    res = prune_model_parallel(mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
+    res = (ck.run_pipeline if ck is not None else _call)(  # checkpoints after every block; resumes
+        prune_model_parallel, mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
     if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
         return None
     timings["prune_s"] = res.get("time_s")
@@ -595,24 +617,33 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                   device=dev, progress=progress))
         timings["divergence_s"] = time.perf_counter() - t0
     record["protocol"] = _protocol_record(s)
-    if out_dir is not None:
-        t0 = time.perf_counter()
-        record["saved"] = _save(mdl, tok, out_dir, arch, spec)
-        timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_total
-    record["timings"] = timings
-    record["peak_rss_mb"] = _peak_rss_mb()
-    if res.get("peak_cuda_mb") is not None:
-        record["peak_cuda_mb"] = res["peak_cuda_mb"]
-    record["status"] = "done"
-    record = _jsonable(record)
-    if out_dir is not None:
-        (out_dir / RUN_FILE).write_text(json.dumps(record, indent=1))
+    # written into a folder beside the target, renamed into place at the end (an interrupted save leaves
+    # the target as it was)
+    with (atomic_output(out_dir, overwrite=overwrite) if out_dir is not None else contextlib.nullcontext()) as stage:
+        if out_dir is not None:
+            t0 = time.perf_counter()
+            record["saved"] = {**_save(mdl, tok, stage, arch, spec), "path": str(out_dir.resolve())}
+            timings["save_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_total
+        record["timings"] = timings
+        record["peak_rss_mb"] = _peak_rss_mb()
+        if res.get("peak_cuda_mb") is not None:
+            record["peak_cuda_mb"] = res["peak_cuda_mb"]
+        record["status"] = "done"
+        record = _jsonable(record)
+        if out_dir is not None:
+            (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
+    if ck is not None:
+        ck.remove()
     if verbose:
         _print_prune_summary(record, out_dir)
     if return_model:
         return mdl, tok, record
     return record
+
+
+def _call(fn, *a, **kw):
+    return fn(*a, **kw)
 
 
 def _save(model, tok, out_dir: Path, arch, spec) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _kv(items):
@@ -46,12 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model layer by layer and save it")
     p.add_argument("--model", required=True, help="built-in name (stories260k, smollm2-135m), HF dir, hub id, or .gguf")
     p.add_argument("--method", required=True, help="magnitude, wanda, sparsegpt, ria, refit, fista, spap, eggs, ...")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed (default 0.5; N:M: 1 − N/M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
     p.add_argument("--min-degree", type=int, default=None, help="expander N:M: keep ≥ B entries per column per tile")
     p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
     p.add_argument("--allocation-eps", type=float, default=None, help="alpha/owl: sparsities in [S(1-ε), S(1+ε)]")
-    p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--structure", default=None, help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--low-memory: dtype of the stored calibration activations (default: the model's)")
     p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing optprune output in --output (atomically, once the new one is complete)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint after every block here (default: .<output>.optprune-checkpoint beside --output; "
+                        "kept when a run is interrupted, deleted when it completes)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
     p.add_argument("--no-kl", dest="kl", action="store_false",
                    help="skip the data-free KL/top-1 against the dense model (held-out self-generated text)")
@@ -100,21 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from . import api
+def _interrupted(args, code: int) -> int:
+    """One line: what stopped the run and how to continue it."""
+    from .llm_adapters.checkpoint import default_checkpoint_dir
+    ck = getattr(args, "checkpoint_dir", None) or (default_checkpoint_dir(Path(args.output))
+                                                   if getattr(args, "output", None) else None)
+    if args.command == "prune" and ck and Path(ck, "manifest.json").is_file():
+        hint = f"checkpoint kept in {ck}; run the same command with --resume to continue"
+    else:
+        hint = "the output was not touched; run the command again to start over"
+    print(f"optprune {args.command}: interrupted ({ {130: 'SIGINT', 143: 'SIGTERM'}.get(code, code) }); {hint}",
+          file=sys.stderr)
+    return code
 
-    kw = {k: v for k, v in vars(args).items() if k != "command"}
-    if "method_opt" in kw:
-        kw["method_options"] = _kv(kw.pop("method_opt"))
-    fn = {"prune": api.prune, "eval": api.evaluate, "verify": api.verify, "analyze": api.analyze}[args.command]
+
+def main(argv=None) -> int:
+    try:  # Ctrl-C / SIGTERM from here on stop the run cleanly (exit 130 / 143), never swallowed
+        from .llm_adapters.checkpoint import Interrupted, install_signal_handlers, interrupted_signal
+        install_signal_handlers()
+    except ImportError:  # pragma: no cover - without the LLM extras
+        Interrupted, interrupted_signal = KeyboardInterrupt, (lambda: None)
+    import signal
     try:
-        fn(**kw, _cli=True)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        # bad input: one line naming the problem, nothing changed
-        print(f"optprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        args = build_parser().parse_args(argv)
+        from . import api
+
+        kw = {k: v for k, v in vars(args).items() if k != "command"}
+        if "method_opt" in kw:
+            kw["method_options"] = _kv(kw.pop("method_opt"))
+        fn = {"prune": api.prune, "eval": api.evaluate, "verify": api.verify, "analyze": api.analyze}[args.command]
+        try:
+            fn(**kw, _cli=True)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+            if interrupted_signal() is not None:  # a library turned the signal into an error: still an interruption
+                return _interrupted(args, 128 + interrupted_signal())
+            # bad input: one line naming the problem, nothing changed
+            print(f"optprune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            return _interrupted(args, e.exit_code)
+        except KeyboardInterrupt:
+            return _interrupted(args, 130)
+        if interrupted_signal() is not None:  # caught and dropped by a library: still stop
+            return _interrupted(args, 128 + interrupted_signal())
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":
