@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 __all__ = ["Checkpoint", "Interrupted", "atomic_output", "default_checkpoint_dir", "install_signal_handlers",
            "raise_if_interrupted", "interrupted_signal", "CheckpointError", "run_key"]
 
@@ -209,6 +207,7 @@ class Checkpoint:
 
     @staticmethod
     def _load(f: Path):
+        import torch
         try:
             return torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - a file cut short by a crash
@@ -225,6 +224,7 @@ class Checkpoint:
         os.replace(tmp, self.path / MANIFEST)
 
     def _save(self, obj, name: str) -> Path:
+        import torch
         self.path.mkdir(parents=True, exist_ok=True)
         f = self.path / name
         tmp = self.path / f"{name}.tmp"
@@ -232,7 +232,7 @@ class Checkpoint:
         os.replace(tmp, f)
         return f
 
-    def save_calib_rows(self, rows, ids: torch.Tensor) -> None:
+    def save_calib_rows(self, rows, ids) -> None:
         """Self-generated calibration: sequences ``rows`` just produced."""
         for i, r in enumerate(rows):
             self.calib_rows[int(r)] = ids[i].clone()
@@ -240,7 +240,7 @@ class Checkpoint:
         self._write_manifest()
         raise_if_interrupted()
 
-    def save_calib(self, ids: torch.Tensor, info: Optional[dict] = None) -> None:
+    def save_calib(self, ids, info: Optional[dict] = None) -> None:
         self.calib, self.calib_info = ids, dict(info or {})
         self._save({"ids": ids, "info": self.calib_info}, "calib.pt")
         (self.path / "calib_partial.pt").unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-__all__ = ["PreflightError", "check_prune", "check_output", "check_model_source", "check_data_dir",
+__all__ = ["PreflightError", "check_prune", "check_output", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
            "model_metadata", "RUN_FILE"]
 
 RUN_FILE = "run.json"
@@ -150,53 +150,106 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     return {"config": cfg, "bytes": nbytes, "path": d}
 
 
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_header(buf, size: int) -> tuple[dict, list, int]:
+    """(metadata, tensor infos [(name, dims, type, offset)], data start) of a GGUF file in ``buf`` (a memory
+    map); raises ``ValueError`` on anything out of bounds. Arrays other than numbers are skipped."""
+    pos = 4
+
+    def take(fmt):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise ValueError(f"header runs past the end of the file at byte {pos}")
+        v = struct.unpack_from(fmt, buf, pos)[0]
+        pos += n
+        return v
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        if pos + n > size:
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+        v = bytes(buf[pos:pos + n])
+        pos += n
+        return v
+
+    def value(t):
+        nonlocal pos
+        if t in _GGUF_SCALAR:
+            return take(_GGUF_SCALAR[t])
+        if t == 8:
+            return string().decode("utf-8", "replace")
+        if t == 9:
+            et, n = take("<I"), take("<Q")
+            if et in _GGUF_SCALAR:
+                w = struct.calcsize(_GGUF_SCALAR[et])
+                if pos + n * w > size:
+                    raise ValueError("an array runs past the end of the file")
+                pos += n * w
+            else:
+                for _ in range(n):
+                    value(et)
+            return None
+        raise ValueError(f"unknown metadata type {t}")
+
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = string().decode("utf-8", "replace")
+        meta[key] = value(take("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = string().decode("utf-8", "replace")
+        nd = take("<I")
+        dims = [take("<Q") for _ in range(nd)]
+        tensors.append((name, dims, take("<I"), take("<Q")))
+    align = int(meta.get("general.alignment") or 32)
+    return meta, tensors, (pos + align - 1) // align * align
+
+
 def _check_gguf(f: Path) -> dict:
     """The GGUF header readable and every tensor inside the file; the model config keys from its metadata."""
+    import mmap
     try:
         size = f.stat().st_size
         with open(f, "rb") as fh:
-            magic = fh.read(4)
+            if fh.read(4) != b"GGUF":
+                raise PreflightError(f"{f}: not a GGUF file (bad magic number)")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                meta, tensors, start = _gguf_header(buf, size)
     except OSError as e:
         raise PreflightError(f"{f}: cannot be read ({e.strerror or e})") from None
-    if magic != b"GGUF":
-        raise PreflightError(f"{f}: not a GGUF file (bad magic {magic!r})")
+    except (ValueError, struct.error) as e:
+        raise PreflightError(f"{f}: damaged or truncated GGUF file ({e})") from None
     try:
-        from gguf import GGUFReader
-    except ImportError:  # the loader needs it anyway and says so
-        return {"config": None, "bytes": size, "path": f}
-    try:
-        r = GGUFReader(str(f))
-    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PreflightError(f"{f}: damaged or truncated GGUF file ({msg})") from None
-    end = 0
-    for t in r.tensors:
-        end = max(end, int(t.data_offset) + int(t.n_bytes))
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:  # the loader needs gguf anyway and says so
+        GGML_QUANT_SIZES = {}
+    end, nparams = start, 0
+    for name, dims, qtype, off in tensors:
+        n = math.prod(dims)
+        nparams += n
+        bs = GGML_QUANT_SIZES.get(qtype)
+        if bs is not None:
+            end = max(end, start + off + n // bs[0] * bs[1])
     if end > size:
         raise PreflightError(f"{f}: truncated GGUF file ({size} bytes, its tensors need {end})")
-
-    def val(key):
-        fld = r.fields.get(key)
-        if fld is None or not fld.data:
-            return None
-        v = fld.parts[fld.data[0]]
-        try:
-            return bytes(v).decode("utf-8") if fld.types and fld.types[0].name == "STRING" else v.tolist()[0]
-        except Exception:  # noqa: BLE001
-            return None
-
-    arch = val("general.architecture")
+    arch = meta.get("general.architecture")
     cfg = None
     if arch:
-        cfg = {"model_type": arch, "hidden_size": val(f"{arch}.embedding_length"),
-               "intermediate_size": val(f"{arch}.feed_forward_length"),
-               "num_attention_heads": val(f"{arch}.attention.head_count"),
-               "num_key_value_heads": val(f"{arch}.attention.head_count_kv"),
-               "num_hidden_layers": val(f"{arch}.block_count")}
+        cfg = {"model_type": arch, "hidden_size": meta.get(f"{arch}.embedding_length"),
+               "intermediate_size": meta.get(f"{arch}.feed_forward_length"),
+               "num_attention_heads": meta.get(f"{arch}.attention.head_count"),
+               "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv"),
+               "num_hidden_layers": meta.get(f"{arch}.block_count")}
         cfg = {k: v for k, v in cfg.items() if v is not None}
-    # dequantized to float32 on load
-    nparams = sum(int(math.prod(int(x) for x in t.shape)) for t in r.tensors)
-    return {"config": cfg, "bytes": max(size, 4 * nparams), "path": f}
+    return {"config": cfg, "bytes": max(size, 4 * nparams), "path": f}  # dequantized to float32 on load
 
 
 def check_model_source(model, model_dir=None, *, what: str = "--model", tokenizer: bool = True) -> Optional[dict]:
@@ -300,14 +353,22 @@ def check_output(output, *, model=None, model_dir=None, overwrite: bool = False,
         anc = anc.parent
     if not anc.is_dir():
         raise PreflightError(f"--output {out}: {anc} is not a directory")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise PreflightError(f"--output {out}: {anc} is not writable")
+    check_writable(anc, f"--output {out}")
     if need_bytes:
         free = shutil.disk_usage(anc).free
         if free < need_bytes:
             raise PreflightError(f"--output {out}: not enough disk space on {anc} ({free / 2**20:.0f} MiB free, "
                                  f"the output needs about {need_bytes / 2**20:.0f} MiB)")
     return out
+
+
+def check_writable(d: Path, what: str) -> None:
+    """Create and remove a folder in ``d`` (permission bits say nothing for root or read-only mounts)."""
+    import tempfile
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".optprune-probe-", dir=d))
+    except OSError as e:
+        raise PreflightError(f"{what}: {d} is not writable ({e.strerror or e})") from None
 
 
 def check_data_dir(data_dir) -> None:
@@ -455,8 +516,7 @@ def open_checkpoint(out_dir: Optional[Path], checkpoint_dir, resume: bool, *, si
     anc = path.resolve()
     while not anc.exists():
         anc = anc.parent
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise PreflightError(f"--checkpoint-dir {path}: {anc} is not writable")
+    check_writable(anc, f"--checkpoint-dir {path}")
     try:
         return Checkpoint(path, settings, resume=resume, explicit=explicit)
     except CheckpointError as e:

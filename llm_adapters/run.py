@@ -681,8 +681,12 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
+    from . import preflight  # files and folders, before any weight is read
+    preflight.check_data_dir(data_dir)
+    preflight.check_model_source(model, model_dir)
     if reference:
         _check_reference_hook()
+        preflight.check_model_source(reference, model_dir, what="--reference")
     task_list = _split_list(tasks) if tasks else None
     if task_list and not lm_eval_available():
         raise RunError("zero-shot tasks need lm-eval: pip install lm-eval (and its task data cached offline)")
@@ -699,9 +703,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         out_file = o / "eval.json" if o.is_dir() else o
         if not out_file.parent.exists():
             raise RunError(f"--output: the folder {out_file.parent} does not exist")
+        preflight.check_writable(out_file.parent, f"--output {out_file}")
     from .loading import load_model
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir, device=dev)
+    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
     timings = {"load_s": time.perf_counter() - t0}
     _clip_to_context(s, mdl, need_calibration=False)
     record = {"command": "eval", "model": meta, "versions": _versions(), "machine": _machine(dev)}
@@ -726,8 +731,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     record["timings"] = timings
     record["peak_rss_mb"] = _peak_rss_mb()
     record = _jsonable(record)
-    if out_file is not None:
-        out_file.write_text(json.dumps(record, indent=1))
+    if out_file is not None:  # whole or not at all
+        tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out_file)
     if verbose:
         _print_eval_summary(record, out_file)
     return record
