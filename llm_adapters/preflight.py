@@ -111,6 +111,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     index = d / "model.safetensors.index.json"
     single = d / "model.safetensors"
     nbytes = 0
+    headers: dict = {}  # tensor name -> (file, shape)
     if index.is_file():
         wm = _read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
@@ -123,13 +124,15 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             if not p.is_file():
                 raise PreflightError(f"{p}: shard listed in {index.name} is missing")
             hdr = _safetensors_header(p)
+            headers.update({k: (p, v["shape"]) for k, v in hdr.items() if k != "__metadata__"})
             absent = [t for t in names if t not in hdr]
             if absent:
                 raise PreflightError(f"{p}: does not hold {absent[0]!r} that {index.name} places there "
                                      f"(shard from another model?)")
             nbytes += p.stat().st_size
     elif single.is_file():
-        _safetensors_header(single)
+        hdr = _safetensors_header(single)
+        headers.update({k: (single, v["shape"]) for k, v in hdr.items() if k != "__metadata__"})
         nbytes = single.stat().st_size
     else:
         bins = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
@@ -137,8 +140,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             raise PreflightError(f"{d}: config.json but no weights (model.safetensors, an index, or *.bin)")
         nbytes = sum(p.stat().st_size for p in bins)
     widths = d / "optprune_widths.json"
-    if widths.is_file():
-        _read_json(widths)
+    shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable")
     if tokenizer:
         if not any((d / t).is_file() for t in _TOKENIZER_FILES):
             raise PreflightError(f"{d}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...)")
@@ -147,7 +149,30 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             _read_json(tc)
         if (d / "tokenizer.json").is_file():
             _read_json(d / "tokenizer.json")
+    if headers and not shrunk:
+        _check_tensor_shapes(d, headers)
     return {"config": cfg, "bytes": nbytes, "path": d}
+
+
+def _check_tensor_shapes(d: Path, headers: dict) -> None:
+    """Every stored tensor has the shape the config gives it (a model built on the meta device: no memory)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:  # pragma: no cover - the loader says what is missing
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build a model from
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise PreflightError(f"{d / 'config.json'}: {lines[0] if lines else type(e).__name__}") from None
+    expected = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    for name, (f, shape) in headers.items():
+        if name in expected and tuple(shape) != expected[name]:
+            raise PreflightError(f"{f}: tensor {name!r} has shape {tuple(shape)}, config.json gives "
+                                 f"{expected[name]} (weights of another model?)")
 
 
 _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
