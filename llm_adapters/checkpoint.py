@@ -23,7 +23,8 @@ CPU a resumed run is bit-identical to an uninterrupted one.
 it (:func:`raise_if_interrupted` runs at every checkpoint).
 
 Test hook: ``OPTPRUNE_TEST_INTERRUPT=block:K`` sends the process SIGINT once block ``K``'s checkpoint is saved,
-``save`` once the model files are written into the temporary output (``…:TERM`` sends SIGTERM).
+``calibration`` once a batch of self-generated calibration is saved, ``save`` once the model files are written
+into the temporary output (``…:TERM`` sends SIGTERM instead).
 """
 from __future__ import annotations
 
@@ -238,6 +239,7 @@ class Checkpoint:
             self.calib_rows[int(r)] = ids[i].clone()
         self._save({"rows": self.calib_rows}, "calib_partial.pt")
         self._write_manifest()
+        _test_hook("calibration")
         raise_if_interrupted()
 
     def save_calib(self, ids, info: Optional[dict] = None) -> None:
