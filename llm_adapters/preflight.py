@@ -140,7 +140,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             raise PreflightError(f"{d}: config.json but no weights (model.safetensors, an index, or *.bin)")
         nbytes = sum(p.stat().st_size for p in bins)
     widths = d / "optprune_widths.json"
-    shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable")
+    shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable") and stale_widths(d) is None
     if tokenizer:
         if not any((d / t).is_file() for t in _TOKENIZER_FILES):
             raise PreflightError(f"{d}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...)")
@@ -152,6 +152,46 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     if headers and not shrunk:
         _check_tensor_shapes(d, headers)
     return {"config": cfg, "bytes": nbytes, "path": d}
+
+
+def _stored_shapes(d: Path) -> dict:
+    """tensor name -> shape, from the safetensors headers of a model folder."""
+    index, single = d / "model.safetensors.index.json", d / "model.safetensors"
+    files = [single] if single.is_file() else \
+        [d / f for f in sorted(set((_read_json(index).get("weight_map") or {}).values()))] if index.is_file() else []
+    out = {}
+    for f in files:
+        out.update({k: v["shape"] for k, v in _safetensors_header(f).items() if k != "__metadata__"})
+    return out
+
+
+def stale_widths(d: Path) -> Optional[str]:
+    """Why the folder's ``optprune_widths.json`` does not describe its weights (left over from an earlier
+    structured output), or None when it does (or there is none)."""
+    from .architectures import UnknownArchitectureError, get_arch
+    wf = Path(d) / "optprune_widths.json"
+    if not wf.is_file():
+        return None
+    rec, cfg = _read_json(wf), _read_json(Path(d) / "config.json")
+    try:
+        arch = get_arch(SimpleNamespace(model_type=cfg.get("model_type")))
+    except UnknownArchitectureError:
+        return None
+    shapes = _stored_shapes(Path(d))
+    for i, r in enumerate(rec.get("layers") or []):
+        checks = []
+        if "mlp" in r and arch.mlp is not None:
+            checks.append((arch.mlp.down, int(r["mlp"]), "MLP channels"))
+        if "heads" in r and arch.heads is not None and not arch.heads.fused_qkv:
+            checks.append((arch.heads.o, int(r["heads"]) * int(r["head_dim"]), "attention columns"))
+        for sub, width, what in checks:
+            shp = shapes.get(f"{arch.blocks}.{i}.{sub}.weight")
+            if shp is None or len(shp) != 2:
+                continue
+            n_in = shp[0] if sub in arch.transposed else shp[1]
+            if n_in != width:
+                return f"block {i} is recorded with {width} {what}, the stored {sub} has {n_in}"
+    return None
 
 
 def _check_tensor_shapes(d: Path, headers: dict) -> None:

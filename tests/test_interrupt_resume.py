@@ -124,3 +124,21 @@ def test_resume_with_other_settings_is_refused(stories_dir, tmp_path, cache, mon
     err = capfd.readouterr().err
     assert "other settings" in err and "sparsity" in err
     assert not out.exists()
+
+
+def test_overwrite_replaces_the_whole_folder_and_a_stale_widths_file_is_ignored(stories_dir, tmp_path, cache):
+    out = tmp_path / "out"
+    assert main(_argv(stories_dir, out, "spap", ("--sparsity", "0.3"))) == 0  # a structured output
+    widths = json.loads((out / "optprune_widths.json").read_text())
+    assert widths["layers"][0]["mlp"] < 172
+    (out / "extra-from-before.txt").write_text("x")
+    assert main(_argv(stories_dir, out, "wanda", ("--overwrite",))) == 0
+    assert not (out / "optprune_widths.json").exists() and not (out / "extra-from-before.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if "optprune-" in p.name]  # no temporary or old folder left
+    # a folder where an earlier structured run's widths file was left next to plain weights re-prunes fine
+    (out / "optprune_widths.json").write_text(json.dumps({**widths, "stock_loadable": False}))
+    again = tmp_path / "again"
+    argv = _argv(stories_dir, again, "magnitude")
+    argv[argv.index("--model") + 1] = str(out)
+    assert main(argv) == 0
+    assert _weights(again)["model.layers.0.mlp.down_proj.weight"].shape[1] == 172
