@@ -130,7 +130,8 @@ def atomic_output(out: Path, *, overwrite: bool = False):
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     """rename ``tmp`` → ``out``; an existing ``out`` is renamed aside first and deleted after. Signals are held
-    back during the two renames so that the target is never missing."""
+    back meanwhile so that the target is never missing; one that arrives then finds the run complete and is
+    dropped."""
     old = None
     mask = {signal.SIGINT, signal.SIGTERM}
     prev = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
@@ -145,10 +146,12 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
                 old = _sibling(out, f"old-{os.getpid()}")
                 os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        while signal.sigtimedwait(mask, 0) is not None:  # too late to stop: the output is complete
+            pass
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, prev)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ============================================================================================ checkpoints

@@ -137,7 +137,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     else:
         bins = sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
         if not bins:
-            raise PreflightError(f"{d}: config.json but no weights (model.safetensors, an index, or *.bin)")
+            raise PreflightError(f"{d}: config.json but no weights (no model.safetensors, no index, no *.bin)")
         nbytes = sum(p.stat().st_size for p in bins)
     widths = d / "optprune_widths.json"
     shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable") and stale_widths(d) is None
