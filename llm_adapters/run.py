@@ -444,6 +444,7 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     if method_options is not None and not isinstance(method_options, dict):
         raise RunError("method_options must be a dict of method option → value")
     method_options = dict(method_options or {})
+    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     try:
         nproc = int(nproc or 1)

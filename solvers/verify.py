@@ -24,7 +24,7 @@ Each row: instance, inputs, model, backend, objective, relative gap to the refer
 * refits: the refit never increases the error of the mask it refits.
 
 A backend that is absent or cannot take a model (Gurobi's size-limited licence) gives a ``skipped`` row with
-the reason. ``quick=True`` is the < 1 minute set (measured in docs/notes/issue-2.md).
+the reason. ``quick=True`` is the < 1 minute set.
 """
 from __future__ import annotations
 
