@@ -529,8 +529,6 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
             if sparsity_given and abs(float(sparsity) - (1 - pat.N / pat.M)) > 1e-9:
                 raise PreflightError(f"--sparsity {sparsity} contradicts --pattern {pattern} (N:M fixes the "
                                      f"sparsity at {1 - pat.N / pat.M:g}); drop --sparsity")
-        elif min_degree is not None:
-            raise PreflightError(f"--min-degree applies to N:M patterns, not --pattern {pattern}")
     if allocation_eps is not None and (allocation or "uniform").strip().lower() == "uniform":
         raise PreflightError("--allocation-eps applies to --allocation alpha/owl, not uniform")
     if not evaluate:

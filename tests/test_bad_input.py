@@ -76,7 +76,7 @@ CASES = [
     ("structured-with-pattern", {"--method": "spap", "--pattern": "2:4"}, None, "structured method"),
     ("structure-with-unstructured", {"--structure": "heads"}, None, "applies to structured"),
     ("nm-with-other-sparsity", {"--pattern": "2:4", "--sparsity": "0.7"}, None, "contradicts"),
-    ("min-degree-without-nm", {"--min-degree": "2"}, None, "--min-degree"),
+    ("min-degree-without-nm", {"--min-degree": "2"}, None, "min_degree does not apply"),
     ("min-degree-structured", {"--method": "spap", "--min-degree": "2"}, None, "--min-degree"),
     ("allocation-eps-uniform", {"--allocation-eps": "0.1"}, None, "--allocation-eps"),
     ("eval-with-no-eval", {"--eval": "wikitext2"}, None, "--no-eval"),
