@@ -142,3 +142,26 @@ def test_overwrite_replaces_the_whole_folder_and_a_stale_widths_file_is_ignored(
     argv[argv.index("--model") + 1] = str(out)
     assert main(argv) == 0
     assert _weights(again)["model.layers.0.mlp.down_proj.weight"].shape[1] == 172
+
+
+def test_ctrl_c_swallowed_by_a_library_still_stops_the_run(stories_dir, tmp_path, cache, monkeypatch, capfd):
+    """a SIGINT that some code catches and drops (here: the calibration step) still ends the run with 130 at the
+    next checkpoint, before anything is saved"""
+    import signal
+    from optprune.llm_adapters import selfcalib
+
+    real = selfcalib.self_calibration
+
+    def swallowing(*a, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except BaseException:  # noqa: BLE001 - what a careless library does
+            pass
+        return real(*a, **kw)
+
+    monkeypatch.setattr(selfcalib, "self_calibration", swallowing)
+    out = tmp_path / "out"
+    capfd.readouterr()
+    assert main(_argv(stories_dir, out, "magnitude")) == 130
+    assert "interrupted (SIGINT)" in capfd.readouterr().err
+    assert not out.exists()
