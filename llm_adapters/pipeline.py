@@ -521,8 +521,12 @@ def _needs_full(spec, config: PruneConfig, n: int) -> bool:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True) -> dict:
-    """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc)."""
+def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True,
+                on_block=None) -> dict:
+    """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc).
+
+    ``on_block(i, block, layer_records, block_record)``, when given, is called once block ``i`` is pruned
+    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`)."""
     from ..solvers.baselines import refit_result
     from tqdm.auto import tqdm
 
@@ -598,6 +602,8 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
             inputs.hidden, out = out, inputs.hidden
             blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, "stats_time_s": t_stats,
                                "solve_time_s": t_solve, "forward_time_s": t_fwd})
+            if on_block is not None:
+                on_block(bi, block, [r for r in layers_rec if r.get("block") == bi], blocks_rec[-1])
         bar.close()
     finally:
         for b in blocks_mod:  # on error, leave every block where it was

@@ -25,6 +25,7 @@ protocol as ``"<name>+custom"`` and lists the overrides.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -253,18 +254,6 @@ def _default_device(device) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_output(output) -> Optional[Path]:
-    if output is None:
-        return None
-    out = Path(str(output)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
-        raise RunError(f"--output {out} is a non-empty directory that is not an optprune output; "
-                       f"choose a new or empty directory")
-    return out
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -400,8 +389,9 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
 
 
 # ============================================================================================ prune
-def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", min_degree: Optional[int] = None,
-          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: str = "mlp",
+def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
+          min_degree: Optional[int] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
+          structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
           protocol: Optional[str] = None, nproc: int = 1, method_options: Optional[dict] = None,
@@ -411,7 +401,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
           tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
-          text_column: str = "text", _cli: bool = False):
+          text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
+          _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -426,7 +417,12 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     Deployment (llm_adapters/export.py, targets.py, calib_inputs.py): ``model`` may be a loaded model (pruned in
     place; pass ``tokenizer``), ``calibration`` a list of strings, a ``datasets.Dataset`` (``text_column``) or
     token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | compressed) and
-    ``dtype`` (auto = the input model's) say how ``output`` is written."""
+    ``dtype`` (auto = the input model's) say how ``output`` is written.
+
+    Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
+    existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
+    ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -434,6 +430,17 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     from .pipeline import PruneConfig, pattern_kind, prune_model, validate_config
 
     spec = get_method(method)
+    from . import preflight
+    from .checkpoint import atomic_output
+    pf = preflight.check_prune(
+        model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, sparsity_given=sparsity is not None,
+        pattern=pattern, pattern_given=pattern is not None and str(pattern).strip().lower() != "unstructured",
+        structure=structure or "mlp", structure_given=structure is not None, min_degree=min_degree,
+        allocation=allocation, allocation_eps=allocation_eps, evaluate=evaluate, data_dir=data_dir,
+        eval_options={"--eval": eval_datasets, "--eval-seqlen": eval_seqlen, "--eval-windows": eval_windows},
+        output=output, overwrite=overwrite, reference=reference, resume=resume, checkpoint_dir=checkpoint_dir,
+        low_memory=low_memory)
+    sparsity, structure = pf["sparsity"], structure or "mlp"
     sparsity = check_sparsity(sparsity)
     if not spec.structured:
         pat = parse_pattern(pattern, sparsity, min_degree=min_degree)
@@ -471,7 +478,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if allocation_eps is not None and not (0 <= float(allocation_eps) < 1):
         raise RunError(f"--allocation-eps must be in [0, 1), got {allocation_eps}")
     dev = _default_device(device)
-    out_dir = _check_output(output)
+    out_dir = pf["out_dir"]
     if reference:
         _check_reference_hook()
     from . import export
@@ -493,6 +500,13 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if calib_given is not None:
         s["calibration"] = s["overrides"]["calibration"] = calibration_kind(calib_given)
         s["name"] = s["base"] + "+custom"
+    ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
+        out_dir, checkpoint_dir, resume, single=world_for(nproc) == 1 and not low_memory, settings=dict(
+            model=str(model_label), method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+            allocation=alloc, allocation_eps=allocation_eps, structure=structure, mode=mode,
+            error_correction=bool(error_correction), refit=bool(refit), method_options=method_options, damp=damp,
+            batch_size=batch_size, device=dev, **{k: s.get(k) for k in ("calibration", "calibration_path",
+                                                                        "nsamples", "seqlen", "seed")}))
     if s["calibration"] == "self":
         try:
             from .selfcalib import self_calibration
@@ -506,13 +520,16 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         raise RunError("--activation-dtype applies to --low-memory only")
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
-        return prune_low_memory(
-            model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
-            allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
-            method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
-            output=out_dir, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
-            activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
-            t_total=t_total)
+        staged = atomic_output(out_dir, overwrite=overwrite) if out_dir is not None and world_for(nproc) == 1 \
+            else contextlib.nullcontext(out_dir)  # atomic output: written beside the target, renamed at the end
+        with staged as lm_out:
+            return prune_low_memory(
+                model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+                allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
+                method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
+                output=lm_out, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
+                activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
+                t_total=t_total)
 
     # ---------------------------------------------------------------- 2. model; architecture and shapes
     from .architectures import get_arch
@@ -522,7 +539,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if in_memory:
         mdl, tok, meta = model, tokenizer, _memory_meta(model, model_label)
     else:
-        mdl, tok, meta = load_model(model, model_dir=model_dir)
+        mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir)
         tok = tokenizer if tokenizer is not None else tok
     meta["source_dtype"] = str(export.source_dtype(mdl, None if in_memory else meta)).replace("torch.", "")
     timings["load_s"] = time.perf_counter() - t0
@@ -572,12 +589,17 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
             explicit_seqlen=seqlen, text_column=text_column,
             vocab_size=getattr(mdl.get_input_embeddings(), "num_embeddings", None))
         s["nsamples"], s["seqlen"] = int(calib.shape[0]), int(calib.shape[1])
+    elif s["calibration"] == "self" and ck is not None and ck.calib is not None:  # resumed: saved sequences
+        calib, calib_info = ck.calib, ck.calib_info
     elif s["calibration"] == "self":  # sequences sampled from the dense model itself
         info: dict = {}
         mdl.to(dev)
-        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress)
+        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress,
+                                 done_rows=ck and ck.calib_rows, on_batch=ck and ck.save_calib_rows)
         mdl.to("cpu")
         calib_info = info
+        if ck is not None:
+            ck.save_calib(calib, info)
     else:
         calib, calib_info = D.calibration_tokens(tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
                                                  seed=s["seed"], data_dir=data_dir, return_info=True)
@@ -598,7 +620,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         import copy
         dense_copy = copy.deepcopy(mdl).to("cpu")
     from .distributed import prune_model_parallel  # one process, --nproc N workers, or torchrun ranks
-    res = prune_model_parallel(mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
+    res = (ck.run_pipeline if ck is not None else _call)(  # checkpoints after every block; resumes
+        prune_model_parallel, mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
     if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
         return None
     timings["prune_s"] = res.get("time_s")
@@ -638,26 +661,36 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                   device=dev, progress=progress))
         timings["divergence_s"] = time.perf_counter() - t0
     record["protocol"] = _protocol_record(s)
-    if out_dir is not None:
-        t0 = time.perf_counter()
-        record["saved"] = _save(mdl, tok, out_dir, arch, spec, save_format=save_format,
-                                dtype=export.resolve_dtype(dtype, getattr(torch, meta["source_dtype"])),
-                                layers=[r["name"] for r in record["layers"]], pattern=pattern)
-        timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_total
-    record["timings"] = timings
-    record["peak_rss_mb"] = _peak_rss_mb()
-    if res.get("peak_cuda_mb") is not None:
-        record["peak_cuda_mb"] = res["peak_cuda_mb"]
-    record["status"] = "done"
-    record = _jsonable(record)
-    if out_dir is not None:
-        (out_dir / RUN_FILE).write_text(json.dumps(record, indent=1))
+    # written into a folder beside the target, renamed into place at the end (an interrupted save leaves
+    # the target as it was)
+    with (atomic_output(out_dir, overwrite=overwrite) if out_dir is not None else contextlib.nullcontext()) as stage:
+        if out_dir is not None:
+            t0 = time.perf_counter()
+            record["saved"] = {**_save(mdl, tok, stage, arch, spec, save_format=save_format,
+                                       dtype=export.resolve_dtype(dtype, getattr(torch, meta["source_dtype"])),
+                                       layers=[r["name"] for r in record["layers"]], pattern=pattern),
+                               "path": str(out_dir.resolve())}
+            timings["save_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_total
+        record["timings"] = timings
+        record["peak_rss_mb"] = _peak_rss_mb()
+        if res.get("peak_cuda_mb") is not None:
+            record["peak_cuda_mb"] = res["peak_cuda_mb"]
+        record["status"] = "done"
+        record = _jsonable(record)
+        if out_dir is not None:
+            (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
+    if ck is not None:
+        ck.remove()
     if verbose:
         _print_prune_summary(record, out_dir)
     if return_model:
         return mdl, tok, record
     return record
+
+
+def _call(fn, *a, **kw):
+    return fn(*a, **kw)
 
 
 def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
@@ -715,8 +748,12 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
+    from . import preflight  # files and folders, before any weight is read
+    preflight.check_data_dir(data_dir)
+    preflight.check_model_source(model, model_dir)
     if reference:
         _check_reference_hook()
+        preflight.check_model_source(reference, model_dir, what="--reference")
     task_list = _split_list(tasks) if tasks else None
     if task_list:  # lm-eval installed, every task known: before the model is loaded
         from .lm_eval_tasks import check_tasks
@@ -739,9 +776,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         out_file = o / "eval.json" if o.is_dir() else o
         if not out_file.parent.exists():
             raise RunError(f"--output: the folder {out_file.parent} does not exist")
+        preflight.check_writable(out_file.parent, f"--output {out_file}")
     from .loading import load_model
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir, device=dev)
+    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
     timings = {"load_s": time.perf_counter() - t0}
     _clip_to_context(s, mdl, need_calibration=False)
     record = {"command": "eval", "model": meta, "versions": _versions(), "machine": _machine(dev)}
@@ -766,8 +804,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     record["timings"] = timings
     record["peak_rss_mb"] = _peak_rss_mb()
     record = _jsonable(record)
-    if out_file is not None:
-        out_file.write_text(json.dumps(record, indent=1))
+    if out_file is not None:  # whole or not at all
+        tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out_file)
     if verbose:
         _print_eval_summary(record, out_file)
     return record

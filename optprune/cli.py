@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .catalog import SECTIONS
 
@@ -95,14 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "SparseGPTModifier/WandaPruningModifier; flags given here override it (default: none)")
     p.add_argument("--replay", default=None, metavar="RUN_JSON",
                    help="reproduce the run recorded in this run.json (flags given here override it; default: none)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per layer")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights removed per layer (default: 0.5; N:M: 1 − N/M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
     p.add_argument("--min-degree", type=int, default=None,
                    help="expander N:M: keep ≥ B entries per column per tile (default: none)")
     p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
-    p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
@@ -135,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "sparse-bitmask, as llm-compressor writes and vLLM reads")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (auto: the input model's); solving is float32/float64 anyway")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing optprune output in --output (atomically, once the new one is complete)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint after every block here (default: .<output>.optprune-checkpoint beside --output; "
+                        "kept when a run is interrupted, deleted when it completes)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation after pruning")
     p.add_argument("--no-kl", dest="kl", action="store_false",
                    help="skip the data-free KL/top-1 against the dense model (held-out self-generated text)")
@@ -224,43 +232,75 @@ def _prune_kwargs(args, argv) -> tuple:
     return kw, infos
 
 
+def _interrupted(args, code: int) -> int:
+    """One line: what stopped the run and how to continue it."""
+    from .llm_adapters.checkpoint import default_checkpoint_dir
+    ck = getattr(args, "checkpoint_dir", None) or (default_checkpoint_dir(Path(args.output))
+                                                   if getattr(args, "output", None) else None)
+    if args.command == "prune" and ck and Path(ck, "manifest.json").is_file():
+        hint = f"checkpoint kept in {ck}; run the same command with --resume to continue"
+    else:
+        hint = "the output was not touched; run the command again to start over"
+    print(f"optprune {args.command}: interrupted ({ {130: 'SIGINT', 143: 'SIGTERM'}.get(code, code) }); {hint}",
+          file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", logging.INFO)
-    _setup_logging(level)
+    try:  # Ctrl-C / SIGTERM from here on stop the run cleanly (exit 130 / 143), never swallowed
+        from .llm_adapters.checkpoint import Interrupted, install_signal_handlers, interrupted_signal
+        install_signal_handlers()
+    except ImportError:  # pragma: no cover - without the LLM extras
+        Interrupted, interrupted_signal = KeyboardInterrupt, (lambda: None)
+    import signal
     try:
-        if args.command == "list":
-            from .catalog import lines
-            for i, what in enumerate([args.what] if args.what else SECTIONS):
-                if not args.what:
-                    print(("\n" if i else "") + f"{what}:")
-                print("\n".join(lines(what)))
-            return 0
-        if args.command == "prune":
-            kw, infos = _prune_kwargs(args, argv)
-            _check_method(kw["method"], kw["method_options"])
-            for info in infos:
-                logging.getLogger("optprune").info(f"{info['kind']}: {info['path']}")
-            rec = _run_prune(**kw, verbose=level < logging.ERROR, _cli=True)
-            replay = next((i for i in infos if i["kind"] == "replay"), None)
-            got = ((rec or {}).get("calibration") or {}).get("sha256")
-            if replay and replay.get("recorded_calibration_sha256") and got != replay["recorded_calibration_sha256"]:
-                logging.getLogger("optprune").warning(
-                    f"the replay's calibration tokens differ from the recorded run's ({got} vs "
-                    f"{replay['recorded_calibration_sha256']}): data or tokenizer changed")
-            return 0
-        kw = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
-        if args.command == "eval":
-            from .llm_adapters.run import evaluate as _evaluate
-            _evaluate(**kw, verbose=level < logging.ERROR, _cli=True)
-        else:
-            _call_plain(args.command, kw)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        # bad input: one line naming the problem, nothing changed
-        print(f"optprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(argv)
+        level = getattr(args, "log_level", logging.INFO)
+        _setup_logging(level)
+        try:
+            if args.command == "list":
+                from .catalog import lines
+                for i, what in enumerate([args.what] if args.what else SECTIONS):
+                    if not args.what:
+                        print(("\n" if i else "") + f"{what}:")
+                    print("\n".join(lines(what)))
+                return 0
+            if args.command == "prune":
+                kw, infos = _prune_kwargs(args, argv)
+                _check_method(kw["method"], kw["method_options"])
+                for info in infos:
+                    logging.getLogger("optprune").info(f"{info['kind']}: {info['path']}")
+                rec = _run_prune(**kw, verbose=level < logging.ERROR, _cli=True)
+                replay = next((i for i in infos if i["kind"] == "replay"), None)
+                got = ((rec or {}).get("calibration") or {}).get("sha256")
+                if replay and replay.get("recorded_calibration_sha256") and got != replay["recorded_calibration_sha256"]:
+                    logging.getLogger("optprune").warning(
+                        f"the replay's calibration tokens differ from the recorded run's ({got} vs "
+                        f"{replay['recorded_calibration_sha256']}): data or tokenizer changed")
+                return 0
+            kw = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
+            if args.command == "eval":
+                from .llm_adapters.run import evaluate as _evaluate
+                _evaluate(**kw, verbose=level < logging.ERROR, _cli=True)
+            else:
+                _call_plain(args.command, kw)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+            if interrupted_signal() is not None:  # a library turned the signal into an error: still an interruption
+                return _interrupted(args, 128 + interrupted_signal())
+            # bad input: one line naming the problem, nothing changed
+            print(f"optprune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            return _interrupted(args, e.exit_code)
+        except KeyboardInterrupt:
+            return _interrupted(args, 130)
+        if interrupted_signal() is not None:  # caught and dropped by a library: still stop
+            return _interrupted(args, 128 + interrupted_signal())
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_prune(**kw):

@@ -174,6 +174,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, extra, 
 def test_missing_calibration_data_is_a_clear_error(tmp_path, capsys):
     _need()
     out = tmp_path / "out"
+    (tmp_path / "nodata").mkdir()  # the folder exists (a missing one is its own error) but lacks the text
     # an explicitly named source must exist (with no source named, the run falls back to --calibration self)
     rc = main(["prune", "--model", "stories260k", "--method", "wanda", "--output", str(out), "--calibration",
                "wikitext2", "--data-dir", str(tmp_path / "nodata"), "--model-dir", str(MODEL_DIR)])

@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                     jobs.append({"model": args.model, "protocol": args.protocol, "method": meth,
                                  **parse_setting(st), "allocation": alloc, "error_correction": ec,
                                  "mode": args.mode, "calibration": cal, "refit": args.refit,
-                                 "structure": args.structure, "min_degree": md,
+                                 "structure": args.structure if get_method(meth).structured else None,
+                                 "min_degree": md,
                                  "method_options": mopts.get(meth) or None, "tag": args.tag})
     print(f"sweep: {len(jobs)} runs, {sum(row_key(j) in done for j in jobs)} already in {out}", flush=True)
     for j in jobs:
