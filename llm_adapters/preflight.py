@@ -543,7 +543,9 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
         raise PreflightError("--resume needs --output (or --checkpoint-dir) to find the checkpoint")
     # files
     check_data_dir(data_dir)
-    info = check_model_source(model, model_dir)
+    import torch
+    in_memory = isinstance(model, torch.nn.Module)  # a loaded model: nothing on disk to check
+    info = None if in_memory else check_model_source(model, model_dir)
     if reference:
         check_model_source(reference, model_dir, what="--reference")
     cfg = info and info.get("config")
@@ -552,7 +554,7 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
     need = 0
     if info:  # the saved weights (model dtype) + the block checkpoints, with a margin
         need = int(info["bytes"] * (2 if checkpoint_dir is None else 1) * 1.1)
-    out_dir = check_output(output, model=model, model_dir=model_dir, overwrite=overwrite, need_bytes=need,
+    out_dir = check_output(output, model=None if in_memory else model, model_dir=model_dir, overwrite=overwrite, need_bytes=need,
                            allow_existing_run=False)
     if sparsity is None:
         sparsity = (1 - nm.N / nm.M) if nm is not None else 0.5

@@ -189,12 +189,15 @@ def replay_kwargs(path) -> tuple[dict, dict]:
         if D.known_dataset(str(calib)) is None:
             src = path_
     kw["dataset"] = src
-    for k in ("nsamples", "seqlen", "seed", "eval_seqlen"):
+    for k in ("nsamples", "seqlen", "seed"):
         if prot.get(k) is not None:
             kw[k] = prot[k]
-    if prot.get("eval_datasets"):
-        kw["eval_datasets"] = list(prot["eval_datasets"])
-    kw["eval_windows"] = 0 if prot.get("eval_windows") is None else prot["eval_windows"]
+    if kw.get("evaluate", True):  # the evaluation settings only where the recorded run evaluated
+        if prot.get("eval_seqlen") is not None:
+            kw["eval_seqlen"] = prot["eval_seqlen"]
+        if prot.get("eval_datasets"):
+            kw["eval_datasets"] = list(prot["eval_datasets"])
+        kw["eval_windows"] = 0 if prot.get("eval_windows") is None else prot["eval_windows"]
     bs = (rec.get("pipeline") or {}).get("batch_size")
     if bs:
         kw["batch_size"] = int(bs)

@@ -430,6 +430,10 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     from .pipeline import PruneConfig, pattern_kind, prune_model, validate_config
 
     spec = get_method(method)
+    if method_options is not None and not isinstance(method_options, dict):
+        raise RunError("method_options must be a dict of method option → value")
+    method_options = dict(method_options or {})
+    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     from . import preflight
     from .checkpoint import atomic_output
     pf = preflight.check_prune(
@@ -450,10 +454,6 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
                            f"(it takes: {', '.join(sorted(spec.patterns))})")
     if mode not in ("sequential", "dense-input"):
         raise RunError(f"--mode must be sequential or dense-input, got {mode!r}")
-    if method_options is not None and not isinstance(method_options, dict):
-        raise RunError("method_options must be a dict of method option → value")
-    method_options = dict(method_options or {})
-    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     try:
         nproc = int(nproc or 1)

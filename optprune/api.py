@@ -33,11 +33,11 @@ _RECORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, method: str,
-          sparsity: float = 0.5, pattern: str = "unstructured", dataset: Any = None,
+          sparsity: Optional[float] = None, pattern: str = "unstructured", dataset: Any = None,
           nsamples: Optional[int] = None, seqlen: Optional[int] = None,
           targets: Union[str, Sequence[str], None] = None, ignore: Union[str, Sequence[str], None] = None,
           text_column: str = "text", protocol: Optional[str] = None, min_degree: Optional[int] = None,
-          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: str = "mlp",
+          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           method_options: Optional[dict] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
@@ -53,7 +53,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         tokenizer: the tokenizer of an in-memory model (needed for text calibration, evaluation and saving);
             overrides the one loaded with a named model.
         method: pruning method (``optprune list methods``): magnitude, wanda, sparsegpt, ria, fista, ...
-        sparsity: fraction of weights removed per layer (N:M patterns fix their own).
+        sparsity: fraction of weights removed per layer (default 0.5; N:M patterns fix their own: 1 − N/M).
         pattern: ``unstructured``, ``row``, ``N:M`` (e.g. ``2:4``), ``groups``.
         dataset: calibration: a name (``c4``, ``wikitext2``, ``ptb``, ``self``), a text file path, a list of
             strings, a ``datasets.Dataset`` with a ``text_column``, or a LongTensor of token ids
@@ -91,8 +91,11 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
 
 
 def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, format: str = "dense",
-         dtype: str = "auto", record: Optional[dict] = None) -> dict:
+         dtype: str = "auto", record: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Write a pruned model to the directory ``output`` (created); returns what was written.
+
+    The output is written into a temporary folder beside ``output`` and renamed into place when complete, so an
+    interrupted save leaves ``output`` as it was; an existing optprune output is replaced only with ``overwrite``.
 
     Args:
         model: a model returned by :func:`prune` (or any causal LM with zeroed weights).
@@ -106,7 +109,9 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     """
     from .llm_adapters import export
     from .llm_adapters.architectures import get_arch
-    from .llm_adapters.run import RUN_FILE, _check_output, _jsonable, _save
+    from .llm_adapters.checkpoint import atomic_output
+    from .llm_adapters.preflight import check_output
+    from .llm_adapters.run import RUN_FILE, _jsonable, _save
     from .solvers import get_method
     import torch
 
@@ -116,25 +121,27 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     spec = get_method(cfg["method"]) if cfg.get("method") else None
     structured = bool(spec and spec.structured)
     export.check_save_options(format, dtype, structured=structured)
-    out = _check_output(output)
-    src = ((record or {}).get("model") or {}).get("source_dtype")
-    src_dtype = getattr(torch, src) if src else next(model.parameters()).dtype
-    layers = [r["name"] for r in (record or {}).get("layers", [])] or None
-    if spec is None:
-        info = {"path": str(Path(out).resolve())}
-        info.update(export.save_model(model, out, tokenizer, format=format,
-                                      dtype=export.resolve_dtype(dtype, src_dtype), layers=layers))
-    else:
-        target = export.resolve_dtype(dtype, src_dtype)
-        if structured and target != next(model.parameters()).dtype:
-            import copy
-            model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
-        info = _save(model, tokenizer, Path(out), get_arch(model), spec, save_format=format, dtype=target,
-                     layers=layers, pattern=cfg.get("pattern"))
-    if record is not None:
-        rec = dict(record, saved=info)
-        rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype)
-        (Path(out) / RUN_FILE).write_text(json.dumps(_jsonable(rec), indent=1))
+    out = check_output(output, overwrite=overwrite)
+    with atomic_output(out, overwrite=overwrite) as stage:  # written beside the target, renamed into place
+        src = ((record or {}).get("model") or {}).get("source_dtype")
+        src_dtype = getattr(torch, src) if src else next(model.parameters()).dtype
+        layers = [r["name"] for r in (record or {}).get("layers", [])] or None
+        if spec is None:
+            info = {"path": str(Path(out).resolve())}
+            info.update(export.save_model(model, stage, tokenizer, format=format,
+                                          dtype=export.resolve_dtype(dtype, src_dtype), layers=layers))
+        else:
+            target = export.resolve_dtype(dtype, src_dtype)
+            if structured and target != next(model.parameters()).dtype:
+                import copy
+                model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
+            info = _save(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
+                         layers=layers, pattern=cfg.get("pattern"))
+            info["path"] = str(Path(out).resolve())
+        if record is not None:
+            rec = dict(record, saved=info)
+            rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype)
+            (stage / RUN_FILE).write_text(json.dumps(_jsonable(rec), indent=1))
     return info
 
 
