@@ -49,6 +49,7 @@ DEFAULT_FINALISTS = 3      # non-uniform candidates pruned and scored on the hel
 ALPHA_EPS = (0.1, 0.2, 0.3)
 OWL_LAMBDAS = (0.04, 0.08)
 MAX_GRAM_TOKENS = 16384    # tokens of the pruning part used for the Grams of the error curves
+MAX_PROXY_TOKENS = 4096    # held-out tokens of the one-forward proxy (the finalists are scored on all of them)
 
 
 def _arch(model, arch) -> ArchSpec:
@@ -328,9 +329,10 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
             seen[sig] = label
         c["_targets"] = targets
         cands.append(c)
+    held_proxy = held[: max(1, MAX_PROXY_TOKENS // max(1, held.shape[1]))]
     for c in cands:  # the cheap score: one forward with dense-input Wanda masks
         if "_targets" in c and "same_as" not in c:
-            c["proxy"] = one_pass_loss(model, arch, sq, c["_targets"], held, device=prune_config.device)
+            c["proxy"] = one_pass_loss(model, arch, sq, c["_targets"], held_proxy, device=prune_config.device)
     uni = cands[0]
     ranked = sorted((c for c in cands[1:] if "proxy" in c), key=lambda c: c["proxy"])
     chosen_final = [uni] + ranked[: max(0, int(finalists))]
@@ -367,7 +369,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                      "forward); error_sum: Σ over blocks of the relative Wanda reconstruction error at the block's "
                      "sparsity (error curves)",
             "calibration_split": {"pruning": int(train.shape[0]), "heldout": int(held.shape[0]),
-                                  "seqlen": int(ids.shape[1])},
+                                  "seqlen": int(ids.shape[1]), "proxy_rows": int(held_proxy.shape[0])},
             "candidates": cands, "bounds": binfo, "error_curves": curves,
             "units": list(best["unit_sparsities"]), "unit_sparsities": list(best["unit_sparsities"].values()),
             "targets": targets, "weighted_mean": float((p * s).sum() / p.sum()), "min": float(s.min()),

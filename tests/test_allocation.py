@@ -200,7 +200,7 @@ def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
     assert info["chosen"] in {c["label"] for c in scored}
     assert info["chosen_score"] == min(c["heldout_loss"] for c in scored)
     assert all(isinstance(c.get("proxy"), float) for c in cands if "error" not in c and "same_as" not in c)
-    assert info["calibration_split"] == {"pruning": 8, "heldout": 4, "seqlen": 64}
+    assert info["calibration_split"] == {"pruning": 8, "heldout": 4, "seqlen": 64, "proxy_rows": 4}
     # targets: every sub-layer, weighted mean exactly S, inside the measured upper bounds
     names = [n for n, *_ in __import__("optprune.llm_adapters.allocation", fromlist=["x"]).prunable_matrices(model)]
     assert set(targets) == set(names)
