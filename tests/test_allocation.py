@@ -242,3 +242,19 @@ def test_selection_plot(tmp_path):
     assert (tmp_path / "sel.png").stat().st_size > 1000 and p.endswith("sel.png")
     with pytest.raises(AllocationError):
         plot_selection({"sparsity": 0.7, "candidates": []}, tmp_path / "x.png")
+
+
+def test_selection_plot_script(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "allocation" / "selection_plot.py"
+    spec = importlib.util.spec_from_file_location("selection_plot", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rec = tmp_path / "run.json"
+    rec.write_text(json.dumps({"allocation": {"allocation": "alpha"}}))
+    assert mod.main([str(rec)]) == 2 and not (tmp_path / "allocation_selection.png").exists()
+    rec.write_text(json.dumps({"allocation": {"sparsity": 0.6, "chosen": "uniform", "uniform_score": 5.0,
+                                              "candidates": [{"label": "uniform", "proxy": 4.9, "heldout_loss": 5.0}]}}))
+    assert mod.main([str(rec)]) == 0 and (tmp_path / "allocation_selection.png").stat().st_size > 1000
