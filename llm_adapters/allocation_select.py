@@ -320,6 +320,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                 continue
             unit_s = dict(zip(res.units, res.sparsities))
             targets = dict(res.per_matrix)
+            c["_solved"] = (res.program, list(res.sparsities))
         c["unit_sparsities"] = unit_s
         c["error_sum"] = proxy_error(curves, unit_s)
         sig = tuple(round(float(unit_s[b]), 6) for b in sorted(unit_s))
@@ -357,8 +358,13 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
         if c["heldout_loss"] < best["heldout_loss"]:
             best = c
     targets = best["_targets"]
+    ref = None
+    if "_solved" in best:  # the chosen bounded program, solved again by the reference backend
+        from .allocation import reference_check
+        ref = reference_check(*best["_solved"])
     for c in cands:
         c.pop("_targets", None)
+        c.pop("_solved", None)
     p = torch.tensor([records[nm]["numel"] for nm in names], dtype=torch.float64)
     s = torch.tensor([targets[nm] for nm in names], dtype=torch.float64)
     info = {"allocation": "auto", "spec": "auto", "sparsity": S, "granularity": "block", "chosen": best["label"],
@@ -370,7 +376,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                      "sparsity (error curves)",
             "calibration_split": {"pruning": int(train.shape[0]), "heldout": int(held.shape[0]),
                                   "seqlen": int(ids.shape[1]), "proxy_rows": int(held_proxy.shape[0])},
-            "candidates": cands, "bounds": binfo, "error_curves": curves,
+            "candidates": cands, "bounds": binfo, "error_curves": curves, "reference_check": ref,
             "units": list(best["unit_sparsities"]), "unit_sparsities": list(best["unit_sparsities"].values()),
             "targets": targets, "weighted_mean": float((p * s).sum() / p.sum()), "min": float(s.min()),
             "max": float(s.max()), "time_s": time.perf_counter() - t0}

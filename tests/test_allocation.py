@@ -199,6 +199,8 @@ def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
     assert len(scored) == 3 and all(c["finalist"] for c in scored)
     assert info["chosen"] in {c["label"] for c in scored}
     assert info["chosen_score"] == min(c["heldout_loss"] for c in scored)
+    if info["chosen_rule"] != "uniform" and info["reference_check"].get("skipped") is None:
+        assert info["reference_check"]["max_abs_diff"] <= 1e-6
     assert all(isinstance(c.get("proxy"), float) for c in cands if "error" not in c and "same_as" not in c)
     assert info["calibration_split"] == {"pruning": 8, "heldout": 4, "seqlen": 64, "proxy_rows": 4}
     # targets: every sub-layer, weighted mean exactly S, inside the measured upper bounds
