@@ -172,11 +172,20 @@ def _dir_load(directory: Path, dtype):
         from .surgery import load_shrunk
         model = load_shrunk(str(directory), dtype=dtype)
         fmt = "hf-dir (optprune shrunk)"
+    elif _is_compressed(directory):  # --save-format compressed: decompressed by compressed-tensors (export.py)
+        from .export import load_compressed
+        model = load_compressed(directory, dtype=dtype)
+        fmt = "hf-dir (compressed-tensors)"
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
         fmt = "hf-dir"
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer, fmt
+
+
+def _is_compressed(directory: Path) -> bool:
+    from .export import is_compressed_dir
+    return is_compressed_dir(directory)
 
 
 def _looks_local(s: str) -> bool:

@@ -97,6 +97,8 @@ class PruneConfig:
     blocks: Optional[list] = None          # only prune these block indices; others untouched
     gram_dtype: torch.dtype = torch.float32
     batch_size: Optional[int] = None       # calibration samples per forward (default: TOKENS_PER_BATCH tokens)
+    targets: Optional[list] = None         # sub-layers to prune: names, class names, re:REGEX (llm_adapters.targets)
+    ignore: Optional[list] = None          # sub-layers left dense (same patterns)
 
 
 # ============================================================================================ helpers
@@ -105,16 +107,8 @@ class _Stop(Exception):
 
 
 def pattern_kind(p: Pattern) -> str:
-    """The registry's pattern kind of a pattern object."""
-    if isinstance(p, ExpanderNM):
-        return "expander"
-    if isinstance(p, NM):
-        return "nm"
-    if isinstance(p, ColumnGroups):
-        return "groups"
-    if isinstance(p, Unstructured):
-        return "row" if p.scope == "row" else "unstructured"
-    return getattr(p, "name", type(p).__name__)
+    """The registry's pattern kind of a pattern object (each pattern class declares its own)."""
+    return p.kind
 
 
 def _is_cache(obj) -> bool:
@@ -490,6 +484,14 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
                     g.append((sub, name, pat, None))
                 groups.append(g)
             units[bi] = groups
+
+    if config.targets or config.ignore:  # keep only the chosen sub-layers; blocks left with none are skipped
+        from .targets import select_layers
+        layers = {e[1]: type(get_module(model, e[1])).__name__ for bi in sel for g in units[bi] for e in g}
+        keep = select_layers(layers, config.targets, config.ignore, other_modules=dict(model.named_modules()))
+        units = {bi: [g2 for g2 in ([e for e in g if e[1] in keep] for g in units[bi]) if g2] for bi in sel}
+        sel = [bi for bi in sel if units[bi]]
+        units = {bi: units[bi] for bi in sel}
 
     dev = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

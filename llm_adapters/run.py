@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -40,11 +41,12 @@ import torch
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
-from .evaluation import lm_eval_available, model_context, perplexity, zero_shot
+from .evaluation import model_context, perplexity, zero_shot
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
 RUN_FILE = "run.json"
+log = logging.getLogger("optprune")
 _ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
 
 
@@ -408,7 +410,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          _cli: bool = False):
+          tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
+          text_column: str = "text", _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -418,7 +421,12 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     ``kl`` (CLI ``--no-kl`` turns it off): with ``evaluate``, keep a CPU copy of the dense model and report
     KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``)
-    — the quality measure that needs no data."""
+    — the quality measure that needs no data.
+
+    Deployment (llm_adapters/export.py, targets.py, calib_inputs.py): ``model`` may be a loaded model (pruned in
+    place; pass ``tokenizer``), ``calibration`` a list of strings, a ``datasets.Dataset`` (``text_column``) or
+    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | compressed) and
+    ``dtype`` (auto = the input model's) say how ``output`` is written."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -438,6 +446,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if method_options is not None and not isinstance(method_options, dict):
         raise RunError("method_options must be a dict of method option → value")
     method_options = dict(method_options or {})
+    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     try:
         nproc = int(nproc or 1)
@@ -471,17 +480,33 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     out_dir = _check_output(output)
     if reference:
         _check_reference_hook()
-    s = resolve_settings(model, protocol=protocol, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
-                         seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
-                         data_dir=data_dir, need_calibration=True, need_eval=bool(evaluate))
+    from . import export
+    from .calib_inputs import calibration_kind, is_in_memory
+    from .targets import parse_patterns
+    export.check_save_options(save_format, dtype, structured=spec.structured)
+    targets, ignore = parse_patterns(targets, "targets"), parse_patterns(ignore, "ignore")
+    in_memory = isinstance(model, torch.nn.Module)
+    model_label = (getattr(model.config, "name_or_path", "") or type(model).__name__) if in_memory else model
+    calib_given = calibration if is_in_memory(calibration) else None
+    if low_memory and (in_memory or calib_given is not None or targets or ignore or save_format != "dense"
+                       or dtype not in (None, "auto")):
+        raise RunError("--low-memory takes a model path, a named/file calibration, all layers, the dense format "
+                       "and --dtype auto")
+    s = resolve_settings(model_label, protocol=protocol, calibration=None if calib_given is not None else calibration,
+                         nsamples=nsamples, seqlen=seqlen, seed=seed, eval_datasets=eval_datasets,
+                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir,
+                         need_calibration=calib_given is None, need_eval=bool(evaluate))
+    if calib_given is not None:
+        s["calibration"] = s["overrides"]["calibration"] = calibration_kind(calib_given)
+        s["name"] = s["base"] + "+custom"
     if s["calibration"] == "self":
         try:
             from .selfcalib import self_calibration
         except ModuleNotFoundError as e:
             raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
     for note in (s.get("calibration_note"), s.get("eval_note") if evaluate else None):
-        if note and verbose:
-            print(f"[optprune] {note}", file=sys.stderr, flush=True)
+        if note:
+            log.warning(note)
 
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
@@ -500,10 +525,18 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     from .loading import load_model
     timings = {}
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir)
+    if in_memory:
+        mdl, tok, meta = model, tokenizer, _memory_meta(model, model_label)
+    else:
+        mdl, tok, meta = load_model(model, model_dir=model_dir)
+        tok = tokenizer if tokenizer is not None else tok
+    meta["source_dtype"] = str(export.source_dtype(mdl, None if in_memory else meta)).replace("torch.", "")
     timings["load_s"] = time.perf_counter() - t0
     arch = get_arch(mdl)
     _clip_to_context(s, mdl)
+    if tok is None and (evaluate or out_dir is not None or not torch.is_tensor(calib_given)):
+        raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
+                       "and saving")
     cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, layer_sparsity=None,
                   structure=structure, mode=mode, error_correction=bool(error_correction), refit=bool(refit),
                   method_options=method_options, device=dev)
@@ -513,11 +546,13 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         cfg_kw["batch_size"] = int(batch_size)
     if "nproc" in fields:
         cfg_kw["nproc"] = nproc
+    if targets or ignore:
+        cfg_kw.update(targets=targets, ignore=ignore)
     config = PruneConfig(**cfg_kw)
     validate_config(mdl, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
 
     record = {"command": "prune", "status": "running",
-              "config": _jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity,
+              "config": _jsonable({"model": str(model_label), "method": spec.name, "sparsity": sparsity,
                                    "pattern": None if spec.structured else pattern,
                                    "min_degree": min_degree, "allocation": alloc, "allocation_eps": allocation_eps,
                                    "structure": structure if spec.structured else None, "mode": mode,
@@ -525,7 +560,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                    "method_options": method_options, "damp": config.damp, "nproc": nproc,
                                    "device": dev, "seed": s["seed"], "output": str(out_dir) if out_dir else None,
                                    "evaluate": bool(evaluate), "data_dir": str(D.resolve_data_dir(data_dir)),
-                                   "reference": reference}),
+                                   "reference": reference, "targets": targets, "ignore": ignore,
+                                   "save_format": save_format, "dtype": dtype}),
               "versions": _versions(), "machine": _machine(dev), "model": meta}
 
     # ---------------------------------------------------------------- 3. calibration, allocation, pruning
@@ -535,7 +571,14 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         timings["eval_dense_s"] = time.perf_counter() - t0
         mdl.to("cpu")
     t0 = time.perf_counter()
-    if s["calibration"] == "self":  # sequences sampled from the dense model itself
+    if calib_given is not None:  # in memory: texts, a datasets.Dataset or token ids (calib_inputs.py)
+        from .calib_inputs import calibration_from
+        calib, calib_info = calibration_from(
+            tok, calib_given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"], explicit_nsamples=nsamples,
+            explicit_seqlen=seqlen, text_column=text_column,
+            vocab_size=getattr(mdl.get_input_embeddings(), "num_embeddings", None))
+        s["nsamples"], s["seqlen"] = int(calib.shape[0]), int(calib.shape[1])
+    elif s["calibration"] == "self":  # sequences sampled from the dense model itself
         info: dict = {}
         mdl.to(dev)
         calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress)
@@ -607,7 +650,9 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     record["protocol"] = _protocol_record(s)
     if out_dir is not None:
         t0 = time.perf_counter()
-        record["saved"] = _save(mdl, tok, out_dir, arch, spec)
+        record["saved"] = _save(mdl, tok, out_dir, arch, spec, save_format=save_format,
+                                dtype=export.resolve_dtype(dtype, getattr(torch, meta["source_dtype"])),
+                                layers=[r["name"] for r in record["layers"]], pattern=pattern)
         timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_total
     record["timings"] = timings
@@ -625,13 +670,22 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     return record
 
 
-def _save(model, tok, out_dir: Path, arch, spec) -> dict:
-    """save_pretrained (+ tokenizer). Structured methods may leave per-layer widths that a stock config cannot
-    express: those go through ``surgery.save_shrunk`` (which writes ``optprune_widths.json`` and, when the widths
-    are uniform, a stock-loadable config)."""
+def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
+          pattern=None) -> dict:
+    """save_pretrained (+ tokenizer) through ``export.save_model`` (format, dtype). Structured methods may leave
+    per-layer widths that a stock config cannot express: those go through ``surgery.save_shrunk`` (which writes
+    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu")
     info = {"path": str(out_dir.resolve())}
+    if not spec.structured:
+        from .export import save_model
+        info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
+                               layers=layers, pattern=pattern), format="hf", stock_loadable=save_format == "dense")
+        return info
+    if dtype is not None:
+        model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
+        info["dtype"] = str(dtype).replace("torch.", "")
     if spec.structured:
         # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
         from . import surgery
@@ -645,33 +699,50 @@ def _save(model, tok, out_dir: Path, arch, spec) -> dict:
     return info
 
 
+def _memory_meta(model, label) -> dict:
+    from .loading import count_parameters
+    cfg = model.config
+    return {"name": str(label), "source": "in-memory", "format": "in-memory",
+            "model_type": getattr(cfg, "model_type", None), "architecture": type(model).__name__,
+            "n_params": count_parameters(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "num_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None)}
+
+
 # ============================================================================================ evaluate
 def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, model_dir=None, device=None,
              seed: int = 0, eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
              reference: Optional[str] = None, batch_size: Optional[int] = None, progress: bool = True,
              verbose: Optional[bool] = None, tasks=None, task_limit: Optional[int] = None,
-             _cli: bool = False) -> dict:
+             include_path=None, _cli: bool = False) -> dict:
     """Perplexity (per protocol / options) of any model — built-in name, directory, ``.gguf``, hub id —
     and, with ``reference``, KL divergence and top-1 agreement against it. Returns the record; ``output`` =
     a JSON file (or a directory, which gets ``eval.json``).
 
-    API-only: ``tasks`` (comma string or list) runs zero-shot tasks through lm-eval when it is installed
-    (tasks must be available offline in its cache); ``task_limit`` caps examples per task."""
+    ``tasks`` (comma string or list) runs lm-evaluation-harness tasks (llm_adapters/lm_eval_tasks.py; the
+    ``eval`` extra), ``include_path`` a folder of custom task YAMLs, ``task_limit`` caps examples per task;
+    ``eval_datasets=[]`` with ``tasks`` skips the perplexity."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
     if reference:
         _check_reference_hook()
     task_list = _split_list(tasks) if tasks else None
-    if task_list and not lm_eval_available():
-        raise RunError("zero-shot tasks need lm-eval: pip install lm-eval (and its task data cached offline)")
-    s = resolve_settings(model, protocol=protocol, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen,
-                         eval_windows=eval_windows, data_dir=data_dir, seed=seed, need_calibration=False)
-    if not s["eval_datasets"] and not reference:
+    if task_list:  # lm-eval installed, every task known: before the model is loaded
+        from .lm_eval_tasks import check_tasks
+        check_tasks(task_list, include_path)
+    no_ppl = bool(task_list) and eval_datasets is not None and not (
+        [d for d in eval_datasets.split(",") if d.strip()] if isinstance(eval_datasets, str) else list(eval_datasets))
+    s = resolve_settings(model, protocol=protocol, eval_datasets=None if no_ppl else eval_datasets,
+                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir, seed=seed,
+                         need_calibration=False, need_eval=not no_ppl)
+    if no_ppl:
+        s["eval_datasets"] = []
+    if not s["eval_datasets"] and not reference and not task_list:
         raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
-    if s.get("eval_note") and verbose:
-        print(f"[optprune] {s['eval_note']}", file=sys.stderr, flush=True)
+    if s.get("eval_note"):
+        log.warning(s["eval_note"])
     out_file = None
     if output is not None:
         o = Path(str(output)).expanduser()
@@ -694,7 +765,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         timings["divergence_s"] = time.perf_counter() - t0
     if task_list:
         t0 = time.perf_counter()
-        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev)
+        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev, include_path=include_path)
         timings["zero_shot_s"] = time.perf_counter() - t0
     s.pop("calibration_path", None)
     prot = _protocol_record(s)
@@ -774,7 +845,10 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
           f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
     _print_ppl(record, file)
     if out_dir is not None:
-        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE})", file=file)
+        sv = record.get("saved") or {}
+        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
+              f"{sv.get('dtype', '')}{size})", file=file)
 
 
 def _print_eval_summary(record: dict, out_file, file=None) -> None:
@@ -783,5 +857,7 @@ def _print_eval_summary(record: dict, out_file, file=None) -> None:
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "
           f"protocol {p['name']}", file=file)
     _print_ppl(record, file)
+    for task, m in (record.get("zero_shot") or {}).items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=file)
     if out_file is not None:
         print(f"  record: {out_file}", file=file)

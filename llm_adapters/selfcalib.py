@@ -195,6 +195,14 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
+def _cache_argument(model) -> str:
+    import inspect
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+
+
 @torch.inference_mode()
 def _generate_batch(model, prompt: list[int], rows: list[int], seqlen: int, seed: int, temperature: float,
                     top_p: float, banned: list[int], bar) -> torch.Tensor:
@@ -207,11 +215,12 @@ def _generate_batch(model, prompt: list[int], rows: list[int], seqlen: int, seed
     B = len(rows)
     seq = torch.tensor([prompt] * B, dtype=torch.long)
     kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    cache_kw = _cache_argument(model)  # transformers ≥ 5.2x: ``cache`` (``past_key_values`` is deprecated)
     x = seq.to(device)
     past = None
     while seq.shape[1] < seqlen:
-        out = model(input_ids=x, past_key_values=past, use_cache=True, **kw)
-        past = out.past_key_values
+        out = model(input_ids=x, use_cache=True, **{cache_kw: past}, **kw)
+        past = out["cache"] if "cache" in out else out.past_key_values
         logits = out.logits[:, -1, :]
         if banned:
             logits = logits.clone()

@@ -333,10 +333,13 @@ def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, **_):
 
 @register_method("eggs", needs="diag", patterns=("expander", "nm"), program=_program,
                  description="EGGS-PTP: RIA scores, N:M mask with ≥ B kept per column in every M×M tile "
-                             "(exact transportation problem per tile), optional least-squares refit")
+                             "(exact transportation problem per tile), optional least-squares refit",
+                 options={"score": "ria | wanda | magnitude", "a": "RIA exponent of the input norm",
+                          "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
+                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics"})
 def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: float = 0.5,
-         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True,
-         **_) -> LayerResult:
+         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True
+         ) -> LayerResult:
     pat = as_expander(pattern, min_degree)
     pat.validate(problem.shape)
     with Timer() as t:

@@ -428,7 +428,15 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                  program=lambda problem, pattern, lam=None, **_: l1_program(
                      problem, default_lambda(problem, pattern) if lam is None else float(lam)),
                  description="FISTAPruner: ℓ1 convex model by FISTA (restart, one matmul per iteration), "
-                             "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda")
+                             "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda",
+                 options_from="_fista",
+                 options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense", "iters": "iterations per "
+                          "round (K)", "rounds": "rounds (T)", "xi": "rounding-error share threshold ξ",
+                          "lam": "first λ (default lam_scale × the diagonal-model λ)",
+                          "lam_step": "λ bracket growth",
+                          "restart": "gradient restart", "refit": "final least-squares refit",
+                          "debias_iters": "masked-CG steps on every rounded iterate", "dtype": "solve dtype",
+                          "device": "solve on this device", "warm_options": "options of the warm-start method"})
 def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
 
@@ -449,8 +457,7 @@ def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
 def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
           xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
           restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
-          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
-          **_) -> LayerResult:
+          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None) -> LayerResult:
     _check_pattern(pattern)
     pattern.validate(problem.shape)
     if iters < 0 or rounds < 0:

@@ -249,7 +249,7 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
          max_iters: int = 200, reopen: bool = True, reopen_rhos=(1e2, 1e1, 1.0, 1e-1, 1e-2),
          max_swaps: int = 3, max_rounds: int = 20, time_limit: Optional[float] = None, damp: float = 1e-6,
          dtype=None, input_mean=None, input_mean_hat=None, bias: bool = False, threads: Optional[int] = None,
-         fast_vstep: bool = True, **_) -> LayerResult:
+         fast_vstep: bool = True) -> LayerResult:
     """SPAP on one layer: returns ``W`` (zero on removed group columns) and the kept-column mask.
 
     Options: ``init`` — ``"best"`` (best refitted structured baseline, default), ``"penalty"`` (only the

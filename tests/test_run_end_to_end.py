@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import optprune.api  # noqa: E402
+import optprune.cli  # noqa: E402
 from optprune.cli import main  # noqa: E402
 from optprune.llm_adapters import run as R  # noqa: E402
 
@@ -40,19 +40,19 @@ def _one_thread():
 def _cli_prune(out: Path, method: str, *extra, monkeypatch=None, keep=None) -> int:
     """Run ``optprune prune`` in-process; with ``keep`` (a dict) the pruned in-memory model is kept there."""
     if keep is not None:
-        real = optprune.api.prune
+        real = optprune.cli._run_prune
 
         def capture(**kw):
             model, tok, rec = R.prune(**kw, return_model=True)
             keep.update(model=model, tok=tok, record=rec)
             return rec
-        monkeypatch.setattr(optprune.api, "prune", capture)
+        monkeypatch.setattr(optprune.cli, "_run_prune", capture)
     try:
         return main(["prune", "--model", "stories260k", "--method", method, "--sparsity", "0.5",
                      "--output", str(out), *COMMON, *extra])
     finally:
         if keep is not None:
-            monkeypatch.setattr(optprune.api, "prune", real)
+            monkeypatch.setattr(optprune.cli, "_run_prune", real)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Uniform / OWL / alpha allocation × pruner × sparsity, perplexity under one protocol.
 
 The AlphaPruning claim: at high sparsity (70–80%) allocating by α beats uniform and OWL for the same pruner.
-Every run goes through ``optprune.api.prune`` (the same code path as ``optprune prune``), so the calibration,
+Every run goes through ``optprune.llm_adapters.run.prune`` (the same code path as ``optprune prune``), so the calibration,
 the pipeline and the evaluation are the protocol's. Results are appended to the JSON after each run
 (``--resume`` skips finished cells), and a Markdown table is written at the end.
 
@@ -31,7 +31,7 @@ def _cell_key(method, sparsity, allocation):
 
 
 def run_cell(args, method, sparsity, allocation) -> dict:
-    from optprune import api
+    from optprune.llm_adapters import run as api  # the record-returning run function (the CLI's)
     t0 = time.perf_counter()
     kw = dict(model=args.model, method=method, sparsity=sparsity, allocation=allocation, protocol=args.protocol,
               output=None, data_dir=args.data_dir, model_dir=args.model_dir, device=args.device, seed=args.seed,

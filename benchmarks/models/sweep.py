@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import optprune
+    from optprune.llm_adapters.run import prune as run_prune  # the record-returning run function (the CLI's)
     from optprune.solvers import get_method
 
     out = Path(args.out)
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                 if args.save_dir:
                     kw["output"] = os.path.join(args.save_dir, f"{j['method']}-{j['pattern'].replace(':', 'of')}-"
                                                                f"{j['sparsity']:.2f}-{j['allocation']}")
-                rec = optprune.prune(**kw)
+                rec = run_prune(**kw)
             row = {"key": key, "config": j, "wall_s": time.time() - t0, **summarise(rec)}
             if args.records:
                 rp = record_path(out, key)
