@@ -472,9 +472,15 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
         except ModuleNotFoundError as e:
             raise RunError(f"--allocation {allocation} needs optprune.llm_adapters.allocation, which is not "
                            f"available ({e})") from None
-        known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
-        if alloc not in known:
-            raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
+        if hasattr(alloc_mod, "parse_allocation"):  # NAME[:OPTION...], e.g. alpha:median, auto
+            try:
+                alloc_mod.parse_allocation(alloc)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+        else:
+            known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
+            if alloc not in known:
+                raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
     if allocation_eps is not None and not (0 <= float(allocation_eps) < 1):
         raise RunError(f"--allocation-eps must be in [0, 1), got {allocation_eps}")
     dev = _default_device(device)
@@ -609,9 +615,13 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     if alloc != "uniform":
         t0 = time.perf_counter()
         layer_s, alloc_info = alloc_mod.layer_sparsities(mdl, arch, alloc, sparsity, eps=allocation_eps,
-                                                         calib_ids=calib, data=None)
+                                                         calib_ids=calib, data=None, prune_config=config,
+                                                         progress=verbose)
         config.layer_sparsity = dict(layer_s)
         timings["allocation_s"] = time.perf_counter() - t0
+        if out_dir is not None and alloc_info.get("candidates"):  # auto: candidates' scores, next to run.json
+            from .allocation_select import plot_selection
+            alloc_info["plot"] = plot_selection(alloc_info, out_dir / "allocation_selection.png")
         record["allocation"] = _jsonable(alloc_info)
 
     tot_w, nz_before = _count_prunable(mdl, arch)

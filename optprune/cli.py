@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
     p.add_argument("--min-degree", type=int, default=None,
                    help="expander N:M: keep ≥ B entries per column per tile (default: none)")
-    p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
+    p.add_argument("--allocation", default="uniform",
+                   help="per-layer sparsity: uniform, alpha, owl, auto; options after ':' "
+                        "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")

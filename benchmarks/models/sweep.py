@@ -50,7 +50,9 @@ def summarise(rec: dict) -> dict:
             "timings": t, "peak_rss_mb": rec.get("peak_rss_mb"),
             "error_sum": sum((l.get("error") or 0.0) for l in rec.get("layers", []) if isinstance(l, dict)),
             "versions": rec.get("versions"), "machine": rec.get("machine"),
-            "graph": graph_summary(rec.get("layers") or [])}
+            "graph": graph_summary(rec.get("layers") or []),
+            "allocation_choice": ({k: rec["allocation"].get(k) for k in ("chosen", "chosen_score", "uniform_score")}
+                                  if (rec.get("allocation") or {}).get("chosen") else None)}
 
 
 def graph_summary(layers: list) -> dict | None:
