@@ -17,7 +17,7 @@ from typing import Callable, Optional
 __all__ = ["MethodSpec", "UnknownMethodError", "register_method", "get_method", "list_methods",
            "register_backend", "get_backend", "list_backends"]
 
-_METHOD_MODULES = ["baselines", "fista", "spap", "eggs", "structured_baselines"]
+_METHOD_MODULES = ["baselines", "fista", "spap", "eggs", "structured_baselines", "admm"]
 _BACKEND_MODULES = ["ref_enumerate", "ref_cvxpy", "ref_gurobi", "ref_scip", "ref_flow"]
 
 
