@@ -31,7 +31,8 @@ preconditioned conjugate gradients on all rows at once (Jacobi preconditioner = 
 refit (``baselines.refit_weights``), ``none`` keeps the projected iterate. The refit solves the undamped ``f``
 unless ``refit_damp`` > 0.
 
-**Warm start.** ``warm_start=sparsegpt`` (default), ``fista``, ``wanda``, ``magnitude`` or ``dense``. A warm start
+**Warm start.** ``warm_start=sparsegpt`` (default), ``fista``, ``wanda``, ``magnitude``, ``ria``, ``dense``, or (from
+Python) a feasible :class:`LayerResult`. A warm start
 ``W_ws`` initialises ``D = W_ws`` and the dual at ``V = −∇f(W_ws)`` (so the first W-update returns ``W_ws`` and
 the first D-update is a projected-gradient step from it); ``dense`` is ALPS' own start (``W = D = Π_S(W*)``,
 ``V = 0``, ``W*`` the dense optimum, = ``W0`` without error correction). The warm start (and its PCG refit) stay
@@ -235,10 +236,10 @@ class AdmmL0:
         return masked_pcg(A, self.Bn, mask, Wn, iters=iters, rtol=rtol)
 
 
-def _warm(problem: LayerProblem, pattern: Pattern, name: str, options: dict) -> Optional[LayerResult]:
+def _warm(problem: LayerProblem, pattern: Pattern, name, options: dict) -> Optional[LayerResult]:
     if name == "dense":
         return None
-    res = get_method(name)(problem, pattern, **(options or {}))
+    res = name if isinstance(name, LayerResult) else get_method(name)(problem, pattern, **(options or {}))
     if not pattern.is_feasible(res.mask.to(torch.bool)):  # e.g. Wanda's per-row rule under a per-matrix target
         mask = pattern.project(res.W.abs() * res.mask)
         res = LayerResult(res.W * mask, mask, {"error": problem.objective(res.W * mask)})
@@ -255,7 +256,7 @@ _OPTIONS = ("warm_start", "warm_options", "rho", "rho_max", "max_iter", "update_
                              "ρ schedule on support change, PCG refit), warm start SparseGPT")
 def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """ADMM for the L0 layer problem (module docstring). Options (``-O key=value``): ``warm_start``
-    (sparsegpt | fista | wanda | magnitude | ria | dense), ``warm_options`` (dict for the warm-start method), ``rho``
+    (sparsegpt | fista | wanda | magnitude | ria | dense, or a feasible LayerResult), ``warm_options`` (dict for the warm-start method), ``rho``
     (first ρ, 0.1 scaled units), ``rho_max`` (1e6), ``max_iter`` (300), ``update_iter`` (3), ``switch_iter`` (30),
     ``damp`` (ADMM ridge, default the problem's), ``refit`` (pcg | cholesky | none), ``refit_damp`` (0),
     ``pcg_iters`` (20), ``pcg_rtol`` (1e-5), ``dtype`` (float32 | float64), ``threads`` (torch CPU threads)."""
@@ -274,8 +275,12 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: str = "sparseg
         raise PatternError(f"method 'admm' does not handle the {pattern.name} pattern "
                            f"(unstructured, per-row, N:M or expander N:M)")
     pattern.validate(problem.shape)
-    ws = str(warm_start or "dense").strip().lower()
-    if ws not in WARM_STARTS:
+    given = warm_start if isinstance(warm_start, LayerResult) else None
+    ws = "given" if given is not None else str(warm_start or "dense").strip().lower()
+    if given is not None:
+        if tuple(given.W.shape) != tuple(problem.shape) or not pattern.is_feasible(given.mask.to(torch.bool)):
+            raise PatternError(f"admm: the given warm start is not a feasible {pattern.name} point of this layer")
+    elif ws not in WARM_STARTS:
         raise ValueError(f"admm: unknown warm_start {warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
     if ws in ("wanda", "magnitude", "ria", "sparsegpt", "fista") and isinstance(pattern, ExpanderNM):
         raise PatternError(f"admm: warm start {ws!r} does not give expander masks; use warm_start=dense "
@@ -290,7 +295,7 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: str = "sparseg
     m, n = problem.shape
     with Timer() as t_all:
         with Timer() as t_ws:
-            warm = _warm(problem, pattern, ws, warm_options or {})
+            warm = _warm(problem, pattern, given if given is not None else ws, warm_options or {})
         with Timer() as t_eig:
             eng = AdmmL0(problem, pattern, damp=damp, dtype=dtype)
         dt = eng.dt
