@@ -138,7 +138,7 @@ class AdmmL0:
         self.s64 = s
         self.s = s.to(self.dt)
         self.evals = evals.clamp_min(0.0)
-        self.Q = Q
+        self.Q = Q.to(self.dt)  # (Ĥ + ρI)⁻¹ is formed in the work dtype: an n³ matmul per ρ change
         self.An = An.to(self.dt)
         B = problem.target(f64)
         B[:, self.dead] = 0.0
@@ -159,7 +159,8 @@ class AdmmL0:
     def inverse(self, rho: float) -> torch.Tensor:
         """``(Ĥ + ρI)⁻¹`` in scaled coordinates from the stored eigendecomposition (cached per ρ)."""
         if rho != self._rho:
-            self._inv = ((self.Q / (self.evals + rho).unsqueeze(0)) @ self.Q.T).to(self.dt)
+            inv_ev = (1.0 / (self.evals + rho)).to(self.dt)
+            self._inv = (self.Q * inv_ev.unsqueeze(0)) @ self.Q.T
             self._rho = rho
         return self._inv
 
