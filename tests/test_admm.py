@@ -174,3 +174,14 @@ def test_below_sparsegpt_on_every_stories_layer(stories_dir, monkeypatch):
             ratios.append(p.objective(res.W) / f_sg)
         print(f"\n{pat.name}: admm / sparsegpt per layer: min {min(ratios):.3f} max {max(ratios):.3f}")
         assert max(ratios) < 1.0, (pat.name, ratios)
+
+
+def test_rank_deficient_gram_without_damping():
+    """Fewer tokens than inputs (singular Ĥ) and no ridge: the eigendecomposition route still gives a finite,
+    feasible result no worse than SparseGPT's."""
+    p = LayerProblem.random(8, 32, N=12, kind="correlated", corrected=True, seed=4)
+    pat = Unstructured(0.6)
+    for warm in ("dense", "sparsegpt"):
+        res = get_method("admm")(p, pat, damp=0.0, warm_start=warm)
+        assert torch.isfinite(res.W).all() and pat.is_feasible(res.mask)
+    assert res.info["error"] <= p.objective(get_method("sparsegpt")(p, pat).W) * (1 + 1e-9)
