@@ -172,7 +172,12 @@ class AdmmL0:
             if p <= 0:
                 return torch.ones_like(Zn, dtype=torch.bool)
             a = Zn.abs()
-            thr = torch.kthvalue(a.reshape(-1), p).values
+            flat = a.reshape(-1)
+            if flat.device.type == "cpu":  # numpy's introselect: ~15x faster than torch.kthvalue on a CPU
+                import numpy as np
+                thr = float(np.partition(flat.detach().numpy(), p - 1)[p - 1])
+            else:
+                thr = torch.kthvalue(flat, p).values
             return a > thr  # keeps ≤ numel − p (fewer only on exact ties at the threshold)
         return pat.project(Zn.abs())
 
