@@ -167,7 +167,7 @@ class AdmmL0:
     def project(self, Zn: torch.Tensor) -> torch.Tensor:
         pat = self.pattern
         if type(pat) is Unstructured and pat.scope == "matrix":
-            # per-matrix top-k by a threshold (kthvalue): a large-k topk is the slowest step of an iteration
+            # per-matrix top-k by a threshold (k-th value): a large-k topk is the slowest step of an iteration
             p = pat._prune_count(Zn.numel())
             if p <= 0:
                 return torch.ones_like(Zn, dtype=torch.bool)
@@ -224,7 +224,7 @@ class AdmmL0:
                     stop = "support_fixed"
                     break
                 rho /= 5.0
-            rho = min(rho, rho_max)
+            rho = min(max(rho, 1e-8), rho_max)  # (floor: repeated ÷5 must not overflow (Λ + ρ)⁻¹)
             if it >= switch_iter and ratio < 3e-4:
                 stop = "support_settled"
                 break
