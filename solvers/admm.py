@@ -253,7 +253,7 @@ def _warm(problem: LayerProblem, pattern: Pattern, name, options: dict) -> Optio
 
 
 _OPTIONS = ("warm_start", "warm_options", "rho", "rho_max", "max_iter", "update_iter", "switch_iter", "damp",
-            "refit", "refit_damp", "pcg_iters", "pcg_rtol", "dtype", "threads")
+            "refit", "refit_damp", "pcg_iters", "pcg_rtol", "dtype", "threads", "candidates")
 
 
 @register_method("admm", needs="gram", patterns=("unstructured", "row", "nm", "expander"),
@@ -265,7 +265,8 @@ def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     (sparsegpt | fista | wanda | magnitude | ria | dense, or a feasible LayerResult), ``warm_options`` (dict for the warm-start method), ``rho``
     (first ρ, 0.1 scaled units), ``rho_max`` (1e6), ``max_iter`` (300), ``update_iter`` (3), ``switch_iter`` (30),
     ``damp`` (ADMM ridge, default the problem's), ``refit`` (pcg | cholesky | none), ``refit_damp`` (0),
-    ``pcg_iters`` (20), ``pcg_rtol`` (1e-5), ``dtype`` (float32 | float64), ``threads`` (torch CPU threads)."""
+    ``pcg_iters`` (20), ``pcg_rtol`` (1e-5), ``dtype`` (float32 | float64), ``threads`` (torch CPU threads),
+    ``candidates`` (Python: more feasible LayerResults compared at the end, as they are and PCG-refitted)."""
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"admm: unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTIONS)}")
@@ -276,7 +277,8 @@ def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
 def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: str = "sparsegpt",
           warm_options: Optional[dict] = None, rho: float = 0.1, rho_max: float = 1e6, max_iter: int = 300,
           update_iter: int = 3, switch_iter: int = 30, damp: Optional[float] = None, refit: str = "pcg",
-          refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None) -> LayerResult:
+          refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None,
+          candidates: Optional[list] = None) -> LayerResult:
     if not isinstance(pattern, (Unstructured, NM)):  # ExpanderNM is an NM
         raise PatternError(f"method 'admm' does not handle the {pattern.name} pattern "
                            f"(unstructured, per-row, N:M or expander N:M)")
@@ -330,21 +332,26 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: str = "sparseg
                 Wn = eng.scale(refit_weights(problem, mask, damp=float(refit_damp)))
         W_admm = eng.unscale(Wn)
         cands = [("admm", W_admm, mask, problem.objective(W_admm))]
-        if warm is not None:
-            cands.append(("warm_start", warm.W.to(dt), warm.mask, problem.objective(warm.W)))
+        others = ([("warm_start", warm)] if warm is not None else []) + \
+            [(f"candidate{i}", c) for i, c in enumerate(candidates or [])]
+        for label, c in others:  # the warm start and any given feasible points, as they are and refitted
+            cm = c.mask.to(torch.bool)
+            if not pattern.is_feasible(cm):
+                raise PatternError(f"admm: {label} is not a feasible {pattern.name} point of this layer")
+            cands.append((label, c.W.to(dt) * cm, cm, problem.objective(c.W * cm)))
             if rf != "none":
-                wm = warm.mask.to(torch.bool)
-                Wr, _ = eng.refit(eng.scale(warm.W) * wm, wm, iters=int(pcg_iters), rtol=float(pcg_rtol),
+                Wr, _ = eng.refit(eng.scale(c.W) * cm, cm, iters=int(pcg_iters), rtol=float(pcg_rtol),
                                   refit_damp=float(refit_damp))
                 Wr = eng.unscale(Wr)
-                cands.append(("warm_start+refit", Wr, wm, problem.objective(Wr)))
+                cands.append((f"{label}+refit", Wr, cm, problem.objective(Wr)))
         chosen, W, mask, err = min(cands, key=lambda c: c[3])
     W = W * mask.to(W.device)
     if not bool(torch.isfinite(W).all()):
         raise NumericalError(f"layer {problem.name!r}: ADMM result has NaN/Inf")
     info = {"method": "admm", "warm_start": ws, "chosen": chosen, "error": err,
             "error_admm_before_refit": e_admm, "error_admm": cands[0][3],
-            "warm_error": None if warm is None else cands[1][3], "damp_used": eng.damp_used,
+            "warm_error": None if warm is None else cands[1][3],
+            "candidates_given": len(candidates or []), "damp_used": eng.damp_used,
             "refit": rf, "pcg_steps": steps, "sparsity": 1.0 - float(mask.float().mean()),
             "time_s": t_all.elapsed, "warm_time_s": t_ws.elapsed, "eig_time_s": t_eig.elapsed,
             "admm_time_s": t_admm.elapsed, "refit_time_s": t_rf.elapsed, "dtype": str(dt).replace("torch.", "")}

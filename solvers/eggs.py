@@ -34,15 +34,15 @@ The projection is registered as ``"expander_nm"`` so ``ExpanderNM(N, M, B).proje
 
 **Method** ``eggs``: score = RIA (default; ``score=wanda|magnitude``), expander N:M mask, weights kept
 (``W0 ⊙ mask``) or least-squares refitted on the mask (``refit=True``; ``info`` carries the error before and
-after). With a plain N:M pattern, ``B = min_degree`` (default 1).
+after). With a plain N:M pattern, ``B = min_degree`` (default 1). ``info['graph']`` holds the layer's graph
+metrics (degrees, components, spectral gap vs the Ramanujan bound; :mod:`.graph_metrics`).
 
 **Weight update** (``update=``; method ``eggs_update`` = ``update=admm``, which needs the Gram matrices):
 ``obs`` chooses the expander mask *inside* SparseGPT's OBS column sweep — at each group of M columns the scores
 ``w²/[H⁻¹]²`` of the already-updated weights are projected on the expander set tile by tile, and the pruned
 weights' error is propagated to the remaining columns; ``admm`` then runs the ADMM L0 solver (:mod:`.admm`) with
-the expander projection as its D-step, warm-started from the better of the obs result and the refitted mask-only
-mask. Every mask stays expander-feasible; the L0 program over expander masks is the declared model. ``info['graph']`` holds the layer's graph
-metrics (degrees, components, spectral gap vs the Ramanujan bound; :mod:`.graph_metrics`).
+the expander projection as its D-step, warm-started from the obs result (the mask-only point, refitted by PCG,
+stays a candidate). Every mask stays expander-feasible; the L0 program over expander masks is the declared model.
 """
 from __future__ import annotations
 
@@ -363,9 +363,8 @@ def _eggs_update(problem: LayerProblem, pat: ExpanderNM, update: str, mask_only:
     if update == "obs":
         return obs
     from .admm import admm
-    start = obs if obs.info["error"] <= problem.objective(refit_result(problem, mask_only).W) else \
-        refit_result(problem, mask_only)
-    res = admm(problem, pat, **{**(admm_options or {}), "warm_start": start})
+    # warm start: the OBS point; the mask-only point stays a candidate (as it is and PCG-refitted)
+    res = admm(problem, pat, **{**(admm_options or {}), "warm_start": obs, "candidates": [mask_only]})
     res.info["update"] = "admm"
     return res
 
@@ -378,7 +377,7 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
          update: str = "none", admm_options: Optional[dict] = None, **_) -> LayerResult:
     """``update``: ``none`` (mask only, W0 kept), ``refit`` (= ``refit=True``), ``obs`` (the expander mask chosen
     inside SparseGPT's OBS sweep, group by group, on the updated weights), ``admm`` (ADMM on the L0 program over
-    expander masks, warm-started from the better of obs and the refitted mask-only result; ``admm_options`` go to
+    expander masks, warm-started from obs, the PCG-refitted mask-only point a candidate; ``admm_options`` go to
     the admm method). With an update the method needs the Gram matrices (the pipeline collects them for
     ``eggs_update``; for ``eggs`` with ``-O update=...`` the pipeline must collect H: use ``eggs_update``)."""
     up = str(update or "none").strip().lower()

@@ -185,3 +185,20 @@ def test_rank_deficient_gram_without_damping():
         res = get_method("admm")(p, pat, damp=0.0, warm_start=warm)
         assert torch.isfinite(res.W).all() and pat.is_feasible(res.mask)
     assert res.info["error"] <= p.objective(get_method("sparsegpt")(p, pat).W) * (1 + 1e-9)
+
+
+def test_given_warm_start_and_candidates():
+    from optprune.solvers.base import LayerResult
+    p = LayerProblem.random(3, 8, kind="correlated", seed=0)
+    pat = Unstructured(0.5)
+    ref = get_backend("enumerate").solve(l0_program(p, pat))
+    opt = LayerResult(ref.W * ref.mask, ref.mask, {})
+    res = get_method("admm")(p, pat, warm_start="dense", candidates=[opt])
+    assert res.info["error"] == pytest.approx(ref.objective, rel=1e-9)  # never worse than a given point
+    res = get_method("admm")(p, pat, warm_start=opt)
+    assert res.info["warm_start"] == "given" and res.info["error"] <= ref.objective * (1 + 1e-9)
+    bad = LayerResult(p.W0, torch.ones(3, 8, dtype=torch.bool), {})
+    with pytest.raises(PatternError, match="feasible"):
+        get_method("admm")(p, pat, warm_start=bad)
+    with pytest.raises(PatternError, match="feasible"):
+        get_method("admm")(p, pat, candidates=[bad])

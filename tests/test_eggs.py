@@ -379,7 +379,8 @@ def test_update_keeps_expander_and_lowers_the_layer_objective(N, M, B, kind):
         assert err[up] == pytest.approx(r.info["error"], rel=1e-9)
     assert err["refit"] <= err["none"] * (1 + 1e-12)
     assert err["obs"] < err["none"]
-    assert err["admm"] <= min(err["obs"], err["refit"]) * (1 + 1e-9)
+    assert err["admm"] <= err["obs"] * (1 + 1e-9)
+    assert err["admm"] <= err["refit"] * (1 + 1e-3)  # (the mask-only candidate is refitted by 20 PCG steps)
     assert err["admm"] < err["none"]
 
 
