@@ -164,9 +164,7 @@ class SparseGPT:
                     dj = d[j]
                     if isinstance(pat, NM) and j % pat.M == 0:  # N:M decided on the updated weights
                         sc = W1[:, j:j + pat.M] ** 2 / d[j:j + pat.M].unsqueeze(0) ** 2
-                        M1[:, j:j + pat.M] = False
-                        if pat.N:
-                            M1[:, j:j + pat.M].scatter_(1, torch.topk(sc, pat.N, dim=1).indices, True)
+                        M1[:, j:j + pat.M] = pat.project(sc)  # top-N per row (expander N:M: per tile)
                     q = w * M1[:, j]
                     Q1[:, j] = q
                     err = (w - q) / dj

@@ -36,6 +36,13 @@ The projection is registered as ``"expander_nm"`` so ``ExpanderNM(N, M, B).proje
 (``W0 ⊙ mask``) or least-squares refitted on the mask (``refit=True``; ``info`` carries the error before and
 after). With a plain N:M pattern, ``B = min_degree`` (default 1). ``info['graph']`` holds the layer's graph
 metrics (degrees, components, spectral gap vs the Ramanujan bound; :mod:`.graph_metrics`).
+
+**Weight update** (``update=``; method ``eggs_update`` = ``update=admm``, which needs the Gram matrices):
+``obs`` chooses the expander mask *inside* SparseGPT's OBS column sweep — at each group of M columns the scores
+``w²/[H⁻¹]²`` of the already-updated weights are projected on the expander set tile by tile, and the pruned
+weights' error is propagated to the remaining columns; ``admm`` then runs the ADMM L0 solver (:mod:`.admm`) with
+the expander projection as its D-step, warm-started from the obs result (the mask-only point, refitted by PCG,
+stays a candidate). Every mask stays expander-feasible; the L0 program over expander masks is the declared model.
 """
 from __future__ import annotations
 
@@ -48,13 +55,13 @@ import torch
 
 from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, register_projection
 from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import mask_program
+from ..formulations.programs import l0_program, mask_program
 from .base import LayerResult, Timer, torch_threads
-from .baselines import refit_result, ria_scores, wanda_scores
+from .baselines import SparseGPT, refit_result, ria_scores, wanda_scores
 from .registry import register_method
 
 __all__ = ["expander_nm_mask", "solve_tiles", "feasible_tile_masks", "tile_view", "untile", "tile_objective",
-           "eggs", "eggs_scores", "as_expander", "ALGORITHMS"]
+           "eggs", "eggs_update", "eggs_scores", "as_expander", "ALGORITHMS", "UPDATES"]
 
 ALGORITHMS = ("auto", "ssp", "enum", "greedy")
 ENUM_MAX_COMBOS = 200_000          # C(M,N)^M row-pattern combinations we are willing to enumerate
@@ -327,21 +334,66 @@ def as_expander(pattern: Pattern, min_degree: Optional[int] = None) -> ExpanderN
                        f"got {pattern.name}")
 
 
-def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, **_):
+UPDATES = ("none", "refit", "obs", "admm")
+
+
+def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, update="none", **_):
+    if str(update).strip().lower() != "none":  # weights updated: the L0 program over expander masks
+        return l0_program(problem, as_expander(pattern, min_degree))
     return mask_program(eggs_scores(problem, score, a), as_expander(pattern, min_degree))
+
+
+class _ExpanderOBS(SparseGPT):
+    """SparseGPT's OBS sweep with the N:M choice of each M-column group made under the expander constraint
+    (``ExpanderNM.project`` of the OBS scores ``w²/[H⁻¹]²`` on the updated weights, tile by tile)."""
+
+    def __init__(self, problem: LayerProblem, pattern: ExpanderNM, **kw):
+        super().__init__(problem, NM(pattern.N, pattern.M), **kw)
+        self.pattern = pattern
+
+
+def _eggs_update(problem: LayerProblem, pat: ExpanderNM, update: str, mask_only: LayerResult,
+                 admm_options: Optional[dict]) -> LayerResult:
+    """Weights (and, for obs/admm, the mask) chosen with a weight update, under the expander constraint."""
+    if update == "refit":
+        res = refit_result(problem, mask_only)
+        return LayerResult(res.W, res.mask, {"error": res.info["error"], "update": "refit"})
+    obs = _ExpanderOBS(problem, pat).run()
+    obs.info["update"] = "obs"
+    if update == "obs":
+        return obs
+    from .admm import admm
+    # warm start: the OBS point; the mask-only point stays a candidate (as it is and PCG-refitted)
+    res = admm(problem, pat, **{**(admm_options or {}), "warm_start": obs, "candidates": [mask_only]})
+    res.info["update"] = "admm"
+    return res
 
 
 @register_method("eggs", needs="diag", patterns=("expander", "nm"), program=_program,
                  description="EGGS-PTP: RIA scores, N:M mask with ≥ B kept per column in every M×M tile "
-                             "(exact transportation problem per tile), optional least-squares refit",
+                             "(exact transportation problem per tile); update=none|refit|obs|admm",
                  options={"score": "ria | wanda | magnitude", "a": "RIA exponent of the input norm",
                           "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
-                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics"})
+                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics",
+                          "update": "weight update: none (mask only) | refit | obs (mask inside the OBS sweep) | admm",
+                          "admm_options": "options of the admm method for update=admm"})
 def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: float = 0.5,
-         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True
-         ) -> LayerResult:
+         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True,
+         update: str = "none", admm_options: Optional[dict] = None) -> LayerResult:
+    """``update``: ``none`` (mask only, W0 kept), ``refit`` (= ``refit=True``), ``obs`` (the expander mask chosen
+    inside SparseGPT's OBS sweep, group by group, on the updated weights), ``admm`` (ADMM on the L0 program over
+    expander masks, warm-started from obs, the PCG-refitted mask-only point a candidate; ``admm_options`` go to
+    the admm method). With an update the method needs the Gram matrices (the pipeline collects them for
+    ``eggs_update``; for ``eggs`` with ``-O update=...`` the pipeline must collect H: use ``eggs_update``)."""
+    up = str(update or "none").strip().lower()
+    if up not in UPDATES:
+        raise ValueError(f"eggs: unknown update {update!r}; choose one of {', '.join(UPDATES)}")
+    if up == "refit":
+        up, refit = "none", True
     pat = as_expander(pattern, min_degree)
     pat.validate(problem.shape)
+    if up != "none" and problem.n > 1 and not bool((problem.Hh - torch.diag(problem.Hh.diagonal())).any()):
+        raise ValueError("eggs: update=obs/admm needs the full Gram matrix; run the method 'eggs_update'")
     with Timer() as t:
         S = eggs_scores(problem, score, a)
         with Timer() as tm:
@@ -361,9 +413,33 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
         res = refit_result(problem, res)
         res.info["error_mask_only"] = res.info["error_before_refit"]
         res.info["time_s"] = res.info["time_s"] + res.info["refit_time_s"]
+    if up != "none":
+        with Timer() as tu:
+            upd = _eggs_update(problem, pat, up, res, admm_options)
+        if not pat.is_feasible(upd.mask):
+            raise RuntimeError("eggs: the weight update left the expander set (internal error)")
+        info = dict(res.info)
+        info.update(error_mask_only=res.info.get("error_mask_only", res.info["error"]), update=up,
+                    error=upd.info.get("error", problem.objective(upd.W)), update_time_s=tu.elapsed,
+                    update_info={k: v for k, v in upd.info.items() if k in ("chosen", "iterations", "stop",
+                                                                           "warm_error", "error_admm")})
+        info["time_s"] = info["time_s"] + tu.elapsed
+        res = LayerResult(W=upd.W.to(problem.W0.dtype), mask=upd.mask, info=info)
     if graph:
         from .graph_metrics import graph_metrics
         with Timer() as tg:
             res.info["graph"] = graph_metrics(res.mask, M=pat.M)
         res.info["graph_time_s"] = tg.elapsed
     return res
+
+
+@register_method("eggs_update", needs="gram", patterns=("expander", "nm"),
+                 program=lambda problem, pattern, min_degree=None, **_: l0_program(problem,
+                                                                                  as_expander(pattern, min_degree)),
+                 description="EGGS with a weight update: expander N:M mask chosen inside an OBS sweep, then ADMM "
+                             "on the L0 program over expander masks (eggs -O update=admm)",
+                 options_from="eggs", defaults={"update": "admm"})
+def eggs_update(problem: LayerProblem, pattern: Pattern, *, update: str = "admm", **options) -> LayerResult:
+    if str(update).strip().lower() == "none":
+        raise ValueError("eggs_update: update=none is the mask-only method 'eggs'; choose refit, obs or admm")
+    return eggs(problem, pattern, update=update, **options)

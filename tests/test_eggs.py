@@ -362,3 +362,45 @@ def test_cli_prune_eggs_end_to_end(tmp_path, capsys):
             assert ExpanderNM(2, 4, 1).is_feasible(W != 0), k
             checked += 1
     assert checked == 35
+
+
+# --------------------------------------------------------------------------------------------- weight update
+@pytest.mark.parametrize("N,M,B", [(2, 4, 1), (2, 4, 2), (1, 4, 1), (4, 8, 1)])
+@pytest.mark.parametrize("kind", ["random", "outliers", "correlated"])
+def test_update_keeps_expander_and_lowers_the_layer_objective(N, M, B, kind):
+    p = LayerProblem.random(16, 32, kind=kind, corrected=kind != "random", seed=N + M + B)
+    pat = ExpanderNM(N, M, B)
+    err = {}
+    for up in ("none", "refit", "obs", "admm"):
+        r = get_method("eggs")(p, pat, update=up, graph=False)
+        assert pat.is_feasible(r.mask), up
+        assert torch.all(r.W[~r.mask] == 0)
+        err[up] = p.objective(r.W)
+        assert err[up] == pytest.approx(r.info["error"], rel=1e-9)
+    assert err["refit"] <= err["none"] * (1 + 1e-12)
+    assert err["obs"] < err["none"]
+    assert err["admm"] <= err["obs"] * (1 + 1e-9)
+    assert err["admm"] <= err["refit"] * (1 + 1e-3)  # (the mask-only candidate is refitted by 20 PCG steps)
+    assert err["admm"] < err["none"]
+
+
+def test_eggs_update_method_declares_the_l0_program_over_expander_masks():
+    spec = get_method("eggs_update")
+    assert spec.needs == "gram"
+    p = LayerProblem.random(8, 16)
+    prog = spec.program(p, NM(2, 4), min_degree=2)
+    assert prog.kind == "MIQP" and isinstance(prog.pattern, ExpanderNM) and prog.pattern.B == 2
+    assert get_method("eggs").program(p, NM(2, 4)).kind == "MILP"  # mask-only EGGS stays the mask program
+    r = spec(p, NM(2, 4), graph=False)
+    assert r.info["update"] == "admm" and ExpanderNM(2, 4, 1).is_feasible(r.mask)
+
+
+def test_update_options_fail_loudly():
+    p = LayerProblem.random(8, 16)
+    with pytest.raises(ValueError, match="update"):
+        get_method("eggs")(p, NM(2, 4), update="sgd")
+    with pytest.raises(ValueError, match="mask-only"):
+        get_method("eggs_update")(p, NM(2, 4), update="none")
+    diag = LayerProblem(W0=p.W0, H=torch.diag(p.H.diagonal()))  # what the pipeline builds for needs='diag'
+    with pytest.raises(ValueError, match="eggs_update"):
+        get_method("eggs")(diag, NM(2, 4), update="admm")
