@@ -43,7 +43,7 @@ Error-corrected inputs: with ``Ĥ ≠ H`` everything above uses ``Ĥ`` and ``B =
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -275,7 +275,7 @@ def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
         return _admm(problem, pattern, **options)
 
 
-def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: str = "sparsegpt",
+def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, LayerResult] = "sparsegpt",
           warm_options: Optional[dict] = None, rho: float = 0.1, rho_max: float = 1e6, max_iter: int = 300,
           update_iter: int = 3, switch_iter: int = 30, damp: Optional[float] = None, refit: str = "pcg",
           refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None,
