@@ -161,13 +161,13 @@ class OffloadedModel:
 
         from .architectures import get_arch, get_module
         self.dir = Path(directory)
-        self.ckpt = Checkpoint(self.dir)
         self.config = AutoConfig.from_pretrained(str(self.dir))
         self.dtype = dtype
-        self.arch = get_arch(self.config)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        self.arch = get_arch(self.model)  # an unsupported model is refused before the checkpoint is opened
+        self.ckpt = Checkpoint(self.dir)
         self.blocks = get_module(self.model, self.arch.blocks)
         self.n_blocks = len(self.blocks)
         self.prefix = self.arch.blocks

@@ -494,7 +494,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     from .loading import load_model
     timings = {}
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir)
+    mdl, tok, meta = load_model(model, model_dir=model_dir, require_arch=True)  # refused before loading
     timings["load_s"] = time.perf_counter() - t0
     arch = get_arch(mdl)
     _clip_to_context(s, mdl)
