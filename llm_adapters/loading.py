@@ -231,13 +231,64 @@ def _config_of(kind: str, where, gguf: Optional[str]):
         raise UnknownArchitectureError(f"cannot read the model configuration in {src}: {first}") from None
 
 
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def gguf_architecture(path, max_keys: int = 64) -> Optional[str]:
+    """``general.architecture`` of a GGUF file, read from the first metadata entries of its header (transformers'
+    own GGUF config reader parses the whole file, tokenizer included: seconds per call). ``None`` when it is not
+    among the first ``max_keys`` entries or the header is not understood."""
+    import struct
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return None
+            version, _, n_kv = struct.unpack("<IQQ", fh.read(20))
+            if version < 2:
+                return None
+
+            def string():
+                (n,) = struct.unpack("<Q", fh.read(8))
+                return fh.read(n).decode("utf-8", "replace")
+
+            def skip(t):
+                if t in _GGUF_SCALARS:
+                    fh.seek(_GGUF_SCALARS[t], 1)
+                elif t == 8:
+                    string()
+                elif t == 9:
+                    (et,) = struct.unpack("<I", fh.read(4))
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    if et in _GGUF_SCALARS:
+                        fh.seek(n * _GGUF_SCALARS[et], 1)
+                    else:
+                        for _ in range(n):
+                            skip(et)
+                else:
+                    raise ValueError(t)
+
+            for _ in range(min(n_kv, max_keys)):
+                key = string()
+                (t,) = struct.unpack("<I", fh.read(4))
+                if key == "general.architecture" and t == 8:
+                    return string()
+                skip(t)
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
 def check_architecture(name_or_path: Union[str, os.PathLike], *, model_dir=None):
     """The :class:`~.architectures.ArchSpec` a model will be pruned with, from its config alone (``config.json``
     or GGUF metadata; the model is built on the ``meta`` device): an unsupported model is refused here, before
     any weight is read, with :class:`~.architectures.UnknownArchitectureError` naming what was not found.
     ``None`` for a hub id that is not in the local cache (checked after its load)."""
-    from .architectures import arch_from_config
+    from .architectures import _table_entry, arch_from_config
     kind, where, gguf, _ = _locate(str(name_or_path), model_dir)
+    if kind == "gguf":  # a table family named in the header: no need to parse the whole file
+        entry = _table_entry(gguf_architecture(Path(where) / gguf))
+        if entry is not None:
+            return entry
     cfg = _config_of(kind, where, gguf)
     return None if cfg is None else arch_from_config(cfg)
 

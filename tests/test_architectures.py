@@ -154,3 +154,24 @@ def test_inferred_heads_and_mlp_structure_prune(monkeypatch):
     assert model.model.layers[0].mlp.down_proj.weight.shape[1] < 48
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_gguf_architecture_read_from_the_header(tmp_path):
+    """GGUF: the architecture comes from the header's metadata; an unsupported one is refused from it."""
+    gguf = pytest.importorskip("gguf")
+    from optprune.llm_adapters.loading import gguf_architecture
+    paths = {}
+    for arch in ("llama", "no_such_arch"):
+        p = paths[arch] = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(str(p), arch)
+        w.add_block_count(2)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        assert gguf_architecture(p) == arch
+    assert check_architecture(paths["llama"]).name == "llama"
+    with pytest.raises(A.UnknownArchitectureError, match="no_such_arch"):
+        check_architecture(paths["no_such_arch"])
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    assert gguf_architecture(tmp_path / "junk.gguf") is None
