@@ -62,9 +62,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formulations import GramAccumulator, LayerProblem, NumericalError, PatternError, parse_pattern
+from ..formulations import NumericalError, PatternError, parse_pattern
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
+from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
            "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH"]
@@ -378,58 +379,6 @@ def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
     return box["x"]
 
 
-# ============================================================================================ statistics
-class _DiagAccumulator:
-    """Only Σ x̂_j² (for methods that need no Gram on very wide layers)."""
-
-    def __init__(self, n, dtype, device):
-        self.sq = torch.zeros(n, dtype=dtype, device=device)
-        self.nsamples = 0
-
-    def add(self, x, xhat=None):
-        x = (x if xhat is None else xhat)
-        x = x.reshape(-1, x.shape[-1]).to(self.sq.device, self.sq.dtype)
-        self.sq += (x * x).sum(0)
-        self.nsamples += x.shape[0]
-
-    def problem(self, W0, *, name, damp):
-        return LayerProblem(W0=W0, H=torch.diag(self.sq), name=name, damp=damp, nsamples=self.nsamples,
-                            input_sq_norm=self.sq, meta={"stats": "diag"})
-
-
-class _Stats:
-    """A Gram (or diagonal) accumulator plus the input means ``meta["input_mean"]`` (dense X) and
-    ``meta["input_mean_hat"]`` (X̂, error-corrected only) that FLAP-style bias compensation reads."""
-
-    def __init__(self, n, full, corrected, dtype, device):
-        self.acc = GramAccumulator(n, corrected=corrected, dtype=dtype, device=device) if full \
-            else _DiagAccumulator(n, dtype, device)
-        self.full, self.corrected = full, corrected and full
-        self.sum = torch.zeros(n, dtype=dtype, device=device) if full else None
-        self.sum_hat = torch.zeros(n, dtype=dtype, device=device) if self.corrected else None
-        self.count = 0
-
-    def add(self, x, xhat=None):
-        if not self.full:  # diagonal only (of X̂); no means
-            self.acc.add(x if xhat is None else xhat)
-            return
-        self.acc.add(x, xhat) if self.corrected else self.acc.add(x)
-        self.sum += x.reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
-        if self.sum_hat is not None:
-            self.sum_hat += xhat.reshape(-1, xhat.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
-        self.count += x.numel() // x.shape[-1]
-
-    def problem(self, W0, *, name, damp):
-        p = self.acc.problem(W0, name=name, damp=damp)
-        if not self.full:
-            return p
-        c = max(self.count, 1)
-        p.meta["input_mean"] = self.sum / c
-        if self.sum_hat is not None:
-            p.meta["input_mean_hat"] = self.sum_hat / c
-        return p
-
-
 # ============================================================================================ validation
 @dataclass
 class _Plan:
@@ -668,7 +617,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
 
 
 def _new_acc(n, full, corrected, gdt, dev):
-    return _Stats(n, full, corrected, gdt, dev)
+    return InputStats(n, full=full, corrected=corrected, dtype=gdt, device=dev)
 
 
 def _width(block, sub, arch) -> int:
