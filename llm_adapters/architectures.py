@@ -271,7 +271,9 @@ def infer_arch(model: nn.Module) -> ArchSpec:
         heads = HeadGroups(qkv[0], qkv[-2] if not fused else qkv[0], qkv[-1], o, heads_key, kv_key, fused_qkv=fused,
                            bias_key=next((k for k in ("attention_bias", "enable_bias", "bias") if k in d), None))
     width = linear_weight(lin[down], down in transposed).shape[1]
-    mlp_key = next((k for k in _MLP_KEYS if d.get(k) == width), None)
+    mlp_key = next((k for k in _MLP_KEYS if d.get(k) == width), None)  # the key holding block 0's width,
+    if mlp_key is None:  # else (per-layer widths of a shrunk model) the first the config carries
+        mlp_key = next((k for k in _MLP_KEYS if isinstance(d.get(k), int)), None)
     if mlp_key is None and "n_inner" in d and d["n_inner"] is None:  # GPT-2 style: None means 4·hidden
         mlp_key = "n_inner"
     mlp_groups = None if mlp_key is None else MLPGroups(
