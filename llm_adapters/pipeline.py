@@ -288,9 +288,9 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
     Every block is replaced by a recorder that keeps its arguments and passes the hidden state through; the
     forward stops after the last block. What the model computes per layer (sliding-window or global masks,
-    per-layer-type rotary tables, per-layer scalings) is thus what each block gets later. Arguments that a
-    model would derive from earlier blocks' *outputs* are not supported (none of the transformers decoders
-    does this)."""
+    per-layer-type rotary tables, per-layer scalings) is thus what each block gets later. An argument that a
+    model derives from earlier blocks' *outputs* (rather than from the token ids) would be recorded from the
+    pass-through and is not supported."""
     arch = arch or get_arch(model)
     blocks = get_module(model, arch.blocks)
     saved = list(blocks)
