@@ -241,3 +241,39 @@ def test_prune_sliding_global_family_end_to_end(method):
     for b, c in zip(blocks, get_module(other, arch.blocks)):
         for s in arch.sublayer_names():
             assert torch.allclose(get_module(b, s).weight, get_module(c, s).weight, atol=1e-4)
+
+
+def test_cli_prunes_sliding_global_family_in_memory_and_low_memory(stories_dir, tmp_path):
+    """``optprune prune`` on a saved Gemma 3 style model (stories260K's tokenizer, vocabulary 512): the in-memory
+    and the low-memory runs write the same weights, at the target sparsity."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from optprune.cli import main
+    from optprune.llm_adapters.offload import INDEX_FILE
+    torch.manual_seed(0)
+    c = _gemma3().config
+    c.vocab_size = 512
+    src = tmp_path / "gemma"
+    transformers.Gemma3ForCausalLM(c).save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (stories_dir / f).is_file():
+            shutil.copy(stories_dir / f, src / f)
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text("Once upon a time there was a little fox who liked to run in the woods. " * 60)
+    common = ["prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--calibration",
+              str(calib_file), "--nsamples", "4", "--seqlen", "16", "--no-eval"]
+    assert main(common + ["--output", str(tmp_path / "mem")]) == 0
+    assert main(common + ["--output", str(tmp_path / "low"), "--low-memory"]) == 0
+    mem = load_file(str(tmp_path / "mem" / "model.safetensors"))
+    low = {}
+    for f in (tmp_path / "low").glob("model-*.safetensors"):
+        low.update(load_file(str(f)))
+    assert (tmp_path / "low" / INDEX_FILE).is_file()
+    assert mem.keys() <= low.keys() | {"lm_head.weight"}
+    for k, v in mem.items():
+        if k in low:
+            assert torch.equal(v, low[k]), k
+    q = mem["model.layers.1.self_attn.q_proj.weight"]
+    assert abs(float((q == 0).float().mean()) - 0.5) < 0.02
