@@ -42,6 +42,7 @@ from ..solvers.allocation import allocate
 from ..solvers.spectra import (AGGREGATES, MIN_TAIL, SHAPE_METRICS, MatrixSpectrum, aggregate_metric,
                                matrix_spectra)
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
+from .stats import InputStats
 
 __all__ = ["prunable_matrices", "model_spectra", "activation_sq_norms", "owl_outlier_ratios", "layer_sparsities",
            "parse_allocation", "AllocationError", "OWL_M", "ALLOCATIONS"]
@@ -177,10 +178,9 @@ def activation_sq_norms(model: nn.Module, arch: Optional[ArchSpec], calib_ids: t
     def hook(name):
         def pre(mod, args, kwargs=None):
             x = args[0] if args else (kwargs or {}).get("input")
-            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            v = acc.get(name)
-            s = (x * x).sum(0)
-            acc[name] = s if v is None else v + s
+            if name not in acc:
+                acc[name] = InputStats(x.shape[-1], full=False, dtype=torch.float32, device=x.device)
+            acc[name].add(x.detach())
         return pre
 
     try:
@@ -195,7 +195,7 @@ def activation_sq_norms(model: nn.Module, arch: Optional[ArchSpec], calib_ids: t
     finally:
         for h in handles:
             h.remove()
-    return {k: v.cpu() for k, v in acc.items()}
+    return {k: v.sq_norm.cpu() for k, v in acc.items()}
 
 
 def owl_outlier_ratios(model: nn.Module, arch: Optional[ArchSpec], sq_norms: dict, *, M: float = OWL_M,

@@ -17,7 +17,7 @@ bit as the full run does. This module runs those per-block jobs on several proce
   torchrun (the user's cluster supplies ``--master-addr``; our tests use 127.0.0.1). Rank 0 evaluates, saves
   and writes ``run.json``; the other ranks return ``None`` right after the pruning.
 
-**Who computes the dense inputs.** Every rank computes them itself: it captures block 0's inputs from the
+**Who computes the dense inputs.** Every rank computes them itself: it captures the block inputs from the
 (broadcast) calibration tokens and runs the *dense* blocks up to its own blocks (``prune_model`` does exactly
 that with ``blocks=mine``). There is no activation traffic — for a 7B model one block's inputs are
 ``nsamples × seqlen × hidden`` = 128·2048·4096 floats = 4 GiB, while a dense block forward costs a fraction of

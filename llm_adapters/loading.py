@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["load_model", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
+__all__ = ["load_model", "check_architecture", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
            "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -199,45 +199,139 @@ def _looks_local(s: str) -> bool:
             or "\\" in s or (len(s) > 1 and s[1] == ":"))
 
 
-def load_model(name_or_path: Union[str, os.PathLike], *, model_dir=None, dtype=torch.float32, device=None):
-    """(model in eval mode, tokenizer, meta). ``meta``: name, source, format, model_type, n_params, dtype,
-    (gguf_file). Missing model → :class:`ModelNotFoundError` saying where it looked."""
-    name = str(name_or_path)
+def _locate(name: str, model_dir=None) -> tuple:
+    """Where a model is, without reading it: ``(kind, directory or hub id, gguf file or None, built-in key or
+    None)`` with kind ``"dir"``, ``"gguf"`` or ``"hub"``. Missing model → :class:`ModelNotFoundError`."""
     key = _ALIASES.get(name.strip().lower())
-    meta = {"name": name}
     if key is not None:
         d, gguf = builtin_path(key, model_dir)
+        return ("gguf" if gguf else "dir"), d, gguf, key
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return "gguf", p.parent, p.name, None
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if (p / "config.json").is_file():
+            return "dir", p, None, None
+        if len(ggufs) == 1:
+            return "gguf", p, ggufs[0].name, None
+        what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json or .gguf file"
+        raise ModelNotFoundError(f"no model in {p.resolve()}: {what}")
+    if p.exists():
+        raise ModelNotFoundError(f"{p.resolve()} is not a model directory or a .gguf file")
+    if _looks_local(name):
+        raise ModelNotFoundError(f"no model at {p.resolve()} (not a built-in name: "
+                                 f"{', '.join(BUILTIN_MODELS)}; not an existing directory or .gguf file)")
+    return "hub", name, None, None
+
+
+def _config_of(kind: str, where, gguf: Optional[str]):
+    """The model's config from ``config.json`` or the GGUF metadata (no weight read); ``None`` for a hub id that
+    is not in the local cache (its load then reports)."""
+    from transformers import AutoConfig
+
+    from .architectures import UnknownArchitectureError
+    try:
+        if kind == "gguf":
+            return AutoConfig.from_pretrained(str(where), gguf_file=gguf)
+        if kind == "hub":
+            return AutoConfig.from_pretrained(where, local_files_only=True)
+        return AutoConfig.from_pretrained(str(where))
+    except (OSError, ValueError, KeyError) as e:
+        if kind == "hub":
+            return None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        src = Path(where) / (gguf or "config.json")
+        raise UnknownArchitectureError(f"cannot read the model configuration in {src}: {first}") from None
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def gguf_architecture(path, max_keys: int = 64) -> Optional[str]:
+    """``general.architecture`` of a GGUF file, read from the first metadata entries of its header (transformers'
+    own GGUF config reader parses the whole file, tokenizer included: seconds per call). ``None`` when it is not
+    among the first ``max_keys`` entries or the header is not understood."""
+    import struct
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return None
+            version, _, n_kv = struct.unpack("<IQQ", fh.read(20))
+            if version < 2:
+                return None
+
+            def string():
+                (n,) = struct.unpack("<Q", fh.read(8))
+                return fh.read(n).decode("utf-8", "replace")
+
+            def skip(t):
+                if t in _GGUF_SCALARS:
+                    fh.seek(_GGUF_SCALARS[t], 1)
+                elif t == 8:
+                    string()
+                elif t == 9:
+                    (et,) = struct.unpack("<I", fh.read(4))
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    if et in _GGUF_SCALARS:
+                        fh.seek(n * _GGUF_SCALARS[et], 1)
+                    else:
+                        for _ in range(n):
+                            skip(et)
+                else:
+                    raise ValueError(t)
+
+            for _ in range(min(n_kv, max_keys)):
+                key = string()
+                (t,) = struct.unpack("<I", fh.read(4))
+                if key == "general.architecture" and t == 8:
+                    return string()
+                skip(t)
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+def check_architecture(name_or_path: Union[str, os.PathLike], *, model_dir=None):
+    """The :class:`~.architectures.ArchSpec` a model will be pruned with, from its config alone (``config.json``
+    or GGUF metadata; the model is built on the ``meta`` device): an unsupported model is refused here, before
+    any weight is read, with :class:`~.architectures.UnknownArchitectureError` naming what was not found.
+    ``None`` for a hub id that is not in the local cache (checked after its load)."""
+    from .architectures import _table_entry, arch_from_config
+    kind, where, gguf, _ = _locate(str(name_or_path), model_dir)
+    if kind == "gguf":  # a table family named in the header: no need to parse the whole file
+        entry = _table_entry(gguf_architecture(Path(where) / gguf))
+        if entry is not None:
+            return entry
+    cfg = _config_of(kind, where, gguf)
+    return None if cfg is None else arch_from_config(cfg)
+
+
+def load_model(name_or_path: Union[str, os.PathLike], *, model_dir=None, dtype=torch.float32, device=None,
+               require_arch: bool = False):
+    """(model in eval mode, tokenizer, meta). ``meta``: name, source, format, model_type, n_params, dtype,
+    (gguf_file). Missing model → :class:`ModelNotFoundError` saying where it looked. ``require_arch``: refuse a
+    model the pruning engine cannot handle before loading it (:func:`check_architecture`)."""
+    name = str(name_or_path)
+    kind, where, gguf, key = _locate(name, model_dir)
+    if require_arch:
+        check_architecture(name, model_dir=model_dir)
+    meta = {"name": name}
+    if key is not None:
         meta["builtin"] = key
-        if gguf:
-            model, tok = _gguf_load(d, gguf, dtype)
-            meta.update(source=str(d / gguf), format="gguf (dequantized)", gguf_file=gguf)
-        else:
-            model, tok, fmt = _dir_load(d, dtype)
-            meta.update(source=str(d.resolve()), format=fmt)
+    if kind == "gguf":
+        model, tok = _gguf_load(where, gguf, dtype)
+        meta.update(source=str((Path(where) / gguf).resolve() if key is None else Path(where) / gguf),
+                    format="gguf (dequantized)", gguf_file=gguf)
+    elif kind == "dir":
+        model, tok, fmt = _dir_load(where, dtype)
+        meta.update(source=str(Path(where).resolve()), format=fmt)
     else:
-        p = Path(name).expanduser()
-        if p.is_file() and p.suffix.lower() == ".gguf":
-            model, tok = _gguf_load(p.parent, p.name, dtype)
-            meta.update(source=str(p.resolve()), format="gguf (dequantized)", gguf_file=p.name)
-        elif p.is_dir():
-            ggufs = sorted(p.glob("*.gguf"))
-            if (p / "config.json").is_file():
-                model, tok, fmt = _dir_load(p, dtype)
-                meta.update(source=str(p.resolve()), format=fmt)
-            elif len(ggufs) == 1:
-                model, tok = _gguf_load(p, ggufs[0].name, dtype)
-                meta.update(source=str(ggufs[0].resolve()), format="gguf (dequantized)", gguf_file=ggufs[0].name)
-            else:
-                what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json or .gguf file"
-                raise ModelNotFoundError(f"no model in {p.resolve()}: {what}")
-        elif p.exists():
-            raise ModelNotFoundError(f"{p.resolve()} is not a model directory or a .gguf file")
-        elif _looks_local(name):
-            raise ModelNotFoundError(f"no model at {p.resolve()} (not a built-in name: "
-                                     f"{', '.join(BUILTIN_MODELS)}; not an existing directory or .gguf file)")
-        else:
-            model, tok = _hub_load(name, dtype, model_dir)
-            meta.update(source=f"hub:{name}", format="hub")
+        model, tok = _hub_load(name, dtype, model_dir)
+        meta.update(source=f"hub:{name}", format="hub")
+    if require_arch:
+        from .architectures import get_arch
+        get_arch(model)  # a hub model whose config was not cached: checked now
     model.eval()
     if device is not None:
         model.to(device)

@@ -8,8 +8,9 @@ How it works:
    (``model.safetensors`` or ``model.safetensors.index.json``) and read **one tensor at a time** with
    ``safetensors.safe_open`` (each file is opened per block and closed again, so no mapping stays resident).
 2. **Capture.** The non-block tensors needed before block 0 (embeddings, positional tables, norms; never the
-   output head) are materialised, block 0's inputs are captured exactly as the in-memory pipeline captures them
-   (:func:`~.pipeline.capture_block_inputs`), and those tensors are released.
+   output head) are materialised, block 0's hidden states and every block's own arguments (its mask, its
+   positional table) are captured exactly as the in-memory pipeline captures them
+   (:func:`~.pipeline.capture_block_inputs`, the blocks standing aside), and those tensors are released.
 3. **One block at a time.** For each block up to the last one to prune: materialise it, prune it with any
    unstructured/N:M method through the ordinary pipeline (:func:`~.pipeline.prune_model` on a one-block view
    whose forward replays the stored block inputs), write its tensors to its own output shard, then compute the
@@ -151,23 +152,6 @@ def _trim() -> None:
 
 
 # ============================================================================================ the skeleton
-class _Proxy(nn.Module):
-    """A parameterless stand-in for a (meta) block during the capture: attribute reads go to the real block."""
-
-    def __init__(self, real):
-        super().__init__()
-        object.__setattr__(self, "_real", real)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_real"), name)
-
-    def forward(self, *a, **k):  # pragma: no cover - the catcher stops the forward at block 0
-        raise RuntimeError("a block past block 0 ran during the capture")
-
-
 class OffloadedModel:
     """A model skeleton on the meta device plus its checkpoint; blocks materialised one at a time."""
 
@@ -177,13 +161,13 @@ class OffloadedModel:
 
         from .architectures import get_arch, get_module
         self.dir = Path(directory)
-        self.ckpt = Checkpoint(self.dir)
         self.config = AutoConfig.from_pretrained(str(self.dir))
         self.dtype = dtype
-        self.arch = get_arch(self.config)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        self.arch = get_arch(self.model)  # an unsupported model is refused before the checkpoint is opened
+        self.ckpt = Checkpoint(self.dir)
         self.blocks = get_module(self.model, self.arch.blocks)
         self.n_blocks = len(self.blocks)
         self.prefix = self.arch.blocks
@@ -261,25 +245,21 @@ class OffloadedModel:
         p = f"{self.prefix}.{i}."
         return {p + k: v.detach().to("cpu").contiguous() for k, v in sd.items() if p + k in self.keys}
 
-    # ------------------------------------------------------------------ capture of block 0's inputs
+    # ------------------------------------------------------------------ capture of the block inputs
     @torch.no_grad()
     def capture(self, calib_ids, *, device, batch_size=None):
-        """Block 0's inputs (:class:`~.pipeline.BlockInputs`), computed as in the in-memory pipeline."""
+        """Block 0's hidden states and every block's own arguments (:class:`~.pipeline.BlockInputs`), from the
+        model's own forward with the (meta) blocks standing aside, as in the in-memory pipeline."""
         from .pipeline import capture_block_inputs
         pre = [k for k in self.rest_keys if k != self._out_key]
         out_emb = self.model.get_output_embeddings()
-        saved_blocks = list(self.blocks)
         # the non-block tensors before the blocks (embeddings, positions, norms) — never the output head
         self._load_into(self.model, "", pre)
         try:
-            for i, b in enumerate(saved_blocks):
-                self.blocks[i] = _Proxy(b)
             if out_emb is not None:
                 self.model.set_output_embeddings(nn.Identity())
             return capture_block_inputs(self.model, calib_ids, device=device, batch_size=batch_size, arch=self.arch)
         finally:
-            for i, b in enumerate(saved_blocks):
-                self.blocks[i] = b
             if out_emb is not None:
                 self.model.set_output_embeddings(out_emb)
             self._release_rest()
@@ -340,16 +320,18 @@ class _BlockView(nn.Module):
             parent = child
         parent.add_module(parts[-1], nn.ModuleList([block]))
         object.__setattr__(self, "_path", arch.blocks)
+        object.__setattr__(self, "optprune_arch", arch)  # get_arch: the full model's, not re-inferred
         object.__setattr__(self, "_feed", feed)   # (hidden on CPU, batches, compute dtype)
         object.__setattr__(self, "_emb", types.SimpleNamespace(num_embeddings=vocab))
         object.__setattr__(self, "_k", 0)
+        self.eval()  # prune_model restores the view's mode: a training-mode view would leave dropout on
 
     def get_input_embeddings(self):
         return self._emb
 
     def forward(self, input_ids, **_):
         from .architectures import get_module
-        hidden, batches, dtype = self._feed
+        hidden, batches, dtype = self._feed  # batches: this block's own (slice, args, kwargs)
         sl, args, kw = batches[self._k % len(batches)]
         object.__setattr__(self, "_k", self._k + 1)
         if input_ids.shape[0] != sl.stop - sl.start:
@@ -411,7 +393,7 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
     t_capture = time.perf_counter() - t0
     if inputs is not None:
         hidden = inputs.hidden.to("cpu", act_dtype)
-        batches = inputs.batches
+        per_block = inputs.per_block  # each block's own masks / positional tables
         del inputs
     vocab = getattr(om.config, "vocab_size", None) or int(calib_ids.max()) + 1
     bar = tqdm(range(last + 1), desc=f"prune {plan.spec.name} (low memory)", unit="block", disable=not progress)
@@ -419,7 +401,7 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
         tb = time.perf_counter()
         blk = om.block(i)
         if i not in mine:
-            _forward_inplace(blk, hidden, batches, om.dtype, dev)
+            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
             om.release(i)
             continue
         subs = [f"{om.prefix}.{i}.{s}" for s in plan.arch.sublayer_names()]
@@ -433,7 +415,7 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
         if config.layer_sparsity:
             ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
                   for n, v in config.layer_sparsity.items() if n in subs}
-        view = _BlockView(om.config, plan.arch, blk, (hidden, batches, om.dtype), vocab)
+        view = _BlockView(om.config, plan.arch, blk, (hidden, per_block[i], om.dtype), vocab)
         cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
         try:
             res = prune_model(view, calib_ids, cfg, progress=False)
@@ -452,7 +434,7 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
             if config.mode == "dense-input":  # the next inputs come from the dense block: read it again
                 om.release(i)
                 blk = om.block(i)
-            _forward_inplace(blk, hidden, batches, om.dtype, dev)
+            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
         om.release(i)
         blocks_rec[-1].update(write_time_s=t_write, next_inputs_time_s=time.perf_counter() - tf,
                               total_time_s=time.perf_counter() - tb)
@@ -552,10 +534,10 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
     dev = torch.device(device or "cpu")
     inp = om.capture(X, device=dev, batch_size=batch_size)
     hidden = inp.hidden.to("cpu")
-    batches = inp.batches
+    per_block, batches = inp.per_block, inp.batches
     del inp
     for i in tqdm(range(om.n_blocks), desc=desc, unit="block", leave=False, disable=not progress):
-        _forward_inplace(om.block(i), hidden, batches, om.dtype, dev)
+        _forward_inplace(om.block(i), hidden, per_block[i], om.dtype, dev)
         om.release(i)
     # the final norm and the output head (tied: the input embedding's weight)
     head_keys = [k for k in om.rest_keys]

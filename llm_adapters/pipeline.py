@@ -2,10 +2,12 @@
 
 ``prune_model(model, calib_ids, config)`` prunes a transformers causal LM block by block:
 
-1. **Capture** the inputs of block 0 once: a catcher module takes block 0's place, records the hidden states
-   and every other argument the model passes (attention mask, position ids, LLaMA's ``position_embeddings``,
-   cache position ...) and raises, so nothing after it runs. Cache objects are replaced by ``None``.
-   Calibration runs one batch of samples at a time; identical per-batch arguments are stored once.
+1. **Capture** what every block receives, from the model's own forward: each block is replaced by a recorder
+   that keeps its arguments (attention mask, position ids, ``position_embeddings``, cache position ... — each
+   block its own: alternating sliding-window/global masks and per-layer-type rotary tables included) and passes
+   the hidden state through; the last one stops the forward. Block 0's hidden states start the stream. Cache
+   objects are replaced by ``None``. Calibration runs one batch of samples at a time; identical arguments
+   (across blocks and batches) are stored once.
 2. For each block, for each group of sub-layers in ``arch.sublayers`` order (``q,k,v → o → up,gate → down``),
    **accumulate the Gram matrices** of the group's input with forward pre-hooks (float32, streaming over the
    batches, never holding all tokens). Sub-layers of one group share their input and their Grams.
@@ -60,9 +62,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formulations import GramAccumulator, LayerProblem, NumericalError, PatternError, parse_pattern
+from ..formulations import NumericalError, PatternError, parse_pattern
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
+from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
            "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH"]
@@ -178,13 +181,17 @@ def _peak_rss_mb() -> float:
 
 
 # ============================================================================================ capture / replay
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its arguments and stops the model's forward."""
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during the capture: records the arguments the model hands it and returns the
+    hidden state unchanged (the model's masks and positional tables do not depend on block outputs); the last
+    block's recorder stops the forward, so the head never runs."""
 
-    def __init__(self, layer: nn.Module, store):
+    def __init__(self, layer: nn.Module, index: int, store, last: bool):
         super().__init__()
         object.__setattr__(self, "_wrapped", layer)  # not registered: model.to() does not move it
+        object.__setattr__(self, "_index", index)
         object.__setattr__(self, "_store", store)
+        object.__setattr__(self, "_last", last)
 
     def __getattr__(self, name):  # attributes the model reads off its layers (e.g. attention_type)
         try:
@@ -198,20 +205,30 @@ class _Catcher(nn.Module):
         else:
             h, rest = kwargs.pop("hidden_states"), ()
         kw = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
-        self._store(h, rest, kw)
-        raise _Stop
+        self._store(self._index, h, rest, kw)
+        if self._last:
+            raise _Stop
+        return h
 
 
 @dataclass
 class BlockInputs:
     """Block inputs for the whole calibration set, batch by batch.
 
-    ``hidden``: (nsamples, seqlen, d) on the compute device in the model dtype; ``batches``: a list of
-    ``(slice, args, kwargs)`` — the extra positional/keyword arguments the model passes its blocks for
-    that batch (identical ones are shared, not copied).
+    ``hidden``: (nsamples, seqlen, d) on the compute device in the model dtype — the hidden states entering the
+    block being processed (block 0's after the capture); ``batches``: that block's list of ``(slice, args,
+    kwargs)`` — the extra positional/keyword arguments the model passes it for that batch; ``per_block[i]``:
+    the same list for block ``i`` (``None``: every block gets ``batches``). Identical tensors (one mask or
+    rotary table for many blocks and batches) are stored once and shared.
     """
     hidden: torch.Tensor
     batches: list
+    per_block: Optional[list] = None
+
+    def at(self, i: int, hidden: Optional[torch.Tensor] = None) -> "BlockInputs":
+        """The inputs of block ``i``: its own arguments, with ``hidden`` (default: the current hidden states)."""
+        batches = self.batches if self.per_block is None else self.per_block[i]
+        return BlockInputs(self.hidden if hidden is None else hidden, batches, self.per_block)
 
 
 def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
@@ -220,68 +237,105 @@ def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
 
 
+class _Interner:
+    """Moves captured arguments to the compute device and shares identical ones: the same object handed to
+    several blocks is moved once; a tensor equal to one already stored (an earlier batch's mask or rotary
+    table) is replaced by it; containers of shared items are shared too."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.memo = {}        # id(source object) -> (source, stored) — the source kept alive while its id is used
+        self.recent = []      # stored tensors of the previous and current batch, to compare new ones against
+        self.boxes = {}       # (type, key, ids of stored items) -> stored container
+
+    def new_batch(self):
+        self.memo = {}
+        self.recent = self.recent[-64:]
+
+    def __call__(self, obj):
+        if id(obj) in self.memo:
+            return self.memo[id(obj)][1]
+        if torch.is_tensor(obj):
+            t = obj.detach().to(self.dev)
+            out = next((r for r in self.recent if _same(t, r)), None)
+            if out is None:
+                out = t
+                self.recent.append(t)
+        elif isinstance(obj, (tuple, list)):
+            items = [self(o) for o in obj]
+            key = (type(obj), None, tuple(id(x) for x in items))
+            out = self.boxes.setdefault(key, type(obj)(items) if isinstance(obj, list) else tuple(items))
+        elif isinstance(obj, dict):
+            items = {k: self(v) for k, v in obj.items()}
+            key = (dict, tuple(items), tuple(id(x) for x in items.values()))
+            out = self.boxes.setdefault(key, items)
+        else:
+            return obj
+        self.memo[id(obj)] = (obj, out)
+        return out
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=None, batch_size: Optional[int] = None,
                          arch: Optional[ArchSpec] = None) -> BlockInputs:
-    """Run the model up to block 0 on every calibration batch and keep block 0's inputs (see module doc)."""
+    """Block 0's hidden states and every block's own arguments, from the model's own forward (module doc).
+
+    Every block is replaced by a recorder that keeps its arguments and passes the hidden state through; the
+    forward stops after the last block. What the model computes per layer (sliding-window or global masks,
+    per-layer-type rotary tables, per-layer scalings) is thus what each block gets later. An argument that a
+    model derives from earlier blocks' *outputs* (rather than from the token ids) would be recorded from the
+    pass-through and is not supported."""
     arch = arch or get_arch(model)
-    dev = torch.device(device) if device is not None else _model_device(model)
-    orig = _model_device(model)
     blocks = get_module(model, arch.blocks)
     saved = list(blocks)
+    nb = len(saved)
     n, L = calib_ids.shape
     bs = _batch_size(batch_size, n, L)
-    state = {"hidden": None, "batches": [], "cur": None, "prev": None}
+    state = {"hidden": None, "cur": None, "seen": None}
+    per_block = [[] for _ in range(nb)]
+    intern = None
 
-    def store(h, args, kw):
-        if state["hidden"] is None:
-            state["hidden"] = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=dev)
+    def store(i, h, args, kw):
         sl = state["cur"]
-        state["hidden"][sl] = h.to(dev)
-        args = tuple(_to(a, dev) for a in args)
-        kw = {k: _to(v, dev) for k, v in kw.items()}
-        prev = state["prev"]
-        if prev is not None:  # share identical arguments between batches (masks, rotary tables)
-            args = tuple(p if _same(a, p) else a for a, p in zip(args, prev[0])) if len(args) == len(prev[0]) else args
-            kw = {k: (prev[1][k] if k in prev[1] and _same(v, prev[1][k]) else v) for k, v in kw.items()}
-        state["prev"] = (args, kw)
-        state["batches"].append((sl, args, kw))
+        if i == 0:
+            if state["hidden"] is None:
+                state["hidden"] = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=dev)
+            state["hidden"][sl] = h.to(dev)
+        if i in state["seen"]:
+            raise RuntimeError(f"block {i} was called twice in one forward of the model; the architecture's blocks "
+                               f"path {arch.blocks!r} does not name the decoder blocks")
+        state["seen"].add(i)
+        per_block[i].append((sl, tuple(intern(a) for a in args), {k: intern(v) for k, v in kw.items()}))
 
-    catcher = _Catcher(saved[0], store)
-    moved = dev != orig
     try:
-        blocks[0] = catcher
-        if moved:  # move everything but the blocks (embeddings, rotary, norms) to the compute device
-            for i in range(1, len(saved)):
-                blocks[i] = nn.Identity()
-            model.to(dev)
-        for b0 in range(0, n, bs):
-            state["cur"] = slice(b0, min(n, b0 + bs))
-            try:
-                model(calib_ids[state["cur"]].to(dev), use_cache=False)
-            except _Stop:
-                pass
-            else:
-                raise RuntimeError("block 0 was never called by the model's forward; check the architecture table "
-                                   f"(blocks path {arch.blocks!r})")
-    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = _Recorder(b, i, store, last=i == nb - 1)
+        # the blocks aside: embeddings, positional tables, norms (and the head); a one-block view has none
+        orig = _model_device(model) if any(True for _ in model.parameters()) else _model_device(saved[0])
+        dev = torch.device(device) if device is not None else orig
+        intern = _Interner(dev)
+        moved = dev != orig
         if moved:
-            model.to(orig)
+            model.to(dev)
+        try:
+            for b0 in range(0, n, bs):
+                state["cur"], state["seen"] = slice(b0, min(n, b0 + bs)), set()
+                intern.new_batch()
+                try:
+                    model(calib_ids[state["cur"]].to(dev), use_cache=False)
+                except _Stop:
+                    pass
+                missing = [i for i in range(nb) if i not in state["seen"]]
+                if missing:
+                    raise RuntimeError(f"block(s) {', '.join(map(str, missing[:5]))} were never called by the "
+                                       f"model's forward; check the architecture (blocks path {arch.blocks!r})")
+        finally:
+            if moved:
+                model.to(orig)
+    finally:
         for i, b in enumerate(saved):
             blocks[i] = b
-    return BlockInputs(state["hidden"], state["batches"])
-
-
-def _to(obj, dev):
-    if torch.is_tensor(obj):
-        return obj.to(dev)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, dev) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, dev) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, dev) for k, v in obj.items()}
-    return obj
+    return BlockInputs(state["hidden"], per_block[0], per_block)
 
 
 def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
@@ -317,58 +371,6 @@ def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
     if "x" not in box:
         raise RuntimeError(f"sub-layer {path!r} was not called by its block's forward")
     return box["x"]
-
-
-# ============================================================================================ statistics
-class _DiagAccumulator:
-    """Only Σ x̂_j² (for methods that need no Gram on very wide layers)."""
-
-    def __init__(self, n, dtype, device):
-        self.sq = torch.zeros(n, dtype=dtype, device=device)
-        self.nsamples = 0
-
-    def add(self, x, xhat=None):
-        x = (x if xhat is None else xhat)
-        x = x.reshape(-1, x.shape[-1]).to(self.sq.device, self.sq.dtype)
-        self.sq += (x * x).sum(0)
-        self.nsamples += x.shape[0]
-
-    def problem(self, W0, *, name, damp):
-        return LayerProblem(W0=W0, H=torch.diag(self.sq), name=name, damp=damp, nsamples=self.nsamples,
-                            input_sq_norm=self.sq, meta={"stats": "diag"})
-
-
-class _Stats:
-    """A Gram (or diagonal) accumulator plus the input means ``meta["input_mean"]`` (dense X) and
-    ``meta["input_mean_hat"]`` (X̂, error-corrected only) that FLAP-style bias compensation reads."""
-
-    def __init__(self, n, full, corrected, dtype, device):
-        self.acc = GramAccumulator(n, corrected=corrected, dtype=dtype, device=device) if full \
-            else _DiagAccumulator(n, dtype, device)
-        self.full, self.corrected = full, corrected and full
-        self.sum = torch.zeros(n, dtype=dtype, device=device) if full else None
-        self.sum_hat = torch.zeros(n, dtype=dtype, device=device) if self.corrected else None
-        self.count = 0
-
-    def add(self, x, xhat=None):
-        if not self.full:  # diagonal only (of X̂); no means
-            self.acc.add(x if xhat is None else xhat)
-            return
-        self.acc.add(x, xhat) if self.corrected else self.acc.add(x)
-        self.sum += x.reshape(-1, x.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
-        if self.sum_hat is not None:
-            self.sum_hat += xhat.reshape(-1, xhat.shape[-1]).to(self.sum.device, self.sum.dtype).sum(0)
-        self.count += x.numel() // x.shape[-1]
-
-    def problem(self, W0, *, name, damp):
-        p = self.acc.problem(W0, name=name, damp=damp)
-        if not self.full:
-            return p
-        c = max(self.count, 1)
-        p.meta["input_mean"] = self.sum / c
-        if self.sum_hat is not None:
-            p.meta["input_mean_hat"] = self.sum_hat / c
-        return p
 
 
 # ============================================================================================ validation
@@ -552,9 +554,10 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
         for bi in bar:
             block = blocks_mod[bi]
             block.to(dev)
+            cur = inputs.at(bi)  # this block's own masks / positional tables, the current hidden states
             tb = time.perf_counter()
             if bi not in selected:  # untouched: just propagate
-                forward_block(block, inputs, out)
+                forward_block(block, cur, out)
                 block.to(orig_dev)
                 inputs.hidden, out = out, inputs.hidden
                 continue
@@ -575,19 +578,19 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
             if config.error_correction:
                 if need_out_dense:  # dense stream: this block's outputs before anything is pruned
                     t0 = time.perf_counter()
-                    forward_block(block, inputs, out)
+                    forward_block(block, cur, out)
                     t_fwd += time.perf_counter() - t0
                 for gi, group in enumerate(groups):
                     t0 = time.perf_counter()
                     # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
-                    acc = _accumulate_corrected(block, dense if gi else None, group[0][0], inputs, arch, spec,
+                    acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
                                                 config, gdt, dev)
                     t_stats += time.perf_counter() - t0
                     solve_group(group, acc)
                     del acc
             else:
                 t0 = time.perf_counter()
-                accs = _accumulate_dense(block, [g[0][0] for g in groups], inputs, arch, spec, config, gdt, dev,
+                accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
                                          out if need_out_dense else None)
                 t_stats += time.perf_counter() - t0
                 for group, acc in zip(groups, accs):
@@ -596,7 +599,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
             del dense
             if config.mode == "sequential" and bi != last:
                 t0 = time.perf_counter()
-                forward_block(block, inputs, out)
+                forward_block(block, cur, out)
                 t_fwd += time.perf_counter() - t0
             block.to(orig_dev)
             inputs.hidden, out = out, inputs.hidden
@@ -622,7 +625,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
 
 
 def _new_acc(n, full, corrected, gdt, dev):
-    return _Stats(n, full, corrected, gdt, dev)
+    return InputStats(n, full=full, corrected=corrected, dtype=gdt, device=dev)
 
 
 def _width(block, sub, arch) -> int:

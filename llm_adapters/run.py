@@ -545,7 +545,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     if in_memory:
         mdl, tok, meta = model, tokenizer, _memory_meta(model, model_label)
     else:
-        mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir)
+        mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir,
+                                                   require_arch=True)  # unsupported: refused before loading
         tok = tokenizer if tokenizer is not None else tok
     meta["source_dtype"] = str(export.source_dtype(mdl, None if in_memory else meta)).replace("torch.", "")
     timings["load_s"] = time.perf_counter() - t0

@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from ..formulations.patterns import ColumnGroups, Pattern, PatternError, check_sparsity
-from ..formulations.problem import GramAccumulator, LayerProblem
+from ..formulations.problem import LayerProblem
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
+from .stats import InputStats
 
 __all__ = ["SurgeryError", "structure_pattern", "apply_structured", "layer_widths", "is_uniform", "save_shrunk",
            "load_shrunk", "capture_problems", "WIDTHS_FILE"]
@@ -521,17 +522,14 @@ def capture_problems(model: nn.Module, input_ids: torch.Tensor, *, kind: str = "
     path = arch.mlp.down if kind == "mlp" else arch.heads.o
     all_blocks = get_module(model, arch.blocks)
     idx = list(range(len(all_blocks))) if blocks is None else list(blocks)
-    accs, sums, hooks = {}, {}, []
+    accs, hooks = {}, []
     for i in idx:
         mod = get_module(all_blocks[i], path)
         n = _shape_oi(mod, _is_t(arch, path))[1]
-        accs[i] = GramAccumulator(n, dtype=dtype)
-        sums[i] = torch.zeros(n, dtype=dtype)
+        accs[i] = InputStats(n, dtype=dtype)
 
         def hook(module, args, i=i):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            accs[i].add(x)
-            sums[i] += x.to(dtype).sum(0).cpu()
+            accs[i].add(args[0].detach())
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
         for b0 in range(0, input_ids.shape[0], batch_size):
@@ -543,7 +541,5 @@ def capture_problems(model: nn.Module, input_ids: torch.Tensor, *, kind: str = "
     for i in idx:
         mod = get_module(all_blocks[i], path)
         W0 = linear_weight(mod, _is_t(arch, path)).detach().to(dtype).cpu().clone()
-        p = accs[i].problem(W0, name=f"block{i}.{path}")
-        p.meta["input_mean"] = sums[i] / max(accs[i].nsamples, 1)
-        probs.append(p)
+        probs.append(accs[i].problem(W0, name=f"block{i}.{path}"))  # with meta["input_mean"]
     return probs
