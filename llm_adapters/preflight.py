@@ -29,7 +29,6 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 __all__ = ["PreflightError", "check_prune", "check_output", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
@@ -100,11 +99,28 @@ def _safetensors_header(path: Path) -> dict:
     return hdr
 
 
+def _arch_of(cfg: dict):
+    """The ArchSpec of the model a config.json describes (table entry, else inferred from the model built on the
+    meta device): an unsupported model is refused here, before any weight file is read."""
+    from .architectures import UnknownArchitectureError, _table_entry, arch_from_config
+    entry = _table_entry(cfg.get("model_type"))
+    if entry is not None:
+        return entry
+    try:
+        from transformers import AutoConfig
+        conf = AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnknownArchitectureError(f"model type {cfg.get('model_type')!r}: transformers cannot build its "
+                                       f"config ({str(e).splitlines()[0][:160]})") from None
+    return arch_from_config(conf)
+
+
 def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     """config.json parsed; weight files complete; tokenizer present. Returns the config and the weight bytes."""
     cfg = _read_json(d / "config.json")
     if not isinstance(cfg.get("model_type"), str):
         raise PreflightError(f"{d / 'config.json'}: no model_type (not a transformers model config)")
+    _arch_of(cfg)  # an unsupported family is refused from its config, before its weight files are looked at
     gen = d / "generation_config.json"
     if gen.is_file():
         _read_json(gen)
@@ -168,13 +184,13 @@ def _stored_shapes(d: Path) -> dict:
 def stale_widths(d: Path) -> Optional[str]:
     """Why the folder's ``optprune_widths.json`` does not describe its weights (left over from an earlier
     structured output), or None when it does (or there is none)."""
-    from .architectures import UnknownArchitectureError, get_arch
+    from .architectures import UnknownArchitectureError
     wf = Path(d) / "optprune_widths.json"
     if not wf.is_file():
         return None
     rec, cfg = _read_json(wf), _read_json(Path(d) / "config.json")
     try:
-        arch = get_arch(SimpleNamespace(model_type=cfg.get("model_type")))
+        arch = _arch_of(cfg)
     except UnknownArchitectureError:
         return None
     shapes = _stored_shapes(Path(d))
@@ -480,9 +496,9 @@ def check_shapes(cfg: Optional[dict], *, structured: bool, nm_M: Optional[int], 
     """N:M divisibility of every prunable input width; a structured sparsity keeping ≥ 1 group."""
     if not cfg:
         return
-    from .architectures import UnknownArchitectureError, get_arch
+    from .architectures import UnknownArchitectureError
     try:
-        arch = get_arch(SimpleNamespace(model_type=cfg.get("model_type")))
+        arch = _arch_of(cfg)
     except UnknownArchitectureError as e:
         raise PreflightError(str(e)) from None
     w = _widths(cfg, arch)

@@ -119,7 +119,7 @@ CASES = [
     ("config-not-an-object", {}, lambda tmp, m, o: (m / "config.json").write_text("[1, 2]"), "JSON object"),
     ("config-no-model-type", {}, lambda tmp, m, o: _rewrite_config(m, model_type=None), "model_type"),
     ("config-unknown-architecture", {}, lambda tmp, m, o: _rewrite_config(m, model_type="mamba"),
-     "unknown architecture 'mamba'"),
+     "model type 'mamba'"),
     ("safetensors-truncated", {}, lambda tmp, m, o: _truncate(m / "model.safetensors", 0.6), "truncated"),
     ("safetensors-header-garbage", {},
      lambda tmp, m, o: (m / "model.safetensors").write_bytes(struct.pack("<Q", 12) + b"not json!!!!" + b"\0" * 64),
