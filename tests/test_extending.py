@@ -22,13 +22,17 @@ def python_blocks(text: str) -> list[str]:
 
 @contextlib.contextmanager
 def isolated_registries():
-    """Restore the method, backend and pattern registries and drop the scratch modules afterwards."""
+    """Restore the method, backend, pattern and architecture registries and drop the scratch modules afterwards."""
+    from optprune.llm_adapters import architectures
     from optprune.solvers.registry import isolated
     before = set(sys.modules)
+    table = dict(architectures.ARCHITECTURES)
     try:
         with isolated():
             yield
     finally:
+        architectures.ARCHITECTURES.clear()
+        architectures.ARCHITECTURES.update(table)
         for name in set(sys.modules) - before:
             if not name.startswith(("optprune", "torch", "transformers")):
                 sys.modules.pop(name, None)
@@ -61,7 +65,7 @@ def run_doc(text: str, root: Path) -> dict:
 
 def test_doc_has_the_sections_and_blocks():
     text = DOC.read_text()
-    assert "## Adding a method" in text and "## Adding a pattern kind" in text
+    assert "## Adding a method" in text and "## Adding a pattern kind" in text and "## Adding an architecture" in text
     blocks = python_blocks(text)
     assert sum(bool(_FILE.match(b.splitlines()[0])) for b in blocks) >= 2  # one new file each
     assert len(blocks) >= 6
