@@ -757,13 +757,13 @@ def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_
     file = file or sys.stderr
     calib = "none (data-free method)" if s["calibration"] == "none" else \
         f"{s['calibration']} {s['nsamples']}×{s['seqlen']} seed {s['seed']}"
-    ev = []
+    ev, nt = [], torch.get_num_threads()
     if evaluate:
         ev += [f"perplexity {', '.join(s['eval_datasets'])}"] if s["eval_datasets"] else []
         ev += ["KL/top-1 vs dense (held-out self-generated)"] if kl else []
     print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · sparsity "
           f"{sparsity:.2f} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
-          f"{out_dir if out_dir else '(not saved)'} · {torch.get_num_threads()} threads", file=file, flush=True)
+          f"{out_dir if out_dir else '(not saved)'} · {nt} thread{'s' if nt != 1 else ''}", file=file, flush=True)
 
 
 def _print_prune_summary(record: dict, out_dir, file=None) -> None:

@@ -18,9 +18,9 @@ from optprune.llm_adapters import loading as L  # noqa: E402
 from optprune.llm_adapters.evaluation import perplexity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-PROTOCOL_MD = REPO.parent / "shared" / "docs/protocols.md"
+DATA_DIR = Path(os.environ["OPTPRUNE_DATA_DIR"])  # set by tests/conftest.py
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
+PROTOCOL_MD = REPO / "docs" / "protocols.md"
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 

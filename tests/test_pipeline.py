@@ -17,7 +17,7 @@ from optprune.llm_adapters import pipeline as pl  # noqa: E402
 from optprune.llm_adapters.pipeline import PruneConfig, prune_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 
 

@@ -17,8 +17,8 @@ from optprune.cli import main  # noqa: E402
 from optprune.llm_adapters import run as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+DATA_DIR = Path(os.environ["OPTPRUNE_DATA_DIR"])  # set by tests/conftest.py
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
 COMMON = ["--data-dir", str(DATA_DIR), "--model-dir", str(MODEL_DIR)]
 
 
