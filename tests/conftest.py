@@ -60,8 +60,8 @@ def _paragraphs() -> list:
 
 
 def _write_c4(path: Path) -> None:
-    """C4 layout from the test prose: 1100 short evaluation documents (one paragraph each, cycled) and 40
-    calibration documents of 6–10 paragraphs (long enough for 256-token windows)."""
+    """C4 layout from the test prose: 2000 documents like the real sample, the first 1100 for evaluation (one
+    paragraph each, cycled), 900 for calibration of 3–6 paragraphs (long enough for 256-token windows)."""
     import random
 
     import pyarrow as pa
@@ -69,7 +69,7 @@ def _write_c4(path: Path) -> None:
     paras = _paragraphs()
     rng = random.Random(0)
     docs = [paras[i % len(paras)] for i in range(_C4_EVAL_DOCS)]
-    docs += ["\n\n".join(rng.sample(paras, rng.randint(6, 10))) for _ in range(40)]
+    docs += ["\n\n".join(rng.sample(paras, rng.randint(3, 6))) for _ in range(2000 - _C4_EVAL_DOCS)]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"text": docs}), path)
 
@@ -128,7 +128,12 @@ def _build_model(dest: Path, steps: int = 300) -> None:
             opt.step()
             sched.step()
         model.eval()
-        model.save_pretrained(dest)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(dest)
+        finally:
+            hf_logging.enable_progress_bar()
     finally:
         torch.set_num_threads(n)
 

@@ -1,7 +1,7 @@
 """SPAP, the structured baselines and structural surgery.
 
-Real-model checks use stories260K ($OPTPRUNE_MODEL_DIR, default ../shared/models) with calibration text from
-WikiText-2 validation ($OPTPRUNE_DATA_DIR, default ../shared/data); they are skipped when the model is absent.
+Model checks use stories260K ($OPTPRUNE_MODEL_DIR, else the tiny model tests/conftest.py builds) with calibration
+text from the WikiText-2 validation file ($OPTPRUNE_DATA_DIR, else tests/data).
 """
 from __future__ import annotations
 
