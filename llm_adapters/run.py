@@ -47,7 +47,8 @@ __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 RUN_FILE = "run.json"
 #: self-calibration size when the protocol was not chosen explicitly and no --nsamples/--seqlen were given:
 #: sampling and the block passes cost ~2·params FLOPs per token each, so the data-free default stays small
-#: (a protocol's 128×512 took ~45 min for FISTA on SmolLM2-135M on 2 cores; this one takes under 10)
+#: (FISTA 50% on SmolLM2-135M: 128×512 took ~44 min on 2 cores; 64×256 takes 552 CPU-seconds end to end on one
+#: thread, KL 0.49 / top-1 0.63 against the dense model; on stories260K 64×256 vs 128×512: KL 1.004 vs 0.997)
 SELF_CALIB_DEFAULT = (64, 256)
 _ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
 

@@ -192,8 +192,8 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return (f"optprune test models: {MODEL_DIR} ({'real stories260K' if REAL_STORIES else 'tiny model built by the tests'})"
-            f"; data: {DATA_DIR}")
+    kind = "real stories260K" if REAL_STORIES else "tiny model built by the tests"
+    return f"optprune test models: {MODEL_DIR} ({kind}); data: {DATA_DIR}"
 
 
 @pytest.fixture(autouse=True)
