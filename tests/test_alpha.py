@@ -19,7 +19,7 @@ from optprune.solvers.spectra import (SpectraError, eigenvalues, fit_power_law, 
                                       ks_distance, matrix_spectra)
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 
 

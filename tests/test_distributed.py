@@ -34,8 +34,8 @@ from optprune.llm_adapters.architectures import get_module  # noqa: E402
 from optprune.llm_adapters.pipeline import PruneConfig, prune_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
+DATA_DIR = Path(os.environ["OPTPRUNE_DATA_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 METHODS = ["magnitude", "wanda", "sparsegpt", "fista", "flap"]  # flap: structured (shrunk blocks travel pickled)
 _EXTRA = {"flap": dict(structure="mlp,heads", sparsity=0.3)}

@@ -24,7 +24,7 @@ from optprune.solvers.eggs import (expander_nm_mask, feasible_tile_masks, solve_
 from optprune.solvers.graph_metrics import graph_metrics, tile_min_degree
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K" / "model.safetensors"
 
 CONFIGS = [(2, 4, 1), (2, 4, 2), (1, 4, 1), (3, 4, 2), (4, 8, 1), (4, 8, 3), (2, 8, 1), (8, 16, 2)]

@@ -16,7 +16,7 @@ from optprune.solvers.fista import (FistaEngine, default_lambda, fista_l1, ill_c
                                    lipschitz_constant)
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 
 

@@ -18,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PR = REPO / "paper_repro"
-STORIES = Path(__import__("os").environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models")) / "stories260K"
+STORIES = Path(__import__("os").environ["OPTPRUNE_MODEL_DIR"]) / "stories260K"
 PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp"]
 
 

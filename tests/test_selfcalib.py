@@ -1,4 +1,4 @@
-"""Self-generated calibration and the data-free KL / top-1 measure, on the real stories260K model."""
+"""Self-generated calibration and the data-free KL / top-1 measure, on stories260K (or the tests' tiny model)."""
 from __future__ import annotations
 
 import copy
@@ -20,8 +20,8 @@ from optprune.llm_adapters.selfcalib import (SelfCalibrationError, heldout_seque
 from optprune.solvers import get_method  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
+DATA_DIR = Path(os.environ["OPTPRUNE_DATA_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 
 pytestmark = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reason=f"no stories260K in {MODEL_DIR}")
@@ -331,3 +331,87 @@ def test_cli_without_data_falls_back_to_self_calibration_and_reports_kl(tmp_path
     # nothing to evaluate at all is a one-line error
     rc = main(["eval", "--model", str(out), *common])
     assert rc == 2 and "nothing to evaluate" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- fast path
+def _reference_sample(logits, temperature, top_p, u):
+    """Nucleus inverse-CDF sampling with a full float64 sort of every row (the textbook definition)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    sp, si = probs.sort(dim=-1, descending=True, stable=True)
+    cum = sp.cumsum(-1)
+    keep = (cum - sp) < top_p
+    cdf = (sp * keep).cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_max(cdf.shape[1] - 1)
+    idx = torch.minimum(idx, keep.sum(-1, keepdim=True) - 1)
+    return si.gather(1, idx).squeeze(1), keep.sum(-1)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])   # wide nucleus (full sort), medium, narrow (first top-k)
+def test_head_sampler_draws_the_nucleus_like_a_full_sort(scale):
+    """The top-k-head sampler picks, for the same uniform draws, the token a full float64 sort picks; the
+    flat rows (nucleus wider than every head) go through the full-sort fallback."""
+    V, B = 6000, 48
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, V, generator=g) * scale
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(B)]
+    u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
+                     for i in range(B)])
+    got = selfcalib._sample_rows(logits, 1.0, 0.9, gens)
+    want, width = _reference_sample(logits, 1.0, 0.9, u)
+    assert (got == want).float().mean() >= 0.95   # float32 vs float64 probabilities may move a boundary draw
+    assert got.shape == (B,) and got.dtype == torch.long
+    if scale == 0.05:
+        assert int(width.min()) > selfcalib._TOPK_STEPS[-1]   # the fallback path was exercised
+    if scale == 8.0:
+        assert int(width.max()) <= selfcalib._TOPK_STEPS[0]
+
+
+def test_generation_emits_no_warning(stories):
+    """Our own calls into transformers (the KV cache keyword) raise no deprecation warning."""
+    import warnings
+    model, tok = stories
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids = self_calibration(model, tok, 2, 24, cache_dir=False, progress=False)
+    assert ids.shape == (2, 24)
+
+
+def test_default_self_calibration_is_small_unless_asked():
+    """Without data and without an explicit protocol the self-calibration is SELF_CALIB_DEFAULT; an explicit
+    protocol or --nsamples/--seqlen keeps what was asked for."""
+    from optprune.llm_adapters import run as R
+    nodata = "/nonexistent-data-dir"
+    s = R.resolve_settings("smollm2-135m", data_dir=nodata)
+    assert s["calibration"] == "self" and (s["nsamples"], s["seqlen"]) == R.SELF_CALIB_DEFAULT
+    s = R.resolve_settings("smollm2-135m", data_dir=nodata, calibration="self")
+    assert (s["nsamples"], s["seqlen"]) == R.SELF_CALIB_DEFAULT
+    s = R.resolve_settings("smollm2-135m", data_dir=nodata, protocol="cpu")
+    assert s["calibration"] == "self" and (s["nsamples"], s["seqlen"]) == (128, 512)
+    s = R.resolve_settings("smollm2-135m", data_dir=nodata, nsamples=16)
+    assert (s["nsamples"], s["seqlen"]) == (16, R.SELF_CALIB_DEFAULT[1])
+
+
+def test_header_first_and_data_free_method_never_calibrates(tmp_path, monkeypatch, capsys):
+    """The configuration line is printed before the model is loaded; magnitude (data-free) generates nothing."""
+    from optprune.cli import main
+    from optprune.llm_adapters import loading, selfcalib as SC
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    before_load = []   # what was printed before the model was loaded
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model",
+                        lambda *a, **k: (before_load.append(capsys.readouterr().err), real_load(*a, **k))[1])
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a data-free method generated calibration text")
+    monkeypatch.setattr(SC, "self_calibration", no_sampling)
+    out = tmp_path / "m"
+    rc = main(["prune", "--model", "stories260k", "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
+               "--data-dir", str(tmp_path / "nodata"), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(before_load) == 1
+    header = [ln for ln in before_load[0].splitlines() if ln.startswith("[optprune] prune stories260k")]
+    assert len(header) == 1 and "magnitude" in header[0] and "calibration none" in header[0]
+    import json
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["calibration"]["source"] == "none" and rec["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)

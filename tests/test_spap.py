@@ -1,7 +1,7 @@
 """SPAP, the structured baselines and structural surgery.
 
-Real-model checks use stories260K ($OPTPRUNE_MODEL_DIR or the development fallback) with calibration text from
-WikiText-2 validation ($OPTPRUNE_DATA_DIR or the development fallback); they are skipped when the model is absent.
+Model checks use stories260K ($OPTPRUNE_MODEL_DIR, else the tiny model tests/conftest.py builds) with calibration
+text from the WikiText-2 validation file ($OPTPRUNE_DATA_DIR, else tests/data).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from optprune.solvers.base import LayerResult
 from optprune.solvers.structured_baselines import group_refit
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
+DATA_DIR = Path(os.environ["OPTPRUNE_DATA_DIR"])  # set by tests/conftest.py
 STORIES = MODEL_DIR / "stories260K"
 
 
