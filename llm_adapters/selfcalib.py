@@ -65,8 +65,8 @@ class SelfCalibrationError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    d = os.environ.get("OPTPRUNE_CACHE_DIR")
-    return Path(d).expanduser() if d else Path.home() / ".cache" / "optprune"
+    from .data import optprune_home
+    return optprune_home()
 
 
 # ------------------------------------------------------------------------------------------- identity

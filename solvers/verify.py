@@ -84,11 +84,16 @@ def _repo_root() -> Path:
 
 
 def _model_dir(model_dir=None) -> Path:
-    return Path(model_dir or os.environ.get("OPTPRUNE_MODEL_DIR") or _repo_root().parent / "shared" / "models")
+    return Path(model_dir or os.environ.get("OPTPRUNE_MODEL_DIR") or _home() / "models")
 
 
 def _data_dir(data_dir=None) -> Path:
-    return Path(data_dir or os.environ.get("OPTPRUNE_DATA_DIR") or _repo_root().parent / "shared" / "data")
+    return Path(data_dir or os.environ.get("OPTPRUNE_DATA_DIR") or _home() / "data")
+
+
+def _home() -> Path:  # the llm_adapters' default folder (solvers do not import llm_adapters)
+    d = os.environ.get("OPTPRUNE_CACHE_DIR")
+    return Path(d).expanduser() if d else Path.home() / ".cache" / "optprune"
 
 
 def _stories_inputs(model_dir: Path, data_dir: Path, seed: int, ntok: int = 512):

@@ -107,7 +107,8 @@ def test_random_gpt2_opt_load_and_evaluate(tmp_path, kind):
 # ============================================================================================ data
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("OPTPRUNE_DATA_DIR", raising=False)
-    assert D.resolve_data_dir() == REPO.parent / "shared" / "data"
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path / "home"))
+    assert D.resolve_data_dir() == tmp_path / "home" / "data"  # never a folder beside the checkout
     monkeypatch.setenv("OPTPRUNE_DATA_DIR", str(tmp_path / "env"))
     assert D.resolve_data_dir() == tmp_path / "env"
     assert D.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"  # argument > environment

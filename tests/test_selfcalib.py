@@ -405,6 +405,7 @@ def test_header_first_and_data_free_method_never_calibrates(tmp_path, monkeypatc
         raise AssertionError("a data-free method generated calibration text")
     monkeypatch.setattr(SC, "self_calibration", no_sampling)
     out = tmp_path / "m"
+    (tmp_path / "nodata").mkdir()  # an empty data folder (one that does not exist is an error)
     rc = main(["prune", "--model", "stories260k", "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
                "--data-dir", str(tmp_path / "nodata"), "--output", str(out)])
     err = capsys.readouterr().err

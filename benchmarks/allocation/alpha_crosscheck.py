@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                     help="run powerlaw's own x_min search on every K-th matrix (default: 1 stories260K, 10 SmolLM2)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--model-dir", default=os.environ.get("OPTPRUNE_MODEL_DIR",
-                                                          os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "models")))
+                                                          os.path.expanduser("~/.cache/optprune/models")))
     ap.add_argument("--json", default=None)
     ap.add_argument("--precision", action="store_true",
                     help="also measure α under float64 Gram / float32 SVD / float16 weights (and the timings)")

@@ -33,7 +33,7 @@ def main(argv=None):
     from optprune.llm_adapters.data import calibration_tokens, eval_tokens
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
 
-    mdir = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models")) / "stories260K"
+    mdir = Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models")) / "stories260K"
     tok = AutoTokenizer.from_pretrained(str(mdir))
     ids = calibration_tokens(tok, "wikitext2", nsamples=32, seqlen=128, seed=0)
     load = lambda: AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32).eval()

@@ -23,8 +23,8 @@ from optprune.solvers import get_method
 from optprune.solvers.graph_metrics import graph_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models"))
+DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", Path.home() / ".cache" / "optprune" / "data"))
 SUBLAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
              "mlp.up_proj", "mlp.down_proj")
 

@@ -21,7 +21,7 @@ from optprune.formulations import LayerProblem, parse_pattern
 from optprune.solvers.fista import FistaEngine, default_lambda, fista_l1, ill_conditioned_problem
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models"))
 
 
 def real_instance(rows=32, cols=64, tokens=1024, seed=0):

@@ -46,9 +46,9 @@ def enumerate_optimum(p, pat) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
+    ap.add_argument("--model", default=str(Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models"))
                                            / "stories260K"))
-    ap.add_argument("--data-dir", default=os.environ.get("OPTPRUNE_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--data-dir", default=os.environ.get("OPTPRUNE_DATA_DIR", str(Path.home() / ".cache" / "optprune" / "data")))
     ap.add_argument("--kind", default="mlp", choices=["mlp", "heads"])
     ap.add_argument("--sparsities", default="0.2,0.3,0.5")
     ap.add_argument("--nsamples", type=int, default=32)
