@@ -5,7 +5,7 @@ calibration text (dense inputs: every method solves the same problem), prunes ea
 ``admm`` (and optionally other methods), and prints per layer ``f(W)`` relative to SparseGPT's and the solve
 time. A JSON summary goes to ``--out`` (default: print only).
 
-    python benchmarks/admm_layers.py --model smollm2-135m --blocks 0,10,20 --settings 0.7,2:4,0.5 --threads 1
+    python benchmarks/solvers/admm_layers.py --model smollm2-135m --blocks 0,10,20 --settings 0.7,2:4,0.5 --threads 1
 """
 from __future__ import annotations
 
