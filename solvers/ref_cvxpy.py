@@ -39,7 +39,8 @@ _SOLVER_OPTS = {
 class CvxpyBackend(Backend):
     name = "cvxpy"
     capabilities = Capabilities(
-        kinds=frozenset({"QP", "L1", "LP", "MILP"}), proves_optimality=True, max_variables=200_000,
+        kinds=frozenset({"QP", "L1", "LP", "MILP"}), proves_optimality=True, max_variables=200_000, convex=True,
+        variants=(("osqp", {"solver": "OSQP"}, frozenset({"QP"})), ("scs", {"solver": "SCS"}, frozenset({"QP", "L1"}))),
         note="convex QP/ℓ1 (Clarabel default; OSQP, SCS), LP (HiGHS); MILP only as LP relaxation, "
              "proven when integral")
 

@@ -89,7 +89,7 @@ def _licence_message(kind: str, nvars: int, ncons: int, quadratic: bool) -> str:
 class GurobiBackend(Backend):
     name = "gurobi"
     capabilities = Capabilities(
-        kinds=frozenset({"QP", "L1", "LP", "MILP", "MIQP"}), proves_optimality=True,
+        kinds=frozenset({"QP", "L1", "LP", "MILP", "MIQP"}), proves_optimality=True, convex=True, integer=True,
         note="gurobipy; pip licence: ≤ 200 variables with a quadratic term, ≤ 2000 otherwise, ≤ 2000 constraints")
 
     @classmethod
