@@ -408,7 +408,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          _cli: bool = False):
+          certify: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -479,6 +479,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
+    if certify and low_memory:
+        raise RunError("--certify is not available with --low-memory (run it in memory)")
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
         return prune_low_memory(
@@ -500,7 +502,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     _clip_to_context(s, mdl)
     cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, layer_sparsity=None,
                   structure=structure, mode=mode, error_correction=bool(error_correction), refit=bool(refit),
-                  method_options=method_options, device=dev)
+                  method_options=method_options, device=dev, certify=bool(certify))
     if damp is not None:
         cfg_kw["damp"] = float(damp)
     if batch_size is not None:
@@ -519,7 +521,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                    "method_options": method_options, "damp": config.damp, "nproc": nproc,
                                    "device": dev, "seed": s["seed"], "output": str(out_dir) if out_dir else None,
                                    "evaluate": bool(evaluate), "data_dir": str(D.resolve_data_dir(data_dir)),
-                                   "reference": reference}),
+                                   "reference": reference, "certify": bool(certify)}),
               "versions": _versions(), "machine": _machine(dev), "model": meta}
 
     # ---------------------------------------------------------------- 3. calibration, allocation, pruning
@@ -573,6 +575,9 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         "mean_rel_error": (sum(rel) / len(rel)) if rel else None,
         "max_rel_error": max(rel) if rel else None,
     }
+    if certify:
+        from ..solvers.bounds import summarize_certificates
+        record["summary"]["certificates"] = summarize_certificates(res.get("layers", []))
 
     # ---------------------------------------------------------------- 4. evaluation, save, record
     if evaluate:
@@ -758,6 +763,13 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
           f"(target {_fmt(sm['sparsity_target'])})", file=file)
     if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
         print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
+              file=file)
+    cs = sm.get("certificates")
+    if cs:
+        g = cs["l0_rel_gap"]
+        print(f"  certified: (ours − lower bound)/ours over {g['n']} layers: median {g['median']:.3g}, "
+              f"p90 {g['p90']:.3g}, max {g['max']:.3g} (weakest: {cs['weakest'][0]['name']})"
+              + (f"; ℓ1 duality gap median {cs['l1_rel_gap']['median']:.2e}" if cs.get("l1_rel_gap") else ""),
               file=file)
     print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
           f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="--low-memory: dtype of the stored calibration activations (default: the model's)")
     p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--certify", action="store_true",
+                   help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
+                        "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json")
     p.add_argument("--no-eval", dest="evaluate", action="store_false")
     p.add_argument("--no-kl", dest="kl", action="store_false",
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="cross-check every (model, backend) pair on small instances")
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
+    p.add_argument("--instances", type=int, default=None, help="instances per program (default 100; --quick: 4)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per reference solve (default 10)")
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None, help="require Gurobi")
     p.add_argument("--output", default=None, help="write the table as JSON here")
     _add_data_args(p)
