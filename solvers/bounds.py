@@ -17,7 +17,9 @@ and the maximum is the pattern's own projection of the scores ``d_j W*_ij²`` (t
 per group of M, the exact tile transport for expander N:M, top groups by summed score). This is the bound of
 the perspective relaxation with the diagonal part ``D`` moved into the perspective term, with the Boolean part
 solved exactly. Two valid ``D`` are formed from one eigen-decomposition: ``λ_min(Ĥ)·I`` and ``t·diag(Ĥ)`` with
-``t = λ_min(diag(Ĥ)^{-1/2} Ĥ diag(Ĥ)^{-1/2})``; every convex combination of valid ``D`` is valid, so the bound
+``t = λ_min(diag(Ĥ)^{-1/2} Ĥ diag(Ĥ)^{-1/2})``. A third separable lower bound comes from the exact cost of forcing
+a set P to zero, ``½ w*_Pᵀ[(Ĥ⁻¹)_PP]⁻¹w*_P`` (the OBS formula), with ``(Ĥ⁻¹)_PP ⪯ t'·diag(Ĥ⁻¹)_PP`` (interlacing):
+scores ``w*_ij² / (t'[Ĥ⁻¹]_jj)``. Every convex combination of these separable lower bounds is one, so the bound
 is maximised over a grid of combinations (per row, for patterns whose rows are independent: per-row unstructured,
 N:M; one combination for the whole matrix otherwise). Eigenvalues are lowered by ``1e-12·λ_max`` before use,
 which keeps ``D ⪯ Ĥ`` under float64 round-off.
@@ -71,6 +73,44 @@ def _kept_score(pattern: Pattern, S: torch.Tensor) -> torch.Tensor:
     return (S * mask).sum(1)
 
 
+def _mixtures(three: bool):
+    """Convex weights over the valid diagonal scores (a convex combination of lower bounds is one)."""
+    if not three:
+        return [(1 - a, a, 0.0) for a in _ALPHAS]
+    out = []
+    for i, a in enumerate(_ALPHAS):
+        for b in _ALPHAS[: len(_ALPHAS) - i]:
+            out.append((a, b, max(0.0, 1.0 - a - b)))
+    return out
+
+
+def _obs_diagonal(Hh: torch.Tensor, live: torch.Tensor, eig):
+    """The OBS-saliency diagonal ``c_j = 1/(t'·[Ĥ⁻¹]_jj)`` with ``t' = λ_max(diag(Ĥ⁻¹)^{-1/2} Ĥ⁻¹ diag(Ĥ⁻¹)^{-1/2})``.
+
+    Forcing ``w_P = 0`` (the other entries free) costs exactly ``½ w*_Pᵀ [(Ĥ⁻¹)_PP]⁻¹ w*_P``; by interlacing
+    ``(Ĥ⁻¹)_PP ⪯ t'·diag(Ĥ⁻¹)_PP`` for every P, so the cost is ≥ ``½ Σ_{j∈P} c_j w*_j²``. ``None`` when Ĥ is
+    singular on the live inputs (no inverse)."""
+    if not bool(live.any()):
+        return None, None
+    e, V = eig
+    if bool(live.all()):
+        if float(e.min()) <= 1e-10 * float(e.max()):
+            return None, None
+        B = (V / e) @ V.T
+    else:
+        Hl = Hh[live][:, live]
+        el, Vl = torch.linalg.eigh(Hl)
+        if float(el.min()) <= 1e-10 * float(el.max()):
+            return None, None
+        B = (Vl / el) @ Vl.T
+    bd = B.diagonal().clamp_min(1e-300)
+    s = bd.rsqrt()
+    tp = float(torch.linalg.eigvalsh(s.unsqueeze(1) * B * s.unsqueeze(0)).max()) * (1 + 1e-10)
+    c = torch.zeros_like(Hh.diagonal())
+    c[live] = 1.0 / (tp * bd)
+    return c, tp
+
+
 def l0_lower_bound(problem: LayerProblem, pattern: Pattern) -> L0Bound:
     """A valid lower bound on ``min f(W)`` over supports feasible for ``pattern`` (see the module docstring)."""
     with Timer() as t:
@@ -100,13 +140,14 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern) -> L0Bound:
             tj = max(float(torch.linalg.eigvalsh(Nrm).min()) - 1e-12 * float(Nrm.diagonal().max()), 0.0)
         d_eig = torch.where(live, torch.full_like(d, lam_min), torch.zeros_like(d))
         d_jac = torch.where(live, tj * d, torch.zeros_like(d))
+        d_obs, t_obs = _obs_diagonal(Hh, live, eig)
         W2 = Wst.pow(2)
         best_rows = None
         best_total = -math.inf
         best_alpha = None
         sep = _separable_rows(pattern)
-        for a in _ALPHAS:
-            dd = (1 - a) * d_eig + a * d_jac
+        for a in _mixtures(d_obs is not None):
+            dd = a[0] * d_eig + a[1] * d_jac + (a[2] * d_obs if d_obs is not None else 0.0)
             S = W2 * dd.unsqueeze(0)
             pruned_rows = S.sum(1) - _kept_score(pattern, S)  # per-row pruned score of the optimal support
             if sep:

@@ -338,6 +338,11 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
                          inst, fam, how, prog)
                 c.producers.append(_method_producer(n_, spec, p, pat, prog, True, **opts))
             cases.append(c)
+    if L1_SOLVERS and not any(c.program.kind == "L1" for c in cases):  # ℓ1 solvers registered without a method
+        lam = _l1_lambda(p)
+        c = Case("l1", "convex", inst, fam, how, l1_program(p, lam))
+        c.producers += [_l1_producer(ln, lf, p, lam) for ln, lf in L1_SOLVERS.items()]
+        cases.append(c)
     # ---- mask programs of the patterns' torch projections (Wanda scores)
     from .baselines import wanda_scores
     S = wanda_scores(p).to(torch.float64)
