@@ -260,3 +260,26 @@ def test_bad_arguments_fail_with_the_choices():
     from optprune.solvers.verify import verify
     with pytest.raises(ValueError, match="registered"):
         verify(quick=True, backends=["no-such-backend"])
+
+
+def test_backend_tutorial_runs():
+    """The "Adding a reference backend" section of the docs: its python block registers a backend that a quick
+    verification selects by capability."""
+    import re
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = next((f.read_text() for f in (docs / "extending.md", docs / "extending_backend.md")
+                 if f.exists() and "## Adding a reference backend" in f.read_text()), None)
+    if text is None:
+        pytest.fail("no 'Adding a reference backend' section in docs/")
+    section = text.split("## Adding a reference backend", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    before = set(_BACKENDS)
+    try:
+        for b in blocks:
+            exec(compile(b, "docs:adding-a-reference-backend", "exec"), {"__name__": "tutorial"})
+        assert set(_BACKENDS) - before
+    finally:
+        for k in set(_BACKENDS) - before:
+            _BACKENDS.pop(k)
