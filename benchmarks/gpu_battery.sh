@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU measurements in one command (what `device`/a lent GPU machine runs).
+# The project's GPU measurements in one command (run it on a machine with a CUDA GPU).
 #
 #   bash benchmarks/gpu_battery.sh smoke [SECONDS]   # CUDA unit tests, 2:4 kernel + FISTA micro-benchmarks (GPU to
 #                                                    # themselves), then the four paper_repro scripts at --scale
@@ -33,9 +33,9 @@ smoke)
     timeout 150 $PY -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
         tests/test_fista.py::test_cuda_matches_cpu tests/test_alpha.py::test_eigenvalues_on_cuda_match_cpu \
         tests/test_pipeline.py::test_cuda_device_model_on_cpu 2>&1 | tail -15
-    timeout 90 $PY benchmarks/bench_semistructured.py --json "$RES/semistructured_layers.json" \
+    timeout 90 $PY benchmarks/semistructured/bench_semistructured.py --json "$RES/semistructured_layers.json" \
         > "$RES/logs/semistructured.log" 2>&1; echo "bench_semistructured rc=$?"; tail -25 "$RES/logs/semistructured.log"
-    timeout 60 $PY benchmarks/bench_fista.py --device cuda --repeats 3 --json "$RES/bench_fista_cuda.json" \
+    timeout 60 $PY benchmarks/solvers/bench_fista.py --device cuda --repeats 3 --json "$RES/bench_fista_cuda.json" \
         > "$RES/logs/bench_fista.log" 2>&1; echo "bench_fista rc=$?"; tail -12 "$RES/logs/bench_fista.log"
     for p in fistapruner alphapruning spap eggs_ptp; do
         timeout -s INT $(( $(left) - 20 )) $PY paper_repro/$p.py --scale stories --threads 2 --out-dir "$RES/stories" \
@@ -48,7 +48,7 @@ paper)
         timeout -s INT $(( $(left) - 15 )) $PY paper_repro/$p.py --scale paper --threads "$THREADS" \
             --out-dir "$RES/paper" > "$RES/logs/paper_$p.log" 2>&1 &
     done
-    timeout -s INT $(( $(left) - 15 )) $PY benchmarks/self_vs_c4_calibration.py --protocol paper --device cuda \
+    timeout -s INT $(( $(left) - 15 )) $PY benchmarks/models/self_vs_c4_calibration.py --protocol paper --device cuda \
         --threads "$THREADS" --gen-threads "$THREADS" --output "$RES/self_vs_c4" > "$RES/logs/self_vs_c4.log" 2>&1 &
     wait
     ;;
@@ -68,13 +68,13 @@ kernels)
     timeout 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_fista.py::test_cuda_matches_cpu \
         2>&1 | tail -3
     for b in cutlass cusparselt; do
-        timeout 100 $PY benchmarks/bench_semistructured.py --backend $b --iters 100 \
+        timeout 100 $PY benchmarks/semistructured/bench_semistructured.py --backend $b --iters 100 \
             --json "$RES/semistructured_layers_$b.json" > "$RES/logs/semistructured_$b.log" 2>&1
         echo "bench_semistructured --backend $b rc=$?"; grep -v Warning "$RES/logs/semistructured_$b.log" | tail -32
     done
     ;;
 speed)
-    timeout -s INT $(( $(left) - 15 )) $PY benchmarks/bench_models.py --model smollm2-135m --protocol paper \
+    timeout -s INT $(( $(left) - 15 )) $PY benchmarks/models/bench_models.py --model smollm2-135m --protocol paper \
         --out "$RES/bench_models_smollm2.jsonl" > "$RES/logs/bench_models.log" 2>&1
     ;;
 *) echo "unknown stage $STAGE"; exit 2 ;;

@@ -1,6 +1,6 @@
 """What is solved: the layer problem, sparsity patterns and the declarative programs of every method."""
 from .patterns import (NM, ColumnGroups, ExpanderNM, LinearRow, Pattern, PatternError, Unstructured,
-                       check_sparsity, parse_pattern, register_projection)
+                       check_sparsity, parse_pattern, pattern_kinds, register_pattern, register_projection)
 from .problem import GramAccumulator, LayerProblem, NumericalError, cholesky_with_retry
 from .programs import (Indicator, L1Penalty, LayerObjective, LinearScore, Program, Variable, l0_program,
                        l1_kkt_residual, l1_program, mask_program, refit_program)

@@ -10,6 +10,10 @@ Every pattern offers:
 * ``constraints(shape)``   — its rows for a solver: :class:`LinearRow` objects over the binary keep
   variables ``z`` (flattened row-major, size m·n) and the pattern's auxiliary variables.
 
+A **pattern kind is one class** decorated with :func:`register_pattern`: it names its kinds (``kinds``), says
+how users write it (``syntax``), and parses the user's string in :meth:`Pattern.parse`. :func:`parse_pattern`
+asks every registered class in turn, so adding a kind touches nothing else (docs/extending.md).
+
 The expander N:M pattern's projection is a registered hook filled in by the EGGS solver
 (:func:`register_projection`), so ``formulations`` never imports a solver.
 """
@@ -23,13 +27,19 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "PatternError", "LinearRow", "Pattern", "Unstructured", "NM", "ColumnGroups", "ExpanderNM",
-    "parse_pattern", "register_projection", "check_sparsity",
+    "PatternError", "PatternRegistrationError", "LinearRow", "Pattern", "Unstructured", "NM", "ColumnGroups",
+    "ExpanderNM", "parse_pattern", "register_pattern", "pattern_kinds", "pattern_classes", "pattern_kind",
+    "discover_patterns", "pattern_load_errors", "definition_site",
+    "register_projection", "check_sparsity",
 ]
 
 
 class PatternError(ValueError):
     """An impossible or malformed sparsity request (bad sparsity, N > M, width not divisible by M...)."""
+
+
+class PatternRegistrationError(TypeError):
+    """A pattern class that cannot be registered (kind taken, malformed kind name, a method not provided)."""
 
 
 def check_sparsity(s: float, what: str = "sparsity") -> float:
@@ -70,8 +80,127 @@ def _ones(k: int) -> torch.Tensor:
     return torch.ones(k, dtype=torch.float64)
 
 
+# ------------------------------------------------------------------------------------------ pattern registry
+_PATTERNS: dict[type, type] = {}  # class -> class, in registration order (parse_pattern asks them in turn)
+_KINDS: dict[str, type] = {}      # kind name -> class
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+ENTRY_POINT_GROUP = "optprune.patterns"
+_discovered = {"done": False, "errors": {}}
+
+
+def definition_site(obj) -> tuple:
+    """(source file, qualified name) of a class or function: the same definition imported twice (under two
+    module names, or a re-import) has the same site and may register again; a different one under a taken
+    name may not. The method and backend registries use it too."""
+    import os
+    import sys
+    f = getattr(sys.modules.get(obj.__module__), "__file__", None)
+    return (os.path.realpath(f) if f else obj.__module__, obj.__qualname__)
+
+
+def register_pattern(cls):
+    """Class decorator: register a :class:`Pattern` subclass under its ``kinds``. A kind already taken by a
+    different class, a malformed kind name, or a missing ``parse``/``project``/``is_feasible``/``constraints``/
+    ``kept_count`` raise :class:`PatternRegistrationError`."""
+    if not (isinstance(cls, type) and issubclass(cls, Pattern)):
+        raise PatternRegistrationError(f"register_pattern takes a Pattern subclass, got {cls!r}")
+    kinds = cls.__dict__.get("kinds")
+    if not kinds or isinstance(kinds, str):
+        raise PatternRegistrationError(f"pattern class {cls.__qualname__} must declare kinds = ('name', ...) itself")
+    missing = [m for m in ("parse", "project", "is_feasible", "constraints", "kept_count")
+               if getattr(cls, m) is getattr(Pattern, m)]
+    if missing:
+        raise PatternRegistrationError(f"pattern class {cls.__qualname__} does not define {', '.join(missing)}")
+    for kind in kinds:
+        if not isinstance(kind, str) or not _KIND_RE.match(kind):
+            raise PatternRegistrationError(f"pattern kind {kind!r} of {cls.__qualname__}: use lower-case letters, "
+                                           f"digits, '_' or '-'")
+        other = _KINDS.get(kind)
+        if other is not None and definition_site(other) != definition_site(cls):
+            raise PatternRegistrationError(f"pattern kind {kind!r} is already registered by "
+                                           f"{other.__module__}.{other.__qualname__}; registered kinds: "
+                                           f"{', '.join(_KINDS)}")
+    for old in [c for c in _PATTERNS if definition_site(c) == definition_site(cls)]:  # the same class, re-imported
+        del _PATTERNS[old]
+    _PATTERNS[cls] = cls
+    for kind in kinds:
+        _KINDS[kind] = cls
+    return cls
+
+
+def _discover(force: bool = False) -> None:
+    """Load pattern classes that third-party packages declare under the ``optprune.patterns`` entry-point group
+    (once; ``force`` reads them again). A plug-in that fails to import is recorded in
+    :func:`pattern_load_errors` and warned about."""
+    if _discovered["done"] and not force:
+        return
+    _discovered["done"] = True
+    import warnings
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except PatternRegistrationError:
+            raise
+        except Exception as e:  # a broken plug-in must not break optprune, but it is reported
+            _discovered["errors"][ep.value] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"optprune: pattern plug-in {ep.value!r} failed to import: {type(e).__name__}: {e}",
+                          stacklevel=2)
+
+
+discover_patterns = _discover
+
+
+def pattern_load_errors() -> dict:
+    """Plug-in pattern modules that failed to import: entry-point value -> one-line error."""
+    _discover()
+    return dict(_discovered["errors"])
+
+
+def pattern_kinds() -> list[str]:
+    """Every registered pattern kind (the names methods list in ``register_method(patterns=...)``)."""
+    _discover()
+    return list(_KINDS)
+
+
+def pattern_classes() -> list[type]:
+    _discover()
+    return list(_PATTERNS)
+
+
+def pattern_kind(p: Pattern) -> str:
+    """The registry kind of a pattern object."""
+    return p.kind
+
+
+def _syntaxes() -> str:
+    return ", ".join(f"'{c.syntax}'" if c.syntax else f"'{c.kinds[0]}'" for c in _PATTERNS)
+
+
 class Pattern:
+    """Base class of every sparsity pattern. A subclass registered with :func:`register_pattern` declares:
+
+    * ``kinds`` — the kind names it registers (what methods list in ``register_method(patterns=...)``);
+      ``kind`` (an instance property) is the one an instance is, by default ``kinds[0]``;
+    * ``syntax`` — how the user writes it (shown by ``optprune list patterns`` and in errors);
+    * ``params`` — the :func:`parse_pattern` keyword parameters it reads (e.g. ``min_degree``);
+    * :meth:`parse` — the pattern the user string denotes, or ``None`` when the string is not its syntax;
+    * ``project``, ``is_feasible``, ``constraints``, ``kept_count`` (and ``validate``, ``describe``).
+    """
     name = "pattern"
+    kinds: tuple = ()
+    syntax: str = ""
+    params: tuple = ()
+
+    @property
+    def kind(self) -> str:
+        return type(self).kinds[0] if type(self).kinds else self.name
+
+    @classmethod
+    def parse(cls, text: str, sparsity: Optional[float] = None, **params) -> Optional["Pattern"]:
+        """The pattern ``text`` (lower-cased, stripped) denotes, or ``None`` if it is not this class's syntax."""
+        return None
+
     #: auxiliary integer variables a solver must create: name -> size (given the shape)
     def aux_variables(self, shape) -> dict:
         return {}
@@ -106,8 +235,26 @@ class Pattern:
         return f"{type(self).__name__}({self.describe()})"
 
 
+_MATRIX_WORDS = ("unstructured", "matrix", "per-matrix")
+_ROW_WORDS = ("row", "per-row", "unstructured-row")
+
+
+@register_pattern
 class Unstructured(Pattern):
     """At most ``k = numel − ⌊s·numel⌋`` nonzeros per matrix (scope='matrix') or per row (scope='row')."""
+
+    kinds = ("unstructured", "row")
+    syntax = "unstructured | row"
+
+    @property
+    def kind(self) -> str:
+        return "row" if self.scope == "row" else "unstructured"
+
+    @classmethod
+    def parse(cls, text, sparsity=None, **params):
+        if text in _MATRIX_WORDS or text in _ROW_WORDS:
+            return cls(0.5 if sparsity is None else sparsity, "row" if text in _ROW_WORDS else "matrix")
+        return None
 
     def __init__(self, sparsity: float, scope: str = "matrix"):
         self.sparsity = check_sparsity(sparsity)
@@ -162,8 +309,22 @@ class Unstructured(Pattern):
         return [LinearRow([("z", torch.arange(m * n), _ones(m * n))], "<=", self.kept_count(shape))]
 
 
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@register_pattern
 class NM(Pattern):
     """N:M: in every row, each consecutive group of M input columns keeps at most N."""
+
+    kinds = ("nm",)
+    syntax = "N:M, e.g. 2:4"
+
+    @classmethod
+    def parse(cls, text, sparsity=None, min_degree=None, **params):
+        mt = _NM_RE.match(text)
+        if mt is None or min_degree is not None:  # with a minimum degree it is the expander kind
+            return None
+        return cls(int(mt.group(1)), int(mt.group(2)))
 
     def __init__(self, n: int, m: int):
         n, m = int(n), int(m)
@@ -214,6 +375,7 @@ class NM(Pattern):
         return rows
 
 
+@register_pattern
 class ColumnGroups(Pattern):
     """Structured: input columns are partitioned into groups; keep ``k`` groups (whole columns).
 
@@ -222,6 +384,18 @@ class ColumnGroups(Pattern):
     or ``sparsity`` (the fraction of groups removed, ``k = g − ⌊s·g⌋``).
     Auxiliary variable ``g`` (one binary per group); the keep variable ``z_ij`` equals ``g_{group(j)}``.
     """
+
+    kinds = ("groups",)
+    syntax = "groups"
+    params = ("group_size",)
+
+    @classmethod
+    def parse(cls, text, sparsity=None, group_size=None, **params):
+        if text not in ("groups", "structured"):
+            return None
+        if sparsity is None:
+            raise PatternError("pattern 'groups' needs a sparsity (fraction of groups removed)")
+        return cls(group_size or 1, sparsity=sparsity)
 
     def __init__(self, groups: Union[int, Sequence[Sequence[int]]], *, keep: Optional[int] = None,
                  sparsity: Optional[float] = None, n: Optional[int] = None):
@@ -328,12 +502,24 @@ def register_projection(name: str, fn: Callable) -> None:
     _PROJECTIONS[name] = fn
 
 
+@register_pattern
 class ExpanderNM(NM):
     """N:M per row plus connectivity: in every tile of M rows × M columns each column keeps ≥ B.
 
     (EGGS-PTP, docs/methods.md §5, reconstructed.) Each row of a tile keeps exactly N of its M columns.
     The projection is the tile transportation problem; the EGGS solver registers it (``"expander_nm"``).
     """
+
+    kinds = ("expander",)
+    syntax = "N:M with min_degree B (CLI --min-degree)"
+    params = ("min_degree",)
+
+    @classmethod
+    def parse(cls, text, sparsity=None, min_degree=None, **params):
+        mt = _NM_RE.match(text)
+        if mt is None or min_degree is None:
+            return None
+        return cls(int(mt.group(1)), int(mt.group(2)), min_degree)
 
     def __init__(self, n: int, m: int, min_degree: int = 1):
         super().__init__(n, m)
@@ -384,23 +570,23 @@ class ExpanderNM(NM):
         return rows
 
 
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
 def parse_pattern(pattern: Optional[str], sparsity: Optional[float] = None, *, min_degree: Optional[int] = None,
-                  group_size: Optional[int] = None) -> Pattern:
-    """The pattern named by the CLI/API strings: "unstructured", "row", "N:M" (e.g. "2:4"), "groups"."""
-    p = (pattern or "unstructured").strip().lower()
-    if p in ("unstructured", "matrix", "per-matrix"):
-        return Unstructured(0.5 if sparsity is None else sparsity, "matrix")
-    if p in ("row", "per-row", "unstructured-row"):
-        return Unstructured(0.5 if sparsity is None else sparsity, "row")
-    mt = _NM_RE.match(p)
-    if mt:
-        n, m = int(mt.group(1)), int(mt.group(2))
-        return NM(n, m) if min_degree is None else ExpanderNM(n, m, min_degree)
-    if p in ("groups", "structured"):
-        if sparsity is None:
-            raise PatternError("pattern 'groups' needs a sparsity (fraction of groups removed)")
-        return ColumnGroups(group_size or 1, sparsity=sparsity)
-    raise PatternError(f"unknown pattern {pattern!r}; use 'unstructured', 'row', 'N:M' such as '2:4', or 'groups'")
+                  group_size: Optional[int] = None, **params) -> Pattern:
+    """The pattern named by the CLI/API string: "unstructured", "row", "N:M" (e.g. "2:4"; with ``min_degree``
+    the expander N:M), "groups", or any registered kind's syntax. ``params`` (``None`` values ignored) go to the
+    matching class; one that it does not read is an error naming the kinds that do."""
+    _discover()
+    text = (pattern or "unstructured").strip().lower()
+    given = {k: v for k, v in dict(params, min_degree=min_degree, group_size=group_size).items() if v is not None}
+    for cls in _PATTERNS.values():
+        pat = cls.parse(text, sparsity, **given)
+        if pat is None:
+            continue
+        unused = sorted(set(given) - set(cls.params))
+        if unused:
+            takers = {k: [c.kinds[0] for c in _PATTERNS.values() if k in c.params] for k in unused}
+            raise PatternError("; ".join(
+                f"{k} does not apply to the {pat.kind} pattern (it applies to: {', '.join(takers[k]) or 'none'})"
+                for k in unused))
+        return pat
+    raise PatternError(f"unknown pattern {pattern!r}; use {_syntaxes()}")

@@ -1,6 +1,6 @@
 """Layer-wise sparsity allocation for a real model: uniform, AlphaPruning (α from weight spectra) and OWL.
 
-The contract the run engineer calls::
+The contract the prune engine calls::
 
     targets, info = layer_sparsities(model, arch, allocation, sparsity, eps=None, calib_ids=None, data=None)
 

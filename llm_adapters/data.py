@@ -1,7 +1,7 @@
 """Calibration and evaluation text: where it lives, how it is read, how it is sampled.
 
 Data directory (first that is set): the ``data_dir`` argument (``--data-dir``) > ``$OPTPRUNE_DATA_DIR`` >
-``<repo>/../shared/data``. Its layout is the one of ``shared/data/README.md``::
+a development fallback beside the checkout (need not exist). Its layout (docs/protocols.md)::
 
     wikitext-2-raw/wiki.test.raw  wiki.valid.raw      WikiText-2 (raw) test / validation
     ptb/ptb.test.txt  ptb.valid.txt                   Penn Treebank (Mikolov split)
@@ -82,7 +82,7 @@ class DataNotFoundError(FileNotFoundError):
 # ---------------------------------------------------------------------------------------------- protocols
 @dataclass(frozen=True)
 class Protocol:
-    """A measurement protocol of ``shared/PROTOCOL.md``: model, calibration and evaluation settings."""
+    """A measurement protocol of docs/protocols.md: model, calibration and evaluation settings."""
 
     name: str
     model: str
@@ -122,7 +122,7 @@ def get_protocol(name: Union[str, Protocol, None]) -> Optional[Protocol]:
 
 # ---------------------------------------------------------------------------------------------- locations
 def resolve_data_dir(data_dir: Union[str, os.PathLike, None] = None) -> Path:
-    """``data_dir`` argument > ``$OPTPRUNE_DATA_DIR`` > ``<repo>/../shared/data`` (which need not exist)."""
+    """``data_dir`` argument > ``$OPTPRUNE_DATA_DIR`` > the development fallback folder (which need not exist)."""
     if data_dir:
         return Path(data_dir).expanduser()
     env = os.environ.get("OPTPRUNE_DATA_DIR")
@@ -136,7 +136,7 @@ def _where_from(data_dir) -> str:
         return "from --data-dir / data_dir="
     if os.environ.get("OPTPRUNE_DATA_DIR"):
         return "from $OPTPRUNE_DATA_DIR"
-    return "the default <repo>/../shared/data"
+    return "the development fallback folder beside the checkout"
 
 
 def known_dataset(name: str) -> Optional[str]:

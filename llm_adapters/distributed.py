@@ -29,7 +29,7 @@ forwards the dense blocks before its own, each ≈ 0.2 of pruning one), so earli
 ``"round-robin"`` gives the ``j``-th block to rank ``j mod N`` (every rank then forwards almost the whole model).
 Contiguous is also what the low-memory mode wants: a rank never loads a block past its last one. Limit: the last
 rank's chain of dense forwards grows with the depth, so beyond N ≈ 1/FORWARD_COST ranks it dominates (see the
-capacity plan in docs/notes/issue-9.md).
+capacity plan in docs/results.md).
 
 **What travels.** Rank 0 broadcasts the calibration tokens and the :class:`PruneConfig` (so every rank prunes
 with rank 0's data, also under torchrun where each rank sampled them itself). After pruning, every rank sends
@@ -119,7 +119,7 @@ def world_for(nproc: int) -> int:
 
 
 #: cost of forwarding one dense block relative to pruning one (for the contiguous split): ≈ 1 of the ~5 block
-#: passes that statistics with error correction take (see benchmarks/bench_distributed.py's FLOP model)
+#: passes that statistics with error correction take (see benchmarks/models/bench_distributed.py's FLOP model)
 FORWARD_COST = 0.2
 
 

@@ -1,4 +1,4 @@
-"""Perplexity exactly as ``shared/PROTOCOL.md`` measures it, and optional zero-shot tasks through lm-eval.
+"""Perplexity exactly as docs/protocols.md measures it, and optional zero-shot tasks through lm-eval.
 
 Perplexity: cut the token stream into non-overlapping windows of ``seqlen`` tokens (the tail shorter than a
 window is dropped), run each window on its own (no carried context), and report ``exp(mean token NLL)`` over

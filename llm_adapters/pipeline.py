@@ -106,16 +106,8 @@ class _Stop(Exception):
 
 
 def pattern_kind(p: Pattern) -> str:
-    """The registry's pattern kind of a pattern object."""
-    if isinstance(p, ExpanderNM):
-        return "expander"
-    if isinstance(p, NM):
-        return "nm"
-    if isinstance(p, ColumnGroups):
-        return "groups"
-    if isinstance(p, Unstructured):
-        return "row" if p.scope == "row" else "unstructured"
-    return getattr(p, "name", type(p).__name__)
+    """The registry's pattern kind of a pattern object (each pattern class declares its own)."""
+    return p.kind
 
 
 def _is_cache(obj) -> bool:

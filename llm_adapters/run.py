@@ -438,6 +438,7 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if method_options is not None and not isinstance(method_options, dict):
         raise RunError("method_options must be a dict of method option → value")
     method_options = dict(method_options or {})
+    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     try:
         nproc = int(nproc or 1)

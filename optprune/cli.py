@@ -6,24 +6,36 @@ import argparse
 import json
 import sys
 
+from .catalog import SECTIONS
 
-def _kv(items):
-    """``-O key=value`` pairs → dict, values parsed as JSON where possible (numbers, true/false)."""
+
+def _kv(items) -> dict:
+    """``-O key=value`` pairs → dict, values parsed as JSON where possible (numbers, true/false, lists, dicts);
+    ``-`` in a key reads as ``_``. A malformed pair or a key given twice is a ValueError (one line, exit 2)."""
     out = {}
     for it in items or []:
-        if "=" not in it:
-            raise SystemExit(f"optprune: error: method option {it!r} is not key=value")
-        k, v = it.split("=", 1)
+        k, sep, v = it.partition("=")
+        k = k.strip().replace("-", "_")
+        if not sep or not k.isidentifier():
+            raise ValueError(f"method option {it!r} is not key=value (e.g. -O refit=true)")
+        if k in out:
+            raise ValueError(f"method option {k!r} is given twice")
         try:
-            out[k.replace("-", "_")] = json.loads(v)
+            out[k] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.replace("-", "_")] = v
+            out[k] = v
     return out
+
+
+def _check_method(method: str, options: dict) -> None:
+    """The method exists and reads every ``-O`` option — checked before anything loads."""
+    from .solvers.registry import get_method
+    get_method(method).check_options(options)
 
 
 def _add_data_args(p):
     p.add_argument("--data-dir", default=None,
-                   help="folder with wikitext-2-raw/, ptb/, c4/ (default: $OPTPRUNE_DATA_DIR or ../shared/data)")
+                   help="folder with wikitext-2-raw/, ptb/, c4/ (default: $OPTPRUNE_DATA_DIR; layout in docs/protocols.md)")
     p.add_argument("--model-dir", default=None,
                    help="folder holding built-in models such as stories260K (default: $OPTPRUNE_MODEL_DIR)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -68,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read one block at a time from the safetensors shards and write the output shard by shard")
     p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="--low-memory: dtype of the stored calibration activations (default: the model's)")
-    p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE",
+                   help="method option, repeatable; `optprune list methods` shows each method's options and defaults")
     p.add_argument("--certify", action="store_true",
                    help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
                         "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
@@ -102,18 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="analysis", help="directory for PNG plots and analysis.json")
     p.add_argument("--matrix", default=None, help="matrix whose ESD to plot (default: the first MLP down)")
     _add_data_args(p)
+
+    p = sub.add_parser("list", help="list methods (with their options), patterns, backends or architectures")
+    p.add_argument("what", nargs="?", choices=SECTIONS, default=None,
+                   help="one of %(choices)s (default: all four)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import api
-
-    kw = {k: v for k, v in vars(args).items() if k != "command"}
-    if "method_opt" in kw:
-        kw["method_options"] = _kv(kw.pop("method_opt"))
-    fn = {"prune": api.prune, "eval": api.evaluate, "verify": api.verify, "analyze": api.analyze}[args.command]
     try:
+        if args.command == "list":
+            from .catalog import lines
+            for i, what in enumerate([args.what] if args.what else SECTIONS):
+                if not args.what:
+                    print(("\n" if i else "") + f"{what}:")
+                print("\n".join(lines(what)))
+            return 0
+        kw = {k: v for k, v in vars(args).items() if k != "command"}
+        if "method_opt" in kw:
+            kw["method_options"] = _kv(kw.pop("method_opt"))
+        if args.command == "prune":
+            _check_method(args.method, kw["method_options"])
+        from . import api
+        fn = {"prune": api.prune, "eval": api.evaluate, "verify": api.verify, "analyze": api.analyze}[args.command]
         fn(**kw, _cli=True)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         # bad input: one line naming the problem, nothing changed

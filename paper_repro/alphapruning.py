@@ -1,4 +1,4 @@
-"""AlphaPruning (seed 003, arXiv 2410.10912): the paper's headline comparisons at our scales.
+"""AlphaPruning (arXiv 2410.10912): the paper's headline comparisons at our scales.
 
 AlphaPruning is an allocation, not a pruner: it decides each block's sparsity from the heavy-tailed exponent α
 of its weight spectra, then a pruner prunes. Rows: {uniform, OWL, α} allocation × {Wanda, SparseGPT} at 60 /
@@ -21,7 +21,7 @@ from common import Claim, PaperNumber, PaperSpec, Variant, fmt_num, main  # noqa
 
 L7 = "LLaMA-7B"
 PPL = "WikiText-2 ppl"
-ABS = "seeds/003 abstract"
+ABS = "the paper's abstract"
 
 VARIANTS = []
 for pr, pr_label in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):

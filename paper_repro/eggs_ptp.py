@@ -1,11 +1,11 @@
-"""EGGS-PTP (seed 001, arXiv 2508.09471): the paper's headline comparisons at our scales.
+"""EGGS-PTP (arXiv 2508.09471): the paper's headline comparisons at our scales.
 
 Semi-structured N:M masks (2:4 and 4:8). Rows: EGGS (RIA scores + an N:M mask that keeps at least B entries per
 column in every M×M tile — the [reconstructed] transportation problem of docs/methods.md §5, solved exactly per tile)
 with B = 1 and B = 2, and the baselines it claims to beat: RIA (its base score, plain N:M), Wanda and SparseGPT,
 all as their published code runs them (no error correction). The speed claim (up to 1.6× with 2:4 kernels) needs
 a CUDA GPU with 2:4 sparse tensor cores: on a GPU the 2:4 EGGS model is timed through
-``benchmarks/bench_models.py`` → ``benchmarks/bench_semistructured.py``; on a CPU the table says that no 2:4
+``benchmarks/models/bench_models.py`` → ``benchmarks/semistructured/bench_semistructured.py``; on a CPU the table says that no 2:4
 kernel exists.
 
     python paper_repro/eggs_ptp.py --scale stories | cpu | paper
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Claim, PaperSpec, Variant, _load_script, _rel, main  # noqa: E402
 
-ABS = "seeds/001 abstract"
+ABS = "the paper's abstract"
 SETTINGS = ["2:4", "4:8"]
 LABELS = {"2:4": "2:4", "4:8": "4:8"}
 BASELINES = [("ria", "RIA"), ("wanda", "Wanda"), ("sparsegpt", "SparseGPT")]
@@ -49,14 +49,14 @@ def speed_section(args, cfg, res, out_dir, stem):
              "paper_values": None, "ours_only": False, "paper_text": "up to 1.6× speed-up (2:4 kernels)",
              "paper_holds": True, "paper_ratio": None, "ours_values": None, "ours_ratio": None, "ours_holds": None,
              "verdict": "not measurable", "why": ""}
-    bs = _load_script("benchmarks/bench_semistructured.py", "_optprune_bench_semistructured")
+    bs = _load_script("benchmarks/semistructured/bench_semistructured.py", "_optprune_bench_semistructured")
     why = bs.no_kernel_reason()
     lines = []
     if why:
         claim["why"] = "no 2:4 kernel on this machine: " + why.split(" (")[0].split("; ")[0]
         lines.append(f"Not measurable here: {why}")
     else:
-        bm = _load_script("benchmarks/bench_models.py", "_optprune_bench_models")
+        bm = _load_script("benchmarks/models/bench_models.py", "_optprune_bench_models")
         jsonl = Path(out_dir) / f"{stem}_speed.jsonl"
         argv = ["--model", cfg["model"], "--protocol", cfg["protocol"], "--runs", "eggs:2:4", "--out", str(jsonl)]
         if args.quick:
@@ -73,7 +73,7 @@ def speed_section(args, cfg, res, out_dir, stem):
         else:
             claim["why"] = ss.get("note") or e.get("error") or "no result"
         shown = " ".join(_rel(a) if a == str(jsonl) else a for a in argv)
-        lines.append(f"`python benchmarks/bench_models.py {shown}`: {claim['why']}")
+        lines.append(f"`python benchmarks/models/bench_models.py {shown}`: {claim['why']}")
     res["claims"].append(claim)
     res.setdefault("sections", []).append({"title": "2:4 inference speed", "lines": lines})
 

@@ -1,4 +1,4 @@
-"""FISTAPruner (seed 002, arXiv 2408.03728): the paper's headline comparisons at our scales.
+"""FISTAPruner (arXiv 2408.03728): the paper's headline comparisons at our scales.
 
 Rows: FISTA as the paper runs it (SparseGPT warm start, intra-layer error correction, K=20, T=3, ξ=0.3), the
 baselines it claims to beat (SparseGPT, Wanda, magnitude — as their published code runs them: no error
@@ -61,10 +61,10 @@ SPEC = PaperSpec(
         Claim("FISTA < Wanda at 2:4", ("fista", "2:4"), ("wanda", "2:4"), (14.54, 22.56), LL3, 56),
         Claim("FISTA < SparseGPT at 70%", ("fista", "0.7"), ("sparsegpt", "0.7"),
               paper_text="superior to SparseGPT/Wanda across sparsities (no 70% number in docs/methods.md)",
-              paper_source="seeds/002 abstract"),
+              paper_source="the paper's abstract"),
         Claim("FISTA < Wanda at 70%", ("fista", "0.7"), ("wanda", "0.7"),
               paper_text="superior across sparsities (no 70% number in docs/methods.md)",
-              paper_source="seeds/002 abstract"),
+              paper_source="the paper's abstract"),
         Claim("SparseGPT warm start < dense warm start at 50%", ("fista", "0.5"), ("fista_dense", "0.5"),
               (33.54, 38.62), OPT, 50),
         Claim("error correction helps FISTA at 50%", ("fista", "0.5"), ("fista_noec", "0.5"),

@@ -1,11 +1,11 @@
-"""SPAP (seed 000, arXiv 2505.03373): the paper's headline comparisons at our scales.
+"""SPAP (arXiv 2505.03373): the paper's headline comparisons at our scales.
 
 Structured pruning of MLP neurons (each neuron = one column of ``down_proj`` and the matching rows of
 ``up``/``gate``, removed by surgery so the model really shrinks) at 20 / 30 / 50% of the MLP width. Rows: SPAP
 ([reconstructed] penalty method + alternating minimisation on the group MIQP, docs/methods.md §4) and the structured
 baselines it claims to beat: group magnitude, FLAP (fluctuation score + bias compensation) and greedy group-OBS
 (OSSCAR/ZipLM-style) with refit. The paper's speed claim (1.29× at 30%) is measured by
-``benchmarks/bench_models.py`` on the SPAP-pruned models (dense vs pruned latency on this machine).
+``benchmarks/models/bench_models.py`` on the SPAP-pruned models (dense vs pruned latency on this machine).
 
     python paper_repro/spap.py --scale stories | cpu | paper     [--no-extra: skip the speed runs]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Claim, PaperSpec, Variant, _load_script, _rel, fmt_num, main  # noqa: E402
 
-ABS = "seeds/000 abstract"
+ABS = "the paper's abstract"
 SETTINGS = ["0.2", "0.3", "0.5"]
 LABELS = {"0.2": "20% MLP", "0.3": "30% MLP", "0.5": "50% MLP"}
 BASELINES = [("group_obs", "group-OBS (greedy, refit)"), ("flap", "FLAP (bias compensation)"),
@@ -56,9 +56,9 @@ def _cells(e, batches):
 
 
 def speed_section(args, cfg, res, out_dir, stem):
-    """SPAP-pruned models vs dense: latency/throughput from benchmarks/bench_models.py (resumable rows), with an
+    """SPAP-pruned models vs dense: latency/throughput from benchmarks/models/bench_models.py (resumable rows), with an
     unstructured-50% control (zeros stored densely: it cannot be faster, so its spread is this machine's noise)."""
-    bm = _load_script("benchmarks/bench_models.py", "_optprune_bench_models")
+    bm = _load_script("benchmarks/models/bench_models.py", "_optprune_bench_models")
     sts = res["settings"]
     runs = "dense," + ",".join(f"spap:{s}" for s in sts) + "," + CONTROL
     jsonl = Path(out_dir) / f"{stem}_speed.jsonl"
@@ -74,7 +74,7 @@ def speed_section(args, cfg, res, out_dir, stem):
     b = max(batches)
     tiny = cfg["model"] == "stories260k"
     shown = " ".join(_rel(a) if a == str(jsonl) else a for a in argv)
-    lines = [f"Measured by `python benchmarks/bench_models.py {shown}` on this machine ({doc['meta']['device']}); "
+    lines = [f"Measured by `python benchmarks/models/bench_models.py {shown}` on this machine ({doc['meta']['device']}); "
              f"speed-up = dense / pruned time, median of {doc['meta']['repeats']} alternated runs; in brackets: in how "
              f"many alternated pairs the pruned model was faster. The control row is a 50% unstructured model (zeros "
              f"in dense matrices, no sparse kernel): it cannot be faster, so its spread is this machine's noise."

@@ -59,16 +59,21 @@ def ria_scores(problem: LayerProblem, a: float = 0.5) -> torch.Tensor:
     return ri * problem.col_norms().to(W.dtype).pow(a).unsqueeze(0)
 
 
+_REFIT_HELP = "finish with the exact least-squares refit on the chosen mask"
+
+
 @register_method("magnitude", needs="none", patterns=("unstructured", "row", "nm"),
-                 description="zero the smallest |W_ij| (per matrix, per row, or per N:M group)")
-def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, **_) -> LayerResult:
+                 description="zero the smallest |W_ij| (per matrix, per row, or per N:M group)",
+                 options={"refit": _REFIT_HELP})
+def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
     _check_pattern("magnitude", pattern)
     return score_prune(problem, pattern, problem.W0.to(_work_dtype(problem)).abs(), "magnitude", refit)
 
 
 @register_method("wanda", needs="diag", patterns=("unstructured", "row", "nm"),
-                 description="|W_ij|·‖X_j‖₂ compared within each output row; no weight update")
-def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, **_) -> LayerResult:
+                 description="|W_ij|·‖X_j‖₂ compared within each output row; no weight update",
+                 options={"refit": _REFIT_HELP})
+def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
     _check_pattern("wanda", pattern)
     if isinstance(pattern, Unstructured) and pattern.scope == "matrix":
         pattern = Unstructured(pattern.sparsity, "row")  # Wanda's rule: compare within each output row
@@ -76,8 +81,9 @@ def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, **_) 
 
 
 @register_method("ria", needs="diag", patterns=("unstructured", "row", "nm"),
-                 description="relative importance × ‖X_j‖^a (a = 0.5); no weight update")
-def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False, **_) -> LayerResult:
+                 description="relative importance × ‖X_j‖^a (a = 0.5); no weight update",
+                 options={"a": "exponent of the input norm", "refit": _REFIT_HELP})
+def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False) -> LayerResult:
     _check_pattern("ria", pattern)
     return score_prune(problem, pattern, ria_scores(problem, a), "ria", refit)
 
@@ -175,9 +181,11 @@ class SparseGPT:
 
 
 @register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm"),
-                 description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates")
+                 description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates",
+                 options={"blocksize": "columns per mask-selection block",
+                          "damp": "relative Hessian damping (default: the problem's)", "refit": _REFIT_HELP})
 def sparsegpt(problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, damp: Optional[float] = None,
-              refit: bool = False, **_) -> LayerResult:
+              refit: bool = False) -> LayerResult:
     res = SparseGPT(problem, pattern, blocksize=blocksize, damp=damp).run()
     return refit_result(problem, res) if refit else res
 
@@ -235,9 +243,10 @@ def refit_result(problem: LayerProblem, res: LayerResult) -> LayerResult:
 
 @register_method("refit", needs="gram", patterns=("unstructured", "row", "nm", "expander", "groups"),
                  program=lambda problem, pattern, mask=None, **_: refit_program(problem, mask),
-                 description="least-squares refit of a given mask (default: the magnitude mask)")
+                 description="least-squares refit of a given mask (default: the magnitude mask)",
+                 options={"mask": "the mask to refit (API only)", "start": "method whose mask is refitted"})
 def refit(problem: LayerProblem, pattern: Pattern, *, mask: Optional[torch.Tensor] = None,
-          start: str = "magnitude", **_) -> LayerResult:
+          start: str = "magnitude") -> LayerResult:
     if mask is None:
         from .registry import get_method
         mask = get_method(start)(problem, pattern).mask

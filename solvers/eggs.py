@@ -1,4 +1,4 @@
-"""EGGS-PTP (seed 001, docs/methods.md §5): N:M masks that stay expander graphs — the production torch solver.
+"""EGGS-PTP (docs/methods.md §5): N:M masks that stay expander graphs — the production torch solver.
 
 **The mask problem** [reconstructed], solved independently per tile of M output rows × M input columns::
 
@@ -262,7 +262,7 @@ def solve_tiles(S: torch.Tensor, N: int, M: int, B: int, algorithm: str = "auto"
     alg = (algorithm or "auto").lower()
     if alg not in ALGORITHMS:
         raise ValueError(f"unknown expander N:M algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if alg == "auto":  # measured (benchmarks/bench_eggs.py): enumeration wins when the tile has few masks
+    if alg == "auto":  # measured (benchmarks/solvers/bench_eggs.py): enumeration wins when the tile has few masks
         masks = _feasible_tile_masks_cpu(int(N), int(M), int(B))
         alg = "enum" if masks is not None and masks.shape[0] <= ENUM_AUTO_MAX_MASKS else "ssp"
     stats = {"algorithm": alg, "tiles": int(S.shape[0]), "exact": alg != "greedy"}
@@ -333,10 +333,13 @@ def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, **_):
 
 @register_method("eggs", needs="diag", patterns=("expander", "nm"), program=_program,
                  description="EGGS-PTP: RIA scores, N:M mask with ≥ B kept per column in every M×M tile "
-                             "(exact transportation problem per tile), optional least-squares refit")
+                             "(exact transportation problem per tile), optional least-squares refit",
+                 options={"score": "ria | wanda | magnitude", "a": "RIA exponent of the input norm",
+                          "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
+                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics"})
 def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: float = 0.5,
-         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True,
-         **_) -> LayerResult:
+         min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True
+         ) -> LayerResult:
     pat = as_expander(pattern, min_degree)
     pat.validate(problem.shape)
     with Timer() as t:

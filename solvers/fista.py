@@ -37,7 +37,7 @@ The production method :func:`fista` (registered as ``"fista"``) adds what turns 
   (``info['error_before_refit']``, ``info['error_after_refit']``);
 * an option *not in the paper*, ``debias_iters=k``: each rounded iterate (and the warm start) is debiased by
   ``k`` masked conjugate-gradient steps on its support before the comparison. Without it the rounded ℓ1
-  iterates carry the ℓ1 shrinkage and rarely beat a SparseGPT warm start (docs/notes/issue-4.md).
+  iterates carry the ℓ1 shrinkage and rarely beat a SparseGPT warm start (docs/methods.md §2).
 
 **[reconstructed] λ rule.** The paper reports bisection on λ with ``K = 20``, ``T = 3`` and a rounding-error
 share threshold ``ξ = 0.3`` but its exact rule is not available offline. This implementation reads it as:
@@ -506,7 +506,17 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                  program=lambda problem, pattern, lam=None, **_: l1_program(
                      problem, default_lambda(problem, pattern) if lam is None else float(lam)),
                  description="FISTAPruner: ℓ1 convex model by FISTA (restart, one matmul per iteration), "
-                             "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda")
+                             "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda",
+                 options_from="_fista",
+                 options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense", "iters": "iterations per "
+                          "round (K)", "rounds": "rounds (T)", "xi": "rounding-error share threshold ξ",
+                          "lam": "first λ (default lam_scale × the diagonal-model λ)",
+                          "lam_step": "λ bracket growth",
+                          "restart": "gradient restart", "refit": "final least-squares refit",
+                          "debias_iters": "masked-CG steps on every rounded iterate", "dtype": "solve dtype",
+                          "device": "solve on this device", "warm_options": "options of the warm-start method",
+                          "gap_tol": "stop a round once the certified relative ℓ1 duality gap is ≤ this (iters: cap)",
+                          "check_every": "iterations between duality-gap checks"})
 def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
 
@@ -530,7 +540,7 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
           xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
           restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
           dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
-          gap_tol: float = 1e-6, check_every: int = 10, **_) -> LayerResult:
+          gap_tol: float = 1e-6, check_every: int = 10) -> LayerResult:
     _check_pattern(pattern)
     pattern.validate(problem.shape)
     if iters < 0 or rounds < 0:

@@ -1,28 +1,136 @@
-"""Method and backend registry: a method is (program builder, production solver); one line registers it.
+"""Method and backend registry: a method is one module — its program builder, its production solver and one
+``@register_method`` decorator — found by discovery, never by a list to edit.
 
 Production methods share one signature::
 
-    fn(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult
+    fn(problem: LayerProblem, pattern: Pattern, *, option=default, ...) -> LayerResult
 
-Adding a method = one file in ``solvers/`` that calls :func:`register_method`, plus its module name in
-``_METHOD_MODULES``. Adding a reference backend = one file with a :class:`~.base.Backend` subclass and its
-module name in ``_BACKEND_MODULES``.
+**Discovery.** Every module of this package is imported once on first use (except the reference backends
+``ref_*`` and the infrastructure modules ``base``, ``registry``, ``verify``), then every module that an installed
+package declares under the entry-point group ``optprune.methods``. A module of this package that fails to import
+raises (a missing third-party dependency is reported instead); a plug-in that fails to import is reported
+(:func:`load_errors`, a warning, and the "unknown method" error), never silently dropped.
+
+**Loud registration.** :func:`register_method` raises :class:`RegistrationError`, naming the valid choices, for
+a pattern kind that is not registered, an unknown ``needs``, an option (help text or default) that the solver
+does not take, and a name already taken by another function.
+
+**Options.** A method's options are its solver's keyword parameters (types from the annotations, defaults from
+the signature), or those of the function named by ``options_from=`` when the solver is a thin wrapper taking
+``**options``. :meth:`MethodSpec.check_options` rejects an option no solver reads; the CLI calls it before any
+model loads (``-O bogus=1`` → exit code 2), and every call through the registry checks again.
+
+Adding a reference backend = one file with a :class:`~.base.Backend` subclass decorated with
+:func:`register_backend` (``ref_*`` modules of this package, or the entry-point group ``optprune.backends``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
+import os
+import pkgutil
+import re
+import sys
+import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
-__all__ = ["MethodSpec", "UnknownMethodError", "register_method", "get_method", "list_methods",
-           "register_backend", "get_backend", "list_backends"]
+from ..formulations.patterns import PatternRegistrationError, definition_site, discover_patterns, pattern_kinds
 
-_METHOD_MODULES = ["baselines", "fista", "spap", "eggs", "structured_baselines"]
-_BACKEND_MODULES = ["ref_enumerate", "ref_cvxpy", "ref_gurobi", "ref_scip", "ref_flow"]
+__all__ = ["MethodSpec", "Option", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
+           "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover", "isolated",
+           "register_backend", "get_backend", "list_backends", "METHOD_ENTRY_POINTS", "BACKEND_ENTRY_POINTS"]
+
+METHOD_ENTRY_POINTS = "optprune.methods"
+BACKEND_ENTRY_POINTS = "optprune.backends"
+#: modules of this package that hold no method (``ref_*`` are the backends, discovered separately)
+_NOT_METHOD_MODULES = {"base", "registry", "verify"}
+NEEDS = {"none": "weights only", "diag": "input column norms ‖X_j‖", "gram": "input Gram matrices H, Ĥ, C"}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_+\-]*$")
+_CHECKED_TYPES = (bool, int, float, str, dict, list)
 
 
 class UnknownMethodError(ValueError):
     pass
+
+
+class UnknownOptionError(ValueError):
+    """A method option that the method's solver does not read."""
+
+
+class RegistrationError(TypeError):
+    """A registration naming an unknown pattern kind / option / statistics level, or a name already taken."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: ``-O name=value`` on the CLI, ``method_options={name: value}`` in the API."""
+    name: str
+    default: Any = None
+    type: Optional[type] = None  # checked when one of bool/int/float/str/dict/list; None: not checked
+    help: str = ""
+
+    def check(self, method: str, value) -> None:
+        t = self.type
+        if t is None or value is None and self.default is None:
+            return
+        ok = (isinstance(value, bool) if t is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+              isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, t))
+        if not ok:
+            raise UnknownOptionError(f"method {method!r}: option {self.name} expects {t.__name__}, "
+                                     f"got {value!r}")
+
+    def show(self) -> str:
+        return f"{self.name}={_show(self.default)}"
+
+
+def _show(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, tuple):
+        return "(" + ",".join(_show(x) for x in v) + ")"
+    return repr(v)
+
+
+def _simple_type(ann) -> Optional[type]:
+    """bool/int/float/str/dict/list from an annotation (``Optional[X]`` → X); anything else → None."""
+    if ann in _CHECKED_TYPES:
+        return ann
+    origin = typing.get_origin(ann)
+    if origin is Union:
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return _simple_type(args[0]) if len(args) == 1 else None
+    if origin in (dict, list):
+        return origin
+    return None
+
+
+def options_of(fn: Callable) -> tuple[dict, bool]:
+    """The keyword options of a solver ``fn(problem, pattern, *, ...)`` and whether it also takes ``**kw``."""
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # an annotation that cannot be evaluated: leave those options unchecked
+        hints = {}
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    out, var_kw = {}, False
+    for i, p in enumerate(params):
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is p.VAR_POSITIONAL:
+            raise RegistrationError(f"{fn.__qualname__}: a method solver takes no *args")
+        elif p in positional[:2]:
+            continue  # problem, pattern
+        elif p.default is p.empty:
+            raise RegistrationError(f"{fn.__qualname__}: option {p.name!r} needs a default "
+                                    f"(solvers are fn(problem, pattern, *, option=default, ...))")
+        else:
+            out[p.name] = Option(p.name, p.default, _simple_type(hints.get(p.name)))
+    return out, var_kw
 
 
 @dataclass
@@ -31,14 +139,70 @@ class MethodSpec:
     fn: Callable
     #: statistics the pipeline must collect: 'none' (weights only), 'diag' (‖X_j‖), 'gram' (H, Ĥ, C)
     needs: str = "gram"
-    #: pattern kinds it accepts: subset of {'unstructured', 'row', 'nm', 'expander', 'groups'}
+    #: pattern kinds it accepts (registered kinds: formulations.patterns.pattern_kinds())
     patterns: frozenset = frozenset({"unstructured", "row", "nm"})
     structured: bool = False
     program: Optional[Callable] = None  # (problem, pattern, **opts) -> Program it solves or approximates
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    options_from: Union[Callable, str, None] = None
+    option_help: dict = field(default_factory=dict)
+    module: str = ""
+    _options: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def options(self) -> dict:
+        """name -> :class:`Option`: the solver's keyword options (defaults overridden by ``defaults``)."""
+        if self._options is None:
+            self._options = self._resolve_options()
+        return self._options
+
+    def _resolve_options(self) -> dict:
+        src = self.options_from or self.fn
+        if isinstance(src, str):
+            mod = sys.modules.get(self.fn.__module__)
+            src = getattr(mod, src, None) if mod is not None else None
+            if not callable(src):
+                raise RegistrationError(f"method {self.name!r}: options_from={self.options_from!r} is not a "
+                                        f"function of {self.fn.__module__}")
+        opts, var_kw = options_of(src)
+        for k, h in self.option_help.items():
+            if isinstance(h, Option):
+                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help)
+            elif k in opts:
+                opts[k] = Option(k, opts[k].default, opts[k].type, str(h))
+            else:
+                raise RegistrationError(f"method {self.name!r}: help for unknown option {k!r}; its options: "
+                                        f"{', '.join(opts) or 'none'}")
+        if var_kw and not opts and self.options_from is None:
+            raise RegistrationError(f"method {self.name!r}: the solver takes **options; declare them with "
+                                    f"options_from=<function with the real signature> or options={{name: Option}}")
+        for k, v in self.defaults.items():
+            if k not in opts:
+                raise RegistrationError(f"method {self.name!r}: default for unknown option {k!r}; its options: "
+                                        f"{', '.join(opts) or 'none'}")
+            opts[k] = Option(k, v, opts[k].type, opts[k].help)
+        return opts
+
+    def check_options(self, options: Optional[dict]) -> None:
+        """Raise :class:`UnknownOptionError` (one line, with the valid options) for an option this method's
+        solver does not read, or a value of the wrong type."""
+        if not options:
+            return
+        if not isinstance(options, dict):
+            raise UnknownOptionError(f"method options must be a dict of option → value, got "
+                                     f"{type(options).__name__}")
+        opts = self.options
+        unknown = [k for k in options if k not in opts]
+        if unknown:
+            raise UnknownOptionError(
+                f"method {self.name!r} has no option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; its options: {', '.join(o.show() for o in opts.values()) or 'none'}")
+        for k, v in options.items():
+            opts[k].check(self.name, v)
 
     def __call__(self, problem, pattern, **options):
+        self.check_options(options)
         opts = dict(self.defaults)
         opts.update(options)
         return self.fn(problem, pattern, **opts)
@@ -46,56 +210,185 @@ class MethodSpec:
 
 _METHODS: dict[str, MethodSpec] = {}
 _BACKENDS: dict[str, type] = {}
-_loaded = {"methods": False, "backends": False}
+_state = {"methods": False, "backends": False, "loading": set()}
+_ERRORS: dict[str, str] = {}  # module or entry point -> one-line import error
+
+
+def _key(name: str) -> str:
+    return (name or "").strip().lower()
 
 
 def register_method(name: str, *, needs: str = "gram", patterns=("unstructured", "row", "nm"),
-                    structured: bool = False, program=None, description: str = "", **defaults):
+                    structured: bool = False, program: Optional[Callable] = None, description: str = "",
+                    options: Optional[dict] = None, options_from: Union[Callable, str, None] = None,
+                    defaults: Optional[dict] = None):
+    """Decorator registering a production solver as method ``name``.
+
+    ``needs``: 'none' | 'diag' | 'gram' (statistics the pipeline collects); ``patterns``: the pattern kinds
+    the solver handles (registered kinds only); ``structured``: it removes whole column groups (``patterns``
+    must then include 'groups'); ``program``: ``(problem, pattern, **opts) -> Program``, the declarative model
+    it solves or approximates; ``description``: one line for ``optprune list methods``; ``options``: help
+    text per option (``{name: "help"}``) or explicit :class:`Option` declarations; ``options_from``: the
+    function (or its name in the same module) whose signature lists the options, for a wrapper taking
+    ``**options``; ``defaults``: option defaults overriding the signature's.
+    """
+    key = _key(name)
+    if not _NAME_RE.match(key):
+        raise RegistrationError(f"method name {name!r}: use lower-case letters, digits, '_', '+' or '-'")
+    if needs not in NEEDS:
+        raise RegistrationError(f"method {key!r}: needs={needs!r}; choose from {', '.join(NEEDS)}")
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    kinds = pattern_kinds()
+    bad = [p for p in patterns if p not in kinds]
+    if bad or not patterns:
+        raise RegistrationError(f"method {key!r}: unknown pattern kind{'s' if len(bad) > 1 else ''} "
+                                f"{', '.join(map(repr, bad)) or '(none given)'}; registered kinds: {', '.join(kinds)}")
+    if structured and "groups" not in patterns:
+        raise RegistrationError(f"structured method {key!r} must accept the 'groups' pattern kind")
+    if program is not None and not callable(program):
+        raise RegistrationError(f"method {key!r}: program must be a function (problem, pattern, **opts) -> Program")
+
     def deco(fn):
-        _METHODS[name] = MethodSpec(name, fn, needs, frozenset(patterns), structured, program, description,
-                                    defaults)
+        if not callable(fn):
+            raise RegistrationError(f"method {key!r}: register_method decorates a function, got {fn!r}")
+        old = _METHODS.get(key)
+        if old is not None and definition_site(old.fn) != definition_site(fn):
+            raise RegistrationError(f"method name {key!r} is already taken by {old.fn.__module__}."
+                                    f"{old.fn.__qualname__}; registered methods: {', '.join(sorted(_METHODS))}")
+        spec = MethodSpec(key, fn, needs, frozenset(patterns), structured, program, description,
+                          dict(defaults or {}), options_from, dict(options or {}), fn.__module__)
+        if not isinstance(options_from, str):
+            spec.options  # noqa: B018 - resolve now: an unknown option name raises at registration
+        _METHODS[key] = spec
         return fn
     return deco
 
 
-def _load(kind: str, modules: list[str]) -> None:
-    if _loaded[kind]:
-        return
-    _loaded[kind] = True
-    for mod in modules:
+def _import_package_modules(prefix: str, keep: Callable[[str], bool]) -> None:
+    here = os.path.dirname(__file__)
+    for info in sorted(pkgutil.iter_modules([here]), key=lambda i: i.name):
+        if info.name.startswith("_") or not keep(info.name):
+            continue
+        full = f"{prefix}.{info.name}"
         try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet, or an optional dependency missing
-            if e.name and (e.name.endswith(mod) or e.name.startswith(__package__)):
+            importlib.import_module(full)
+        except ModuleNotFoundError as e:
+            root = (e.name or "").split(".")[0]
+            if root and root not in ("optprune", "solvers", "formulations", "llm_adapters"):
+                _report(full, e)  # an optional third-party dependency is missing: report, keep the rest
                 continue
             raise
 
 
+def _report(where: str, e: BaseException) -> None:
+    msg = f"{type(e).__name__}: {e}"
+    if _ERRORS.get(where) != msg:
+        warnings.warn(f"optprune: {where} failed to import ({msg}); its methods/backends are unavailable",
+                      stacklevel=3)
+    _ERRORS[where] = msg
+
+
+def _import_entry_points(group: str) -> None:
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except (RegistrationError, PatternRegistrationError):  # the plug-in's own mistake: its author must see it
+            raise
+        except Exception as e:  # a broken plug-in must not take optprune down, but it is reported
+            _report(f"plug-in {ep.value} ({group})", e)
+
+
+def discover(force: bool = False) -> None:
+    """Import the method modules of this package and the ``optprune.methods`` entry points (once; ``force``
+    re-reads the entry points, pattern plug-ins included, for plug-ins installed after the first call)."""
+    if force:
+        discover_patterns(force=True)
+    _load("methods", force)
+
+
+def _load(kind: str, force: bool = False) -> None:
+    if (_state[kind] and not force) or kind in _state["loading"]:
+        return
+    _state["loading"].add(kind)
+    try:
+        if kind == "methods":
+            _import_package_modules(__package__, lambda n: n not in _NOT_METHOD_MODULES and not n.startswith("ref_"))
+            _import_entry_points(METHOD_ENTRY_POINTS)
+            for spec in list(_METHODS.values()):
+                spec.options  # noqa: B018 - options_from names resolve now that every module is imported
+        else:
+            _import_package_modules(__package__, lambda n: n.startswith("ref_"))
+            _import_entry_points(BACKEND_ENTRY_POINTS)
+        _state[kind] = True
+    finally:
+        _state["loading"].discard(kind)
+
+
+@contextlib.contextmanager
+def isolated():
+    """Context manager restoring the method, backend and pattern registries on exit — for tests that register
+    throw-away methods or patterns (plug-in authors' tests included)."""
+    from ..formulations import patterns as P
+    discover()
+    saved = [(d, dict(d)) for d in (_METHODS, _BACKENDS, _ERRORS, P._PATTERNS, P._KINDS)]
+    try:
+        yield
+    finally:
+        for d, old in saved:
+            d.clear()
+            d.update(old)
+
+
+def load_errors() -> dict:
+    """Modules and plug-ins that failed to import: where -> one-line error."""
+    return dict(_ERRORS)
+
+
 def list_methods() -> list[str]:
-    _load("methods", _METHOD_MODULES)
+    _load("methods")
     return sorted(_METHODS)
 
 
+def method_specs() -> list[MethodSpec]:
+    _load("methods")
+    return [_METHODS[k] for k in sorted(_METHODS)]
+
+
 def get_method(name: str) -> MethodSpec:
-    _load("methods", _METHOD_MODULES)
-    key = (name or "").strip().lower()
+    _load("methods")
+    key = _key(name)
     if key not in _METHODS:
-        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+        failed = "".join(f"; {w} failed to import ({m})" for w, m in _ERRORS.items())
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}{failed}")
     return _METHODS[key]
 
 
 def register_backend(cls):
-    _BACKENDS[cls.name] = cls
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == "backend":
+        raise RegistrationError(f"backend class {cls.__qualname__} must set a name")
+    old = _BACKENDS.get(name)
+    if old is not None and definition_site(old) != definition_site(cls):
+        raise RegistrationError(f"backend name {name!r} is already taken by {old.__module__}.{old.__qualname__}; "
+                                f"registered backends: {', '.join(sorted(_BACKENDS))}")
+    _BACKENDS[name] = cls
     return cls
 
 
 def list_backends(available_only: bool = False) -> list[str]:
-    _load("backends", _BACKEND_MODULES)
+    _load("backends")
     return sorted(n for n, c in _BACKENDS.items() if not available_only or c.available())
 
 
+def backend_classes() -> list[type]:
+    _load("backends")
+    return [_BACKENDS[k] for k in sorted(_BACKENDS)]
+
+
 def get_backend(name: str):
-    _load("backends", _BACKEND_MODULES)
+    _load("backends")
     if name not in _BACKENDS:
         raise UnknownMethodError(f"unknown solver backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]()

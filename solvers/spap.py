@@ -1,4 +1,4 @@
-"""SPAP — structured pruning by a penalty method with alternating minimisation (seed 000, arXiv 2505.03373).
+"""SPAP — structured pruning by a penalty method with alternating minimisation (arXiv 2505.03373).
 
 The model (docs/methods.md §4) is the group-selection MIQP: for a layer whose input columns form groups ``G_j``::
 
@@ -36,7 +36,7 @@ update; performance is recovered by that update, with no fine-tuning; MLP neuron
   with the ``t`` dropped groups of largest value (the z-step restricted to a trust region of ``t``
   exchanges); an exchange that lowers the exact refit objective is accepted and the round restarts.
 
-Measured (docs/notes/issue-5.md): on real layers the continuation path alone never changed ``z`` after its
+Measured (docs/methods.md §4): on real layers the continuation path alone never changed ``z`` after its
 start (the penalised values of dropped groups shrink like ``1/ρ²`` while kept groups absorb their role), so
 the penalty method by itself amounts to "top-k of ``Ĥ_jj‖W*_j‖²``, then refit"; the gains over greedy
 group-OBS come from the re-opening stage and are small on real layers, larger on small random instances.
@@ -249,7 +249,7 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
          max_iters: int = 200, reopen: bool = True, reopen_rhos=(1e2, 1e1, 1.0, 1e-1, 1e-2),
          max_swaps: int = 3, max_rounds: int = 20, time_limit: Optional[float] = None, damp: float = 1e-6,
          dtype=None, input_mean=None, input_mean_hat=None, bias: bool = False, threads: Optional[int] = None,
-         fast_vstep: bool = True, **_) -> LayerResult:
+         fast_vstep: bool = True) -> LayerResult:
     """SPAP on one layer: returns ``W`` (zero on removed group columns) and the kept-column mask.
 
     Options: ``init`` — ``"best"`` (best refitted structured baseline, default), ``"penalty"`` (only the

@@ -158,8 +158,7 @@ def _finish(problem: LayerProblem, st: GroupSetup, keep: torch.Tensor, W: torch.
 @register_method("group_magnitude", needs="none", patterns=("groups",), structured=True,
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="keep the column groups of largest ‖W_{:,G}‖_F; weights unchanged")
-def group_magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, dtype=None,
-                    **_) -> LayerResult:
+def group_magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False, dtype=None) -> LayerResult:
     st = group_setup(problem, pattern, "group_magnitude", dtype)
     with Timer() as t:
         W0 = problem.W0.to(st.dtype)
@@ -212,7 +211,7 @@ def flap_scores(problem: LayerProblem, mu_hat: Optional[torch.Tensor], dtype) ->
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="FLAP-style fluctuation score Var(x_j)·‖W_{:,j}‖² with bias compensation")
 def flap(problem: LayerProblem, pattern: Pattern, *, input_mean=None, input_mean_hat=None, refit: bool = False,
-         dtype=None, **_) -> LayerResult:
+         dtype=None) -> LayerResult:
     st = group_setup(problem, pattern, "flap", dtype)
     with Timer() as t:
         mu, muh = input_means(problem, input_mean, input_mean_hat)
@@ -257,7 +256,7 @@ def _start_weights(problem: LayerProblem, A: torch.Tensor, dtype) -> torch.Tenso
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="greedy group-OBS removal with Ĥ⁻¹ block updates (OSSCAR/ZipLM style), then refit")
 def group_obs(problem: LayerProblem, pattern: Pattern, *, damp: Optional[float] = None, dtype=None,
-              refit: bool = True, threads: Optional[int] = None, **_) -> LayerResult:
+              refit: bool = True, threads: Optional[int] = None) -> LayerResult:
     """Backward elimination: at each step remove the group ``G`` minimising ``½ tr(W_G [Ĥ⁻¹_GG]⁻¹ W_Gᵀ)``.
 
     ``W`` is the optimal weight for the current support (of the damped ``Ĥ``), ``Ĥ⁻¹`` the inverse restricted

@@ -434,9 +434,9 @@ def test_structured_widths_follow_block_targets():
 
 @pytest.mark.slow
 def test_alpha_sweep_script_smoke(tmp_path):
-    """benchmarks/alpha_sweep.py end to end on stories260K (smoke protocol), one pruner × one sparsity."""
+    """benchmarks/allocation/alpha_sweep.py end to end on stories260K (smoke protocol), one pruner × one sparsity."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("alpha_sweep", REPO / "benchmarks" / "alpha_sweep.py")
+    spec = importlib.util.spec_from_file_location("alpha_sweep", REPO / "benchmarks" / "allocation" / "alpha_sweep.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "sweep"

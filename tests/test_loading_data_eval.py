@@ -20,7 +20,7 @@ from optprune.llm_adapters.evaluation import perplexity  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("OPTPRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", REPO.parent / "shared" / "models"))
-PROTOCOL_MD = REPO.parent / "shared" / "docs/protocols.md"
+PROTOCOL_MD = REPO / "docs" / "protocols.md"
 WIKI_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -259,7 +259,7 @@ def test_perplexity_input_checks(stories):
 
 
 def test_tinystories_sample_matches_models_readme(stories):
-    """shared/models/README.md: stories260K on the TinyStories sample (seqlen 512) = 6.36 (3 windows, fast)."""
+    """docs/protocols.md: stories260K on the TinyStories sample (seqlen 512) = 6.36 (3 windows, fast)."""
     need(DATA_DIR / "tinystories" / "tinystories_sample.txt")
     model, tok, _ = stories
     r = perplexity(model, D.eval_tokens(tok, "tinystories", data_dir=DATA_DIR), 512, progress=False)

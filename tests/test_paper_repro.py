@@ -1,5 +1,5 @@
 """paper_repro/: every paper script runs at stories scale with --quick and writes JSON + Markdown whose
-numbers are the JSONL rows' numbers; make_readme_results replaces only the marked block of a README.
+numbers are the JSONL rows' numbers; make_readme_results replaces only the marked block of the results page.
 
 The four quick runs share one process (imports and the model load are paid once) and one module-scoped fixture:
 each is 1 dense evaluation + 2 pruning runs on stories260K with 8 calibration samples and 4 evaluation windows.
@@ -122,7 +122,7 @@ def test_paper_scale_refuses_without_cuda(tmp_path):
 def test_paper_numbers_cite_methods_md():
     common = _common()
     if not common.methods_md_path().is_file():
-        pytest.skip("shared/METHODS.md not present")
+        pytest.skip("the methods brief with the quoted paper numbers is not present")
     for p in PAPERS:
         spec = _load(p).SPEC
         for s in common.check_sources(spec.numbers):
@@ -133,8 +133,8 @@ def test_paper_numbers_cite_methods_md():
             assert c.a[1] in spec.settings and c.b[1] in spec.settings, (p, c.text)
 
 
-# ------------------------------------------------------------------------------------------------ README block
-def _readme_inputs(quick_runs, tmp_path):
+# ------------------------------------------------------------------------------------------------ results page
+def _page_inputs(quick_runs, tmp_path):
     out, _ = quick_runs
     res = tmp_path / "results"
     res.mkdir()
@@ -146,17 +146,17 @@ def _readme_inputs(quick_runs, tmp_path):
     return res, bench
 
 
-def test_make_readme_results_replaces_only_the_block(quick_runs, tmp_path):
+def test_results_page_replaces_only_the_block(quick_runs, tmp_path):
     mk = _load("make_readme_results")
-    res, bench = _readme_inputs(quick_runs, tmp_path)
-    readme = tmp_path / "README.md"
+    res, bench = _page_inputs(quick_runs, tmp_path)
+    page = tmp_path / "results.md"
     before = "# title\n\nIntro text.\n\n## Results\n\n"
     after = "\n\n## After\n\nMore text, kept as is.\n"
-    readme.write_text(before + mk.START + "\nOLD CONTENT 123.45\n" + mk.END + after)
+    page.write_text(before + mk.START + "\nOLD CONTENT 123.45\n" + mk.END + after)
     img = tmp_path / "img"
-    args = ["--readme", str(readme), "--results-dir", str(res), "--bench-dir", str(bench), "--img-dir", str(img)]
+    args = ["--output", str(page), "--results-dir", str(res), "--bench-dir", str(bench), "--img-dir", str(img)]
     assert mk.main(args) == 0
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith(before + mk.START) and text.endswith(mk.END + after)
     block = text[text.index(mk.START) + len(mk.START): text.index(mk.END)]
     assert "OLD CONTENT" not in block
@@ -171,30 +171,55 @@ def test_make_readme_results_replaces_only_the_block(quick_runs, tmp_path):
                if c["ppl"] is not None}
     assert {p.name.split("ppl_vs_sparsity_")[1].rsplit("_stories", 1)[0] for p in pngs} == methods
     for p in pngs:
-        assert f"({p.relative_to(tmp_path).as_posix()})" in block  # embedded with a path relative to the README
-    # idempotent: a second run gives the same README
+        assert f"({p.relative_to(tmp_path).as_posix()})" in block  # embedded with a path relative to the page
+    # idempotent: a second run gives the same page
     assert mk.main(args) == 0
-    assert readme.read_text() == text
+    assert page.read_text() == text
 
 
-def test_make_readme_results_appends_markers_when_absent(quick_runs, tmp_path):
+def test_results_page_appends_markers_when_absent(quick_runs, tmp_path):
     mk = _load("make_readme_results")
-    res, bench = _readme_inputs(quick_runs, tmp_path)
-    readme = tmp_path / "README.md"
+    res, bench = _page_inputs(quick_runs, tmp_path)
+    page = tmp_path / "results.md"
     original = "# title\n\nNo results section yet.\n"
-    readme.write_text(original)
-    mk.main(["--readme", str(readme), "--results-dir", str(res), "--bench-dir", str(bench),
+    page.write_text(original)
+    mk.main(["--output", str(page), "--results-dir", str(res), "--bench-dir", str(bench),
              "--img-dir", str(tmp_path / "img")])
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith(original)
     assert text.count(mk.START) == 1 and text.count(mk.END) == 1 and text.rstrip().endswith(mk.END)
     # one marker alone is an error and changes nothing
     bad = tmp_path / "BAD.md"
     bad.write_text("x\n" + mk.START + "\n")
     with pytest.raises(SystemExit, match="marker"):
-        mk.main(["--readme", str(bad), "--results-dir", str(res), "--bench-dir", str(bench),
+        mk.main(["--output", str(bad), "--results-dir", str(res), "--bench-dir", str(bench),
                  "--img-dir", str(tmp_path / "img2")])
     assert bad.read_text() == "x\n" + mk.START + "\n"
+    # a missing page (in a missing folder) is created, with links relative to its own folder
+    new = tmp_path / "site" / "results.md"
+    assert mk.main(["--output", str(new), "--results-dir", str(res), "--bench-dir", str(bench),
+                    "--img-dir", str(tmp_path / "img")]) == 0
+    made = new.read_text()
+    assert made.startswith("# Results\n") and made.count(mk.START) == 1
+    assert "](../img/" in made and "](../results/fistapruner_stories.md)" in made
+
+
+def test_results_page_default_is_docs_results_md():
+    mk = _load("make_readme_results")
+    import argparse
+    seen = {}
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def spy(self, argv=None, namespace=None):
+        ns = real_parse(self, argv, namespace)
+        seen["output"] = ns.output
+        raise SystemExit(0)  # stop before anything is read or written
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", spy)
+        with pytest.raises(SystemExit):
+            mk.main([])
+    assert Path(seen["output"]) == REPO / "docs" / "results.md"
 
 
 def test_import_rows_fills_missing_cells_and_names_them(tmp_path):

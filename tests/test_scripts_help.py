@@ -7,19 +7,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for d in ("benchmarks", "paper_repro") for p in (REPO / d).glob("*.py")
+SCRIPTS = sorted(p for d in ("benchmarks", "paper_repro") for p in (REPO / d).rglob("*.py")
                  if "__main__" in p.read_text() and "argparse" in p.read_text())
 
 
 def _script(name):
+    """A benchmark script as a module, found by file name in benchmarks/'s subject folders."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    (path,) = (REPO / "benchmarks").glob(f"*/{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_script_help(path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
     monkeypatch.syspath_prepend(str(path.parent))
@@ -48,7 +50,7 @@ def test_sweep_table_puts_each_row_in_its_cell(tmp_path):
 
 
 def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeypatch):
-    """benchmarks/sweep.py on stories260K (smoke protocol), EGGS 2:4 with B=1: the JSONL row carries the worst-case
+    """benchmarks/models/sweep.py on stories260K (smoke protocol), EGGS 2:4 with B=1: the JSONL row carries the worst-case
     graph metrics over the layers (matching the full run record it points to), and a second call skips the row."""
     import json
     monkeypatch.setenv("OPTPRUNE_MODEL_DIR", str(stories_dir.parent))
@@ -79,7 +81,7 @@ def test_sweep_keeps_run_record_and_graph_summary(tmp_path, stories_dir, monkeyp
 
 
 def test_spap_path_summary_reads_real_run_records(tmp_path, stories_dir, monkeypatch, capsys):
-    """SPAP through benchmarks/sweep.py on stories260K (smoke protocol), default start and penalty-only start; the
+    """SPAP through benchmarks/models/sweep.py on stories260K (smoke protocol), default start and penalty-only start; the
     summary of their run records accounts for every MLP layer, never puts a start below SPAP's own objective, and
     reports no baseline comparison for the penalty-only run (it tried none)."""
     import json

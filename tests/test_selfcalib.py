@@ -266,7 +266,7 @@ _FULL = [("magnitude", "unstructured", 0.3), ("magnitude", "unstructured", 0.5),
 def test_kl_ranks_pruned_variants_like_perplexity(stories, variants):
     """Spearman correlation of KL (held-out self-generated text) vs WikiText-2 perplexity over pruned variants,
     calibrated on self-generated sequences. Printed; only the monotonicity that must hold is asserted.
-    ``-m slow -k full -s`` prints the 10-variant table quoted in docs/notes/issue-10.md."""
+    ``-m slow -k full -s`` prints the 10-variant KL-vs-perplexity table."""
     scipy_stats = pytest.importorskip("scipy.stats")
     model, tok = stories
     text = _wikitext_windows(tok, 512, 4)

@@ -1,7 +1,7 @@
 """SPAP, the structured baselines and structural surgery.
 
-Real-model checks use stories260K ($OPTPRUNE_MODEL_DIR, default ../shared/models) with calibration text from
-WikiText-2 validation ($OPTPRUNE_DATA_DIR, default ../shared/data); they are skipped when the model is absent.
+Real-model checks use stories260K ($OPTPRUNE_MODEL_DIR or the development fallback) with calibration text from
+WikiText-2 validation ($OPTPRUNE_DATA_DIR or the development fallback); they are skipped when the model is absent.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_tiny_instances_never_below_optimum_and_feasible():
         assert all(errs["spap"] <= e + 1e-9 * max(1.0, e) for e in errs.values()), (i, errs)
         gaps.append((errs["spap"] - opt) / opt)
     gaps = torch.tensor(gaps)
-    # a measured property, not a promise: most tiny instances are solved exactly (see docs/notes/issue-5.md)
+    # a measured property, not a promise: most tiny instances are solved exactly (see docs/methods.md §4)
     assert float((gaps <= 1e-9).double().mean()) >= 0.75, gaps
 
 

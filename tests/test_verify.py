@@ -17,7 +17,7 @@ from optprune.formulations.patterns import ExpanderNM
 from optprune.formulations.programs import l0_program, l1_program, mask_program, refit_program
 from optprune.solvers import get_backend
 from optprune.solvers.base import Backend, Capabilities, LayerResult, SolveResult
-from optprune.solvers.registry import _BACKENDS, _METHODS, list_methods, register_backend, register_method
+from optprune.solvers.registry import _BACKENDS, _METHODS, isolated, list_methods, register_backend, register_method
 from optprune.solvers.verify import (CANONICAL_PATTERNS, Case, InstanceFactory, Producer, _Runner, judge,
                                      pair_stats, select_backends)
 
@@ -45,7 +45,7 @@ class ToyRefitBackend(Backend):
         return SolveResult(self.name, "optimal", program.evaluate(vals), time=0.0, values=vals, proven_optimal=True)
 
 
-def toy_first_n(problem, pattern, **_):
+def toy_first_n(problem, pattern):
     """Keeps the first N of every group of M (a deliberately poor heuristic)."""
     m, n = problem.shape
     mask = torch.zeros(m, n, dtype=torch.bool)
@@ -56,17 +56,14 @@ def toy_first_n(problem, pattern, **_):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    list_methods()
-    register_backend(ToyRefitBackend)
-    register_method(TOY_METHOD, needs="none", patterns=("nm",))(toy_first_n)
     out = tmp_path_factory.mktemp("verify") / "verify.json"
     buf = io.StringIO()
-    try:
+    with isolated():  # the toy backend and method are gone after the run
+        register_backend(ToyRefitBackend)
+        register_method(TOY_METHOD, needs="none", patterns=("nm",))(toy_first_n)
         with contextlib.redirect_stdout(buf):
             rc = main(["verify", "--quick", "--output", str(out)])
-    finally:
-        _BACKENDS.pop(TOY_BACKEND, None)
-        _METHODS.pop(TOY_METHOD, None)
+    assert TOY_METHOD not in list_methods()
     data = json.loads(out.read_text())
     return rc, buf.getvalue(), data, out
 
@@ -275,11 +272,10 @@ def test_backend_tutorial_runs():
     section = text.split("## Adding a reference backend", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks
+    list_methods()
     before = set(_BACKENDS)
-    try:
+    with isolated():
         for b in blocks:
             exec(compile(b, "docs:adding-a-reference-backend", "exec"), {"__name__": "tutorial"})
         assert set(_BACKENDS) - before
-    finally:
-        for k in set(_BACKENDS) - before:
-            _BACKENDS.pop(k)
+    assert set(_BACKENDS) == before
