@@ -17,7 +17,7 @@ from optprune.formulations.patterns import ExpanderNM
 from optprune.formulations.programs import l0_program, l1_program, mask_program, refit_program
 from optprune.solvers import get_backend
 from optprune.solvers.base import Backend, Capabilities, LayerResult, SolveResult
-from optprune.solvers.registry import _BACKENDS, _METHODS, isolated, list_methods, register_backend, register_method
+from optprune.solvers.registry import _BACKENDS, _METHODS, isolated, list_backends, list_methods, register_backend, register_method
 from optprune.solvers.verify import (CANONICAL_PATTERNS, Case, InstanceFactory, Producer, _Runner, judge,
                                      pair_stats, select_backends)
 
@@ -58,6 +58,7 @@ def toy_first_n(problem, pattern):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify") / "verify.json"
     buf = io.StringIO()
+    list_backends()  # load the backends before isolated() saves the registries
     with isolated():  # the toy backend and method are gone after the run
         register_backend(ToyRefitBackend)
         register_method(TOY_METHOD, needs="none", patterns=("nm",))(toy_first_n)
@@ -272,7 +273,7 @@ def test_backend_tutorial_runs():
     section = text.split("## Adding a reference backend", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks
-    list_methods()
+    list_backends()  # load the backends before isolated() saves the registries
     before = set(_BACKENDS)
     with isolated():
         for b in blocks:
