@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="cross-check every (model, backend) pair on small instances")
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
     p.add_argument("--instances", type=int, default=None, help="instances per program (default 100; --quick: 4)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds per reference solve (default 10)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per reference solve (default 10; --quick: 3)")
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None, help="require Gurobi")
     p.add_argument("--output", default=None, help="write the table as JSON here")
     _add_data_args(p)
