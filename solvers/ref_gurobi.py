@@ -166,6 +166,10 @@ class GurobiBackend(Backend):
         if program.is_integer:
             mdl.Params.MIPGap = mip_gap
             mdl.Params.MIPGapAbs = 1e-10
+        else:  # continuous programs: reference accuracy (defaults left allocation QPs 1e-5 relative off)
+            mdl.Params.FeasibilityTol = 1e-9
+            mdl.Params.OptimalityTol = 1e-9
+            mdl.Params.BarConvTol = 1e-12
         for k, v in (params or {}).items():
             mdl.setParam(k, v)
         lb = np.full(lay.size, -np.inf)

@@ -38,7 +38,10 @@ def test_cvxpy_refit_qp_matches_torch_refit(solver, kind, corrected):
     mask = get_method("wanda")(p, Unstructured(0.5)).mask
     prog = refit_program(p, mask)
     r = cv.solve(prog, solver=solver)
-    assert r.status == "optimal" and r.proven_optimal, r.info
+    if solver == "OSQP":  # first-order: its answer meets tolerances, it is not a proof
+        assert r.status == "first-order" and not r.proven_optimal, r.info
+    else:
+        assert r.status == "optimal" and r.proven_optimal, r.info
     assert prog.check(r.values)["feasible"]
     assert r.objective == pytest.approx(prog.evaluate(r.values), rel=1e-14)  # objective = Program.evaluate
     W = refit_weights(p, mask)
