@@ -166,3 +166,17 @@ def test_certify_refused_with_low_memory(tmp_path):
                    "--output", str(tmp_path / "o")])
     assert rc == 2 and "--certify" in err.getvalue()
     assert not (tmp_path / "o").exists()
+
+
+def test_bounds_of_layers_sharing_a_gram_match_fresh_ones():
+    """Sub-layers fed by the same inputs share Ĥ: its spectral data is reused, never stale."""
+    p = LayerProblem.random(4, 8, kind="outliers", seed=7)
+    g = torch.Generator().manual_seed(1)
+    q = LayerProblem(W0=torch.randn(4, 8, generator=g, dtype=torch.float64), H=p.H, name="same H")
+    b_p, b_q = l0_lower_bound(p, NM(2, 4)).bound, l0_lower_bound(q, NM(2, 4)).bound
+    fresh = lambda x: LayerProblem(W0=x.W0.clone(), H=x.H.clone(), name="fresh")
+    assert b_p == pytest.approx(l0_lower_bound(fresh(p), NM(2, 4)).bound, rel=1e-12)
+    assert b_q == pytest.approx(l0_lower_bound(fresh(q), NM(2, 4)).bound, rel=1e-12)
+    l0_lower_bound(q, NM(2, 4))
+    q.H.mul_(2.0)  # modified in place: the cached decomposition must not be used
+    assert l0_lower_bound(q, NM(2, 4)).bound == pytest.approx(l0_lower_bound(fresh(q), NM(2, 4)).bound, rel=1e-12)
