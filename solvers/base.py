@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["torch_threads", "Capabilities", "pattern_kind", "SolveResult", "LayerResult", "Backend", "SolverUnavailable", "LicenseLimitError",
+__all__ = ["torch_threads", "Capabilities", "SolveResult", "LayerResult", "Backend", "SolverUnavailable", "LicenseLimitError",
            "Timer"]
 
 
@@ -64,20 +64,6 @@ class Capabilities:
                 "network_flow": self.network_flow, "patterns": None if self.patterns is None else sorted(self.patterns),
                 "max_variables": self.max_variables, "max_integer": self.max_integer,
                 "proves_optimality": self.proves_optimality, "note": self.note}
-
-
-def pattern_kind(pattern) -> Optional[str]:
-    """The registry's kind of a pattern object (``unstructured``, ``row``, ``nm``, ``expander``, ``groups``)."""
-    if pattern is None:
-        return None
-    from ..formulations.patterns import NM, ColumnGroups, ExpanderNM
-    if isinstance(pattern, ExpanderNM):
-        return "expander"
-    if isinstance(pattern, NM):
-        return "nm"
-    if isinstance(pattern, ColumnGroups):
-        return "groups"
-    return "row" if getattr(pattern, "scope", None) == "row" else "unstructured"
 
 
 @dataclass
@@ -136,8 +122,9 @@ class Backend:
             return False, f"{program.n_variables} variables > {self.name}'s limit {c.max_variables}"
         if c.max_integer is not None and program.n_integer > c.max_integer:
             return False, f"{program.n_integer} integer variables > {self.name}'s limit {c.max_integer}"
-        if c.patterns is not None and program.pattern is not None and pattern_kind(program.pattern) not in c.patterns:
-            return False, f"{self.name} does not take {pattern_kind(program.pattern)} patterns"
+        kind = getattr(program.pattern, "kind", None)
+        if c.patterns is not None and kind is not None and kind not in c.patterns:
+            return False, f"{self.name} does not take {kind} patterns"
         return True, ""
 
     def solve(self, program, **options) -> SolveResult:  # pragma: no cover - interface

@@ -58,8 +58,8 @@ import torch
 
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured
 from ..formulations.problem import LayerProblem
-from ..formulations.programs import Program, l0_program, l1_program, mask_program, refit_program
-from .base import LicenseLimitError, SolverUnavailable, pattern_kind
+from ..formulations.programs import Program, l0_program, l1_program, mask_program
+from .base import LicenseLimitError, SolverUnavailable
 from .registry import _METHODS, get_backend, list_backends, list_methods
 
 __all__ = ["verify", "register_l1_solver", "L1_SOLVERS", "VerificationError", "build_cases", "Case",
@@ -263,18 +263,6 @@ def _l1_producer(name, fn, p, lam) -> Producer:
         W = fn(p, lam)
         return {"W": torch.as_tensor(getattr(W, "W", W)).to(torch.float64)}
     return Producer(name, run, True)
-
-
-def registered_programs() -> list[tuple]:
-    """``(key, pattern kind, builder kind)`` of every program the registry implies (for coverage reports)."""
-    kinds = set()
-    declared = []
-    for name in list_methods():
-        spec = _METHODS[name]
-        kinds |= set(spec.patterns)
-        if spec.program is not None:
-            declared.append(name)
-    return sorted(kinds), declared
 
 
 def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
@@ -599,7 +587,7 @@ def pair_stats(rows: list[dict]) -> list[dict]:
                     s["production_fail"] += 1
                     continue
                 s["instances"] += 1
-                s["families"][r_fam(pr)] = s["families"].get(r_fam(pr), 0) + 1
+                s["families"][pr["family"]] = s["families"].get(pr["family"], 0) + 1
                 a = pr["objective"] - rf["objective"]
                 rel = a / max(abs(rf["objective"]), 1e-12)
                 s["max_abs_gap"] = max(s["max_abs_gap"], abs(a))
@@ -617,10 +605,6 @@ def pair_stats(rows: list[dict]) -> list[dict]:
         s["reference_time_s"] /= n
         out.append(s)
     return sorted(out, key=lambda s: (s["program"], s["role"], s["production"], s["reference"]))
-
-
-def r_fam(r: dict) -> str:
-    return r["family"]
 
 
 def format_pairs(pairs: list[dict]) -> str:
