@@ -36,7 +36,8 @@ ill-conditioned (correlated inputs, outlier features, a log-spaced spectrum with
 (rank n/4 plus 1e-3 noise, some dead inputs), and slices (random rows × columns) of real layers —
 stories260K's q/k/v projections with their block-0 inputs when ``$OPTPRUNE_MODEL_DIR`` (or ``model_dir``) holds
 ``stories260K``, otherwise a synthetic LLM-like layer (heavy-tailed weights, outlier features) and a note says
-so. The full run draws 100 instances per program (≥ 100 per (program, production solver, reference) pair);
+so. The full run draws 100 instances per program, and further ones (up to 150) for a program whose reference
+solves were stopped by a limit, until every (program, production solver, reference) pair has 100 proven ones;
 ``quick=True`` draws 4 (one per family) and stays under a minute.
 
 Output: a table per pair (instances, limit-stopped, failures, max |gap|, max relative gap, mean times), the
@@ -724,6 +725,20 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
         if progress:
             print(f"[verify] instance {k + 1}/{n_inst}: {len(R.rows)} rows, {time.perf_counter() - t_start:.0f} s",
                   file=sys.stderr, flush=True)
+    # top-up: a program whose references were stopped by a limit on some instances draws further instances (up to
+    # half as many again) until every (program, production, reference) pair has n_inst proven instances
+    k = n_inst
+    while k < n_inst + n_inst // 2:
+        short = {s["program"] for s in pair_stats(R.rows)
+                 if s["instances"] < n_inst and s["reference_limit"] > 0}
+        if not short:
+            break
+        for case in build_cases(k, factory):
+            if case.key in short:
+                R.run_case(case)
+        k += 1
+        if progress:
+            print(f"[verify] top-up instance {k}: {', '.join(sorted(short))}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t_start
     rows = R.rows
     pairs = pair_stats(rows)
