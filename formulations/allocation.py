@@ -5,7 +5,7 @@ Units ``l = 1..L`` (decoder blocks, or single matrices) with parameter counts ``
 
     minimise    Σ_l w_l (s_l − t_l)²
     subject to  Σ_l p_l s_l = S · Σ_l p_l                 (parameter-weighted mean exactly S)
-                lo_l ≤ s_l ≤ hi_l,   lo_l = max(0, S(1−ε)),  hi_l = min(s_max, S(1+ε)),  s_max < 1
+                lo_l ≤ s_l ≤ hi_l,   lo_l = max(0, S(1−ε), a_l),  hi_l = min(s_max, S(1+ε), b_l),  s_max < 1
 
 that stays as close as the constraints allow to a rule's target ``t``:
 
@@ -19,6 +19,10 @@ that stays as close as the constraints allow to a rule's target ``t``:
   D_min)`` (more outliers ⇒ denser), weights ``w_l = p_l``: the optimum is ``clip(t_l + ν)`` — OWL's additive
   centring, weighted by parameters and kept inside the bounds.
 * **uniform**: ``t_l = S`` — the optimum is ``s_l = S``.
+
+``a_l`` / ``b_l`` are optional per-unit bounds (``lower=`` / ``upper=``), intersected with the band: e.g. the
+largest sparsity at which a block's measured reconstruction error stays acceptable
+(:mod:`optprune.llm_adapters.allocation_select`). They change only the bounds, never the rule's target.
 
 The program is data (:class:`~optprune.formulations.programs.Program` of kind ``'QP'``, variable ``s`` of
 shape ``(1, L)``). Its objective is written as the shared layer objective: ``Σ w (s − t)² = ½ (s − t)
@@ -85,6 +89,23 @@ def allocation_bounds(L: int, sparsity: float, eps: Optional[float], s_max: floa
     return lo, hi
 
 
+def _unit_bounds(lo, hi, lower, upper):
+    """Intersect the band ``[lo, hi]`` with optional per-unit bounds."""
+    for nm, b, op in (("lower", lower, torch.maximum), ("upper", upper, torch.minimum)):
+        if b is None:
+            continue
+        v = _t(b)
+        if v.numel() != lo.numel():
+            raise AllocationError(f"{nm} bounds: {v.numel()} entries for {lo.numel()} units")
+        if not torch.isfinite(v).all():
+            raise AllocationError(f"{nm} bounds contain NaN/Inf")
+        if nm == "lower":
+            lo = op(lo, v)
+        else:
+            hi = op(hi, v)
+    return lo, hi
+
+
 def _validate(sizes, sparsity, s_max):
     p = _t(sizes)
     if p.numel() == 0:
@@ -138,8 +159,9 @@ def allocation_program(target, weights, sizes, sparsity: float, lower, upper, *,
 
 
 def alpha_program(metric, sizes, sparsity: float, *, eps: float = DEFAULT_EPS, s_max: float = DEFAULT_S_MAX,
-                  band: bool = True, units=None) -> Program:
-    """AlphaPruning's allocation: closest (weights ``p/r``) to ``c* r`` inside the bounds."""
+                  band: bool = True, units=None, lower=None, upper=None) -> Program:
+    """AlphaPruning's allocation: closest (weights ``p/r``) to ``c* r`` inside the bounds (``lower``/``upper``:
+    optional per-unit bounds, intersected with the band)."""
     p = _validate(sizes, sparsity, s_max)
     if not (0.0 <= eps < 1.0):
         raise AllocationError(f"eps must be in [0, 1), got {eps}")
@@ -147,14 +169,14 @@ def alpha_program(metric, sizes, sparsity: float, *, eps: float = DEFAULT_EPS, s
     if r.numel() != p.numel():
         raise AllocationError(f"{r.numel()} metric values for {p.numel()} units")
     c_star = sparsity * float(p.sum()) / float((p * r).sum())
-    lo, hi = allocation_bounds(p.numel(), sparsity, eps, s_max, band)
+    lo, hi = _unit_bounds(*allocation_bounds(p.numel(), sparsity, eps, s_max, band), lower, upper)
     return allocation_program(c_star * r, p / r / p.mean(), p, sparsity, lo, hi, name="alpha allocation QP", units=units,
                               meta={"rule": "alpha", "ratios": r, "c_star": c_star, "eps": eps, "s_max": s_max,
                                     "band": band, "metric": _t(metric)})
 
 
 def owl_program(outlier_ratio, sizes, sparsity: float, *, lam: float = OWL_LAMBDA, s_max: float = DEFAULT_S_MAX,
-                band: bool = False, units=None) -> Program:
+                band: bool = False, units=None, lower=None, upper=None) -> Program:
     """OWL's allocation: target ``S + λ − 2λ·D_norm``, closest in ``Σ p (s − t)²``, mean exactly S.
 
     ``band=True`` adds the bounds ``[S − λ, S + λ]``; by default only ``[0, s_max]`` (OWL itself has no band).
@@ -168,7 +190,7 @@ def owl_program(outlier_ratio, sizes, sparsity: float, *, lam: float = OWL_LAMBD
     rng = float(D.max() - D.min())
     dn = (D - D.min()) / rng if rng > 0 else torch.full_like(D, 0.5)
     t = sparsity + lam - 2.0 * lam * dn
-    lo, hi = allocation_bounds(p.numel(), sparsity, None, s_max, band, absolute=lam)
+    lo, hi = _unit_bounds(*allocation_bounds(p.numel(), sparsity, None, s_max, band, absolute=lam), lower, upper)
     return allocation_program(t, p / p.mean(), p, sparsity, lo, hi, name="OWL allocation QP", units=units,
                               meta={"rule": "owl", "lam": lam, "s_max": s_max, "band": band,
                                     "outlier_ratio": D})

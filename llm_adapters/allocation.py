@@ -17,6 +17,13 @@ their structure sub-layer (``down``/``o``) from the same dict.
   over the block's matrices, with ``‖X_j‖²`` from one streamed dense forward over ``calib_ids``
   (:func:`activation_sq_norms`); then OWL's map (λ = 0.08) as the same QP.
 * ``uniform``: every sub-layer at ``sparsity``.
+* ``auto``: chosen among uniform and bounded alpha/owl candidates by the pruned model's loss on held-out
+  calibration sequences (:mod:`optprune.llm_adapters.allocation_select`); uniform is always a candidate.
+
+An allocation is named by a spec ``NAME[:OPTION...]`` (what ``--allocation`` takes): ``alpha:median``,
+``alpha:weighted`` (how a block's α comes from its matrices; ``mean`` — AlphaPruning's — by default),
+``alpha:bounded`` / ``owl:bounded`` (per-block upper bounds from the measured error-vs-sparsity curves),
+``alpha:eps=0.2``, ``auto:finalists=2:holdout=8``. :func:`parse_allocation` checks a spec without a model.
 """
 from __future__ import annotations
 
@@ -30,14 +37,57 @@ import torch
 from torch import nn
 
 from ..formulations.allocation import AllocationError
-from ..solvers.allocation import ALLOCATIONS, allocate
-from ..solvers.spectra import SHAPE_METRICS, MatrixSpectrum, matrix_spectra
+from ..solvers.allocation import ALLOCATIONS as _RULES
+from ..solvers.allocation import allocate
+from ..solvers.spectra import (AGGREGATES, MIN_TAIL, SHAPE_METRICS, MatrixSpectrum, aggregate_metric,
+                               matrix_spectra)
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
 
 __all__ = ["prunable_matrices", "model_spectra", "activation_sq_norms", "owl_outlier_ratios", "layer_sparsities",
-           "AllocationError", "OWL_M"]
+           "parse_allocation", "AllocationError", "OWL_M", "ALLOCATIONS"]
 
 OWL_M = 5.0  # OWL's outlier threshold: a score is an outlier above M × the layer's mean score
+ALLOCATIONS = _RULES + ("auto",)
+_FLOAT_OPTS = {"alpha": ("eps", "growth"), "owl": ("eps", "M", "growth"), "auto": ("growth",)}
+_INT_OPTS = {"auto": ("finalists", "holdout")}
+
+
+def parse_allocation(spec) -> tuple[str, dict]:
+    """``"alpha:median:bounded"`` → ``("alpha", {"aggregate": "median", "bounded": True})``; one-line
+    :class:`AllocationError` naming the valid choices for anything unknown."""
+    parts = [t.strip() for t in str(spec or "uniform").strip().lower().split(":")]
+    name, opts = parts[0], {}
+    if name not in ALLOCATIONS:
+        raise AllocationError(f"unknown allocation {name!r}; choose from {', '.join(ALLOCATIONS)} "
+                              f"(options after ':', e.g. alpha:median, alpha:bounded, auto:finalists=2)")
+    valid = (list(AGGREGATES) + ["bounded"] if name == "alpha" else ["bounded"] if name == "owl" else [])
+    valid += [f"{k}=" for k in _FLOAT_OPTS.get(name, ()) + _INT_OPTS.get(name, ())]
+    for t in parts[1:]:
+        if "=" in t:
+            k, v = (x.strip() for x in t.split("=", 1))
+            k = {"m": "M"}.get(k, k)
+            if k in _FLOAT_OPTS.get(name, ()) or k in _INT_OPTS.get(name, ()):
+                try:
+                    opts[k] = int(v) if k in _INT_OPTS.get(name, ()) else float(v)
+                except ValueError:
+                    raise AllocationError(f"allocation option {k}={v!r} is not a number") from None
+                continue
+        elif name == "alpha" and t in AGGREGATES:
+            opts["aggregate"] = t
+            continue
+        elif t == "bounded" and name in ("alpha", "owl"):
+            opts["bounded"] = True
+            continue
+        raise AllocationError(f"unknown option {t!r} for allocation {name!r}; valid: "
+                              f"{', '.join(valid) if valid else 'none'}")
+    if "eps" in opts and not (0 <= opts["eps"] < 1):
+        raise AllocationError(f"allocation eps must be in [0, 1), got {opts['eps']}")
+    if "growth" in opts and not opts["growth"] >= 1:
+        raise AllocationError(f"allocation growth must be ≥ 1, got {opts['growth']}")
+    for k in ("finalists", "holdout"):
+        if k in opts and opts[k] < 1:
+            raise AllocationError(f"allocation {k} must be ≥ 1, got {opts[k]}")
+    return name, opts
 
 
 def _arch(model, arch) -> ArchSpec:
@@ -206,10 +256,16 @@ def _calib_from(calib_ids, data):
 def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str, sparsity: float,
                      eps: Optional[float] = None, calib_ids=None, data=None, *, granularity: str = "block",
                      metric: str = "alpha", s_max: Optional[float] = None, device=None, spectra=None,
-                     params: Optional[dict] = None, **fit_options) -> tuple[dict, dict]:
+                     params: Optional[dict] = None, aggregate: Optional[str] = None, bounds=None,
+                     prune_config=None, progress: bool = False, **fit_options) -> tuple[dict, dict]:
     """Per-sub-layer sparsity targets (full module name → sparsity) and a JSON-ready info dict.
 
-    ``allocation``: ``uniform``, ``alpha`` or ``owl``. ``eps``: alpha's ε (default 0.3; bounds
+    ``allocation``: a spec (:func:`parse_allocation`): ``uniform``, ``alpha``, ``owl`` or ``auto``, with options.
+    ``aggregate``: alpha's block value from its matrices (``mean``, ``median``, ``weighted``; overrides the
+    spec's). ``bounds``: per-block upper bounds — ``True`` measures them from the error curves on ``calib_ids``
+    (:func:`~optprune.llm_adapters.allocation_select.block_upper_bounds`), or ``{block: s}``. ``prune_config``
+    (a :class:`~optprune.llm_adapters.pipeline.PruneConfig`): needed by ``auto``, which prunes its finalists.
+    ``eps``: alpha's ε (default 0.3; bounds
     ``[S(1−ε), S(1+ε)]``); for owl λ = εS (default λ = 0.08). ``granularity``: ``block`` (default) or
     ``matrix``. ``metric``: alpha's ranking metric (any of ``SHAPE_METRICS``; default α). ``calib_ids`` (or
     ``data`` holding them): needed by owl only. ``spectra``: precomputed :func:`model_spectra` output.
@@ -217,9 +273,27 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     """
     t0 = time.perf_counter()
     arch = _arch(model, arch)
-    key = (allocation or "uniform").strip().lower()
-    if key not in ALLOCATIONS:
-        raise AllocationError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    key, sopts = parse_allocation(allocation)
+    if key == "auto":
+        from .allocation_select import select_allocation
+        ids = _calib_from(calib_ids, data)
+        if ids is None:
+            raise AllocationError("the auto allocation needs calibration data (calib_ids)")
+        if prune_config is None:
+            raise AllocationError("the auto allocation needs the pruning configuration (prune_config) to prune its "
+                                  "finalists")
+        return select_allocation(model, arch, sparsity, ids, prune_config, progress=progress, eps=eps,
+                                 **{k: v for k, v in sopts.items()})
+    eps = sopts.get("eps", eps)
+    aggregate = aggregate or sopts.get("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise AllocationError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
+    if bounds is None and sopts.get("bounded"):
+        bounds = True
+    if bounds is not None and key == "uniform":
+        raise AllocationError("the uniform allocation takes no per-block bounds")
+    if bounds is not None and granularity != "block":
+        raise AllocationError("per-block bounds need granularity='block'")
     if metric not in SHAPE_METRICS:
         raise AllocationError(f"unknown shape metric {metric!r}; choose from {', '.join(SHAPE_METRICS)}")
     mats = prunable_matrices(model, arch)
@@ -242,18 +316,31 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
         for n, rec in records.items():
             sp = by_name[n]
             rec.update({m: sp.metric(m) for m in SHAPE_METRICS})
+            rec["n_tail"] = int(sp.fit.n_tail)
         opts["metric"] = metric
+        opts["aggregate"] = aggregate
         info["matrices"] = {n: by_name[n].to_dict() for n in records}
     elif key == "owl":
         ids = _calib_from(calib_ids, data)
         if ids is None:
             raise AllocationError("the owl allocation needs calibration data (calib_ids) for the Wanda scores")
-        M = float(opts.pop("M", OWL_M))
+        M = float(opts.pop("M", sopts.get("M", OWL_M)))
         sq = activation_sq_norms(model, arch, ids)
         D = owl_outlier_ratios(model, arch, sq, M=M, granularity=granularity)
         for n, rec in records.items():
             rec["outlier_ratio"] = D[rec["block"]] if granularity == "block" else D[n]
         info.update(owl_M=M, calibration_shape=list(ids.shape))
+    bounds_info = None
+    if bounds is True:
+        from .allocation_select import block_upper_bounds, error_curves
+        ids = _calib_from(calib_ids, data)
+        if ids is None:
+            raise AllocationError("per-block bounds are measured on calibration data (calib_ids)")
+        curves = error_curves(model, arch, ids)
+        upper, bounds_info = block_upper_bounds(curves, sparsity, growth=sopts.get("growth"))
+        opts["upper"] = upper
+    elif bounds is not None:
+        opts["upper"] = dict(bounds)
     res = allocate(key, records, sparsity, eps=eps, params=opts)
     targets = dict(res.per_matrix)
     p = torch.tensor([records[n]["numel"] for n in targets], dtype=torch.float64)
@@ -262,12 +349,36 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     info.update(targets=targets, units=res.units, unit_sizes=res.sizes, unit_sparsities=res.sparsities,
                 weighted_mean=float((p * s).sum() / p.sum()), min=float(s.min()), max=float(s.max()),
                 time_s=time.perf_counter() - t0)
+    if bounds_info is not None:
+        info["bounds"] = bounds_info
+    if opts.get("upper") is not None:
+        info["reference_check"] = reference_check(res.program, res.sparsities)
+    info["spec"] = str(allocation)
     if key == "alpha":
-        info["alpha_per_block"] = {}
+        per: dict = {}
         for n, rec in records.items():
-            info["alpha_per_block"].setdefault(rec["block"], []).append(rec["alpha"])
-        info["alpha_per_block"] = {b: sum(v) / len(v) for b, v in info["alpha_per_block"].items()}
+            per.setdefault(rec["block"], []).append((rec["alpha"], rec["n_tail"], n))
+        # both block values are recorded: the paper's mean and the chosen aggregate (which the allocation used)
+        info["alpha_per_block"] = {b: aggregate_metric([a for a, _, _ in v], None, "mean") for b, v in per.items()}
+        info["alpha_per_block_aggregate"] = {
+            b: aggregate_metric([a for a, _, _ in v], [t for _, t, _ in v], aggregate) for b, v in per.items()}
+        info["small_tails"] = sorted(n for v in per.values() for _, t, n in v if t < MIN_TAIL)
     return targets, _jsonable(info)
+
+
+def reference_check(program, sparsities, backend: str = "cvxpy", tol: float = 1e-6) -> dict:
+    """Solve ``program`` again with a reference backend and compare with the production solution (recorded in the
+    run; a disagreement above ``tol`` raises). Without the backend installed the check is recorded as skipped."""
+    try:
+        from ..solvers.allocation import reference_allocation
+        ref = reference_allocation(program, backend)
+    except (ImportError, ModuleNotFoundError, KeyError) as e:
+        return {"backend": backend, "skipped": f"{type(e).__name__}: {e}"}
+    s_ref = ref.values["s"].reshape(-1).to(torch.float64)
+    diff = float((s_ref - torch.as_tensor(sparsities, dtype=torch.float64)).abs().max())
+    if diff > tol:
+        raise AllocationError(f"allocation solver and the {backend} reference disagree by {diff:.2e} (> {tol:g})")
+    return {"backend": backend, "status": ref.status, "max_abs_diff": diff, "tol": tol}
 
 
 def _jsonable(v):

@@ -574,7 +574,7 @@ def _spawned_prune_worker(source, config, assignment):
 
 
 def prune_model_parallel(model, calib_ids, config, *, progress: bool = True, nproc: int = 1, source=None,
-                         assignment: Optional[str] = None) -> Optional[dict]:
+                         assignment: Optional[str] = None, on_block=None) -> Optional[dict]:
     """The pipeline hook of ``run.prune``: ``prune_model`` on one process, block-parallel on several.
 
     * one process (``nproc == 1`` and not under torchrun): exactly :func:`~.pipeline.prune_model`;
@@ -587,7 +587,9 @@ def prune_model_parallel(model, calib_ids, config, *, progress: bool = True, npr
     from .pipeline import prune_model, validate_config
     world = world_for(nproc)
     if world <= 1:
-        return prune_model(model, calib_ids, config, progress=progress)
+        return prune_model(model, calib_ids, config, progress=progress, on_block=on_block)
+    if on_block is not None:
+        raise DistributedError("per-block checkpoints (--checkpoint-dir/--resume) need a single process")
     _check_mode(config)
     validate_config(model, config, calib_ids)  # bad input: the same one-line error on every rank, nothing started
     assignment = assignment or os.environ.get(ENV_ASSIGNMENT)

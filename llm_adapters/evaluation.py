@@ -104,24 +104,13 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, *, max_windows: Optional[i
 
 
 def lm_eval_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("lm_eval") is not None
+    from .lm_eval_tasks import lm_eval_available as _available
+    return _available()
 
 
 def zero_shot(model, tokenizer, tasks: Sequence[str], *, batch_size: int = 8, limit: Optional[int] = None,
-              device=None) -> dict:
-    """Zero-shot accuracies through ``lm-eval`` (optional; tasks must be available offline in its cache).
-
-    Raises ImportError when lm-eval is not installed."""
-    if not lm_eval_available():
-        raise ImportError("zero-shot evaluation needs lm-eval: pip install lm-eval (tasks must be cached offline)")
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(device or _model_device(model)))
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
-    out = {}
-    for task, metrics in (res.get("results") or {}).items():
-        out[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    return out
+              device=None, include_path=None) -> dict:
+    """Zero-shot accuracies through lm-eval (:func:`optprune.llm_adapters.lm_eval_tasks.run_tasks`)."""
+    from .lm_eval_tasks import run_tasks
+    return run_tasks(model, tokenizer, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
+                     device=device)

@@ -167,16 +167,30 @@ def _gguf_load_uncached(directory: Path, gguf_file: str, dtype):
 def _dir_load(directory: Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     widths = directory / "optprune_widths.json"
-    if widths.is_file():
+    from .preflight import stale_widths
+    stale = stale_widths(directory) if widths.is_file() else None
+    if stale:  # left over from an earlier structured output in the same folder: the weights are plain
+        import sys
+        print(f"[optprune] ignoring {widths}: it does not describe the weights there ({stale})", file=sys.stderr)
+    if widths.is_file() and not stale:
         # a structurally pruned model (possibly per-layer widths a stock config cannot say): surgery's loader
         from .surgery import load_shrunk
         model = load_shrunk(str(directory), dtype=dtype)
         fmt = "hf-dir (optprune shrunk)"
+    elif _is_compressed(directory):  # --save-format compressed: decompressed by compressed-tensors (export.py)
+        from .export import load_compressed
+        model = load_compressed(directory, dtype=dtype)
+        fmt = "hf-dir (compressed-tensors)"
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
         fmt = "hf-dir"
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer, fmt
+
+
+def _is_compressed(directory: Path) -> bool:
+    from .export import is_compressed_dir
+    return is_compressed_dir(directory)
 
 
 def _looks_local(s: str) -> bool:

@@ -97,6 +97,8 @@ class PruneConfig:
     blocks: Optional[list] = None          # only prune these block indices; others untouched
     gram_dtype: torch.dtype = torch.float32
     batch_size: Optional[int] = None       # calibration samples per forward (default: TOKENS_PER_BATCH tokens)
+    targets: Optional[list] = None         # sub-layers to prune: names, class names, re:REGEX (llm_adapters.targets)
+    ignore: Optional[list] = None          # sub-layers left dense (same patterns)
     certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.bounds), ℓ1 gap
 
 
@@ -484,6 +486,14 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
                 groups.append(g)
             units[bi] = groups
 
+    if config.targets or config.ignore:  # keep only the chosen sub-layers; blocks left with none are skipped
+        from .targets import select_layers
+        layers = {e[1]: type(get_module(model, e[1])).__name__ for bi in sel for g in units[bi] for e in g}
+        keep = select_layers(layers, config.targets, config.ignore, other_modules=dict(model.named_modules()))
+        units = {bi: [g2 for g2 in ([e for e in g if e[1] in keep] for g in units[bi]) if g2] for bi in sel}
+        sel = [bi for bi in sel if units[bi]]
+        units = {bi: units[bi] for bi in sel}
+
     dev = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(dev)
@@ -512,8 +522,12 @@ def _needs_full(spec, config: PruneConfig, n: int) -> bool:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True) -> dict:
-    """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc)."""
+def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True,
+                on_block=None) -> dict:
+    """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc).
+
+    ``on_block(i, block, layer_records, block_record)``, when given, is called once block ``i`` is pruned
+    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`)."""
     from ..solvers.baselines import refit_result
     from tqdm.auto import tqdm
 
@@ -589,6 +603,8 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
             inputs.hidden, out = out, inputs.hidden
             blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, "stats_time_s": t_stats,
                                "solve_time_s": t_solve, "forward_time_s": t_fwd})
+            if on_block is not None:
+                on_block(bi, block, [r for r in layers_rec if r.get("block") == bi], blocks_rec[-1])
         bar.close()
     finally:
         for b in blocks_mod:  # on error, leave every block where it was

@@ -25,8 +25,10 @@ protocol as ``"<name>+custom"`` and lists the overrides.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -40,11 +42,12 @@ import torch
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
-from .evaluation import lm_eval_available, model_context, perplexity, zero_shot
+from .evaluation import model_context, perplexity, zero_shot
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
 RUN_FILE = "run.json"
+log = logging.getLogger("optprune")
 _ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
 
 
@@ -251,18 +254,6 @@ def _default_device(device) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_output(output) -> Optional[Path]:
-    if output is None:
-        return None
-    out = Path(str(output)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
-        raise RunError(f"--output {out} is a non-empty directory that is not an optprune output; "
-                       f"choose a new or empty directory")
-    return out
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -398,8 +389,9 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
 
 
 # ============================================================================================ prune
-def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", min_degree: Optional[int] = None,
-          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: str = "mlp",
+def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
+          min_degree: Optional[int] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
+          structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
           protocol: Optional[str] = None, nproc: int = 1, method_options: Optional[dict] = None,
@@ -408,6 +400,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
+          tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
+          text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
           certify: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
@@ -418,7 +412,17 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
 
     ``kl`` (CLI ``--no-kl`` turns it off): with ``evaluate``, keep a CPU copy of the dense model and report
     KL(dense ‖ pruned) and top-1 agreement on held-out self-generated sequences (``record["divergence_self"]``)
-    — the quality measure that needs no data."""
+    — the quality measure that needs no data.
+
+    Deployment (llm_adapters/export.py, targets.py, calib_inputs.py): ``model`` may be a loaded model (pruned in
+    place; pass ``tokenizer``), ``calibration`` a list of strings, a ``datasets.Dataset`` (``text_column``) or
+    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | compressed) and
+    ``dtype`` (auto = the input model's) say how ``output`` is written.
+
+    Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
+    existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
+    ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     # ---------------------------------------------------------------- 1. validate without the model
@@ -426,6 +430,21 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     from .pipeline import PruneConfig, pattern_kind, prune_model, validate_config
 
     spec = get_method(method)
+    if method_options is not None and not isinstance(method_options, dict):
+        raise RunError("method_options must be a dict of method option → value")
+    method_options = dict(method_options or {})
+    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
+    from . import preflight
+    from .checkpoint import atomic_output
+    pf = preflight.check_prune(
+        model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, sparsity_given=sparsity is not None,
+        pattern=pattern, pattern_given=pattern is not None and str(pattern).strip().lower() != "unstructured",
+        structure=structure or "mlp", structure_given=structure is not None, min_degree=min_degree,
+        allocation=allocation, allocation_eps=allocation_eps, evaluate=evaluate, data_dir=data_dir,
+        eval_options={"--eval": eval_datasets, "--eval-seqlen": eval_seqlen, "--eval-windows": eval_windows},
+        output=output, overwrite=overwrite, reference=reference, resume=resume, checkpoint_dir=checkpoint_dir,
+        low_memory=low_memory)
+    sparsity, structure = pf["sparsity"], structure or "mlp"
     sparsity = check_sparsity(sparsity)
     if not spec.structured:
         pat = parse_pattern(pattern, sparsity, min_degree=min_degree)
@@ -435,10 +454,6 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                            f"(it takes: {', '.join(sorted(spec.patterns))})")
     if mode not in ("sequential", "dense-input"):
         raise RunError(f"--mode must be sequential or dense-input, got {mode!r}")
-    if method_options is not None and not isinstance(method_options, dict):
-        raise RunError("method_options must be a dict of method option → value")
-    method_options = dict(method_options or {})
-    spec.check_options(method_options)  # an option the solver does not read fails here, before the model loads
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     try:
         nproc = int(nproc or 1)
@@ -457,26 +472,55 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         except ModuleNotFoundError as e:
             raise RunError(f"--allocation {allocation} needs optprune.llm_adapters.allocation, which is not "
                            f"available ({e})") from None
-        known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
-        if alloc not in known:
-            raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
+        if hasattr(alloc_mod, "parse_allocation"):  # NAME[:OPTION...], e.g. alpha:median, auto
+            try:
+                alloc_mod.parse_allocation(alloc)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+        else:
+            known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
+            if alloc not in known:
+                raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
     if allocation_eps is not None and not (0 <= float(allocation_eps) < 1):
         raise RunError(f"--allocation-eps must be in [0, 1), got {allocation_eps}")
     dev = _default_device(device)
-    out_dir = _check_output(output)
+    out_dir = pf["out_dir"]
     if reference:
         _check_reference_hook()
-    s = resolve_settings(model, protocol=protocol, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
-                         seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
-                         data_dir=data_dir, need_calibration=True, need_eval=bool(evaluate))
+    from . import export
+    from .calib_inputs import calibration_kind, is_in_memory
+    from .targets import parse_patterns
+    export.check_save_options(save_format, dtype, structured=spec.structured)
+    targets, ignore = parse_patterns(targets, "targets"), parse_patterns(ignore, "ignore")
+    in_memory = isinstance(model, torch.nn.Module)
+    model_label = (getattr(model.config, "name_or_path", "") or type(model).__name__) if in_memory else model
+    calib_given = calibration if is_in_memory(calibration) else None
+    if low_memory and (in_memory or calib_given is not None or targets or ignore or save_format != "dense"
+                       or dtype not in (None, "auto")):
+        raise RunError("--low-memory takes a model path, a named/file calibration, all layers, the dense format "
+                       "and --dtype auto")
+    s = resolve_settings(model_label, protocol=protocol, calibration=None if calib_given is not None else calibration,
+                         nsamples=nsamples, seqlen=seqlen, seed=seed, eval_datasets=eval_datasets,
+                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir,
+                         need_calibration=calib_given is None, need_eval=bool(evaluate))
+    if calib_given is not None:
+        s["calibration"] = s["overrides"]["calibration"] = calibration_kind(calib_given)
+        s["name"] = s["base"] + "+custom"
+    ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
+        out_dir, checkpoint_dir, resume, single=world_for(nproc) == 1 and not low_memory, settings=dict(
+            model=str(model_label), method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+            allocation=alloc, allocation_eps=allocation_eps, structure=structure, mode=mode,
+            error_correction=bool(error_correction), refit=bool(refit), method_options=method_options, damp=damp,
+            batch_size=batch_size, device=dev, **{k: s.get(k) for k in ("calibration", "calibration_path",
+                                                                        "nsamples", "seqlen", "seed")}))
     if s["calibration"] == "self":
         try:
             from .selfcalib import self_calibration
         except ModuleNotFoundError as e:
             raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
     for note in (s.get("calibration_note"), s.get("eval_note") if evaluate else None):
-        if note and verbose:
-            print(f"[optprune] {note}", file=sys.stderr, flush=True)
+        if note:
+            log.warning(note)
 
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
@@ -484,23 +528,34 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         raise RunError("--certify is not available with --low-memory (run it in memory)")
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
-        return prune_low_memory(
-            model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
-            allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
-            method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
-            output=out_dir, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
-            activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
-            t_total=t_total)
+        staged = atomic_output(out_dir, overwrite=overwrite) if out_dir is not None and world_for(nproc) == 1 \
+            else contextlib.nullcontext(out_dir)  # atomic output: written beside the target, renamed at the end
+        with staged as lm_out:
+            return prune_low_memory(
+                model=model, model_dir=model_dir, spec=spec, sparsity=sparsity, pattern=pattern, min_degree=min_degree,
+                allocation=alloc, structure=structure, mode=mode, error_correction=error_correction, refit=refit,
+                method_options=method_options, damp=damp, batch_size=batch_size, nproc=nproc, device=dev, settings=s,
+                output=lm_out, evaluate=evaluate, data_dir=data_dir, reference=reference, seed=seed,
+                activation_dtype=activation_dtype, progress=progress, verbose=verbose, return_model=return_model,
+                t_total=t_total)
 
     # ---------------------------------------------------------------- 2. model; architecture and shapes
     from .architectures import get_arch
     from .loading import load_model
     timings = {}
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir)
+    if in_memory:
+        mdl, tok, meta = model, tokenizer, _memory_meta(model, model_label)
+    else:
+        mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir)
+        tok = tokenizer if tokenizer is not None else tok
+    meta["source_dtype"] = str(export.source_dtype(mdl, None if in_memory else meta)).replace("torch.", "")
     timings["load_s"] = time.perf_counter() - t0
     arch = get_arch(mdl)
     _clip_to_context(s, mdl)
+    if tok is None and (evaluate or out_dir is not None or not torch.is_tensor(calib_given)):
+        raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
+                       "and saving")
     cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, layer_sparsity=None,
                   structure=structure, mode=mode, error_correction=bool(error_correction), refit=bool(refit),
                   method_options=method_options, device=dev, certify=bool(certify))
@@ -510,11 +565,13 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         cfg_kw["batch_size"] = int(batch_size)
     if "nproc" in fields:
         cfg_kw["nproc"] = nproc
+    if targets or ignore:
+        cfg_kw.update(targets=targets, ignore=ignore)
     config = PruneConfig(**cfg_kw)
     validate_config(mdl, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
 
     record = {"command": "prune", "status": "running",
-              "config": _jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity,
+              "config": _jsonable({"model": str(model_label), "method": spec.name, "sparsity": sparsity,
                                    "pattern": None if spec.structured else pattern,
                                    "min_degree": min_degree, "allocation": alloc, "allocation_eps": allocation_eps,
                                    "structure": structure if spec.structured else None, "mode": mode,
@@ -522,7 +579,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                    "method_options": method_options, "damp": config.damp, "nproc": nproc,
                                    "device": dev, "seed": s["seed"], "output": str(out_dir) if out_dir else None,
                                    "evaluate": bool(evaluate), "data_dir": str(D.resolve_data_dir(data_dir)),
-                                   "reference": reference, "certify": bool(certify)}),
+                                   "reference": reference, "targets": targets, "ignore": ignore,
+                                   "save_format": save_format, "dtype": dtype, "certify": bool(certify)}),
               "versions": _versions(), "machine": _machine(dev), "model": meta}
 
     # ---------------------------------------------------------------- 3. calibration, allocation, pruning
@@ -532,12 +590,24 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         timings["eval_dense_s"] = time.perf_counter() - t0
         mdl.to("cpu")
     t0 = time.perf_counter()
-    if s["calibration"] == "self":  # sequences sampled from the dense model itself
+    if calib_given is not None:  # in memory: texts, a datasets.Dataset or token ids (calib_inputs.py)
+        from .calib_inputs import calibration_from
+        calib, calib_info = calibration_from(
+            tok, calib_given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"], explicit_nsamples=nsamples,
+            explicit_seqlen=seqlen, text_column=text_column,
+            vocab_size=getattr(mdl.get_input_embeddings(), "num_embeddings", None))
+        s["nsamples"], s["seqlen"] = int(calib.shape[0]), int(calib.shape[1])
+    elif s["calibration"] == "self" and ck is not None and ck.calib is not None:  # resumed: saved sequences
+        calib, calib_info = ck.calib, ck.calib_info
+    elif s["calibration"] == "self":  # sequences sampled from the dense model itself
         info: dict = {}
         mdl.to(dev)
-        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress)
+        calib = self_calibration(mdl, tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info, progress=progress,
+                                 done_rows=ck and ck.calib_rows, on_batch=ck and ck.save_calib_rows)
         mdl.to("cpu")
         calib_info = info
+        if ck is not None:
+            ck.save_calib(calib, info)
     else:
         calib, calib_info = D.calibration_tokens(tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
                                                  seed=s["seed"], data_dir=data_dir, return_info=True)
@@ -547,9 +617,13 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     if alloc != "uniform":
         t0 = time.perf_counter()
         layer_s, alloc_info = alloc_mod.layer_sparsities(mdl, arch, alloc, sparsity, eps=allocation_eps,
-                                                         calib_ids=calib, data=None)
+                                                         calib_ids=calib, data=None, prune_config=config,
+                                                         progress=verbose)
         config.layer_sparsity = dict(layer_s)
         timings["allocation_s"] = time.perf_counter() - t0
+        if out_dir is not None and alloc_info.get("candidates"):  # auto: candidates' scores, next to run.json
+            from .allocation_select import plot_selection
+            alloc_info["plot"] = plot_selection(alloc_info, out_dir / "allocation_selection.png")
         record["allocation"] = _jsonable(alloc_info)
 
     tot_w, nz_before = _count_prunable(mdl, arch)
@@ -558,7 +632,8 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
         import copy
         dense_copy = copy.deepcopy(mdl).to("cpu")
     from .distributed import prune_model_parallel  # one process, --nproc N workers, or torchrun ranks
-    res = prune_model_parallel(mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
+    res = (ck.run_pipeline if ck is not None else _call)(  # checkpoints after every block; resumes
+        prune_model_parallel, mdl, calib, config, progress=progress, nproc=nproc, source=(model, model_dir))
     if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
         return None
     timings["prune_s"] = res.get("time_s")
@@ -601,19 +676,27 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
                                   device=dev, progress=progress))
         timings["divergence_s"] = time.perf_counter() - t0
     record["protocol"] = _protocol_record(s)
-    if out_dir is not None:
-        t0 = time.perf_counter()
-        record["saved"] = _save(mdl, tok, out_dir, arch, spec)
-        timings["save_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_total
-    record["timings"] = timings
-    record["peak_rss_mb"] = _peak_rss_mb()
-    if res.get("peak_cuda_mb") is not None:
-        record["peak_cuda_mb"] = res["peak_cuda_mb"]
-    record["status"] = "done"
-    record = _jsonable(record)
-    if out_dir is not None:
-        (out_dir / RUN_FILE).write_text(json.dumps(record, indent=1))
+    # written into a folder beside the target, renamed into place at the end (an interrupted save leaves
+    # the target as it was)
+    with (atomic_output(out_dir, overwrite=overwrite) if out_dir is not None else contextlib.nullcontext()) as stage:
+        if out_dir is not None:
+            t0 = time.perf_counter()
+            record["saved"] = {**_save(mdl, tok, stage, arch, spec, save_format=save_format,
+                                       dtype=export.resolve_dtype(dtype, getattr(torch, meta["source_dtype"])),
+                                       layers=[r["name"] for r in record["layers"]], pattern=pattern),
+                               "path": str(out_dir.resolve())}
+            timings["save_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_total
+        record["timings"] = timings
+        record["peak_rss_mb"] = _peak_rss_mb()
+        if res.get("peak_cuda_mb") is not None:
+            record["peak_cuda_mb"] = res["peak_cuda_mb"]
+        record["status"] = "done"
+        record = _jsonable(record)
+        if out_dir is not None:
+            (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
+    if ck is not None:
+        ck.remove()
     if verbose:
         _print_prune_summary(record, out_dir)
     if return_model:
@@ -621,13 +704,26 @@ def prune(model, method, sparsity: float = 0.5, pattern: str = "unstructured", m
     return record
 
 
-def _save(model, tok, out_dir: Path, arch, spec) -> dict:
-    """save_pretrained (+ tokenizer). Structured methods may leave per-layer widths that a stock config cannot
-    express: those go through ``surgery.save_shrunk`` (which writes ``optprune_widths.json`` and, when the widths
-    are uniform, a stock-loadable config)."""
+def _call(fn, *a, **kw):
+    return fn(*a, **kw)
+
+
+def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
+          pattern=None) -> dict:
+    """save_pretrained (+ tokenizer) through ``export.save_model`` (format, dtype). Structured methods may leave
+    per-layer widths that a stock config cannot express: those go through ``surgery.save_shrunk`` (which writes
+    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu")
     info = {"path": str(out_dir.resolve())}
+    if not spec.structured:
+        from .export import save_model
+        info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
+                               layers=layers, pattern=pattern), format="hf", stock_loadable=save_format == "dense")
+        return info
+    if dtype is not None:
+        model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
+        info["dtype"] = str(dtype).replace("torch.", "")
     if spec.structured:
         # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
         from . import surgery
@@ -641,42 +737,64 @@ def _save(model, tok, out_dir: Path, arch, spec) -> dict:
     return info
 
 
+def _memory_meta(model, label) -> dict:
+    from .loading import count_parameters
+    cfg = model.config
+    return {"name": str(label), "source": "in-memory", "format": "in-memory",
+            "model_type": getattr(cfg, "model_type", None), "architecture": type(model).__name__,
+            "n_params": count_parameters(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "num_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None)}
+
+
 # ============================================================================================ evaluate
 def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, model_dir=None, device=None,
              seed: int = 0, eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
              reference: Optional[str] = None, batch_size: Optional[int] = None, progress: bool = True,
              verbose: Optional[bool] = None, tasks=None, task_limit: Optional[int] = None,
-             _cli: bool = False) -> dict:
+             include_path=None, _cli: bool = False) -> dict:
     """Perplexity (per protocol / options) of any model — built-in name, directory, ``.gguf``, hub id —
     and, with ``reference``, KL divergence and top-1 agreement against it. Returns the record; ``output`` =
     a JSON file (or a directory, which gets ``eval.json``).
 
-    API-only: ``tasks`` (comma string or list) runs zero-shot tasks through lm-eval when it is installed
-    (tasks must be available offline in its cache); ``task_limit`` caps examples per task."""
+    ``tasks`` (comma string or list) runs lm-evaluation-harness tasks (llm_adapters/lm_eval_tasks.py; the
+    ``eval`` extra), ``include_path`` a folder of custom task YAMLs, ``task_limit`` caps examples per task;
+    ``eval_datasets=[]`` with ``tasks`` skips the perplexity."""
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
+    from . import preflight  # files and folders, before any weight is read
+    preflight.check_data_dir(data_dir)
+    preflight.check_model_source(model, model_dir)
     if reference:
         _check_reference_hook()
+        preflight.check_model_source(reference, model_dir, what="--reference")
     task_list = _split_list(tasks) if tasks else None
-    if task_list and not lm_eval_available():
-        raise RunError("zero-shot tasks need lm-eval: pip install lm-eval (and its task data cached offline)")
-    s = resolve_settings(model, protocol=protocol, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen,
-                         eval_windows=eval_windows, data_dir=data_dir, seed=seed, need_calibration=False)
-    if not s["eval_datasets"] and not reference:
+    if task_list:  # lm-eval installed, every task known: before the model is loaded
+        from .lm_eval_tasks import check_tasks
+        check_tasks(task_list, include_path)
+    no_ppl = bool(task_list) and eval_datasets is not None and not (
+        [d for d in eval_datasets.split(",") if d.strip()] if isinstance(eval_datasets, str) else list(eval_datasets))
+    s = resolve_settings(model, protocol=protocol, eval_datasets=None if no_ppl else eval_datasets,
+                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir, seed=seed,
+                         need_calibration=False, need_eval=not no_ppl)
+    if no_ppl:
+        s["eval_datasets"] = []
+    if not s["eval_datasets"] and not reference and not task_list:
         raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
-    if s.get("eval_note") and verbose:
-        print(f"[optprune] {s['eval_note']}", file=sys.stderr, flush=True)
+    if s.get("eval_note"):
+        log.warning(s["eval_note"])
     out_file = None
     if output is not None:
         o = Path(str(output)).expanduser()
         out_file = o / "eval.json" if o.is_dir() else o
         if not out_file.parent.exists():
             raise RunError(f"--output: the folder {out_file.parent} does not exist")
+        preflight.check_writable(out_file.parent, f"--output {out_file}")
     from .loading import load_model
     t0 = time.perf_counter()
-    mdl, tok, meta = load_model(model, model_dir=model_dir, device=dev)
+    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
     timings = {"load_s": time.perf_counter() - t0}
     _clip_to_context(s, mdl, need_calibration=False)
     record = {"command": "eval", "model": meta, "versions": _versions(), "machine": _machine(dev)}
@@ -690,7 +808,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         timings["divergence_s"] = time.perf_counter() - t0
     if task_list:
         t0 = time.perf_counter()
-        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev)
+        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev, include_path=include_path)
         timings["zero_shot_s"] = time.perf_counter() - t0
     s.pop("calibration_path", None)
     prot = _protocol_record(s)
@@ -701,8 +819,10 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     record["timings"] = timings
     record["peak_rss_mb"] = _peak_rss_mb()
     record = _jsonable(record)
-    if out_file is not None:
-        out_file.write_text(json.dumps(record, indent=1))
+    if out_file is not None:  # whole or not at all
+        tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out_file)
     if verbose:
         _print_eval_summary(record, out_file)
     return record
@@ -777,7 +897,10 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
           f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
     _print_ppl(record, file)
     if out_dir is not None:
-        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE})", file=file)
+        sv = record.get("saved") or {}
+        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
+              f"{sv.get('dtype', '')}{size})", file=file)
 
 
 def _print_eval_summary(record: dict, out_file, file=None) -> None:
@@ -786,5 +909,7 @@ def _print_eval_summary(record: dict, out_file, file=None) -> None:
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "
           f"protocol {p['name']}", file=file)
     _print_ppl(record, file)
+    for task, m in (record.get("zero_shot") or {}).items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=file)
     if out_file is not None:
         print(f"  record: {out_file}", file=file)

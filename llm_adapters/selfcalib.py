@@ -195,6 +195,14 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
+def _cache_argument(model) -> str:
+    import inspect
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+
+
 @torch.inference_mode()
 def _generate_batch(model, prompt: list[int], rows: list[int], seqlen: int, seed: int, temperature: float,
                     top_p: float, banned: list[int], bar) -> torch.Tensor:
@@ -207,11 +215,12 @@ def _generate_batch(model, prompt: list[int], rows: list[int], seqlen: int, seed
     B = len(rows)
     seq = torch.tensor([prompt] * B, dtype=torch.long)
     kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    cache_kw = _cache_argument(model)  # transformers ≥ 5.2x: ``cache`` (``past_key_values`` is deprecated)
     x = seq.to(device)
     past = None
     while seq.shape[1] < seqlen:
-        out = model(input_ids=x, past_key_values=past, use_cache=True, **kw)
-        past = out.past_key_values
+        out = model(input_ids=x, use_cache=True, **{cache_kw: past}, **kw)
+        past = out["cache"] if "cache" in out else out.past_key_values
         logits = out.logits[:, -1, :]
         if banned:
             logits = logits.clone()
@@ -229,7 +238,8 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
                      prompts: Union[str, Sequence[str]] = "bos", batch_size: Optional[int] = None,
                      cache_dir: Union[str, Path, None] = None, suppress_eos: bool = True,
                      progress: bool = True, num_threads: Optional[int] = None,
-                     info: Optional[dict] = None) -> torch.LongTensor:
+                     info: Optional[dict] = None, done_rows: Optional[dict] = None,
+                     on_batch=None) -> torch.LongTensor:
     """``nsamples`` sequences of ``seqlen`` tokens sampled from ``model`` itself: a LongTensor (nsamples, seqlen)
     on the CPU. Each sequence starts with the document-start token (``prompts="bos"``), or with one of
     :data:`GENERIC_PROMPTS` (``"generic"``, cycled), or one of the given strings (cycled), followed by tokens
@@ -239,6 +249,9 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
     ``batch_size``: sequences decoded together (default :func:`default_batch_size`: ≤ 64, KV cache ≤ 2 GiB).
     ``cache_dir=False`` disables the cache. ``info`` (a dict), when given, is filled with the record of what
     was done: cache key and path, whether it was a cache hit, generation time, the settings.
+
+    ``done_rows`` ({sample index: sequence}) and ``on_batch(rows, ids)``: resuming an interrupted generation
+    (batches already done are taken from ``done_rows``; ``on_batch`` is called after each generated batch).
 
     ``num_threads``: torch CPU threads during generation (restored afterwards). Decoding runs many tiny matrix
     products, where thread synchronisation dominates: on a busy 2-core machine stories260K generated 8×512 tokens
@@ -298,6 +311,7 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
     for i in range(nsamples):
         groups.setdefault(i % len(pids), []).append(i)
     out = torch.empty(nsamples, seqlen, dtype=torch.long)
+    done_rows = done_rows or {}  # resume: sequences of an interrupted run (same seeds: the same tokens)
     was_training = model.training
     model.eval()
     old_threads = torch.get_num_threads()
@@ -316,7 +330,12 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
         for p, rows in groups.items():
             for b in range(0, len(rows), batch_size):
                 chunk = rows[b:b + batch_size]
+                if all(i in done_rows for i in chunk):
+                    out[chunk] = torch.stack([done_rows[i] for i in chunk])
+                    continue
                 out[chunk] = _generate_batch(model, pids[p], chunk, seqlen, seed, temperature, top_p, banned, bar)
+                if on_batch is not None:  # checkpoint of the sequences produced so far
+                    on_batch(chunk, out[chunk])
     finally:
         if bar is not None:
             bar.close()

@@ -1,27 +1,216 @@
-"""The Python API. Each function has the same name and options as its CLI subcommand.
+"""The Python API: :func:`prune`, :func:`save`, :func:`evaluate`, :func:`verify`, :func:`analyze`.
 
-``prune`` and ``evaluate`` live in :mod:`optprune.llm_adapters.run`; ``verify`` in
-:mod:`optprune.solvers.verify`; ``analyze`` in :mod:`optprune.llm_adapters.analysis`. They are imported
-lazily so that ``import optprune`` works without the LLM extras.
+The keyword names are the CLI's option names (``--sparsity`` ↔ ``sparsity=``, ``--dataset`` ↔ ``dataset=``,
+``--save-format`` ↔ ``format=`` of :func:`save`). The heavy modules are imported lazily, so ``import optprune``
+works without the LLM extras.
+
+Example::
+
+    import optprune
+    texts = [...]                                           # a list of strings (or a datasets.Dataset, ...)
+    model, record = optprune.prune("stories260k", method="sparsegpt", sparsity=0.5, pattern="2:4",
+                                   dataset=texts, nsamples=16, seqlen=128)
+    optprune.save(model, "out/", format="compressed")      # dtype="auto": the input model's dtype
 """
 from __future__ import annotations
 
+import json
+import os
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-def prune(**kw):
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["prune", "save", "evaluate", "verify", "analyze"]
+
+PathLike = Union[str, os.PathLike]
+#: tokenizer of each model :func:`prune` returned, so that :func:`save` writes it without being told
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: run record of each model :func:`prune` returned (pruned layer names, pattern, input dtype) for :func:`save`
+_RECORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, method: str,
+          sparsity: Optional[float] = None, pattern: str = "unstructured", dataset: Any = None,
+          nsamples: Optional[int] = None, seqlen: Optional[int] = None,
+          targets: Union[str, Sequence[str], None] = None, ignore: Union[str, Sequence[str], None] = None,
+          text_column: str = "text", protocol: Optional[str] = None, min_degree: Optional[int] = None,
+          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: Optional[str] = None,
+          mode: str = "sequential", error_correction: bool = True, refit: bool = False,
+          method_options: Optional[dict] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
+          nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
+          eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
+          eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
+          model_dir: Optional[PathLike] = None, progress: bool = True) -> tuple:
+    """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
+
+    Args:
+        model: a built-in name (``stories260k``, ``smollm2-135m``), a Hugging Face directory, a ``.gguf`` file, a
+            hub id, or a loaded ``PreTrainedModel`` (pruned in place, in its own dtype; the Gram matrices and
+            solves are float32/float64 either way).
+        tokenizer: the tokenizer of an in-memory model (needed for text calibration, evaluation and saving);
+            overrides the one loaded with a named model.
+        method: pruning method (``optprune list methods``): magnitude, wanda, sparsegpt, ria, fista, ...
+        sparsity: fraction of weights removed per layer (default 0.5; N:M patterns fix their own: 1 − N/M).
+        pattern: ``unstructured``, ``row``, ``N:M`` (e.g. ``2:4``), ``groups``.
+        dataset: calibration: a name (``c4``, ``wikitext2``, ``ptb``, ``self``), a text file path, a list of
+            strings, a ``datasets.Dataset`` with a ``text_column``, or a LongTensor of token ids
+            ``(nsamples, seqlen)`` (or a 1-D stream). Default: the protocol's.
+        nsamples: calibration windows (default: the protocol's; with token ids, their number of rows).
+        seqlen: tokens per calibration window (default: the protocol's; with token ids, their width).
+        targets: sub-layers to prune: full names, class names (``Linear``) or ``re:REGEX``; default all.
+        ignore: sub-layers to leave dense (same forms), e.g. ``["re:.*self_attn.*"]``.
+        text_column: the text column of a ``datasets.Dataset`` calibration.
+        protocol: ``smoke``, ``cpu`` or ``paper`` (docs/protocols.md): calibration/evaluation defaults.
+        min_degree, allocation, allocation_eps, structure, mode, error_correction, refit, method_options, damp,
+        batch_size, nproc, device, seed: as the CLI's options of the same names (``optprune prune --help``).
+        evaluate: also measure perplexity (and, with ``kl``, KL/top-1 against the dense model) into the record.
+        eval_datasets, eval_seqlen, eval_windows: evaluation texts and windows when ``evaluate``.
+        data_dir, model_dir: folders of the built-in data sets and models.
+        progress: progress bars.
+
+    Returns:
+        ``(model, record)``: the pruned ``PreTrainedModel`` and the JSON-ready run record (the ``run.json`` of
+        the CLI: config, per-layer errors, summary, timings).
+    """
     from .llm_adapters.run import prune as _prune
-    return _prune(**kw)
+    mdl, tok, record = _prune(
+        model, method, sparsity=sparsity, pattern=pattern, min_degree=min_degree, allocation=allocation,
+        allocation_eps=allocation_eps, structure=structure, mode=mode, error_correction=error_correction,
+        refit=refit, calibration=dataset, nsamples=nsamples, seqlen=seqlen, protocol=protocol, nproc=nproc,
+        method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,
+        device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
+        damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
+        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column)
+    if tok is not None:
+        _TOKENIZERS[mdl] = tok
+    _RECORDS[mdl] = record
+    return mdl, record
 
 
-def evaluate(**kw):
+def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, format: str = "dense",
+         dtype: str = "auto", record: Optional[dict] = None, overwrite: bool = False) -> dict:
+    """Write a pruned model to the directory ``output`` (created); returns what was written.
+
+    The output is written into a temporary folder beside ``output`` and renamed into place when complete, so an
+    interrupted save leaves ``output`` as it was; an existing optprune output is replaced only with ``overwrite``.
+
+    Args:
+        model: a model returned by :func:`prune` (or any causal LM with zeroed weights).
+        output: the directory.
+        tokenizer: written next to the model (default: the one :func:`prune` used for this model).
+        format: ``dense`` (stock ``save_pretrained``) or ``compressed`` (compressed-tensors
+            ``sparse-24-bitmask`` for 2:4 masks, ``sparse-bitmask`` otherwise; llm-compressor's/vLLM's format).
+        dtype: ``auto`` (the dtype of the model :func:`prune` was given; else the model's own), ``float32``,
+            ``float16`` or ``bfloat16``.
+        record: the run record from :func:`prune` (default: the one of this model); written as ``run.json``.
+    """
+    from .llm_adapters import export
+    from .llm_adapters.architectures import get_arch
+    from .llm_adapters.checkpoint import atomic_output
+    from .llm_adapters.preflight import check_output
+    from .llm_adapters.run import RUN_FILE, _jsonable, _save
+    from .solvers import get_method
+    import torch
+
+    record = record if record is not None else _RECORDS.get(model)
+    tokenizer = tokenizer if tokenizer is not None else _TOKENIZERS.get(model)
+    cfg = (record or {}).get("config") or {}
+    spec = get_method(cfg["method"]) if cfg.get("method") else None
+    structured = bool(spec and spec.structured)
+    export.check_save_options(format, dtype, structured=structured)
+    out = check_output(output, overwrite=overwrite)
+    with atomic_output(out, overwrite=overwrite) as stage:  # written beside the target, renamed into place
+        src = ((record or {}).get("model") or {}).get("source_dtype")
+        src_dtype = getattr(torch, src) if src else next(model.parameters()).dtype
+        layers = [r["name"] for r in (record or {}).get("layers", [])] or None
+        if spec is None:
+            info = {"path": str(Path(out).resolve())}
+            info.update(export.save_model(model, stage, tokenizer, format=format,
+                                          dtype=export.resolve_dtype(dtype, src_dtype), layers=layers))
+        else:
+            target = export.resolve_dtype(dtype, src_dtype)
+            if structured and target != next(model.parameters()).dtype:
+                import copy
+                model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
+            info = _save(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
+                         layers=layers, pattern=cfg.get("pattern"))
+            info["path"] = str(Path(out).resolve())
+        if record is not None:
+            rec = dict(record, saved=info)
+            rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype)
+            (stage / RUN_FILE).write_text(json.dumps(_jsonable(rec), indent=1))
+    return info
+
+
+def evaluate(model: PathLike, *, protocol: Optional[str] = None, eval_datasets: Union[str, Sequence[str], None] = None,
+             eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
+             reference: Optional[PathLike] = None,
+             tasks: Union[str, Sequence[str], None] = None, task_limit: Optional[int] = None,
+             include_path: Optional[PathLike] = None, output: Optional[PathLike] = None,
+             data_dir: Optional[PathLike] = None, model_dir: Optional[PathLike] = None, device: Optional[str] = None,
+             seed: int = 0, batch_size: Optional[int] = None, progress: bool = True) -> dict:
+    """Perplexity (per protocol), KL/top-1 against a ``reference`` and lm-eval ``tasks`` of a saved model.
+
+    Args:
+        model: built-in name, directory (dense or ``--save-format compressed``), ``.gguf`` or hub id.
+        protocol: ``smoke``, ``cpu`` or ``paper``: evaluation texts and windows (docs/protocols.md).
+        eval_datasets: evaluation texts (wikitext2, ptb, c4, or a text file); ``[]`` with ``tasks`` skips
+            perplexity.
+        eval_seqlen, eval_windows: window length and the number of windows (0 = all).
+        reference: dense model to compare next-token distributions with.
+        tasks: lm-evaluation-harness task names (needs the ``eval`` extra; run offline: tasks whose data are local
+            or cached).
+        task_limit: examples per task.
+        include_path: a folder of custom lm-eval task YAML files.
+        output: JSON file (or directory → ``eval.json``) for the record.
+        data_dir, model_dir, device, seed, batch_size, progress: as on the CLI.
+    """
     from .llm_adapters.run import evaluate as _evaluate
-    return _evaluate(**kw)
+    return _evaluate(model, protocol=protocol, output=output, data_dir=data_dir, model_dir=model_dir,
+                     device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen,
+                     eval_windows=eval_windows, reference=reference, batch_size=batch_size, progress=progress,
+                     tasks=tasks, task_limit=task_limit, include_path=include_path)
 
 
-def verify(**kw):
+def verify(*, quick: bool = False, gurobi: Optional[bool] = None, output: Optional[PathLike] = None,
+           seed: int = 0, time_limit: Optional[float] = None, threads: Optional[int] = 1) -> list:
+    """Cross-check every (mathematical program, backend) pair on small instances; returns one row per
+    (instance, model, backend).
+
+    Args:
+        quick: a small set of instances (under a minute on 2 cores).
+        gurobi: None = use Gurobi where installed and licensed; True = require it; False = skip it.
+        output: write the table as JSON here.
+        seed: instance seed.
+        time_limit: seconds per MIQP solve (default 10 quick, 30 full).
+        threads: torch/Gurobi threads while verifying (None keeps the current settings).
+    """
     from .solvers.verify import verify as _verify
-    return _verify(**kw)
+    return _verify(quick=quick, gurobi=gurobi, output=output, seed=seed, time_limit=time_limit, threads=threads)
 
 
-def analyze(**kw):
+def analyze(model: PathLike, *, sparsity: float = 0.7, allocation: str = "alpha",
+            allocation_eps: Optional[float] = None, output: PathLike = "analysis", matrix: Optional[str] = None,
+            calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
+            granularity: str = "block", data_dir: Optional[PathLike] = None, model_dir: Optional[PathLike] = None,
+            device: Optional[str] = None, seed: int = 0) -> dict:
+    """Heavy-tailed spectra (α per layer), per-layer allocations and plots; returns the ``analysis.json`` record.
+
+    Args:
+        model: built-in name, directory, ``.gguf`` or hub id.
+        sparsity: mean sparsity the allocations distribute.
+        allocation: ``alpha``, ``owl`` or ``uniform``.
+        allocation_eps: sparsities within ``[S(1-ε), S(1+ε)]``.
+        output: directory for the PNG plots and ``analysis.json``.
+        matrix: the matrix whose ESD is plotted (default: the first MLP down projection).
+        calibration, nsamples, seqlen: calibration for activation-based allocations (owl).
+        granularity: ``block`` (one sparsity per block) or ``matrix`` (one per matrix).
+        data_dir, model_dir, device, seed: as on the CLI.
+    """
     from .llm_adapters.analysis import analyze as _analyze
-    return _analyze(**kw)
+    return _analyze(model, sparsity=sparsity, allocation=allocation, allocation_eps=allocation_eps, output=output,
+                    matrix=matrix, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                    granularity=granularity, data_dir=data_dir, model_dir=model_dir, device=device, seed=seed)

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 from .catalog import SECTIONS
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option shows its default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return h + " (default: off)" if action.default is False else h + " (default: on)"
+        return h + " (default: %(default)s)"
+
+
+def _common():
+    c = argparse.ArgumentParser(add_help=False)
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.ERROR,
+                   default=argparse.SUPPRESS, help="errors only, no summary table (progress bars stay)")
+    g.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                   default=argparse.SUPPRESS, help="debug logging")
+    return c
 
 
 def _kv(items) -> dict:
@@ -39,41 +62,69 @@ def _add_data_args(p):
     p.add_argument("--model-dir", default=None,
                    help="folder holding built-in models such as stories260K (default: $OPTPRUNE_MODEL_DIR)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of calibration sampling and instances")
 
 
 def _add_eval_args(p):
     p.add_argument("--eval", dest="eval_datasets", default=None,
                    help="comma-separated evaluation texts: wikitext2, ptb, c4 (default from --protocol)")
-    p.add_argument("--eval-seqlen", type=int, default=None)
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default from --protocol)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="evaluate only the first K windows, 0 = all (default from --protocol)")
     p.add_argument("--reference", default=None,
-                   help="dense model to compare next-token distributions with (KL divergence, top-1 agreement)")
+                   help="dense model to compare next-token distributions with (KL divergence, top-1 agreement; "
+                        "default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="optprune", description=__doc__)
+    common = _common()
+    ap = argparse.ArgumentParser(prog="optprune", description=__doc__, formatter_class=_Formatter, parents=[common])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model layer by layer and save it")
-    p.add_argument("--model", required=True, help="built-in name (stories260k, smollm2-135m), HF dir, hub id, or .gguf")
-    p.add_argument("--method", required=True, help="magnitude, wanda, sparsegpt, ria, refit, fista, spap, eggs, ...")
-    p.add_argument("--sparsity", type=float, default=0.5)
+    def add(name, **kw):
+        return sub.add_parser(name, formatter_class=_Formatter, parents=[common], **kw)
+
+    p = add("prune", help="prune a model layer by layer and save it")
+    p.add_argument("--model", default=None,
+                   help="built-in name (stories260k, smollm2-135m), HF dir, hub id, or .gguf (required unless in "
+                        "--config/--replay)")
+    p.add_argument("--method", default=None,
+                   help="magnitude, wanda, sparsegpt, ria, refit, fista, spap, eggs, ... (required unless in "
+                        "--config/--replay)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML/JSON file of prune options (same names), or an llm-compressor recipe with a "
+                        "SparseGPTModifier/WandaPruningModifier; flags given here override it (default: none)")
+    p.add_argument("--replay", default=None, metavar="RUN_JSON",
+                   help="reproduce the run recorded in this run.json (flags given here override it; default: none)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights removed per layer (default: 0.5; N:M: 1 − N/M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
-    p.add_argument("--min-degree", type=int, default=None, help="expander N:M: keep ≥ B entries per column per tile")
-    p.add_argument("--allocation", default="uniform", help="per-layer sparsity: uniform, alpha, owl")
-    p.add_argument("--allocation-eps", type=float, default=None, help="alpha/owl: sparsities in [S(1-ε), S(1+ε)]")
-    p.add_argument("--structure", default="mlp", help="structured methods: mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--min-degree", type=int, default=None,
+                   help="expander N:M: keep ≥ B entries per column per tile (default: none)")
+    p.add_argument("--allocation", default="uniform",
+                   help="per-layer sparsity: uniform, alpha, owl, auto; options after ':' "
+                        "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
+    p.add_argument("--allocation-eps", type=float, default=None,
+                   help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
+    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
                    help="within a block, solve each sub-layer on dense inputs instead of pruned-upstream inputs")
     p.add_argument("--refit", action="store_true", help="finish every layer with the least-squares refit")
-    p.add_argument("--calibration", default=None,
-                   help="c4, wikitext2, ptb, self, or a text file (default: c4 if the data dir has it, else self)")
-    p.add_argument("--nsamples", type=int, default=None)
-    p.add_argument("--seqlen", type=int, default=None)
-    p.add_argument("--protocol", default=None, help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults")
+    p.add_argument("--dataset", "--calibration", dest="dataset", default=None,
+                   help="calibration: c4, wikitext2, ptb, self, or a text file (default: the protocol's; c4 if the "
+                        "data dir has it, else self)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default from --protocol)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default from --protocol)")
+    p.add_argument("--targets", default=None,
+                   help="comma list of sub-layers to prune: full names, class names (Linear) or re:REGEX "
+                        "(default: all)")
+    p.add_argument("--ignore", default=None,
+                   help="comma list of sub-layers left dense, same forms, e.g. 're:.*self_attn.*' (default: none)")
+    p.add_argument("--protocol", default=None,
+                   help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults (default: the model's, "
+                        "else cpu)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun)")
     p.add_argument("--low-memory", action="store_true",
@@ -81,37 +132,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="--low-memory: dtype of the stored calibration activations (default: the model's)")
     p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable; `optprune list methods` shows each method's options and defaults")
+                   help="method option, repeatable; `optprune list methods` shows each method's options and defaults (default: none)")
     p.add_argument("--certify", action="store_true",
                    help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
                         "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
-    p.add_argument("--output", default=None, help="directory for the pruned model and run.json")
-    p.add_argument("--no-eval", dest="evaluate", action="store_false")
+    p.add_argument("--output", default=None, help="directory for the pruned model and run.json (default: not saved)")
+    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+                   help="dense: stock save_pretrained; compressed: compressed-tensors sparse-24-bitmask (2:4) or "
+                        "sparse-bitmask, as llm-compressor writes and vLLM reads")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the saved weights (auto: the input model's); solving is float32/float64 anyway")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing optprune output in --output (atomically, once the new one is complete)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint after every block here (default: .<output>.optprune-checkpoint beside --output; "
+                        "kept when a run is interrupted, deleted when it completes)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation after pruning")
     p.add_argument("--no-kl", dest="kl", action="store_false",
                    help="skip the data-free KL/top-1 against the dense model (held-out self-generated text)")
     _add_data_args(p)
     _add_eval_args(p)
 
-    p = sub.add_parser("eval", help="perplexity (and KL to a reference) of any model, pruned or not")
-    p.add_argument("--model", required=True)
-    p.add_argument("--protocol", default=None)
-    p.add_argument("--output", default=None, help="write the evaluation record here (JSON)")
+    p = add("eval", help="perplexity, KL to a reference, lm-eval tasks of any model, pruned or not")
+    p.add_argument("--model", required=True, help="built-in name, HF dir (dense or compressed), hub id, or .gguf")
+    p.add_argument("--protocol", default=None, help="smoke, cpu or paper: evaluation defaults (default: the model's)")
+    p.add_argument("--output", default=None, help="write the evaluation record here (JSON; default: not written)")
+    p.add_argument("--tasks", default=None,
+                   help="comma list of lm-evaluation-harness tasks (the eval extra; offline: local or cached task "
+                        "data; default: none)")
+    p.add_argument("--include-path", default=None, help="folder of custom lm-eval task YAML files (default: none)")
+    p.add_argument("--task-limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
     _add_data_args(p)
     _add_eval_args(p)
 
-    p = sub.add_parser("verify", help="cross-check every (model, backend) pair on small instances")
+    p = add("verify", help="cross-check every (model, backend) pair on small instances")
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
     p.add_argument("--instances", type=int, default=None, help="instances per program (default 100; --quick: 4)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per reference solve (default 10; --quick: 3)")
-    p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None, help="require Gurobi")
-    p.add_argument("--output", default=None, help="write the table as JSON here")
+    p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None,
+                   help="require Gurobi (default: use it where installed and licensed)")
+    p.add_argument("--output", default=None, help="write the table as JSON here (default: not written)")
     _add_data_args(p)
 
-    p = sub.add_parser("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")
-    p.add_argument("--model", required=True)
-    p.add_argument("--sparsity", type=float, default=0.7)
-    p.add_argument("--allocation", default="alpha")
-    p.add_argument("--allocation-eps", type=float, default=None)
+    p = add("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")
+    p.add_argument("--model", required=True, help="built-in name, HF dir, hub id, or .gguf")
+    p.add_argument("--sparsity", type=float, default=0.7, help="mean sparsity the allocations distribute")
+    p.add_argument("--allocation", default="alpha", help="alpha, owl or uniform")
+    p.add_argument("--allocation-eps", type=float, default=None,
+                   help="sparsities within [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--output", default="analysis", help="directory for PNG plots and analysis.json")
     p.add_argument("--matrix", default=None, help="matrix whose ESD to plot (default: the first MLP down)")
     _add_data_args(p)
@@ -122,29 +192,136 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _setup_logging(level) -> None:
+    log = logging.getLogger("optprune")
+    if not any(getattr(h, "_optprune_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[optprune] %(message)s"))
+        h._optprune_cli = True
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(level)
+
+
+def _explicit(argv, command) -> set:
+    """Destinations of the options given on the command line (not defaults): they override --config/--replay."""
+    ap = build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for a in sub._actions:
+        a.default = argparse.SUPPRESS
+        a.required = False
+    return set(vars(ap.parse_args(argv)).keys()) - {"command"}
+
+
+def _prune_kwargs(args, argv) -> tuple:
+    from .llm_adapters import recipes
+    kw = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config", "replay")}
+    kw["method_options"] = _kv(kw.pop("method_opt"))
+    explicit = _explicit(argv, "prune")
+    base, infos = {}, []
+    if args.replay:
+        r, info = recipes.replay_kwargs(args.replay)
+        base.update(r)
+        infos.append(info)
+    if args.config:
+        c, info = recipes.config_kwargs(args.config)
+        base.update(c)
+        infos.append(info)
+    for k, v in base.items():
+        if k == "method_options":  # -O KEY=VALUE adds to / overrides the file's options
+            kw[k] = {**(v or {}), **kw[k]} if "method_opt" in explicit else v
+        elif k not in explicit:
+            kw[k] = v
+    for need in ("model", "method"):
+        if not kw.get(need):
+            raise ValueError(f"--{need} is required (on the command line, in --config or from --replay)")
+    kw["calibration"] = kw.pop("dataset")
+    return kw, infos
+
+
+def _interrupted(args, code: int) -> int:
+    """One line: what stopped the run and how to continue it."""
+    from .llm_adapters.checkpoint import default_checkpoint_dir
+    ck = getattr(args, "checkpoint_dir", None) or (default_checkpoint_dir(Path(args.output))
+                                                   if getattr(args, "output", None) else None)
+    if args.command == "prune" and ck and Path(ck, "manifest.json").is_file():
+        hint = f"checkpoint kept in {ck}; run the same command with --resume to continue"
+    else:
+        hint = "the output was not touched; run the command again to start over"
+    print(f"optprune {args.command}: interrupted ({ {130: 'SIGINT', 143: 'SIGTERM'}.get(code, code) }); {hint}",
+          file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # Ctrl-C / SIGTERM from here on stop the run cleanly (exit 130 / 143), never swallowed
+        from .llm_adapters.checkpoint import Interrupted, install_signal_handlers, interrupted_signal
+        install_signal_handlers()
+    except ImportError:  # pragma: no cover - without the LLM extras
+        Interrupted, interrupted_signal = KeyboardInterrupt, (lambda: None)
+    import signal
     try:
-        if args.command == "list":
-            from .catalog import lines
-            for i, what in enumerate([args.what] if args.what else SECTIONS):
-                if not args.what:
-                    print(("\n" if i else "") + f"{what}:")
-                print("\n".join(lines(what)))
-            return 0
-        kw = {k: v for k, v in vars(args).items() if k != "command"}
-        if "method_opt" in kw:
-            kw["method_options"] = _kv(kw.pop("method_opt"))
-        if args.command == "prune":
-            _check_method(args.method, kw["method_options"])
-        from . import api
-        fn = {"prune": api.prune, "eval": api.evaluate, "verify": api.verify, "analyze": api.analyze}[args.command]
-        fn(**kw, _cli=True)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        # bad input: one line naming the problem, nothing changed
-        print(f"optprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser().parse_args(argv)
+        level = getattr(args, "log_level", logging.INFO)
+        _setup_logging(level)
+        try:
+            if args.command == "list":
+                from .catalog import lines
+                for i, what in enumerate([args.what] if args.what else SECTIONS):
+                    if not args.what:
+                        print(("\n" if i else "") + f"{what}:")
+                    print("\n".join(lines(what)))
+                return 0
+            if args.command == "prune":
+                kw, infos = _prune_kwargs(args, argv)
+                _check_method(kw["method"], kw["method_options"])
+                for info in infos:
+                    logging.getLogger("optprune").info(f"{info['kind']}: {info['path']}")
+                rec = _run_prune(**kw, verbose=level < logging.ERROR, _cli=True)
+                replay = next((i for i in infos if i["kind"] == "replay"), None)
+                got = ((rec or {}).get("calibration") or {}).get("sha256")
+                if replay and replay.get("recorded_calibration_sha256") and got != replay["recorded_calibration_sha256"]:
+                    logging.getLogger("optprune").warning(
+                        f"the replay's calibration tokens differ from the recorded run's ({got} vs "
+                        f"{replay['recorded_calibration_sha256']}): data or tokenizer changed")
+                return 0
+            kw = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
+            if args.command == "eval":
+                from .llm_adapters.run import evaluate as _evaluate
+                _evaluate(**kw, verbose=level < logging.ERROR, _cli=True)
+            else:
+                _call_plain(args.command, kw)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+            if interrupted_signal() is not None:  # a library turned the signal into an error: still an interruption
+                return _interrupted(args, 128 + interrupted_signal())
+            # bad input: one line naming the problem, nothing changed
+            print(f"optprune {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            return _interrupted(args, e.exit_code)
+        except KeyboardInterrupt:
+            return _interrupted(args, 130)
+        if interrupted_signal() is not None:  # caught and dropped by a library: still stop
+            return _interrupted(args, 128 + interrupted_signal())
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_prune(**kw):
+    """``optprune prune``: :func:`optprune.llm_adapters.run.prune` (prunes, evaluates, saves to --output)."""
+    from .llm_adapters.run import prune
+    return prune(**kw)
+
+
+def _call_plain(command: str, kw: dict):
+    if command == "verify":
+        from .solvers.verify import verify as fn
+    else:
+        from .llm_adapters.analysis import analyze as fn
+    return fn(**kw, _cli=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ..formulations.allocation import (DEFAULT_EPS, DEFAULT_S_MAX, OWL_LAMBDA, A
                                        owl_program, public_alpha_map, uniform_program)
 from ..formulations.programs import Program
 from .base import SolveResult, Timer
+from .spectra import AGGREGATES, SpectraError, aggregate_metric
 
 __all__ = ["AllocationResult", "solve_allocation", "allocate", "reference_allocation", "ALLOCATIONS"]
 
@@ -118,8 +119,10 @@ class AllocationResult:
                 "info": self.info}
 
 
-def _units_from(metrics, key: str, granularity: str, sizes_param):
-    """Normalise the input into (unit names, unit sizes, unit metric values, matrix → unit map)."""
+def _units_from(metrics, key: str, granularity: str, sizes_param, aggregate: str = "mean"):
+    """Normalise the input into (unit names, unit sizes, unit metric values, matrix → unit map); a unit's value
+    from its matrices' records by :func:`~optprune.solvers.spectra.aggregate_metric` (``weighted`` reads each
+    record's ``n_tail``)."""
     if isinstance(metrics, Mapping) and metrics and all(isinstance(v, Mapping) for v in metrics.values()):
         # {matrix name: {"block": b, "numel": p, key: value, ...}}
         mat2unit, acc = {}, {}
@@ -132,13 +135,21 @@ def _units_from(metrics, key: str, granularity: str, sizes_param):
             if key is not None and key not in rec:
                 raise AllocationError(f"matrix {name!r}: no {key!r} value")
             mat2unit[name] = u
-            a = acc.setdefault(u, {"p": 0, "v": []})
+            a = acc.setdefault(u, {"p": 0, "v": [], "n": []})
             a["p"] += int(rec["numel"])
             if key is not None:
                 a["v"].append(float(rec[key]))
+                if aggregate == "weighted":
+                    if "n_tail" not in rec:
+                        raise AllocationError(f"matrix {name!r}: the weighted aggregate needs 'n_tail'")
+                    a["n"].append(int(rec["n_tail"]))
         units = list(acc)
         sizes = [acc[u]["p"] for u in units]
-        vals = [sum(acc[u]["v"]) / len(acc[u]["v"]) for u in units] if key is not None else None
+        try:
+            vals = ([aggregate_metric(acc[u]["v"], acc[u]["n"] or None, aggregate) for u in units]
+                    if key is not None else None)
+        except SpectraError as e:
+            raise AllocationError(str(e)) from None
         return units, sizes, vals, mat2unit
     if isinstance(metrics, Mapping):  # {unit: value}
         units = list(metrics)
@@ -157,6 +168,23 @@ def _units_from(metrics, key: str, granularity: str, sizes_param):
     return units, sizes, vals, {}
 
 
+def _unit_bound_list(units, bounds, what):
+    """``{unit: s}`` (or a per-unit sequence) → a list aligned with ``units`` (NaN-free; missing → no bound)."""
+    if bounds is None:
+        return None
+    if isinstance(bounds, Mapping):
+        unknown = [u for u in bounds if u not in units and str(u) not in {str(x) for x in units}]
+        if unknown:
+            raise AllocationError(f"{what} bounds name unknown unit(s) {unknown[:3]}; units are {units[:8]}")
+        by = {str(k): float(v) for k, v in bounds.items()}
+        default = 0.0 if what == "lower" else 1.0
+        return [by.get(str(u), default) for u in units]
+    vals = [float(v) for v in bounds]
+    if len(vals) != len(units):
+        raise AllocationError(f"{what} bounds: {len(vals)} values for {len(units)} units")
+    return vals
+
+
 def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float] = None,
              params: Optional[dict] = None) -> AllocationResult:
     """Per-unit sparsities with parameter-weighted mean exactly ``sparsity``.
@@ -169,7 +197,10 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
     ``eps``: alpha — ε of the map (default 0.3), bounds ``[S(1−ε), S(1+ε)]``; owl — λ = εS (default λ = 0.08).
     ``params``: ``metric`` (alpha's ranking metric, default ``'alpha'``; any of
     :data:`~optprune.solvers.spectra.SHAPE_METRICS` present in the records), ``s_max`` (default 0.99),
-    ``band`` (alpha: True; owl: False), ``lam`` (OWL λ), ``granularity``, ``sizes``.
+    ``band`` (alpha: True; owl: False), ``lam`` (OWL λ), ``granularity``, ``sizes``, ``aggregate`` (how a block's
+    value comes from its matrices: ``mean`` — AlphaPruning's, default —, ``median`` or ``weighted``; see
+    :func:`~optprune.solvers.spectra.aggregate_metric`), ``lower`` / ``upper`` (per-unit bounds ``{unit: s}``,
+    intersected with the band; units not named keep the band's).
     """
     params = dict(params or {})
     key = (name or "").strip().lower()
@@ -182,12 +213,23 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
         raise AllocationError(f"granularity must be 'block' or 'matrix', got {granularity!r}")
     s_max = float(params.pop("s_max", DEFAULT_S_MAX))
     metric = params.pop("metric", "alpha" if key == "alpha" else "outlier_ratio" if key == "owl" else None)
-    units, sizes, vals, mat2unit = _units_from(metrics_or_weights, metric, granularity, params.pop("sizes", None))
+    aggregate = params.pop("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise AllocationError(f"unknown aggregate {aggregate!r}; choose from {', '.join(AGGREGATES)}")
+    units, sizes, vals, mat2unit = _units_from(metrics_or_weights, metric, granularity, params.pop("sizes", None),
+                                               aggregate if key == "alpha" else "mean")
+    ub = _unit_bound_list(units, params.pop("lower", None), "lower"), _unit_bound_list(units, params.pop("upper", None),
+                                                                                       "upper")
     info: dict = {"granularity": granularity, "s_max": s_max}
+    if key == "alpha":
+        info["aggregate"] = aggregate
+    if ub[0] is not None or ub[1] is not None:
+        info["unit_bounds"] = {"lower": ub[0], "upper": ub[1]}
     if key == "alpha":
         e = DEFAULT_EPS if eps is None else float(eps)
         band = bool(params.pop("band", True))
-        prog = alpha_program(vals, sizes, sparsity, eps=e, s_max=s_max, band=band, units=units)
+        prog = alpha_program(vals, sizes, sparsity, eps=e, s_max=s_max, band=band, units=units, lower=ub[0],
+                             upper=ub[1])
         pub = public_alpha_map(vals, sizes, sparsity, e)
         info.update(eps=e, band=band, metric=metric, metric_values=dict(zip(units, vals)),
                     ratios=prog.meta["ratios"].tolist(), c_star=prog.meta["c_star"],
@@ -195,9 +237,12 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
     elif key == "owl":
         lam = float(params.pop("lam", OWL_LAMBDA if eps is None else float(eps) * float(sparsity)))
         band = bool(params.pop("band", False))
-        prog = owl_program(vals, sizes, sparsity, lam=lam, s_max=s_max, band=band, units=units)
+        prog = owl_program(vals, sizes, sparsity, lam=lam, s_max=s_max, band=band, units=units, lower=ub[0],
+                           upper=ub[1])
         info.update(lam=lam, band=band, outlier_ratio=dict(zip(units, vals)))
     else:
+        if ub[0] is not None or ub[1] is not None:
+            raise AllocationError("the uniform allocation takes no per-unit bounds")
         prog = uniform_program(sizes, sparsity, s_max=s_max, units=units)
     if params:
         raise AllocationError(f"unknown allocation option(s): {', '.join(sorted(params))}")

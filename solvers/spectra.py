@@ -35,10 +35,16 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 __all__ = ["PowerLawFit", "MatrixSpectrum", "SHAPE_METRICS", "eigenvalues", "hill_alpha", "ks_distance",
-           "fit_power_law", "histogram_peak", "matrix_spectra", "block_metric", "SpectraError"]
+           "fit_power_law", "histogram_peak", "matrix_spectra", "block_metric", "aggregate_metric", "AGGREGATES",
+           "MIN_TAIL", "SpectraError"]
 
 #: metrics a layer can be ranked by (larger α ⇒ lighter tail ⇒ less well trained ⇒ pruned more)
 SHAPE_METRICS = ("alpha", "alpha_weighted", "stable_rank", "spectral_norm", "log_spectral_norm", "log_norm")
+
+#: how a block's value is formed from its matrices' values: ``mean`` (AlphaPruning), ``median``, or ``weighted``
+#: (mean weighted by the tail size ``n_tail``; tails shorter than ``MIN_TAIL`` eigenvalues get weight 0)
+AGGREGATES = ("mean", "median", "weighted")
+MIN_TAIL = 10  # a power-law fit on fewer tail eigenvalues is flagged ``small_tail``
 
 
 class SpectraError(ValueError):
@@ -104,7 +110,7 @@ class PowerLawFit:
 
     @property
     def small_tail(self) -> bool:
-        return self.n_tail < 10
+        return self.n_tail < MIN_TAIL
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -316,9 +322,41 @@ def matrix_spectra(named: Iterable, *, device=None, keep_eigs: bool = False, eig
     return out
 
 
-def block_metric(spectra: Sequence[MatrixSpectrum], metric: str = "alpha") -> dict:
-    """Mean of ``metric`` over each block's matrices (AlphaPruning's block-wise α): ``{block: value}``."""
+def aggregate_metric(values: Sequence[float], tails: Optional[Sequence[int]] = None, how: str = "mean",
+                     min_tail: int = MIN_TAIL) -> float:
+    """One block value from its matrices' values.
+
+    ``mean``: AlphaPruning's plain mean. ``median``: the median (mean of the two middle values for an even count) —
+    one outlying matrix cannot move it. ``weighted``: ``Σ n_tail·v / Σ n_tail`` over the matrices whose fitted tail
+    has at least ``min_tail`` eigenvalues (an α from a handful of eigenvalues is mostly noise: its standard error
+    is ``(α − 1)/√n_tail``); when no matrix of the block has such a tail, all are weighted by ``n_tail``.
+    """
+    if how not in AGGREGATES:
+        raise SpectraError(f"unknown aggregate {how!r}; choose from {', '.join(AGGREGATES)}")
+    v = torch.as_tensor([float(x) for x in values], dtype=torch.float64)
+    if v.numel() == 0:
+        raise SpectraError("no values to aggregate")
+    if how == "mean":
+        return float(v.mean())
+    if how == "median":
+        sv, _ = torch.sort(v)
+        k = sv.numel()
+        return float(sv[k // 2]) if k % 2 else float((sv[k // 2 - 1] + sv[k // 2]) / 2)
+    if tails is None:
+        raise SpectraError("the weighted aggregate needs each matrix's tail size (n_tail)")
+    n = torch.as_tensor([float(x) for x in tails], dtype=torch.float64)
+    if n.numel() != v.numel() or (n <= 0).any():
+        raise SpectraError("the weighted aggregate needs one positive tail size per value")
+    w = torch.where(n >= min_tail, n, torch.zeros_like(n))
+    if float(w.sum()) <= 0:
+        w = n
+    return float((w * v).sum() / w.sum())
+
+
+def block_metric(spectra: Sequence[MatrixSpectrum], metric: str = "alpha", aggregate: str = "mean") -> dict:
+    """``metric`` of each block from its matrices (:func:`aggregate_metric`; ``mean`` is AlphaPruning's
+    block-wise α): ``{block: value}``."""
     acc: dict = {}
     for s in spectra:
-        acc.setdefault(s.block, []).append(s.metric(metric))
-    return {b: sum(v) / len(v) for b, v in acc.items()}
+        acc.setdefault(s.block, []).append((s.metric(metric), s.fit.n_tail))
+    return {b: aggregate_metric([x for x, _ in v], [n for _, n in v], aggregate) for b, v in acc.items()}

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import optprune.api  # noqa: E402
+import optprune.cli  # noqa: E402
 from optprune.cli import main  # noqa: E402
 from optprune.llm_adapters import run as R  # noqa: E402
 
@@ -40,19 +40,19 @@ def _one_thread():
 def _cli_prune(out: Path, method: str, *extra, monkeypatch=None, keep=None) -> int:
     """Run ``optprune prune`` in-process; with ``keep`` (a dict) the pruned in-memory model is kept there."""
     if keep is not None:
-        real = optprune.api.prune
+        real = optprune.cli._run_prune
 
         def capture(**kw):
             model, tok, rec = R.prune(**kw, return_model=True)
             keep.update(model=model, tok=tok, record=rec)
             return rec
-        monkeypatch.setattr(optprune.api, "prune", capture)
+        monkeypatch.setattr(optprune.cli, "_run_prune", capture)
     try:
         return main(["prune", "--model", "stories260k", "--method", method, "--sparsity", "0.5",
                      "--output", str(out), *COMMON, *extra])
     finally:
         if keep is not None:
-            monkeypatch.setattr(optprune.api, "prune", real)
+            monkeypatch.setattr(optprune.cli, "_run_prune", real)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, extra, 
 def test_missing_calibration_data_is_a_clear_error(tmp_path, capsys):
     _need()
     out = tmp_path / "out"
+    (tmp_path / "nodata").mkdir()  # the folder exists (a missing one is its own error) but lacks the text
     # an explicitly named source must exist (with no source named, the run falls back to --calibration self)
     rc = main(["prune", "--model", "stories260k", "--method", "wanda", "--output", str(out), "--calibration",
                "wikitext2", "--data-dir", str(tmp_path / "nodata"), "--model-dir", str(MODEL_DIR)])

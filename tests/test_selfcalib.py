@@ -304,6 +304,7 @@ def test_cli_without_data_falls_back_to_self_calibration_and_reports_kl(tmp_path
     from optprune.cli import main
     monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     nodata, out = tmp_path / "nodata", tmp_path / "pruned"
+    nodata.mkdir()  # a data folder without any text (a folder that does not exist is an error)
     common = ["--data-dir", str(nodata), "--model-dir", str(MODEL_DIR)]
     rc = main(["prune", "--model", "stories260k", "--method", "wanda", "--sparsity", "0.5", "--nsamples", "8",
                "--seqlen", "64", "--output", str(out), *common])

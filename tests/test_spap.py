@@ -475,8 +475,9 @@ def test_prune_heads_by_kv_group_shrinks_kv_without_replication(tmp_path):
     from transformers import AutoModelForCausalLM
     from optprune.llm_adapters.pipeline import PipelineError
     from optprune.llm_adapters.run import RunError
+    from optprune.llm_adapters.run import prune as run_prune
     out = tmp_path / "kv"
-    rec = optprune.prune(model="stories260k", method="spap", sparsity=0.5, structure="heads:kv", nsamples=4,
+    rec = run_prune(model="stories260k", method="spap", sparsity=0.5, structure="heads:kv", nsamples=4,
                          seqlen=64, evaluate=False, kl=False, output=str(out), model_dir=str(MODEL_DIR))
     heads = [l for l in rec["layers"] if l["name"].endswith("o_proj")]
     assert len(heads) == 5
@@ -487,5 +488,5 @@ def test_prune_heads_by_kv_group_shrinks_kv_without_replication(tmp_path):
         assert blk.self_attn.k_proj.weight.shape[0] == 16 and blk.self_attn.q_proj.weight.shape[0] == 32
     for bad in ("heads,heads:kv", "heads:query2"):
         with pytest.raises((PipelineError, RunError, ValueError), match="structure"):
-            optprune.prune(model="stories260k", method="spap", sparsity=0.5, structure=bad, nsamples=4, seqlen=64,
+            run_prune(model="stories260k", method="spap", sparsity=0.5, structure=bad, nsamples=4, seqlen=64,
                            evaluate=False, kl=False, model_dir=str(MODEL_DIR))

@@ -1,7 +1,7 @@
 """Uniform / OWL / alpha allocation × pruner × sparsity, perplexity under one protocol.
 
 The AlphaPruning claim: at high sparsity (70–80%) allocating by α beats uniform and OWL for the same pruner.
-Every run goes through ``optprune.api.prune`` (the same code path as ``optprune prune``), so the calibration,
+Every run goes through ``optprune.llm_adapters.run.prune`` (the same code path as ``optprune prune``), so the calibration,
 the pipeline and the evaluation are the protocol's. Results are appended to the JSON after each run
 (``--resume`` skips finished cells), and a Markdown table is written at the end.
 
@@ -9,6 +9,8 @@ the pipeline and the evaluation are the protocol's. Results are appended to the 
     python benchmarks/allocation/alpha_sweep.py --protocol cpu --out out/alpha_sweep_cpu
     # a quick check of the script itself (stories260K, `smoke` protocol)
     python benchmarks/allocation/alpha_sweep.py --protocol smoke --methods wanda --sparsities 0.7 --out /tmp/sweep
+    # any allocation spec is a column, e.g. the robust aggregate and the held-out selection
+    python benchmarks/allocation/alpha_sweep.py --protocol smoke --allocations uniform,alpha,alpha:weighted,auto
 
 Cost on the 2-core CPU: 18 pruning runs; a SmolLM2 run is a few minutes (SparseGPT longer), the evaluation
 ~40 forwards of 2048 tokens (~4 min) per run.
@@ -29,7 +31,7 @@ def _cell_key(method, sparsity, allocation):
 
 
 def run_cell(args, method, sparsity, allocation) -> dict:
-    from optprune import api
+    from optprune.llm_adapters import run as api  # the record-returning run function (the CLI's)
     t0 = time.perf_counter()
     kw = dict(model=args.model, method=method, sparsity=sparsity, allocation=allocation, protocol=args.protocol,
               output=None, data_dir=args.data_dir, model_dir=args.model_dir, device=args.device, seed=args.seed,
@@ -46,24 +48,27 @@ def run_cell(args, method, sparsity, allocation) -> dict:
             "allocation_weighted_mean": alloc.get("weighted_mean", sparsity),
             "unit_sparsities": alloc.get("unit_sparsities"), "eps": alloc.get("eps", alloc.get("lam")),
             "mean_rel_error": rec["summary"].get("mean_rel_error"), "protocol": rec.get("protocol"),
+            "chosen": alloc.get("chosen"), "chosen_score": alloc.get("chosen_score"),
+            "uniform_score": alloc.get("uniform_score"),
             "model": (rec.get("model") or {}).get("name"), "wall_s": time.perf_counter() - t0}
 
 
 def markdown(res: dict) -> str:
     rows = res["runs"]
+    allocs = res.get("allocations") or list(ALLOCS)
     ds = sorted({d for r in rows.values() for d in r["perplexity"]})
     lines = [f"Protocol `{res['protocol']}`, model `{res['model']}`; perplexity (lower is better), best per row in bold.",
              ""]
     for d in ds:
-        lines += [f"**{d}**", "", "| pruner | sparsity | " + " | ".join(ALLOCS) + " |",
-                  "|---|---|" + "---|" * len(ALLOCS)]
+        lines += [f"**{d}**", "", "| pruner | sparsity | " + " | ".join(allocs) + " |",
+                  "|---|---|" + "---|" * len(allocs)]
         for m in res["methods"]:
             for s in res["sparsities"]:
-                vals = {a: rows.get(_cell_key(m, s, a), {}).get("perplexity", {}).get(d) for a in ALLOCS}
+                vals = {a: rows.get(_cell_key(m, s, a), {}).get("perplexity", {}).get(d) for a in allocs}
                 have = [v for v in vals.values() if v is not None]
                 best = min(have) if have else None
                 cells = []
-                for a in ALLOCS:
+                for a in allocs:
                     v = vals[a]
                     cells.append("—" if v is None else (f"**{v:.2f}**" if v == best else f"{v:.2f}"))
                 lines.append(f"| {m} | {s:.0%} | " + " | ".join(cells) + " |")

@@ -2,7 +2,7 @@
 inference latency / throughput against the dense model on the same machine.
 
 Every run is a fresh worker process (so that its peak memory is its own): it prunes the model through the public
-API (``optprune.prune(..., evaluate=False, kl=False, return_model=True)``, the protocol's calibration), records
+run function (``optprune.llm_adapters.run.prune(..., evaluate=False, kl=False, return_model=True)``, the protocol's calibration), records
 the pipeline's prune time, the whole call's time and the process's peak RSS (``ru_maxrss``; peak CUDA memory on a
 GPU), then times the pruned model against a freshly loaded dense model, alternating dense/pruned (ABAB…) and
 taking medians:
@@ -145,7 +145,7 @@ def worker(job: dict) -> dict:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     t_start = time.perf_counter()
-    import optprune
+    from optprune.llm_adapters.run import prune as run_prune  # returns (model, tokenizer, record) with return_model
     from optprune.llm_adapters.loading import load_model
     from optprune.solvers import get_method
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +176,7 @@ def worker(job: dict) -> dict:
         kw["nsamples"] = int(job["nsamples"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    pruned, tok, rec = optprune.prune(**kw)
+    pruned, tok, rec = run_prune(**kw)
     out.update(peak_rss_mb=_rss_mb(), peak_cuda_mb=rec.get("peak_cuda_mb"),
                prune_s=(rec.get("timings") or {}).get("prune_s"), prune_call_s=(rec.get("timings") or {}).get("total_s"),
                load_s=(rec.get("timings") or {}).get("load_s"), calibration_s=(rec.get("timings") or {}).get("calibration_s"),

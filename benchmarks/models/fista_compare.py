@@ -1,7 +1,7 @@
 """FISTAPruner against SparseGPT / Wanda / magnitude in one run on one machine.
 
 For each setting (50% unstructured, 2:4, 70% unstructured by default) it prunes a fresh copy of the model with
-each variant through :func:`optprune.api.prune` (the sequential pipeline; the model's protocol, e.g. ``smoke``
+each variant through :func:`optprune.llm_adapters.run.prune` (the sequential pipeline; the model's protocol, e.g. ``smoke``
 for stories260K, ``cpu`` for SmolLM2-135M) and prints perplexity, pruning wall time and the summed layer
 reconstruction error ``Σ f(W)`` of the variant. Variants:
 
@@ -55,7 +55,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from optprune import api
+    from optprune.llm_adapters import run as api  # the record-returning run function (the CLI's)
 
     rows = []
     for st in a.settings.split(","):

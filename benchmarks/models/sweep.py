@@ -50,7 +50,9 @@ def summarise(rec: dict) -> dict:
             "timings": t, "peak_rss_mb": rec.get("peak_rss_mb"),
             "error_sum": sum((l.get("error") or 0.0) for l in rec.get("layers", []) if isinstance(l, dict)),
             "versions": rec.get("versions"), "machine": rec.get("machine"),
-            "graph": graph_summary(rec.get("layers") or [])}
+            "graph": graph_summary(rec.get("layers") or []),
+            "allocation_choice": ({k: rec["allocation"].get(k) for k in ("chosen", "chosen_score", "uniform_score")}
+                                  if (rec.get("allocation") or {}).get("chosen") else None)}
 
 
 def graph_summary(layers: list) -> dict | None:
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import optprune
+    from optprune.llm_adapters.run import prune as run_prune  # the record-returning run function (the CLI's)
     from optprune.solvers import get_method
 
     out = Path(args.out)
@@ -149,7 +152,8 @@ def main(argv=None) -> int:
                     jobs.append({"model": args.model, "protocol": args.protocol, "method": meth,
                                  **parse_setting(st), "allocation": alloc, "error_correction": ec,
                                  "mode": args.mode, "calibration": cal, "refit": args.refit,
-                                 "structure": args.structure, "min_degree": md,
+                                 "structure": args.structure if get_method(meth).structured else None,
+                                 "min_degree": md,
                                  "method_options": mopts.get(meth) or None, "tag": args.tag})
     print(f"sweep: {len(jobs)} runs, {sum(row_key(j) in done for j in jobs)} already in {out}", flush=True)
     for j in jobs:
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
                 if args.save_dir:
                     kw["output"] = os.path.join(args.save_dir, f"{j['method']}-{j['pattern'].replace(':', 'of')}-"
                                                                f"{j['sparsity']:.2f}-{j['allocation']}")
-                rec = optprune.prune(**kw)
+                rec = run_prune(**kw)
             row = {"key": key, "config": j, "wall_s": time.time() - t0, **summarise(rec)}
             if args.records:
                 rp = record_path(out, key)

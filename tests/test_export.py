@@ -1,0 +1,160 @@
+"""Deployable outputs (llm_adapters/export.py): the saved dtype follows the input model, and the compressed-tensors
+format (sparse-24-bitmask / sparse-bitmask) reloads through the compressed-tensors library to the same weights."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import optprune  # noqa: E402
+from optprune.cli import main  # noqa: E402
+from optprune.llm_adapters import export as E  # noqa: E402
+
+PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+
+
+def _text_file(path: Path, words: int = 3000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    vocab = ("the cat dog sat ran on a mat park little girl boy happy sun tree house played with ball and then "
+             "saw big red blue friend went home said hello time once upon there was").split()
+    path.write_text(" ".join(rng.choice(vocab) + ("." if rng.random() < 0.1 else "") for _ in range(words)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """stories260K converted to bfloat16 (config.json says so): an input model that is not float32."""
+    from conftest import STORIES
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    d = tmp_path_factory.mktemp("bf16") / "stories-bf16"
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.bfloat16)
+    m.save_pretrained(str(d))
+    transformers.AutoTokenizer.from_pretrained(str(STORIES)).save_pretrained(str(d))
+    assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+    return d
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _masks(sd: dict) -> dict:
+    return {k: (v != 0) for k, v in sd.items() if any(p in k for p in PRUNABLE)}
+
+
+def test_bfloat16_model_comes_out_bfloat16_with_the_same_mask(bf16_dir, tmp_path):
+    calib = _text_file(tmp_path / "calib.txt")
+    outs = {}
+    for dt in ("auto", "float32"):
+        out = tmp_path / f"out-{dt}"
+        rc = main(["prune", "-q", "--model", str(bf16_dir), "--method", "wanda", "--sparsity", "0.5",
+                   "--dataset", str(calib), "--nsamples", "4", "--seqlen", "64", "--no-eval", "--dtype", dt,
+                   "--output", str(out)])
+        assert rc == 0
+        outs[dt] = out
+    auto, f32 = _weights(outs["auto"]), _weights(outs["float32"])
+    assert {v.dtype for v in auto.values()} == {torch.bfloat16}
+    assert {v.dtype for v in f32.values()} == {torch.float32}
+    assert json.loads((outs["auto"] / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((outs["float32"] / "config.json").read_text())["dtype"] == "float32"
+    rec = json.loads((outs["auto"] / "run.json").read_text())
+    assert rec["model"]["source_dtype"] == "bfloat16" and rec["saved"]["dtype"] == "bfloat16"
+    ma, mf = _masks(auto), _masks(f32)
+    assert ma.keys() == mf.keys() and len(ma) == 35
+    for k in ma:
+        assert torch.equal(ma[k], mf[k]), k
+        assert ma[k].float().mean().item() == pytest.approx(0.5, abs=1e-6), k
+    # the bf16 file holds the float32 result rounded once
+    for k in auto:
+        assert torch.equal(auto[k], f32[k].to(torch.bfloat16)), k
+
+
+@pytest.fixture(scope="module")
+def pruned_pair(bf16_dir, tmp_path_factory):
+    """(2:4 model, record), (unstructured model, record) pruned through the API from the bfloat16 model."""
+    if E.sparse_compressors_available():
+        pytest.skip(E.sparse_compressors_available())
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    res = {}
+    for pat in ("2:4", "unstructured"):
+        res[pat] = optprune.prune(str(bf16_dir), method="wanda", sparsity=0.5, pattern=pat, dataset=ids,
+                                  ignore=["re:model.layers.4.*"], progress=False)
+    return res
+
+
+@pytest.mark.parametrize("pattern,fmt", [("2:4", "sparse-24-bitmask"), ("unstructured", "sparse-bitmask")])
+def test_compressed_export_reloads_with_compressed_tensors_to_the_same_weights(pruned_pair, tmp_path, pattern, fmt):
+    from compressed_tensors import ModelCompressor
+    model, record = pruned_pair[pattern]
+    dense, comp = tmp_path / "dense", tmp_path / "compressed"
+    info_d = optprune.save(model, dense, format="dense")
+    info_c = optprune.save(model, comp, format="compressed")
+    assert info_d["dtype"] == info_c["dtype"] == "bfloat16"
+
+    q = json.loads((comp / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors"
+    sc = q["sparsity_config"]
+    assert sc["format"] == fmt
+    assert sc["sparsity_structure"] == ("2:4" if pattern == "2:4" else "unstructured")
+    assert sc["targets"] == ["Linear"]
+    pruned = {r["name"] for r in record["layers"]}
+    assert len(pruned) == 28 and not any(n.startswith("model.layers.4.") for n in pruned)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(sc["ignore"]) == linears - pruned and "lm_head" in sc["ignore"]
+    assert sc["global_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+    # decompress with the library itself into a fresh skeleton, and through optprune's loader
+    cfg = transformers.AutoConfig.from_pretrained(str(comp))
+    del cfg.quantization_config
+    skeleton = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    ModelCompressor.from_pretrained(str(comp)).decompress(str(comp), skeleton)
+    skeleton.tie_weights()  # (as from_pretrained does after loading: the tied lm_head follows the embedding)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.bfloat16)
+    from optprune.llm_adapters.loading import load_model
+    via_loader, _, meta = load_model(str(comp), dtype=torch.bfloat16)
+    assert meta["format"] == "hf-dir (compressed-tensors)"
+    sd_ref = ref.state_dict()
+    for other in (skeleton.state_dict(), via_loader.state_dict()):
+        assert other.keys() == sd_ref.keys()
+        for k in sd_ref:
+            assert torch.equal(other[k], sd_ref[k]), k
+    # the bitmask files are smaller than the dense ones (values of the pruned layers halved + 1 bit per entry)
+    dense_b, comp_b = info_d["weights_bytes"], info_c["weights_bytes"]
+    print(f"\n{pattern}: dense {dense_b} B, compressed ({fmt}) {comp_b} B, ratio {comp_b / dense_b:.3f}")
+    assert comp_b < dense_b
+
+
+def test_compressed_with_a_structured_method_or_without_the_library_is_refused_up_front(tmp_path, capsys,
+                                                                                        monkeypatch, stories_dir):
+    out = tmp_path / "o"
+    rc = main(["prune", "--model", str(stories_dir), "--method", "spap", "--structure", "mlp", "--save-format",
+               "compressed", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "structured" in err[0] and not out.exists()
+    monkeypatch.setattr(E, "sparse_compressors_available", lambda: "compressed-tensors is missing (test)")
+    rc = main(["prune", "--model", str(stories_dir), "--method", "wanda", "--save-format", "compressed",
+               "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["optprune prune: error: compressed-tensors is missing (test)"] and not out.exists()
+
+
+def test_detect_structure():
+    W = torch.tensor([[1.0, 0, 2, 0, 0, 3, 4, 0]])
+    assert E.detect_structure([W]) == "2:4"
+    assert E.detect_structure([W, torch.tensor([[1.0, 1, 1, 0]])]) == "unstructured"
+    assert E.resolve_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert E.resolve_dtype("float16", torch.bfloat16) == torch.float16
+    with pytest.raises(E.ExportError, match="choose from auto, float32, float16, bfloat16"):
+        E.check_save_options("dense", "int8")
+    with pytest.raises(E.ExportError, match="choose from dense, compressed"):
+        E.check_save_options("gguf")
