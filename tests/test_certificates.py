@@ -143,10 +143,12 @@ def test_certify_layer_record_and_summary():
 
 @pytest.mark.slow
 def test_prune_certify_on_stories(stories_dir, tmp_path):
-    from optprune import prune
-    rec = prune(model="stories260k", model_dir=str(stories_dir.parent), method="fista", sparsity=0.5,
-                certify=True, evaluate=False, kl=False, output=str(tmp_path / "out"), progress=False)
-    layers = json.loads((tmp_path / "out" / "run.json").read_text())["layers"]
+    from optprune.cli import main
+    rc = main(["prune", "--model", "stories260k", "--model-dir", str(stories_dir.parent), "--method", "fista",
+               "--certify", "--no-eval", "--no-kl", "--output", str(tmp_path / "out")])
+    assert rc == 0
+    rec = json.loads((tmp_path / "out" / "run.json").read_text())
+    layers = rec["layers"]
     assert layers and all("certificate" in r for r in layers)
     for r in layers:
         c = r["certificate"]
@@ -154,6 +156,10 @@ def test_prune_certify_on_stories(stories_dir, tmp_path):
         assert c["objective"] == pytest.approx(r["error"], rel=1e-4)
         assert c["l1"]["gap"] >= 0
     assert rec["summary"]["certificates"]["l0_rel_gap"]["n"] == len(layers)
+    import optprune  # the API takes the same option
+    _, rec2 = optprune.prune("stories260k", method="magnitude", certify=True, model_dir=str(stories_dir.parent),
+                             progress=False)
+    assert all(r["certificate"]["lower_bound"] <= r["certificate"]["objective"] for r in rec2["layers"])
 
 
 def test_certify_refused_with_low_memory(tmp_path):
