@@ -725,12 +725,13 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
         if progress:
             print(f"[verify] instance {k + 1}/{n_inst}: {len(R.rows)} rows, {time.perf_counter() - t_start:.0f} s",
                   file=sys.stderr, flush=True)
-    # top-up: a program whose references were stopped by a limit on some instances draws further instances (up to
-    # half as many again) until every (program, production, reference) pair has n_inst proven instances
+    # top-up: a program whose references were stopped by a limit (or returned an unproven answer, e.g. Gurobi's
+    # SUBOPTIMAL, where they prove optima elsewhere) on some instances draws further instances (up to half as many
+    # again) until every such (program, production, reference) pair has n_inst proven instances
     k = n_inst
     while k < n_inst + n_inst // 2:
         short = {s["program"] for s in pair_stats(R.rows)
-                 if s["instances"] < n_inst and s["reference_limit"] > 0}
+                 if s["instances"] < n_inst and (s["reference_limit"] > 0 or (s["reference_other"] and s["instances"]))}
         if not short:
             break
         for case in build_cases(k, factory):
