@@ -102,6 +102,7 @@ class PruneConfig:
     batch_size: Optional[int] = None       # calibration samples per forward (default: TOKENS_PER_BATCH tokens)
     targets: Optional[list] = None         # sub-layers to prune: names, class names, re:REGEX (llm_adapters.targets)
     ignore: Optional[list] = None          # sub-layers left dense (same patterns)
+    certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.bounds), ℓ1 gap
 
 
 # ============================================================================================ helpers
@@ -696,6 +697,10 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         res = refit_result(problem, res)
     t_solve = time.perf_counter() - t0
     W = res.W
+    certificate = None
+    if getattr(config, "certify", False) and full and W is not None and tuple(W.shape) == (m, n):
+        from ..solvers.bounds import certify_layer
+        certificate = certify_layer(problem, pat, res)
     if W is None or tuple(W.shape) != (m, n):
         raise NumericalError(f"layer {name!r}: method {spec.name!r} returned weights of shape "
                              f"{None if W is None else tuple(W.shape)}, expected ({m}, {n})")
@@ -750,4 +755,6 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     rec.update(name=name, block=bi, shape=[m, n], pattern=pat.name, sparsity_target=pat.target_sparsity((m, n)),
                sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
                stats="gram" if full else "diag", nsamples=problem.nsamples)
+    if certificate is not None:
+        rec["certificate"] = _jsonable(certificate)
     return rec

@@ -420,7 +420,7 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
           tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
-          _cli: bool = False):
+          certify: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -549,6 +549,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
 
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
+    if certify and low_memory:
+        raise RunError("--certify is not available with --low-memory (run it in memory)")
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
         staged = atomic_output(out_dir, overwrite=overwrite) if out_dir is not None and world_for(nproc) == 1 \
@@ -582,7 +584,7 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
                        "and saving")
     cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, layer_sparsity=None,
                   structure=structure, mode=mode, error_correction=bool(error_correction), refit=bool(refit),
-                  method_options=method_options, device=dev)
+                  method_options=method_options, device=dev, certify=bool(certify))
     if damp is not None:
         cfg_kw["damp"] = float(damp)
     if batch_size is not None:
@@ -604,7 +606,7 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
                                    "device": dev, "seed": s["seed"], "output": str(out_dir) if out_dir else None,
                                    "evaluate": bool(evaluate), "data_dir": str(D.resolve_data_dir(data_dir)),
                                    "reference": reference, "targets": targets, "ignore": ignore,
-                                   "save_format": save_format, "dtype": dtype}),
+                                   "save_format": save_format, "dtype": dtype, "certify": bool(certify)}),
               "versions": _versions(), "machine": _machine(dev), "model": meta}
 
     # ---------------------------------------------------------------- 3. calibration, allocation, pruning
@@ -680,6 +682,9 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
         "mean_rel_error": (sum(rel) / len(rel)) if rel else None,
         "max_rel_error": max(rel) if rel else None,
     }
+    if certify:
+        from ..solvers.bounds import summarize_certificates
+        record["summary"]["certificates"] = summarize_certificates(res.get("layers", []))
 
     # ---------------------------------------------------------------- 4. evaluation, save, record
     if evaluate:
@@ -923,6 +928,13 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
           f"(target {_fmt(sm['sparsity_target'])})", file=file)
     if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
         print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
+              file=file)
+    cs = sm.get("certificates")
+    if cs:
+        g = cs["l0_rel_gap"]
+        print(f"  certified: (ours − lower bound)/ours over {g['n']} layers: median {g['median']:.3g}, "
+              f"p90 {g['p90']:.3g}, max {g['max']:.3g} (weakest: {cs['weakest'][0]['name']})"
+              + (f"; ℓ1 duality gap median {cs['l1_rel_gap']['median']:.2e}" if cs.get("l1_rel_gap") else ""),
               file=file)
     print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
           f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "

@@ -43,7 +43,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
           eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
           eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
-          model_dir: Optional[PathLike] = None, progress: bool = True) -> tuple:
+          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
     Args:
@@ -70,6 +70,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         eval_datasets, eval_seqlen, eval_windows: evaluation texts and windows when ``evaluate``.
         data_dir, model_dir: folders of the built-in data sets and models.
         progress: progress bars.
+        certify: per layer, a valid lower bound on the optimum of its L0 program and the relative gap of the
+            solution (``certificate`` in each layer record; FISTA adds its certified ℓ1 duality gap).
 
     Returns:
         ``(model, record)``: the pruned ``PreTrainedModel`` and the JSON-ready run record (the ``run.json`` of
@@ -83,7 +85,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,
         device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
         damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
-        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column)
+        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record
@@ -176,20 +178,23 @@ def evaluate(model: PathLike, *, protocol: Optional[str] = None, eval_datasets: 
 
 
 def verify(*, quick: bool = False, gurobi: Optional[bool] = None, output: Optional[PathLike] = None,
-           seed: int = 0, time_limit: Optional[float] = None, threads: Optional[int] = 1) -> list:
-    """Cross-check every (mathematical program, backend) pair on small instances; returns one row per
-    (instance, model, backend).
+           seed: int = 0, time_limit: Optional[float] = None, threads: Optional[int] = 1,
+           instances: Optional[int] = None) -> list:
+    """Cross-check every program against every reference backend that can take it (selected by capability)
+    and every production solver of it, on small instances; returns one row per (instance, program, solver).
 
     Args:
         quick: a small set of instances (under a minute on 2 cores).
         gurobi: None = use Gurobi where installed and licensed; True = require it; False = skip it.
-        output: write the table as JSON here.
+        output: write the rows and the per-pair table as JSON here (and the heuristics' gap plot beside it).
         seed: instance seed.
-        time_limit: seconds per MIQP solve (default 10 quick, 30 full).
+        time_limit: seconds per reference solve (default 3 quick, 10 full).
         threads: torch/Gurobi threads while verifying (None keeps the current settings).
+        instances: instances per program (default 100; quick: 4).
     """
     from .solvers.verify import verify as _verify
-    return _verify(quick=quick, gurobi=gurobi, output=output, seed=seed, time_limit=time_limit, threads=threads)
+    return _verify(quick=quick, gurobi=gurobi, output=output, seed=seed, time_limit=time_limit, threads=threads,
+                   instances=instances)
 
 
 def analyze(model: PathLike, *, sparsity: float = 0.7, allocation: str = "alpha",

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--low-memory: dtype of the stored calibration activations (default: the model's)")
     p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE",
                    help="method option, repeatable; `optprune list methods` shows each method's options and defaults (default: none)")
+    p.add_argument("--certify", action="store_true",
+                   help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
+                        "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json (default: not saved)")
     p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
                    help="dense: stock save_pretrained; compressed: compressed-tensors sparse-24-bitmask (2:4) or "
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", help="cross-check every (model, backend) pair on small instances")
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
+    p.add_argument("--instances", type=int, default=None, help="instances per program (default 100; --quick: 4)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per reference solve (default 10; --quick: 3)")
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None,
                    help="require Gurobi (default: use it where installed and licensed)")
     p.add_argument("--output", default=None, help="write the table as JSON here (default: not written)")

@@ -34,11 +34,36 @@ class LicenseLimitError(SolverUnavailable):
 
 @dataclass
 class Capabilities:
+    """What a reference backend can take — the cross-check (:mod:`.verify`) selects backends by these, never by
+    name: every registered, available backend whose :meth:`Backend.supports` accepts a program solves it.
+
+    ``kinds``: program kinds it takes (subset of ``{'QP', 'L1', 'LP', 'MIQP', 'MILP'}``); ``convex``: solves convex
+    programs (QP, ℓ1, LP) to proven optimality; ``integer``: solves integer programs (MIQP, MILP) exactly — branch
+    and bound or enumeration — rather than as a relaxation; ``network_flow``: solves mask programs as network
+    flows; ``patterns``: pattern kinds it takes (``None``: any; kinds as in the method registry: ``unstructured``,
+    ``row``, ``nm``, ``expander``, ``groups``); size limits ``max_variables`` / ``max_integer`` (``None``: none);
+    ``variants``: further configurations worth cross-checking in a full verification, as ``(label, options,
+    kinds)`` triples (e.g. other convex solvers behind one modelling layer); ``objective_atol``: see the field.
+    """
     kinds: frozenset  # subset of {'QP', 'L1', 'MIQP', 'LP', 'MILP'}
     proves_optimality: bool = True
     max_variables: Optional[int] = None
     max_integer: Optional[int] = None
     note: str = ""
+    convex: bool = False
+    integer: bool = False
+    network_flow: bool = False
+    patterns: Optional[frozenset] = None
+    variants: tuple = ()
+    #: absolute objective accuracy of a proven optimum, per output row of the program (solvers whose quadratic
+    #: objective sits in epigraph rows satisfied to a feasibility tolerance); the cross-check adds it
+    objective_atol: float = 0.0
+
+    def describe(self) -> dict:
+        return {"kinds": sorted(self.kinds), "convex": self.convex, "integer": self.integer,
+                "network_flow": self.network_flow, "patterns": None if self.patterns is None else sorted(self.patterns),
+                "max_variables": self.max_variables, "max_integer": self.max_integer,
+                "proves_optimality": self.proves_optimality, "note": self.note}
 
 
 @dataclass
@@ -97,6 +122,9 @@ class Backend:
             return False, f"{program.n_variables} variables > {self.name}'s limit {c.max_variables}"
         if c.max_integer is not None and program.n_integer > c.max_integer:
             return False, f"{program.n_integer} integer variables > {self.name}'s limit {c.max_integer}"
+        kind = getattr(program.pattern, "kind", None)
+        if c.patterns is not None and kind is not None and kind not in c.patterns:
+            return False, f"{self.name} does not take {kind} patterns"
         return True, ""
 
     def solve(self, program, **options) -> SolveResult:  # pragma: no cover - interface

@@ -64,7 +64,7 @@ from .base import LayerResult, Timer, torch_threads
 from .registry import get_method, register_method
 
 __all__ = ["fista", "fista_l1", "L1Solution", "FistaEngine", "lipschitz_constant", "default_lambda",
-           "soft_threshold", "ill_conditioned_problem"]
+           "soft_threshold", "ill_conditioned_problem", "l1_certificate", "L1Certificate"]
 
 
 def soft_threshold(Z: torch.Tensor, tau: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,6 +134,60 @@ def default_lambda(problem: LayerProblem, pattern: Pattern) -> float:
     return float(torch.kthvalue(score.cpu(), k).values)
 
 
+# ----------------------------------------------------------------------------------------------- certificate
+@dataclass
+class L1Certificate:
+    """A certified duality gap of ``W`` for ``min f(W) + λ‖W‖₁``: ``primal`` = F(W), ``dual`` = the value of a
+    dual-feasible point (≤ the optimum F*), ``gap = primal − dual ≥ F(W) − F*`` and ``rel_gap = gap / primal``."""
+    lam: float
+    primal: float
+    dual: float
+    gap: float
+    rel_gap: float
+
+    def as_dict(self) -> dict:
+        return {"lam": self.lam, "primal": self.primal, "dual": self.dual, "gap": self.gap, "rel_gap": self.rel_gap}
+
+
+def _certify_rows(f_rows: torch.Tensor, G: torch.Tensor, W: torch.Tensor, lam: float) -> tuple[float, float]:
+    """``(F(W), certified gap)`` from the per-row data error ``f_i``, the gradient ``G = ∇f(W) = WĤ − W0 C`` and W.
+
+    Row i of the layer objective is a lasso ``½‖y − w A‖² + λ‖w‖₁`` (``y = w0 X``, ``A = X̂``) with residual
+    ``r = y − wA``, ``‖r‖² = 2 f_i`` and ``rAᵀ = −g``. The scaled residual ``θ = s·r`` is dual feasible when
+    ``|s|·‖g‖∞ ≤ λ``, and the dual value ``½‖y‖² − ½‖y − θ‖²`` gives the gap, in Gram quantities only::
+
+        gap_i(s) = (1 − s)² f_i + λ‖w‖₁ + s⟨w, g⟩
+
+    (zero at the optimum, where s = 1 and ⟨w, g⟩ = −λ‖w‖₁). s is the minimiser of this quadratic, clipped to the
+    feasible interval. Everything in float64 (the caller passes float64 or accepts the work dtype's round-off).
+    """
+    f64 = torch.float64
+    f = f_rows.to(f64).clamp_min(0.0)
+    l1 = W.abs().sum(1, dtype=f64)
+    wg = (W * G).sum(1, dtype=f64)
+    gmax = G.abs().amax(1).to(f64)
+    smax = torch.where(gmax > 0, lam / gmax.clamp_min(1e-300), torch.full_like(gmax, math.inf))
+    s_opt = torch.where(f > 0, 1.0 - wg / (2.0 * f.clamp_min(1e-300)), -torch.sign(wg) * smax)
+    s = torch.maximum(torch.minimum(s_opt, smax), -smax)
+    s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    gap = (1.0 - s) ** 2 * f + lam * l1 + s * wg
+    primal = float((f + lam * l1).sum())
+    return primal, float(gap.sum())
+
+
+def l1_certificate(problem: LayerProblem, lam: float, W: torch.Tensor) -> L1Certificate:
+    """Certified duality gap of ``W`` for the ℓ1 model (float64; see :func:`_certify_rows`)."""
+    f64 = torch.float64
+    dev = problem.W0.device
+    p = problem.to(f64)
+    W = W.to(device=dev, dtype=f64)
+    G = W @ p.Hh - p.W0 @ p.Cm
+    f_rows = p.objective(W, per_row=True)
+    primal, gap = _certify_rows(torch.as_tensor(f_rows, dtype=f64), G, W, float(lam))
+    gap = max(gap, 0.0)  # weak duality; a negative value is float64 round-off
+    return L1Certificate(float(lam), primal, primal - gap, gap, gap / primal if primal > 0 else 0.0)
+
+
 def _few_threads(flops: float, device: torch.device):
     """Run tiny problems (one matmul below ~4 MFLOP) on one CPU thread: on a shared machine OpenMP's barrier
     waits make a 2-thread 8×24×24 matmul ~10× slower than a 1-thread one. Restores the thread count after."""
@@ -183,10 +237,11 @@ class FistaEngine:
             self.P = (W0_64 @ (Hh64 - Cm64)).to(self.dtype)
             H64 = p.H.to(self.device, f64)
             K = Hh64 - Cm64 - Cm64.T + H64
-            self.fW0 = 0.5 * float(((W0_64 @ K) * W0_64).sum().clamp_min(0.0))
+            self.fW0_rows = 0.5 * ((W0_64 @ K) * W0_64).sum(1).clamp_min(0.0)
+            self.fW0 = float(self.fW0_rows.sum())
             del H64, K
         else:
-            self.P, self.fW0 = None, 0.0
+            self.P, self.fW0, self.fW0_rows = None, 0.0, None
         self.W = torch.empty(m, n, dtype=self.dtype, device=self.device)
         self.Y = torch.empty_like(self.W)
         self.Z = torch.empty_like(self.W)
@@ -239,6 +294,18 @@ class FistaEngine:
     def l1_objective(self, W: torch.Tensor, lam: float) -> float:
         return self.objective(W) + lam * float(W.abs().sum(dtype=torch.float64))
 
+    def relative_gap(self, W: torch.Tensor, lam: float) -> float:
+        """The certified relative duality gap of ``W`` (work-dtype products, float64 sums; one matmul): the
+        stopping test. :func:`l1_certificate` is the float64 certificate that is reported."""
+        E = W.to(self.dtype) - self.W0
+        EH = E @ self.Hh
+        f_rows = 0.5 * (EH * E).sum(1, dtype=torch.float64)
+        G = EH if self.P is None else EH.add_(self.P)  # ∇f(W) = EĤ + W0Ĥ − W0C
+        if self.P is not None:
+            f_rows = f_rows + (E * self.P).sum(1, dtype=torch.float64) + self.fW0_rows
+        primal, gap = _certify_rows(f_rows, G, W, lam)
+        return max(gap, 0.0) / primal if primal > 0 else 0.0
+
     # -- the iteration ----------------------------------------------------------------------------
     def run(self, W_start: torch.Tensor, lam: float, iters: int, **kw) -> torch.Tensor:
         m, n = self.W.shape
@@ -247,14 +314,16 @@ class FistaEngine:
 
     @torch.no_grad()
     def _run(self, W_start: torch.Tensor, lam: float, iters: int, *, restart: Union[bool, str] = True,
-            tol: float = 0.0, check_every: int = 10,
+            tol: float = 0.0, check_every: int = 10, gap_tol: float = 0.0,
             on_iter: Optional[Callable[[int, torch.Tensor], Optional[float]]] = None) -> torch.Tensor:
         """``iters`` FISTA iterations at λ from ``W_start`` (momentum reset); returns the last iterate (a view of
         an internal buffer — copy it to keep it past the next call).
 
         ``restart``: ``True``/``"gradient"`` (⟨Y − W⁺, W⁺ − W⟩ > 0), ``"function"`` (F(W⁺) > F(W); needs
         ``on_iter`` to return F, one extra matmul per iteration), or ``False`` (plain FISTA).
-        ``tol`` > 0 stops when ``‖W⁺ − W‖_F ≤ tol·‖W⁺‖_F`` (checked every ``check_every`` iterations).
+        ``tol`` > 0 stops when ``‖W⁺ − W‖_F ≤ tol·‖W⁺‖_F``; ``gap_tol`` > 0 stops when the certified relative
+        duality gap (:meth:`relative_gap`) is ≤ ``gap_tol`` (both checked every ``check_every`` iterations, not
+        after the last; ``iters`` is the cap). ``self.last_gap_stop`` says whether the gap test stopped it.
         ``on_iter(k, W⁺)`` is called after every iteration (history recording).
         """
         if lam < 0:
@@ -280,6 +349,7 @@ class FistaEngine:
         t = 1.0
         F_prev = None
         done = 0
+        self.last_gap_stop = False
         for k in range(iters):
             torch.addmm(self.Bs, Y, self.M, out=Z)                 # Z = Y − ∇f(Y)/L
             soft_threshold(Z, tau, out=Z)                          # Z = W⁺
@@ -320,6 +390,10 @@ class FistaEngine:
                 wn = float(torch.linalg.vector_norm(W))
                 if dn <= tol * max(wn, 1e-300):
                     break
+            if gap_tol > 0 and done % check_every == 0 and done < iters:
+                if self.relative_gap(W, lam) <= gap_tol:
+                    self.last_gap_stop = True
+                    break
         if branchless:
             self.restarts += int(nrest)
         self.W, self.Z = W, Z
@@ -344,6 +418,7 @@ class L1Solution:
     L: float
     restarts: int
     time_s: float = 0.0
+    certificate: Optional[L1Certificate] = None
 
     def __iter__(self):  # ``W, hist = fista_l1(...)``
         yield self.W
@@ -353,11 +428,12 @@ class L1Solution:
 def fista_l1(problem: LayerProblem, lam: float, W_init: Optional[torch.Tensor] = None, iters: int = 20000,
              tol: float = 1e-12, restart: Union[bool, str] = True, history: bool = False, *,
              dtype: torch.dtype = torch.float64, device=None, L: Optional[float] = None,
-             L_method: str = "auto", check_every: int = 10) -> L1Solution:
+             L_method: str = "auto", check_every: int = 10, gap_tol: float = 0.0) -> L1Solution:
     """Solve ``min f(W) + λ‖W‖₁`` to high accuracy (float64 by default) — the convex model, no rounding.
 
     Used by the cross-checks against cvxpy and by the convergence benchmark. ``W_init`` defaults to ``W0``.
-    Stops after ``iters`` iterations or when the relative step falls below ``tol``.
+    Stops after ``iters`` iterations, when the relative step falls below ``tol``, or when the certified relative
+    duality gap falls below ``gap_tol`` (> 0); the returned ``certificate`` is the float64 duality gap of ``W``.
     """
     with Timer() as t:
         eng = FistaEngine(problem, dtype=dtype, device=device, L=L, L_method=L_method)
@@ -371,13 +447,15 @@ def fista_l1(problem: LayerProblem, lam: float, W_init: Optional[torch.Tensor] =
                 F = eng.l1_objective(Wk, lam)
                 hist.append(F)
                 return F
-        W = eng.run(W_init, lam, iters, restart=restart, tol=tol, check_every=check_every, on_iter=on_iter)
+        W = eng.run(W_init, lam, iters, restart=restart, tol=tol, check_every=check_every, gap_tol=gap_tol,
+                    on_iter=on_iter)
         W = W.clone()
         converged = eng.last_iters < iters
         obj = eng.l1_objective(W, lam)
     kkt = l1_kkt_residual(problem, lam, W)
     return L1Solution(W=W, objective=obj, history=hist if history else None, iterations=eng.last_iters,
-                      converged=converged, kkt=kkt, L=eng.L, restarts=eng.restarts, time_s=t.elapsed)
+                      converged=converged, kkt=kkt, L=eng.L, restarts=eng.restarts, time_s=t.elapsed,
+                      certificate=l1_certificate(problem, lam, W))
 
 
 def ill_conditioned_problem(m: int, n: int, cond: float = 1e5, *, seed: int = 0, scale: float = 100.0,
@@ -436,7 +514,9 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                           "lam_step": "λ bracket growth",
                           "restart": "gradient restart", "refit": "final least-squares refit",
                           "debias_iters": "masked-CG steps on every rounded iterate", "dtype": "solve dtype",
-                          "device": "solve on this device", "warm_options": "options of the warm-start method"})
+                          "device": "solve on this device", "warm_options": "options of the warm-start method",
+                          "gap_tol": "stop a round once the certified relative ℓ1 duality gap is ≤ this (iters: cap)",
+                          "check_every": "iterations between duality-gap checks"})
 def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
 
@@ -446,7 +526,9 @@ def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     ``restart`` (gradient restart, on), ``refit`` (final least-squares refit, off), ``debias_iters`` (masked-CG
     steps on every rounded iterate before it is compared, 0 = the paper's rule), ``dtype`` (float32 for float32
     problems), ``device`` (solve there, return on the problem's device), ``warm_options`` (dict for the warm
-    start method).
+    start method), ``gap_tol`` (each round stops once the certified relative duality gap of its ℓ1 model is ≤ this;
+    default 1e-6, ``iters`` stays the cap; checked every ``check_every`` = 10 iterations). ``info['l1_certificate']``
+    is the certified duality gap of the last round's ℓ1 iterate at its λ (:func:`l1_certificate`).
     """
     m, n = problem.shape
     dev = torch.device(options["device"]) if options.get("device") is not None else problem.H.device
@@ -457,7 +539,8 @@ def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
 def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
           xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
           restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
-          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None) -> LayerResult:
+          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
+          gap_tol: float = 1e-6, check_every: int = 10) -> LayerResult:
     _check_pattern(pattern)
     pattern.validate(problem.shape)
     if iters < 0 or rounds < 0:
@@ -497,8 +580,13 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
             if fd < best_f:
                 best_W, best_f, best_round = Wd, fd, -1
                 cur = Wd if ws_name != "dense" else cur
+        cert, gap_stops = None, 0
         for r in range(1, rounds + 1):
-            WK = eng.run(cur, lam_t, iters, restart=restart)
+            WK = eng.run(cur, lam_t, iters, restart=restart, gap_tol=float(gap_tol), check_every=int(check_every))
+            gap_stops += int(eng.last_gap_stop)
+            if r == rounds:  # the certified duality gap of the last ℓ1 iterate, at its λ (float64)
+                cert = l1_certificate(work, lam_t, WK).as_dict()
+                cert.update(iterations=eng.last_iters, stopped_on_gap=eng.last_gap_stop)
             mask = pattern.project(WK.abs())
             WR = WK * mask
             fK, fR = eng.objective(WK), eng.objective(WR)
@@ -540,7 +628,8 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
                 "returned_warm_start": returned_warm, "fallback_reason": why, "warm_projected": warm_projected,
                 "L": eng.L, "L_time_s": eng.L_time_s,
                 "iterations": eng.iterations, "restarts": eng.restarts, "iters": iters, "xi": xi,
-                "debias_iters": debias_iters,
+                "debias_iters": debias_iters, "gap_tol": float(gap_tol), "gap_stops": gap_stops,
+                "l1_certificate": cert,
                 "dtype": str(eng.dtype).replace("torch.", "")}
         if refit:
             from .baselines import refit_weights

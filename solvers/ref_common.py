@@ -147,12 +147,13 @@ def dead_columns(problem, tol: float = 0.0) -> np.ndarray:
     return dead.cpu().numpy()
 
 
-def unconstrained_rows(problem):
+def unconstrained_rows(problem, eig=None):
     """``W*`` (a minimiser of f without constraints, via the eigen pseudo-inverse on live inputs; 0 on dead
-    ones) and ``f*`` — exact for any Gram matrices built from activations (then ``b`` lies in range(Ĥ))."""
+    ones) and ``f*`` — exact for any Gram matrices built from activations (then ``b`` lies in range(Ĥ)).
+    ``eig``: ``torch.linalg.eigh(Ĥ)`` in float64 when the caller has it already."""
     Hh = problem.Hh.to(torch.float64)
     B = problem.target(torch.float64)
-    e, V = torch.linalg.eigh(Hh)
+    e, V = torch.linalg.eigh(Hh) if eig is None else eig
     keep = e > 1e-13 * float(e.max().clamp_min(1e-300))
     Wst = ((B @ V[:, keep]) / e[keep]) @ V[:, keep].T
     dead = torch.from_numpy(dead_columns(problem))

@@ -121,7 +121,7 @@ def _components(program, lay: Layout):
 @register_backend
 class EnumerateBackend(Backend):
     name = "enumerate"
-    capabilities = Capabilities(kinds=frozenset({"MIQP", "MILP"}), proves_optimality=True,
+    capabilities = Capabilities(kinds=frozenset({"MIQP", "MILP"}), proves_optimality=True, integer=True,
                                 note=f"exhaustive; ≤ {MAX_CANDIDATES} candidates (2^20)")
 
     def candidates(self, program) -> int:

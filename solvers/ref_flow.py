@@ -79,7 +79,8 @@ def flow_tile(S, N: int, B: int, *, at_most: bool = False, scale: float = 1.0) -
 @register_backend
 class FlowBackend(Backend):
     name = "flow"
-    capabilities = Capabilities(kinds=frozenset({"MILP", "LP"}), proves_optimality=True,
+    capabilities = Capabilities(kinds=frozenset({"MILP", "LP"}), proves_optimality=True, integer=True,
+                                network_flow=True, patterns=frozenset({"nm", "expander"}),
                                 note="N:M and expander N:M mask programs only (per-tile min-cost flow, networkx)")
 
     @classmethod

@@ -89,7 +89,7 @@ def _licence_message(kind: str, nvars: int, ncons: int, quadratic: bool) -> str:
 class GurobiBackend(Backend):
     name = "gurobi"
     capabilities = Capabilities(
-        kinds=frozenset({"QP", "L1", "LP", "MILP", "MIQP"}), proves_optimality=True,
+        kinds=frozenset({"QP", "L1", "LP", "MILP", "MIQP"}), proves_optimality=True, convex=True, integer=True,
         note="gurobipy; pip licence: ≤ 200 variables with a quadratic term, ≤ 2000 otherwise, ≤ 2000 constraints")
 
     @classmethod
@@ -166,6 +166,10 @@ class GurobiBackend(Backend):
         if program.is_integer:
             mdl.Params.MIPGap = mip_gap
             mdl.Params.MIPGapAbs = 1e-10
+        else:  # continuous programs: reference accuracy (defaults left allocation QPs 1e-5 relative off)
+            mdl.Params.FeasibilityTol = 1e-9
+            mdl.Params.OptimalityTol = 1e-9
+            mdl.Params.BarConvTol = 1e-12
         for k, v in (params or {}).items():
             mdl.setParam(k, v)
         lb = np.full(lay.size, -np.inf)

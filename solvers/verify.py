@@ -1,36 +1,55 @@
-"""The cross-check harness (docs/methods.md §6): every applicable (model, backend) pair on small layers.
+"""The cross-check harness (docs/methods.md §6): every program, every production solver, every reference backend.
 
-``verify()`` / ``optprune verify`` builds small instances — ``LayerProblem.random`` kinds random, correlated,
-outliers and dead (with and without error correction) and slices of a real layer of stories260K — and solves
-on each:
+``verify()`` / ``optprune verify`` draws many small instances and, on each, solves every **program** with every
+**reference backend** that can take it and with every **production solver** of it, then judges them all by the
+program's own ``evaluate``/``check``:
 
-* **refit QP** (least-squares refit on the Wanda mask): cvxpy (Clarabel; OSQP, SCS in the full run), Gurobi
-  (when the licence takes it) vs the production torch refit (``baselines.refit_weights``);
-* **ℓ1 model** (FISTAPruner's ``min f + λ‖W‖₁``): cvxpy, Gurobi, SCIP (full run) and every torch ℓ1 solver
-  registered through :func:`register_l1_solver` (or exposed as ``<method fn>.l1_solver``) — the extension point
-  for the FISTA method;
-* **L0 MIQP** for unstructured / per-row / 2:4 / column groups: exhaustive enumeration (the reference optimum),
-  Gurobi, SCIP vs every registered production method that accepts the pattern (magnitude, Wanda, RIA,
-  SparseGPT, … and later methods), each also followed by the exact refit;
-* **mask programs** (``max Σ S z`` over 2:4 and expander 2:4 masks, Wanda scores): LP relaxation (cvxpy/HiGHS),
-  Gurobi, SCIP, enumeration vs the pattern's torch projection.
+* **Programs come from the registry.** Each pattern kind some registered method accepts gives an L0
+  mask-and-weights MIQP (``l0_program``; every method accepting the kind is a production heuristic of it);
+  each method's declared ``program`` builder gives its own program (FISTA's ℓ1 model, EGGS' expander mask
+  program, the refit QP, ...); the pattern's torch projection is the production solver of the plain N:M and
+  expander mask programs; the allocation QPs (alpha/OWL/uniform) are solved by water-filling. A method
+  registered tomorrow is verified without touching this file.
+* **Backends are selected by capability, never by name.** Every registered, available backend whose
+  ``supports(program)`` accepts the program (kinds, exact integer / convex / network-flow abilities, pattern
+  kinds, size limits — :class:`~.base.Capabilities`) solves it; a full run adds each backend's declared
+  ``variants`` (e.g. other convex solvers behind cvxpy). A new backend module is verified as soon as it is
+  registered.
+* **Statuses are honest.** A reference result keeps its status: ``optimal`` (proven), ``time_limit`` /
+  ``node_limit`` (with the solver's bound and gap), ``infeasible``, ``fractional`` (an LP relaxation that was not
+  integral: a bound only), ``error``. Only proven optima are references; a limit-stopped result is never
+  "ok" — it is checked for validity (its value never below the optimum, its bound never above) and counted
+  apart.
 
-Each row: instance, inputs, model, backend, objective, relative gap to the reference optimum, feasibility
-(``Program.check``), proven optimality, time and a ``check`` verdict:
+Checks per (instance, program), against the best proven optimum ``opt``:
 
-* convex models: every proven solve and the torch solver agree with the best value to ≤ 1e-6 (relative);
-* exact combinatorial models: proven optima equal the enumeration optimum to ≤ 1e-6 (relative);
-* heuristics and non-proven solves: feasible and never below the proven optimum (−1e-9 slack);
-* refits: the refit never increases the error of the mask it refits.
+* proven references: ``|obj − opt| ≤ 1e-6·|opt|``;
+* a feasible point may beat ``opt`` only by round-off: 1e-9 relative, or 1e-15·κ(Ĥ) on ill-conditioned layers;
+* production solvers that claim to solve their program (convex solvers, exact mask solvers, allocation):
+  the same tolerance; heuristics (every method on the L0 program, each also followed by the exact
+  least-squares refit on its mask, ``<method>+refit``): feasible and never below ``opt`` (−1e-9 slack), and
+  the refit never above the method's own weights;
+* limit-stopped or relaxed results: value ≥ opt and bound ≤ opt (validity), status reported, never "ok".
 
-A backend that is absent or cannot take a model (Gurobi's size-limited licence) gives a ``skipped`` row with
-the reason. ``quick=True`` is the < 1 minute set.
+Instance families (cycled): random well-conditioned Gaussian inputs (half with error-corrected X̂),
+ill-conditioned (correlated inputs, outlier features, a log-spaced spectrum with κ = 1e4), low-rank inputs
+(rank n/4 plus 1e-3 noise, some dead inputs), and slices (random rows × columns) of real layers —
+stories260K's q/k/v projections with their block-0 inputs when ``$OPTPRUNE_MODEL_DIR`` (or ``model_dir``) holds
+``stories260K``, otherwise a synthetic LLM-like layer (heavy-tailed weights, outlier features) and a note says
+so. The full run draws 100 instances per program, and further ones (up to 150) for a program whose reference
+solves were stopped by a limit, until every (program, production solver, reference) pair has 100 proven ones;
+``quick=True`` draws 4 (one per family) and stays under a minute.
+
+Output: a table per pair (instances, limit-stopped, failures, max |gap|, max relative gap, mean times), the
+rows and pairs as JSON (``output``), and next to it ``<stem>_gaps.png``: the relative-gap distributions of
+the heuristics per program.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,19 +59,36 @@ import torch
 
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured
 from ..formulations.problem import LayerProblem
-from ..formulations.programs import Program, l0_program, l1_program, mask_program, refit_program
+from ..formulations.programs import Program, l0_program, l1_program, mask_program
 from .base import LicenseLimitError, SolverUnavailable
-from .registry import get_backend, get_method, list_backends, list_methods, _METHODS
+from .registry import _METHODS, get_backend, list_backends, list_methods
 
-__all__ = ["verify", "register_l1_solver", "L1_SOLVERS", "VerificationError", "build_instances", "Instance",
-           "CONVEX_RTOL", "EXACT_RTOL"]
+__all__ = ["verify", "register_l1_solver", "L1_SOLVERS", "VerificationError", "build_cases", "Case",
+           "CONVEX_RTOL", "EXACT_RTOL", "FAMILIES", "select_backends", "format_pairs", "pair_stats"]
 
 CONVEX_RTOL = 1e-6   # convex models: relative objective agreement
 EXACT_RTOL = 1e-6    # exact combinatorial models: same optimum (relative)
 NEVER_BEAT = 1e-9    # a feasible point may not beat the proven optimum by more than this (relative)
+FAMILIES = ("random", "ill-conditioned", "low-rank", "real-slice")
+FULL_INSTANCES = 100
+QUICK_INSTANCES = len(FAMILIES)
 
 #: torch solvers of the ℓ1 model: name -> fn(problem, lam) -> W (the ℓ1 minimiser, not rounded)
 L1_SOLVERS: dict[str, Callable] = {}
+
+#: the pattern of each kind the L0 programs are built with (sizes below are chosen so enumeration takes them)
+CANONICAL_PATTERNS = {
+    "unstructured": lambda: Unstructured(0.5),
+    "row": lambda: Unstructured(0.5, "row"),
+    "nm": lambda: NM(2, 4),
+    "expander": lambda: ExpanderNM(2, 4, 1),
+    "groups": lambda: ColumnGroups(2, sparsity=0.5),
+}
+#: instance shape per program kind: L0 MIQPs tiny (SCIP takes 0.4–2 s on 2×8, minutes on some 4×8), expander
+#: L0 one 4×4 tile (its rows are coupled), convex and mask programs 4×8
+L0_SHAPE = (2, 8)
+EXPANDER_SHAPE = (4, 4)
+CONVEX_SHAPE = (4, 8)
 
 
 def register_l1_solver(name: str):
@@ -68,306 +104,140 @@ class VerificationError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ instances
-@dataclass
-class Instance:
-    name: str
-    problem: LayerProblem
-    inputs: str  # how X (and X̂) were obtained
-    models: tuple = ("refit", "l1", "l0", "mask")
-    l0_backends: tuple = ("enumerate", "gurobi", "scip")
-    patterns: Optional[list] = None
-    meta: dict = field(default_factory=dict)
+def _model_dir(model_dir=None) -> Optional[Path]:
+    d = model_dir or os.environ.get("OPTPRUNE_MODEL_DIR")
+    return Path(d) if d else None
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+def _data_dir(data_dir=None) -> Optional[Path]:
+    d = data_dir or os.environ.get("OPTPRUNE_DATA_DIR")
+    return Path(d) if d else None
 
 
-def _model_dir(model_dir=None) -> Path:
-    return Path(model_dir or os.environ.get("OPTPRUNE_MODEL_DIR") or _home() / "models")
-
-
-def _data_dir(data_dir=None) -> Path:
-    return Path(data_dir or os.environ.get("OPTPRUNE_DATA_DIR") or _home() / "data")
-
-
-def _home() -> Path:  # the llm_adapters' default folder (solvers do not import llm_adapters)
-    d = os.environ.get("OPTPRUNE_CACHE_DIR")
-    return Path(d).expanduser() if d else Path.home() / ".cache" / "optprune"
-
-
-def _stories_inputs(model_dir: Path, data_dir: Path, seed: int, ntok: int = 512):
-    """Block-0 inputs of stories260K: RMSNorm(embed(tokens)) · input_layernorm — exact inputs of q/k/v.
-
-    Tokens: the TinyStories sample through the model's tokenizer (``tokenizers`` package) when both exist,
-    otherwise seeded random token ids. Returns ``(tensors, X, how)``; never imports transformers.
-    """
+def _stories_layers(model_dir: Optional[Path], data_dir: Optional[Path], seed: int, ntok: int = 512):
+    """Block-0 q/k/v of stories260K with their exact inputs RMSNorm(embed(tokens))·input_layernorm, as
+    ``(list of (name, W), X, how)``. Tokens: the TinyStories sample through the model's tokenizer when both are
+    there, otherwise seeded random ids. Never imports transformers."""
+    if model_dir is None:
+        raise FileNotFoundError("no model directory ($OPTPRUNE_MODEL_DIR unset)")
     from safetensors.torch import load_file
     d = model_dir / "stories260K"
     st = load_file(str(d / "model.safetensors"))
     emb = st["model.embed_tokens.weight"].to(torch.float64)
-    how = None
-    ids = None
-    tok_file, text_file = d / "tokenizer.json", data_dir / "tinystories" / "tinystories_sample.txt"
-    if tok_file.exists() and text_file.exists():
+    ids, how = None, None
+    tok_file = d / "tokenizer.json"
+    text_file = None if data_dir is None else data_dir / "tinystories" / "tinystories_sample.txt"
+    if tok_file.exists() and text_file is not None and text_file.exists():
         try:
             from tokenizers import Tokenizer
             ids = Tokenizer.from_file(str(tok_file)).encode(text_file.read_text()).ids[:ntok]
-            how = f"real: block-0 q/k/v inputs of {len(ids)} TinyStories tokens"
+            how = f"stories260K block-0 inputs of {len(ids)} TinyStories tokens"
         except ImportError:
             ids = None
     if ids is None:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, emb.shape[0], (ntok,), generator=g).tolist()
-        how = f"block-0 inputs of {ntok} random token ids"
+        how = f"stories260K block-0 inputs of {ntok} random token ids"
     x = emb[torch.tensor(ids)]
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * st["model.layers.0.input_layernorm.weight"].double()
-    return st, x, how
+    layers = [(f"stories260K.layers.0.self_attn.{k}_proj", st[f"model.layers.0.self_attn.{k}_proj.weight"].double())
+              for k in ("q", "k", "v")]
+    return layers, x, how
 
 
-def build_instances(quick: bool = False, seed: int = 0, model_dir=None, data_dir=None) -> tuple[list, list]:
-    """The instance list and notes (e.g. why the real-layer slices are missing)."""
-    notes = []
-    inst = []
-    m, n = (4, 8)
-    for kind, corr in (("random", False), ("correlated", True), ("outliers", False), ("dead", True)):
-        p = LayerProblem.random(m, n, kind=kind, corrected=corr, seed=seed)
-        inst.append(Instance(f"{kind}{'+ec' if corr else ''} {m}x{n}", p,
-                             f"synthetic {kind}{', error-corrected X̂' if corr else ''}"))
-    # SCIP is slow on the 4×8 MIQPs (big-M relaxations; 2–30 s each): the quick run gives it only the tiny
-    # 2×8 instance, the full run also two of the 4×8 ones and one real slice
-    for it in inst:
-        if quick or it.name.startswith(("correlated", "outliers")):
-            it.l0_backends = ("enumerate", "gurobi")
-    p = LayerProblem.random(2, 8, kind="random", seed=seed + 1)
-    inst.append(Instance("random 2x8", p, "synthetic random", models=("l0",),
-                         l0_backends=("enumerate", "gurobi", "scip")))
-    if not quick:
-        for kind, corr in (("random", True), ("correlated", False), ("outliers", True), ("dead", False)):
-            p = LayerProblem.random(6, 8, kind=kind, corrected=corr, seed=seed + 1)
-            inst.append(Instance(f"{kind}{'+ec' if corr else ''} 6x8", p,
-                                 f"synthetic {kind}{', error-corrected X̂' if corr else ''}",
-                                 l0_backends=("enumerate", "gurobi")))
-        p = LayerProblem.random(8, 12, kind="random", corrected=True, seed=seed + 2)
-        inst.append(Instance("random+ec 8x12", p, "synthetic random, error-corrected X̂",
-                             l0_backends=("enumerate", "gurobi")))
-        p = LayerProblem.random(12, 16, kind="outliers", seed=seed + 3)
-        inst.append(Instance("outliers 12x16", p, "synthetic outliers", models=("l0",), patterns=[NM(2, 4)]))
-        p = LayerProblem.random(64, 128, kind="correlated", corrected=True, seed=seed + 4)
-        inst.append(Instance("correlated+ec 64x128", p, "synthetic correlated, error-corrected X̂",
-                             models=("refit",)))
-    try:
-        st, X, how = _stories_inputs(_model_dir(model_dir), _data_dir(data_dir), seed)
-        Wq = st["model.layers.0.self_attn.q_proj.weight"].to(torch.float64)
-        full = LayerProblem.from_activations(Wq, X, name="stories260K.layers.0.q_proj")
-        inst.append(Instance("stories q_proj[0:4,0:8]", full.slice(slice(0, 4), torch.arange(8)), how))
-        inst.append(Instance("stories q_proj 64x64", full, how, models=("refit",)))
-        Wd = st["model.layers.0.mlp.down_proj.weight"].to(torch.float64)
-        g = torch.Generator().manual_seed(seed)
-        Xr = torch.randn(256, Wd.shape[1], generator=g, dtype=torch.float64)
-        dn = LayerProblem.from_activations(Wd, Xr, name="stories260K.layers.0.down_proj")
-        inst.append(Instance("stories down_proj[0:4,0:8]", dn.slice(slice(0, 4), torch.arange(8)),
-                             "real weights, random-input Gram (256 Gaussian tokens)"))
-        for it in inst[-3:]:
-            if quick or it.name.startswith("stories down"):
-                it.l0_backends = ("enumerate", "gurobi")
-        if not quick:
-            inst.append(Instance("stories q_proj[0:8,0:12]", full.slice(slice(0, 8), torch.arange(12)), how,
-                                 models=("refit", "l1", "l0"), l0_backends=("enumerate", "gurobi")))
-    except (ImportError, FileNotFoundError, OSError, KeyError) as e:
-        notes.append(f"stories260K slices skipped: {type(e).__name__}: {e}")
-    return inst, notes
+class InstanceFactory:
+    """Draws the k-th instance of a given shape: family ``FAMILIES[k % 4]``, seeded by (seed, k, shape)."""
 
-
-def _l0_patterns(n: int) -> list[Pattern]:
-    return [Unstructured(0.5), Unstructured(0.5, "row"), NM(2, 4), ColumnGroups(2, sparsity=0.5)]
-
-
-def _pattern_kind(p: Pattern) -> str:
-    if isinstance(p, ExpanderNM):
-        return "expander"
-    if isinstance(p, NM):
-        return "nm"
-    if isinstance(p, ColumnGroups):
-        return "groups"
-    return "row" if p.scope == "row" else "unstructured"
-
-
-# ------------------------------------------------------------------------------------------------ running
-class _Runner:
-    def __init__(self, gurobi, time_limit, quick, threads=None):
-        self.threads = threads
-        self.rows: list[dict] = []
-        self.gurobi = gurobi
-        self.time_limit = time_limit
-        self.quick = quick
-        self._avail = {}
-
-    def backend(self, name):
-        if name not in self._avail:
-            if name not in list_backends():
-                self._avail[name] = (None, f"backend {name!r} not registered")
-            else:
-                b = get_backend(name)
-                self._avail[name] = (b, "" if b.available() else f"{name}: package not installed")
-        return self._avail[name]
-
-    def add(self, inst, model, backend, *, objective=float("nan"), feasible=None, proven=None, time_s=None,
-            status="", note="", role="solver", extra=None):
-        row = {"instance": inst.name, "inputs": inst.inputs, "model": model, "backend": backend,
-               "objective": objective, "gap": float("nan"), "feasible": feasible, "proven_optimal": proven,
-               "time_s": time_s, "status": status, "note": note, "role": role, "check": ""}
-        if extra:
-            row.update(extra)
-        self.rows.append(row)
-        return row
-
-    def solve(self, inst, model, name, program, role="exact", **opts):
-        if name == "gurobi" and self.gurobi is False:
-            return self.add(inst, model, name, status="skipped", note="Gurobi disabled (gurobi=False)", role=role)
-        b, why = self.backend(name)
-        if b is None or why:
-            return self.add(inst, model, name, status="skipped", note=why, role=role)
-        ok, why = b.supports(program)
-        if not ok:
-            return self.add(inst, model, name, status="skipped", note=why, role=role)
-        if name == "gurobi" and self.threads:
-            opts.setdefault("threads", self.threads)
+    def __init__(self, seed: int = 0, model_dir=None, data_dir=None):
+        self.seed = seed
+        self.notes: list[str] = []
+        self._real = None
         try:
-            r = b.solve(program, **opts)
-        except (LicenseLimitError, SolverUnavailable) as e:
-            return self.add(inst, model, name, status="skipped", note=str(e), role=role)
-        except Exception as e:  # a backend crash is a failed row, not a crashed harness
-            return self.add(inst, model, name, status="error", note=f"{type(e).__name__}: {str(e)[:90]}",
-                            role=role, proven=False)
-        label = r.solver if name == "cvxpy" else name
-        if not r.values:
-            return self.add(inst, model, label, status=r.status, time_s=r.time, note=str(r.info.get("error", "")),
-                            role=role, proven=False)
-        chk = program.check(r.values)
-        note = ""
-        if r.gap is not None and not r.proven_optimal:
-            note = f"gap {r.gap:.2e}"
-        if "bigm_max_ratio" in r.info:
-            note = (note + "; " if note else "") + f"big-M use {r.info['bigm_max_ratio']:.2f}"
-        return self.add(inst, model, label, objective=r.objective, feasible=chk["feasible"], proven=r.proven_optimal,
-                        time_s=r.time, status=r.status, note=note, role=role)
+            self._real = _stories_layers(_model_dir(model_dir), _data_dir(data_dir), seed)
+        except (ImportError, FileNotFoundError, OSError, KeyError) as e:
+            self.notes.append(f"real-slice family: stories260K not available ({type(e).__name__}: {e}); "
+                              "using a synthetic LLM-like layer (heavy-tailed weights, outlier input features)")
+
+    def _gen(self, k: int, m: int, n: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + k * 7919 + m * 131 + n)
+
+    def problem(self, k: int, m: int, n: int) -> tuple[LayerProblem, str, str]:
+        """``(problem, family, description)``."""
+        fam = FAMILIES[k % len(FAMILIES)]
+        g = self._gen(k, m, n)
+        s = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+        f64 = torch.float64
+        if fam == "random":
+            corr = (k // len(FAMILIES)) % 2 == 1
+            p = LayerProblem.random(m, n, kind="random", corrected=corr, seed=s)
+            return p, fam, "Gaussian inputs" + (", error-corrected X̂" if corr else "")
+        if fam == "ill-conditioned":
+            sub = (k // len(FAMILIES)) % 3
+            if sub == 0:
+                return LayerProblem.random(m, n, kind="correlated", corrected=True, seed=s), fam, \
+                    "correlated inputs (rank n/4 + 5% noise), error-corrected X̂"
+            if sub == 1:
+                return LayerProblem.random(m, n, kind="outliers", seed=s), fam, "outlier input features (20×)"
+            from .fista import ill_conditioned_problem
+            return ill_conditioned_problem(m, n, 1e4, seed=s, scale=10.0), fam, "Gram spectrum log-spaced, κ = 1e4"
+        if fam == "low-rank":
+            r = max(1, n // 4)
+            N = max(4 * n, 64)
+            X = torch.randn(N, r, generator=g, dtype=f64) @ torch.randn(r, n, generator=g, dtype=f64)
+            X += 1e-3 * torch.randn(N, n, generator=g, dtype=f64)
+            if k % 2:
+                X[:, int(torch.randint(0, n, (1,), generator=g))] = 0.0
+            W0 = torch.randn(m, n, generator=g, dtype=f64)
+            return (LayerProblem.from_activations(W0, X, dtype=f64, name=f"low-rank-{m}x{n}"), fam,
+                    f"rank-{r} inputs + 1e-3 noise" + (", one dead input" if k % 2 else ""))
+        # real slices
+        if self._real is not None:
+            layers, X, how = self._real
+            name, W = layers[(k // len(FAMILIES)) % len(layers)]
+            rows = torch.randperm(W.shape[0], generator=g)[:m]
+            cols = torch.randperm(W.shape[1], generator=g)[:n]
+            p = LayerProblem.from_activations(W[rows][:, cols], X[:, cols], dtype=f64, name=f"{name}[slice]")
+            return p, fam, f"{name} rows {rows.tolist()} × cols {cols.tolist()}; {how}"
+        W0 = 0.05 * torch.randn(m, n, generator=g, dtype=f64) * torch.exp(torch.randn(m, n, generator=g, dtype=f64))
+        N = max(4 * n, 64)
+        X = torch.randn(N, n, generator=g, dtype=f64)
+        X[:, torch.randperm(n, generator=g)[: max(1, n // 8)]] *= 30.0
+        return (LayerProblem.from_activations(W0, X, dtype=f64, name=f"llm-like-{m}x{n}"), fam,
+                "synthetic LLM-like layer (log-normal-scaled weights, outlier features)")
 
 
-def _finish_group(rows: list[dict], kind: str) -> None:
-    """Relative gaps to the reference optimum and the check verdicts for one (instance, model) group."""
-    proven = [r["objective"] for r in rows if r["proven_optimal"] and r["status"] != "skipped"
-              and math.isfinite(r["objective"])]
-    refs = [r for r in rows if r["role"] == "reference" and r["proven_optimal"]]
-    if kind == "convex":
-        cands = proven + [r["objective"] for r in rows if r["role"] == "torch" and math.isfinite(r["objective"])]
-        ref = min(cands) if cands and proven else None
-    else:
-        ref = refs[0]["objective"] if refs else (min(proven) if proven else None)
-    for r in rows:
-        if r["status"] == "skipped":
-            r["check"] = "skipped"
-            continue
-        if ref is None or not math.isfinite(r["objective"]):
-            r["check"] = "no reference" if ref is None else "FAIL: no solution"
-            continue
-        gap = (r["objective"] - ref) / max(abs(ref), 1e-12)
-        r["gap"] = gap
-        fails = []
-        if r["feasible"] is False:
-            fails.append("infeasible")
-        if kind == "convex":
-            if (r["proven_optimal"] or r["role"] == "torch") and abs(gap) > CONVEX_RTOL:
-                fails.append(f"|gap| {abs(gap):.1e} > {CONVEX_RTOL:g}")
-        else:
-            if r["proven_optimal"] and abs(gap) > EXACT_RTOL:
-                fails.append(f"proven optimum differs by {gap:.1e}")
-            if gap < -NEVER_BEAT:
-                fails.append(f"beats the proven optimum by {-gap:.1e}")
-        if r.get("refit_before") is not None and r["objective"] > r["refit_before"] * (1 + 1e-12) + 1e-12:
-            fails.append("refit increased the error")
-        r["check"] = ("FAIL: " + ", ".join(fails)) if fails else ("ref" if r["role"] == "reference" else "ok")
+# ------------------------------------------------------------------------------------------------ cases
+@dataclass
+class Producer:
+    """A production solver of a program: ``run()`` returns the program's variable values."""
+    name: str
+    run: Callable[[], dict]
+    exact: bool  # claims to solve the program (held to the tolerance) or a heuristic (held to ≥ optimum)
 
 
-def _run_refit(R: _Runner, inst: Instance):
-    from .baselines import refit_weights, wanda
-    p = inst.problem
-    mask = wanda(p, Unstructured(0.5)).mask
-    prog = refit_program(p, mask)
-    start = len(R.rows)
-    t0 = time.perf_counter()
-    W = refit_weights(p, mask)
-    R.add(inst, "refit QP", "torch refit", objective=prog.evaluate({"W": W * mask}),
-          feasible=prog.check({"W": W * mask})["feasible"], proven=False, time_s=time.perf_counter() - t0,
-          status="solved", role="torch")
-    R.solve(inst, "refit QP", "cvxpy", prog, solver="CLARABEL")
-    if not R.quick:
-        R.solve(inst, "refit QP", "cvxpy", prog, solver="OSQP")
-        R.solve(inst, "refit QP", "cvxpy", prog, solver="SCS")
-    R.solve(inst, "refit QP", "gurobi", prog, time_limit=R.time_limit)
-    _finish_group(R.rows[start:], "convex")
+@dataclass
+class Case:
+    key: str            # program label, e.g. "L0 2:4", "l1 (fista)", "mask 2:4 B1 (eggs)", "allocation"
+    kind: str           # 'convex' | 'exact' (integer)
+    instance: str
+    family: str
+    inputs: str
+    program: Program
+    producers: list = field(default_factory=list)
 
 
 def _l1_lambda(p: LayerProblem) -> float:
     return 0.05 * float(p.target(torch.float64).abs().max())
 
 
-def _l1_torch_solvers(problem: LayerProblem, lam: float) -> dict:
-    """Registered ℓ1 solvers, plus every registered method whose ``program`` builder returns an ℓ1 program and
-    which exposes its pure convex solver as ``<fn>.l1_solver`` or as ``<name>_l1`` in its module (FISTA's
-    ``fista_l1``). Each maps ``(problem, lam)`` to the minimiser (a tensor, or an object with ``.W``)."""
-    import sys
-    out = dict(L1_SOLVERS)
-    for name in list_methods():
-        spec = _METHODS[name]
-        if spec.program is None:
-            continue
-        try:
-            prog = spec.program(problem, Unstructured(0.5), lam=lam)
-        except Exception:
-            continue
-        if getattr(prog, "kind", None) != "L1":
-            continue
-        fn = getattr(spec.fn, "l1_solver", None) or getattr(sys.modules.get(spec.fn.__module__), f"{name}_l1", None)
-        if callable(fn):
-            out.setdefault(name, fn)
-    return out
-
-
-def _run_l1(R: _Runner, inst: Instance):
-    p = inst.problem
-    lam = _l1_lambda(p)
-    prog = l1_program(p, lam)
-    start = len(R.rows)
-    R.solve(inst, "l1 model", "cvxpy", prog, solver="CLARABEL")
-    if not R.quick:
-        R.solve(inst, "l1 model", "cvxpy", prog, solver="SCS")
-    R.solve(inst, "l1 model", "gurobi", prog, time_limit=R.time_limit)
-    solvers = _l1_torch_solvers(p, lam)
-    for name, fn in solvers.items():
-        t0 = time.perf_counter()
-        try:
-            W = fn(p, lam)
-            W = getattr(W, "W", W)
-        except Exception as e:  # a solver bug is a failed row, not a crashed harness
-            R.add(inst, "l1 model", f"{name} (torch)", status="error", note=f"{type(e).__name__}: {e}",
-                  role="torch", time_s=time.perf_counter() - t0)
-            continue
-        W = torch.as_tensor(W).to(torch.float64)
-        R.add(inst, "l1 model", f"{name} (torch)", objective=prog.evaluate({"W": W}),
-              feasible=prog.check({"W": W})["feasible"], proven=False, time_s=time.perf_counter() - t0,
-              status="solved", role="torch")
-    if not solvers:
-        R.add(inst, "l1 model", "torch ℓ1 solver", status="skipped", role="torch",
-              note="none registered (solvers.verify.register_l1_solver / <method>.l1_solver)")
-    _finish_group(R.rows[start:], "convex")
-
-
-def _heuristic_values(prog: Program, pattern: Pattern, W: torch.Tensor, mask: torch.Tensor) -> dict:
-    vals = {"W": W.to(torch.float64) * mask}
+def _values_from_result(prog: Program, pattern: Optional[Pattern], W, mask) -> dict:
+    vals = {}
+    if "W" in prog.variables:
+        vals["W"] = W.to(torch.float64) * mask
     if "z" in prog.variables:
         vals["z"] = mask.to(torch.float64)
-    if "g" in prog.variables:  # the groups the mask uses, padded with unused ones up to the kept count
+    if "g" in prog.variables and hasattr(pattern, "kept_groups_of"):
+        # the groups the mask uses, padded with unused ones up to the kept count
         g = pattern.kept_groups_of(mask)
         k = pattern.keep_groups(mask.shape[1])
         g[torch.nonzero(~g).reshape(-1)[: max(0, k - int(g.sum()))]] = True
@@ -375,181 +245,542 @@ def _heuristic_values(prog: Program, pattern: Pattern, W: torch.Tensor, mask: to
     return vals
 
 
-def _run_l0(R: _Runner, inst: Instance):
-    from .baselines import refit_result, wanda_scores, score_prune
-    from ..solvers.base import LayerResult
-    p = inst.problem
-    for pat in inst.patterns or _l0_patterns(p.n):
-        prog = l0_program(p, pat)
-        model = f"L0 MIQP {pat.name}"
-        start = len(R.rows)
-        for b in inst.l0_backends:
-            tl = min(R.time_limit, 20.0) if b == "scip" else R.time_limit
-            R.solve(inst, model, b, prog, role="reference" if b == "enumerate" else "exact",
-                    **({} if b == "enumerate" else {"time_limit": tl}))
-        kind = _pattern_kind(pat)
-        heur = []
-        for name in list_methods():
-            spec = _METHODS[name]
-            if name == "refit" or kind not in spec.patterns:
-                continue
-            heur.append((name, lambda spec=spec: spec(p, pat)))
-        if kind == "groups":  # structured: the harness's own group-score baseline (Wanda scores summed per group)
-            heur.append(("group-wanda", lambda: score_prune(p, pat, wanda_scores(p), "group-wanda")))
-        for name, run in heur:
-            t0 = time.perf_counter()
+def _method_producer(name, spec, p, pat, prog, exact, **opts) -> Producer:
+    def run():
+        res = spec(p, pat, **opts)
+        vals = _values_from_result(prog, getattr(prog, "pattern", None) or pat, res.W, res.mask.to(torch.bool))
+        vals["_mask"] = res.mask.to(torch.bool)
+        return vals
+    return Producer(name, run, exact)
+
+
+def _l1_solvers_of(spec) -> Optional[Callable]:
+    fn = getattr(spec.fn, "l1_solver", None) or getattr(sys.modules.get(spec.fn.__module__), f"{spec.name}_l1", None)
+    return fn if callable(fn) else None
+
+
+def _l1_producer(name, fn, p, lam) -> Producer:
+    def run():
+        W = fn(p, lam)
+        return {"W": torch.as_tensor(getattr(W, "W", W)).to(torch.float64)}
+    return Producer(name, run, True)
+
+
+def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
+    """Every program of instance index ``k``, each with its production solvers."""
+    from .baselines import wanda
+    cases: list[Case] = []
+    names = list_methods()
+    kinds = sorted({kd for n_ in names for kd in _METHODS[n_].patterns} & set(CANONICAL_PATTERNS))
+    # ---- L0 MIQP per pattern kind; every method accepting the kind is a heuristic of it
+    for kd in kinds:
+        shape = EXPANDER_SHAPE if kd == "expander" else L0_SHAPE
+        p, fam, how = factory.problem(k, *shape)
+        pat = CANONICAL_PATTERNS[kd]()
+        try:
+            prog = l0_program(p, pat)
+        except ValueError:
+            continue
+        c = Case(f"L0 {pat.name}", "exact", f"#{k} {fam} {shape[0]}x{shape[1]}", fam, how, prog)
+        for n_ in names:
+            spec = _METHODS[n_]
+            if kd in spec.patterns and n_ != "refit":
+                c.producers.append(_method_producer(n_, spec, p, pat, prog, False))
+        cases.append(c)
+    # ---- the programs methods declare (other than the L0 MIQP above)
+    p, fam, how = factory.problem(k, *CONVEX_SHAPE)
+    inst = f"#{k} {fam} {CONVEX_SHAPE[0]}x{CONVEX_SHAPE[1]}"
+    mask = wanda(p, Unstructured(0.5)).mask.to(torch.bool)
+    seen = set()
+    for n_ in names:
+        spec = _METHODS[n_]
+        if spec.program is None:
+            continue
+        for kd in sorted(spec.patterns & set(CANONICAL_PATTERNS)):
+            pat = CANONICAL_PATTERNS[kd]()
             try:
-                res = run()
-            except ValueError as e:  # the method refuses this shape/pattern (PatternError): not a failure
-                R.add(inst, model, name, status="skipped", note=f"{type(e).__name__}: {str(e)[:90]}",
-                      role="heuristic", time_s=time.perf_counter() - t0)
+                pat.validate(p.shape)
+            except ValueError:
                 continue
-            except Exception as e:
-                R.add(inst, model, name, status="error", note=f"{type(e).__name__}: {str(e)[:80]}", role="heuristic",
-                      time_s=time.perf_counter() - t0)
+            opts = {}
+            try:
+                prog = spec.program(p, pat)
+            except (TypeError, ValueError, AttributeError):
+                try:  # builders of programs on a given support (the refit QP) take the mask
+                    prog, opts = spec.program(p, pat, mask=mask), {"mask": mask}
+                except Exception:
+                    continue
+            if prog is None or prog.kind == "MIQP":  # an L0 program: covered above
                 continue
-            dt = time.perf_counter() - t0
-            vals = _heuristic_values(prog, pat, res.W, res.mask)
-            e0 = prog.evaluate(vals)
-            R.add(inst, model, name, objective=e0, feasible=prog.check(vals)["feasible"], proven=False,
-                  time_s=dt, status="heuristic", role="heuristic")
-            t0 = time.perf_counter()
-            rr = refit_result(p, LayerResult(res.W, res.mask, dict(res.info, error=e0)))
-            vals = _heuristic_values(prog, pat, rr.W, rr.mask)
-            R.add(inst, model, f"{name}+refit", objective=prog.evaluate(vals), feasible=prog.check(vals)["feasible"],
-                  proven=False, time_s=time.perf_counter() - t0, status="heuristic", role="heuristic",
-                  extra={"refit_before": e0})
-        _finish_group(R.rows[start:], "exact")
-
-
-def _run_mask(R: _Runner, inst: Instance):
+            key = (n_, prog.name, prog.kind, getattr(prog.pattern, "name", None))
+            if key in seen:
+                continue
+            seen.add(key)
+            if prog.kind == "L1":
+                lam = _l1_lambda(p)
+                prog = l1_program(p, lam)  # the λ of the cross-check (FISTA's own λ is a search)
+                fn = _l1_solvers_of(spec)
+                c = Case(f"l1 ({n_})", "convex", inst, fam, how, prog)
+                if fn is not None:
+                    c.producers.append(_l1_producer(n_, fn, p, lam))
+                for ln, lf in L1_SOLVERS.items():
+                    c.producers.append(_l1_producer(ln, lf, p, lam))
+            else:
+                label = prog.pattern.name if prog.pattern is not None else prog.name
+                c = Case(f"{prog.kind} {label} ({n_})", "convex" if prog.kind in ("QP", "L1", "LP") else "exact",
+                         inst, fam, how, prog)
+                c.producers.append(_method_producer(n_, spec, p, pat, prog, True, **opts))
+            cases.append(c)
+    if L1_SOLVERS and not any(c.program.kind == "L1" for c in cases):  # ℓ1 solvers registered without a method
+        lam = _l1_lambda(p)
+        c = Case("l1", "convex", inst, fam, how, l1_program(p, lam))
+        c.producers += [_l1_producer(ln, lf, p, lam) for ln, lf in L1_SOLVERS.items()]
+        cases.append(c)
+    # ---- mask programs of the patterns' torch projections (Wanda scores)
     from .baselines import wanda_scores
-    p = inst.problem
     S = wanda_scores(p).to(torch.float64)
-    pats = [NM(2, 4)]
-    if p.m % 4 == 0:
-        pats.append(ExpanderNM(2, 4, 1))
-    for pat in pats:
+    for pat in (NM(2, 4), ExpanderNM(2, 4, 1)):
         try:
             prog = mask_program(S, pat)
-        except ValueError as e:
-            R.add(inst, f"mask {pat.name}", "-", status="skipped", note=str(e))
+        except ValueError:
             continue
-        model = f"mask LP {pat.name}"
-        start = len(R.rows)
-        R.solve(inst, model, "enumerate", prog, role="reference")
-        R.solve(inst, model, "cvxpy", prog, solver="HIGHS")
-        R.solve(inst, model, "gurobi", prog, time_limit=R.time_limit)
-        if not R.quick:
-            R.solve(inst, model, "scip", prog, time_limit=R.time_limit)
-        t0 = time.perf_counter()
-        try:
-            mask = pat.project(S)
-        except NotImplementedError as e:
-            R.add(inst, model, "torch projection", status="skipped", note=str(e), role="torch")
-        else:
-            vals = {"z": mask.to(torch.float64)}
-            R.add(inst, model, "torch projection", objective=prog.evaluate(vals), feasible=prog.check(vals)["feasible"],
-                  proven=False, time_s=time.perf_counter() - t0, status="solved", role="torch")
-        _finish_group(R.rows[start:], "exact")
-        for r in R.rows[start:]:  # the projection is exact for these sets: hold it to the optimum
-            if r["role"] == "torch" and r["check"] == "ok" and abs(r["gap"]) > EXACT_RTOL:
-                r["check"] = f"FAIL: projection not optimal (gap {r['gap']:.1e})"
+        c = Case(f"mask {pat.name} (projection)", "exact", inst, fam, how, prog)
+        c.producers.append(Producer("projection", lambda pat=pat: {"z": pat.project(S).to(torch.float64)}, True))
+        cases.append(c)
+    # ---- allocation QPs (water-filling)
+    cases.append(_allocation_case(k, factory))
+    return cases
 
 
-# ------------------------------------------------------------------------------------------------ table
-def _fmt(v, kind):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if kind == "obj":
-        return f"{v:.6g}"
-    if kind == "gap":
-        return f"{v:+.1e}" if v != 0 else "0"
-    if kind == "bool":
-        return "yes" if v else "no"
-    if kind == "time":
-        return f"{v:.3f}"
-    return str(v)
+def _allocation_case(k: int, factory: InstanceFactory) -> Case:
+    from ..formulations.allocation import alpha_program, owl_program, uniform_program
+    from .allocation import solve_allocation
+    g = factory._gen(k, 1, 1)
+    L = int(torch.randint(6, 41, (1,), generator=g))
+    sizes = torch.randint(1, 20, (L,), generator=g).double() * 1e5
+    S = float(torch.empty(1).uniform_(0.3, 0.7, generator=g))
+    metric = torch.rand(L, generator=g, dtype=torch.float64) * 6 + 2
+    rule = ("alpha", "owl", "uniform")[k % 3]
+    if rule == "alpha":
+        prog = alpha_program(metric, sizes, S, eps=0.2)
+    elif rule == "owl":
+        prog = owl_program(metric, sizes, S)
+    else:
+        prog = uniform_program(sizes, S)
+    c = Case("allocation QP", "convex", f"#{k} {rule} L={L}", FAMILIES[k % len(FAMILIES)],
+             f"{rule} allocation of {L} units to mean sparsity {S:.3f}", prog)
+    c.producers.append(Producer("water-filling", lambda: solve_allocation(prog).values, True))
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ backends
+def select_backends(program: Program, *, quick: bool = False, include=None, exclude=()) -> tuple[list, list]:
+    """The reference solves a program gets, by capability: ``([(label, backend, options)], [(name, reason)])``
+    over every registered backend (``include``/``exclude``: optional name filters from the caller)."""
+    chosen, refused = [], []
+    for name in list_backends():
+        if name in exclude or (include is not None and name not in include):
+            continue
+        b = get_backend(name)
+        if not b.available():
+            refused.append((name, "package not installed"))
+            continue
+        ok, why = b.supports(program)
+        if not ok:
+            refused.append((name, why))
+            continue
+        chosen.append((name, b, {}))
+        if not quick:
+            for label, opts, kinds in getattr(b.capabilities, "variants", ()) or ():
+                if program.kind in kinds:
+                    chosen.append((f"{name}-{label}", b, dict(opts)))
+    return chosen, refused
+
+
+class _Runner:
+    def __init__(self, time_limit, quick, threads=None, include=None, exclude=()):
+        self.rows: list[dict] = []
+        self.time_limit = time_limit
+        self.quick = quick
+        self.threads = threads
+        self.include, self.exclude = include, exclude
+        self.refused: dict = {}
+
+    def row(self, case: Case, solver: str, role: str, **kw) -> dict:
+        r = {"program": case.key, "kind": case.program.kind, "instance": case.instance, "family": case.family,
+             "inputs": case.inputs, "solver": solver, "role": role, "status": "", "proven_optimal": False,
+             "objective": float("nan"), "bound": None, "solver_gap": None, "feasible": None, "time_s": None,
+             "gap": float("nan"), "abs_gap": float("nan"), "check": "", "note": ""}
+        r.update(kw)
+        self.rows.append(r)
+        return r
+
+    def run_case(self, case: Case) -> list[dict]:
+        start = len(self.rows)
+        prog = case.program
+        refs, refused = select_backends(prog, quick=self.quick, include=self.include, exclude=self.exclude)
+        for name, why in refused:
+            self.refused.setdefault((case.key, name), why)
+        for label, b, opts in refs:
+            o = dict(opts)
+            if self.time_limit is not None:
+                o.setdefault("time_limit", self.time_limit)
+            if self.threads:
+                o.setdefault("threads", self.threads)
+            t0 = time.perf_counter()
+            try:
+                r = b.solve(prog, **o)
+            except (LicenseLimitError, SolverUnavailable) as e:
+                self.refused.setdefault((case.key, label), str(e))
+                continue
+            except Exception as e:  # a backend crash is a failed row, not a crashed harness
+                self.row(case, label, "reference", status="error", time_s=time.perf_counter() - t0,
+                         note=f"{type(e).__name__}: {str(e)[:120]}", check="FAIL: backend error")
+                continue
+            status = r.status
+            if r.proven_optimal:
+                status = "optimal"
+            elif status == "optimal":  # 'optimal' from a solver that does not claim proof (e.g. inaccurate)
+                status = "unproven"
+            feas = program_feasible(prog, r.values) if r.values else None
+            note = "; ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in r.info.items() if k in ("bigm_max_ratio", "max_fractionality"))
+            rows_ = prog.problem.m if prog.problem is not None else 1
+            self.row(case, label if label != "cvxpy" else r.solver, "reference", status=status,
+                     atol=float(getattr(b.capabilities, "objective_atol", 0.0) or 0.0) * rows_,
+                     proven_optimal=bool(r.proven_optimal), objective=r.objective if r.values else float("nan"),
+                     bound=r.bound, solver_gap=r.gap, feasible=feas, time_s=r.time, note=note)
+        for pr in case.producers:
+            t0 = time.perf_counter()
+            try:
+                vals = pr.run()
+            except ValueError as e:  # the method refuses this shape/pattern (PatternError): not a failure
+                self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="skipped",
+                         time_s=time.perf_counter() - t0, note=f"{type(e).__name__}: {str(e)[:100]}", check="skipped")
+                continue
+            except Exception as e:
+                self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="error",
+                         time_s=time.perf_counter() - t0, note=f"{type(e).__name__}: {str(e)[:100]}",
+                         check="FAIL: solver error")
+                continue
+            dt = time.perf_counter() - t0
+            mask = vals.pop("_mask", None)
+            obj = prog.evaluate(vals)
+            self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="solved",
+                     objective=obj, feasible=program_feasible(prog, vals), time_s=dt)
+            if not pr.exact and mask is not None and "W" in vals and prog.problem is not None:
+                # the exact least-squares refit on the heuristic's mask: never worse than the heuristic's weights
+                from .baselines import refit_weights
+                t0 = time.perf_counter()
+                rv = dict(vals, W=refit_weights(prog.problem.to(torch.float64), mask) * mask)
+                self.row(case, f"{pr.name}+refit", "heuristic", status="solved", objective=prog.evaluate(rv),
+                         feasible=program_feasible(prog, rv), time_s=time.perf_counter() - t0, refit_before=obj)
+        rows = self.rows[start:]
+        judge(rows, case.kind, prog.problem.constant() if prog.problem is not None else None,
+              _roundoff_slack(prog))
+        return rows
+
+
+def program_feasible(prog: Program, vals: dict) -> bool:
+    return bool(prog.check(vals)["feasible"])
+
+
+def _roundoff_slack(program: Program) -> float:
+    """How far a float64 solution may "beat" a proven optimum by round-off: ``NEVER_BEAT``, or ``1e-15·κ(Ĥ)``
+    on live inputs for ill-conditioned layers (two exact refits of one support differ by ~ε·κ; measured on
+    low-rank 2×8 instances: 2e-9)."""
+    p = program.problem
+    if p is None or program.kind not in ("MIQP", "QP"):
+        return NEVER_BEAT
+    d = p.Hh.to(torch.float64).diagonal()
+    live = d > 0
+    if not bool(live.any()):
+        return NEVER_BEAT
+    e = torch.linalg.eigvalsh(p.Hh.to(torch.float64)[live][:, live])
+    kappa = float(e.max() / e.min()) if float(e.min()) > 0 else math.inf
+    return max(NEVER_BEAT, min(1e-15 * kappa, 1e-6))
+
+
+def judge(rows: list[dict], kind: str, f0: Optional[float] = None, slack: float = NEVER_BEAT) -> Optional[float]:
+    """Gaps to the best proven optimum and the verdicts of one (instance, program) group; returns the optimum.
+    ``slack``: how far (relative) a feasible point may beat the optimum by round-off."""
+    tol = CONVEX_RTOL if kind == "convex" else EXACT_RTOL
+    proven = [r["objective"] for r in rows if r["role"] == "reference" and r["proven_optimal"]
+              and r["feasible"] is not False and math.isfinite(r["objective"])]
+    cands = list(proven)
+    if kind == "convex":  # a production convex solver may be more accurate than an interior-point reference
+        cands += [r["objective"] for r in rows if r["role"] == "exact" and r["feasible"]
+                  and math.isfinite(r["objective"])]
+    opt = min(cands) if proven else None
+    # convex programs: relative to max(|opt|, 1e-3·f(0)) — an optimum far below the scale of the objective's
+    # constant part (a nearly-feasible target) is only as accurate as that constant allows
+    floor = 1e-3 * float(f0) if (kind == "convex" and f0) else 0.0
+    for r in rows:
+        if r["check"]:  # error / skipped already judged
+            continue
+        if opt is None:
+            r["check"] = "no reference"
+            continue
+        if not math.isfinite(r["objective"]):
+            r["check"] = f"{r['status']} (no solution)" if r["role"] == "reference" else "FAIL: no solution"
+            if r["role"] == "reference" and r["status"] in ("optimal",):
+                r["check"] = "FAIL: optimal without a solution"
+            continue
+        r["abs_gap"] = r["objective"] - opt
+        r["gap"] = r["abs_gap"] / max(abs(opt), 1e-12)
+        scale = max(abs(opt), floor, 1e-12)
+        rgap = r["abs_gap"] / scale
+        fails = []
+        if r["feasible"] is False:
+            fails.append("infeasible")
+        if r["role"] == "reference" and not r["proven_optimal"]:
+            # limit-stopped or relaxed: never "ok"; its value and bound must still be valid
+            if r["feasible"] and rgap < -slack - r.get("atol", 0.0) / scale:
+                fails.append(f"feasible value beats the optimum by {-r['gap']:.1e}")
+            if r["bound"] is not None and math.isfinite(r["bound"]) and \
+                    (r["bound"] - opt) / scale > max(tol, 1e-9):
+                fails.append(f"bound {r['bound']:.6g} above the optimum {opt:.6g}")
+            r["check"] = ("FAIL: " + ", ".join(fails)) if fails else r["status"] or "unproven"
+            continue
+        if r["role"] == "reference" or r["role"] == "exact":
+            if abs(r["abs_gap"]) > tol * scale + r.get("atol", 0.0):
+                fails.append(f"|gap| {abs(r['gap']):.1e} > {tol:g}" + (f" (+ atol {r['atol']:.0e})" if r.get("atol") else ""))
+        elif rgap < -slack:
+            fails.append(f"beats the proven optimum by {-r['gap']:.1e}")
+        rb = r.get("refit_before")
+        if rb is not None and r["objective"] > rb * (1 + 1e-9) + 1e-12 * max(abs(opt), 1.0):
+            fails.append(f"the refit increased the error ({rb:.6g} → {r['objective']:.6g})")
+        r["check"] = ("FAIL: " + ", ".join(fails)) if fails else "ok"
+    return opt
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def pair_stats(rows: list[dict]) -> list[dict]:
+    """Per (program, production solver, reference backend): instances where the reference proved its optimum
+    and the production solver returned a solution, the limit-stopped / failed reference solves, failures of the
+    production solver, max |gap| and max relative gap (production − reference), mean times."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["program"], r["instance"]), []).append(r)
+    pairs: dict = {}
+    for (prog, inst), rs in groups.items():
+        refs = [r for r in rs if r["role"] == "reference"]
+        prods = [r for r in rs if r["role"] in ("exact", "heuristic")]
+        for pr in prods:
+            for rf in refs:
+                key = (prog, pr["solver"], rf["solver"])
+                s = pairs.setdefault(key, {"program": prog, "production": pr["solver"], "reference": rf["solver"],
+                                           "role": pr["role"], "instances": 0, "ok": 0, "reference_limit": 0,
+                                           "reference_other": 0, "production_fail": 0, "production_skipped": 0,
+                                           "max_abs_gap": 0.0,
+                                           "max_rel_gap": 0.0, "production_time_s": 0.0, "reference_time_s": 0.0,
+                                           "families": {}})
+                if pr["check"] == "skipped":
+                    s["production_skipped"] += 1
+                    continue
+                if not rf["proven_optimal"]:
+                    if rf["status"] in ("time_limit", "node_limit"):
+                        s["reference_limit"] += 1
+                    else:
+                        s["reference_other"] += 1
+                    continue
+                if not math.isfinite(pr["objective"]) or not math.isfinite(rf["objective"]):
+                    s["production_fail"] += 1
+                    continue
+                s["instances"] += 1
+                s["families"][pr["family"]] = s["families"].get(pr["family"], 0) + 1
+                a = pr["objective"] - rf["objective"]
+                rel = a / max(abs(rf["objective"]), 1e-12)
+                s["max_abs_gap"] = max(s["max_abs_gap"], abs(a))
+                s["max_rel_gap"] = max(s["max_rel_gap"], abs(rel))
+                s["production_time_s"] += pr["time_s"] or 0.0
+                s["reference_time_s"] += rf["time_s"] or 0.0
+                if str(pr["check"]).startswith("FAIL") or str(rf["check"]).startswith("FAIL"):
+                    s["production_fail"] += 1
+                else:
+                    s["ok"] += 1
+    out = []
+    for s in pairs.values():
+        n = max(s["instances"], 1)
+        s["production_time_s"] /= n
+        s["reference_time_s"] /= n
+        out.append(s)
+    return sorted(out, key=lambda s: (s["program"], s["role"], s["production"], s["reference"]))
+
+
+def format_pairs(pairs: list[dict]) -> str:
+    head = ["program", "production", "reference", "inst", "ok", "limit", "fail", "skip", "max|gap|", "max rel.gap",
+            "prod s", "ref s"]
+    table = [head]
+    for s in pairs:
+        table.append([s["program"], s["production"] + ("" if s["role"] == "exact" else " (h)"), s["reference"],
+                      str(s["instances"]), str(s["ok"]), str(s["reference_limit"]),
+                      str(s["production_fail"]), str(s["production_skipped"]), f"{s['max_abs_gap']:.2e}", f"{s['max_rel_gap']:.2e}",
+                      f"{s['production_time_s']:.4f}", f"{s['reference_time_s']:.4f}"])
+    w = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(t)) for t in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = [("instance", "instance", None), ("model", "model", None), ("backend", "backend", None),
-            ("objective", "objective", "obj"), ("rel.gap", "gap", "gap"), ("feas", "feasible", "bool"),
-            ("proven", "proven_optimal", "bool"), ("time_s", "time_s", "time"), ("check", "check", None),
-            ("note", "note", None)]
-    table = [[h for h, _, _ in cols]]
+    """The row-level table (one line per (instance, program, solver)); ``format_pairs`` is the summary."""
+    cols = ["instance", "program", "solver", "role", "status", "objective", "gap", "feasible", "time_s", "check",
+            "note"]
+    table = [cols]
     for r in rows:
-        table.append([_fmt(r.get(k), f) for _, k, f in cols])
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols) - 1)]
-    lines = []
-    for k, t in enumerate(table):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(t[:-1], widths)) + "  " + t[-1])
-        if k == 0:
-            lines.append("-" * (sum(widths) + 2 * len(widths) + 4))
-    return "\n".join(lines)
+        table.append([f"{r[c]:.6g}" if isinstance(r[c], float) and c == "objective" else
+                      f"{r[c]:+.1e}" if c == "gap" and isinstance(r[c], float) and math.isfinite(r[c]) else
+                      f"{r[c]:.3f}" if c == "time_s" and r[c] is not None else str(r[c]) for c in cols])
+    w = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(t)) for t in table)
+
+
+def plot_gaps(rows: list[dict], path) -> Optional[str]:
+    """Box plots of the heuristics' relative gaps to the proven optimum, one panel per program."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    data: dict = {}
+    for r in rows:
+        if r["role"] == "heuristic" and math.isfinite(r["gap"]):
+            data.setdefault(r["program"], {}).setdefault(r["solver"], []).append(max(r["gap"], 0.0) + 1e-12)
+    if not data:
+        return None
+    progs = sorted(data)
+    fig, axes = plt.subplots(1, len(progs), figsize=(3.2 * len(progs) + 1, 4), squeeze=False)
+    for ax, prog in zip(axes[0], progs):
+        names = sorted(data[prog])
+        ax.boxplot([data[prog][n] for n in names], showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(prog, fontsize=9)
+    axes[0][0].set_ylabel("relative gap to the proven optimum (+1e-12)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ API
 def verify(quick: bool = False, gurobi: Optional[bool] = None, output: Optional[str] = None, seed: int = 0,
            data_dir=None, model_dir=None, _cli: bool = False, time_limit: Optional[float] = None,
-           threads: Optional[int] = 1, **_) -> list[dict]:
-    """Run the cross-check; print the table (CLI) and return its rows (one dict per (instance, model, backend)).
+           threads: Optional[int] = 1, instances: Optional[int] = None, backends=None, programs=None,
+           progress: bool = False, **_) -> list[dict]:
+    """Run the cross-check; print the pair table (CLI) and return the rows (one per (instance, program, solver)).
 
-    ``gurobi``: None = use it where installed and licensed; True = require gurobipy (error if absent);
-    False = skip its rows. ``time_limit``: per MIQP solve (default 10 s quick, 30 s full). ``threads``: torch
-    and Gurobi threads while verifying (default 1: the instances are tiny, and on a shared 2-core machine
-    intra-op threading made the enumeration 8× slower); ``None`` keeps the current settings.
+    ``instances``: instances per program (default 100 full, 4 quick). ``backends``: only these registered
+    backends (names; default all — selected per program by capability). ``programs``: only programs whose
+    label contains one of these strings. ``gurobi``: None = use it where installed and licensed; True = require
+    gurobipy (error if absent); False = leave it out. ``time_limit``: per reference solve (default 10 s; quick 3 s).
+    ``threads``: torch and solver threads while verifying (default 1: the instances are tiny, and on a shared
+    2-core machine intra-op threading made enumeration 8× slower); ``None`` keeps the current settings.
     """
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads)
+        return _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads, instances,
+                       backends, programs, progress)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads) -> list[dict]:
+def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads, instances, backends,
+            programs, progress) -> list[dict]:
     t_start = time.perf_counter()
+    names = list_backends()
+    include = None
+    if backends is not None:
+        include = [b.strip() for b in (backends.split(",") if isinstance(backends, str) else backends) if b.strip()]
+        bad = [b for b in include if b not in names]
+        if bad:
+            raise ValueError(f"unknown backend(s) {bad}; registered: {', '.join(names)}")
+    exclude = ()
     if gurobi:
-        b = get_backend("gurobi")
-        if not b.available():
+        if not get_backend("gurobi").available():
             raise SolverUnavailable("--gurobi given but gurobipy is not installed (pip install gurobipy)")
-    tl = time_limit if time_limit is not None else (10.0 if quick else 30.0)
-    R = _Runner(gurobi, tl, quick, threads)
-    instances, notes = build_instances(quick=quick, seed=seed, model_dir=model_dir, data_dir=data_dir)
+    elif gurobi is False:
+        exclude = ("gurobi",)
+    if instances is not None and int(instances) < 1:
+        raise ValueError(f"instances must be ≥ 1, got {instances}")
+    n_inst = int(instances) if instances is not None else (QUICK_INSTANCES if quick else FULL_INSTANCES)
+    if isinstance(programs, str):
+        programs = [s for s in programs.split(",") if s]
+    # SCIP needs 0.4–2 s on most 2×8 L0 instances but up to ~10 s on correlated ones: the quick set caps it at
+    # 3 s (a capped solve is reported as time_limit, never as ok), the full run at 10 s
+    tl = time_limit if time_limit is not None else (3.0 if quick else 10.0)
+    R = _Runner(tl, quick, threads, include, exclude)
+    factory = InstanceFactory(seed, model_dir, data_dir)
     list_methods()  # import every method module (they may register ℓ1 solvers)
-    for inst in instances:
-        if "refit" in inst.models:
-            _run_refit(R, inst)
-        if "l1" in inst.models:
-            _run_l1(R, inst)
-        if "l0" in inst.models:
-            _run_l0(R, inst)
-        if "mask" in inst.models:
-            _run_mask(R, inst)
+    for k in range(n_inst):
+        for case in build_cases(k, factory):
+            if programs and not any(s in case.key for s in programs):
+                continue
+            R.run_case(case)
+        if progress:
+            print(f"[verify] instance {k + 1}/{n_inst}: {len(R.rows)} rows, {time.perf_counter() - t_start:.0f} s",
+                  file=sys.stderr, flush=True)
+    # top-up: a program whose references were stopped by a limit (or returned an unproven answer, e.g. Gurobi's
+    # SUBOPTIMAL, where they prove optima elsewhere) on some instances draws further instances (up to half as many
+    # again) until every such (program, production, reference) pair has n_inst proven instances
+    k = n_inst
+    while k < n_inst + n_inst // 2:
+        short = {s["program"] for s in pair_stats(R.rows)
+                 if s["instances"] < n_inst and (s["reference_limit"] > 0 or (s["reference_other"] and s["instances"]))}
+        if not short:
+            break
+        for case in build_cases(k, factory):
+            if case.key in short:
+                R.run_case(case)
+        k += 1
+        if progress:
+            print(f"[verify] top-up instance {k}: {', '.join(sorted(short))}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t_start
     rows = R.rows
+    pairs = pair_stats(rows)
     fails = [r for r in rows if str(r["check"]).startswith("FAIL")]
-    skipped = [r for r in rows if r["check"] == "skipped"]
-    summary = (f"{len(rows)} rows, {len(rows) - len(skipped)} solved, {len(skipped)} skipped, {len(fails)} failed "
-               f"checks; wall {wall:.1f} s ({'quick' if quick else 'full'}, torch threads {torch.get_num_threads()})")
-    if _cli:
-        insts = {}
-        for r in rows:
-            insts.setdefault(r["instance"], r["inputs"])
-        print("instances:")
-        for k, v in insts.items():
-            print(f"  {k}: {v}")
-        for n_ in notes:
-            print(f"  note: {n_}")
-        print(format_table(rows))
-        print(summary)
+    limited = [r for r in rows if r["role"] == "reference" and r["status"] in ("time_limit", "node_limit")]
+    progs = sorted({r["program"] for r in rows})
+    # not counted: pairs whose production solver refused every instance (EGGS on a 2-row L0 instance: its
+    # expander tiles need 4 rows) and pairs whose reference never proves (OSQP, first-order): both listed
+    refused_all = [s for s in pairs if s["production_skipped"] and not (s["instances"] + s["reference_limit"]
+                                                                       + s["reference_other"] + s["production_fail"])]
+    unproving = [s for s in pairs if s not in refused_all and s["instances"] == 0 and s["reference_limit"] == 0]
+    counted = [s for s in pairs if s not in refused_all and s not in unproving]
+    min_pair = min((s["instances"] for s in counted), default=0)
+    summary = (f"{len(progs)} programs, {len(pairs)} (program, production, reference) pairs, {len(rows)} rows; "
+               f"{len(fails)} failed checks, {len(limited)} limit-stopped reference solves; fewest proven instances "
+               f"in a pair {min_pair} ({len(refused_all)} pairs refused by their production solver, {len(unproving)} "
+               f"with a reference that does not prove optimality, not counted); wall {wall:.1f} s ({'quick' if quick else 'full'}, {n_inst} instances per "
+               f"program, torch threads {torch.get_num_threads()})")
+    refused = [{"program": k[0], "backend": k[1], "reason": v} for k, v in sorted(R.refused.items())]
+    backends_info = {}
+    for n_ in names:
+        b = get_backend(n_)
+        backends_info[n_] = dict(b.capabilities.describe(), available=b.available())
+    plot = None
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w") as f:
-            json.dump({"rows": rows, "notes": notes, "wall_s": wall, "quick": quick, "summary": summary}, f,
-                      indent=1, default=str)
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot = plot_gaps(rows, out.with_name(out.stem + "_gaps.png"))
+        with open(out, "w") as f:
+            json.dump({"summary": summary, "quick": quick, "wall_s": wall, "instances_per_program": n_inst,
+                       "programs": progs, "pairs": pairs, "backends": backends_info, "refused": refused,
+                       "notes": factory.notes, "plot": plot, "rows": rows}, f, indent=1, default=str)
+    if _cli:
+        for n_ in factory.notes:
+            print(f"note: {n_}")
+        print(format_pairs(pairs))
+        for r in fails[:40]:
+            print(f"FAIL  {r['program']}  {r['instance']}  {r['solver']}: {r['check']} ({r['note']})")
+        print(summary)
+        if plot:
+            print(f"gap distributions: {plot}")
     if _cli and fails:
-        raise VerificationError(f"{len(fails)} cross-check(s) failed (rows marked FAIL above)")
+        raise VerificationError(f"{len(fails)} cross-check(s) failed (listed above)")
     return rows
