@@ -544,13 +544,12 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     for note in (s.get("calibration_note"), s.get("eval_note") if evaluate else None):
         if note:
             log.warning(note)
-    if verbose:  # what is about to run, before any heavy work
-        _print_header(model_label, spec, sparsity, pattern, s, evaluate=evaluate, kl=kl, out_dir=out_dir)
-
     if activation_dtype is not None and not low_memory:
         raise RunError("--activation-dtype applies to --low-memory only")
     if certify and low_memory:
         raise RunError("--certify is not available with --low-memory (run it in memory)")
+    if verbose:  # what is about to run, after every check, before any heavy work
+        _print_header(model_label, spec, sparsity, pattern, s, evaluate=evaluate, kl=kl, out_dir=out_dir)
     if low_memory:  # one block resident at a time, read from the safetensors shards (offload.py)
         from .offload import prune_low_memory
         staged = atomic_output(out_dir, overwrite=overwrite) if out_dir is not None and world_for(nproc) == 1 \

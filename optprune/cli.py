@@ -192,10 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (not the one at set-up), so redirected or captured stderr works."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _setup_logging(level) -> None:
     log = logging.getLogger("optprune")
     if not any(getattr(h, "_optprune_cli", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("[optprune] %(message)s"))
         h._optprune_cli = True
         log.addHandler(h)

@@ -153,7 +153,7 @@ def test_refits_agree_and_pcg_never_increases_f():
 
 
 def _collect():
-    spec = importlib.util.spec_from_file_location("fista_layers", REPO / "benchmarks" / "fista_layers.py")
+    spec = importlib.util.spec_from_file_location("fista_layers", REPO / "benchmarks" / "solvers" / "fista_layers.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.collect
