@@ -332,6 +332,7 @@ def isolated():
     throw-away methods or patterns (plug-in authors' tests included)."""
     from ..formulations import patterns as P
     discover()
+    _load("backends")  # loaded before the snapshot, or a backend loaded inside would vanish on exit
     saved = [(d, dict(d)) for d in (_METHODS, _BACKENDS, _ERRORS, P._PATTERNS, P._KINDS)]
     try:
         yield
