@@ -129,6 +129,10 @@ def parse_setting(s: str) -> dict:
     return load_sweep().parse_setting(s)
 
 
+#: the section of docs/methods.md that describes each paper (by arXiv id)
+SECTION = {"2408.03728": "§2", "2410.10912": "§3", "2505.03373": "§4", "2508.09471": "§5"}
+
+
 def methods_md_path() -> Path:
     return REPO / "docs" / "methods.md"
 
@@ -360,7 +364,8 @@ def _claim(c: Claim, cells: list, spec: PaperSpec) -> dict:
     ca, cb = _cell(cells, *c.a), _cell(cells, *c.b)
     d = {"text": c.text, "a": list(c.a), "b": list(c.b), "paper_model": c.paper_model, "paper_line": c.paper_line,
          "paper_values": list(c.paper_values) if c.paper_values else None, "paper_text": c.paper_text,
-         "paper_source": f"docs/methods.md:{c.paper_line}" if c.paper_line else c.paper_source,
+         "paper_source": f"docs/methods.md {SECTION.get(spec.arxiv, '')}".strip() if c.paper_line
+        else c.paper_source,
          "ours_only": c.ours_only,
          "paper_holds": None if c.ours_only else ((c.paper_values[0] < c.paper_values[1]) if c.paper_values else True),
          "paper_ratio": (c.paper_values[0] / c.paper_values[1]) if c.paper_values else None,
@@ -405,7 +410,7 @@ def render_markdown(res: dict, level: int = 1, title: bool = True) -> str:
     mach = res.get("machine") or {}
     ver = res.get("versions") or {}
     hw = _hardware(mach)
-    out.append(f"Seed {p['seed']} (arXiv {p['arxiv']}). **Ours: {res['model_label']}**, protocol `{prot['name']}`: "
+    out.append(f"arXiv {p['arxiv']}. **Ours: {res['model_label']}**, protocol `{prot['name']}`: "
                f"calibration {prot['calibration']} {prot['nsamples']}×{prot['seqlen']} seed {prot['seed']}; "
                f"evaluation {', '.join(prot['eval_datasets'])} seqlen {prot['eval_seqlen']}, "
                f"{'all' if not prot['eval_windows'] else 'first ' + str(prot['eval_windows'])} windows. "
