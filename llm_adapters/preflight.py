@@ -338,36 +338,17 @@ def check_model_source(model, model_dir=None, *, what: str = "--model", tokenize
 
     Returns ``{"config": dict or None, "bytes": int, "path": Path}``, or ``None`` for a hub id (checked by the
     loader). Missing or damaged files raise :class:`PreflightError` naming the file."""
-    from .loading import _ALIASES, ModelNotFoundError, _looks_local, builtin_path
-    name = str(model)
-    key = _ALIASES.get(name.strip().lower())
-    try:
-        if key is not None:
-            d, gguf = builtin_path(key, model_dir)
-            return _check_gguf(d / gguf) if gguf else _check_hf_dir(d, tokenizer=tokenizer)
+    from .loading import ModelNotFoundError, _locate
+    p = Path(str(model)).expanduser()
+    if p.is_dir() and (p / "config.json").exists() and not (p / "config.json").is_file():
+        raise PreflightError(f"{p / 'config.json'}: not a readable file")
+    try:  # the loader's own resolution (built-in name, directory, .gguf file, hub id), without reading weights
+        kind, where, gguf, _ = _locate(str(model), model_dir)
     except ModelNotFoundError as e:
         raise PreflightError(f"{what}: {e}") from None
-    p = Path(name).expanduser()
-    if p.is_file():
-        if p.suffix.lower() == ".gguf":
-            return _check_gguf(p)
-        raise PreflightError(f"{what} {p.resolve()} is not a model directory or a .gguf file")
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return _check_hf_dir(p, tokenizer=tokenizer)
-        ggufs = sorted(p.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return _check_gguf(ggufs[0])
-        if (p / "config.json").exists():
-            raise PreflightError(f"{p / 'config.json'}: not a readable file")
-        what_ = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "no config.json or .gguf file"
-        raise PreflightError(f"{what}: no model in {p.resolve()}: {what_}")
-    if p.exists():
-        raise PreflightError(f"{what} {p.resolve()} is not a model directory or a .gguf file")
-    if _looks_local(name):
-        raise PreflightError(f"{what}: no model at {p.resolve()} (not a built-in name: "
-                             f"{', '.join(sorted(set(_ALIASES.values())))}; not an existing directory or .gguf file)")
-    return None  # a hub id: the loader looks it up (cache first, then online)
+    if kind == "hub":
+        return None  # a hub id: the loader looks it up (cache first, then online)
+    return _check_gguf(Path(where) / gguf) if kind == "gguf" else _check_hf_dir(Path(where), tokenizer=tokenizer)
 
 
 def model_metadata(model, model_dir=None) -> Optional[dict]:
