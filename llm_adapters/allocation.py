@@ -23,7 +23,7 @@ their structure sub-layer (``down``/``o``) from the same dict.
 An allocation is named by a spec ``NAME[:OPTION...]`` (what ``--allocation`` takes): ``alpha:median``,
 ``alpha:weighted`` (how a block's α comes from its matrices; ``mean`` — AlphaPruning's — by default),
 ``alpha:bounded`` / ``owl:bounded`` (per-block upper bounds from the measured error-vs-sparsity curves),
-``alpha:eps=0.2``, ``auto:finalists=2:holdout=8``. :func:`parse_allocation` checks a spec without a model.
+``alpha:eps=0.2``, ``auto:finalists=2:holdout=8:rows=32``. :func:`parse_allocation` checks a spec without a model.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ __all__ = ["prunable_matrices", "model_spectra", "activation_sq_norms", "owl_out
 OWL_M = 5.0  # OWL's outlier threshold: a score is an outlier above M × the layer's mean score
 ALLOCATIONS = _RULES + ("auto",)
 _FLOAT_OPTS = {"alpha": ("eps", "growth"), "owl": ("eps", "M", "growth"), "auto": ("growth",)}
-_INT_OPTS = {"auto": ("finalists", "holdout")}
+_INT_OPTS = {"auto": ("finalists", "holdout", "rows")}
 
 
 def parse_allocation(spec) -> tuple[str, dict]:
@@ -85,7 +85,7 @@ def parse_allocation(spec) -> tuple[str, dict]:
         raise AllocationError(f"allocation eps must be in [0, 1), got {opts['eps']}")
     if "growth" in opts and not opts["growth"] >= 1:
         raise AllocationError(f"allocation growth must be ≥ 1, got {opts['growth']}")
-    for k in ("finalists", "holdout"):
+    for k in ("finalists", "holdout", "rows"):
         if k in opts and opts[k] < 1:
             raise AllocationError(f"allocation {k} must be ≥ 1, got {opts[k]}")
     return name, opts

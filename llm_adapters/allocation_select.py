@@ -13,11 +13,13 @@ Two measurements on the **calibration** set only (never the evaluation text):
   bounded program (:func:`optprune.formulations.allocation.alpha_program` with ``upper=``) always has a solution.
 
 :func:`select_allocation` (``--allocation auto``) splits the calibration sequences into a pruning part and a
-held-out part, builds a small candidate set — uniform; α allocations with every block aggregate (mean, median,
-tail-weighted) × ε ∈ {0.1, 0.2, 0.3}; OWL with λ ∈ {0.04, 0.08}; all but uniform with the measured upper bounds —
-ranks them by a cheap proxy — the held-out loss after one-shot Wanda masks from the dense activation norms (one
-forward per candidate, no solver; ``Σ_b e_b(s_b)`` from the curves is recorded beside it) — then prunes **uniform and
-the best ``finalists``** on the pruning part and scores each by the mean token NLL of the held-out sequences. The
+held-out part (``holdout``, default a quarter), builds a small candidate set — uniform; α allocations with every
+block aggregate (mean, median, tail-weighted) × ε ∈ {0.1, 0.2, 0.3}; OWL with λ ∈ {0.04, 0.08}; all but uniform
+with the measured upper bounds — ranks them by a cheap proxy — the held-out loss after one-shot Wanda masks from
+the dense activation norms (one forward per candidate, no solver; ``Σ_b e_b(s_b)`` from the curves is recorded
+beside it) — then prunes **uniform and the best ``finalists``** on the pruning part (on its first ``rows``
+sequences when ``rows`` is given: a cheaper selection) and scores each by the mean token NLL of the held-out
+sequences. The
 winner is the lowest held-out loss; uniform wins ties and is always scored, so the chosen score is never above
 uniform's. The run then prunes with the chosen allocation on the full calibration set. Every candidate (proxy,
 held-out loss when scored, block sparsities) and the choice go into the run record; :func:`plot_selection` draws
@@ -279,7 +281,7 @@ def _records(model, arch, spectra, sq_norms) -> dict:
 def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: float, calib_ids: torch.Tensor,
                       prune_config, *, eps: Optional[float] = None, growth: Optional[float] = None,
                       finalists: int = DEFAULT_FINALISTS, holdout: Optional[int] = None,
-                      progress: bool = False) -> tuple[dict, dict]:
+                      rows: Optional[int] = None, progress: bool = False) -> tuple[dict, dict]:
     """``--allocation auto`` (module doc): per-sub-layer targets of the chosen candidate and the selection record."""
     from .allocation import _jsonable, model_spectra, prunable_matrices
     from .pipeline import prune_model
@@ -292,6 +294,10 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
         raise AllocationError(f"the auto allocation splits the calibration set into pruning and held-out sequences: "
                               f"it needs ≥ 2 sequences and 1 ≤ holdout < {n} (got {n} sequences, holdout {h})")
     train, held = ids[: n - h], ids[n - h:]
+    if rows is not None and not (1 <= int(rows)):
+        raise AllocationError(f"the auto allocation's rows (sequences the finalists are pruned on) must be ≥ 1, "
+                              f"got {rows}")
+    train_f = train[: int(rows)] if rows is not None else train   # the finalists' pruning sequences
     S = float(sparsity)
     # ---- cheap measurements on the pruning part: Grams → error curves, bounds; spectra; OWL ratios
     grams = input_grams(model, arch, train[: max(1, MAX_GRAM_TOKENS // max(1, train.shape[1]))])
@@ -345,7 +351,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
         t1 = time.perf_counter()
         m = copy.deepcopy(model)
         cfg = dataclasses.replace(prune_config, layer_sparsity=None if c["rule"] == "uniform" else dict(c["_targets"]))
-        prune_model(m, train, cfg, progress=False)
+        prune_model(m, train_f, cfg, progress=False)
         c["heldout_loss"] = heldout_loss(m, held, device=prune_config.device)
         c["time_s"] = time.perf_counter() - t1
         del m
@@ -374,7 +380,8 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
             "proxy": "held-out loss after one-shot Wanda masks from the dense activation norms (no solver, one "
                      "forward); error_sum: Σ over blocks of the relative Wanda reconstruction error at the block's "
                      "sparsity (error curves)",
-            "calibration_split": {"pruning": int(train.shape[0]), "heldout": int(held.shape[0]),
+            "calibration_split": {"pruning": int(train.shape[0]), "finalists_pruned_on": int(train_f.shape[0]),
+                                  "heldout": int(held.shape[0]),
                                   "seqlen": int(ids.shape[1]), "proxy_rows": int(held_proxy.shape[0])},
             "candidates": cands, "bounds": binfo, "error_curves": curves, "reference_check": ref,
             "units": list(best["unit_sparsities"]), "unit_sparsities": list(best["unit_sparsities"].values()),

@@ -31,7 +31,7 @@ for pr, pr_label in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
 # beyond the paper: the block's α by the tail-weighted aggregate, and the allocation selected on held-out calibration
 # sequences among uniform and bounded α/OWL candidates (--allocation auto; uniform is always a candidate)
 EXTRA_ALLOCS = (("alpha:weighted", "alphaw", "α, tail-weighted block value"),
-                ("auto", "auto", "auto (selected on held-out calibration)"))
+                ("auto:rows=32", "auto", "auto (selected on held-out calibration)"))
 for pr, pr_label in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
     for al, vid, al_label in EXTRA_ALLOCS:
         VARIANTS.append(Variant(f"{vid}_{pr}", f"{pr_label} + {al_label}", pr, error_correction=False, allocation=al))
@@ -174,7 +174,8 @@ SPEC = PaperSpec(
         "OWL M = 5, λ = 0.08. Every target is kept inside [0, 1) (the public code's ratios are not clipped).",
         "Rows beyond the paper: 'α, tail-weighted block value' forms a block's α as the tail-size-weighted mean of its "
         "matrices' α, with tails shorter than 10 eigenvalues left out (`--allocation alpha:weighted`); 'auto' is "
-        "`--allocation auto` (section below).",
+        "`--allocation auto:rows=32` (section below; its finalists are pruned on 32 calibration sequences, the run "
+        "then prunes the chosen allocation on all of them).",
         "Pruners as their published code runs them (sequential blocks, no intra-layer error correction).",
         "The paper's 23.86 / 85.77 / 24.55 are on LLaMA-7B (7B parameters, 32 blocks); our models have 5 "
         "(stories260K) or 30 (SmolLM2-135M) blocks, so the spread of α across blocks — what the allocation exploits "

@@ -143,9 +143,11 @@ def test_parse_allocation_specs():
     assert parse_allocation("alpha:median:bounded") == ("alpha", {"aggregate": "median", "bounded": True})
     assert parse_allocation("owl:bounded:M=7") == ("owl", {"bounded": True, "M": 7.0})
     assert parse_allocation("auto:finalists=2:holdout=4") == ("auto", {"finalists": 2, "holdout": 4})
+    assert parse_allocation("auto:rows=3") == ("auto", {"rows": 3})
     for bad, msg in (("beta", "choose from uniform, alpha, owl, auto"), ("alpha:trimmed", "valid: mean, median"),
                      ("owl:median", "valid: bounded"), ("auto:finalists=x", "not a number"),
-                     ("alpha:eps=1.5", r"\[0, 1\)"), ("uniform:bounded", "valid: none")):
+                     ("alpha:eps=1.5", r"\[0, 1\)"), ("uniform:bounded", "valid: none"),
+                     ("auto:rows=0", "rows must be ≥ 1")):
         with pytest.raises(AllocationError, match=msg):
             parse_allocation(bad)
 
@@ -202,7 +204,8 @@ def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
     if info["chosen_rule"] != "uniform" and info["reference_check"].get("skipped") is None:
         assert info["reference_check"]["max_abs_diff"] <= 1e-6
     assert all(isinstance(c.get("proxy"), float) for c in cands if "error" not in c and "same_as" not in c)
-    assert info["calibration_split"] == {"pruning": 8, "heldout": 4, "seqlen": 64, "proxy_rows": 4}
+    assert info["calibration_split"] == {"pruning": 8, "finalists_pruned_on": 8, "heldout": 4, "seqlen": 64,
+                                         "proxy_rows": 4}
     # targets: every sub-layer, weighted mean exactly S, inside the measured upper bounds
     names = [n for n, *_ in __import__("optprune.llm_adapters.allocation", fromlist=["x"]).prunable_matrices(model)]
     assert set(targets) == set(names)
@@ -260,3 +263,22 @@ def test_selection_plot_script(tmp_path):
     rec.write_text(json.dumps({"allocation": {"sparsity": 0.6, "chosen": "uniform", "uniform_score": 5.0,
                                               "candidates": [{"label": "uniform", "proxy": 4.9, "heldout_loss": 5.0}]}}))
     assert mod.main([str(rec)]) == 0 and (tmp_path / "allocation_selection.png").stat().st_size > 1000
+
+
+def test_auto_rows_prunes_finalists_on_a_subset(stories_dir):
+    """``rows=k``: the finalists are pruned on the first k pruning sequences; uniform's recorded score is the
+    held-out loss of uniform pruned on exactly those k (recomputed here), and the choice is still ≤ it."""
+    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.pipeline import PruneConfig, prune_model
+    model = _stories(stories_dir)
+    ids = torch.randint(3, 512, (12, 64), generator=torch.Generator().manual_seed(2))
+    cfg = PruneConfig(method="wanda", sparsity=0.7, error_correction=False)
+    _, info = layer_sparsities(model, None, "auto:finalists=1:holdout=4:rows=3", 0.7, calib_ids=ids, prune_config=cfg)
+    assert info["calibration_split"]["finalists_pruned_on"] == 3
+    uni = copy.deepcopy(model)
+    prune_model(uni, ids[:3], PruneConfig(method="wanda", sparsity=0.7, error_correction=False), progress=False)
+    assert info["uniform_score"] == pytest.approx(_loss(uni, ids[8:]), rel=1e-5)
+    full = copy.deepcopy(model)   # pruned on all 8: a different model, so the subset really was used
+    prune_model(full, ids[:8], PruneConfig(method="wanda", sparsity=0.7, error_correction=False), progress=False)
+    assert info["uniform_score"] != pytest.approx(_loss(full, ids[8:]), rel=1e-7)
+    assert info["chosen_score"] <= info["uniform_score"] + 1e-9
