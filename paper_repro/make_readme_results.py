@@ -5,6 +5,7 @@ Reads
 * ``paper_repro/results/<paper>_<scale>.json`` (written by ``paper_repro/<paper>.py``; quick runs are ignored),
 * ``benchmarks/results/bench_solvers.json`` (``benchmarks/solvers/bench_solvers.py``),
 * ``benchmarks/results/bench_models_<model>.json`` (``benchmarks/models/bench_models.py``),
+* ``benchmarks/results/certificates_<model>.json`` (``benchmarks/solvers/certificate_report.py``),
 
 draws one plot per method of perplexity vs sparsity (matplotlib, Agg backend; PNG under ``docs/img/``) from the
 paper-reproduction rows of each scale, and replaces **only** the text between ``<!-- results:start -->`` and
@@ -282,6 +283,16 @@ def build_block(page: Path, results_dir: Path, bench_dir: Path, img_dir: Path, s
         for f in bms:
             doc = json.loads(f.read_text())
             L.append(bm_md(doc, level=3))
+            L.append("")
+    certs = sorted(Path(bench_dir).glob("certificates_*.json"))
+    if certs:
+        sys.path.insert(0, str(REPO / "benchmarks" / "solvers"))
+        from certificate_report import render_markdown as cert_md
+        for f in certs:
+            doc = json.loads(f.read_text())
+            if doc.get("plot"):  # the plot sits beside the JSON; link it from the page
+                doc["plot"] = _relpath(f.parent / doc["plot"], page)
+            L.append(cert_md(doc, level=3))
             L.append("")
     return "\n".join(L).rstrip() + "\n"
 

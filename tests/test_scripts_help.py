@@ -106,3 +106,35 @@ def test_spap_path_summary_reads_real_run_records(tmp_path, stories_dir, monkeyp
     assert ps.main([str(tmp_path / "r.runs")]) is None
     md = capsys.readouterr().out
     assert md.count("\n| default | 0.3 |") == 1 and '| {"init": "penalty"} | 0.3 |' in md
+
+
+def test_certificate_report_summarises_run_records(tmp_path, capsys):
+    """The report reads --certify run records: distribution, per-type medians, counts; rc 2 without certificates."""
+    import json
+    cr = _script("certificate_report")
+    gaps = {"q_proj": [0.8, 0.9], "o_proj": [0.05, 0.15], "down_proj": [0.2, 0.3]}
+    layers = [{"name": f"model.layers.{i}.x.{t}", "certificate": {"rel_gap": g, "objective": 10.0,
+                                                                   "lower_bound": 10.0 * (1 - g), "jacobi_t": 0.1}}
+              for t, v in gaps.items() for i, g in enumerate(v)]
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"model": "m", "method": "sparsegpt", "sparsity": 0.5,
+                                                          "pattern": "2:4"}, "layers": layers}))
+    assert cr.main([str(run), "--out", str(tmp_path / "rep"), "--no-plot"]) == 0
+    doc = json.loads((tmp_path / "rep.json").read_text())
+    (s,) = doc["runs"]
+    allg = sorted(g for v in gaps.values() for g in v)
+    assert s["layers"] == 6 and s["rel_gap"]["min"] == allg[0] and s["rel_gap"]["max"] == allg[-1]
+    assert s["rel_gap"]["median"] == pytest.approx((allg[2] + allg[3]) / 2)
+    assert s["within_10pct"] == 1 and s["within_25pct"] == 3
+    assert s["by_type"]["o_proj"]["median"] == pytest.approx(0.1)
+    assert s["weakest"][0]["rel_gap"] == 0.9
+    assert s["objective_sum"] / s["bound_sum"] == pytest.approx(60.0 / sum(10 * (1 - g) for g in allg))
+    md = (tmp_path / "rep.md").read_text()
+    assert "| sparsegpt | 2:4 | 6 |" in md and "--pattern 2:4" in md
+    bare = tmp_path / "r2"
+    bare.mkdir()
+    (bare / "run.json").write_text(json.dumps({"config": {}, "layers": [{"name": "a"}]}))
+    capsys.readouterr()
+    assert cr.main([str(bare), "--out", str(tmp_path / "x"), "--no-plot"]) == 2
+    assert "--certify" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
