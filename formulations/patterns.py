@@ -168,6 +168,14 @@ def pattern_classes() -> list[type]:
     return list(_PATTERNS)
 
 
+def pattern_class(kind: str) -> type:
+    """The class registered under ``kind``; :class:`PatternError` naming the registered kinds otherwise."""
+    _discover()
+    if kind not in _KINDS:
+        raise PatternError(f"unknown pattern kind {kind!r}; registered kinds: {', '.join(_KINDS)}")
+    return _KINDS[kind]
+
+
 def pattern_kind(p: Pattern) -> str:
     """The registry kind of a pattern object."""
     return p.kind

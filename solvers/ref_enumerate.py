@@ -86,7 +86,50 @@ def _l0_count(program) -> int:
     if isinstance(pat, NM):
         per = sum(math.comb(pat.M, k) for k in range(pat.N + 1)) ** (n // pat.M)
         return m * per
-    return m * (1 << n)
+    if isinstance(pat, Unstructured):
+        return m * (1 << n)
+    if any(v != "z" for r in pat.constraints((m, n)) for v, *_ in r.terms):
+        return -1   # a plug-in pattern with auxiliary variables: not enumerated here
+    return 1 << (m * n)   # any other (plug-in) pattern: every mask of the matrix, checked against its rows
+
+
+def _l0_generic(problem: LayerProblem, pat) -> torch.Tensor:
+    """Exact L0 optimum for a pattern known only by its linear rows over ``z``: the refit objective is a sum of
+    per-row terms, so it is tabulated per (row, row mask), then every whole-matrix mask is scored and the
+    feasible one of least total kept. Returns the optimal mask (m × n)."""
+    m, n = problem.shape
+    R = _row_masks(n)
+    K = R.shape[0]
+    f = _rows_objective(problem, torch.arange(m).repeat_interleave(K), R.repeat(m, 1)).reshape(m, K)
+    rows = pat.constraints((m, n))
+    A = torch.zeros(len(rows), m * n, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        for _, idx, coef in r.terms:
+            A[i].index_add_(0, torch.as_tensor(idx).reshape(-1), torch.as_tensor(coef, dtype=torch.float64).reshape(-1))
+    rhs = torch.tensor([float(r.rhs) for r in rows], dtype=torch.float64)
+    sense = [r.sense for r in rows]
+    best, best_idx = math.inf, None
+    total = K ** m
+    step = 1 << 16
+    for s0 in range(0, total, step):
+        code = torch.arange(s0, min(total, s0 + step), dtype=torch.long)
+        digits = [(code // (K ** i)) % K for i in range(m)]          # row i's mask index
+        z = torch.cat([R[d] for d in digits], 1).to(torch.float64)   # (B, m·n), row-major
+        lhs = z @ A.T
+        ok = torch.ones(code.numel(), dtype=torch.bool)
+        for j, sj in enumerate(sense):
+            ok &= {"<=": lhs[:, j] <= rhs[j] + 1e-9, ">=": lhs[:, j] >= rhs[j] - 1e-9,
+                   "==": (lhs[:, j] - rhs[j]).abs() <= 1e-9}[sj]
+        if not bool(ok.any()):
+            continue
+        tot = sum(f[i, digits[i]] for i in range(m))
+        tot[~ok] = math.inf
+        j = int(torch.argmin(tot))
+        if float(tot[j]) < best:
+            best, best_idx = float(tot[j]), [int(d[j]) for d in digits]
+    if best_idx is None:
+        raise SolverUnavailable(f"enumeration found no mask satisfying the {pat.name} pattern's rows")
+    return torch.stack([R[d] for d in best_idx])
 
 
 def _components(program, lay: Layout):
@@ -198,6 +241,10 @@ class EnumerateBackend(Backend):
             mask = pat.mask_from_groups(best_mask, m, n)
             W = refit_weights(problem, mask) * mask
             return {"W": W, "g": best_mask.to(torch.float64)}
+        if not isinstance(pat, (Unstructured, NM)):  # a plug-in pattern: whole-matrix enumeration over its rows
+            mask = _l0_generic(problem, pat)
+            W = refit_weights(problem, mask) * mask
+            return {"W": W, "z": mask.to(torch.float64)}
         R = _feasible_row_masks(pat, n)
         K = R.shape[0]
         rows = torch.arange(m).repeat_interleave(K)

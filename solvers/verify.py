@@ -57,7 +57,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured
+from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, pattern_kinds
 from ..formulations.problem import LayerProblem
 from ..formulations.programs import Program, l0_program, l1_program, mask_program
 from .base import LicenseLimitError, SolverUnavailable
@@ -89,6 +89,16 @@ CANONICAL_PATTERNS = {
 L0_SHAPE = (2, 8)
 EXPANDER_SHAPE = (4, 4)
 CONVEX_SHAPE = (4, 8)
+
+
+def verify_pattern(kind: str) -> Optional[Pattern]:
+    """The pattern an L0 program of ``kind`` is verified with: the canonical one above for the built-in kinds; for a
+    plug-in kind, what its class parses from the kind's own name at sparsity 0.5 (``None`` when it parses
+    nothing: such a kind is listed as unverifiable, not silently left out)."""
+    if kind in CANONICAL_PATTERNS:
+        return CANONICAL_PATTERNS[kind]()
+    from ..formulations.patterns import pattern_class
+    return pattern_class(kind).parse(kind, 0.5)
 
 
 def register_l1_solver(name: str):
@@ -271,12 +281,14 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
     from .baselines import wanda
     cases: list[Case] = []
     names = list_methods()
-    kinds = sorted({kd for n_ in names for kd in _METHODS[n_].patterns} & set(CANONICAL_PATTERNS))
-    # ---- L0 MIQP per pattern kind; every method accepting the kind is a heuristic of it
+    kinds = sorted({kd for n_ in names for kd in _METHODS[n_].patterns} & set(pattern_kinds()))
+    # ---- L0 MIQP per pattern kind (built-in or plug-in); every method accepting the kind is a heuristic of it
     for kd in kinds:
         shape = EXPANDER_SHAPE if kd == "expander" else L0_SHAPE
         p, fam, how = factory.problem(k, *shape)
-        pat = CANONICAL_PATTERNS[kd]()
+        pat = verify_pattern(kd)
+        if pat is None:
+            continue
         try:
             prog = l0_program(p, pat)
         except ValueError:
@@ -296,8 +308,10 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
         spec = _METHODS[n_]
         if spec.program is None:
             continue
-        for kd in sorted(spec.patterns & set(CANONICAL_PATTERNS)):
-            pat = CANONICAL_PATTERNS[kd]()
+        for kd in sorted(spec.patterns & set(pattern_kinds())):
+            pat = verify_pattern(kd)
+            if pat is None:
+                continue
             try:
                 pat.validate(p.shape)
             except ValueError:
@@ -717,6 +731,10 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
     R = _Runner(tl, quick, threads, include, exclude)
     factory = InstanceFactory(seed, model_dir, data_dir)
     list_methods()  # import every method module (they may register ℓ1 solvers)
+    for kd in sorted({kd for n_ in list_methods() for kd in _METHODS[n_].patterns} & set(pattern_kinds())):
+        if verify_pattern(kd) is None:
+            factory.notes.append(f"pattern kind {kd!r} is not verified: its class parses no pattern from the text "
+                                 f"{kd!r} (make parse({kd!r}, 0.5) return an instance)")
     for k in range(n_inst):
         for case in build_cases(k, factory):
             if programs and not any(s in case.key for s in programs):

@@ -115,6 +115,44 @@ def test_enumeration_equals_whole_matrix_brute_force(pat):
     assert l0_program(p, pat).check(r.values)["feasible"]
 
 
+class _ColumnBudget:
+    """A pattern the enumerator knows only through its linear rows (a plug-in): each column keeps ≤ 1 weight."""
+
+    @staticmethod
+    def make():
+        from optprune.formulations.patterns import LinearRow, Pattern
+
+        class ColumnBudget(Pattern):
+            name = "column-budget"
+
+            def kept_count(self, shape):
+                return shape[1]
+
+            def is_feasible(self, mask):
+                return bool((mask.sum(0) <= 1).all())
+
+            def project(self, scores):
+                top = scores.argmax(0, keepdim=True)
+                return torch.zeros(scores.shape, dtype=torch.bool).scatter_(0, top, True)
+
+            def constraints(self, shape):
+                m, n = shape
+                return [LinearRow([("z", torch.arange(j, m * n, n), torch.ones(m, dtype=torch.float64))], "<=", 1)
+                        for j in range(n)]
+        return ColumnBudget()
+
+
+@pytest.mark.parametrize("kind", ["correlated", "random", "dead"])
+def test_enumeration_of_a_plugin_pattern_equals_brute_force(kind):
+    """Patterns that are not built in are enumerated over whole-matrix masks against their own rows."""
+    pat = _ColumnBudget.make()
+    p = LayerProblem.random(3, 4, kind=kind, corrected=True, seed=7)
+    r = get_backend("enumerate").solve(l0_program(p, pat))
+    assert r.proven_optimal
+    assert rel(r.objective, brute_force_l0(p, pat)) <= 1e-9
+    assert pat.is_feasible(r.values["z"].bool())
+
+
 def test_enumeration_refuses_large_instances_with_a_message():
     en = get_backend("enumerate")
     p = LayerProblem.random(8, 24, seed=0)

@@ -278,3 +278,64 @@ def test_backend_tutorial_runs():
             exec(compile(b, "docs:adding-a-reference-backend", "exec"), {"__name__": "tutorial"})
         assert set(_BACKENDS) - before
     assert set(_BACKENDS) == before
+
+
+def test_plugin_pattern_kind_is_verified_without_touching_verify():
+    """A pattern kind registered from outside (here: every input column keeps half its weights) and a method that
+    accepts it are cross-checked on the kind's own L0 program against the exact references; a kind whose class
+    cannot produce an instance from its name is named in the notes instead of being skipped silently."""
+    from optprune.formulations.patterns import LinearRow, Pattern, register_pattern
+    from optprune.solvers.verify import verify
+
+    class HalfColumns(Pattern):
+        kinds = ("halfcol",)
+        syntax = "halfcol"
+
+        @classmethod
+        def parse(cls, text, sparsity=None, **params):
+            return cls() if text == "halfcol" else None
+
+        name = "halfcol"
+
+        def _keep(self, m):
+            return m - m // 2
+
+        def kept_count(self, shape):
+            return shape[1] * self._keep(shape[0])
+
+        def project(self, scores):
+            top = torch.topk(scores, self._keep(scores.shape[0]), dim=0).indices
+            return torch.zeros(scores.shape, dtype=torch.bool).scatter_(0, top, True)
+
+        def is_feasible(self, mask):
+            return bool((mask.sum(0) <= self._keep(mask.shape[0])).all())
+
+        def constraints(self, shape):
+            m, n = shape
+            return [LinearRow([("z", torch.arange(j, m * n, n), torch.ones(m, dtype=torch.float64))], "<=",
+                              self._keep(m)) for j in range(n)]
+
+    class Unnamed(HalfColumns):
+        kinds = ("unnamedkind",)
+
+        @classmethod
+        def parse(cls, text, sparsity=None, **params):
+            return None
+
+    def colmag(problem, pattern):
+        mask = pattern.project(problem.W0.abs())
+        return LayerResult(problem.W0 * mask, mask, {})
+
+    list_backends()
+    with isolated():
+        register_pattern(HalfColumns)
+        register_pattern(Unnamed)
+        register_method("colmag", needs="none", patterns=("halfcol", "unnamedkind"))(colmag)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rows = verify(quick=True, instances=2, programs=["halfcol"], backends=["enumerate"], _cli=True)
+    mine = [r for r in rows if r["solver"] == "colmag"]
+    assert mine and {r["program"] for r in mine} == {"L0 halfcol"}
+    assert all(r["check"] == "ok" and r["gap"] >= -1e-9 for r in mine)   # feasible, never below the optimum
+    assert any(r["solver"] == "enumerate" and r["status"] == "optimal" for r in rows if r["program"] == "L0 halfcol")
+    assert "pattern kind 'unnamedkind' is not verified" in buf.getvalue()
