@@ -332,11 +332,12 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
         info.update(owl_M=M, calibration_shape=list(ids.shape))
     bounds_info = None
     if bounds is True:
-        from .allocation_select import block_upper_bounds, error_curves
+        from .allocation_select import block_upper_bounds, curve_grid, curve_rule, error_curves
         ids = _calib_from(calib_ids, data)
         if ids is None:
             raise AllocationError("per-block bounds are measured on calibration data (calib_ids)")
-        curves = error_curves(model, arch, ids)
+        rule = curve_rule(getattr(prune_config, "method", None))
+        curves = error_curves(model, arch, ids, rule=rule, grid=curve_grid(rule, sparsity))
         upper, bounds_info = block_upper_bounds(curves, sparsity, growth=sopts.get("growth"))
         opts["upper"] = upper
     elif bounds is not None:

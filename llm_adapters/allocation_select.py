@@ -7,6 +7,10 @@ Two measurements on the **calibration** set only (never the evaluation text):
   (scores ``|W_ij|·√G_jj``, compared within each output row) on a grid of sparsities and its error
   ``tr(ΔW G ΔWᵀ)`` computed exactly; a block's relative error is ``Σ err / Σ tr(W G Wᵀ)`` over its matrices.
   Wanda's error is an upper estimate of what the error-correcting solvers reach (SparseGPT is at or below it).
+* The curve of a method that updates weights from the Gram (SparseGPT, and ADMM and FISTA, which never return
+  worse than their SparseGPT warm start) is SparseGPT's own (``rule="obs"``: its sweep run per grid point on 64
+  sampled rows of each matrix — rows are independent, so the scaled sample error is unbiased); mask-only methods
+  use Wanda's. So a block's bound is what *its* solver reaches, not a cruder pruner's.
 * :func:`block_upper_bounds` — the largest sparsity each block takes before its error exceeds ``growth`` × the
   error of the worst block under the uniform target: ``u_b = sup{s ≥ S : e_b(s') ≤ growth · max_c e_c(S) ∀ s' ∈
   [S, s]}`` (linear interpolation on the grid). ``u_b ≥ S`` by construction, so uniform stays feasible and the
@@ -51,6 +55,7 @@ DEFAULT_FINALISTS = 3      # non-uniform candidates pruned and scored on the hel
 ALPHA_EPS = (0.1, 0.2, 0.3)
 OWL_LAMBDAS = (0.04, 0.08)
 MAX_GRAM_TOKENS = 16384    # tokens of the pruning part used for the Grams of the error curves
+OBS_CURVE_ROWS = 64        # output rows per matrix the SparseGPT error curve is estimated on
 MAX_PROXY_TOKENS = 4096    # held-out tokens of the one-forward proxy (the finalists are scored on all of them)
 
 
@@ -137,10 +142,63 @@ def wanda_error_curve(W: torch.Tensor, G: torch.Tensor, grid) -> tuple[list, flo
     return errs, float(((W @ G) * W).sum())
 
 
+@torch.no_grad()
+def obs_error_curve(W: torch.Tensor, G: torch.Tensor, grid, *, rows: int = OBS_CURVE_ROWS,
+                    seed: int = 0) -> tuple[list, float]:
+    """Like :func:`wanda_error_curve`, for SparseGPT's OBS sweep (masks per row, weights updated): its error at each
+    sparsity of ``grid``, estimated on ``rows`` output rows drawn at random (rows are solved independently, so the
+    estimate is unbiased: the sampled error × m / rows), and the exact ``tr(W G Wᵀ)``."""
+    from ..formulations.patterns import Unstructured
+    from ..formulations.problem import LayerProblem
+    from ..solvers.baselines import SparseGPT
+    W = W.detach().to(torch.float32).cpu()
+    G = G.to(torch.float32)
+    m = W.shape[0]
+    if m > rows:
+        idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:rows]
+        Ws, scale = W[idx], m / rows
+    else:
+        Ws, scale = W, 1.0
+    problem = LayerProblem(W0=Ws, H=G, name="curve")
+    errs = []
+    for s in grid:
+        if float(s) <= 0:
+            errs.append(0.0)
+            continue
+        dW = Ws - SparseGPT(problem, Unstructured(float(s), "row")).run().W.to(torch.float32)
+        errs.append(max(0.0, scale * float(((dW @ G) * dW).sum())))
+    return errs, float(((W @ G) * W).sum())
+
+
+def curve_rule(method: Optional[str]) -> str:
+    """Which solver's error curve bounds a method's blocks: ``obs`` (SparseGPT's) for methods that update weights
+    from the Gram — SparseGPT itself, and ADMM and FISTA, which never return worse than their SparseGPT warm start,
+    so SparseGPT's error is what they reach at worst — else ``wanda`` (mask-only methods)."""
+    if method is None:
+        return "wanda"
+    from ..solvers.registry import get_method
+    try:
+        spec = get_method(method)
+    except Exception:
+        return "wanda"
+    return "obs" if spec.needs == "gram" else "wanda"
+
+
+def curve_grid(rule: str, sparsity: float) -> tuple:
+    """The sparsities a curve is measured at: the full grid for Wanda's (cheap); for SparseGPT's, 0 and the grid
+    from 0.1 below the target up (what the bounds read)."""
+    if rule == "wanda":
+        return DEFAULT_GRID
+    return tuple(sorted({0.0} | {g for g in DEFAULT_GRID if g >= float(sparsity) - 0.1 - 1e-9}))
+
+
 def error_curves(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Tensor, *, grid=DEFAULT_GRID,
-                 max_tokens: int = MAX_GRAM_TOKENS, grams: Optional[dict] = None) -> dict:
+                 max_tokens: int = MAX_GRAM_TOKENS, grams: Optional[dict] = None, rule: str = "wanda") -> dict:
     """Per-block relative reconstruction error vs sparsity (module doc): ``{"grid", "blocks": {b: [e(s)]},
-    "sizes": {b: params}, "tokens", "time_s"}``."""
+    "sizes": {b: params}, "tokens", "rule", "time_s"}``. ``rule``: ``wanda`` (one-shot Wanda masks, exact) or
+    ``obs`` (SparseGPT's sweep with weight updates, on a sample of rows: :func:`obs_error_curve`)."""
+    if rule not in ("wanda", "obs"):
+        raise AllocationError(f"unknown error-curve rule {rule!r}; choose wanda or obs")
     from .allocation import prunable_matrices
     t0 = time.perf_counter()
     arch = _arch(model, arch)
@@ -157,14 +215,14 @@ def error_curves(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Te
     sizes: dict = {}
     for name, bi, sub, mod in prunable_matrices(model, arch):
         W = linear_weight(mod, sub in arch.transposed)
-        errs, dense = wanda_error_curve(W, grams[name], grid)
+        errs, dense = (wanda_error_curve if rule == "wanda" else obs_error_curve)(W, grams[name], grid)
         acc = num.setdefault(bi, [0.0] * len(grid))
         for i, e in enumerate(errs):
             acc[i] += e
         den[bi] = den.get(bi, 0.0) + dense
         sizes[bi] = sizes.get(bi, 0) + int(W.numel())
     blocks = {b: [e / den[b] if den[b] > 0 else 0.0 for e in num[b]] for b in num}
-    return {"grid": grid, "blocks": blocks, "sizes": sizes, "tokens": int(ids.numel()), "rule": "wanda",
+    return {"grid": grid, "blocks": blocks, "sizes": sizes, "tokens": int(ids.numel()), "rule": rule,
             "time_s": time.perf_counter() - t0}
 
 
@@ -301,7 +359,8 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
     S = float(sparsity)
     # ---- cheap measurements on the pruning part: Grams → error curves, bounds; spectra; OWL ratios
     grams = input_grams(model, arch, train[: max(1, MAX_GRAM_TOKENS // max(1, train.shape[1]))])
-    curves = error_curves(model, arch, train, grams=grams)
+    rule = curve_rule(getattr(prune_config, "method", None))
+    curves = error_curves(model, arch, train, grams=grams, rule=rule, grid=curve_grid(rule, sparsity))
     upper, binfo = block_upper_bounds(curves, S, growth=growth)
     sq = {name: grams[name].diagonal().clone() for name in grams}
     records = _records(model, arch, model_spectra(model, arch), sq)

@@ -282,3 +282,44 @@ def test_auto_rows_prunes_finalists_on_a_subset(stories_dir):
     prune_model(full, ids[:8], PruneConfig(method="wanda", sparsity=0.7, error_correction=False), progress=False)
     assert info["uniform_score"] != pytest.approx(_loss(full, ids[8:]), rel=1e-7)
     assert info["chosen_score"] <= info["uniform_score"] + 1e-9
+
+
+def test_obs_error_curve_is_sparsegpts_error_and_rows_sample_is_scaled():
+    """The SparseGPT curve equals SparseGPT's own reconstruction error (all rows), and a row sample scales to the
+    same order."""
+    from optprune.formulations import LayerProblem, Unstructured
+    from optprune.llm_adapters.allocation_select import obs_error_curve
+    from optprune.solvers import get_method
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(512, 48, generator=g) @ (torch.eye(48) + 0.3 * torch.randn(48, 48, generator=g))
+    G = X.T @ X
+    W = torch.randn(40, 48, generator=g)
+    grid = (0.0, 0.3, 0.5, 0.7)
+    errs, dense = obs_error_curve(W, G, grid, rows=40)
+    assert errs[0] == 0.0 and dense == pytest.approx(float(((W @ G) * W).sum()), rel=1e-5)
+    for s, e in zip(grid[1:], errs[1:]):
+        r = get_method("sparsegpt")(LayerProblem(W0=W, H=G), Unstructured(s, "row"))
+        dW = W - r.W.float()
+        assert e == pytest.approx(float(((dW @ G) * dW).sum()), rel=1e-4)
+    est, _ = obs_error_curve(W, G, grid, rows=20)
+    assert all(0.5 * e < x < 2.0 * e for e, x in zip(errs[1:], est[1:]))
+
+
+def test_bounded_allocation_uses_its_solvers_curve(stories_dir):
+    pytest.importorskip("cvxpy")
+    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_select import curve_rule
+    from optprune.llm_adapters.pipeline import PruneConfig
+    assert [curve_rule(m) for m in ("sparsegpt", "admm", "fista", "wanda", "magnitude", None)] == \
+        ["obs", "obs", "obs", "wanda", "wanda", "wanda"]
+    model = _stories(stories_dir)
+    ids = torch.randint(3, 512, (6, 64), generator=torch.Generator().manual_seed(2))
+    bounds = {}
+    for m in ("wanda", "sparsegpt"):
+        _, info = layer_sparsities(model, None, "alpha:bounded", 0.7, calib_ids=ids,
+                                   prune_config=PruneConfig(method=m, sparsity=0.7))
+        assert info["bounds"]["rule"] == curve_rule(m)
+        up = {str(k): v for k, v in info["bounds"]["upper"].items()}
+        assert all(s <= up[str(u)] + 1e-12 for u, s in zip(info["units"], info["unit_sparsities"]))
+        bounds[m] = up
+    assert bounds["wanda"] != bounds["sparsegpt"]   # the curve really differs
