@@ -122,10 +122,25 @@ def atomic_output(out: Path, *, overwrite: bool = False):
         yield tmp
         _test_hook("save")
         raise_if_interrupted()
+        _normalise_modes(tmp)
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalise_modes(root: Path) -> None:
+    """Give the output the permissions a plain copy would have under the current umask (files 0666 & ~umask,
+    folders 0777 & ~umask): some writers (transformers' safetensors save among them) create owner-only files,
+    which a server running as another user could not read."""
+    um = os.umask(0)
+    os.umask(um)
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~um)
+        for f in files:
+            p = os.path.join(d, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~um)
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:

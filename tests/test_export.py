@@ -158,3 +158,24 @@ def test_detect_structure():
         E.check_save_options("dense", "int8")
     with pytest.raises(E.ExportError, match="choose from dense, compressed"):
         E.check_save_options("gguf")
+
+
+def test_saved_files_are_readable_by_others_under_the_umask(tmp_path):
+    """Outputs get plain-copy permissions (0666/0777 & ~umask) although transformers writes model.safetensors
+    owner-only: a server running as another user can read them."""
+    import os
+    import stat
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4)
+    model = transformers.LlamaForCausalLM(cfg)
+    old = os.umask(0o022)
+    try:
+        optprune.save(model, tmp_path / "out")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".safetensors") for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p.name, oct(p.stat().st_mode))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
