@@ -338,7 +338,8 @@ def build_result(spec: PaperSpec, cfg: dict, rows: list, *, quick: bool, jsonl: 
         "scale": cfg["scale"], "model": cfg["model"], "model_label": cfg["model_label"], "quick": quick,
         "protocol": protocol, "settings": _settings(spec, None, quick),
         "setting_labels": spec.setting_labels, "jsonl": _rel(jsonl), "command": command,
-        "sweep_commands": [f"python benchmarks/models/sweep.py {shlex.join(a)}" for a in (sweep_calls or [])],
+        "sweep_commands": [load_sweep().portable(f"python benchmarks/models/sweep.py {shlex.join(a)}")
+                           for a in (sweep_calls or [])],
         "dense": dense_cell, "rows": cells,
         "paper_numbers": [asdict(n) for n in spec.numbers], "sources": check_sources(spec.numbers),
         "claims": claims, "notes": notes, "allocation_eps": spec.allocation_eps,

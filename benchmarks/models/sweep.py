@@ -22,6 +22,34 @@ import traceback
 from pathlib import Path
 
 
+def portable(obj, repo: Path = Path(__file__).resolve().parents[2]):
+    """``obj`` with this machine's folders written as names a reader can resolve anywhere: the data and model
+    folders (``$OPTPRUNE_DATA_DIR`` / ``$OPTPRUNE_MODEL_DIR``) and the repository (a relative path). Result files
+    are committed and read elsewhere; they should not carry one machine's paths."""
+    subs = []
+    for var in ("OPTPRUNE_DATA_DIR", "OPTPRUNE_MODEL_DIR"):
+        v = os.environ.get(var)
+        if v:
+            subs.append((os.path.realpath(v).rstrip("/"), f"${var}"))
+            subs.append((v.rstrip("/"), f"${var}"))
+    cache = os.environ.get("OPTPRUNE_CACHE_DIR") or os.path.expanduser("~/.cache/optprune")
+    subs.append((cache.rstrip("/"), "$OPTPRUNE_CACHE_DIR"))
+    subs.append((str(repo) + "/", ""))
+    subs = [(a, b) for a, b in subs if a not in ("", "/")]
+
+    def fix(v):
+        if isinstance(v, str):
+            for a, b in subs:
+                v = v.replace(a, b)
+            return v
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+    return fix(obj)
+
+
 def parse_setting(s: str) -> dict:
     s = s.strip()
     if ":" in s:
@@ -195,13 +223,13 @@ def main(argv=None) -> int:
             if args.records:
                 rp = record_path(out, key)
                 rp.parent.mkdir(parents=True, exist_ok=True)
-                rp.write_text(json.dumps(rec, default=str, indent=1))
+                rp.write_text(json.dumps(portable(rec), default=str, indent=1))
                 row["record"] = os.path.relpath(rp, out.parent)
         except Exception as e:  # record the failure, keep going
             traceback.print_exc()
             row = {"key": key, "config": j, "wall_s": time.time() - t0, "error": f"{type(e).__name__}: {e}"}
         with out.open("a") as f:
-            f.write(json.dumps(row, default=str) + "\n")
+            f.write(json.dumps(portable(row), default=str) + "\n")
         print(f"=== done in {row['wall_s']:.0f} s: {row.get('perplexity') or row.get('error')}", flush=True)
     return 0
 
