@@ -138,3 +138,14 @@ def test_certificate_report_summarises_run_records(tmp_path, capsys):
     capsys.readouterr()
     assert cr.main([str(bare), "--out", str(tmp_path / "x"), "--no-plot"]) == 2
     assert "--certify" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_sweep_results_carry_no_machine_paths(monkeypatch, tmp_path):
+    sw = _script("sweep")
+    monkeypatch.setenv("OPTPRUNE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    rec = {"calibration": {"path": str(tmp_path / "data" / "c4" / "x.parquet")},
+           "cmd": [f"--out {REPO}/benchmarks/results/a.jsonl", str(tmp_path / "cache" / "models" / "m")], "n": 3}
+    out = sw.portable(rec)
+    assert out == {"calibration": {"path": "$OPTPRUNE_DATA_DIR/c4/x.parquet"},
+                   "cmd": ["--out benchmarks/results/a.jsonl", "$OPTPRUNE_CACHE_DIR/models/m"], "n": 3}
