@@ -40,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--pattern", default="2:4", help="N:M (B = --min-degree)")
     ap.add_argument("--min-degree", type=int, default=1)
-    ap.add_argument("--sweeps", type=int, default=10)
+    ap.add_argument("--sweeps", type=int, default=None, help="mask=error sweeps (default: the method's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -62,7 +62,7 @@ def main(argv=None):
         row = {"layer": name, "shape": list(p.shape), "wanda": p.objective(w.W), "wanda_s": time.perf_counter() - t}
         for label, opts in VARIANTS.items():
             o = dict(opts, min_degree=a.min_degree, graph=False)
-            if opts["mask"] == "error":
+            if opts["mask"] == "error" and a.sweeps is not None:
                 o["sweeps"] = a.sweeps
             t = time.perf_counter()
             r = get_method("eggs")(p, pat, **o)
