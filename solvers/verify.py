@@ -7,7 +7,9 @@ program's own ``evaluate``/``check``:
 * **Programs come from the registry.** Each pattern kind some registered method accepts gives an L0
   mask-and-weights MIQP (``l0_program``; every method accepting the kind is a production heuristic of it);
   each method's declared ``program`` builder gives its own program (FISTA's ℓ1 model, EGGS' expander mask
-  program, the refit QP, ...); the pattern's torch projection is the production solver of the plain N:M and
+  program, the refit QP, ...), for its default options and for every option set it lists in
+  ``verify_options`` (EGGS ``mask=error``: the mask-only MIQP, kept weights fixed at W0, of which the method
+  is a heuristic, held to "never below the optimum"); the pattern's torch projection is the production solver of the plain N:M and
   expander mask programs; the allocation QPs (alpha/OWL/uniform) are solved by water-filling. A method
   registered tomorrow is verified without touching this file.
 * **Backends are selected by capability, never by name.** Every registered, available backend whose
