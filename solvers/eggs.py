@@ -58,7 +58,7 @@ from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import l0_program, mask_only_program, mask_program
 from .base import LayerResult, Timer, torch_threads
 from .baselines import SparseGPT, refit_result, ria_scores, wanda_scores
-from .registry import register_method
+from .registry import Option, register_method
 
 __all__ = ["expander_nm_mask", "solve_tiles", "feasible_tile_masks", "tile_view", "untile", "tile_objective",
            "eggs", "eggs_update", "eggs_scores", "as_expander", "mask_search", "ALGORITHMS", "UPDATES", "MASKS"]
@@ -462,6 +462,9 @@ def _work_dtype(problem: LayerProblem) -> torch.dtype:
     return torch.float64 if problem.H.dtype == torch.float64 else torch.float32
 
 
+SCORES = ("ria", "wanda", "magnitude")
+
+
 def eggs_scores(problem: LayerProblem, score: str = "ria", a: float = 0.5) -> torch.Tensor:
     s = (score or "ria").lower()
     if s == "ria":
@@ -530,18 +533,25 @@ def _eggs_update(problem: LayerProblem, pat: ExpanderNM, update: str, mask_only:
     return res
 
 
+_OPTIONS = {"score": Option("score", help="ria | wanda | magnitude", choices=SCORES),
+            "a": "RIA exponent of the input norm",
+            "mask": Option("mask", help="score (largest total score) | error (then improved for the "
+                           "layer objective with the kept weights fixed: exact block-coordinate "
+                           "descent; needs the Grams)", choices=MASKS),
+            "sweeps": "mask=error: at most this many sweeps over the column groups",
+            "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
+            "algorithm": Option("algorithm", help="tile solver: auto | ssp | enum | greedy",
+                                choices=ALGORITHMS), "graph": "record graph metrics",
+            "update": Option("update", help="weight update: none (mask only) | refit | obs (mask "
+                             "inside the OBS sweep) | admm", choices=UPDATES),
+            "admm_options": "options of the admm method for update=admm"}
+
+
 @register_method("eggs", needs="diag", needs_for=_needs, patterns=("expander", "nm"), program=_program,
                  verify_options=({"mask": "score"}, {"mask": "error"}),
                  description="EGGS-PTP: RIA scores, N:M mask with ≥ B kept per column in every M×M tile "
                              "(exact transportation problem per tile); mask=score|error; update=none|refit|obs|admm",
-                 options={"score": "ria | wanda | magnitude", "a": "RIA exponent of the input norm",
-                          "mask": "score (largest total score) | error (then improved for the layer objective "
-                                  "with the kept weights fixed: exact block-coordinate descent; needs the Grams)",
-                          "sweeps": "mask=error: at most this many sweeps over the column groups",
-                          "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
-                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics",
-                          "update": "weight update: none (mask only) | refit | obs (mask inside the OBS sweep) | admm",
-                          "admm_options": "options of the admm method for update=admm"})
+                 options=_OPTIONS)
 def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: float = 0.5,
          min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True,
          update: str = "none", admm_options: Optional[dict] = None, mask: str = "score",
@@ -616,7 +626,7 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
                                                                                   as_expander(pattern, min_degree)),
                  description="EGGS with a weight update: expander N:M mask chosen inside an OBS sweep, then ADMM "
                              "on the L0 program over expander masks (eggs -O update=admm)",
-                 options_from="eggs", defaults={"update": "admm"})
+                 options_from="eggs", options=_OPTIONS, defaults={"update": "admm"})
 def eggs_update(problem: LayerProblem, pattern: Pattern, *, update: str = "admm", **options) -> LayerResult:
     if str(update).strip().lower() == "none":
         raise ValueError("eggs_update: update=none is the mask-only method 'eggs'; choose refit, obs or admm")

@@ -71,8 +71,14 @@ class Option:
     default: Any = None
     type: Optional[type] = None  # checked when one of bool/int/float/str/dict/list; None: not checked
     help: str = ""
+    choices: Optional[tuple] = None  # the values it takes (strings compared lower-case, stripped); None: any
 
     def check(self, method: str, value) -> None:
+        if self.choices is not None and value is not None:
+            v = value.strip().lower() if isinstance(value, str) else value
+            if v not in self.choices:
+                raise UnknownOptionError(f"method {method!r}: option {self.name}={value!r}; choose one of "
+                                         f"{', '.join(map(str, self.choices))}")
         t = self.type
         if t is None or value is None and self.default is None:
             return
@@ -172,8 +178,10 @@ class MethodSpec:
                                         f"function of {self.fn.__module__}")
         opts, var_kw = options_of(src)
         for k, h in self.option_help.items():
-            if isinstance(h, Option):
-                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help)
+            if isinstance(h, Option) and k in opts:  # the signature's default and type, the declaration's help
+                opts[k] = Option(k, opts[k].default, h.type or opts[k].type, h.help, h.choices)
+            elif isinstance(h, Option):
+                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help, h.choices)
             elif k in opts:
                 opts[k] = Option(k, opts[k].default, opts[k].type, str(h))
             else:
@@ -186,7 +194,7 @@ class MethodSpec:
             if k not in opts:
                 raise RegistrationError(f"method {self.name!r}: default for unknown option {k!r}; its options: "
                                         f"{', '.join(opts) or 'none'}")
-            opts[k] = Option(k, v, opts[k].type, opts[k].help)
+            opts[k] = Option(k, v, opts[k].type, opts[k].help, opts[k].choices)
         return opts
 
     def needs_for(self, options: Optional[dict] = None) -> str:

@@ -275,8 +275,10 @@ def test_invalid_inputs_get_clear_errors():
         get_method("eggs")(p, Unstructured(0.5))
     with pytest.raises(PatternError, match="divisible"):
         get_method("eggs")(_problem(torch.randn(6, 16)), NM(2, 4))
-    with pytest.raises(ValueError, match="unknown score"):
+    with pytest.raises(ValueError, match="score='nope'; choose one of ria, wanda, magnitude"):
         get_method("eggs")(p, NM(2, 4), score="nope")
+    with pytest.raises(ValueError, match="unknown score"):  # the solver itself, called without the registry
+        get_method("eggs").fn(p, NM(2, 4), score="nope")
     with pytest.raises(ValueError, match="algorithm"):
         expander_nm_mask(S, 2, 4, 1, algorithm="nope")
     with pytest.raises(PatternError, match="enumerate"):

@@ -66,6 +66,20 @@ def test_statistics_can_depend_on_the_options(registries):
     assert "mine2" not in R._METHODS
 
 
+def test_option_choices_are_checked_before_the_solver_runs(registries):
+    register_method("mine", options={"k": R.Option("k", help="how many", choices=(1, 2))})(_solver)
+    spec = get_method("mine")
+    assert spec.options["k"].default == 1 and spec.options["k"].type is int  # from the signature
+    spec.check_options({"k": 2})
+    with pytest.raises(UnknownOptionError, match=r"option k=3; choose one of 1, 2"):
+        spec.check_options({"k": 3})
+    with pytest.raises(UnknownOptionError, match=r"option mask='Errors '.*choose one of score, error"):
+        get_method("eggs").check_options({"mask": "Errors "})
+    get_method("eggs").check_options({"mask": " Error", "update": "OBS"})  # case and spaces as the solver reads
+    with pytest.raises(UnknownOptionError, match=r"option update='sgd'; choose one of none, refit, obs, admm"):
+        get_method("eggs_update").check_options({"update": "sgd"})
+
+
 def test_misspelt_keyword_and_bad_solver_signatures_raise(registries):
     with pytest.raises(TypeError):  # pattern= for patterns=: no catch-all keyword swallows it any more
         register_method("mine", pattern=("nm",))
