@@ -32,6 +32,13 @@ The declarative model is ``mask_program(scores, ExpanderNM(N, M, B))``.
 
 The projection is registered as ``"expander_nm"`` so ``ExpanderNM(N, M, B).project(scores)`` works.
 
+**Mask for the layer objective** (``mask=error``, still mask-only): :func:`mask_search` starts from the
+score-driven mask and minimises ``f(W0 ⊙ mask)`` over expander masks (the program ``mask_only_program``) by exact
+block-coordinate descent over the column groups — per group, every tile takes its best feasible tile mask given
+the other groups (row costs from ``∇f`` and the group's block of Ĥ; the feasible tile masks enumerated by one
+matmul where they are few). Never increases f, never leaves the expander set; a heuristic of the MIQP, whose
+gap ``optprune verify`` measures against Gurobi/SCIP.
+
 **Method** ``eggs``: score = RIA (default; ``score=wanda|magnitude``), expander N:M mask, weights kept
 (``W0 ⊙ mask``) or least-squares refitted on the mask (``refit=True``; ``info`` carries the error before and
 after). With a plain N:M pattern, ``B = min_degree`` (default 1). ``info['graph']`` holds the layer's graph
@@ -559,8 +566,10 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
     """``update``: ``none`` (mask only, W0 kept), ``refit`` (= ``refit=True``), ``obs`` (the expander mask chosen
     inside SparseGPT's OBS sweep, group by group, on the updated weights), ``admm`` (ADMM on the L0 program over
     expander masks, warm-started from obs, the PCG-refitted mask-only point a candidate; ``admm_options`` go to
-    the admm method). With an update the method needs the Gram matrices (the pipeline collects them for
-    ``eggs_update``; for ``eggs`` with ``-O update=...`` the pipeline must collect H: use ``eggs_update``)."""
+    the admm method). ``mask``: ``score`` (the feasible mask of largest total score) or ``error`` (that mask
+    improved for ``f(W0 ⊙ mask)`` by :func:`mask_search`, at most ``sweeps`` sweeps). With ``mask=error`` or an
+    obs/admm update the method needs the Gram matrices; it declares them from its options (``needs_for``), so
+    the pipeline collects them."""
     up = str(update or "none").strip().lower()
     if up not in UPDATES:
         raise ValueError(f"eggs: unknown update {update!r}; choose one of {', '.join(UPDATES)}")
