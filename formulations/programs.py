@@ -8,6 +8,7 @@ Builders for the models of docs/methods.md:
 
 * :func:`l0_program`     — choose support and weights: ``min f(W)  s.t.  W = 0 where z = 0, z ∈ pattern`` (MIQP)
 * :func:`refit_program`  — least-squares refit on a fixed support (convex QP)
+* :func:`mask_only_program` — choose the support, keep the weights: ``min f(W0 ⊙ z)  s.t.  z ∈ pattern`` (MIQP)
 * :func:`l1_program`     — FISTAPruner's ``min f(W) + λ‖W‖₁`` (convex)
 * :func:`mask_program`   — ``max Σ S_ij z_ij  s.t.  z ∈ pattern`` (LP/MILP; EGGS' expander N:M masks)
 """
@@ -23,7 +24,7 @@ from .problem import LayerProblem
 
 __all__ = [
     "Variable", "LayerObjective", "L1Penalty", "LinearScore", "Indicator", "Program",
-    "l0_program", "refit_program", "l1_program", "mask_program", "l1_kkt_residual",
+    "l0_program", "refit_program", "l1_program", "mask_program", "mask_only_program", "l1_kkt_residual",
 ]
 
 
@@ -207,6 +208,25 @@ def l0_program(problem: LayerProblem, pattern: Pattern) -> Program:
         variables[name] = Variable(name, (size,), "binary")
     cons = [Indicator("W", "z", torch.arange(m * n))] + pattern.constraints(problem.shape)
     return Program("L0 mask-and-weights MIQP", "MIQP", variables, [LayerObjective()], cons, problem, pattern)
+
+
+def mask_only_program(problem: LayerProblem, pattern: Pattern) -> Program:
+    """The mask-only model: the L0 program with every kept weight fixed at its original value,
+    ``min f(W0 ⊙ z)  s.t.  z ∈ pattern`` — the L0 MIQP plus the linear rows ``W_ij − W0_ij z_ij = 0``.
+    ``meta['fixed_weights']`` marks it (a least-squares refit of W leaves this program's feasible set)."""
+    prog = l0_program(problem, pattern)
+    if isinstance(pattern, ColumnGroups):
+        raise ValueError("the mask-only program takes element masks (N:M, expander N:M, unstructured), "
+                         f"not {pattern.name}")
+    m, n = problem.shape
+    W0 = problem.W0.detach().to(torch.float64).cpu().reshape(-1)
+    one = torch.ones(1, dtype=torch.float64)
+    for k in range(m * n):
+        idx = torch.tensor([k])
+        prog.constraints.append(LinearRow([("W", idx, one), ("z", idx, -W0[k:k + 1])], "==", 0.0))
+    prog.name = "mask-only MIQP (kept weights fixed at W0)"
+    prog.meta["fixed_weights"] = True
+    return prog
 
 
 def refit_program(problem: LayerProblem, mask: torch.Tensor) -> Program:

@@ -26,7 +26,7 @@
    "sequential"``) or of the dense block (``mode="dense-input"``: blocks are independent, so ``blocks=[i]``
    prunes block ``i`` exactly as a full run would: the basis for parallel pruning).
 
-Statistics per sub-layer: full Grams whenever the method needs them (``needs="gram"``), a refit is asked for,
+Statistics per sub-layer: full Grams whenever the method needs them (``needs_for(options) == "gram"``), a refit is asked for,
 or the width ``n ≤ DIAG_ONLY_ABOVE`` (cheap: the reconstruction error is then reported for every method,
 magnitude and Wanda included). Above that width, ``needs in ("none", "diag")`` methods get only
 ``Σ x̂_j²`` (Wanda's ``‖X_j‖²``); ``H`` is then the diagonal matrix of it and the error fields are ``None``.
@@ -520,7 +520,7 @@ def _check_layer(spec, pat: Pattern, name: str, shape) -> None:
 
 # ============================================================================================ the pipeline
 def _needs_full(spec, config: PruneConfig, n: int) -> bool:
-    return spec.needs == "gram" or config.refit or n <= DIAG_ONLY_ABOVE
+    return spec.needs_for(config.method_options) == "gram" or config.refit or n <= DIAG_ONLY_ABOVE
 
 
 @torch.no_grad()

@@ -130,7 +130,7 @@ def parse_setting(s: str) -> dict:
 
 
 #: the section of docs/methods.md that describes each paper (by arXiv id)
-SECTION = {"2408.03728": "§2", "2410.10912": "§3", "2505.03373": "§4", "2508.09471": "§5"}
+SECTION = {"2408.03728": "§2", "2410.10912": "§3", "2505.03373": "§4", "2508.09471": "§5", "2406.07831": "§7"}
 
 
 def methods_md_path() -> Path:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, fmt_num, parse_setting, render_markdown  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp"]
+PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp", "alps"]
 SCALE_ORDER = ["paper", "cpu", "stories"]
 SCALE_TEXT = {"stories": "stories260K, `smoke` protocol", "cpu": "SmolLM2-135M, `cpu` protocol",
               "paper": "`paper` protocol (GPU)"}

@@ -32,6 +32,13 @@ The declarative model is ``mask_program(scores, ExpanderNM(N, M, B))``.
 
 The projection is registered as ``"expander_nm"`` so ``ExpanderNM(N, M, B).project(scores)`` works.
 
+**Mask for the layer objective** (``mask=error``, still mask-only): :func:`mask_search` starts from the
+score-driven mask and minimises ``f(W0 ⊙ mask)`` over expander masks (the program ``mask_only_program``) by exact
+block-coordinate descent over the column groups — per group, every tile takes its best feasible tile mask given
+the other groups (row costs from ``∇f`` and the group's block of Ĥ; the feasible tile masks enumerated by one
+matmul where they are few). Never increases f, never leaves the expander set; a heuristic of the MIQP, whose
+gap ``optprune verify`` measures against Gurobi/SCIP.
+
 **Method** ``eggs``: score = RIA (default; ``score=wanda|magnitude``), expander N:M mask, weights kept
 (``W0 ⊙ mask``) or least-squares refitted on the mask (``refit=True``; ``info`` carries the error before and
 after). With a plain N:M pattern, ``B = min_degree`` (default 1). ``info['graph']`` holds the layer's graph
@@ -55,13 +62,13 @@ import torch
 
 from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, register_projection
 from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import l0_program, mask_program
+from ..formulations.programs import l0_program, mask_only_program, mask_program
 from .base import LayerResult, Timer, torch_threads
 from .baselines import SparseGPT, refit_result, ria_scores, wanda_scores
-from .registry import register_method
+from .registry import Option, register_method
 
 __all__ = ["expander_nm_mask", "solve_tiles", "feasible_tile_masks", "tile_view", "untile", "tile_objective",
-           "eggs", "eggs_update", "eggs_scores", "as_expander", "ALGORITHMS", "UPDATES"]
+           "eggs", "eggs_update", "eggs_scores", "as_expander", "mask_search", "ALGORITHMS", "UPDATES", "MASKS"]
 
 ALGORITHMS = ("auto", "ssp", "enum", "greedy")
 ENUM_MAX_COMBOS = 200_000          # C(M,N)^M row-pattern combinations we are willing to enumerate
@@ -308,9 +315,161 @@ def expander_nm_mask(scores: torch.Tensor, N: int, M: int, B: int, *, algorithm:
 register_projection("expander_nm", lambda scores, N, M, B: expander_nm_mask(scores, N, M, B))
 
 
+# --------------------------------------------------------------------------------------------- mask search
+SEARCH_MAX_ROW_PATTERNS = 1024     # mask='error' enumerates the C(M,N) row patterns of a group
+
+
+@functools.lru_cache(maxsize=32)
+def _row_patterns(N: int, M: int) -> torch.Tensor:
+    """All C(M,N) row patterns of one group of M columns, (P, M) bool."""
+    pats = list(itertools.combinations(range(M), N))
+    P = torch.zeros(len(pats), M, dtype=torch.bool)
+    for p, cols in enumerate(pats):
+        P[p, list(cols)] = True
+    return P
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_selector(N: int, M: int, B: int) -> Optional[torch.Tensor]:
+    """``(M·P, K)`` 0/1 matrix: column k sums, over the M rows of a tile, the cost of the row pattern that the
+    k-th feasible tile mask gives each row — so ``cost (T, M·P) @ A`` is every feasible tile mask's cost.
+    None when the tile masks are too many to enumerate (then rows are chosen one at a time)."""
+    masks = _feasible_tile_masks_cpu(N, M, B)
+    if masks is None or masks.shape[0] > ENUM_MAX_COMBOS // 10:
+        return None
+    P = _row_patterns(N, M)
+    code = (P.long() << torch.arange(M)).sum(1)                      # pattern → bit code
+    lookup = torch.full((1 << M,), -1, dtype=torch.long)
+    lookup[code] = torch.arange(P.shape[0])
+    idx = lookup[(masks.long() << torch.arange(M)).sum(2)]           # (K, M rows) pattern index per row
+    K, Pc = masks.shape[0], P.shape[0]
+    A = torch.zeros(M * Pc, K, dtype=torch.float64)
+    A[(torch.arange(M) * Pc).unsqueeze(0) + idx, torch.arange(K).unsqueeze(1)] = 1.0
+    return A
+
+
+def mask_search(problem: LayerProblem, pattern: ExpanderNM, mask: torch.Tensor, *, sweeps: int = 5,
+                rtol: float = 1e-3, blocksize: int = 128) -> tuple[torch.Tensor, dict]:
+    """Improve an expander N:M mask for the **mask-only** objective ``f(W0 ⊙ mask)`` (kept weights unchanged;
+    the program ``mask_only_program``) by exact block-coordinate descent over the column groups.
+
+    One step takes the M columns of one group and, for every tile of M rows at once, the best feasible tile
+    mask given every other group: row i's cost of row pattern p is ``δᵀg_i + ½ δᵀ Ĥ_gg δ`` with ``δ`` the
+    change of its weights on the group (``W0 ⊙ (p − current)``) and ``g = ∇f`` — exact, since f is quadratic.
+    Tiles whose rows' best patterns keep every column at ≥ B take them; the others get the best of all feasible
+    tile masks (one matmul with :func:`_tile_selector`), or, when those are too many to enumerate, each row of
+    the tile in turn takes its best pattern that keeps every column at ≥ B. A step never increases f and never
+    leaves the expander set. ``∇f`` is updated lazily, as in SparseGPT: inside a block of ``blocksize``
+    columns by rank-M updates of the block's columns, then once per block for the rest (changed rows only).
+    Stops after ``sweeps`` sweeps or when a sweep lowers f by less than ``rtol``·f. Runs in float64 on the
+    problem's device. Returns ``(mask, stats)``.
+    """
+    N, M, B = pattern.N, pattern.M, pattern.B
+    pattern.validate(tuple(mask.shape))
+    Pc = math.comb(M, N)
+    if Pc > SEARCH_MAX_ROW_PATTERNS:
+        raise PatternError(f"eggs mask='error' enumerates the C(M,N) row patterns of a group; {N}:{M} has {Pc} "
+                           f"(limit {SEARCH_MAX_ROW_PATTERNS}); use mask='score'")
+    if int(sweeps) < 0 or not rtol >= 0:
+        raise ValueError(f"eggs: sweeps must be ≥ 0 and rtol ≥ 0, got sweeps={sweeps}, rtol={rtol}")
+    dt, dev = torch.float64, problem.W0.device
+    problem = problem if problem.H.dtype == dt else problem.to(dt)
+    W0, Hh = problem.W0.to(dt), problem.Hh.to(dt)
+    x = mask.to(torch.bool).clone()
+    m, n = x.shape
+    T = m // M
+    bs = max(M, (int(blocksize) // M) * M)
+    P = _row_patterns(N, M).to(dev)
+    Pf = P.to(dt)
+    A = _tile_selector(N, M, B)
+    A = None if A is None else A.to(dev)
+    tiles = None if A is None else _tile_rows(N, M, B, dev)
+    f_start = problem.objective(W0 * x)
+    f = f_start
+    tol = 1e-13 * max(abs(problem.constant()), 1e-300)
+    stats = {"sweeps": 0, "moves": 0, "error_start": f_start}
+    G = problem.gradient(W0 * x) if int(sweeps) else None
+    for _ in range(int(sweeps)):
+        moves, dec = 0, 0.0
+        for b0 in range(0, n, bs):
+            b1 = min(n, b0 + bs)
+            Gb = G[:, b0:b1].clone()
+            D = torch.zeros(m, b1 - b0, dtype=dt, device=dev)
+            for c in range(b0, b1, M):
+                lc = c - b0
+                w = W0[:, c:c + M]
+                cur = x[:, c:c + M]
+                curf = cur.to(dt)
+                delta = w.unsqueeze(1) * (Pf.unsqueeze(0) - curf.unsqueeze(1))         # (m, P, M)
+                cost = (delta * Gb[:, lc:lc + M].unsqueeze(1)).sum(2) \
+                    + 0.5 * ((delta @ Hh[c:c + M, c:c + M]) * delta).sum(2)              # (m, P)
+                if A is not None:
+                    v, j = cost.min(1)                  # each row's best pattern; tiles left short enumerate
+                    new = P[j]
+                    best = v.reshape(T, M).sum(1)
+                    short = (new.reshape(T, M, M).sum(1, dtype=torch.int32) < B).any(1)
+                    if bool(short.any()):
+                        si = torch.nonzero(short).squeeze(1)
+                        bb, k = (cost.reshape(T, M * Pc)[si] @ A).min(1)
+                        best[si] = bb
+                        new = new.reshape(T, M, M)
+                        new[si] = P[tiles[k]]
+                        new = new.reshape(m, M)
+                else:
+                    xt = cur.reshape(T, M, M).clone()
+                    best = torch.zeros(T, dtype=dt, device=dev)
+                    ct = cost.reshape(T, M, Pc)
+                    for i in range(M):
+                        other = xt.sum(1, dtype=torch.int32) - xt[:, i].to(torch.int32)  # (T, M columns)
+                        ok = ((other.unsqueeze(1) + P.unsqueeze(0).to(torch.int32)) >= B).all(2)
+                        v, j = ct[:, i].masked_fill(~ok, float("inf")).min(1)
+                        xt[:, i] = P[j]
+                        best = best + v
+                    new = xt.reshape(m, M)
+                good = best < -tol                                                        # tiles that improve
+                if not bool(good.any()):
+                    continue
+                rows = torch.nonzero(good.repeat_interleave(M)).squeeze(1)
+                d = w[rows] * (new[rows].to(dt) - curf[rows])
+                moves += int((new[rows] != cur[rows]).any(1).sum())
+                dec -= float(best[good].sum())
+                x[rows, c:c + M] = new[rows]
+                D[rows, lc:lc + M] = d
+                Gb[rows] += d @ Hh[c:c + M, b0:b1]
+            changed = torch.nonzero(D.any(1)).squeeze(1)
+            if changed.numel():
+                G[changed] += D[changed] @ Hh[b0:b1]
+        stats["sweeps"] += 1
+        stats["moves"] += moves
+        f -= dec
+        if moves == 0 or dec <= rtol * max(f, 1e-300):
+            break
+    f_end = problem.objective(W0 * x)
+    if f_end > f_start * (1 + 1e-9) + tol:  # exact steps cannot increase f
+        raise RuntimeError(f"eggs mask search increased the objective ({f_start:.6g} → {f_end:.6g}; internal error)")
+    stats["error_end"] = f_end
+    if not pattern.is_feasible(x):
+        raise RuntimeError("eggs mask search left the expander set (internal error)")
+    return x, stats
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_rows_cpu(N: int, M: int, B: int) -> torch.Tensor:
+    A = _tile_selector(N, M, B)
+    Pc = math.comb(M, N)
+    return torch.nonzero(A.T)[:, 1].reshape(A.shape[1], M) - (torch.arange(M) * Pc)  # (K, M) pattern index
+
+
+def _tile_rows(N: int, M: int, B: int, device) -> torch.Tensor:
+    return _tile_rows_cpu(N, M, B).to(device)
+
+
 # --------------------------------------------------------------------------------------------- method
 def _work_dtype(problem: LayerProblem) -> torch.dtype:
     return torch.float64 if problem.H.dtype == torch.float64 else torch.float32
+
+
+SCORES = ("ria", "wanda", "magnitude")
 
 
 def eggs_scores(problem: LayerProblem, score: str = "ria", a: float = 0.5) -> torch.Tensor:
@@ -337,10 +496,22 @@ def as_expander(pattern: Pattern, min_degree: Optional[int] = None) -> ExpanderN
 UPDATES = ("none", "refit", "obs", "admm")
 
 
-def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, update="none", **_):
+MASKS = ("score", "error")
+
+
+def _program(problem, pattern, *, score="ria", a=0.5, min_degree=None, update="none", mask="score", **_):
     if str(update).strip().lower() != "none":  # weights updated: the L0 program over expander masks
         return l0_program(problem, as_expander(pattern, min_degree))
+    if str(mask).strip().lower() == "error":  # kept weights fixed, mask chosen for the layer objective
+        return mask_only_program(problem, as_expander(pattern, min_degree))
     return mask_program(eggs_scores(problem, score, a), as_expander(pattern, min_degree))
+
+
+def _needs(options: dict) -> str:
+    """Statistics by options: the Gram matrices for a weight update or the error-driven mask, else ‖X_j‖."""
+    up = str(options.get("update") or "none").strip().lower()
+    full = up in ("obs", "admm") or str(options.get("mask") or "score").strip().lower() == "error"
+    return "gram" if full else "diag"
 
 
 class _ExpanderOBS(SparseGPT):
@@ -369,35 +540,58 @@ def _eggs_update(problem: LayerProblem, pat: ExpanderNM, update: str, mask_only:
     return res
 
 
-@register_method("eggs", needs="diag", patterns=("expander", "nm"), program=_program,
+_OPTIONS = {"score": Option("score", help="ria | wanda | magnitude", choices=SCORES),
+            "a": "RIA exponent of the input norm",
+            "mask": Option("mask", help="score (largest total score) | error (then improved for the "
+                           "layer objective with the kept weights fixed: exact block-coordinate "
+                           "descent; needs the Grams)", choices=MASKS),
+            "sweeps": "mask=error: at most this many sweeps over the column groups",
+            "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
+            "algorithm": Option("algorithm", help="tile solver: auto | ssp | enum | greedy",
+                                choices=ALGORITHMS), "graph": "record graph metrics",
+            "update": Option("update", help="weight update: none (mask only) | refit | obs (mask "
+                             "inside the OBS sweep) | admm", choices=UPDATES),
+            "admm_options": "options of the admm method for update=admm"}
+
+
+@register_method("eggs", needs="diag", needs_for=_needs, patterns=("expander", "nm"), program=_program,
+                 verify_options=({"mask": "score"}, {"mask": "error"}),
                  description="EGGS-PTP: RIA scores, N:M mask with ≥ B kept per column in every M×M tile "
-                             "(exact transportation problem per tile); update=none|refit|obs|admm",
-                 options={"score": "ria | wanda | magnitude", "a": "RIA exponent of the input norm",
-                          "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
-                          "algorithm": "tile solver: auto | ssp | enum | greedy", "graph": "record graph metrics",
-                          "update": "weight update: none (mask only) | refit | obs (mask inside the OBS sweep) | admm",
-                          "admm_options": "options of the admm method for update=admm"})
+                             "(exact transportation problem per tile); mask=score|error; update=none|refit|obs|admm",
+                 options=_OPTIONS)
 def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: float = 0.5,
          min_degree: Optional[int] = None, refit: bool = False, algorithm: str = "auto", graph: bool = True,
-         update: str = "none", admm_options: Optional[dict] = None) -> LayerResult:
+         update: str = "none", admm_options: Optional[dict] = None, mask: str = "score",
+         sweeps: int = 5) -> LayerResult:
     """``update``: ``none`` (mask only, W0 kept), ``refit`` (= ``refit=True``), ``obs`` (the expander mask chosen
     inside SparseGPT's OBS sweep, group by group, on the updated weights), ``admm`` (ADMM on the L0 program over
     expander masks, warm-started from obs, the PCG-refitted mask-only point a candidate; ``admm_options`` go to
-    the admm method). With an update the method needs the Gram matrices (the pipeline collects them for
-    ``eggs_update``; for ``eggs`` with ``-O update=...`` the pipeline must collect H: use ``eggs_update``)."""
+    the admm method). ``mask``: ``score`` (the feasible mask of largest total score) or ``error`` (that mask
+    improved for ``f(W0 ⊙ mask)`` by :func:`mask_search`, at most ``sweeps`` sweeps). With ``mask=error`` or an
+    obs/admm update the method needs the Gram matrices; it declares them from its options (``needs_for``), so
+    the pipeline collects them."""
     up = str(update or "none").strip().lower()
     if up not in UPDATES:
         raise ValueError(f"eggs: unknown update {update!r}; choose one of {', '.join(UPDATES)}")
     if up == "refit":
         up, refit = "none", True
+    how = str(mask or "score").strip().lower()
+    if how not in MASKS:
+        raise ValueError(f"eggs: unknown mask {mask!r}; choose one of {', '.join(MASKS)}")
     pat = as_expander(pattern, min_degree)
     pat.validate(problem.shape)
-    if up != "none" and problem.n > 1 and not bool((problem.Hh - torch.diag(problem.Hh.diagonal())).any()):
-        raise ValueError("eggs: update=obs/admm needs the full Gram matrix; run the method 'eggs_update'")
+    if (up != "none" or how == "error") and problem.n > 1 and \
+            not bool((problem.Hh - torch.diag(problem.Hh.diagonal())).any()):
+        raise ValueError(f"eggs: {'update=' + up if up != 'none' else 'mask=error'} needs the full Gram matrix, "
+                         "but the layer problem holds only its diagonal (a pipeline collects it when the method "
+                         "declares it: 'eggs_update', or 'eggs' with these options)")
+    search = None
     with Timer() as t:
         S = eggs_scores(problem, score, a)
         with Timer() as tm:
             mask, stats = expander_nm_mask(S, pat.N, pat.M, pat.B, algorithm=algorithm, return_stats=True)
+            if how == "error":
+                mask, search = mask_search(problem, pat, mask, sweeps=sweeps)
         W = problem.W0.to(S.dtype) * mask
     if not bool(torch.isfinite(W).all()):
         raise NumericalError(f"layer {problem.name!r}: the pruned weights contain NaN/Inf")
@@ -408,6 +602,9 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
             "score_loss_rel": (kept_nm - kept) / kept_nm if kept_nm > 0 else 0.0,
             "error": problem.objective(W), "sparsity": 1.0 - float(mask.float().mean())}
     info.update({f"solver_{k}": v for k, v in stats.items()})
+    info["mask"] = how
+    if search is not None:
+        info.update({f"search_{k}": v for k, v in search.items()})
     res = LayerResult(W=W.to(problem.W0.dtype), mask=mask, info=info)
     if refit:
         res = refit_result(problem, res)
@@ -438,7 +635,7 @@ def eggs(problem: LayerProblem, pattern: Pattern, *, score: str = "ria", a: floa
                                                                                   as_expander(pattern, min_degree)),
                  description="EGGS with a weight update: expander N:M mask chosen inside an OBS sweep, then ADMM "
                              "on the L0 program over expander masks (eggs -O update=admm)",
-                 options_from="eggs", defaults={"update": "admm"})
+                 options_from="eggs", options=_OPTIONS, defaults={"update": "admm"})
 def eggs_update(problem: LayerProblem, pattern: Pattern, *, update: str = "admm", **options) -> LayerResult:
     if str(update).strip().lower() == "none":
         raise ValueError("eggs_update: update=none is the mask-only method 'eggs'; choose refit, obs or admm")

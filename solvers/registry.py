@@ -71,8 +71,14 @@ class Option:
     default: Any = None
     type: Optional[type] = None  # checked when one of bool/int/float/str/dict/list; None: not checked
     help: str = ""
+    choices: Optional[tuple] = None  # the values it takes (strings compared lower-case, stripped); None: any
 
     def check(self, method: str, value) -> None:
+        if self.choices is not None and value is not None:
+            v = value.strip().lower() if isinstance(value, str) else value
+            if v not in self.choices:
+                raise UnknownOptionError(f"method {method!r}: option {self.name}={value!r}; choose one of "
+                                         f"{', '.join(map(str, self.choices))}")
         t = self.type
         if t is None or value is None and self.default is None:
             return
@@ -148,6 +154,11 @@ class MethodSpec:
     options_from: Union[Callable, str, None] = None
     option_help: dict = field(default_factory=dict)
     module: str = ""
+    #: ``(options) -> 'none' | 'diag' | 'gram'`` when the statistics depend on the options (``needs`` is then
+    #: the level of the default options)
+    needs_by_options: Optional[Callable] = None
+    #: option sets the cross-check (:mod:`.verify`) runs besides the defaults, one program each
+    verify_options: tuple = ()
     _options: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -167,8 +178,10 @@ class MethodSpec:
                                         f"function of {self.fn.__module__}")
         opts, var_kw = options_of(src)
         for k, h in self.option_help.items():
-            if isinstance(h, Option):
-                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help)
+            if isinstance(h, Option) and k in opts:  # the signature's default and type, the declaration's help
+                opts[k] = Option(k, opts[k].default, h.type or opts[k].type, h.help, h.choices)
+            elif isinstance(h, Option):
+                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help, h.choices)
             elif k in opts:
                 opts[k] = Option(k, opts[k].default, opts[k].type, str(h))
             else:
@@ -181,8 +194,21 @@ class MethodSpec:
             if k not in opts:
                 raise RegistrationError(f"method {self.name!r}: default for unknown option {k!r}; its options: "
                                         f"{', '.join(opts) or 'none'}")
-            opts[k] = Option(k, v, opts[k].type, opts[k].help)
+            opts[k] = Option(k, v, opts[k].type, opts[k].help, opts[k].choices)
         return opts
+
+    def needs_for(self, options: Optional[dict] = None) -> str:
+        """The statistics the pipeline must collect for a run with these options (defaults filled in)."""
+        if self.needs_by_options is None:
+            return self.needs
+        opts = {k: o.default for k, o in self.options.items()}
+        opts.update(self.defaults)
+        opts.update(options or {})
+        level = self.needs_by_options(opts)
+        if level not in NEEDS:
+            raise RegistrationError(f"method {self.name!r}: needs_for returned {level!r}; choose from "
+                                    f"{', '.join(NEEDS)}")
+        return level
 
     def check_options(self, options: Optional[dict]) -> None:
         """Raise :class:`UnknownOptionError` (one line, with the valid options) for an option this method's
@@ -221,7 +247,8 @@ def _key(name: str) -> str:
 def register_method(name: str, *, needs: str = "gram", patterns=("unstructured", "row", "nm"),
                     structured: bool = False, program: Optional[Callable] = None, description: str = "",
                     options: Optional[dict] = None, options_from: Union[Callable, str, None] = None,
-                    defaults: Optional[dict] = None):
+                    defaults: Optional[dict] = None, needs_for: Optional[Callable] = None,
+                    verify_options: tuple = ()):
     """Decorator registering a production solver as method ``name``.
 
     ``needs``: 'none' | 'diag' | 'gram' (statistics the pipeline collects); ``patterns``: the pattern kinds
@@ -230,7 +257,10 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
     it solves or approximates; ``description``: one line for ``optprune list methods``; ``options``: help
     text per option (``{name: "help"}``) or explicit :class:`Option` declarations; ``options_from``: the
     function (or its name in the same module) whose signature lists the options, for a wrapper taking
-    ``**options``; ``defaults``: option defaults overriding the signature's.
+    ``**options``; ``defaults``: option defaults overriding the signature's; ``needs_for``: ``(options) ->
+    needs level`` for a method whose statistics depend on its options (it must give ``needs`` for the
+    defaults); ``verify_options``: option sets (dicts) the cross-check runs besides the defaults (each may
+    declare another program).
     """
     key = _key(name)
     if not _NAME_RE.match(key):
@@ -248,6 +278,10 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
         raise RegistrationError(f"structured method {key!r} must accept the 'groups' pattern kind")
     if program is not None and not callable(program):
         raise RegistrationError(f"method {key!r}: program must be a function (problem, pattern, **opts) -> Program")
+    if needs_for is not None and not callable(needs_for):
+        raise RegistrationError(f"method {key!r}: needs_for must be a function (options) -> needs level")
+    if isinstance(verify_options, dict) or not all(isinstance(o, dict) for o in verify_options):
+        raise RegistrationError(f"method {key!r}: verify_options must be a tuple of option dicts")
 
     def deco(fn):
         if not callable(fn):
@@ -257,12 +291,26 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
             raise RegistrationError(f"method name {key!r} is already taken by {old.fn.__module__}."
                                     f"{old.fn.__qualname__}; registered methods: {', '.join(sorted(_METHODS))}")
         spec = MethodSpec(key, fn, needs, frozenset(patterns), structured, program, description,
-                          dict(defaults or {}), options_from, dict(options or {}), fn.__module__)
+                          dict(defaults or {}), options_from, dict(options or {}), fn.__module__, needs_for,
+                          tuple(dict(o) for o in verify_options))
         if not isinstance(options_from, str):
-            spec.options  # noqa: B018 - resolve now: an unknown option name raises at registration
+            _check_declared(spec)  # resolve now: an unknown option name raises at registration
         _METHODS[key] = spec
         return fn
     return deco
+
+
+def _check_declared(spec: MethodSpec) -> None:
+    """Resolve the options; the verify option sets and ``needs_for`` must agree with them."""
+    spec.options  # noqa: B018
+    for o in spec.verify_options:
+        try:
+            spec.check_options(o)
+        except UnknownOptionError as e:
+            raise RegistrationError(f"verify_options: {e}") from None
+    if spec.needs_by_options is not None and spec.needs_for() != spec.needs:
+        raise RegistrationError(f"method {spec.name!r}: needs={spec.needs!r} but needs_for gives "
+                                f"{spec.needs_for()!r} for the default options")
 
 
 def _import_package_modules(prefix: str, keep: Callable[[str], bool]) -> None:
@@ -317,7 +365,7 @@ def _load(kind: str, force: bool = False) -> None:
             _import_package_modules(__package__, lambda n: n not in _NOT_METHOD_MODULES and not n.startswith("ref_"))
             _import_entry_points(METHOD_ENTRY_POINTS)
             for spec in list(_METHODS.values()):
-                spec.options  # noqa: B018 - options_from names resolve now that every module is imported
+                _check_declared(spec)  # options_from names resolve now that every module is imported
         else:
             _import_package_modules(__package__, lambda n: n.startswith("ref_"))
             _import_entry_points(BACKEND_ENTRY_POINTS)

@@ -7,7 +7,9 @@ program's own ``evaluate``/``check``:
 * **Programs come from the registry.** Each pattern kind some registered method accepts gives an L0
   mask-and-weights MIQP (``l0_program``; every method accepting the kind is a production heuristic of it);
   each method's declared ``program`` builder gives its own program (FISTA's ℓ1 model, EGGS' expander mask
-  program, the refit QP, ...); the pattern's torch projection is the production solver of the plain N:M and
+  program, the refit QP, ...), for its default options and for every option set it lists in
+  ``verify_options`` (EGGS ``mask=error``: the mask-only MIQP, kept weights fixed at W0, of which the method
+  is a heuristic, held to "never below the optimum"); the pattern's torch projection is the production solver of the plain N:M and
   expander mask programs; the allocation QPs (alpha/OWL/uniform) are solved by water-filling. A method
   registered tomorrow is verified without touching this file.
 * **Backends are selected by capability, never by name.** Every registered, available backend whose
@@ -308,7 +310,8 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
         spec = _METHODS[n_]
         if spec.program is None:
             continue
-        for kd in sorted(spec.patterns & set(pattern_kinds())):
+        for kd, vopts in [(kd, vo) for kd in sorted(spec.patterns & set(pattern_kinds()))
+                          for vo in ({},) + tuple(spec.verify_options)]:
             pat = verify_pattern(kd)
             if pat is None:
                 continue
@@ -316,16 +319,16 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
                 pat.validate(p.shape)
             except ValueError:
                 continue
-            opts = {}
+            opts = dict(vopts)
             try:
-                prog = spec.program(p, pat)
+                prog = spec.program(p, pat, **vopts)
             except (TypeError, ValueError, AttributeError):
                 try:  # builders of programs on a given support (the refit QP) take the mask
-                    prog, opts = spec.program(p, pat, mask=mask), {"mask": mask}
+                    prog, opts = spec.program(p, pat, mask=mask, **vopts), {"mask": mask, **vopts}
                 except Exception:
                     continue
-            if prog is None or prog.kind == "MIQP":  # an L0 program: covered above
-                continue
+            if prog is None or (prog.kind == "MIQP" and not prog.meta.get("fixed_weights")):
+                continue  # the L0 program: covered above
             key = (n_, prog.name, prog.kind, getattr(prog.pattern, "name", None))
             if key in seen:
                 continue
@@ -341,9 +344,11 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
                     c.producers.append(_l1_producer(ln, lf, p, lam))
             else:
                 label = prog.pattern.name if prog.pattern is not None else prog.name
-                c = Case(f"{prog.kind} {label} ({n_})", "convex" if prog.kind in ("QP", "L1", "LP") else "exact",
-                         inst, fam, how, prog)
-                c.producers.append(_method_producer(n_, spec, p, pat, prog, True, **opts))
+                shown = "".join(f" {k}={v}" for k, v in vopts.items())
+                c = Case(f"{prog.kind} {label} ({n_}{shown})",
+                         "convex" if prog.kind in ("QP", "L1", "LP") else "exact", inst, fam, how, prog)
+                # a method is exact for the convex and mask programs it declares, a heuristic of a MIQP
+                c.producers.append(_method_producer(n_, spec, p, pat, prog, prog.kind != "MIQP", **opts))
             cases.append(c)
     if L1_SOLVERS and not any(c.program.kind == "L1" for c in cases):  # ℓ1 solvers registered without a method
         lam = _l1_lambda(p)
@@ -482,7 +487,8 @@ class _Runner:
             obj = prog.evaluate(vals)
             self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="solved",
                      objective=obj, feasible=program_feasible(prog, vals), time_s=dt)
-            if not pr.exact and mask is not None and "W" in vals and prog.problem is not None:
+            if not pr.exact and mask is not None and "W" in vals and prog.problem is not None \
+                    and not prog.meta.get("fixed_weights"):
                 # the exact least-squares refit on the heuristic's mask: never worse than the heuristic's weights
                 from .baselines import refit_weights
                 t0 = time.perf_counter()

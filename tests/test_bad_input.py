@@ -81,6 +81,8 @@ CASES = [
     ("allocation-eps-uniform", {"--allocation-eps": "0.1"}, None, "--allocation-eps"),
     ("eval-with-no-eval", {"--eval": "wikitext2"}, None, "--no-eval"),
     ("eval-seqlen-with-no-eval", {"--eval-seqlen": "64"}, None, "--no-eval"),
+    ("eggs-unknown-mask", {"--method": "eggs", "--pattern": "2:4", "-O": "mask=errors"}, None,
+     "option mask='errors'; choose one of score, error"),
     # ranges and shapes from config.json
     ("structured-0.999-mlp", {"--method": "spap", "--sparsity": "0.999"}, None, "one group kept"),
     ("structured-heads-0.9", {"--method": "spap", "--structure": "heads", "--sparsity": "0.9"}, None, "8 attention"),

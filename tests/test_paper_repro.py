@@ -1,7 +1,7 @@
 """paper_repro/: every paper script runs at stories scale with --quick and writes JSON + Markdown whose
 numbers are the JSONL rows' numbers; make_readme_results replaces only the marked block of the results page.
 
-The four quick runs share one process (imports and the model load are paid once) and one module-scoped fixture:
+The quick runs share one process (imports and the model load are paid once) and one module-scoped fixture:
 each is 1 dense evaluation + 2 pruning runs on stories260K with 8 calibration samples and 4 evaluation windows.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PR = REPO / "paper_repro"
 STORIES = Path(__import__("os").environ["OPTPRUNE_MODEL_DIR"]) / "stories260K"
-PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp"]
+PAPERS = ["fistapruner", "alphapruning", "spap", "eggs_ptp", "alps"]
 
 
 def _load(name: str):
@@ -268,3 +268,40 @@ def test_import_rows_fills_missing_cells_and_names_them(tmp_path):
     assert "Rows copied from another run" in md and "FISTA (SparseGPT warm start, EC on) — the paper @ 2:4" in md
     mod.main(mod.SPEC, ["--scale", "cpu", "--no-run", "--no-extra", "--out-dir", str(out), "--import-rows", str(src)])
     assert len(common.read_rows(out / "fistapruner_cpu.jsonl")) == 4
+
+
+def test_alps_cpu_tables_are_assembled_from_sweep_rows_by_key(tmp_path):
+    """``alps.py --scale cpu --no-run --import-rows`` fills exactly the cells whose whole configuration (method
+    options and allocation included) has a sweep row; everything else stays missing, never filled in."""
+    mod = _load("alps")
+    common = sys.modules["common"]
+    sweep = common.load_sweep()
+    cfg = common.scale_config("cpu")
+
+    def row(method, setting, ec, ppl, options=None, allocation="uniform"):
+        c = {"model": cfg["model"], "protocol": "cpu", "method": method, **common.parse_setting(setting),
+             "allocation": allocation, "error_correction": ec, "mode": "sequential", "calibration": None,
+             "refit": False, "structure": None, "min_degree": None, "method_options": options, "tag": None}
+        return {"key": sweep.row_key(c), "config": c, "perplexity": {"wikitext2": ppl}, "wall_s": 1.0}
+
+    src = tmp_path / "sweep.jsonl"
+    rows = [row("admm", "0.7", True, 98.0), row("sparsegpt", "0.7", False, 342.0),
+            row("eggs", "2:4", True, 150.0, {"mask": "error"}), row("wanda", "2:4", False, 177.0),
+            row("eggs", "2:4", False, 222.0), row("eggs", "2:4", False, 1.0, {"mask": "error"}),  # EC off
+            row("admm", "0.7", True, 90.0, allocation="alpha:bounded"), row("fista", "0.6", True, 1.0,
+                                                                               allocation="alpha")]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    doc = mod.main(mod.SPEC, ["--scale", "cpu", "--no-run", "--out-dir", str(out), "--import-rows", str(src)])
+    cell = {(c["variant"], c["setting"]): c for c in doc["rows"]}
+    assert cell[("admm", "0.7")]["ppl"] == 98.0 and cell[("sparsegpt", "0.7")]["ppl"] == 342.0
+    assert cell[("eggs_error", "2:4")]["ppl"] == 150.0 and cell[("wanda", "2:4")]["ppl"] == 177.0
+    assert cell[("admm_alpha_bounded", "0.7")]["ppl"] == 90.0 and cell[("fista_alpha", "0.6")]["ppl"] == 1.0
+    assert cell[("eggs_score", "2:4")]["ppl"] == 222.0  # mask=score is the default: the option-less row
+    filled = {k for k, c in cell.items() if c["ppl"] is not None}
+    assert len(filled) == 7 and sum(c["status"] == "missing" for c in doc["rows"]) == len(doc["rows"]) - 7
+    claims = {c["text"]: c for c in doc["claims"]}
+    assert claims["ADMM < SparseGPT at 70%"]["verdict"] == "holds"
+    assert claims["error-driven EGGS mask < Wanda at 2:4 (both mask-only)"]["ours_values"] == [150.0, 177.0]
+    assert claims["ADMM + alpha:bounded < ADMM uniform at 70%"]["verdict"] == "holds"  # 90 vs 98
+    assert claims["ADMM < SparseGPT at 2:4"]["verdict"] == "not run"  # neither row exists

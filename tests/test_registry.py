@@ -45,11 +45,39 @@ def test_unknown_pattern_kind_in_a_registration_names_the_kinds(registries):
     (dict(defaults={"refti": True}), r"default for unknown option 'refti'; its options: k, refit"),
     (dict(needs="hessian"), r"needs='hessian'; choose from none, diag, gram"),
     (dict(structured=True, patterns=("unstructured",)), r"must accept the 'groups' pattern kind"),
+    (dict(verify_options=({"kk": 2},)), r"verify_options: .*no option 'kk'; its options: k=1, refit=False"),
+    (dict(verify_options={"k": 2}), r"verify_options must be a tuple of option dicts"),
+    (dict(needs="diag", needs_for=lambda o: "gram"), r"needs='diag' but needs_for gives 'gram'"),
+    (dict(needs_for="gram"), r"needs_for must be a function"),
 ])
 def test_misspelt_registrations_raise_with_the_valid_choices(registries, kw, match):
     with pytest.raises(RegistrationError, match=match):
         register_method("mine", **kw)(_solver)
     assert "mine" not in R._METHODS
+
+
+def test_statistics_can_depend_on_the_options(registries):
+    register_method("mine", needs="diag", needs_for=lambda o: "gram" if o["k"] > 1 else "diag",
+                    verify_options=({"k": 3},))(_solver)
+    spec = get_method("mine")
+    assert spec.needs_for() == "diag" and spec.needs_for({"k": 3}) == "gram" and spec.verify_options == ({"k": 3},)
+    with pytest.raises(RegistrationError, match="needs_for returned 'hessian'"):
+        register_method("mine2", needs="diag", needs_for=lambda o: "hessian")(_solver)
+    assert "mine2" not in R._METHODS
+
+
+def test_option_choices_are_checked_before_the_solver_runs(registries):
+    register_method("mine", options={"k": R.Option("k", help="how many", choices=(1, 2))})(_solver)
+    spec = get_method("mine")
+    assert spec.options["k"].default == 1 and spec.options["k"].type is int  # from the signature
+    spec.check_options({"k": 2})
+    with pytest.raises(UnknownOptionError, match=r"option k=3; choose one of 1, 2"):
+        spec.check_options({"k": 3})
+    with pytest.raises(UnknownOptionError, match=r"option mask='Errors '.*choose one of score, error"):
+        get_method("eggs").check_options({"mask": "Errors "})
+    get_method("eggs").check_options({"mask": " Error", "update": "OBS"})  # case and spaces as the solver reads
+    with pytest.raises(UnknownOptionError, match=r"option update='sgd'; choose one of none, refit, obs, admm"):
+        get_method("eggs_update").check_options({"update": "sgd"})
 
 
 def test_misspelt_keyword_and_bad_solver_signatures_raise(registries):

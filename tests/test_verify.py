@@ -102,6 +102,20 @@ def test_quick_covers_every_registered_program(quick):
             assert f"L0 {CANONICAL_PATTERNS[kd]().name}" in programs, n
         else:  # a program of its own, named after the method
             assert any(pr.endswith(f"({n})") for pr in programs), n
+    for n in list_methods():  # every option set a method declares for the cross-check gets its program
+        for vo in _METHODS[n].verify_options:
+            spec = _METHODS[n]
+            pat = CANONICAL_PATTERNS[sorted(spec.patterns & set(CANONICAL_PATTERNS))[0]]()
+            prog, default = spec.program(prob, pat, **vo), spec.program(prob, pat)
+            if prog.kind == "MIQP" and not prog.meta.get("fixed_weights"):
+                continue  # the L0 program: checked above
+            same = (prog.name, prog.kind) == (default.name, default.kind)  # shown once, under the defaults
+            want = f"({n})" if same else "(" + n + "".join(f" {k}={v}" for k, v in vo.items()) + ")"
+            assert any(pr.endswith(want) for pr in programs), (n, vo, want)
+    # the mask-only program of eggs mask=error: proven references and a heuristic that never beats them
+    rows = [r for r in data["rows"] if r["program"].endswith("(eggs mask=error)")]
+    assert {r["solver"] for r in rows if r["role"] == "reference" and r["proven_optimal"]}
+    assert [r for r in rows if r["solver"] == "eggs" and r["role"] == "heuristic" and r["check"] == "ok"]
     assert "allocation QP" in programs
     assert any(p.startswith("mask expander") for p in programs)
     # every registered method appears as a production solver somewhere
