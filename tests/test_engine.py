@@ -1,0 +1,151 @@
+"""The prune engine: one flow for every model source, and a package without import cycles.
+
+* The import graph of every module of the package (module-level and function-local imports, relative and
+  absolute) has no cycle.
+* ``run.prune`` goes through :class:`~optprune.llm_adapters.engine.PruneRun`; the in-memory, sharded and
+  block-parallel runs are strategies of that one engine (bad input is refused by its preflight before any
+  weight is read).
+"""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: package name → folder (pyproject's package-dir)
+PACKAGES = {"optprune": REPO / "optprune", "optprune.formulations": REPO / "formulations",
+            "optprune.solvers": REPO / "solvers", "optprune.llm_adapters": REPO / "llm_adapters"}
+
+
+# ============================================================================================ import graph
+def _modules() -> dict:
+    """module name → (path, is_package) for every module of the package."""
+    out = {}
+    for pkg, folder in PACKAGES.items():
+        for f in sorted(folder.glob("*.py")):
+            name = pkg if f.name == "__init__.py" else f"{pkg}.{f.stem}"
+            out[name] = (f, f.name == "__init__.py")
+    return out
+
+
+def _resolve(mod: str, is_pkg: bool, node, modules: dict) -> set:
+    """The package modules an import node refers to."""
+    def known(name):
+        return name if name in modules else None
+
+    found = set()
+    if isinstance(node, ast.Import):
+        for a in node.names:
+            parts = a.name.split(".")
+            # ``import a.b.c`` imports a.b.c (the longest known prefix)
+            for k in range(len(parts), 0, -1):
+                if known(".".join(parts[:k])):
+                    found.add(".".join(parts[:k]))
+                    break
+        return found
+    if node.level:
+        base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    for a in node.names:
+        sub = f"{target}.{a.name}"
+        if known(sub):
+            found.add(sub)  # ``from pkg import module``
+        elif known(target):
+            found.add(target)  # ``from module import name``
+    return found
+
+
+def import_graph() -> dict:
+    modules = _modules()
+    graph = {}
+    for name, (path, is_pkg) in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        edges = set()
+        for node in ast.walk(tree):  # every import, wherever it is (module level, functions, branches)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= _resolve(name, is_pkg, node, modules)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycles(graph: dict) -> list:
+    """One cycle (list of modules, first repeated at the end) per strongly connected component of size > 1."""
+    index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v):  # Tarjan
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(set(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    cycles = []
+    for comp in comps:  # a shortest cycle through the component's first module (breadth-first search)
+        start = min(comp)
+        prev, frontier, end = {start: None}, [start], None
+        while frontier and end is None:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & comp):
+                    if w == start:
+                        end = v
+                        break
+                    if w not in prev:
+                        prev[w] = v
+                        nxt.append(w)
+                if end is not None:
+                    break
+            frontier = nxt
+        path = [end]
+        while prev[path[-1]] is not None:
+            path.append(prev[path[-1]])
+        cycles.append(list(reversed(path)) + [start])
+    return cycles
+
+
+def test_the_cycle_finder_finds_cycles():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert find_cycles(g) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_resolver_reads_relative_absolute_and_local_imports(tmp_path):
+    modules = {"optprune.llm_adapters": None, "optprune.llm_adapters.run": None, "optprune.solvers": None,
+               "optprune.llm_adapters.offload": None}
+    src = ("from . import run\nfrom .offload import X\nfrom ..solvers import get_method\n"
+           "def f():\n    import optprune.llm_adapters.offload as O\n")
+    nodes = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    got = set().union(*(_resolve("optprune.llm_adapters.engine", False, n, modules) for n in nodes))
+    assert got == {"optprune.llm_adapters.run", "optprune.llm_adapters.offload", "optprune.solvers"}
+
+
+def test_no_module_imports_a_module_that_imports_it():
+    graph = import_graph()
+    assert "optprune.llm_adapters.engine" in graph and len(graph) > 40
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
