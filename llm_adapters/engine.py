@@ -124,7 +124,7 @@ class PruneRun:
         if self.world > 1 and o.mode != "dense-input":
             raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
                            "the sequential mode stays single-process")
-        self.alloc, self.alloc_mod = _check_allocation(o.allocation)
+        self.alloc = _check_allocation(o.allocation)
         if o.allocation_eps is not None and not (0 <= float(o.allocation_eps) < 1):
             raise RunError(f"--allocation-eps must be in [0, 1), got {o.allocation_eps}")
         self.dev = _default_device(o.device)
@@ -316,7 +316,8 @@ class PruneRun:
         """Per-sub-layer sparsities (``--allocation``) into the pipeline's config."""
         o, src = self.o, self.source
         t0 = time.perf_counter()
-        layer_s, info = self.alloc_mod.layer_sparsities(src.model, src.arch, self.alloc, self.sparsity,
+        from .allocation_targets import layer_sparsities
+        layer_s, info = layer_sparsities(src.model, src.arch, self.alloc, self.sparsity,
                                                         eps=o.allocation_eps, calib_ids=calib, data=None,
                                                         prune_config=self.config, progress=self.verbose)
         self.config.layer_sparsity = dict(layer_s)
@@ -352,11 +353,11 @@ class PruneRun:
             record["summary"]["certificates"] = summarize_certificates(layers)
 
 
-def _check_allocation(allocation) -> tuple:
-    """(normalised --allocation, the allocation module or None for uniform); unknown names fail here."""
+def _check_allocation(allocation) -> str:
+    """The normalised ``--allocation`` spec; unknown names and options fail here."""
     alloc = (allocation or "uniform").strip().lower()
     if alloc == "uniform":
-        return alloc, None
+        return alloc
     try:
         from . import allocation as alloc_mod
     except ModuleNotFoundError as e:
@@ -371,7 +372,7 @@ def _check_allocation(allocation) -> tuple:
         known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
         if alloc not in known:
             raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
-    return alloc, alloc_mod
+    return alloc
 
 
 def _call(fn, *a, **kw):

@@ -9,7 +9,7 @@
    with ``low_memory``), check the pattern against every prunable sub-layer (e.g. 4:8 on a width-172 layer),
    still before anything is written;
 3. calibration tokens (protocol defaults, docs/protocols.md), optional per-layer allocation
-   (:func:`optprune.llm_adapters.allocation.layer_sparsities`), the sequential pipeline
+   (:func:`optprune.llm_adapters.allocation_targets.layer_sparsities`), the sequential pipeline
    (:func:`optprune.llm_adapters.pipeline.prune_model`) on one process or block-parallel ranks;
 4. perplexity per protocol, ``save_pretrained`` (+ tokenizer) to ``output`` — structured methods go through
    :func:`optprune.llm_adapters.surgery.save_shrunk` — and ``run.json`` (config, versions, machine, protocol,
@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Optional
 
 from .evaluation import zero_shot
-from .report import (HELDOUT_SEQLEN, _check_reference_hook, _divergence, _jsonable, _machine,  # noqa: F401
-                     _memory_meta, _peak_rss_mb, _perplexities, _print_eval_summary, _print_prune_summary,
-                     _save, _versions)
+from .report import (_check_reference_hook, _divergence, _jsonable, _machine, _peak_rss_mb,  # noqa: F401
+                     _perplexities, _print_eval_summary, _save, _versions)
 from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, _clip_to_context, _default_device,  # noqa: F401
                        _protocol_record, _split_list, log, resolve_settings)
 

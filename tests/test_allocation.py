@@ -175,7 +175,7 @@ def _loss(model, ids):
 
 
 def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
     model = _stories(stories_dir)
@@ -216,7 +216,7 @@ def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
 
 def test_bounded_alpha_on_model_is_checked_by_reference(stories_dir):
     pytest.importorskip("cvxpy")
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     model = _stories(stories_dir)
     arch = get_arch(model)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 #: package name → folder (pyproject's package-dir)
@@ -149,3 +150,107 @@ def test_no_module_imports_a_module_that_imports_it():
     assert "optprune.llm_adapters.engine" in graph and len(graph) > 40
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
+
+
+# ============================================================================================ the engine
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+    sd = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def _prune(stories_dir, out, **kw):
+    from optprune.llm_adapters.run import prune
+    args = dict(model=str(stories_dir), method="sparsegpt", sparsity=0.5, calibration="wikitext2", nsamples=4,
+                seqlen=32, evaluate=False, progress=False, output=out)
+    args.update(kw)
+    return prune(**args)
+
+
+def test_the_prune_flow_lives_in_the_engine_only():
+    """offload.py keeps storage mechanics, distributed.py process mechanics, run.py calls the engine: none of
+    them builds a pipeline config, runs the pipeline or writes a run record."""
+    flow = {"prune_model", "validate_config", "PruneConfig", "calibration_tokens", "_print_prune_summary",
+            "atomic_output", "open_checkpoint"}
+    for mod in ("offload", "distributed", "run"):
+        tree = ast.parse((REPO / "llm_adapters" / f"{mod}.py").read_text(encoding="utf-8"))
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+               {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not (flow & used), f"llm_adapters/{mod}.py carries part of the prune flow: {sorted(flow & used)}"
+    run = ast.parse((REPO / "llm_adapters" / "run.py").read_text(encoding="utf-8"))
+    prune = next(n for n in run.body if isinstance(n, ast.FunctionDef) and n.name == "prune")
+    code = [n for n in prune.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert len(code) <= 2, "run.prune should only hand its options to PruneRun"
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(method="spap", structure="mlp", sparsity=0.3), "structured"),
+    (dict(allocation="alpha"), "--allocation alpha"),
+    (dict(calibration="self"), "--calibration self"),
+    (dict(output=None), "give --output"),
+    (dict(activation_dtype="int8"), "--activation-dtype"),
+])
+def test_sharded_source_refuses_in_the_preflight_before_any_weight_is_read(stories_dir, tmp_path, monkeypatch,
+                                                                          kw, msg):
+    from optprune.llm_adapters import engine, offload
+
+    def boom(*a, **k):
+        raise AssertionError("a model was opened before the input was checked")
+
+    monkeypatch.setattr(offload.OffloadedModel, "__init__", boom)
+    monkeypatch.setattr(engine.OffloadedModel, "__init__", boom)
+    out = tmp_path / "out"
+    options = dict(model=str(stories_dir), method="sparsegpt", sparsity=0.5, calibration="wikitext2", nsamples=4,
+                   seqlen=32, evaluate=False, progress=False, output=out, low_memory=True)
+    options.update(kw)
+    from optprune.llm_adapters.run import prune
+    with pytest.raises(ValueError, match=msg):
+        prune(**options)
+    assert not out.exists()
+    with pytest.raises(ValueError, match=msg):  # the engine's own preflight, called alone
+        run = engine.PruneRun(**{**_defaults(), **options})
+        run.preflight()
+
+
+def _defaults() -> dict:
+    import inspect
+
+    from optprune.llm_adapters.run import prune
+    return {k: p.default for k, p in inspect.signature(prune).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_in_memory_and_sharded_sources_write_the_same_model(stories_dir, tmp_path):
+    """The same settings through the two model sources: identical weights, the same per-layer records, and a
+    record that names the output folder (not the temporary folder the shards were written to)."""
+    a = _prune(stories_dir, tmp_path / "mem")
+    b = _prune(stories_dir, tmp_path / "shards", low_memory=True)
+    wa, wb = _weights(tmp_path / "mem"), _weights(tmp_path / "shards")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [(r["name"], r["error"]) for r in a["layers"]] == [(r["name"], r["error"]) for r in b["layers"]]
+    assert a["summary"]["nonzero_after"] == b["summary"]["nonzero_after"] < a["summary"]["nonzero_before"]
+    for rec, d in ((a, "mem"), (b, "shards")):
+        saved = json.loads((tmp_path / d / "run.json").read_text())
+        assert saved["saved"]["path"] == str((tmp_path / d).resolve())
+        assert saved["config"]["output"] == str(tmp_path / d)
+        assert saved["status"] == "done"
+    assert b["config"]["low_memory"] is True and "low_memory" in b["pipeline"]
+    assert not [p for p in tmp_path.iterdir() if "optprune-tmp" in p.name]
+
+
+def test_preflight_runs_once_and_resolves_the_settings(stories_dir, tmp_path):
+    from optprune.llm_adapters.engine import InMemorySource, PruneRun, ShardedSource
+    opts = {**_defaults(), **dict(model=str(stories_dir), method="wanda", calibration="wikitext2", nsamples=4,
+                                  seqlen=32, evaluate=False, progress=False, output=tmp_path / "o")}
+    run = PruneRun(**opts)
+    assert run.preflight() is run and isinstance(run.source, InMemorySource)
+    s = run.s
+    assert run.preflight().s is s  # idempotent: settings resolved once
+    assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and run.sparsity == 0.5
+    assert isinstance(PruneRun(**{**opts, "low_memory": True}).preflight().source, ShardedSource)
+    assert not (tmp_path / "o").exists()
