@@ -22,6 +22,12 @@ Where the model lives is a strategy, not a fork of the flow:
   :func:`prune_offloaded` materialises a block, prunes it through the pipeline on its stored inputs, writes its
   output shard and computes the next block's inputs; storage mechanics live in :mod:`.offload`.
 
+A source answers the engine's calls in order: ``check`` (in the preflight: what it cannot do), ``staging``
+(where output is written while pruning), ``load``, ``config_record``, ``before_prune``, ``prune``,
+``weight_counts``, ``evaluate``, ``output`` and ``save``, ``print_summary``; and on block-parallel ranks
+``spawnable``/``worker_recipe``/``for_worker`` (a worker's own copy), ``prune_rank`` (this rank's blocks),
+``gather`` (the pruned blocks to rank 0) and ``finish_merge``.
+
 Either source runs block-parallel with ``--nproc N`` or under torchrun (``mode="dense-input"``): every rank
 prunes its own blocks (:func:`assign_blocks`), then the source gathers them — in memory, the pruned blocks
 travel to rank 0; sharded, every rank has written its own shards and rank 0 writes the rest. Process and
@@ -176,7 +182,7 @@ class PruneRun:
             raise RunError("--activation-dtype applies to --low-memory only")
         if o.certify and o.low_memory:
             raise RunError("--certify is not available with --low-memory (run it in memory)")
-        source = ShardedSource(self) if o.low_memory else InMemorySource(self)
+        source = ShardedSource() if o.low_memory else InMemorySource()
         source.check(self)  # what this source cannot do, still before any weight is read
         self.source = source
         return self
@@ -193,7 +199,7 @@ class PruneRun:
             return self._run()
 
     def _run(self):
-        o, s, src, spec = self.o, self.s, self.source, self.spec
+        o, s, src = self.o, self.s, self.source
         timings = self.timings = {}
         t0 = time.perf_counter()
         src.load(self)  # the model (or its skeleton), tokenizer and metadata
@@ -386,7 +392,7 @@ class InMemorySource:
 
     whole = True  # the model object is whole: dense evaluation, self-calibration, allocation, KL work on it
 
-    def __init__(self, run: Optional[PruneRun] = None, model=None, recipe=None):
+    def __init__(self, model=None, recipe=None):
         self.model, self.tok, self.meta, self.arch = model, None, None, None
         self.recipe = recipe  # how a spawned worker gets its own copy: (name_or_path, model_dir) or a callable
 
@@ -467,6 +473,9 @@ class InMemorySource:
         pass
 
     # ---------------------------------------------------------------- block-parallel ranks
+    def spawnable(self) -> bool:
+        return self.recipe is not None
+
     def worker_recipe(self) -> tuple:
         return ("in-memory", (self.recipe,))
 
@@ -532,7 +541,7 @@ class ShardedSource:
 
     whole = False
 
-    def __init__(self, run: Optional[PruneRun] = None, om: Optional[OffloadedModel] = None, out_dir=None, act=None):
+    def __init__(self, om: Optional[OffloadedModel] = None, out_dir=None, act=None):
         self.om, self.out_dir, self.act = om, out_dir, act
         self.tok, self.meta = None, None
         self.directory = om.dir if om is not None else None
@@ -647,6 +656,9 @@ class ShardedSource:
               f"model; activations {low.get('activations_mb', 0):.1f} MB ({low.get('activation_dtype')})")
 
     # ---------------------------------------------------------------- block-parallel ranks
+    def spawnable(self) -> bool:
+        return self.directory is not None
+
     def worker_recipe(self) -> tuple:
         return ("sharded", (str(self.directory), self.om.dtype, str(self.out_dir), self.act))
 
@@ -692,14 +704,15 @@ def run_blocks_parallel(source, calib_ids, config, *, nproc: int, progress: bool
     validate_config(source.model, config, calib_ids)  # bad input: the same one-line error on every rank
     assignment = assignment or os.environ.get(ENV_ASSIGNMENT)
     assign_blocks([0], 1, assignment)  # checks the name
-    if env_world() is None and source.worker_recipe()[1][0] is None:
+    if env_world() is None and not source.spawnable():
         raise DistributedError("nproc > 1 needs a model source the workers can load (source=(name, model_dir))")
     with distributed_context(world, _spawned_worker, (source.worker_recipe(), config, assignment),
                              device=config.device) as ctx:
         if progress and ctx.rank == 0:
+            where = "loopback 127.0.0.1" if ctx.launcher == "spawn" else \
+                "MASTER_ADDR " + os.environ.get("MASTER_ADDR", "?")
             print(f"optprune: block-parallel pruning on {ctx.world} processes ({ctx.backend}, {ctx.launcher}; "
-                  f"{'loopback 127.0.0.1' if ctx.launcher == 'spawn' else 'MASTER_ADDR ' + os.environ.get('MASTER_ADDR', '?')})",
-                  file=sys.stderr)
+                  f"{where})", file=sys.stderr)
         return prune_rank(ctx, source, calib_ids, config, progress=progress, assignment=assignment)
 
 
