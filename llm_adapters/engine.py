@@ -67,6 +67,8 @@ __all__ = ["PruneRun", "InMemorySource", "ShardedSource", "run_blocks_parallel",
            "prune_model_distributed", "prune_offloaded"]
 
 log = logging.getLogger("optprune")
+#: the plot of the ``--allocation auto`` candidates, written next to run.json
+SELECTION_PLOT = "allocation_selection.png"
 
 
 # ============================================================================================ the engine
@@ -83,6 +85,7 @@ class PruneRun:
         self.o = types.SimpleNamespace(**options)
         self.verbose = self.o._cli if self.o.verbose is None else self.o.verbose
         self.source = None
+        self.selection = None  # --allocation auto: the candidates' scores, plotted into the output
 
     # ------------------------------------------------------------------------------------ 1. preflight
     def preflight(self) -> "PruneRun":
@@ -241,6 +244,9 @@ class PruneRun:
             if self.out_dir is not None:
                 t0 = time.perf_counter()
                 record["saved"] = {**src.save(self, stage), "path": str(self.out_dir.resolve())}
+                if self.selection is not None:
+                    from .allocation_select import plot_selection
+                    plot_selection(self.selection, stage / SELECTION_PLOT)
                 timings["save_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - self.t_total
             record["timings"] = timings
@@ -328,9 +334,9 @@ class PruneRun:
                                                         prune_config=self.config, progress=self.verbose)
         self.config.layer_sparsity = dict(layer_s)
         self.timings["allocation_s"] = time.perf_counter() - t0
-        if self.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, next to run.json
-            from .allocation_select import plot_selection
-            info["plot"] = plot_selection(info, self.out_dir / "allocation_selection.png")
+        if self.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, saved next to run.json
+            self.selection = info
+            info["plot"] = str(self.out_dir / SELECTION_PLOT)
         self.record["allocation"] = _jsonable(info)
 
     def _summarize(self, res: dict) -> None:

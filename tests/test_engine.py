@@ -254,3 +254,15 @@ def test_preflight_runs_once_and_resolves_the_settings(stories_dir, tmp_path):
     assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and run.sparsity == 0.5
     assert isinstance(PruneRun(**{**opts, "low_memory": True}).preflight().source, ShardedSource)
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_allocation_plot_is_written_with_the_output(stories_dir, tmp_path):
+    """``--allocation auto`` plots its candidates next to run.json: the plot goes into the output written as a
+    whole (not into the target folder while the run is still going, which the atomic save would refuse)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "auto"
+    rec = _prune(stories_dir, out, method="wanda", sparsity=0.6, allocation="auto")
+    assert rec["status"] == "done"
+    plot = Path(rec["allocation"]["plot"])
+    assert plot == out / "allocation_selection.png" and plot.is_file() and plot.stat().st_size > 0
+    assert json.loads((out / "run.json").read_text())["allocation"]["plot"] == str(plot)
