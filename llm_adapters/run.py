@@ -76,11 +76,10 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
     ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
     ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
-    from .engine import PruneRun
+    from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
 
 
-# ============================================================================================ evaluate
 # ============================================================================================ evaluate
 def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, model_dir=None, device=None,
              seed: int = 0, eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
