@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 
 from ..solvers.allocation import ALLOCATIONS
-from .allocation import AllocationError, layer_sparsities, model_spectra
+from .allocation import AllocationError, model_spectra
+from .allocation_targets import layer_sparsities
 from .architectures import get_arch
 
 __all__ = ["analyze", "resolve_matrix", "plot_esd", "plot_layers"]

@@ -1,9 +1,12 @@
-"""Block-parallel pruning on ``torch.distributed``.
+"""Block-parallel pruning on ``torch.distributed``: the process and communication mechanics.
 
 In ``mode="dense-input"`` every decoder block is pruned on the inputs the *dense* model gives it, so blocks are
 independent: ``prune_model(model, ids, PruneConfig(mode="dense-input", blocks=[i]))`` prunes block ``i`` bit for
-bit as the full run does. This module runs those per-block jobs on several processes with ``torch.distributed``
-(gloo on CPU, NCCL on GPUs) and gathers the results into one model and one run record on rank 0.
+bit as the full run does. The engine (:func:`~optprune.llm_adapters.engine.run_blocks_parallel`) runs those
+per-block jobs on several processes with ``torch.distributed`` (gloo on CPU, NCCL on GPUs) and gathers the
+results into one model and one run record on rank 0; this module holds what it needs for that: the process
+group (:func:`distributed_context`), the block assignment (:func:`assign_blocks`), the agreement on success
+(:func:`exchange`), tensor transfer and the broadcast of rank 0's inputs.
 
 **Launch.** Two entry points, one code path:
 
@@ -36,7 +39,8 @@ with rank 0's data, also under torchrun where each rank sampled them itself). Af
 its per-layer/per-block records (``gather_object``) and status; on success the owners send each pruned block to
 rank 0, block by block and tensor by tensor (``send``/``recv`` into rank 0's own tensors of the same shape); a
 structured method's shrunk block travels as one pickled module (``send_object_list``) and replaces rank 0's.
-With NCCL the tensors are staged through the rank's GPU.
+With NCCL the tensors are staged through the rank's GPU. With ``--low-memory`` nothing travels: every rank writes
+its own block shards into the output directory (one machine, or a shared filesystem) and rank 0 writes the rest.
 
 **Bit for bit.** Each rank runs the same code on the same weights, tokens, batches and dtype as the
 single-process dense-input run, so the pruned weights are identical *provided the thread count is the same*
@@ -57,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
 import shutil
 import socket
@@ -72,8 +75,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedError", "RankFailed", "ASSIGNMENTS", "assign_blocks", "env_world", "loopback_interface",
-           "choose_backend", "prune_model_parallel", "prune_model_distributed", "distributed_context",
-           "exchange", "DistContext", "world_for"]
+           "choose_backend", "distributed_context", "exchange", "DistContext", "world_for"]
 
 ASSIGNMENTS = ("contiguous", "round-robin")
 ENV_ASSIGNMENT = "OPTPRUNE_BLOCK_ASSIGNMENT"
@@ -219,11 +221,6 @@ def _tcp_addresses() -> list:
             if a:
                 ips.add(a.ip)
     return sorted(ips)
-
-
-def _rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ============================================================================================ process group
@@ -423,7 +420,7 @@ def _recv_into(t: torch.Tensor, src: int, ctx: DistContext) -> None:
     t.copy_(buf.to(t.device))
 
 
-# ============================================================================================ in-memory pruning
+# ============================================================================================ rank inputs
 def _broadcast_inputs(ctx: DistContext, calib_ids, config):
     """Rank 0's calibration tokens and config on every rank (device fields are per rank and kept)."""
     box = [(calib_ids.cpu() if calib_ids is not None else None, config) if ctx.rank == 0 else None]
@@ -437,168 +434,3 @@ def _check_mode(config) -> None:
     if config.mode != "dense-input":
         raise DistributedError("block-parallel pruning (--nproc > 1 or torchrun) needs --mode dense-input "
                                "(independent blocks); the sequential mode stays single-process")
-
-
-def _rank_result(res: dict) -> dict:
-    return {k: res.get(k) for k in ("layers", "blocks", "time_s", "peak_rss_mb", "device", "peak_cuda_mb")}
-
-
-def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progress: bool = True,
-                            assignment: Optional[str] = None, _error: Optional[BaseException] = None) -> Optional[dict]:
-    """Every rank of ``ctx`` calls this with its own copy of the dense model. Rank 0 returns the merged record
-    (its ``model`` then holds every pruned block); the other ranks return ``None``.
-
-    ``_error``: this rank already failed (e.g. loading the model); it still takes part in the exchange."""
-    from .architectures import get_module
-    from .pipeline import prune_model, validate_config
-
-    t0 = time.perf_counter()
-    calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
-    t_ready = time.perf_counter()  # every rank is up (rank 0 waited here for the spawned workers to start)
-    cpu0 = time.process_time()
-    _check_mode(config)
-    config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
-    plan = None
-    local, err = {"layers": [], "blocks": []}, _error
-    mine: list = []
-    if err is None:
-        try:
-            plan = validate_config(model, config, calib_ids)
-            owners = assign_blocks(plan.blocks, ctx.world, assignment)
-            mine = owners[ctx.rank]
-            if mine:
-                res = prune_model(model, calib_ids, dataclasses.replace(config, blocks=mine),
-                                  progress=progress and ctx.rank == 0)
-                local = _rank_result(res)
-        except Exception as e:  # reported through the exchange; rank 0 re-raises
-            err = e
-    summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
-               "device": str(config.device), "tcp_addresses": _tcp_addresses(), **local,
-               "prune_time_s": time.perf_counter() - t0, "wait_s": t_ready - t0,
-               "work_s": time.perf_counter() - t_ready, "cpu_s": time.process_time() - cpu0, "peak_rss_mb": _rss_mb(),
-               "forward_blocks": (min(mine) if mine else 0), "structured": None}
-    if plan is not None:
-        summary["structured"] = bool(plan.spec.structured)
-    proceed, gathered = exchange(ctx, summary, err)
-    if not proceed:  # another rank failed; rank 0 has raised
-        return None
-    # ------------------------------------------------------------ transfer of the pruned blocks to rank 0
-    t_x = time.perf_counter()
-    blocks_mod = get_module(model, plan.arch.blocks)
-    owners = assign_blocks(plan.blocks, ctx.world, assignment)
-    owner_of = {b: r for r, bl in enumerate(owners) for b in bl}
-    structured = bool(plan.spec.structured)
-    sent = 0
-    for b in plan.blocks:
-        o = owner_of[b]
-        if o == 0:
-            continue
-        if ctx.rank == o:
-            if structured:
-                dist.send_object_list([blocks_mod[b].to("cpu")], dst=0)
-            else:
-                for t in blocks_mod[b].state_dict().values():
-                    _send_tensor(t, 0, ctx)
-                    sent += t.numel() * t.element_size()
-        elif ctx.rank == 0:
-            if structured:
-                box = [None]
-                dist.recv_object_list(box, src=o)
-                blocks_mod[b] = box[0].to(next(blocks_mod[0].parameters()).device)
-            else:
-                for t in blocks_mod[b].state_dict().values():
-                    _recv_into(t, o, ctx)
-                    sent += t.numel() * t.element_size()
-    dist.barrier()
-    t_transfer = time.perf_counter() - t_x
-    if ctx.rank != 0:
-        return None
-    res = _merge(gathered, ctx, owners, assignment, calib_ids, config, time.perf_counter() - t0, t_transfer, sent)
-    res["distributed"]["startup_wait_s"] = t_ready - t0
-    res["distributed"]["parallel_s"] = time.perf_counter() - t_ready  # broadcast done → gathered
-    return res
-
-
-def _merge(gathered: list, ctx: DistContext, owners, assignment, calib_ids, config, wall, t_transfer, nbytes) -> dict:
-    """One record from the ranks' records, in block order (the same order as the single-process run)."""
-    from .pipeline import _batch_size
-    layers = [r for g in gathered for r in (g.get("layers") or [])]
-    layers.sort(key=lambda r: r["block"])  # stable: sub-layer order within a block is kept
-    blocks = sorted((r for g in gathered for r in (g.get("blocks") or [])), key=lambda r: r["block"])
-    tot = sum(math.prod(r["shape"]) for r in layers)
-    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
-    threads = sorted({g["threads"] for g in gathered})
-    addrs = sorted({a for g in gathered for a in g.get("tcp_addresses") or []})
-    ranks = [{k: g.get(k) for k in ("rank", "host", "blocks_owned", "forward_blocks", "threads", "device",
-                                     "prune_time_s", "wait_s", "work_s", "cpu_s", "time_s", "peak_rss_mb",
-                                     "peak_cuda_mb",
-                                     "tcp_addresses")}
-             for g in gathered]
-    res = {"layers": layers, "blocks": blocks, "time_s": wall,
-           "peak_rss_mb": max(g.get("peak_rss_mb") or 0.0 for g in gathered),
-           "sparsity": zeros / tot if tot else 0.0, "device": gathered[0].get("device"),
-           "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
-           "distributed": {"world_size": ctx.world, "backend": ctx.backend, "launcher": ctx.launcher,
-                           "assignment": (assignment or os.environ.get(ENV_ASSIGNMENT) or "contiguous"),
-                           "owners": owners, "threads": threads, "tcp_addresses": addrs,
-                           "transfer_time_s": t_transfer, "transfer_mb": nbytes / 2 ** 20, "ranks": ranks}}
-    cuda = [g.get("peak_cuda_mb") for g in gathered if g.get("peak_cuda_mb") is not None]
-    if cuda:
-        res["peak_cuda_mb"] = max(cuda)
-    if len(threads) > 1:
-        res["distributed"]["warning"] = (f"ranks ran with different thread counts {threads}: results may differ "
-                                         f"in the last bits from a single-process run")
-    return res
-
-
-def _load_source(source):
-    """A dense model from ``source``: ``(name_or_path, model_dir)`` (as ``load_model`` takes it) or a callable."""
-    if callable(source):
-        return source()
-    from .loading import load_model
-    name, model_dir = source if isinstance(source, (tuple, list)) else (source, None)
-    model, _, _ = load_model(name, model_dir=model_dir)
-    return model
-
-
-def _spawned_prune_worker(source, config, assignment):
-    """A spawned worker of :func:`prune_model_parallel`: load the model, take part in the run."""
-    with distributed_context(1, device=config.device) as ctx:  # env set by _spawned_entry → joins the group
-        model, err = None, None
-        try:
-            model = _load_source(source)
-        except Exception as e:
-            err = e
-        prune_model_distributed(ctx, model, None, config, progress=False, assignment=assignment, _error=err)
-
-
-def prune_model_parallel(model, calib_ids, config, *, progress: bool = True, nproc: int = 1, source=None,
-                         assignment: Optional[str] = None, on_block=None) -> Optional[dict]:
-    """The pipeline hook of ``run.prune``: ``prune_model`` on one process, block-parallel on several.
-
-    * one process (``nproc == 1`` and not under torchrun): exactly :func:`~.pipeline.prune_model`;
-    * ``nproc > 1``: this process is rank 0 and spawns ``nproc − 1`` workers that load the model from
-      ``source`` (``(name_or_path, model_dir)`` as given to ``load_model``, or a picklable callable);
-    * under torchrun: every rank calls this with its own model.
-
-    Returns the pipeline's record (merged over ranks, plus ``"distributed"``) on rank 0, ``None`` on others.
-    """
-    from .pipeline import prune_model, validate_config
-    world = world_for(nproc)
-    if world <= 1:
-        return prune_model(model, calib_ids, config, progress=progress, on_block=on_block)
-    if on_block is not None:
-        raise DistributedError("per-block checkpoints (--checkpoint-dir/--resume) need a single process")
-    _check_mode(config)
-    validate_config(model, config, calib_ids)  # bad input: the same one-line error on every rank, nothing started
-    assignment = assignment or os.environ.get(ENV_ASSIGNMENT)
-    assign_blocks([0], 1, assignment)  # checks the name
-    if env_world() is None and source is None:
-        raise DistributedError("nproc > 1 needs a model source the workers can load (source=(name, model_dir))")
-    with distributed_context(world, _spawned_prune_worker, (source, config, assignment), device=config.device) as ctx:
-        if progress and ctx.rank == 0:
-            print(f"optprune: block-parallel pruning on {ctx.world} processes ({ctx.backend}, {ctx.launcher}; "
-                  f"{'loopback 127.0.0.1' if ctx.launcher == 'spawn' else 'MASTER_ADDR ' + os.environ.get('MASTER_ADDR', '?')})",
-                  file=sys.stderr)
-        return prune_model_distributed(ctx, model, calib_ids, config, progress=progress, assignment=assignment)

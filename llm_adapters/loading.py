@@ -166,7 +166,7 @@ def _gguf_load_uncached(directory: Path, gguf_file: str, dtype):
 def _dir_load(directory: Path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     widths = directory / "optprune_widths.json"
-    from .preflight import stale_widths
+    from .model_files import stale_widths
     stale = stale_widths(directory) if widths.is_file() else None
     if stale:  # left over from an earlier structured output in the same folder: the weights are plain
         import sys

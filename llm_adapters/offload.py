@@ -1,58 +1,41 @@
-"""Models larger than memory: prune one decoder block at a time, straight from the safetensors shards.
-``optprune prune --low-memory`` / ``prune(..., low_memory=True)``.
+"""Storage for models larger than memory: a safetensors checkpoint read one tensor at a time, a model skeleton
+whose blocks are materialised one at a time, output shards written block by block, and perplexity streamed
+from written shards. The prune flow over these pieces (``optprune prune --low-memory``) is the engine's
+:class:`~optprune.llm_adapters.engine.ShardedSource`.
 
-How it works:
-
-1. **Skeleton.** The model is built from its ``config.json`` with ``accelerate.init_empty_weights`` (parameters
-   on the ``meta`` device, buffers such as rotary tables real). The checkpoint's tensors are indexed by name
-   (``model.safetensors`` or ``model.safetensors.index.json``) and read **one tensor at a time** with
-   ``safetensors.safe_open`` (each file is opened per block and closed again, so no mapping stays resident).
-2. **Capture.** The non-block tensors needed before block 0 (embeddings, positional tables, norms; never the
-   output head) are materialised, block 0's hidden states and every block's own arguments (its mask, its
-   positional table) are captured exactly as the in-memory pipeline captures them
-   (:func:`~.pipeline.capture_block_inputs`, the blocks standing aside), and those tensors are released.
-3. **One block at a time.** For each block up to the last one to prune: materialise it, prune it with any
-   unstructured/N:M method through the ordinary pipeline (:func:`~.pipeline.prune_model` on a one-block view
-   whose forward replays the stored block inputs), write its tensors to its own output shard, then compute the
-   next block's inputs *in place* (``mode="dense-input"``: from the dense block, re-read from the checkpoint;
-   ``"sequential"``: from the pruned block) and release it (back to ``meta``).
-4. **Output.** ``model-XXXXX-of-YYYYY.safetensors`` shards (the non-block tensors first, packed up to
-   ``SHARD_BYTES``; then one shard per block) + ``model.safetensors.index.json`` + ``config.json`` (+ generation
-   config, tokenizer, ``run.json``): a directory stock ``AutoModelForCausalLM.from_pretrained`` loads.
-
-Resident memory: one block (plus the pipeline's dense copy with error correction), the block inputs of the
-calibration set twice — our buffer (``activation_dtype``: the model's dtype by default, or float16/bfloat16)
-and the pipeline's captured copy in the compute dtype — and the Gram matrices of one group of sub-layers
-(float32). The model is computed in ``dtype`` (float32 by default, like ``load_model``); with the default
-activation dtype the pruned weights are **bit-for-bit those of the in-memory dense-input/sequential run**.
-
-With ``--nproc N`` (or torchrun) the blocks are split between ranks as in :mod:`.distributed`: each rank streams
-the blocks up to its last one, writes its own block shards into the output directory (which must be visible to
-every rank: one machine, or a shared filesystem), and rank 0 writes the rest and the record.
-
-Not supported here (clear errors): structured methods (their widths change the config), per-layer
-allocations ``alpha``/``owl`` (they read every weight first), ``--calibration self`` (it samples from the whole
-model), ``--reference``. Perplexity is computed block by block from the written shards (:func:`perplexity_offloaded`),
-so the whole model is never resident in evaluation either.
+* :class:`Checkpoint` indexes the tensors of a checkpoint directory by name (``model.safetensors`` or
+  ``model.safetensors.index.json``) and reads them with ``safetensors.safe_open``, each file opened per read
+  and closed again, so no mapping stays resident.
+* :class:`OffloadedModel` builds the model from its ``config.json`` with ``accelerate.init_empty_weights``
+  (parameters on the ``meta`` device, buffers such as rotary tables real); :meth:`~OffloadedModel.block`
+  materialises block ``i`` (in ``dtype``), :meth:`~OffloadedModel.release` sends it back to ``meta``, and
+  :meth:`~OffloadedModel.capture` records block 0's hidden states and every block's own arguments (mask,
+  positional table) from the model's own forward, the (meta) blocks standing aside
+  (:func:`~.pipeline.capture_block_inputs`), with the non-block tensors before the blocks materialised only for
+  that forward (never the output head).
+* Output: ``model-XXXXX-of-YYYYY.safetensors`` shards (the non-block tensors first, packed up to
+  ``SHARD_BYTES``; then one shard per block, :func:`_save_shard`) + ``model.safetensors.index.json`` +
+  ``config.json`` (+ generation config) — :func:`write_rest_and_index` — a directory stock
+  ``AutoModelForCausalLM.from_pretrained`` loads.
+* :func:`perplexity_offloaded`: perplexity as :func:`~.evaluation.perplexity` computes it, the model streamed
+  block by block from the written shards, so the whole model is never resident in evaluation either.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-import types
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "prune_offloaded", "prune_low_memory",
-           "perplexity_offloaded", "SHARD_BYTES", "INDEX_FILE"]
+__all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "write_rest_and_index", "perplexity_offloaded",
+           "SHARD_BYTES", "INDEX_FILE"]
 
 #: the non-block tensors are packed into shards of at most this many bytes (a larger tensor gets its own)
 SHARD_BYTES = 2 << 30
@@ -304,51 +287,7 @@ def _save_shard(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ============================================================================================ one-block view
-class _BlockView(nn.Module):
-    """A causal-LM look-alike holding one block: its forward replays stored block inputs batch by batch, so that
-    ``prune_model(view, ids, config)`` captures exactly those inputs (and prunes exactly that block)."""
-
-    def __init__(self, config, arch, block, feed, vocab):
-        super().__init__()
-        self.config = config
-        parts = arch.blocks.split(".")
-        parent = self
-        for p in parts[:-1]:
-            child = nn.Module()
-            parent.add_module(p, child)
-            parent = child
-        parent.add_module(parts[-1], nn.ModuleList([block]))
-        object.__setattr__(self, "_path", arch.blocks)
-        object.__setattr__(self, "optprune_arch", arch)  # get_arch: the full model's, not re-inferred
-        object.__setattr__(self, "_feed", feed)   # (hidden on CPU, batches, compute dtype)
-        object.__setattr__(self, "_emb", types.SimpleNamespace(num_embeddings=vocab))
-        object.__setattr__(self, "_k", 0)
-        self.eval()  # prune_model restores the view's mode: a training-mode view would leave dropout on
-
-    def get_input_embeddings(self):
-        return self._emb
-
-    def forward(self, input_ids, **_):
-        from .architectures import get_module
-        hidden, batches, dtype = self._feed  # batches: this block's own (slice, args, kwargs)
-        sl, args, kw = batches[self._k % len(batches)]
-        object.__setattr__(self, "_k", self._k + 1)
-        if input_ids.shape[0] != sl.stop - sl.start:
-            raise RuntimeError("low-memory replay: calibration batches out of step with the stored block inputs")
-        blk = get_module(self, self._path)[0]
-        dev = input_ids.device
-        return blk(hidden[sl].to(dev, dtype), *args, **kw)
-
-
-def _rename(rec: dict, prefix: str, i: int) -> dict:
-    r = dict(rec)
-    r["block"] = i
-    if "name" in r and r["name"].startswith(f"{prefix}.0."):
-        r["name"] = f"{prefix}.{i}." + r["name"][len(prefix) + 3:]
-    return r
-
-
+# ============================================================================================ streaming a block
 @torch.no_grad()
 def _forward_inplace(block, hidden, batches, dtype, dev) -> None:
     """hidden ← block(hidden), batch by batch (each batch depends on its own rows only)."""
@@ -362,111 +301,11 @@ def _forward_inplace(block, hidden, batches, dtype, dev) -> None:
         block.to("cpu")
 
 
-# ============================================================================================ pruning
-@torch.no_grad()
-def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: Optional[list] = None,
-                    activation_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                    write_rest: bool = True) -> dict:
-    """Prune the blocks ``blocks`` (default: ``config.blocks`` or all) of the checkpoint ``om`` one at a time and
-    write their shards to ``out_dir``; with ``write_rest`` also the non-block shards, the unselected blocks,
-    the index and the config. Returns the pipeline-style record (``layers``, ``blocks``, ...)."""
-    from tqdm.auto import tqdm
-
-    from .pipeline import PipelineError, _batch_size, prune_model, validate_config
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    plan = validate_config(om.model, config, calib_ids)
-    if plan.spec.structured:
-        raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {plan.spec.name!r} is structured "
-                           f"(it changes widths): use the in-memory path")
-    mine = sorted(plan.blocks if blocks is None else blocks)
-    dev = plan.device
-    act_dtype = activation_dtype or om.dtype
-    rest_names, block_names = om.shard_names()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layers_rec, blocks_rec = [], []
-    nz_before = nz_after = tot = 0
-    last = mine[-1] if mine else -1
-
-    t0 = time.perf_counter()
-    inputs = om.capture(calib_ids, device=dev, batch_size=config.batch_size) if mine else None
-    t_capture = time.perf_counter() - t0
-    if inputs is not None:
-        hidden = inputs.hidden.to("cpu", act_dtype)
-        per_block = inputs.per_block  # each block's own masks / positional tables
-        del inputs
-    vocab = getattr(om.config, "vocab_size", None) or int(calib_ids.max()) + 1
-    bar = tqdm(range(last + 1), desc=f"prune {plan.spec.name} (low memory)", unit="block", disable=not progress)
-    for i in bar:
-        tb = time.perf_counter()
-        blk = om.block(i)
-        if i not in mine:
-            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
-            om.release(i)
-            continue
-        subs = [f"{om.prefix}.{i}.{s}" for s in plan.arch.sublayer_names()]
-        before = {}
-        from .architectures import get_module, linear_weight
-        for s in plan.arch.sublayer_names():
-            W = linear_weight(get_module(blk, s), s in plan.arch.transposed)
-            nz_before += int((W != 0).sum())
-            tot += W.numel()
-        ls = None
-        if config.layer_sparsity:
-            ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
-                  for n, v in config.layer_sparsity.items() if n in subs}
-        view = _BlockView(om.config, plan.arch, blk, (hidden, per_block[i], om.dtype), vocab)
-        cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
-        try:
-            res = prune_model(view, calib_ids, cfg, progress=False)
-        except PipelineError as e:
-            raise PipelineError(f"block {i}: {e}") from None
-        layers_rec += [_rename(r, om.prefix, i) for r in res["layers"]]
-        for r in res["blocks"]:
-            blocks_rec.append(_rename(r, om.prefix, i))
-        for s in plan.arch.sublayer_names():
-            nz_after += int((linear_weight(get_module(blk, s), s in plan.arch.transposed) != 0).sum())
-        tw = time.perf_counter()
-        _save_shard(om.block_tensors(i, blk), out_dir / block_names[i])
-        t_write = time.perf_counter() - tw
-        tf = time.perf_counter()
-        if i != last:
-            if config.mode == "dense-input":  # the next inputs come from the dense block: read it again
-                om.release(i)
-                blk = om.block(i)
-            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
-        om.release(i)
-        blocks_rec[-1].update(write_time_s=t_write, next_inputs_time_s=time.perf_counter() - tf,
-                              total_time_s=time.perf_counter() - tb)
-    bar.close()
-    if write_rest:
-        write_rest_and_index(om, out_dir, skip=set(mine))
-    tot_all = sum(math.prod(r["shape"]) for r in layers_rec)
-    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
-    res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
-           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
-           "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
-           "low_memory": {"activation_dtype": str(act_dtype).replace("torch.", ""),
-                          "compute_dtype": str(om.dtype).replace("torch.", ""), "capture_time_s": t_capture,
-                          "model_mb": om.size_bytes() / 2 ** 20,
-                          "max_block_mb": max(sum(om.ckpt.nbytes(om.keys[k], om.dtype) for k in ks)
-                                              for ks in om.block_keys) / 2 ** 20,
-                          "activations_mb": (int(calib_ids.numel()) * _hidden(om) * act_dtype.itemsize) / 2 ** 20,
-                          "prunable_weights": tot, "nonzero_before": nz_before, "nonzero_after": nz_after}}
-    if dev.type == "cuda":
-        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    return res
-
 
 def _hidden(om) -> int:
     c = om.config
     return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model", 0))
 
-
-def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def write_rest_and_index(om: OffloadedModel, out_dir, *, skip=frozenset()) -> dict:
@@ -560,7 +399,7 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
             "time_s": time.perf_counter() - t0, "streamed": True}
 
 
-# ============================================================================================ run.prune's hook
+# ============================================================================================ sources and outputs
 def _resolve_source(model, model_dir) -> Path:
     """The safetensors directory of a model name: built-in, local directory, or a hub id (downloaded to the hub
     cache shard by shard by ``huggingface_hub``, never loaded)."""
@@ -604,193 +443,3 @@ def _clean_output(out_dir: Path) -> None:
                 [out_dir / INDEX_FILE, out_dir / "pytorch_model.bin"]:
             if f.is_file():
                 f.unlink()
-
-
-def _spawned_offload_worker(directory, dtype, config, out_dir, act, assignment):
-    """A spawned worker of the low-memory run: its own skeleton, its own blocks, its own shards."""
-    from .distributed import distributed_context
-    with distributed_context(1, device=config.device) as ctx:
-        om, err = None, None
-        try:
-            om = OffloadedModel(directory, dtype=dtype)
-        except Exception as e:
-            err = e
-        _offload_rank(ctx, om, None, config, out_dir, act, assignment, progress=False, _error=err)
-
-
-def _offload_rank(ctx, om, calib_ids, config, out_dir, act, assignment, *, progress, _error=None):
-    """Every rank: prune its blocks of the checkpoint and write their shards; rank 0 then writes the rest, the
-    index and returns the merged record (others: None)."""
-    from .distributed import (_broadcast_inputs, _check_mode, _device_for_rank, _merge, _tcp_addresses, _rss_mb,
-                              assign_blocks, exchange)
-    from .pipeline import validate_config
-    import socket
-    t0 = time.perf_counter()
-    calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
-    torch.distributed.barrier()  # rank 0 has cleaned the output directory before anyone writes a shard
-    _check_mode(config)
-    config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
-    err, res, mine, plan = _error, {}, [], None
-    if err is None:
-        try:
-            plan = validate_config(om.model, config, calib_ids)
-            owners = assign_blocks(plan.blocks, ctx.world, assignment)
-            mine = owners[ctx.rank]
-            res = prune_offloaded(om, calib_ids, config, out_dir, blocks=mine, activation_dtype=act,
-                                  progress=progress and ctx.rank == 0, write_rest=False)
-        except Exception as e:
-            err = e
-    summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
-               "device": str(config.device), "tcp_addresses": _tcp_addresses(),
-               **{k: res.get(k) for k in ("layers", "blocks", "time_s", "peak_cuda_mb", "low_memory")},
-               "prune_time_s": time.perf_counter() - t0, "peak_rss_mb": _rss_mb(),
-               "forward_blocks": min(mine) if mine else 0}
-    proceed, gathered = exchange(ctx, summary, err)
-    if not proceed or ctx.rank != 0:
-        return None
-    write_rest_and_index(om, out_dir, skip=set(plan.blocks))
-    owners = assign_blocks(plan.blocks, ctx.world, assignment)
-    merged = _merge(gathered, ctx, owners, assignment, calib_ids, config, time.perf_counter() - t0, 0.0, 0)
-    lm = [g["low_memory"] for g in gathered if g.get("low_memory")]
-    if lm:
-        low = dict(lm[0])
-        for k in ("prunable_weights", "nonzero_before", "nonzero_after"):
-            low[k] = sum(x[k] for x in lm)
-        low["capture_time_s"] = max(x["capture_time_s"] for x in lm)
-        merged["low_memory"] = low
-    for r in merged["distributed"]["ranks"]:
-        r["shards_written_by_rank"] = True
-    return merged
-
-
-def prune_low_memory(*, model, model_dir, spec, sparsity, pattern, min_degree, allocation, structure, mode,
-                     error_correction, refit, method_options, damp, batch_size, nproc, device, settings, output,
-                     evaluate, data_dir, reference, seed, activation_dtype, progress, verbose, return_model,
-                     t_total, assignment=None):
-    """``run.prune(..., low_memory=True)``: everything after run.prune's input checks (see the module doc)."""
-    from . import data as D
-    from . import run as R
-    from .distributed import _check_mode, distributed_context, world_for
-    from .pipeline import PruneConfig, validate_config
-    s = settings
-    if output is None:
-        raise OffloadError("--low-memory writes the pruned model shard by shard: give --output DIR")
-    if spec.structured:
-        raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {spec.name!r} is structured (it changes "
-                           f"widths): use the in-memory path")
-    if allocation != "uniform":
-        raise OffloadError(f"--allocation {allocation} reads every weight matrix first; it is not available with "
-                           f"--low-memory (use --allocation uniform)")
-    if s["calibration"] == "self":
-        raise OffloadError("--calibration self samples from the whole model; with --low-memory give a calibration "
-                           "text (--calibration c4|wikitext2|ptb|FILE, --data-dir DIR)")
-    if reference:
-        raise OffloadError("--reference is not available with --low-memory (it loads two whole models); run "
-                           "optprune eval --model OUT --reference DENSE afterwards")
-    if return_model:
-        raise OffloadError("return_model is not available with low_memory (the model is never whole in memory); "
-                           "load the output directory instead")
-    act = parse_dtype(activation_dtype)
-    out_dir = Path(output)
-    timings = {}
-    t0 = time.perf_counter()
-    directory = _resolve_source(model, model_dir)
-    om = OffloadedModel(directory)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    timings["load_s"] = time.perf_counter() - t0
-    R._clip_to_context(s, om.model)
-    cfg_kw = dict(method=spec.name, sparsity=sparsity, pattern=pattern, min_degree=min_degree, structure=structure,
-                  mode=mode, error_correction=bool(error_correction), refit=bool(refit),
-                  method_options=method_options, device=device)
-    if damp is not None:
-        cfg_kw["damp"] = float(damp)
-    if batch_size is not None:
-        cfg_kw["batch_size"] = int(batch_size)
-    config = PruneConfig(**cfg_kw)
-    validate_config(om.model, config)
-    world = world_for(nproc)
-    if world > 1:
-        _check_mode(config)
-    c = om.config
-    meta = {"name": str(model), "source": str(Path(directory).resolve()), "format": "safetensors (low-memory)",
-            "model_type": getattr(c, "model_type", None), "architecture": (getattr(c, "architectures", None) or
-                                                                           [type(om.model).__name__])[0],
-            "n_params": om.n_params(), "dtype": str(om.dtype).replace("torch.", ""),
-            "num_layers": om.n_blocks, "hidden_size": _hidden(om),
-            "max_position_embeddings": getattr(c, "max_position_embeddings", getattr(c, "n_positions", None)),
-            "vocab_size": getattr(c, "vocab_size", None)}
-    record = {"command": "prune", "status": "running",
-              "config": R._jsonable({"model": str(model), "method": spec.name, "sparsity": sparsity,
-                                     "pattern": pattern, "min_degree": min_degree, "allocation": allocation,
-                                     "allocation_eps": None, "structure": None, "mode": mode,
-                                     "error_correction": bool(error_correction), "refit": bool(refit),
-                                     "method_options": method_options, "damp": config.damp, "nproc": nproc,
-                                     "world_size": world, "device": device, "seed": s["seed"],
-                                     "output": str(out_dir), "evaluate": bool(evaluate), "low_memory": True,
-                                     "activation_dtype": str(act or om.dtype).replace("torch.", ""),
-                                     "data_dir": str(D.resolve_data_dir(data_dir)), "reference": None}),
-              "versions": R._versions(), "machine": R._machine(device), "model": meta}
-    t0 = time.perf_counter()
-    calib, calib_info = D.calibration_tokens(tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
-                                             seed=s["seed"], data_dir=data_dir, return_info=True)
-    timings["calibration_s"] = time.perf_counter() - t0
-    record["calibration"] = R._jsonable(calib_info)
-    from .distributed import env_world
-    if env_world() is None or env_world()[0] == 0:  # (torchrun: rank 0 only; the others wait at a barrier)
-        _clean_output(out_dir)
-    if world > 1:
-        with distributed_context(world, _spawned_offload_worker,
-                                 (str(directory), om.dtype, config, str(out_dir), act, assignment),
-                                 device=device) as ctx:
-            res = _offload_rank(ctx, om, calib, config, out_dir, act, assignment, progress=progress)
-        if res is None:
-            return None
-    else:
-        res = prune_offloaded(om, calib, config, out_dir, activation_dtype=act, progress=progress)
-    timings["prune_s"] = res.get("time_s")
-    low = res.get("low_memory") or {}
-    record["layers"] = R._jsonable(res.get("layers", []))
-    record["blocks"] = R._jsonable(res.get("blocks", []))
-    record["pipeline"] = R._jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")})
-    rel = [r["rel_error"] for r in res.get("layers", []) if r.get("rel_error") is not None]
-    targets = [(r["sparsity_target"], math.prod(r["shape"])) for r in res.get("layers", []) if "shape" in r]
-    tot_w = low.get("prunable_weights", 0)
-    record["summary"] = {
-        "prunable_weights": tot_w, "nonzero_before": low.get("nonzero_before"),
-        "nonzero_after": low.get("nonzero_after"),
-        "sparsity": 1.0 - low.get("nonzero_after", 0) / tot_w if tot_w else 0.0,
-        "sparsity_target": (sum(t * n for t, n in targets) / sum(n for _, n in targets)) if targets else None,
-        "layers": len(res.get("layers", [])),
-        "mean_rel_error": (sum(rel) / len(rel)) if rel else None, "max_rel_error": max(rel) if rel else None}
-    t0 = time.perf_counter()
-    tok.save_pretrained(str(out_dir))
-    record["saved"] = {"path": str(out_dir.resolve()), "format": "hf (safetensors shards, written block by block)",
-                       "stock_loadable": True}
-    timings["save_s"] = time.perf_counter() - t0
-    if evaluate and s["eval_datasets"]:
-        t0 = time.perf_counter()
-        ppl = {}
-        for name in s["eval_datasets"]:
-            ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-            r = perplexity_offloaded(out_dir, ids, s["eval_seqlen"], max_windows=s["eval_windows"], device=device,
-                                     dtype=om.dtype, progress=progress, desc=f"eval {name} (streamed)")
-            r["dataset"] = name
-            r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]
-            ppl[name] = r
-        record["perplexity"] = ppl
-        timings["eval_s"] = time.perf_counter() - t0
-    record["protocol"] = R._protocol_record(s)
-    timings["total_s"] = time.perf_counter() - t_total
-    record["timings"] = timings
-    record["peak_rss_mb"] = _peak_rss_mb()
-    if res.get("peak_cuda_mb") is not None:
-        record["peak_cuda_mb"] = res["peak_cuda_mb"]
-    record["status"] = "done"
-    record = R._jsonable(record)
-    (out_dir / R.RUN_FILE).write_text(json.dumps(record, indent=1))
-    if verbose:
-        R._print_prune_summary(record, out_dir)
-        print(f"  low memory: largest block {low.get('max_block_mb', 0):.1f} MB of a {low.get('model_mb', 0):.1f} MB "
-              f"model; activations {low.get('activations_mb', 0):.1f} MB ({low.get('activation_dtype')})")
-    return record

@@ -8,7 +8,7 @@ The paper's headline: LLaMA-7B at 70% with Wanda, 23.86 (α) vs 85.77 (uniform) 
     python paper_repro/alphapruning.py --scale stories | cpu | paper
 
 Writes ``paper_repro/results/alphapruning_<scale>.{jsonl,json,md}``; the extra section lists α per block and
-the block sparsities α gives at each target (from ``optprune.llm_adapters.allocation.layer_sparsities``, the
+the block sparsities α gives at each target (from ``optprune.llm_adapters.allocation_targets.layer_sparsities``, the
 same function the runs use).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _claims():
 def alpha_section(args, cfg, res, out_dir, stem):
     """α per block and the block sparsities α's allocation gives at each target (no calibration needed)."""
     import torch
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.loading import load_model
     torch.set_num_threads(args.threads or 1)

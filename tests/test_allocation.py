@@ -177,7 +177,7 @@ def _loss(model, ids):
 
 
 def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
     model = _stories(stories_dir)
@@ -219,7 +219,7 @@ def test_auto_never_worse_than_uniform_on_heldout(stories_dir):
 
 def test_bounded_alpha_on_model_is_checked_by_reference(stories_dir):
     pytest.importorskip("cvxpy")
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     model = _stories(stories_dir)
     arch = get_arch(model)
@@ -268,7 +268,7 @@ def test_selection_plot_script(tmp_path):
 def test_auto_rows_prunes_finalists_on_a_subset(stories_dir):
     """``rows=k``: the finalists are pruned on the first k pruning sequences; uniform's recorded score is the
     held-out loss of uniform pruned on exactly those k (recomputed here), and the choice is still ≤ it."""
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
     model = _stories(stories_dir)
     ids = torch.randint(3, 512, (12, 64), generator=torch.Generator().manual_seed(2))
@@ -307,7 +307,7 @@ def test_obs_error_curve_is_sparsegpts_error_and_rows_sample_is_scaled():
 
 def test_bounded_allocation_uses_its_solvers_curve(stories_dir):
     pytest.importorskip("cvxpy")
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.allocation_select import curve_rule
     from optprune.llm_adapters.pipeline import PruneConfig
     assert [curve_rule(m) for m in ("sparsegpt", "admm", "fista", "wanda", "magnitude", None)] == \

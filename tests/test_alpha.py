@@ -302,7 +302,7 @@ def _stories():
 
 
 def test_layer_sparsities_alpha_on_stories():
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch, get_module, linear_weight
     m = _stories()
     arch = get_arch(m)
@@ -333,7 +333,8 @@ def test_layer_sparsities_alpha_on_stories():
 
 
 def test_activation_norms_and_owl_on_stories():
-    from optprune.llm_adapters.allocation import activation_sq_norms, layer_sparsities, owl_outlier_ratios
+    from optprune.llm_adapters.allocation import activation_sq_norms, owl_outlier_ratios
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     m = _stories()
     arch = get_arch(m)
@@ -412,7 +413,7 @@ def test_prune_end_to_end_with_alpha_allocation(tmp_path):
 
 def test_structured_widths_follow_block_targets():
     """SPAP-style structured pruning reads the MLP ``down`` entry of the same dict: widths follow α."""
-    from optprune.llm_adapters.allocation import layer_sparsities
+    from optprune.llm_adapters.allocation_targets import layer_sparsities
     from optprune.llm_adapters.architectures import get_arch
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
     m = _stories()

@@ -204,7 +204,8 @@ def test_engine_hands_each_block_its_model_inputs(family, mode):
 def test_low_memory_hands_each_block_its_model_inputs(family, mode, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from optprune.llm_adapters.offload import OffloadedModel, prune_offloaded
+    from optprune.llm_adapters.engine import prune_offloaded
+    from optprune.llm_adapters.offload import OffloadedModel
     dense, ids = build(family), calib()
     src = tmp_path / "dense"
     dense.save_pretrained(src)

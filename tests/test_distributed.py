@@ -29,6 +29,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from optprune.llm_adapters import distributed as D  # noqa: E402
+from optprune.llm_adapters import engine as E  # noqa: E402
 from optprune.llm_adapters import offload as O  # noqa: E402
 from optprune.llm_adapters.architectures import get_module  # noqa: E402
 from optprune.llm_adapters.pipeline import PruneConfig, prune_model  # noqa: E402
@@ -113,7 +114,7 @@ def test_world_and_mode_errors(tmp_path, monkeypatch):
     assert not out.exists()
     _need_stories()
     with pytest.raises(ValueError, match="dense-input"):  # the pipeline-level hook checks too
-        D.prune_model_parallel(stories(), calib(), PruneConfig(method="magnitude"), nproc=2, source=str(STORIES))
+        E.prune_model_parallel(stories(), calib(), PruneConfig(method="magnitude"), nproc=2, source=str(STORIES))
 
 
 # --------------------------------------------------------------------------------------------- 2 processes
@@ -122,12 +123,12 @@ def _worker_methods(methods, corrupt_block):
     torch.set_num_threads(1)
     with D.distributed_context(1) as ctx:
         for m in methods:
-            D.prune_model_distributed(ctx, stories(), None, cfg(m), progress=False)
+            E.prune_model_distributed(ctx, stories(), None, cfg(m), progress=False)
         # a rank that fails: NaN weights in one of its blocks → NumericalError reported to rank 0
         model = stories()
         with torch.no_grad():
             get_module(model, "model.layers")[corrupt_block].mlp.down_proj.weight[0, 0] = float("nan")
-        D.prune_model_distributed(ctx, model, None, cfg("sparsegpt"), progress=False)
+        E.prune_model_distributed(ctx, model, None, cfg("sparsegpt"), progress=False)
 
 
 def test_two_processes_bit_for_bit():
@@ -139,10 +140,10 @@ def test_two_processes_bit_for_bit():
         assert ctx.world == 2 and ctx.rank == 0 and ctx.backend == "gloo"
         for m in METHODS:
             model = stories()
-            res = D.prune_model_distributed(ctx, model, ids, cfg(m), progress=False)
+            res = E.prune_model_distributed(ctx, model, ids, cfg(m), progress=False)
             dist_out[m] = ({k: v.clone() for k, v in model.state_dict().items()}, res)
         with pytest.raises(D.RankFailed, match=r"rank 1 failed: NumericalError.*layers\.4\.mlp\.down_proj"):
-            D.prune_model_distributed(ctx, stories(), ids, cfg("sparsegpt"), progress=False)
+            E.prune_model_distributed(ctx, stories(), ids, cfg("sparsegpt"), progress=False)
     dense = stories().state_dict()
     for m in METHODS:
         model = stories()
@@ -231,7 +232,7 @@ def test_low_memory_bit_for_bit(tmp_path, mode, ec):
     model = stories()
     ref = prune_model(model, ids, c, progress=False)
     om = O.OffloadedModel(STORIES)
-    res = O.prune_offloaded(om, ids, c, tmp_path, progress=False)
+    res = E.prune_offloaded(om, ids, c, tmp_path, progress=False)
     assert_same_state(model.state_dict(), _saved(tmp_path))
     assert [(r["name"], r["error"]) for r in res["layers"]] == [(r["name"], r["error"]) for r in ref["layers"]]
     # nothing of the model stays materialised
@@ -245,9 +246,9 @@ def test_low_memory_subset_and_half_activations(tmp_path):
     c = PruneConfig(method="wanda", mode="dense-input", device="cpu", blocks=[1, 3])
     model = stories()
     prune_model(model, ids, c, progress=False)
-    O.prune_offloaded(O.OffloadedModel(STORIES), ids, c, tmp_path / "a", progress=False)
+    E.prune_offloaded(O.OffloadedModel(STORIES), ids, c, tmp_path / "a", progress=False)
     assert_same_state(model.state_dict(), _saved(tmp_path / "a"))
-    res = O.prune_offloaded(O.OffloadedModel(STORIES), ids, cfg("sparsegpt"), tmp_path / "b",
+    res = E.prune_offloaded(O.OffloadedModel(STORIES), ids, cfg("sparsegpt"), tmp_path / "b",
                             activation_dtype=torch.bfloat16, progress=False)
     assert res["low_memory"]["activation_dtype"] == "bfloat16"
     full = stories()
@@ -412,7 +413,7 @@ def test_smollm2_two_processes_bit_for_bit():
     model, tok, _ = load_model(src)
     ids = DD.calibration_tokens(tok, "c4", nsamples=8, seqlen=256, seed=0, data_dir=DATA_DIR)
     c = cfg("sparsegpt")
-    res = D.prune_model_parallel(model, ids, c, progress=False, nproc=2, source=(src, None))
+    res = E.prune_model_parallel(model, ids, c, progress=False, nproc=2, source=(src, None))
     ref_model, _, _ = load_model(src)
     prune_model(ref_model, ids, c, progress=False)
     assert_same_state(ref_model.state_dict(), model.state_dict())

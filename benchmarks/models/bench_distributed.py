@@ -82,7 +82,7 @@ MODELS = {  # published dims (LLaMA-2-7B, LLaMA-2/3-70B with GQA)
 # ============================================================================================ measurement
 def measure(args) -> dict:
     from optprune.llm_adapters import data as D
-    from optprune.llm_adapters.distributed import prune_model_parallel
+    from optprune.llm_adapters.engine import prune_model_parallel
     from optprune.llm_adapters.loading import load_model
     from optprune.llm_adapters.pipeline import PruneConfig, prune_model
 

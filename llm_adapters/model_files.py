@@ -1,0 +1,132 @@
+"""Reading a model folder's metadata without loading it: JSON files, safetensors headers (checked against the
+file's length), the architecture a ``config.json`` describes, and whether a structured output's
+``optprune_widths.json`` still describes the weights beside it. Used by the preflight checks and by loading.
+
+Every failure raises :class:`PreflightError` (one line naming the file and what is wrong).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["PreflightError", "stale_widths"]
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class PreflightError(ValueError):
+    """A run that cannot succeed, found before any weight is read (one line; nothing written)."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PreflightError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise PreflightError(f"{path}: not UTF-8 text (damaged file?)") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PreflightError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise PreflightError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, after checking that the file is as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise PreflightError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 << 20:
+                raise PreflightError(f"{path}: truncated or damaged safetensors file (header of {n} bytes in a "
+                                     f"{size}-byte file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise PreflightError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        hdr = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PreflightError(f"{path}: damaged safetensors header (not JSON)") from None
+    end = 0
+    for name, t in hdr.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = (int(x) for x in t["data_offsets"])
+            numel = math.prod(int(s) for s in t["shape"])
+            isz = _ST_ITEMSIZE.get(str(t["dtype"]))
+        except (KeyError, TypeError, ValueError):
+            raise PreflightError(f"{path}: damaged safetensors header (entry {name!r})") from None
+        if isz is not None and b - a != numel * isz:
+            raise PreflightError(f"{path}: tensor {name!r} holds {b - a} bytes, its shape {t['shape']} "
+                                 f"{t['dtype']} needs {numel * isz}")
+        end = max(end, b)
+    if 8 + n + end > size:
+        raise PreflightError(f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})")
+    return hdr
+
+
+def _arch_of(cfg: dict):
+    """The ArchSpec of the model a config.json describes (table entry, else inferred from the model built on the
+    meta device): an unsupported model is refused here, before any weight file is read."""
+    from .architectures import UnknownArchitectureError, _table_entry, arch_from_config
+    entry = _table_entry(cfg.get("model_type"))
+    if entry is not None:
+        return entry
+    try:
+        from transformers import AutoConfig
+        conf = AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnknownArchitectureError(f"model type {cfg.get('model_type')!r}: transformers cannot build its "
+                                       f"config ({str(e).splitlines()[0][:160]})") from None
+    return arch_from_config(conf)
+
+
+def _stored_shapes(d: Path) -> dict:
+    """tensor name -> shape, from the safetensors headers of a model folder."""
+    index, single = d / "model.safetensors.index.json", d / "model.safetensors"
+    files = [single] if single.is_file() else \
+        [d / f for f in sorted(set((_read_json(index).get("weight_map") or {}).values()))] if index.is_file() else []
+    out = {}
+    for f in files:
+        out.update({k: v["shape"] for k, v in _safetensors_header(f).items() if k != "__metadata__"})
+    return out
+
+
+def stale_widths(d: Path) -> Optional[str]:
+    """Why the folder's ``optprune_widths.json`` does not describe its weights (left over from an earlier
+    structured output), or None when it does (or there is none)."""
+    from .architectures import UnknownArchitectureError
+    wf = Path(d) / "optprune_widths.json"
+    if not wf.is_file():
+        return None
+    rec, cfg = _read_json(wf), _read_json(Path(d) / "config.json")
+    try:
+        arch = _arch_of(cfg)
+    except UnknownArchitectureError:
+        return None
+    shapes = _stored_shapes(Path(d))
+    for i, r in enumerate(rec.get("layers") or []):
+        checks = []
+        if "mlp" in r and arch.mlp is not None:
+            checks.append((arch.mlp.down, int(r["mlp"]), "MLP channels"))
+        if "heads" in r and arch.heads is not None and not arch.heads.fused_qkv:
+            checks.append((arch.heads.o, int(r["heads"]) * int(r["head_dim"]), "attention columns"))
+        for sub, width, what in checks:
+            shp = shapes.get(f"{arch.blocks}.{i}.{sub}.weight")
+            if shp is None or len(shp) != 2:
+                continue
+            n_in = shp[0] if sub in arch.transposed else shp[1]
+            if n_in != width:
+                return f"block {i} is recorded with {width} {what}, the stored {sub} has {n_in}"
+    return None

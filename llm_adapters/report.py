@@ -1,0 +1,289 @@
+"""The run record and the terminal: what a run measured, on which machine and versions, and its summary.
+
+Shared by ``optprune prune`` (:mod:`.engine`) and ``optprune eval`` (:mod:`.run`): versions and machine,
+JSON-ready values, prunable-weight counts, perplexities per protocol, KL/top-1 against a reference, saving a
+pruned model, and the summaries printed at the end of a run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .evaluation import perplexity
+from .pipeline import _peak_rss_mb  # noqa: F401  (re-exported for the run record)
+from .settings import RUN_FILE, RunError
+
+__all__ = ["RUN_FILE", "HELDOUT_SEQLEN"]
+
+def _versions() -> dict:
+    import numpy
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import transformers
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    version = getattr(sys.modules.get(__package__.rsplit(".", 1)[0]), "__version__", None)
+    if version:  # (the top package is loaded before any of its modules; importing it here would be a cycle)
+        out["optprune"] = version
+    try:
+        import subprocess
+        repo = Path(__file__).resolve().parents[1]
+        if (repo / ".git").exists():
+            commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            if commit:
+                out["git_commit"] = commit + ("+dirty" if dirty else "")
+    except Exception:  # pragma: no cover - git missing
+        pass
+    return out
+
+
+def _machine(device: str) -> dict:
+    m = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    m["memory_gb"] = round(int(line.split()[1]) / 2 ** 20, 1)
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        m["cuda"] = torch.cuda.get_device_name(0)
+    return m
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    if torch.is_tensor(v):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def _prunable(model, arch):
+    from .architectures import get_module, linear_weight
+    blocks = get_module(model, arch.blocks)
+    for bi, block in enumerate(blocks):
+        for sub in arch.sublayer_names():
+            yield f"{arch.blocks}.{bi}.{sub}", linear_weight(get_module(block, sub), sub in arch.transposed)
+
+
+def _count_prunable(model, arch) -> tuple[int, int]:
+    """(number of weights, number of nonzero weights) over the prunable sub-layers."""
+    tot = nz = 0
+    for _, W in _prunable(model, arch):
+        tot += W.numel()
+        nz += int((W != 0).sum())
+    return tot, nz
+
+
+def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
+    out = {}
+    model.to(device)
+    for name in s["eval_datasets"]:
+        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
+        r = perplexity(model, ids, s["eval_seqlen"], max_windows=s["eval_windows"], device=device,
+                       progress=progress, desc=f"eval {name}", batch_size=batch_size)
+        r["dataset"] = name
+        r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]
+        out[name] = r
+    return out
+
+
+def _check_reference_hook():
+    """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py)."""
+    try:
+        from . import divergence  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise RunError(f"--reference needs optprune.llm_adapters.divergence, which is not available ({e})") from None
+
+
+#: window of the held-out self-generated sequences of the data-free KL (clipped to the model's context)
+HELDOUT_SEQLEN = 512
+
+
+def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+    """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
+    first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
+    ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
+    from . import divergence
+    from .loading import load_model
+    ref, ref_tok, ref_meta = load_model(reference, model_dir=model_dir, device=device)
+    out = {}
+    if s["eval_datasets"]:
+        name = s["eval_datasets"][0]
+        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
+        L = s["eval_seqlen"]
+        n = ids.numel() // L if s["eval_windows"] is None else min(ids.numel() // L, s["eval_windows"])
+        windows = ids[: n * L].view(n, L)
+        r = divergence.kl_eval(model, ref, windows, progress=progress)
+        r.update(reference=ref_meta.get("source"), text=name)
+        out["divergence"] = r
+    if self_gen:  # data-free: held-out sequences sampled from the reference (seed + 1000)
+        r = divergence.heldout_divergence(model, ref, ref_tok, seed=s["seed"], seqlen=HELDOUT_SEQLEN,
+                                          progress=progress)
+        r.update(reference=ref_meta.get("source"))
+        out["divergence_self"] = r
+    del ref
+    return out
+
+
+def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
+          pattern=None) -> dict:
+    """save_pretrained (+ tokenizer) through ``export.save_model`` (format, dtype). Structured methods may leave
+    per-layer widths that a stock config cannot express: those go through ``surgery.save_shrunk`` (which writes
+    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to("cpu")
+    info = {"path": str(out_dir.resolve())}
+    if not spec.structured:
+        from .export import save_model
+        info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
+                               layers=layers, pattern=pattern), format="hf", stock_loadable=save_format == "dense")
+        return info
+    if dtype is not None:
+        model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
+        info["dtype"] = str(dtype).replace("torch.", "")
+    if spec.structured:
+        # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
+        from . import surgery
+        widths = surgery.save_shrunk(model, str(out_dir), arch)
+        info.update(format="optprune-shrunk", stock_loadable=bool(widths.get("stock_loadable")),
+                    uniform=bool(widths.get("uniform")))
+    else:
+        model.save_pretrained(str(out_dir))
+        info.update(format="hf", stock_loadable=True)
+    tok.save_pretrained(str(out_dir))
+    return info
+
+
+def _memory_meta(model, label) -> dict:
+    from .loading import count_parameters
+    cfg = model.config
+    return {"name": str(label), "source": "in-memory", "format": "in-memory",
+            "model_type": getattr(cfg, "model_type", None), "architecture": type(model).__name__,
+            "n_params": count_parameters(model),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "num_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": getattr(cfg, "vocab_size", None)}
+
+
+
+# ============================================================================================ terminal
+def _fmt(v, spec=".4f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _print_ppl(record, file):
+    for name, r in (record.get("perplexity") or {}).items():
+        win = "all" if r.get("all_windows") else "first"
+        dense = (record.get("perplexity_dense") or {}).get(name)
+        extra = f"   (dense {dense['ppl']:.3f})" if dense else ""
+        print(f"  perplexity {name:<10} {r['ppl']:10.3f}   seqlen {r['seqlen']}, {win} {r['windows']} windows, "
+              f"{r['time_s']:.1f} s{extra}", file=file)
+    dv = record.get("divergence")
+    if dv:
+        print(f"  vs reference ({dv.get('text')}): KL {dv.get('kl'):.4f} nats/token, top-1 agreement "
+              f"{dv.get('top1'):.3f}", file=file)
+    ds = record.get("divergence_self")
+    if ds:
+        who = "dense" if record.get("command") == "prune" else "reference"
+        print(f"  vs {who} (held-out self-generated {ds.get('windows')}×{ds.get('seqlen')}, seed {ds.get('seed')}): "
+              f"KL {ds.get('kl'):.4f} nats/token, top-1 agreement {ds.get('top1'):.3f}", file=file)
+
+
+def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None) -> None:
+    file = file or sys.stderr
+    calib = "none (data-free method)" if s["calibration"] == "none" else \
+        f"{s['calibration']} {s['nsamples']}×{s['seqlen']} seed {s['seed']}"
+    ev, nt = [], torch.get_num_threads()
+    if evaluate:
+        ev += [f"perplexity {', '.join(s['eval_datasets'])}"] if s["eval_datasets"] else []
+        ev += ["KL/top-1 vs dense (held-out self-generated)"] if kl else []
+    print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · sparsity "
+          f"{sparsity:.2f} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
+          f"{out_dir if out_dir else '(not saved)'} · {nt} thread{'s' if nt != 1 else ''}", file=file, flush=True)
+
+
+def _print_prune_summary(record: dict, out_dir, file=None) -> None:
+    file = file or sys.stdout
+    c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
+    pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
+    print(f"\noptprune prune: {c['method']} · {pat} · sparsity {c['sparsity']:.2f} · {record['model'].get('name')} "
+          f"({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
+    print(f"  protocol {p['name']}: calibration {p['calibration']} {p['nsamples']}×{p['seqlen']} seed {p['seed']}; "
+          f"mode {c['mode']}, error correction {'on' if c['error_correction'] else 'off'}"
+          f"{', refit' if c['refit'] else ''}", file=file)
+    layers = record.get("layers") or []
+    blocks = {}
+    for r in layers:
+        b = blocks.setdefault(r["block"], {"n": 0, "w": 0, "z": 0.0, "rel": [], "t": 0.0})
+        n = math.prod(r["shape"])
+        b["n"] += 1
+        b["w"] += n
+        b["z"] += r["sparsity"] * n
+        b["t"] += r.get("time_s") or 0.0
+        if r.get("rel_error") is not None:
+            b["rel"].append(r["rel_error"])
+    print(f"  {'block':>5} {'layers':>6} {'sparsity':>9} {'rel.err mean':>13} {'rel.err max':>12} {'solve s':>8}",
+          file=file)
+    for bi, b in sorted(blocks.items()):
+        rel = b["rel"]
+        print(f"  {bi:>5} {b['n']:>6} {b['z'] / b['w']:>9.4f} {_fmt(sum(rel) / len(rel) if rel else None):>13} "
+              f"{_fmt(max(rel) if rel else None):>12} {b['t']:>8.2f}", file=file)
+    pruned_w = sum(b["w"] for b in blocks.values())
+    pruned_s = sum(b["z"] for b in blocks.values()) / pruned_w if pruned_w else 0.0
+    print(f"  {'all':>5} {sm['layers']:>6} {pruned_s:>9.4f} {_fmt(sm['mean_rel_error']):>13} "
+          f"{_fmt(sm['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
+          f"(target {_fmt(sm['sparsity_target'])})", file=file)
+    if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
+        print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
+              file=file)
+    cs = sm.get("certificates")
+    if cs:
+        g = cs["l0_rel_gap"]
+        print(f"  certified: (ours − lower bound)/ours over {g['n']} layers: median {g['median']:.3g}, "
+              f"p90 {g['p90']:.3g}, max {g['max']:.3g} (weakest: {cs['weakest'][0]['name']})"
+              + (f"; ℓ1 duality gap median {cs['l1_rel_gap']['median']:.2e}" if cs.get("l1_rel_gap") else ""),
+              file=file)
+    print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
+          f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "
+          f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
+    _print_ppl(record, file)
+    if out_dir is not None:
+        sv = record.get("saved") or {}
+        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
+              f"{sv.get('dtype', '')}{size})", file=file)
+
+
+def _print_eval_summary(record: dict, out_file, file=None) -> None:
+    file = file or sys.stdout
+    p = record["protocol"]
+    print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "
+          f"protocol {p['name']}", file=file)
+    _print_ppl(record, file)
+    for task, m in (record.get("zero_shot") or {}).items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()), file=file)
+    if out_file is not None:
+        print(f"  record: {out_file}", file=file)

@@ -1,0 +1,248 @@
+"""Run settings: the effective calibration/evaluation protocol of a run, from the protocol defaults
+(docs/protocols.md) and the explicit options — resolved without the model — and the checks of single options.
+
+``resolve_settings`` names the protocol (``"<name>+custom"`` when options override it), checks that the data
+files exist, and falls back (announced) to C4 and then to self-generated calibration when a defaulted protocol's
+text is missing. ``_clip_to_context`` clips protocol window lengths to the model's context once it is known.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import data as D
+from .evaluation import model_context
+
+__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE"]
+
+RUN_FILE = "run.json"
+log = logging.getLogger("optprune")
+
+#: self-calibration size when the protocol was not chosen explicitly and no --nsamples/--seqlen were given:
+#: sampling and the block passes cost ~2·params FLOPs per token each, so the data-free default stays small
+#: (FISTA 50% on SmolLM2-135M: 128×512 took ~44 min on 2 cores; 64×256 takes 552 CPU-seconds end to end on one
+#: thread, KL 0.49 / top-1 0.63 against the dense model; on stories260K 64×256 vs 128×512: KL 1.004 vs 0.997)
+SELF_CALIB_DEFAULT = (64, 256)
+_ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
+
+
+class RunError(ValueError):
+    """Bad input to prune/evaluate (one line; nothing changed)."""
+
+
+
+# ============================================================================================ settings
+def _builtin_key(model) -> Optional[str]:
+    from .loading import _ALIASES
+    return _ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
+
+
+def _recorded_protocol(model) -> Optional[dict]:
+    """The effective protocol recorded by a previous ``optprune prune`` in ``<model dir>/run.json``."""
+    try:
+        p = Path(str(model)).expanduser()
+        if p.is_dir() and (p / RUN_FILE).is_file():
+            rec = json.loads((p / RUN_FILE).read_text())
+            prot = rec.get("protocol")
+            return prot if isinstance(prot, dict) else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _split_list(v) -> Optional[list]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        items = [s.strip() for s in v.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in v if str(s).strip()]
+    if not items:
+        raise RunError("--eval needs at least one evaluation text (wikitext2, ptb, c4, tinystories, or a file)")
+    return items
+
+
+def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, seqlen=None, seed=0,
+                     eval_datasets=None, eval_seqlen=None, eval_windows=None, data_dir=None,
+                     need_calibration=True, need_eval=True) -> dict:
+    """Effective calibration/evaluation settings from the protocol and explicit options (no model needed).
+
+    Checks that the data files exist (a missing one raises naming its full path)."""
+    recorded = None
+    if protocol is not None:
+        base = D.get_protocol(protocol)
+        origin = "explicit"
+    else:
+        key = _builtin_key(model)
+        base = next((p for p in D.PROTOCOLS.values() if p.model == key), None) if key else None
+        origin = "model default"
+        if base is None:
+            recorded = _recorded_protocol(model)
+            if recorded and recorded.get("base") in D.PROTOCOLS:
+                base = D.PROTOCOLS[recorded["base"]]
+                origin = "recorded in run.json"
+            else:
+                recorded = None
+                base = D.PROTOCOLS["cpu"]
+                origin = "default (cpu)"
+    s = {"base": base.name, "origin": origin, "calibration": base.calibration, "nsamples": base.nsamples,
+         "seqlen": base.seqlen, "seed": base.seed, "eval_datasets": list(base.eval_datasets),
+         "eval_seqlen": base.eval_seqlen, "eval_windows": base.eval_windows}
+    if recorded:  # the exact settings a previous run evaluated with
+        for k in ("eval_datasets", "eval_seqlen", "eval_windows"):
+            if k in recorded and not (k == "eval_datasets" and recorded.get("eval_missing")):
+                s[k] = recorded[k]  # (texts a data-less run skipped are evaluated when they are here now)
+    overrides = {}
+
+    def over(k, v):
+        if v is not None and v != s[k]:
+            overrides[k] = v
+            s[k] = v
+
+    if calibration is not None:
+        over("calibration", str(calibration))
+    if nsamples is not None:
+        if int(nsamples) < 1:
+            raise RunError(f"--nsamples must be ≥ 1, got {nsamples}")
+        over("nsamples", int(nsamples))
+    if seqlen is not None:
+        if int(seqlen) < 2:
+            raise RunError(f"--seqlen must be ≥ 2, got {seqlen}")
+        over("seqlen", int(seqlen))
+    if seed is not None:
+        over("seed", int(seed))
+    if eval_datasets is not None:
+        over("eval_datasets", _split_list(eval_datasets))
+    if eval_seqlen is not None:
+        if int(eval_seqlen) < 2:
+            raise RunError(f"--eval-seqlen must be ≥ 2, got {eval_seqlen}")
+        over("eval_seqlen", int(eval_seqlen))
+    if eval_windows is not None:
+        if int(eval_windows) < 0:
+            raise RunError(f"--eval-windows must be ≥ 0 (0 = all windows), got {eval_windows}")
+        w = None if int(eval_windows) == 0 else int(eval_windows)
+        if w != s["eval_windows"]:
+            overrides["eval_windows"] = w
+            s["eval_windows"] = w
+    s["overrides"] = overrides
+
+    # calibration source: the protocol's if present; a defaulted protocol falls back to c4, then fails clearly
+    if need_calibration:
+        src = s["calibration"]
+        if src == "self":
+            s["calibration_path"] = None
+            _self_size(s, overrides)
+        elif src.startswith("hub:"):
+            s["calibration_path"] = src
+        else:
+            try:
+                s["calibration_path"] = D.check_dataset(src, "validation", data_dir)
+            except FileNotFoundError as e:
+                if calibration is None and protocol is None and src != "c4":
+                    try:
+                        s["calibration_path"] = D.check_dataset("c4", "validation", data_dir)
+                        s["calibration"] = "c4"
+                        overrides["calibration"] = "c4"
+                    except FileNotFoundError:
+                        _self_fallback(s, overrides, e, data_dir)
+                elif calibration is None:
+                    _self_fallback(s, overrides, e, data_dir)
+                else:
+                    raise _no_calibration(e, data_dir) from None
+    if need_eval:
+        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
+    s["name"] = s["base"] + ("+custom" if overrides else "")
+    return s
+
+
+def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:
+    """no calibration text and none asked for → sequences sampled from the model (announced), at
+    :data:`SELF_CALIB_DEFAULT` unless ``--nsamples``/``--seqlen`` were given."""
+    s["calibration"] = overrides["calibration"] = "self"
+    _self_size(s, overrides)
+    s["calibration_path"] = None
+    s["calibration_missing"] = str(e).split(";")[0]
+    s["calibration_note"] = (f"no calibration text in {D.resolve_data_dir(data_dir)}: calibrating on "
+                             f"{s['nsamples']}×{s['seqlen']} sequences sampled from the model itself "
+                             f"(--calibration self; --data-dir DIR for C4/WikiText)")
+
+
+def _self_size(s: dict, overrides: dict) -> None:
+    """self-calibration without an explicit protocol: :data:`SELF_CALIB_DEFAULT` unless --nsamples/--seqlen."""
+    if s["origin"] == "explicit":
+        return
+    for k, v in zip(("nsamples", "seqlen"), SELF_CALIB_DEFAULT):
+        if k not in overrides and s[k] != v:
+            s[k] = overrides[k] = v
+
+
+def _missing_eval_fallback(s: dict, data_dir, explicit: bool) -> None:
+    """evaluation texts of a defaulted protocol that are not there are skipped (announced); the
+    data-free KL on held-out self-generated sequences is still reported. Explicitly asked-for texts must exist."""
+    paths, missing = {}, []
+    for d in s["eval_datasets"]:
+        try:
+            paths[d] = D.check_dataset(d, "test", data_dir)
+        except FileNotFoundError as e:
+            if explicit:
+                raise
+            missing.append(str(e).split(";")[0])
+    s["eval_paths"] = paths
+    if missing:
+        s["eval_missing_names"] = [d for d in s["eval_datasets"] if d not in paths]
+        s["eval_datasets"] = [d for d in s["eval_datasets"] if d in paths]
+        s["overrides"]["eval_datasets"] = s["eval_datasets"]
+        s["eval_missing"] = missing
+        s["eval_note"] = (f"no {', '.join(d for d in s['eval_missing_names'])} text in "
+                          f"{D.resolve_data_dir(data_dir)}: perplexity skipped; quality is reported as KL/top-1 "
+                          f"against the dense model on held-out self-generated sequences")
+
+
+def _no_calibration(e, data_dir) -> FileNotFoundError:
+    return D.DataNotFoundError(
+        f"no calibration data: {e}. Point --data-dir / OPTPRUNE_DATA_DIR at the data folder, pass "
+        f"--calibration FILE (any text file), or --calibration self (sequences sampled from the model)")
+
+
+def _clip_to_context(s: dict, model, *, need_calibration=True) -> None:
+    """Protocol window lengths longer than the model's context are clipped (explicit ones are an error)."""
+    ctx = model_context(model)
+    if ctx is None:
+        return
+    for k, flag in (("seqlen", need_calibration), ("eval_seqlen", True)):
+        if not flag:
+            continue
+        if s[k] > ctx:
+            if k in s["overrides"]:
+                opt = "--seqlen" if k == "seqlen" else "--eval-seqlen"
+                raise RunError(f"{opt} {s[k]} exceeds the model's context of {ctx} tokens")
+            s.setdefault("clipped", {})[k] = [s[k], ctx]
+            s[k] = ctx
+            s["name"] = s["base"] + "+custom"
+
+
+def _protocol_record(s: dict) -> dict:
+    keep = ("name", "base", "origin", "calibration", "nsamples", "seqlen", "seed", "eval_datasets", "eval_seqlen",
+            "eval_windows", "overrides", "clipped", "calibration_path", "eval_paths", "calibration_note",
+            "calibration_missing", "eval_note", "eval_missing")
+    return {k: s[k] for k in keep if k in s}
+
+
+
+def _default_device(device) -> str:
+    if device:
+        dev = str(device)
+        try:
+            td = torch.device(dev)
+        except (RuntimeError, TypeError):
+            raise RunError(f"unknown device {device!r}; use cpu or cuda") from None
+        if td.type == "cuda" and not torch.cuda.is_available():
+            raise RunError("device 'cuda' asked for but CUDA is not available here")
+        return dev
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
