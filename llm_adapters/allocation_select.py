@@ -45,6 +45,7 @@ from ..formulations.allocation import DEFAULT_S_MAX, AllocationError
 from ..solvers.allocation import allocate
 from ..solvers.spectra import AGGREGATES, SHAPE_METRICS
 from .architectures import ArchSpec, get_arch, linear_weight
+from .stats import InputStats
 
 __all__ = ["error_curves", "block_upper_bounds", "proxy_error", "one_pass_loss", "heldout_loss", "selection_candidates",
            "select_allocation", "plot_selection", "DEFAULT_GRID", "DEFAULT_GROWTH"]
@@ -97,9 +98,9 @@ def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Ten
                 alias[name] = live[key][1]
                 return
             live[key] = (x, name)
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            g = x2.T @ x2
-            grams[name] = g if name not in grams else grams[name] + g
+            if name not in grams:
+                grams[name] = InputStats(x.shape[-1], full=True, dtype=torch.float32, device=x.device)
+            grams[name].add(x.detach())
         return pre
 
     try:
@@ -117,7 +118,7 @@ def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Ten
         live.clear()
         for h in handles:
             h.remove()
-    out = {n: g.cpu() for n, g in grams.items()}
+    out = {n: st.gram.H.cpu() for n, st in grams.items()}
     for n, a in alias.items():
         out[n] = out[a]
     return out
