@@ -120,12 +120,14 @@ def auto_section(res, jsonl):
     auto chose and its held-out calibration score against uniform's (from the sweep rows)."""
     import json
     cells = {(c["variant"], c["setting"]): c for c in res["rows"]}
-    choice = {}
+    choice, records = {}, {}
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
             if r.get("allocation_choice") and r.get("key"):
                 choice[r["key"]] = r["allocation_choice"]
+                if r.get("record"):
+                    records[r["key"]] = jsonl.parent / r["record"]
     lines = ["WikiText-2 perplexity; *auto* chooses among uniform, α (mean / median / tail-weighted block value, "
              "ε ∈ {0.1, 0.2, 0.3}) and OWL (λ ∈ {0.04, 0.08}), all but uniform with per-block upper bounds from the "
              "measured error curves, by the pruned model's loss on held-out calibration sequences (a quarter of the "
@@ -134,6 +136,7 @@ def auto_section(res, jsonl):
              "| pruner | sparsity | uniform | α (paper) | α tail-weighted | auto | auto / uniform | auto chose | "
              "held-out: chosen / uniform |", "|---|---|---|---|---|---|---|---|---|"]
     n = worse = 0
+    behind_alpha = []  # cells where the paper's α beat auto on the evaluation text, with why auto passed it over
     for pr, prl in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
         for st in res["settings"]:
             u, a, w, au = (cells.get((f"{v}_{pr}", st)) or {} for v in ("uniform", "alpha", "alphaw", "auto"))
@@ -144,6 +147,10 @@ def auto_section(res, jsonl):
             if ratio is not None:
                 n += 1
                 worse += ratio > 1
+            if a.get("ppl") is not None and au["ppl"] > a["ppl"]:
+                behind_alpha.append(f"{prl} {res['setting_labels'].get(st, st)} "
+                                    f"({fmt_num(au['ppl'], '.2f')} vs {fmt_num(a['ppl'], '.2f')}"
+                                    f"{_paper_alpha_fate(records.get(au.get('key')))})")
             lines.append(f"| {prl} | {res['setting_labels'].get(st, st)} | {fmt_num(u.get('ppl'), '.2f')} | "
                          f"{fmt_num(a.get('ppl'), '.2f')} | {fmt_num(w.get('ppl'), '.2f')} | "
                          f"{fmt_num(au['ppl'], '.2f')} | {fmt_num(ratio, '.3f')} | {ch.get('chosen', '')} | "
@@ -152,7 +159,29 @@ def auto_section(res, jsonl):
         return
     lines += ["", f"auto's perplexity is above uniform's in {worse} of {n} cells (its held-out calibration score is "
                   f"never above uniform's by construction; the evaluation text is a different distribution)."]
+    n_alpha = sum(1 for pr in ("wanda", "sparsegpt") for st in res["settings"]
+                  if (cells.get((f"auto_{pr}", st)) or {}).get("ppl") is not None
+                  and (cells.get((f"alpha_{pr}", st)) or {}).get("ppl") is not None)
+    if n_alpha:
+        lines += ["", f"auto's perplexity is above the paper's α allocation's in {len(behind_alpha)} of {n_alpha} "
+                      f"cells" + (": " + "; ".join(behind_alpha) + "." if behind_alpha else ".")]
     res["sections"].append({"title": "Allocation selected on held-out calibration data (auto)", "lines": lines})
+
+
+def _paper_alpha_fate(record_path):
+    """Why auto did not pick the paper's α (mean block value, ε = 0.3): its rank by the cheap proxy, and its
+    held-out score if it was a finalist, read from the run record."""
+    import json
+    if record_path is None or not record_path.is_file():
+        return ""
+    cands = (json.loads(record_path.read_text()).get("allocation") or {}).get("candidates") or []
+    paper = next((c for c in cands if c.get("label") == "alpha:mean:eps=0.3"), None)
+    if paper is None or paper.get("proxy") is None:
+        return ""
+    rank = 1 + sum(1 for c in cands if c.get("proxy") is not None and c["proxy"] < paper["proxy"])
+    if paper.get("finalist") and paper.get("heldout_loss") is not None:
+        return f"; the paper's α was a finalist, held-out {paper['heldout_loss']:.3f}"
+    return f"; the paper's α ranked {rank} of {len(cands)} by the proxy and was not a finalist"
 
 
 SPEC = PaperSpec(
