@@ -305,3 +305,40 @@ def test_alps_cpu_tables_are_assembled_from_sweep_rows_by_key(tmp_path):
     assert claims["error-driven EGGS mask < Wanda at 2:4 (both mask-only)"]["ours_values"] == [150.0, 177.0]
     assert claims["ADMM + alpha:bounded < ADMM uniform at 70%"]["verdict"] == "holds"  # 90 vs 98
     assert claims["ADMM < SparseGPT at 2:4"]["verdict"] == "not run"  # neither row exists
+
+
+def test_alphapruning_auto_section_counts_cells_behind_uniform_and_alpha_from_the_records(tmp_path):
+    """The auto section's two verdict lines are computed from the rows, and the reason auto passed over the
+    paper's α (its proxy rank, or its held-out score as a finalist) is read from each auto row's run record."""
+    mod = _load("alphapruning")
+    runs = tmp_path / "x.runs"
+    runs.mkdir()
+
+    def record(name, paper_proxy, finalist):
+        cands = [{"label": "uniform", "proxy": 5.0, "finalist": True, "heldout_loss": 6.0},
+                 {"label": "alpha:median:eps=0.2", "proxy": 4.0, "finalist": True, "heldout_loss": 5.5},
+                 {"label": "alpha:mean:eps=0.3", "proxy": paper_proxy, "finalist": finalist}]
+        if finalist:
+            cands[2]["heldout_loss"] = 5.7
+        (runs / name).write_text(json.dumps({"allocation": {"candidates": cands}}))
+
+    record("a.json", 4.5, False)   # rank 2 of 3 by proxy (uniform 5.0 is behind it), not shortlisted
+    record("b.json", 3.0, True)    # shortlisted and scored
+    jl = tmp_path / "x.jsonl"
+    jl.write_text("\n".join(json.dumps({"key": k, "record": f"x.runs/{f}",
+                                        "allocation_choice": {"chosen": "alpha:median:eps=0.2",
+                                                              "chosen_score": 5.5, "uniform_score": 6.0}})
+                            for k, f in (("ka", "a.json"), ("kb", "b.json"))) + "\n")
+    rows = [{"variant": "uniform_wanda", "setting": "0.6", "ppl": 100.0},
+            {"variant": "alpha_wanda", "setting": "0.6", "ppl": 80.0},
+            {"variant": "auto_wanda", "setting": "0.6", "ppl": 90.0, "key": "ka"},
+            {"variant": "uniform_sparsegpt", "setting": "0.6", "ppl": 50.0},
+            {"variant": "alpha_sparsegpt", "setting": "0.6", "ppl": 45.0},
+            {"variant": "auto_sparsegpt", "setting": "0.6", "ppl": 55.0, "key": "kb"}]
+    res = {"rows": rows, "settings": ["0.6"], "setting_labels": {"0.6": "60%"}, "sections": []}
+    mod.auto_section(res, jl)
+    text = "\n".join(res["sections"][-1]["lines"])
+    assert "above uniform's in 1 of 2 cells" in text
+    assert "above the paper's α allocation's in 2 of 2 cells" in text
+    assert "Wanda 60% (90.00 vs 80.00; the paper's α ranked 2 of 3 by the proxy and was not a finalist)" in text
+    assert "SparseGPT 60% (55.00 vs 45.00; the paper's α was a finalist, held-out 5.700)" in text
