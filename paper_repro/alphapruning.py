@@ -135,7 +135,7 @@ def auto_section(res, jsonl):
              "Held-out scores: mean token NLL (nats), chosen vs uniform.", "",
              "| pruner | sparsity | uniform | α (paper) | α tail-weighted | auto | auto / uniform | auto chose | "
              "held-out: chosen / uniform |", "|---|---|---|---|---|---|---|---|---|"]
-    n = worse = 0
+    n = worse = n_alpha = 0
     behind_alpha = []  # cells where the paper's α beat auto on the evaluation text, with why auto passed it over
     for pr, prl in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT")):
         for st in res["settings"]:
@@ -147,6 +147,7 @@ def auto_section(res, jsonl):
             if ratio is not None:
                 n += 1
                 worse += ratio > 1
+            n_alpha += a.get("ppl") is not None
             if a.get("ppl") is not None and au["ppl"] > a["ppl"]:
                 behind_alpha.append(f"{prl} {res['setting_labels'].get(st, st)} "
                                     f"({fmt_num(au['ppl'], '.2f')} vs {fmt_num(a['ppl'], '.2f')}"
@@ -159,9 +160,6 @@ def auto_section(res, jsonl):
         return
     lines += ["", f"auto's perplexity is above uniform's in {worse} of {n} cells (its held-out calibration score is "
                   f"never above uniform's by construction; the evaluation text is a different distribution)."]
-    n_alpha = sum(1 for pr in ("wanda", "sparsegpt") for st in res["settings"]
-                  if (cells.get((f"auto_{pr}", st)) or {}).get("ppl") is not None
-                  and (cells.get((f"alpha_{pr}", st)) or {}).get("ppl") is not None)
     if n_alpha:
         lines += ["", f"auto's perplexity is above the paper's α allocation's in {len(behind_alpha)} of {n_alpha} "
                       f"cells" + (": " + "; ".join(behind_alpha) + "." if behind_alpha else ".")]
