@@ -77,6 +77,15 @@ class SolveResult:
     values: dict = field(default_factory=dict)
     proven_optimal: bool = False
     info: dict = field(default_factory=dict)
+    #: the tolerances a proof of optimality holds to, as the backend ran: ``gap_tol`` — the relative optimality
+    #: gap it stops at (Gurobi's ``MIPGap``, SCIP's ``limits/gap``, an interior-point method's relative duality
+    #: gap; 0 for enumeration), ``abs_tol`` — an absolute objective tolerance (Gurobi's ``MIPGapAbs``, the flow
+    #: backend's cost-rounding bound), ``feas_tol`` — the relative constraint feasibility tolerance of its
+    #: model. A proven optimum f claims: no feasible point is below f − (gap_tol + feas_tol)·|f| − abs_tol;
+    #: the cross-check holds every other solver to exactly that claim.
+    gap_tol: float = 0.0
+    abs_tol: float = 0.0
+    feas_tol: float = 0.0
 
     @property
     def W(self):
@@ -91,7 +100,8 @@ class SolveResult:
 
     def row(self) -> dict:
         return {"solver": self.solver, "status": self.status, "objective": self.objective, "bound": self.bound,
-                "gap": self.gap, "time_s": round(self.time, 4), "proven_optimal": self.proven_optimal}
+                "gap": self.gap, "time_s": round(self.time, 4), "proven_optimal": self.proven_optimal,
+                "gap_tol": self.gap_tol, "abs_tol": self.abs_tol, "feas_tol": self.feas_tol}
 
 
 @dataclass

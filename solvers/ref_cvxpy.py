@@ -35,6 +35,24 @@ _SOLVER_OPTS = {
     "HIGHS": dict(),
 }
 
+# the option names behind each solver's (relative gap, absolute gap, feasibility) tolerances, and the solver's
+# defaults for those it is not given (HiGHS: its primal/dual feasibility tolerances, 1e-7)
+_TOLERANCE_KEYS = {
+    "CLARABEL": (("tol_gap_rel", 1e-8), ("tol_gap_abs", 1e-8), ("tol_feas", 1e-8)),
+    "OSQP": (("eps_rel", 1e-3), ("eps_abs", 1e-3), ("eps_rel", 1e-3)),
+    "SCS": (("eps_rel", 1e-4), ("eps_abs", 1e-4), ("eps_rel", 1e-4)),
+    "HIGHS": (("dual_feasibility_tolerance", 1e-7), (None, 0.0), ("primal_feasibility_tolerance", 1e-7)),
+}
+
+
+def _tolerances(name: str, opts: dict) -> dict:
+    """The tolerances a solve with these options holds to, as :class:`~.base.SolveResult` reports them."""
+    keys = _TOLERANCE_KEYS.get(name)
+    if keys is None:  # a solver without a declared table: no claim beyond the cross-check's own tolerance
+        return {}
+    return {field: float(opts.get(k, d)) if k else d
+            for field, (k, d) in zip(("gap_tol", "abs_tol", "feas_tol"), keys)}
+
 
 @register_backend
 class CvxpyBackend(Backend):
@@ -188,4 +206,4 @@ class CvxpyBackend(Backend):
         if bound is not None and np.isfinite(objective):
             gap = max(0.0, objective - bound) / max(abs(objective), 1e-12)
         return SolveResult(f"cvxpy-{name.lower()}", st, objective, bound=bound, gap=gap, time=t_all.elapsed,
-                           values=values, proven_optimal=proven, info=info)
+                           values=values, proven_optimal=proven, info=info, **_tolerances(name, opts))

@@ -131,6 +131,6 @@ class FlowBackend(Backend):
         tiles = (m // rows_per_tile) * (n // M)
         bound = tiles * rows_per_tile * N * smax / _SCALE
         return SolveResult(solver=self.name, status="optimal", objective=obj, bound=obj - bound, gap=None,
-                           time=t.elapsed, values=values, proven_optimal=True,
+                           time=t.elapsed, values=values, proven_optimal=True, abs_tol=bound,
                            info={"tiles": tiles, "rounding_bound": bound,
                                  "note": "network simplex on integer-scaled costs (10^15 / max|S|)"})

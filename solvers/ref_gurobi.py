@@ -295,5 +295,11 @@ class GurobiBackend(Backend):
         if status == "optimal" and not program.is_integer:
             gap = 0.0
         elapsed = time.perf_counter() - t0
+        if program.is_integer:  # the proof holds to the gap limits and the feasibility tolerance it ran with
+            tols = dict(gap_tol=float(mdl.Params.MIPGap), abs_tol=float(mdl.Params.MIPGapAbs),
+                        feas_tol=float(mdl.Params.FeasibilityTol))
+        else:  # barrier (QP) or simplex (LP): the larger of the two convergence tolerances
+            tols = dict(gap_tol=max(float(mdl.Params.BarConvTol), float(mdl.Params.OptimalityTol)),
+                        feas_tol=float(mdl.Params.FeasibilityTol))
         return SolveResult("gurobi", status, objective, bound=bound, gap=gap, time=elapsed, values=values,
-                           proven_optimal=proven, info=info)
+                           proven_optimal=proven, info=info, **tols)

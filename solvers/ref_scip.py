@@ -217,4 +217,6 @@ class ScipBackend(Backend):
         if proven:
             status = "optimal"
         return SolveResult("scip", status, objective, bound=bound, gap=gapv, time=time.perf_counter() - t0,
-                           values=values, proven_optimal=proven, info=info)
+                           values=values, proven_optimal=proven, info=info,
+                           gap_tol=float(mdl.getParam("limits/gap")), abs_tol=float(mdl.getParam("limits/absgap")),
+                           feas_tol=float(mdl.getParam("numerics/feastol")))

@@ -25,12 +25,17 @@ program's own ``evaluate``/``check``:
 
 Checks per (instance, program), against the best proven optimum ``opt``:
 
-* proven references: ``|obj − opt| ≤ 1e-6·|opt|``;
-* a feasible point may beat ``opt`` only by round-off: 1e-9 relative, or 1e-15·κ(Ĥ) on ill-conditioned layers;
+* proven references: ``|obj − opt| ≤ 1e-6·|opt|`` (or the reference's own tolerance, if looser);
+* **a proof holds to the tolerances its backend ran with**: each backend reports in its result the relative
+  gap ``gap_tol`` it stops at (Gurobi's ``MIPGap``, SCIP's ``limits/gap``, 0 for enumeration), an absolute
+  tolerance ``abs_tol`` and its feasibility tolerance ``feas_tol``; a proven optimum ``f_r`` claims that no
+  feasible point lies below ``f_r − (gap_tol + feas_tol + ρ)·|f_r| − abs_tol``, where ``ρ`` is the float64
+  round-off of evaluating the program (1e-9 relative, or 1e-15·κ(Ĥ) on ill-conditioned layers). A feasible
+  point below that line contradicts the proof and fails; one above it is no evidence against it;
 * production solvers that claim to solve their program (convex solvers, exact mask solvers, allocation):
   the same tolerance; heuristics (every method on the L0 program, each also followed by the exact
-  least-squares refit on its mask, ``<method>+refit``): feasible and never below ``opt`` (−1e-9 slack), and
-  the refit never above the method's own weights;
+  least-squares refit on its mask, ``<method>+refit``): feasible and never below any proven optimum's claim,
+  and the refit never above the method's own weights;
 * limit-stopped or relaxed results: value ≥ opt and bound ≤ opt (validity), status reported, never "ok".
 
 Instance families (cycled): random well-conditioned Gaussian inputs (half with error-corrected X̂),
@@ -70,7 +75,7 @@ __all__ = ["verify", "register_l1_solver", "L1_SOLVERS", "VerificationError", "b
 
 CONVEX_RTOL = 1e-6   # convex models: relative objective agreement
 EXACT_RTOL = 1e-6    # exact combinatorial models: same optimum (relative)
-NEVER_BEAT = 1e-9    # a feasible point may not beat the proven optimum by more than this (relative)
+NEVER_BEAT = 1e-9    # float64 round-off of evaluating a program (relative), the least of the slack ρ below
 FAMILIES = ("random", "ill-conditioned", "low-rank", "real-slice")
 FULL_INSTANCES = 100
 QUICK_INSTANCES = len(FAMILIES)
@@ -466,7 +471,8 @@ class _Runner:
                              for k, v in r.info.items() if k in ("bigm_max_ratio", "max_fractionality"))
             rows_ = prog.problem.m if prog.problem is not None else 1
             self.row(case, label if label != "cvxpy" else r.solver, "reference", status=status,
-                     atol=float(getattr(b.capabilities, "objective_atol", 0.0) or 0.0) * rows_,
+                     atol=float(getattr(b.capabilities, "objective_atol", 0.0) or 0.0) * rows_ + float(r.abs_tol),
+                     gap_tol=float(r.gap_tol), feas_tol=float(r.feas_tol),
                      proven_optimal=bool(r.proven_optimal), objective=r.objective if r.values else float("nan"),
                      bound=r.bound, solver_gap=r.gap, feasible=feas, time_s=r.time, note=note)
         for pr in case.producers:
@@ -506,7 +512,7 @@ def program_feasible(prog: Program, vals: dict) -> bool:
 
 
 def _roundoff_slack(program: Program) -> float:
-    """How far a float64 solution may "beat" a proven optimum by round-off: ``NEVER_BEAT``, or ``1e-15·κ(Ĥ)``
+    """How far two float64 evaluations of one program may differ by round-off (ρ): ``NEVER_BEAT``, or ``1e-15·κ(Ĥ)``
     on live inputs for ill-conditioned layers (two exact refits of one support differ by ~ε·κ; measured on
     low-rank 2×8 instances: 2e-9)."""
     p = program.problem
@@ -523,10 +529,12 @@ def _roundoff_slack(program: Program) -> float:
 
 def judge(rows: list[dict], kind: str, f0: Optional[float] = None, slack: float = NEVER_BEAT) -> Optional[float]:
     """Gaps to the best proven optimum and the verdicts of one (instance, program) group; returns the optimum.
-    ``slack``: how far (relative) a feasible point may beat the optimum by round-off."""
+    ``slack``: the round-off ρ of evaluating the program (relative). Each proven reference row's ``gap_tol``,
+    ``feas_tol`` and ``atol`` (its backend's reported tolerances) bound what its proof claims (module doc)."""
     tol = CONVEX_RTOL if kind == "convex" else EXACT_RTOL
-    proven = [r["objective"] for r in rows if r["role"] == "reference" and r["proven_optimal"]
+    proofs = [r for r in rows if r["role"] == "reference" and r["proven_optimal"]
               and r["feasible"] is not False and math.isfinite(r["objective"])]
+    proven = [r["objective"] for r in proofs]
     cands = list(proven)
     if kind == "convex":  # a production convex solver may be more accurate than an interior-point reference
         cands += [r["objective"] for r in rows if r["role"] == "exact" and r["feasible"]
@@ -535,7 +543,32 @@ def judge(rows: list[dict], kind: str, f0: Optional[float] = None, slack: float 
     # convex programs: relative to max(|opt|, 1e-3·f(0)) — an optimum far below the scale of the objective's
     # constant part (a nearly-feasible target) is only as accurate as that constant allows
     floor = 1e-3 * float(f0) if (kind == "convex" and f0) else 0.0
+
+    def claim_tol(ref) -> float:  # relative tolerance of a proof, beside its absolute one (``atol``)
+        return float(ref.get("gap_tol") or 0.0) + float(ref.get("feas_tol") or 0.0)
+
+    def disagrees(ref) -> bool:  # a proof off the optimum by more than its tolerance (judged FAIL below)
+        return abs(ref["objective"] - opt) > max(tol, claim_tol(ref)) * max(abs(opt), floor, 1e-12) + \
+            (ref.get("atol") or 0.0)
+
+    def contradicted(r) -> Optional[str]:
+        """The proof a feasible value contradicts: the value lies below what a proven optimum (one that agrees
+        with the others) claims."""
+        own = r.get("atol") or 0.0  # a limit-stopped reference's own objective accuracy
+        for ref in proofs:
+            if disagrees(ref):
+                continue
+            if ref is r:
+                continue
+            s = max(abs(ref["objective"]), floor, 1e-12)
+            line = ref["objective"] - (claim_tol(ref) + slack) * s - (ref.get("atol") or 0.0)
+            if r["objective"] + own < line:
+                return (f"beats the proven optimum of {ref['solver']} by {(ref['objective'] - r['objective']) / s:.1e}"
+                        f" (its tolerance {claim_tol(ref) + slack:.0e})")
+        return None
+
     for r in rows:
+        r["roundoff"] = slack  # recorded: a reader can re-check every verdict from the rows alone
         if r["check"]:  # error / skipped already judged
             continue
         if opt is None:
@@ -549,24 +582,27 @@ def judge(rows: list[dict], kind: str, f0: Optional[float] = None, slack: float 
         r["abs_gap"] = r["objective"] - opt
         r["gap"] = r["abs_gap"] / max(abs(opt), 1e-12)
         scale = max(abs(opt), floor, 1e-12)
-        rgap = r["abs_gap"] / scale
         fails = []
         if r["feasible"] is False:
             fails.append("infeasible")
         if r["role"] == "reference" and not r["proven_optimal"]:
             # limit-stopped or relaxed: never "ok"; its value and bound must still be valid
-            if r["feasible"] and rgap < -slack - r.get("atol", 0.0) / scale:
-                fails.append(f"feasible value beats the optimum by {-r['gap']:.1e}")
+            why = contradicted(r) if r["feasible"] else None
+            if why:
+                fails.append(f"feasible value {why}")
             if r["bound"] is not None and math.isfinite(r["bound"]) and \
                     (r["bound"] - opt) / scale > max(tol, 1e-9):
                 fails.append(f"bound {r['bound']:.6g} above the optimum {opt:.6g}")
             r["check"] = ("FAIL: " + ", ".join(fails)) if fails else r["status"] or "unproven"
             continue
-        if r["role"] == "reference" or r["role"] == "exact":
-            if abs(r["abs_gap"]) > tol * scale + r.get("atol", 0.0):
-                fails.append(f"|gap| {abs(r['gap']):.1e} > {tol:g}" + (f" (+ atol {r['atol']:.0e})" if r.get("atol") else ""))
-        elif rgap < -slack:
-            fails.append(f"beats the proven optimum by {-r['gap']:.1e}")
+        if r["role"] == "reference" and disagrees(r) or r["role"] == "exact" and \
+                abs(r["abs_gap"]) > tol * scale + (r.get("atol") or 0.0):
+            t = max(tol, claim_tol(r)) if r["role"] == "reference" else tol
+            fails.append(f"|gap| {abs(r['gap']):.1e} > {t:g}" + (f" (+ atol {r['atol']:.0e})" if r.get("atol") else ""))
+        elif r["feasible"] is not False:
+            why = contradicted(r)
+            if why:
+                fails.append(why)
         rb = r.get("refit_before")
         if rb is not None and r["objective"] > rb * (1 + 1e-9) + 1e-12 * max(abs(opt), 1.0):
             fails.append(f"the refit increased the error ({rb:.6g} → {r['objective']:.6g})")
