@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["Checkpoint", "Interrupted", "atomic_output", "default_checkpoint_dir", "install_signal_handlers",
-           "raise_if_interrupted", "interrupted_signal", "CheckpointError", "run_key"]
+           "raise_if_interrupted", "interrupted_signal", "CheckpointError", "run_key", "as_write_error"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "optprune-checkpoint/1"
@@ -97,6 +97,33 @@ def _test_hook(point: str) -> None:
     if (spec[:-5] if term else spec) == point:
         os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGINT)
         time.sleep(0.1)  # the handler runs here
+
+
+# ============================================================================================ write failures
+def as_write_error(e: BaseException, path) -> Optional[OSError]:
+    """``e`` as an :class:`OSError` naming ``path`` when it is a failed write, else None. torch.save and
+    safetensors report a full disk in their own exception types (``[enforce fail at inline_container.cc]
+    ... file write failed``, ``SafetensorError ... StorageFull``); this gives every write failure one form."""
+    import errno
+    if isinstance(e, OSError):
+        if e.filename is None:
+            e.filename = str(path)
+        return e
+    text = str(e)
+    low = text.lower()
+    if not (type(e).__name__ == "SafetensorError" or isinstance(e, RuntimeError) and (
+            "pytorchstreamwriter" in low or "inline_container" in low or "write failed" in low)):
+        return None
+    full = any(w in low for w in ("storagefull", "no space", "os error 28", "quota"))
+    if not full:
+        with contextlib.suppress(OSError):
+            p = Path(path)
+            while not p.exists() and p != p.parent:
+                p = p.parent
+            full = shutil.disk_usage(p).free < (1 << 20)
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, "the write was cut short, disk full?", str(path))
 
 
 # ============================================================================================ atomic output
@@ -191,7 +218,8 @@ class Checkpoint:
             self._open()
         elif self.path.exists() and any(self.path.iterdir()):
             if not (self.path / MANIFEST).is_file():
-                raise CheckpointError(f"--checkpoint-dir {self.path} is a non-empty folder that is not an optprune "
+                what = "--checkpoint-dir" if explicit else "the checkpoint folder of --output,"
+                raise CheckpointError(f"{what} {self.path} is a non-empty folder that is not an optprune "
                                       f"checkpoint")
             raise CheckpointError(f"a checkpoint of an earlier run is in {self.path}: pass --resume to continue it, "
                                   f"or delete that folder to start over")
@@ -235,21 +263,37 @@ class Checkpoint:
 
     # ---------------------------------------------------------------- writing
     def _write_manifest(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
         man = {"format": _FORMAT, "key": self.key, "settings": self.settings, "blocks": sorted(self.done),
                "calibration": self.calib is not None}
-        tmp = self.path / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(man, indent=1))
-        os.replace(tmp, self.path / MANIFEST)
+        self._write(MANIFEST, lambda tmp: tmp.write_text(json.dumps(man, indent=1)))
 
     def _save(self, obj, name: str) -> Path:
         import torch
-        self.path.mkdir(parents=True, exist_ok=True)
+        return self._write(name, lambda tmp: torch.save(obj, tmp))
+
+    def _write(self, name: str, write) -> Path:
+        """``write(tmp)`` then rename to ``name``. A failed write (disk full...) leaves no partial file, and a
+        checkpoint without a manifest (nothing resumable yet) is removed: it would only block the next run."""
         f = self.path / name
         tmp = self.path / f"{name}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, f)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, f)
+        except (OSError, RuntimeError, ValueError) as e:
+            err = as_write_error(e, f)
+            if err is None:
+                raise
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not self.usable():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise err from None
         return f
+
+    def usable(self) -> bool:
+        """Whether the folder holds a checkpoint ``--resume`` can continue (its manifest was written)."""
+        return (self.path / MANIFEST).is_file()
 
     def save_calib_rows(self, rows, ids) -> None:
         """Self-generated calibration: sequences ``rows`` just produced."""

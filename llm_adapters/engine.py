@@ -53,6 +53,7 @@ from torch import nn
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
+from .checkpoint import as_write_error
 from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
                           _device_for_rank, _recv_into, _send_tensor, _tcp_addresses, assign_blocks,
                           distributed_context, env_world, exchange, world_for)
@@ -197,9 +198,16 @@ class PruneRun:
         if self.verbose:  # what is about to run, after every check, before any heavy work
             _print_header(self.model_label, self.spec, self.sparsity, o.pattern, s, evaluate=o.evaluate, kl=o.kl,
                           out_dir=self.out_dir)
-        with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
-            self.write_dir = write_dir
-            return self._run()
+        try:
+            with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
+                self.write_dir = write_dir
+                return self._run()
+        except RunError:  # settings that cannot succeed (e.g. a missed sparsity target): resuming them would fail
+            if self.ck is not None and not o.resume:  # the same way, and the checkpoint would block the next run
+                self.ck.remove()
+            raise
+        except OSError as e:  # the disk (full, gone, read-only) while writing: one line, the file and the remedy
+            raise RunError(self._write_failure(e)) from None
 
     def _run(self):
         o, s, src = self.o, self.s, self.source
@@ -243,7 +251,13 @@ class PruneRun:
         with src.output(self) as stage:  # (in memory: written beside the target, renamed into place at the end)
             if self.out_dir is not None:
                 t0 = time.perf_counter()
-                record["saved"] = {**src.save(self, stage), "path": str(self.out_dir.resolve())}
+                try:
+                    record["saved"] = {**src.save(self, stage), "path": str(self.out_dir.resolve())}
+                except Exception as e:  # noqa: BLE001 - a full disk, in any library's words (SafetensorError...)
+                    err = as_write_error(e, self.out_dir)
+                    if err is None:
+                        raise
+                    raise err from None
                 if self.selection is not None:
                     from .allocation_select import plot_selection
                     plot_selection(self.selection, stage / SELECTION_PLOT)
@@ -265,6 +279,18 @@ class PruneRun:
         if o.return_model:
             return src.model, src.tok, record
         return record
+
+    def _write_failure(self, e: OSError) -> str:
+        """One line for a write that failed late (output or checkpoint): the file, the reason, the remedy —
+        ``--resume`` when a checkpoint of the pruned blocks is kept."""
+        import errno
+        f = getattr(e, "filename", None) or (self.out_dir or "the output")
+        why = e.strerror or str(e) or type(e).__name__
+        fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else "make it writable"
+        kept = self.ck is not None and self.ck.usable()
+        nxt = (f"the checkpoint in {self.ck.path} is kept: run the same command with --resume to continue" if kept
+               else "run the command again")
+        return f"writing {f} failed ({why}); nothing was replaced — {fix}, then {nxt}"
 
     # ------------------------------------------------------------------------------------ pieces
     def _prune_config(self):

@@ -157,7 +157,11 @@ def _gguf_load(directory: Path, gguf_file: str, dtype):
 
 def _gguf_load_uncached(directory: Path, gguf_file: str, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
+
+    from .model_files import check_loading_info
+    model, info = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype,
+                                                       output_loading_info=True)
+    check_loading_info(Path(directory) / gguf_file, info, "its header")  # a tensor the file lacks: never random
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     model = strip_quantization(model, dtype)
     return model, tokenizer
@@ -180,8 +184,10 @@ def _dir_load(directory: Path, dtype):
         from .export import load_compressed
         model = load_compressed(directory, dtype=dtype)
         fmt = "hf-dir (compressed-tensors)"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    else:  # every tensor of the model from the files, none left over (the preflight checked what headers show)
+        from .model_files import check_loading_info
+        model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, output_loading_info=True)
+        check_loading_info(directory, info)
         fmt = "hf-dir"
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer, fmt

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["PreflightError", "stale_widths"]
+__all__ = ["PreflightError", "IncompleteModelError", "stale_widths", "check_loading_info", "torch_weight_shapes"]
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -20,6 +20,64 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 class PreflightError(ValueError):
     """A run that cannot succeed, found before any weight is read (one line; nothing written)."""
+
+
+class IncompleteModelError(PreflightError):
+    """The weight files do not hold exactly the tensors of the model its config describes."""
+
+
+def _some(names, k: int = 3) -> str:
+    names = sorted(names, key=lambda s: [int(t) if t.isdigit() else t for t in s.replace(".", " . ").split()])
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+def incomplete(where, missing, surplus, described_by: str = "config.json") -> IncompleteModelError:
+    """One line naming the tensors the weight files lack and hold in surplus against the model described
+    (``described_by``: ``config.json``, or a GGUF file's own header)."""
+    parts = ([f"missing {_some(missing)}"] if missing else []) + ([f"surplus {_some(surplus)}"] if surplus else [])
+    fix = ("restore the weights, or the config.json that belongs to them" if described_by == "config.json" else
+           "restore or re-convert the file")
+    return IncompleteModelError(f"{where}: the weights are not those of the model {described_by} describes — "
+                                f"{'; '.join(parts)} (damaged or mixed-up files: {fix})")
+
+
+def check_loading_info(where, info: dict, described_by: str = "config.json") -> None:
+    """Refuse a model whose load left tensors uninitialised or unused (transformers' ``output_loading_info``:
+    tied weights and the buffers transformers knows to skip are already left out of it)."""
+    missing, surplus = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mism = info.get("mismatched_keys") or ()
+    if missing or surplus:
+        raise incomplete(where, missing, surplus, described_by)
+    if mism:
+        first = next(iter(mism))
+        raise IncompleteModelError(f"{where}: tensor {first[0] if isinstance(first, tuple) else first!r} has a shape "
+                                   f"{described_by} does not give (weights of another model?)")
+
+
+def torch_weight_shapes(path: Path) -> dict:
+    """tensor name -> shape of a PyTorch weight file (``pytorch_model.bin``), read with ``weights_only=True`` on
+    the meta device (nothing but the pickle is read). A file that holds anything but tensors is refused: loading
+    it could run code."""
+    import pickle
+    import zipfile
+
+    import torch
+    try:
+        sd = torch.load(str(path), map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except OSError as e:
+        raise PreflightError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower() and "unsupported global" in str(e).lower():
+            raise PreflightError(f"{path}: holds Python objects besides tensors, which could run code when "
+                                 f"loaded; it is refused — convert it to safetensors where it was made") from None
+        raise PreflightError(f"{path}: not a PyTorch weight file (damaged, or another kind of file)") from None
+    except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile, KeyError, AttributeError, TypeError):
+        raise PreflightError(f"{path}: not a PyTorch weight file (damaged, or another kind of file)") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PreflightError(f"{path}: not a state dict of tensors (a whole pickled model or a training state?); "
+                             f"save the model's state_dict, or convert it to safetensors")
+    return {str(k): list(v.shape) for k, v in sd.items()}
 
 
 def _read_json(path: Path) -> dict:

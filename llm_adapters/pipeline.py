@@ -148,6 +148,20 @@ def _model_device(model: nn.Module) -> torch.device:
     return devs.pop()
 
 
+def _check_target(name: str, method: str, pat: Pattern, shape, nonzero: int) -> None:
+    """A layer keeps at most what its pattern allows (``kept_count``: the target with the pattern's own rounding
+    — whole rows' counts, N of every M, whole groups); more means the method missed its target (e.g. an option
+    that made it skip its mask), and the run stops before anything is saved."""
+    kept = pat.kept_count(shape)
+    if nonzero > kept:
+        from .settings import RunError
+        m, n = shape
+        raise RunError(f"layer {name!r}: {method} kept {nonzero} of {m * n} weights (sparsity "
+                       f"{1 - nonzero / (m * n):.4f}); its pattern {pat.name} allows at most {kept} (sparsity "
+                       f"{1 - kept / (m * n):.4f}) — the method missed its target, nothing was saved; check its "
+                       f"options (-O)")
+
+
 def _fresh(t: torch.Tensor) -> torch.Tensor:
     """A float32 contiguous copy that never aliases the module's storage."""
     return t.detach().to(dtype=torch.float32, copy=True).contiguous()
@@ -727,6 +741,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         if not torch.isfinite(written).all():  # e.g. overflow in a half-precision model
             raise NumericalError(f"layer {name!r}: the written weights contain NaN/Inf (model dtype {model_dtype})")
         sparsity = float((written == 0).sum()) / (m * n)
+        _check_target(name, spec.name, pat, (m, n), int((written != 0).sum()))
         W_eval = written.float() if model_dtype != torch.float32 else W
         try:
             rec["feasible"] = bool(pat.is_feasible(res.mask.to(W.device)))
@@ -742,6 +757,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         if not torch.isfinite(written).all():
             raise NumericalError(f"layer {name!r}: the shrunk layer contains NaN/Inf")
         sparsity = 1.0 - float((written != 0).sum()) / (m * n)
+        _check_target(name, spec.name, pat, (m, n), int((written != 0).sum()))
         rec["shape_after"] = list(written.shape)
         W_eval = W
 

@@ -30,7 +30,8 @@ import struct
 from pathlib import Path
 from typing import Optional
 
-from .model_files import PreflightError, _arch_of, _read_json, _safetensors_header, stale_widths  # noqa: F401
+from .model_files import (PreflightError, _arch_of, _read_json, _safetensors_header, incomplete,  # noqa: F401
+                          stale_widths, torch_weight_shapes)
 
 __all__ = ["PreflightError", "check_prune", "check_output", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
            "model_metadata", "RUN_FILE"]
@@ -82,6 +83,14 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
         if not bins:
             raise PreflightError(f"{d}: config.json but no weights (no model.safetensors, no index, no *.bin)")
         nbytes = sum(p.stat().st_size for p in bins)
+        bin_index = d / "pytorch_model.bin.index.json"
+        files = [d / "pytorch_model.bin"] if (d / "pytorch_model.bin").is_file() else \
+            [d / f for f in sorted(set((_read_json(bin_index).get("weight_map") or {}).values()))] \
+            if bin_index.is_file() else []
+        for p in files:  # the files transformers loads: names and shapes from the pickle, no tensor data
+            if not p.is_file():
+                raise PreflightError(f"{p}: shard listed in {bin_index.name} is missing")
+            headers.update({k: (p, v) for k, v in torch_weight_shapes(p).items()})
     widths = d / "optprune_widths.json"
     shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable") and stale_widths(d) is None
     if tokenizer:
@@ -98,7 +107,10 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
 
 
 def _check_tensor_shapes(d: Path, headers: dict) -> None:
-    """Every stored tensor has the shape the config gives it (a model built on the meta device: no memory)."""
+    """The weight files hold exactly the tensors of the model config.json describes, each with its shape (the
+    model built on the meta device: no memory). Tied weights (an output head sharing the embedding) and the
+    buffers transformers itself skips may be absent; a model whose checkpoints transformers renames on load
+    (conversion mappings) gets the name check at load instead (:func:`.model_files.check_loading_info`)."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,6 +128,46 @@ def _check_tensor_shapes(d: Path, headers: dict) -> None:
         if name in expected and tuple(shape) != expected[name]:
             raise PreflightError(f"{f}: tensor {name!r} has shape {tuple(shape)}, config.json gives "
                                  f"{expected[name]} (weights of another model?)")
+    missing, surplus = _missing_and_surplus(m, set(expected), set(headers))
+    if missing or surplus:
+        files = sorted({str(f.name) for f, _ in headers.values()})
+        where = d / files[0] if len(files) == 1 else d
+        raise incomplete(where, missing, surplus)
+
+
+def _missing_and_surplus(model, expected: set, stored: set) -> tuple[set, set]:
+    """The names a model's state dict has that the files lack, and the files' names the model has no place for,
+    by transformers' own rules: tied weights may be absent; its ignore patterns (and the old per-layer
+    ``rotary_emb.inv_freq`` / ``position_ids`` buffers) are not surplus; a checkpoint of the base model (no
+    ``model.`` prefix) is the same model. Empty sets when the model's checkpoints are renamed on load."""
+    import re
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        if get_model_conversion_mapping(model, add_legacy=False):
+            return set(), set()
+    except Exception:  # noqa: BLE001 - another transformers version: the load-time check remains
+        pass
+    if any(re.search(r"(LayerNorm\.(gamma|beta)|\.weight_[gv])$", k) for k in stored):
+        return set(), set()  # legacy names transformers renames on load
+    pre = (getattr(model, "base_model_prefix", "") or "") + "."
+
+    def norm(k):
+        return k[len(pre):] if pre != "." and k.startswith(pre) else k
+
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+
+    def patterns(attr, extra=()):
+        pats = list(getattr(model, attr, None) or ()) + list(extra)
+        return re.compile("|".join(f"({p})" for p in pats)) if pats else None
+
+    skip_missing = patterns("_keys_to_ignore_on_load_missing")
+    skip_surplus = patterns("_keys_to_ignore_on_load_unexpected", (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"))
+    have = {norm(k) for k in stored}
+    want = {norm(k) for k in expected}
+    missing = {k for k in expected if norm(k) not in have and k not in tied
+               and not (skip_missing and skip_missing.search(k))}
+    surplus = {k for k in stored if norm(k) not in want and not (skip_surplus and skip_surplus.search(k))}
+    return missing, surplus
 
 
 _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -209,6 +261,7 @@ def _check_gguf(f: Path) -> dict:
     if end > size:
         raise PreflightError(f"{f}: truncated GGUF file ({size} bytes, its tensors need {end})")
     arch = meta.get("general.architecture")
+    _check_gguf_blocks(f, [t[0] for t in tensors], meta.get(f"{arch}.block_count") if arch else None)
     cfg = None
     if arch:
         cfg = {"model_type": arch, "hidden_size": meta.get(f"{arch}.embedding_length"),
@@ -218,6 +271,30 @@ def _check_gguf(f: Path) -> dict:
                "num_hidden_layers": meta.get(f"{arch}.block_count")}
         cfg = {k: v for k, v in cfg.items() if v is not None}
     return {"config": cfg, "bytes": max(size, 4 * nparams), "path": f}  # dequantized to float32 on load
+
+
+def _check_gguf_blocks(f: Path, names: list, block_count) -> None:
+    """The blocks a GGUF file stores are the ``block_count`` its header gives, each with the tensors every
+    other block has (a tensor missing from one block only; the full name check against the model is made at
+    load, :func:`.model_files.check_loading_info`)."""
+    import re
+    blocks: dict = {}
+    for n in names:
+        mt = re.match(r"blk\.(\d+)\.(.+)$", n)
+        if mt:
+            blocks.setdefault(int(mt.group(1)), set()).add(mt.group(2))
+    if not blocks or not isinstance(block_count, int):
+        return
+    surplus = [f"blk.{i}.{s}" for i in sorted(blocks) if i >= block_count for s in sorted(blocks[i])]
+    missing = [f"blk.{i}.*" for i in range(block_count) if i not in blocks]
+    inside = [blocks[i] for i in range(block_count) if i in blocks]
+    if len(inside) >= 3:
+        for i in range(block_count):
+            others = [blocks[j] for j in range(block_count) if j != i and j in blocks]
+            if i in blocks:
+                missing += [f"blk.{i}.{s}" for s in sorted(set.intersection(*others) - blocks[i])]
+    if missing or surplus:
+        raise incomplete(f, missing, surplus, f"its header (block_count {block_count})")
 
 
 def check_model_source(model, model_dir=None, *, what: str = "--model", tokenizer: bool = True) -> Optional[dict]:
