@@ -167,17 +167,52 @@ def dataset_path(name: str, split: str = "test", data_dir=None, *, must_exist: b
 
 
 def check_dataset(name: str, split: str = "test", data_dir=None) -> str:
-    """Validate a dataset request without reading it (for 'bad input changes nothing'); returns a label."""
+    """Validate a dataset request before any model is loaded (for 'bad input changes nothing'): the file exists
+    and can be read — UTF-8 text, or for C4 a Parquet file with a ``text`` column; returns a label."""
     if isinstance(name, str) and name.startswith("hub:"):
         return name
     if known_dataset(name):
-        return str(dataset_path(name, split, data_dir))
+        path = dataset_path(name, split, data_dir)
+        _check_readable(path)
+        return str(path)
     p = Path(name).expanduser()
     if p.is_file():
+        _check_readable(p)
         return str(p.resolve())
     raise DataNotFoundError(
         f"unknown dataset {name!r}: not a built-in name ({', '.join(DATASETS)}), 'hub:NAME', or an existing "
         f"text file (looked for {p.resolve()})")
+
+
+_CHECKED: dict = {}  # (path, size, mtime) of files found readable in this process
+
+
+def _check_readable(path: Path) -> None:
+    """A data file that would fail to read after pruning fails now: one line naming it and the fix."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            names = pq.ParquetFile(path).schema_arrow.names
+        except ImportError:  # pragma: no cover - reported where it is read
+            return
+        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid / OSError on a damaged file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise DataError(f"{path}: not a readable Parquet file ({first}); restore it (docs/protocols.md gives "
+                            f"the layout: a 'text' column of documents)") from None
+        if "text" not in names:
+            raise DataError(f"{path}: no 'text' column (columns: {', '.join(names[:6])}); the C4 sample holds its "
+                            f"documents in a 'text' column (docs/protocols.md)")
+    else:
+        from .model_files import read_utf8
+        read_utf8(path, DataError)
+    _CHECKED[key] = True
 
 
 # ---------------------------------------------------------------------------------------------- readers

@@ -179,6 +179,9 @@ class PruneRun:
         if self.data_free:
             s.update(calibration="none", calibration_path=None, nsamples=0, seqlen=0)
             s.pop("calibration_note", None)
+        # window lengths against the context the config / GGUF header gives: an explicit one too long is refused
+        # now, not after the load (the same rule runs again on the loaded model)
+        _clip_to_context(s, preflight.context_length((pf["model"] or {}).get("config")))
         for note in (s.get("calibration_note"), s.get("eval_note") if o.evaluate else None):
             if note:
                 log.warning(note)

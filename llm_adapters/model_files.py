@@ -12,7 +12,8 @@ import struct
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["PreflightError", "IncompleteModelError", "stale_widths", "check_loading_info", "torch_weight_shapes"]
+__all__ = ["PreflightError", "IncompleteModelError", "stale_widths", "check_loading_info", "torch_weight_shapes",
+           "read_utf8", "not_utf8_text"]
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -80,13 +81,37 @@ def torch_weight_shapes(path: Path) -> dict:
     return {str(k): list(v.shape) for k, v in sd.items()}
 
 
-def _read_json(path: Path) -> dict:
+def not_utf8_text(data: bytes, path) -> Optional[str]:
+    """Why ``data`` (the bytes of ``path``) is not UTF-8 text, as one line naming the file and the fix, or None."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return (f"{path}: UTF-16 text, optprune reads UTF-8; convert it: iconv -f UTF-16 -t UTF-8 '{path}' > "
+                f"converted.txt")
+    if b"\0" in data[:1 << 16]:
+        return f"{path}: not a text file (it holds NUL bytes: binary data?); give a UTF-8 text file"
     try:
-        text = path.read_text(encoding="utf-8")
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, Latin-1 or another "
+                f"8-bit encoding?); convert it: iconv -f LATIN1 -t UTF-8 '{path}' > converted.txt")
+    return None
+
+
+def read_utf8(path: Path, error=None) -> str:
+    """The text of a UTF-8 file; anything else raises ``error`` (default :class:`PreflightError`) with one
+    line naming the file and how to convert it."""
+    error = error or PreflightError
+    try:
+        data = Path(path).read_bytes()
     except OSError as e:
-        raise PreflightError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise PreflightError(f"{path}: not UTF-8 text (damaged file?)") from None
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    why = not_utf8_text(data, path)
+    if why:
+        raise error(why)
+    return data.decode("utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    text = read_utf8(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

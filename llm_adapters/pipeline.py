@@ -150,9 +150,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_target(name: str, method: str, pat: Pattern, shape, nonzero: int) -> None:
     """A layer keeps at most what its pattern allows (``kept_count``: the target with the pattern's own rounding
-    — whole rows' counts, N of every M, whole groups); more means the method missed its target (e.g. an option
-    that made it skip its mask), and the run stops before anything is saved."""
+    — N of every M, whole groups; for unstructured sparsity per matrix also the per-row rounding, since Wanda
+    and RIA compare within rows); more means the method missed its target (e.g. an option that made it skip its
+    mask), and the run stops before anything is saved."""
     kept = pat.kept_count(shape)
+    if isinstance(pat, Unstructured) and pat.scope == "matrix":
+        kept = max(kept, Unstructured(pat.sparsity, "row").kept_count(shape))
     if nonzero > kept:
         from .settings import RunError
         m, n = shape

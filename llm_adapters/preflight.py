@@ -101,12 +101,36 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             _read_json(tc)
         if (d / "tokenizer.json").is_file():
             _read_json(d / "tokenizer.json")
-    if headers and not shrunk:
-        _check_tensor_shapes(d, headers)
+        elif (d / "tokenizer.model").is_file():
+            _check_tokenizer_model(d / "tokenizer.model")
+    if headers and not shrunk:  # quantized / compressed checkpoints store other tensors (packed, scales, masks)
+        _check_tensor_shapes(d, headers, names=not cfg.get("quantization_config"))
     return {"config": cfg, "bytes": nbytes, "path": d}
 
 
-def _check_tensor_shapes(d: Path, headers: dict) -> None:
+def _check_tokenizer_model(f: Path) -> None:
+    """A ``tokenizer.model`` (the tokenizer when there is no tokenizer.json) is a SentencePiece model, or a
+    tiktoken rank file (lines ``<base64> <rank>``); anything else is refused here, naming the file."""
+    import re
+    try:
+        head = f.read_bytes()[:4096]
+    except OSError as e:
+        raise PreflightError(f"{f}: cannot be read ({e.strerror or e})") from None
+    lines = head.decode("ascii", "replace").splitlines()[:-1] or [""]
+    if all(re.fullmatch(r"[A-Za-z0-9+/=]+ \d+", ln) for ln in lines):
+        return  # tiktoken ranks
+    try:
+        import sentencepiece as spm
+    except ImportError:  # the loader says what it needs
+        return
+    try:
+        spm.SentencePieceProcessor(model_file=str(f))
+    except Exception:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError on a damaged model
+        raise PreflightError(f"{f}: not a SentencePiece tokenizer model (damaged, or another kind of file); restore "
+                             f"it, or put the model's tokenizer.json beside it") from None
+
+
+def _check_tensor_shapes(d: Path, headers: dict, *, names: bool = True) -> None:
     """The weight files hold exactly the tensors of the model config.json describes, each with its shape (the
     model built on the meta device: no memory). Tied weights (an output head sharing the embedding) and the
     buffers transformers itself skips may be absent; a model whose checkpoints transformers renames on load
@@ -128,6 +152,8 @@ def _check_tensor_shapes(d: Path, headers: dict) -> None:
         if name in expected and tuple(shape) != expected[name]:
             raise PreflightError(f"{f}: tensor {name!r} has shape {tuple(shape)}, config.json gives "
                                  f"{expected[name]} (weights of another model?)")
+    if not names:
+        return
     missing, surplus = _missing_and_surplus(m, set(expected), set(headers))
     if missing or surplus:
         files = sorted({str(f.name) for f, _ in headers.values()})
@@ -265,6 +291,7 @@ def _check_gguf(f: Path) -> dict:
     cfg = None
     if arch:
         cfg = {"model_type": arch, "hidden_size": meta.get(f"{arch}.embedding_length"),
+               "max_position_embeddings": meta.get(f"{arch}.context_length"),
                "intermediate_size": meta.get(f"{arch}.feed_forward_length"),
                "num_attention_heads": meta.get(f"{arch}.attention.head_count"),
                "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv"),
@@ -315,6 +342,15 @@ def check_model_source(model, model_dir=None, *, what: str = "--model", tokenize
     return _check_gguf(Path(where) / gguf) if kind == "gguf" else _check_hf_dir(Path(where), tokenizer=tokenizer)
 
 
+def context_length(cfg: Optional[dict]) -> Optional[int]:
+    """The context length (tokens) a model's config.json or GGUF header gives, or None."""
+    for k in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = (cfg or {}).get(k)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def model_metadata(model, model_dir=None) -> Optional[dict]:
     """The model's config as a dict from its files (no weights read), or None when unknown (hub id)."""
     info = check_model_source(model, model_dir)
@@ -353,6 +389,7 @@ def check_output(output, *, model=None, model_dir=None, overwrite: bool = False,
         if overwrite:
             raise PreflightError("--overwrite needs --output")
         return None
+    check_path_name(output, "--output", extra=len(".optprune-checkpoint") + 16)
     out = Path(str(output)).expanduser()
     if out.exists() and not out.is_dir():
         raise PreflightError(f"--output {out} exists and is not a directory")
@@ -388,6 +425,35 @@ def check_output(output, *, model=None, model_dir=None, overwrite: bool = False,
     return out
 
 
+def check_path_name(path, what: str, *, extra: int = 0) -> None:
+    """A path the file system can hold: not empty, valid UTF-8 (it is recorded in run.json), no component
+    longer than the file system allows once ``extra`` characters are added to the last one (the temporary and
+    checkpoint folders beside an output are named ``.<name>.optprune-…``)."""
+    s = str(path)
+    if not s.strip():
+        raise PreflightError(f"{what} is empty; name a folder (e.g. {what} pruned)")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PreflightError(f"{what} {s.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; choose a name "
+                             f"in UTF-8") from None
+    p = Path(s).expanduser()
+    anc = p.resolve().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    try:
+        name_max = os.pathconf(anc, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    parts = [q for q in p.parts if q not in ("/", "")]
+    for i, q in enumerate(parts):
+        n = len(q.encode("utf-8")) + (extra if i == len(parts) - 1 else 0)
+        if n > name_max:
+            room = name_max - (extra if i == len(parts) - 1 else 0)
+            raise PreflightError(f"{what}: the name {q[:24]}… has {len(q.encode('utf-8'))} bytes; this file system "
+                                 f"allows {room} here (choose a shorter name)")
+
+
 def check_writable(d: Path, what: str) -> None:
     """Create and remove a folder in ``d`` (permission bits say nothing for root or read-only mounts)."""
     import tempfile
@@ -408,6 +474,24 @@ def check_data_dir(data_dir) -> None:
     if not p.is_dir():
         raise PreflightError(f"{what} {p} is not a directory (it must hold wikitext-2-raw/, ptb/ or c4/; leave it "
                              f"out to calibrate on self-generated text)")
+    misplaced = _misplaced_data(p)
+    if misplaced:
+        found, want = misplaced
+        raise PreflightError(f"{what} {p}: {found} is not where optprune looks for it ({want}); lay the folder out "
+                             f"as wikitext-2-raw/, ptb/, c4/, tinystories/ (docs/protocols.md)")
+
+
+def _misplaced_data(root: Path) -> Optional[tuple]:
+    """(found, expected) for a known data file that sits at another level of the folder than its layout says
+    (e.g. ``wiki.test.raw`` directly in it, or one folder too deep), while its expected place is empty."""
+    from .data import DATASETS
+    wanted = {Path(rel).name: root / rel for splits in DATASETS.values() for rel in splits.values()}
+    for depth in ("*", "*/*", "*/*/*"):
+        for f in sorted(root.glob(depth)):
+            want = wanted.get(f.name)
+            if want is not None and f.is_file() and not want.is_file():
+                return str(f), str(want)
+    return None
 
 
 # ============================================================================================ shapes

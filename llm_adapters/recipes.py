@@ -53,7 +53,8 @@ def read_mapping(path) -> dict:
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise RecipeError(f"no such file: {p}")
-    text = p.read_text()
+    from .model_files import read_utf8
+    text = read_utf8(p, RecipeError)
     try:
         if p.suffix.lower() == ".json":
             d = json.loads(text)

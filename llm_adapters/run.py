@@ -96,9 +96,11 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     t_total = time.perf_counter()
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise RunError(f"--batch-size must be a whole number ≥ 1 (windows per forward), got {batch_size!r}")
     from . import preflight  # files and folders, before any weight is read
     preflight.check_data_dir(data_dir)
-    preflight.check_model_source(model, model_dir)
+    info = preflight.check_model_source(model, model_dir)
     if reference:
         _check_reference_hook()
         preflight.check_model_source(reference, model_dir, what="--reference")
@@ -113,6 +115,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                          need_calibration=False, need_eval=not no_ppl)
     if no_ppl:
         s["eval_datasets"] = []
+    _clip_to_context(s, preflight.context_length((info or {}).get("config")), need_calibration=False)
     if not s["eval_datasets"] and not reference and not task_list:
         raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")

@@ -210,8 +210,9 @@ def _no_calibration(e, data_dir) -> FileNotFoundError:
 
 
 def _clip_to_context(s: dict, model, *, need_calibration=True) -> None:
-    """Protocol window lengths longer than the model's context are clipped (explicit ones are an error)."""
-    ctx = model_context(model)
+    """Protocol window lengths longer than the model's context are clipped (explicit ones are an error).
+    ``model``: the model, or its context length in tokens read from its files before loading (or None)."""
+    ctx = model if model is None or isinstance(model, int) else model_context(model)
     if ctx is None:
         return
     for k, flag in (("seqlen", need_calibration), ("eval_seqlen", True)):

@@ -746,9 +746,33 @@ def verify(quick: bool = False, gurobi: Optional[bool] = None, output: Optional[
         torch.set_num_threads(old_threads)
 
 
+def _check_output_file(output) -> None:
+    """``--output``: a file name whose folder exists or can be made, and is writable — before the run, not after."""
+    import tempfile
+    if not str(output).strip():
+        raise ValueError("--output is empty; name the JSON file to write (e.g. --output verify.json)")
+    out = Path(str(output)).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a directory; name the JSON file to write inside it")
+    anc = out.resolve().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"--output {out}: {anc} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".optprune-probe-", dir=anc))
+    except OSError as e:
+        raise ValueError(f"--output {out}: {anc} is not writable ({e.strerror or e})") from None
+
+
 def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, threads, instances, backends,
             programs, progress) -> list[dict]:
     t_start = time.perf_counter()
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit)
+                                       and time_limit > 0):
+        raise ValueError(f"--time-limit must be a positive number of seconds per reference solve, got {time_limit}")
+    if output is not None:
+        _check_output_file(output)
     names = list_backends()
     include = None
     if backends is not None:

@@ -97,7 +97,8 @@ def _gguf(tmp: Path, *, blocks=3, block_count=3, drop=()) -> None:
     """a small llama GGUF file (header and float32 tensors, no tokenizer: the checks come first)"""
     import numpy as np
     gguf = pytest.importorskip("gguf")
-    w = gguf.GGUFWriter(str(tmp / "m.gguf"), "llama")
+    (tmp / "gguf").mkdir(exist_ok=True)
+    w = gguf.GGUFWriter(str(tmp / "gguf" / "m.gguf"), "llama")
     w.add_block_count(block_count)
     w.add_context_length(64)
     w.add_embedding_length(8)
@@ -144,8 +145,24 @@ def _full_disk_on_checkpoint(monkeypatch):
     monkeypatch.setattr(checkpoint.torch if hasattr(checkpoint, "torch") else torch, "save", fail)
 
 
-# (id, option changes {flag: value | True | None (drop)}, setup(tmp, model, monkeypatch) or None, expected text,
-#  text that must not appear)
+def _write(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _tokenizer_model_only(model: Path):
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.model").write_bytes(bytes(range(256)) * 8)
+
+
+LATIN1 = "The café served crème brûlée to the committee.\n".encode("latin-1") * 40
+UTF16 = "The committee met on Tuesday.\n".encode("utf-16") * 40
+BINARY = bytes(range(256)) * 16
+
+
+# (id, option changes {flag: value | True | None (drop)} — with "cmd" for eval/verify —, setup(tmp, model,
+#  monkeypatch) or None, expected text (or several), text that must not appear). Rows whose id ends in
+#  "(early)" must be refused before any weight is read.
 CASES = [
     # complete-model checks, before any weight is read
     ("safetensors-missing-tensor", {}, lambda t, m, mp: _drop_tensor(m),
@@ -162,10 +179,10 @@ CASES = [
     ("bin-random-bytes", {}, lambda t, m, mp: _bin_bytes(m, os.urandom(4096)),
      "pytorch_model.bin: not a PyTorch weight file", "weights_only"),
     ("bin-with-code", {}, lambda t, m, mp: _bin_with_code(m), "could run code", "weights_only=False"),
-    ("gguf-missing-tensor", {"--model": "{tmp}/m.gguf"}, lambda t, m, mp: _gguf(t, drop=("blk.1.attn_q.weight",)),
+    ("gguf-missing-tensor", {"--model": "{tmp}/gguf/m.gguf"}, lambda t, m, mp: _gguf(t, drop=("blk.1.attn_q.weight",)),
      "missing blk.1.attn_q.weight", None),
-    ("gguf-surplus-block", {"--model": "{tmp}/m.gguf"}, lambda t, m, mp: _gguf(t, blocks=4), "surplus blk.3.", None),
-    ("gguf-missing-block", {"--model": "{tmp}/m.gguf"}, lambda t, m, mp: _gguf(t, block_count=4), "missing blk.3.*",
+    ("gguf-surplus-block", {"--model": "{tmp}/gguf/m.gguf"}, lambda t, m, mp: _gguf(t, blocks=4), "surplus blk.3.", None),
+    ("gguf-missing-block", {"--model": "{tmp}/gguf/m.gguf"}, lambda t, m, mp: _gguf(t, block_count=4), "missing blk.3.*",
      None),
     # the safety net after pruning: a layer that kept more than its pattern allows is never saved
     ("method-missed-its-target", {"--method": TOY_MISSES, "--sparsity": "0.5"}, "toy",
@@ -176,8 +193,52 @@ CASES = [
      ("out failed (No space left on device); nothing was replaced — free disk space, then the checkpoint in ",
       ".out.optprune-checkpoint is kept: run the same command with --resume to continue"), "SafetensorError"),
     ("disk-full-while-checkpointing", {"--method": "wanda"}, lambda t, m, mp: _full_disk_on_checkpoint(mp),
-     ".out.optprune-checkpoint/calib.pt failed (the write was cut short, disk full?); nothing was replaced — free disk space, then "
-     "run the command again", "enforce fail"),
+     ".out.optprune-checkpoint/calib.pt failed (the write was cut short, disk full?); nothing was replaced — free "
+     "disk space, then run the command again", "enforce fail"),
+    # what the config / GGUF header and the command line say, refused before the weights load
+    ("seqlen-beyond-context (early)", {"--method": "wanda", "--seqlen": "100000"}, None,
+     "--seqlen 100000 exceeds the model's context of 512 tokens", None),
+    ("gguf-seqlen-beyond-context (early)", {"--model": "{tmp}/gguf/m.gguf", "--method": "wanda", "--seqlen": "1000"}, lambda t, m, mp: _gguf(t),
+     "--seqlen 1000 exceeds the model's context of 64 tokens", None),
+    ("output-empty (early)", {"--output": ""}, None, "--output is empty", None),
+    ("output-name-too-long (early)", {"--output": "{tmp}/" + "x" * 300}, None, "has 300 bytes", None),
+    ("output-name-leaves-no-room-for-the-checkpoint (early)", {"--output": "{tmp}/" + "y" * 240}, None,
+     "has 240 bytes; this file system allows", None),
+    ("output-not-utf8 (early)", {"--output": "{tmp}/out-\udcff"}, None, "is not valid UTF-8", None),
+    ("calibration-latin1 (early)", {"--calibration": "{tmp}/calib.txt"},
+     lambda t, m, mp: _write(t / "calib.txt", LATIN1), ("calib.txt: not UTF-8 text (byte 0xe9", "iconv"), None),
+    ("calibration-utf16 (early)", {"--calibration": "{tmp}/calib.txt"},
+     lambda t, m, mp: _write(t / "calib.txt", UTF16), ("calib.txt: UTF-16 text", "iconv -f UTF-16"), None),
+    ("calibration-binary (early)", {"--calibration": "{tmp}/calib.txt"},
+     lambda t, m, mp: _write(t / "calib.txt", BINARY), "calib.txt: not a text file", "codec"),
+    ("eval-text-latin1 (early)", {"--no-eval": None, "--eval": "{tmp}/held_out.txt"},
+     lambda t, m, mp: _write(t / "held_out.txt", LATIN1), "held_out.txt: not UTF-8 text", None),
+    ("run-config-latin1 (early)", {"--config": "{tmp}/run.yaml"},
+     lambda t, m, mp: _write(t / "run.yaml", "method: wanda  # café\n".encode("latin-1")),
+     "run.yaml: not UTF-8 text", None),
+    ("model-config-utf16 (early)", {}, lambda t, m, mp: _write(m / "config.json", (m / "config.json").read_text()
+                                                                 .encode("utf-16")), "config.json: UTF-16 text", None),
+    ("tokenizer-model-random (early)", {}, lambda t, m, mp: _tokenizer_model_only(m),
+     "tokenizer.model: not a SentencePiece tokenizer model", "tiktoken"),
+    ("data-dir-files-at-the-wrong-level (early)", {"--data-dir": "{tmp}/data", "--calibration": None},
+     lambda t, m, mp: [_write(t / "data" / f, b"Some text.\n") for f in ("wiki.test.raw", "wiki.valid.raw")],
+     ("data/wiki.test.raw is not where optprune looks for it (", "wikitext-2-raw/wiki.test.raw)",
+      "docs/protocols.md"), None),
+    ("c4-parquet-damaged (early)", {"--no-eval": None, "--eval": "c4", "--data-dir": "{tmp}/data"},
+     lambda t, m, mp: _write(t / "data" / "c4" / "c4_validation_2k.parquet", b"PAR1" + BINARY),
+     "c4_validation_2k.parquet: not a readable Parquet file", None),
+    ("eval-batch-size-negative (early)", {"cmd": "eval", "--batch-size": "-3"}, None,
+     "--batch-size must be a whole number ≥ 1", "ZeroDivision"),
+    ("eval-batch-size-zero (early)", {"cmd": "eval", "--batch-size": "0"}, None,
+     "--batch-size must be a whole number ≥ 1", None),
+    ("eval-seqlen-beyond-context (early)", {"cmd": "eval", "--eval-seqlen": "4096"}, None,
+     "--eval-seqlen 4096 exceeds the model's context of 512 tokens", None),
+    ("verify-negative-time-limit (early)", {"cmd": "verify", "--time-limit": "-5"}, None,
+     "--time-limit must be a positive number of seconds", "failed"),
+    ("verify-output-unwritable (early)", {"cmd": "verify", "--output": "/proc/optprune-x/v.json"}, None,
+     "/proc is not writable", None),
+    ("verify-output-a-directory (early)", {"cmd": "verify", "--output": "{tmp}/model"}, None, "is a directory",
+     None),
 ]
 
 
@@ -196,13 +257,24 @@ def test_refused_with_one_line_nothing_written(case, stories_dir, data_dir, tmp_
         setup(tmp_path, model, monkeypatch)
     before = {p: _digest(p) for p in (model, data_dir)}
     siblings = sorted(p.name for p in tmp_path.iterdir())
-    base = {"--model": str(model), "--method": "magnitude", "--output": str(out), "--no-eval": True,
-            "--calibration": "self", "--nsamples": "2", "--seqlen": "16", "-q": True}
+    opts = dict(opts)
+    cmd = opts.pop("cmd", "prune")
+    base = {"prune": {"--model": str(model), "--method": "magnitude", "--output": str(out), "--no-eval": True,
+                      "--calibration": "self", "--nsamples": "2", "--seqlen": "16", "-q": True},
+            "eval": {"--model": str(model), "--eval": "wikitext2", "--data-dir": str(data_dir),
+                     "--output": str(tmp_path / "eval.json"), "-q": True},
+            "verify": {"--quick": True, "-q": True}}[cmd]
     base.update(opts)
-    argv = ["prune"]
+    argv = [cmd]
     for k, v in base.items():
         if v is not None:
             argv += [k] if v is True else [k, str(v).replace("{tmp}", str(tmp_path))]
+    if name.endswith("(early)"):  # nothing may be read beyond headers: loading the weights fails the test
+        import transformers
+
+        def loads(*a, **k):
+            raise AssertionError("the weights were loaded before the refusal")
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loads)
     capfd.readouterr()
     if setup == "toy":
         list_methods()  # load the registry before isolated() saves it
@@ -214,7 +286,7 @@ def test_refused_with_one_line_nothing_written(case, stories_dir, data_dir, tmp_
     err = capfd.readouterr().err
     errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
     assert rc == 2, err[-2000:]
-    assert len(errors) == 1 and errors[0].startswith("optprune prune: error:"), err[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(f"optprune {cmd}: error:"), err[-2000:]
     for text in (expected,) if isinstance(expected, str) else expected:
         assert text in errors[0], errors[0]
     assert absent is None or absent not in err, errors[0]
