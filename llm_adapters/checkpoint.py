@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["Checkpoint", "Interrupted", "atomic_output", "default_checkpoint_dir", "install_signal_handlers",
-           "raise_if_interrupted", "interrupted_signal", "CheckpointError", "run_key", "as_write_error"]
+           "raise_if_interrupted", "interrupted_signal", "CheckpointError", "run_key", "as_write_error", "WriteError"]
 
 MANIFEST = "manifest.json"
 _FORMAT = "optprune-checkpoint/1"
@@ -100,15 +100,23 @@ def _test_hook(point: str) -> None:
 
 
 # ============================================================================================ write failures
-def as_write_error(e: BaseException, path) -> Optional[OSError]:
-    """``e`` as an :class:`OSError` naming ``path`` when it is a failed write, else None. torch.save and
+class WriteError(OSError):
+    """Writing the output or a checkpoint failed (disk full, read-only, gone); ``filename`` names the file."""
+
+
+def as_write_error(e: BaseException, path, *, writing: bool = False) -> Optional[WriteError]:
+    """``e`` as a :class:`WriteError` naming ``path`` when it is a failed write, else None. torch.save and
     safetensors report a full disk in their own exception types (``[enforce fail at inline_container.cc]
-    ... file write failed``, ``SafetensorError ... StorageFull``); this gives every write failure one form."""
+    ... file write failed``, ``SafetensorError ... StorageFull``); this gives every write failure one form.
+    ``writing``: ``e`` came from code that only writes, so any OSError is a failed write (otherwise only a
+    full disk or quota, a read-only file system, a file too large or an I/O error count)."""
     import errno
-    if isinstance(e, OSError):
-        if e.filename is None:
-            e.filename = str(path)
+    if isinstance(e, WriteError):
         return e
+    if isinstance(e, OSError):
+        if writing or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO):
+            return WriteError(e.errno, e.strerror or str(e), e.filename or str(path))
+        return None
     text = str(e)
     low = text.lower()
     if not (type(e).__name__ == "SafetensorError" or isinstance(e, RuntimeError) and (
@@ -122,8 +130,8 @@ def as_write_error(e: BaseException, path) -> Optional[OSError]:
                 p = p.parent
             full = shutil.disk_usage(p).free < (1 << 20)
     if full:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    return OSError(errno.EIO, "the write was cut short, disk full?", str(path))
+        return WriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return WriteError(errno.EIO, "the write was cut short, disk full?", str(path))
 
 
 # ============================================================================================ atomic output
@@ -281,7 +289,7 @@ class Checkpoint:
             write(tmp)
             os.replace(tmp, f)
         except (OSError, RuntimeError, ValueError) as e:
-            err = as_write_error(e, f)
+            err = as_write_error(e, f, writing=isinstance(e, OSError))
             if err is None:
                 raise
             with contextlib.suppress(OSError):

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..formulations.patterns import check_sparsity, parse_pattern
 from . import data as D
-from .checkpoint import as_write_error
+from .checkpoint import WriteError, as_write_error
 from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
                           _device_for_rank, _recv_into, _send_tensor, _tcp_addresses, assign_blocks,
                           distributed_context, env_world, exchange, world_for)
@@ -209,8 +209,11 @@ class PruneRun:
             if self.ck is not None and not o.resume:  # the same way, and the checkpoint would block the next run
                 self.ck.remove()
             raise
-        except OSError as e:  # the disk (full, gone, read-only) while writing: one line, the file and the remedy
-            raise RunError(self._write_failure(e)) from None
+        except Exception as e:  # noqa: BLE001 - the disk (full, read-only) while writing: one line, file and remedy
+            err = as_write_error(e, self.out_dir or "the output")
+            if err is None:
+                raise
+            raise RunError(self._write_failure(err)) from None
 
     def _run(self):
         o, s, src = self.o, self.s, self.source
@@ -257,7 +260,7 @@ class PruneRun:
                 try:
                     record["saved"] = {**src.save(self, stage), "path": str(self.out_dir.resolve())}
                 except Exception as e:  # noqa: BLE001 - a full disk, in any library's words (SafetensorError...)
-                    err = as_write_error(e, self.out_dir)
+                    err = as_write_error(e, self.out_dir, writing=True)
                     if err is None:
                         raise
                     raise err from None
@@ -283,7 +286,7 @@ class PruneRun:
             return src.model, src.tok, record
         return record
 
-    def _write_failure(self, e: OSError) -> str:
+    def _write_failure(self, e: WriteError) -> str:
         """One line for a write that failed late (output or checkpoint): the file, the reason, the remedy —
         ``--resume`` when a checkpoint of the pruned blocks is kept."""
         import errno

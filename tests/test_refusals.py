@@ -323,3 +323,17 @@ def test_a_complete_bin_and_a_tied_head_are_not_refused(stories_dir, tmp_path):
     check_model_source(str(model))
     _as_bin(model)
     assert check_model_source(str(model))["config"]["num_hidden_layers"] == 5
+
+
+def test_the_loader_refuses_what_the_preflight_did_not_see(stories_dir, tmp_path):
+    """transformers' own load report is the second check: a caller of load_model, which skips the preflight,
+    still never gets a model whose missing tensors were filled with random values."""
+    from optprune.llm_adapters.loading import load_model
+    from optprune.llm_adapters.model_files import IncompleteModelError
+    model = tmp_path / "model"
+    shutil.copytree(stories_dir, model)
+    _drop_tensor(model, "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(IncompleteModelError, match=r"missing model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(str(model))
+    shutil.copytree(stories_dir, tmp_path / "intact")
+    assert load_model(str(tmp_path / "intact"))[2]["num_layers"] == 5
