@@ -227,8 +227,9 @@ class Checkpoint:
         elif self.path.exists() and any(self.path.iterdir()):
             if not (self.path / MANIFEST).is_file():
                 what = "--checkpoint-dir" if explicit else "the checkpoint folder of --output,"
+                fix = "choose another --checkpoint-dir" if explicit else "move it away or choose another --output"
                 raise CheckpointError(f"{what} {self.path} is a non-empty folder that is not an optprune "
-                                      f"checkpoint")
+                                      f"checkpoint; {fix}")
             raise CheckpointError(f"a checkpoint of an earlier run is in {self.path}: pass --resume to continue it, "
                                   f"or delete that folder to start over")
 

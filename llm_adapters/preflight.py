@@ -301,9 +301,10 @@ def _check_gguf(f: Path) -> dict:
 
 
 def _check_gguf_blocks(f: Path, names: list, block_count) -> None:
-    """The blocks a GGUF file stores are the ``block_count`` its header gives, each with the tensors every
-    other block has (a tensor missing from one block only; the full name check against the model is made at
-    load, :func:`.model_files.check_loading_info`)."""
+    """The blocks a GGUF file stores are the ``block_count`` its header gives, and none lacks a tensor that
+    every other block has while holding nothing of its own (a block of another kind — a dense first block
+    among mixture-of-experts ones — holds tensors the others lack and is left alone). The full name check
+    against the model is made at load (:func:`.model_files.check_loading_info`)."""
     import re
     blocks: dict = {}
     for n in names:
@@ -318,8 +319,9 @@ def _check_gguf_blocks(f: Path, names: list, block_count) -> None:
     if len(inside) >= 3:
         for i in range(block_count):
             others = [blocks[j] for j in range(block_count) if j != i and j in blocks]
-            if i in blocks:
-                missing += [f"blk.{i}.{s}" for s in sorted(set.intersection(*others) - blocks[i])]
+            common = set.intersection(*others)
+            if i in blocks and blocks[i] < common:
+                missing += [f"blk.{i}.{s}" for s in sorted(common - blocks[i])]
     if missing or surplus:
         raise incomplete(f, missing, surplus, f"its header (block_count {block_count})")
 

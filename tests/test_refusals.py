@@ -93,7 +93,7 @@ def _bin_with_code(model: Path):
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _Code()}, model / "pytorch_model.bin")
 
 
-def _gguf(tmp: Path, *, blocks=3, block_count=3, drop=()) -> None:
+def _gguf(tmp: Path, *, blocks=3, block_count=3, drop=(), extra=None) -> None:
     """a small llama GGUF file (header and float32 tensors, no tokenizer: the checks come first)"""
     import numpy as np
     gguf = pytest.importorskip("gguf")
@@ -108,7 +108,7 @@ def _gguf(tmp: Path, *, blocks=3, block_count=3, drop=()) -> None:
     w.add_tensor("token_embd.weight", np.zeros((32, 8), np.float32))
     for i in range(blocks):
         for s in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_gate", "ffn_down", "attn_norm",
-                  "ffn_norm"):
+                  "ffn_norm") + tuple((extra or {}).get(i, ())):
             if f"blk.{i}.{s}.weight" not in drop:
                 w.add_tensor(f"blk.{i}.{s}.weight", np.zeros((8, 8) if "norm" not in s else (8,), np.float32))
     w.write_header_to_file()
@@ -195,6 +195,9 @@ CASES = [
     ("disk-full-while-checkpointing", {"--method": "wanda"}, lambda t, m, mp: _full_disk_on_checkpoint(mp),
      ".out.optprune-checkpoint/calib.pt failed (the write was cut short, disk full?); nothing was replaced — free "
      "disk space, then run the command again", "enforce fail"),
+    ("foreign-folder-where-the-checkpoint-goes (early)", {},
+     lambda t, m, mp: _write(t / ".out.optprune-checkpoint" / "notes.txt", b"x"),
+     "the checkpoint folder of --output, ", "--checkpoint-dir"),
     # what the config / GGUF header and the command line say, refused before the weights load
     ("seqlen-beyond-context (early)", {"--method": "wanda", "--seqlen": "100000"}, None,
      "--seqlen 100000 exceeds the model's context of 512 tokens", None),
@@ -323,6 +326,18 @@ def test_a_complete_bin_and_a_tied_head_are_not_refused(stories_dir, tmp_path):
     check_model_source(str(model))
     _as_bin(model)
     assert check_model_source(str(model))["config"]["num_hidden_layers"] == 5
+
+
+def test_blocks_of_another_kind_in_a_gguf_are_not_missing_tensors(tmp_path):
+    """A dense first block among mixture-of-experts blocks (each kind holding tensors the other lacks) is a
+    legitimate layout, not a damaged file; a block lacking a tensor all others have, and nothing else, is."""
+    from optprune.llm_adapters.preflight import PreflightError, check_model_source
+    _gguf(tmp_path, blocks=4, block_count=4, extra={0: ("ffn_dense",), 1: ("ffn_gate_inp",), 2: ("ffn_gate_inp",),
+                                                    3: ("ffn_gate_inp",)})
+    assert check_model_source(str(tmp_path / "gguf" / "m.gguf"))["config"]["num_hidden_layers"] == 4
+    _gguf(tmp_path, blocks=4, block_count=4, extra={1: ("ffn_gate_inp",), 2: ("ffn_gate_inp",), 3: ("ffn_gate_inp",)})
+    with pytest.raises(PreflightError, match=r"missing blk\.0\.ffn_gate_inp\.weight"):
+        check_model_source(str(tmp_path / "gguf" / "m.gguf"))
 
 
 def test_the_loader_refuses_what_the_preflight_did_not_see(stories_dir, tmp_path):
