@@ -65,15 +65,18 @@ def torch_weight_shapes(path: Path) -> dict:
 
     import torch
     try:
-        sd = torch.load(str(path), map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with open(path, "rb") as f:
+            f.read(1)
     except OSError as e:
         raise PreflightError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        sd = torch.load(str(path), map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower() and "unsupported global" in str(e).lower():
             raise PreflightError(f"{path}: holds Python objects besides tensors, which could run code when "
                                  f"loaded; it is refused — convert it to safetensors where it was made") from None
         raise PreflightError(f"{path}: not a PyTorch weight file (damaged, or another kind of file)") from None
-    except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile, KeyError, AttributeError, TypeError):
+    except Exception:  # noqa: BLE001 - the unpickler fails on arbitrary bytes in many ways (IndexError, ...)
         raise PreflightError(f"{path}: not a PyTorch weight file (damaged, or another kind of file)") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise PreflightError(f"{path}: not a state dict of tensors (a whole pickled model or a training state?); "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import random
 import shutil
 from pathlib import Path
 
@@ -176,7 +176,9 @@ CASES = [
     ("bin-missing-tensor", {}, lambda t, m, mp: _as_bin(m, drop="model.norm.weight"),
      "pytorch_model.bin: the weights are not those of the model config.json describes — missing model.norm.weight",
      None),
-    ("bin-random-bytes", {}, lambda t, m, mp: _bin_bytes(m, os.urandom(4096)),
+    *[(f"bin-random-bytes-{seed}", {}, lambda t, m, mp, seed=seed: _bin_bytes(m, random.Random(seed).randbytes(4096)),
+       "pytorch_model.bin: not a PyTorch weight file", "weights_only") for seed in range(4)],
+    ("bin-zip-of-garbage", {}, lambda t, m, mp: _bin_bytes(m, b"PK\x03\x04" + random.Random(9).randbytes(4096)),
      "pytorch_model.bin: not a PyTorch weight file", "weights_only"),
     ("bin-with-code", {}, lambda t, m, mp: _bin_with_code(m), "could run code", "weights_only=False"),
     ("gguf-missing-tensor", {"--model": "{tmp}/gguf/m.gguf"}, lambda t, m, mp: _gguf(t, drop=("blk.1.attn_q.weight",)),
