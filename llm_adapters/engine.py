@@ -61,7 +61,7 @@ from .pipeline import _batch_size, _peak_rss_mb
 from .report import (HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook, _count_prunable, _divergence, _jsonable,
                      _machine, _memory_meta, _perplexities, _print_header, _print_prune_summary, _save, _versions)
 from .settings import _ALLOCATIONS_FALLBACK, RunError, _clip_to_context, _default_device, _protocol_record, \
-    resolve_settings
+    check_run_options, check_sizes, cpu_cores, model_sizes, resolve_settings
 
 __all__ = ["PruneRun", "InMemorySource", "ShardedSource", "run_blocks_parallel", "prune_model_parallel",
            "prune_model_distributed", "prune_offloaded"]
@@ -82,6 +82,7 @@ class PruneRun:
 
     def __init__(self, **options):
         self.t_total = time.perf_counter()
+        options.update(check_run_options(options))  # typed options parsed (booleans never by truthiness)
         self.o = types.SimpleNamespace(**options)
         self.verbose = self.o._cli if self.o.verbose is None else self.o.verbose
         self.source = None
@@ -102,8 +103,8 @@ class PruneRun:
         spec = get_method(o.method)
         if o.method_options is not None and not isinstance(o.method_options, dict):
             raise RunError("method_options must be a dict of method option → value")
-        self.method_options = dict(o.method_options or {})
-        spec.check_options(self.method_options)  # an option the solver does not read fails before the model loads
+        # an option the solver does not read, or a value outside its declared type/range/choices, fails here
+        self.method_options = spec.normalize_options(dict(o.method_options or {}))
         pf = preflight.check_prune(
             model=o.model, model_dir=o.model_dir, spec=spec, sparsity=o.sparsity,
             sparsity_given=o.sparsity is not None, pattern=o.pattern,
@@ -123,12 +124,11 @@ class PruneRun:
                                f"(it takes: {', '.join(sorted(spec.patterns))})")
         if o.mode not in ("sequential", "dense-input"):
             raise RunError(f"--mode must be sequential or dense-input, got {o.mode!r}")
-        try:
-            self.nproc = int(o.nproc or 1)
-        except (TypeError, ValueError):
-            raise RunError(f"--nproc must be an integer ≥ 1, got {o.nproc!r}") from None
-        if self.nproc < 1:
-            raise RunError(f"--nproc must be ≥ 1, got {self.nproc}")
+        self.nproc = int(o.nproc or 1)
+        if self.nproc > 1 and self.nproc > cpu_cores() and not o.force_nproc:
+            raise RunError(f"--nproc {self.nproc} is more than the {cpu_cores()} CPU cores this process may use (each "
+                           f"rank prunes its blocks on its own core); lower --nproc, or pass --force-nproc to "
+                           f"oversubscribe")
         self.world = world_for(self.nproc)  # block-parallel pruning (--nproc N, or ranks of a torchrun)
         if self.world > 1 and o.mode != "dense-input":
             raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
@@ -158,6 +158,11 @@ class PruneRun:
         if self.calib_given is not None:
             s["calibration"] = s["overrides"]["calibration"] = calibration_kind(self.calib_given)
             s["name"] = s["base"] + "+custom"
+        # a data-free method (no statistics, no refit, uniform allocation) is never calibrated
+        self.data_free = spec.needs == "none" and not o.refit and self.alloc == "uniform" and not o.low_memory
+        if not self.data_free:
+            sizes = model_sizes(o.model, (pf["model"] or {}).get("config"))
+            check_sizes(s, device=self.dev, **sizes)  # context length and activation memory, from metadata
         self.s = s
         self.spec = spec
         self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
@@ -173,8 +178,6 @@ class PruneRun:
                 from . import selfcalib  # noqa: F401
             except ModuleNotFoundError as e:
                 raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
-        # a data-free method (no statistics, no refit, uniform allocation) is never calibrated
-        self.data_free = spec.needs == "none" and not o.refit and self.alloc == "uniform" and not o.low_memory
         if self.data_free:
             s.update(calibration="none", calibration_path=None, nsamples=0, seqlen=0)
             s.pop("calibration_note", None)

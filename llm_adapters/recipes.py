@@ -37,7 +37,8 @@ PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "allocatio
               "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
               "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
               "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
-              "batch_size", "targets", "ignore", "save_format", "dtype", "text_column")
+              "batch_size", "targets", "ignore", "save_format", "dtype", "text_column", "force_nproc",
+              "calibration_packing")
 _ALIASES = {"calibration": "dataset", "eval": "eval_datasets", "method_opt": "method_options",
             "mask_structure": "pattern"}
 
