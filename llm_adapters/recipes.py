@@ -175,7 +175,8 @@ def replay_kwargs(path) -> tuple[dict, dict]:
         raise RecipeError(f"{path}: the run was calibrated on in-memory {calib}, which a replay cannot re-read")
     kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps",
                               "mode", "error_correction", "refit", "method_options", "damp", "nproc", "seed",
-                              "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype")
+                              "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype",
+                              "calibration_packing")
           if k in cfg and cfg[k] is not None}
     if cfg.get("structure") is not None:
         kw["structure"] = cfg["structure"]
