@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..formulations.patterns import check_sparsity, parse_pattern
+from ..solvers.registry import check_value
 from . import data as D
 from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
                           _device_for_rank, _recv_into, _send_tensor, _tcp_addresses, assign_blocks,
@@ -60,7 +61,6 @@ from .offload import OffloadError, OffloadedModel, _forward_inplace, _hidden, _s
 from .pipeline import _batch_size, _peak_rss_mb
 from .report import (HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook, _count_prunable, _divergence, _jsonable,
                      _machine, _memory_meta, _perplexities, _print_header, _print_prune_summary, _save, _versions)
-from ..solvers.registry import check_value
 from .settings import _ALLOCATIONS_FALLBACK, RunError, _clip_to_context, _default_device, _protocol_record, \
     check_run_options, check_sizes, cpu_cores, model_sizes, resolve_settings
 
@@ -166,6 +166,14 @@ class PruneRun:
             sizes = model_sizes(o.model, (pf["model"] or {}).get("config"))
             check_sizes(s, device=self.dev, **sizes)  # context length and activation memory, from metadata
         self.packing = self._packing(s)
+        self.file_rows = None
+        if self.data_free:
+            self.packing = None  # never calibrated
+        elif self.packing == "rows" and self.calib_given is None:  # a text file's lines, read before any weight
+            from .calib_inputs import CalibrationInputError, file_rows
+            self.file_rows = file_rows(s["calibration_path"])
+            if not self.file_rows:
+                raise CalibrationInputError(f"{s['calibration_path']}: no calibration text (every line is empty)")
         self.s = s
         self.spec = spec
         self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
@@ -340,8 +348,8 @@ class PruneRun:
         o, s, src, ck = self.o, self.s, self.source, self.ck
         if self.calib_given is not None or (self.packing == "rows" and not self.data_free):
             # texts, a datasets.Dataset or token ids in memory, or a text file's lines as rows (calib_inputs.py)
-            from .calib_inputs import calibration_from, file_rows
-            given = self.calib_given if self.calib_given is not None else file_rows(s["calibration_path"])
+            from .calib_inputs import calibration_from
+            given = self.calib_given if self.calib_given is not None else self.file_rows
             calib, info = calibration_from(
                 src.tok, given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
                 explicit_nsamples=o.nsamples, explicit_seqlen=o.seqlen, text_column=o.text_column,

@@ -35,7 +35,10 @@ def _digest(root: Path) -> dict:
 
 def _write(tmp: Path, name: str, obj) -> str:
     f = tmp / name
-    f.write_text(json.dumps(obj) if name.endswith(".json") else obj)
+    if isinstance(obj, bytes):
+        f.write_bytes(obj)
+    else:
+        f.write_text(json.dumps(obj) if name.endswith(".json") else obj)
     return str(f)
 
 
@@ -70,6 +73,9 @@ PRUNE_CASES = [
     # run options
     ("nproc-0", {"--nproc": "0"}, None, "--nproc=0 is out of range; allowed: an integer in [1, inf)"),
     ("nproc-above-cores", {"--nproc": str(cpu_cores() + 1), "--mode": "dense-input"}, None, "--force-nproc"),
+    ("nproc-forced-passes-the-core-check",  # and meets the next check: a checkpoint needs a single process
+     {"--nproc": str(cpu_cores() + 1), "--mode": "dense-input", "--force-nproc": True, "--resume": True}, None,
+     "need a single process"),
     ("seqlen-beyond-context", {"--seqlen": "1000000000"}, None, "--seqlen 1000000000 exceeds the model's context"),
     ("nsamples-beyond-memory", {"--nsamples": "1000000000"}, None, "the calibration activations need about"),
     ("eval-seqlen-beyond-context", {"--eval-seqlen": "100000", "--no-eval": None, "--eval": "wikitext2"}, None,
@@ -78,6 +84,10 @@ PRUNE_CASES = [
     ("packing-rows-with-owl", {"--dataset": "{calib.txt}", "--calibration-packing": "rows",
                                "--allocation": "owl"}, {"calib.txt": "one text\nanother text\n"},
      "--calibration-packing rows is not available with --allocation owl"),
+    # a text file read as rows: its lines are read (and refused) before the weights
+    ("rows-file-blank", {"--dataset": "{calib.txt}"}, {"calib.txt": "\n  \n\n"}, "no calibration text"),
+    ("rows-file-latin1", {"--dataset": "{calib.txt}"}, {"calib.txt": "caf\xe9 au lait\n".encode("latin-1")},
+     "not UTF-8 text"),
     # --config: the same checks, booleans and integers parsed from the file's strings
     ("config-refit-maybe", {"--config": "{c.json}"}, {"c.json": {"refit": "maybe"}}, "refit expects bool"),
     ("config-evaluate-maybe", {"--config": "{c.json}"}, {"c.json": {"evaluate": "perhaps"}},
