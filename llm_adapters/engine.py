@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..formulations.patterns import check_sparsity, parse_pattern
+from ..solvers.registry import check_value
 from . import data as D
 from .checkpoint import WriteError, as_write_error
 from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
@@ -62,7 +63,7 @@ from .pipeline import _batch_size, _peak_rss_mb
 from .report import (HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook, _count_prunable, _divergence, _jsonable,
                      _machine, _memory_meta, _perplexities, _print_header, _print_prune_summary, _save, _versions)
 from .settings import _ALLOCATIONS_FALLBACK, RunError, _clip_to_context, _default_device, _protocol_record, \
-    resolve_settings
+    check_run_options, check_sizes, cpu_cores, model_sizes, resolve_settings
 
 __all__ = ["PruneRun", "InMemorySource", "ShardedSource", "run_blocks_parallel", "prune_model_parallel",
            "prune_model_distributed", "prune_offloaded"]
@@ -83,6 +84,7 @@ class PruneRun:
 
     def __init__(self, **options):
         self.t_total = time.perf_counter()
+        options.update(check_run_options(options))  # typed options parsed (booleans never by truthiness)
         self.o = types.SimpleNamespace(**options)
         self.verbose = self.o._cli if self.o.verbose is None else self.o.verbose
         self.source = None
@@ -96,15 +98,16 @@ class PruneRun:
         o = self.o
         from ..solvers import get_method
         from . import export, preflight
-        from .calib_inputs import calibration_kind, is_in_memory
+        from .calib_inputs import calibration_kind, check_calibration_type, is_in_memory
         from .pipeline import pattern_kind
         from .targets import parse_patterns
 
         spec = get_method(o.method)
+        check_calibration_type(o.calibration)  # a number, dict, generator or bytes: a TypeError, not a file name
         if o.method_options is not None and not isinstance(o.method_options, dict):
             raise RunError("method_options must be a dict of method option → value")
-        self.method_options = dict(o.method_options or {})
-        spec.check_options(self.method_options)  # an option the solver does not read fails before the model loads
+        # an option the solver does not read, or a value outside its declared type/range/choices, fails here
+        self.method_options = spec.normalize_options(dict(o.method_options or {}))
         pf = preflight.check_prune(
             model=o.model, model_dir=o.model_dir, spec=spec, sparsity=o.sparsity,
             sparsity_given=o.sparsity is not None, pattern=o.pattern,
@@ -124,12 +127,11 @@ class PruneRun:
                                f"(it takes: {', '.join(sorted(spec.patterns))})")
         if o.mode not in ("sequential", "dense-input"):
             raise RunError(f"--mode must be sequential or dense-input, got {o.mode!r}")
-        try:
-            self.nproc = int(o.nproc or 1)
-        except (TypeError, ValueError):
-            raise RunError(f"--nproc must be an integer ≥ 1, got {o.nproc!r}") from None
-        if self.nproc < 1:
-            raise RunError(f"--nproc must be ≥ 1, got {self.nproc}")
+        self.nproc = int(o.nproc or 1)
+        if self.nproc > 1 and self.nproc > cpu_cores() and not o.force_nproc:
+            raise RunError(f"--nproc {self.nproc} is more than the {cpu_cores()} CPU cores this process may use (each "
+                           f"rank prunes its blocks on its own core); lower --nproc, or pass --force-nproc to "
+                           f"oversubscribe")
         self.world = world_for(self.nproc)  # block-parallel pruning (--nproc N, or ranks of a torchrun)
         if self.world > 1 and o.mode != "dense-input":
             raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
@@ -159,6 +161,20 @@ class PruneRun:
         if self.calib_given is not None:
             s["calibration"] = s["overrides"]["calibration"] = calibration_kind(self.calib_given)
             s["name"] = s["base"] + "+custom"
+        # a data-free method (no statistics, no refit, uniform allocation) is never calibrated
+        self.data_free = spec.needs == "none" and not o.refit and self.alloc == "uniform" and not o.low_memory
+        if not self.data_free:
+            sizes = model_sizes(o.model, (pf["model"] or {}).get("config"))
+            check_sizes(s, device=self.dev, **sizes)  # context length and activation memory, from metadata
+        self.packing = self._packing(s)
+        self.file_rows = None
+        if self.data_free:
+            self.packing = None  # never calibrated
+        elif self.packing == "rows" and self.calib_given is None:  # a text file's lines, read before any weight
+            from .calib_inputs import CalibrationInputError, file_rows
+            self.file_rows = file_rows(s["calibration_path"])
+            if not self.file_rows:
+                raise CalibrationInputError(f"{s['calibration_path']}: no calibration text (every line is empty)")
         self.s = s
         self.spec = spec
         self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
@@ -167,6 +183,7 @@ class PruneRun:
                 min_degree=o.min_degree, allocation=self.alloc, allocation_eps=o.allocation_eps,
                 structure=self.structure, mode=o.mode, error_correction=bool(o.error_correction),
                 refit=bool(o.refit), method_options=self.method_options, damp=o.damp, batch_size=o.batch_size,
+                calibration_packing=self.packing,
                 device=self.dev, **{k: s.get(k) for k in ("calibration", "calibration_path", "nsamples", "seqlen",
                                                           "seed")}))
         if s["calibration"] == "self":
@@ -174,8 +191,6 @@ class PruneRun:
                 from . import selfcalib  # noqa: F401
             except ModuleNotFoundError as e:
                 raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
-        # a data-free method (no statistics, no refit, uniform allocation) is never calibrated
-        self.data_free = spec.needs == "none" and not o.refit and self.alloc == "uniform" and not o.low_memory
         if self.data_free:
             s.update(calibration="none", calibration_path=None, nsamples=0, seqlen=0)
             s.pop("calibration_note", None)
@@ -193,6 +208,36 @@ class PruneRun:
         source.check(self)  # what this source cannot do, still before any weight is read
         self.source = source
         return self
+
+    def _packing(self, s: dict) -> Optional[str]:
+        """How texts become calibration samples: ``rows`` or ``windows`` for texts (lists, Datasets, text files),
+        None for the other sources (named data sets are windowed by their protocol; self / token ids as they
+        come). An explicit ``calibration_packing`` that cannot apply is an error."""
+        from .calib_inputs import PACKINGS
+        o = self.o
+        given = o.calibration_packing
+        if given is not None:
+            given = check_value("--calibration-packing", given, type=str, choices=PACKINGS).strip().lower()
+        texts = (self.calib_given is not None and not torch.is_tensor(self.calib_given)) or (
+            self.calib_given is None and s.get("calibration") not in (None, "self")
+            and not str(s.get("calibration_path") or "").startswith("hub:")
+            and D.known_dataset(str(s["calibration"])) is None)
+        if not texts:
+            windowed = s.get("calibration") not in (None, "self", "token ids")  # a named data set: its windows
+            if given is not None and not (windowed and given == "windows"):
+                raise RunError(f"--calibration-packing {given} applies to texts (a list of strings, a "
+                               f"datasets.Dataset or a text file), not to calibration {s.get('calibration')!r}")
+            return "windows" if windowed else None
+        a = self.alloc
+        blocker = ("--low-memory" if o.low_memory else f"--allocation {a}"
+                   if a != "uniform" and not (a.startswith("alpha") and "bounded" not in a) else None)
+        if blocker and given == "rows":
+            raise RunError(f"--calibration-packing rows is not available with {blocker} (it measures activations "
+                           f"on fixed-length windows); use --calibration-packing windows")
+        if blocker and given is None:
+            log.warning(f"calibration texts packed as windows of {s['seqlen']} tokens (rows as samples are not "
+                        f"available with {blocker})")
+        return given or ("windows" if blocker else "rows")
 
     # ------------------------------------------------------------------------------------ 2.–5. the run
     def run(self):
@@ -236,6 +281,8 @@ class PruneRun:
             src.model.to("cpu")
         t0 = time.perf_counter()
         calib, calib_info = self._calibration()
+        if "tokens" not in calib_info:  # how many calibration tokens the statistics saw
+            calib_info["tokens"] = 0 if self.data_free else int(calib.numel())
         timings["calibration_s"] = time.perf_counter() - t0
         record["calibration"] = _jsonable(calib_info)
         if self.alloc != "uniform":
@@ -325,17 +372,26 @@ class PruneRun:
                 "device": self.dev, "seed": self.s["seed"], "output": str(self.out_dir) if self.out_dir else None,
                 "evaluate": bool(o.evaluate), "data_dir": str(D.resolve_data_dir(o.data_dir)),
                 "reference": o.reference, "targets": self.targets, "ignore": self.ignore,
-                "save_format": o.save_format, "dtype": o.dtype, "certify": bool(o.certify)}
+                "save_format": o.save_format, "dtype": o.dtype, "certify": bool(o.certify),
+                "calibration_packing": self.packing}
 
     def _calibration(self):
         """Token ids ``(nsamples, seqlen)`` and their description (run.json's ``calibration``)."""
         o, s, src, ck = self.o, self.s, self.source, self.ck
-        if self.calib_given is not None:  # in memory: texts, a datasets.Dataset or token ids (calib_inputs.py)
+        if self.calib_given is not None or (self.packing == "rows" and not self.data_free):
+            # texts, a datasets.Dataset or token ids in memory, or a text file's lines as rows (calib_inputs.py)
             from .calib_inputs import calibration_from
+            given = self.calib_given if self.calib_given is not None else self.file_rows
             calib, info = calibration_from(
-                src.tok, self.calib_given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
+                src.tok, given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
                 explicit_nsamples=o.nsamples, explicit_seqlen=o.seqlen, text_column=o.text_column,
-                vocab_size=getattr(src.model.get_input_embeddings(), "num_embeddings", None))
+                vocab_size=getattr(src.model.get_input_embeddings(), "num_embeddings", None),
+                packing=self.packing or "windows", kind=None if self.calib_given is not None else "text file")
+            if self.calib_given is None:
+                info["path"] = str(Path(s["calibration_path"]).resolve())
+            lengths = info.pop("lengths", None)
+            if lengths is not None:  # rows as samples: the pipeline cuts each batch to its rows' length
+                self.config.calib_lengths = tuple(lengths)
             s["nsamples"], s["seqlen"] = int(calib.shape[0]), int(calib.shape[1])
             return calib, info
         if self.data_free:  # the pipeline walks the blocks on a 2-token stand-in; nothing is measured from it

@@ -103,6 +103,7 @@ class PruneConfig:
     targets: Optional[list] = None         # sub-layers to prune: names, class names, re:REGEX (llm_adapters.targets)
     ignore: Optional[list] = None          # sub-layers left dense (same patterns)
     certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.bounds), ℓ1 gap
+    calib_lengths: Optional[tuple] = None  # tokens of each calibration row (rows as samples); None: all full
 
 
 # ============================================================================================ helpers
@@ -255,6 +256,24 @@ def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
 
 
+def row_batches(n: int, L: int, bs: int, lengths=None) -> list:
+    """The batches of a capture: slices of at most ``bs`` consecutive rows; with ``lengths`` (tokens per row of a
+    right-padded ``(n, L)`` calibration), only rows of one length share a batch, and the batch is
+    ``(rows, slice(0, length))`` — the model and every block see the real tokens only, never a pad."""
+    if lengths is None:
+        return [slice(b0, min(n, b0 + bs)) for b0 in range(0, n, bs)]
+    if len(lengths) != n or any(not 1 <= int(x) <= L for x in lengths):
+        raise PipelineError(f"calib_lengths must give 1..{L} tokens for each of the {n} calibration rows")
+    out, i = [], 0
+    while i < n:
+        j = i
+        while j < n and j - i < bs and int(lengths[j]) == int(lengths[i]):
+            j += 1
+        out.append(slice(i, j) if int(lengths[i]) == L else (slice(i, j), slice(0, int(lengths[i]))))
+        i = j
+    return out
+
+
 class _Interner:
     """Moves captured arguments to the compute device and shares identical ones: the same object handed to
     several blocks is moved once; a tensor equal to one already stored (an earlier batch's mask or rotary
@@ -295,20 +314,25 @@ class _Interner:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=None, batch_size: Optional[int] = None,
-                         arch: Optional[ArchSpec] = None) -> BlockInputs:
+                         arch: Optional[ArchSpec] = None, lengths=None) -> BlockInputs:
     """Block 0's hidden states and every block's own arguments, from the model's own forward (module doc).
 
     Every block is replaced by a recorder that keeps its arguments and passes the hidden state through; the
     forward stops after the last block. What the model computes per layer (sliding-window or global masks,
     per-layer-type rotary tables, per-layer scalings) is thus what each block gets later. An argument that a
     model derives from earlier blocks' *outputs* (rather than from the token ids) would be recorded from the
-    pass-through and is not supported."""
+    pass-through and is not supported.
+
+    ``lengths`` (rows as samples): the real tokens of each row of a right-padded ``calib_ids``; rows of one length
+    are batched together and cut to it (:func:`row_batches`), so no pad token enters a forward, a mask or a Gram;
+    the hidden states beyond a row's length stay zero and are never read."""
     arch = arch or get_arch(model)
     blocks = get_module(model, arch.blocks)
     saved = list(blocks)
     nb = len(saved)
     n, L = calib_ids.shape
     bs = _batch_size(batch_size, n, L)
+    batches = row_batches(n, L, bs, lengths)
     state = {"hidden": None, "cur": None, "seen": None}
     per_block = [[] for _ in range(nb)]
     intern = None
@@ -317,7 +341,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         sl = state["cur"]
         if i == 0:
             if state["hidden"] is None:
-                state["hidden"] = torch.empty((n,) + tuple(h.shape[1:]), dtype=h.dtype, device=dev)
+                state["hidden"] = (torch.empty if lengths is None else torch.zeros)(
+                    (n, L) + tuple(h.shape[2:]), dtype=h.dtype, device=dev)
             state["hidden"][sl] = h.to(dev)
         if i in state["seen"]:
             raise RuntimeError(f"block {i} was called twice in one forward of the model; the architecture's blocks "
@@ -336,8 +361,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         if moved:
             model.to(dev)
         try:
-            for b0 in range(0, n, bs):
-                state["cur"], state["seen"] = slice(b0, min(n, b0 + bs)), set()
+            for sl in batches:
+                state["cur"], state["seen"] = sl, set()
                 intern.new_batch()
                 try:
                     model(calib_ids[state["cur"]].to(dev), use_cache=False)
@@ -566,7 +591,8 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
 
     model.eval()
     try:
-        inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch)
+        inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch,
+                                      lengths=config.calib_lengths)
         out = torch.empty_like(inputs.hidden)
         bar = tqdm(range(last + 1), desc=f"prune {spec.name}", unit="block", disable=not progress)
         for bi in bar:
@@ -636,7 +662,8 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
            "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
            "device": str(dev), "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape)}
+           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "tokens": int(sum(config.calib_lengths)) if config.calib_lengths is not None else int(calib_ids.numel())}
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return res

@@ -295,7 +295,8 @@ def _check_gguf(f: Path) -> dict:
                "intermediate_size": meta.get(f"{arch}.feed_forward_length"),
                "num_attention_heads": meta.get(f"{arch}.attention.head_count"),
                "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv"),
-               "num_hidden_layers": meta.get(f"{arch}.block_count")}
+               "num_hidden_layers": meta.get(f"{arch}.block_count"),
+               "max_position_embeddings": meta.get(f"{arch}.context_length")}
         cfg = {k: v for k, v in cfg.items() if v is not None}
     return {"config": cfg, "bytes": max(size, 4 * nparams), "path": f}  # dequantized to float32 on load
 

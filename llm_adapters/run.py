@@ -36,7 +36,8 @@ from .evaluation import zero_shot
 from .report import (_check_reference_hook, _divergence, _jsonable, _machine, _peak_rss_mb,  # noqa: F401
                      _perplexities, _print_eval_summary, _save, _versions)
 from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, _clip_to_context, _default_device,  # noqa: F401
-                       _protocol_record, _split_list, log, resolve_settings)
+                       _protocol_record, _split_list, check_run_options, check_sizes, log, model_sizes,
+                       resolve_settings)
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
@@ -55,7 +56,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
           tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
-          certify: bool = False, _cli: bool = False):
+          certify: bool = False, force_nproc: bool = False, calibration_packing: Optional[str] = None,
+          _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -74,7 +76,12 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
 
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
-    ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    ``resume=True`` continues an interrupted run. ``force_nproc`` allows ``nproc`` above the CPU cores.
+
+    ``calibration_packing``: ``rows`` (each text or document one sample, truncated at ``seqlen``, short ones
+    kept — the default for lists, ``datasets.Dataset`` and text files) or ``windows`` (texts joined into one
+    stream, ``nsamples`` windows of ``seqlen`` tokens — the default for the named data sets); see
+    :mod:`.calib_inputs`. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
     ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
@@ -94,6 +101,12 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     ``eval`` extra), ``include_path`` a folder of custom task YAMLs, ``task_limit`` caps examples per task;
     ``eval_datasets=[]`` with ``tasks`` skips the perplexity."""
     t_total = time.perf_counter()
+    typed = check_run_options(dict(seed=seed, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
+                                   batch_size=batch_size, progress=progress, verbose=verbose, task_limit=task_limit))
+    seed, eval_seqlen, eval_windows, batch_size, progress, verbose, task_limit = (
+        typed.get(k, v) for k, v in (("seed", seed), ("eval_seqlen", eval_seqlen), ("eval_windows", eval_windows),
+                                     ("batch_size", batch_size), ("progress", progress), ("verbose", verbose),
+                                     ("task_limit", task_limit)))
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -121,6 +134,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
     if s.get("eval_note"):
         log.warning(s["eval_note"])
+    check_sizes(s, **model_sizes(model, (info or {}).get("config")), calibration=False)
     out_file = None
     if output is not None:
         o = Path(str(output)).expanduser()

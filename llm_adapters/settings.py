@@ -18,7 +18,8 @@ import torch
 from . import data as D
 from .evaluation import model_context
 
-__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE"]
+__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE", "RUN_OPTIONS", "check_run_options",
+           "check_sizes", "available_memory", "cpu_cores"]
 
 RUN_FILE = "run.json"
 log = logging.getLogger("optprune")
@@ -33,6 +34,59 @@ _ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
 
 class RunError(ValueError):
     """Bad input to prune/evaluate (one line; nothing changed)."""
+
+
+# ============================================================================================ typed options
+#: the typed options of ``prune``/``evaluate`` (same names on the CLI, in the API, ``--config`` and ``run.json``):
+#: name -> (type, allowed range or None). Each value goes through the registry's one check
+#: (:func:`optprune.solvers.registry.check_value`), as method options do: booleans parsed (``"false"`` is False,
+#: ``"maybe"`` refused), integers given as strings read, anything else one line naming the option.
+RUN_OPTIONS = {
+    "sparsity": (float, None), "min_degree": (int, "[0, inf)"), "allocation_eps": (float, "[0, 1)"),
+    "nsamples": (int, "[1, inf)"), "seqlen": (int, "[2, inf)"), "nproc": (int, "[1, inf)"), "seed": (int, None),
+    "eval_seqlen": (int, "[2, inf)"), "eval_windows": (int, "[0, inf)"), "damp": (float, "[0, inf)"),
+    "batch_size": (int, "[1, inf)"), "task_limit": (int, "[1, inf)"),
+    **{k: (bool, None) for k in ("error_correction", "refit", "evaluate", "kl", "low_memory", "overwrite", "resume",
+                                 "certify", "eval_dense", "progress", "return_model", "force_nproc", "verbose")},
+}
+#: how an option is named in messages when its CLI flag is not ``--<name>``
+_FLAG = {"evaluate": "evaluate (--no-eval)", "kl": "kl (--no-kl)", "verbose": "verbose",
+         "error_correction": "error_correction (--no-error-correction)", "progress": "progress",
+         "return_model": "return_model", "eval_dense": "eval_dense"}
+
+
+def check_run_options(options: dict) -> dict:
+    """The typed run options among ``options`` checked and normalised (:data:`RUN_OPTIONS`); returns them
+    (only those present, ``None`` left as it is). Raises :class:`RunError`, one line naming the option."""
+    from ..solvers.registry import check_value
+    out = {}
+    for k, (t, rng) in RUN_OPTIONS.items():
+        if k in options and options[k] is not None:
+            try:
+                out[k] = check_value(_FLAG.get(k, "--" + k.replace("_", "-")), options[k], type=t, range=rng)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+    return out
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations (``MemAvailable`` of /proc/meminfo), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 
@@ -225,6 +279,60 @@ def _clip_to_context(s: dict, model, *, need_calibration=True) -> None:
             s.setdefault("clipped", {})[k] = [s[k], ctx]
             s[k] = ctx
             s["name"] = s["base"] + "+custom"
+
+
+#: copies of the calibration activations the pipeline holds at once (a block's inputs and its outputs,
+#: ``nsamples × seqlen × hidden`` each, in the model's dtype on the compute device; llm_adapters/pipeline.py)
+ACTIVATION_COPIES = 2
+
+
+def check_sizes(s: dict, *, context: Optional[int], hidden: Optional[int], dtype_bytes: int = 4, device=None,
+                calibration: bool = True) -> Optional[int]:
+    """Sizes against the model, from its metadata (before any weight is read): an explicit ``--seqlen`` /
+    ``--eval-seqlen`` longer than the model's context, and calibration activations that would not fit in the
+    memory available (RAM, or the GPU's free memory for a CUDA device). Returns the activation estimate
+    (bytes) or None when the hidden size is unknown; raises :class:`RunError` with the estimate."""
+    if context:
+        for k, flag, use in (("seqlen", "--seqlen", calibration), ("eval_seqlen", "--eval-seqlen", True)):
+            if use and k in s.get("overrides", {}) and int(s[k]) > int(context):
+                raise RunError(f"{flag} {s[k]} exceeds the model's context of {context} tokens")
+    if not calibration or not hidden or not s.get("nsamples"):
+        return None
+    seqlen = min(int(s["seqlen"]), int(context)) if context else int(s["seqlen"])
+    need = ACTIVATION_COPIES * int(s["nsamples"]) * seqlen * int(hidden) * int(dtype_bytes)
+    avail, where = available_memory(), "memory"
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        try:
+            avail, where = torch.cuda.mem_get_info(torch.device(str(device)))[0], "free GPU memory"
+        except (RuntimeError, ValueError):
+            pass
+    if avail is not None and need > avail:
+        raise RunError(f"--nsamples {s['nsamples']} × --seqlen {seqlen}: the calibration activations need about "
+                       f"{need / 2**30:.1f} GiB ({ACTIVATION_COPIES} × {s['nsamples']} × {seqlen} × hidden {hidden} "
+                       f"× {dtype_bytes} bytes), but only {avail / 2**30:.1f} GiB of {where} is available; lower "
+                       f"--nsamples or --seqlen")
+    return need
+
+
+def model_sizes(model, config: Optional[dict]) -> dict:
+    """``{"context", "hidden", "dtype_bytes"}`` of a model from its metadata: a loaded model's config, or the
+    config dict read from ``config.json`` / the GGUF header (GGUF weights are dequantized to float32)."""
+    if isinstance(model, torch.nn.Module):
+        cfg = getattr(model, "config", None)
+        get = (lambda k: getattr(cfg, k, None))
+        try:
+            nbytes = next(model.parameters()).element_size()
+        except StopIteration:
+            nbytes = 4
+    else:
+        cfg = config or {}
+        get = cfg.get
+        dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+        nbytes = 2 if dt in ("float16", "bfloat16") else 4
+    ctx = next((get(k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                if isinstance(get(k), int) and get(k) > 0), None)
+    hidden = next((get(k) for k in ("hidden_size", "n_embd", "d_model", "dim") if isinstance(get(k), int)), None)
+    return {"context": ctx, "hidden": hidden, "dtype_bytes": nbytes}
 
 
 def _protocol_record(s: dict) -> dict:

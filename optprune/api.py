@@ -43,7 +43,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
           eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
           eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
-          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False) -> tuple:
+          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False,
+          calibration_packing: Optional[str] = None, force_nproc: bool = False) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
     Args:
@@ -63,9 +64,14 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         targets: sub-layers to prune: full names, class names (``Linear``) or ``re:REGEX``; default all.
         ignore: sub-layers to leave dense (same forms), e.g. ``["re:.*self_attn.*"]``.
         text_column: the text column of a ``datasets.Dataset`` calibration.
+        calibration_packing: ``rows`` — each string / Dataset row / line of a text file is one sample, truncated
+            at ``seqlen``, short ones kept (llm-compressor's convention; the default for those) — or ``windows``
+            — all joined into one token stream, ``nsamples`` windows of ``seqlen`` tokens (the default for the
+            named data sets). The record's ``calibration`` says how many tokens were used.
         protocol: ``smoke``, ``cpu`` or ``paper`` (docs/protocols.md): calibration/evaluation defaults.
         min_degree, allocation, allocation_eps, structure, mode, error_correction, refit, method_options, damp,
-        batch_size, nproc, device, seed: as the CLI's options of the same names (``optprune prune --help``).
+        batch_size, nproc, force_nproc, device, seed: as the CLI's options of the same names (``optprune prune
+            --help``); booleans take True/False or the words true/false, yes/no, on/off, 1/0.
         evaluate: also measure perplexity (and, with ``kl``, KL/top-1 against the dense model) into the record.
         eval_datasets, eval_seqlen, eval_windows: evaluation texts and windows when ``evaluate``.
         data_dir, model_dir: folders of the built-in data sets and models.
@@ -85,7 +91,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,
         device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
         damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
-        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify)
+        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify,
+        calibration_packing=calibration_packing, force_nproc=force_nproc)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record

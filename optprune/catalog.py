@@ -15,7 +15,8 @@ def methods() -> list[dict]:
     from .solvers.registry import method_specs
     return [{"name": s.name, "description": s.description, "needs": s.needs, "structured": s.structured,
              "patterns": sorted(s.patterns), "options": {o.name: o.default for o in s.options.values()},
-             "help": {o.name: o.help for o in s.options.values() if o.help}} for s in method_specs()]
+             "help": {o.name: o.help for o in s.options.values() if o.help},
+             "allowed": {o.name: o.allowed() for o in s.options.values() if o.allowed()}} for s in method_specs()]
 
 
 def patterns() -> list[dict]:
@@ -79,7 +80,8 @@ def lines(what: str) -> list[str]:
         from .solvers.registry import load_errors
         rows = []
         for m in methods():
-            opts = ", ".join(f"{k}={_fmt(v)}" for k, v in m["options"].items()) or "none"
+            opts = ", ".join(f"{k}={_fmt(v)}" + (f" {m['allowed'][k]}" if k in m["allowed"] and m["allowed"][k][0] in "[(" else "")
+                             for k, v in m["options"].items()) or "none"
             rows.append((m["name"], f"{m['description']} [patterns: {', '.join(m['patterns'])}; "
                                     f"statistics: {m['needs']}] options: {opts}"))
         return _table(rows) + [f"! {w}: {e}" for w, e in load_errors().items()]

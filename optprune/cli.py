@@ -115,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", "--calibration", dest="dataset", default=None,
                    help="calibration: c4, wikitext2, ptb, self, or a text file (default: the protocol's; c4 if the "
                         "data dir has it, else self)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default from --protocol)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default from --protocol)")
+    p.add_argument("--calibration-packing", default=None, choices=["rows", "windows"],
+                   help="rows: each document (a line of a text file) one sample, truncated at --seqlen, short ones "
+                        "kept; windows: documents joined, --nsamples windows of --seqlen tokens (default: rows for a "
+                        "text file, windows for c4/wikitext2/ptb)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help="calibration samples: windows, or at most this many rows (default from --protocol)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window; the longest row (default from --protocol)")
     p.add_argument("--targets", default=None,
                    help="comma list of sub-layers to prune: full names, class names (Linear) or re:REGEX "
                         "(default: all)")
@@ -126,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults (default: the model's, "
                         "else cpu)")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun)")
+                   help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun); at "
+                        "most the CPU cores unless --force-nproc")
+    p.add_argument("--force-nproc", action="store_true",
+                   help="allow --nproc above the number of CPU cores (oversubscribed ranks)")
     p.add_argument("--low-memory", action="store_true",
                    help="read one block at a time from the safetensors shards and write the output shard by shard")
     p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],

@@ -51,7 +51,7 @@ from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstr
 from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer, torch_threads
-from .registry import get_method, register_method
+from .registry import Option, get_method, register_method
 
 __all__ = ["admm", "AdmmL0", "masked_pcg", "WARM_STARTS", "REFITS"]
 
@@ -260,7 +260,19 @@ _OPTIONS = ("warm_start", "warm_options", "rho", "rho_max", "max_iter", "update_
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="ALPS-class ADMM on the L0 program (W = D, D in the pattern; one eigendecomposition, "
                              "ρ schedule on support change, PCG refit), warm start SparseGPT",
-                 options_from="_admm")
+                 options_from="_admm",
+                 options={"rho": Option(help="first ρ (scaled units)", range="(0, inf)"),
+                          "rho_max": Option(help="largest ρ", range="(0, inf)"),
+                          "max_iter": Option(help="ADMM iterations", range="[0, inf)"),
+                          "update_iter": Option(help="iterations between ρ updates", range="[1, inf)"),
+                          "switch_iter": Option(help="iteration from which ρ grows on every update",
+                                                range="[0, inf)"),
+                          "damp": Option(help="ADMM ridge (default: the problem's)", range="[0, inf)"),
+                          "refit": Option(help="final refit on the support", choices=REFITS),
+                          "refit_damp": Option(help="ridge of the final refit", range="[0, inf)"),
+                          "pcg_iters": Option(help="PCG steps of the refit", range="[0, inf)"),
+                          "pcg_rtol": Option(help="PCG relative tolerance", range="[0, inf)"),
+                          "threads": Option(help="torch CPU threads", range="[1, inf)")})
 def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """ADMM for the L0 layer problem (module docstring). Options (``-O key=value``): ``warm_start``
     (sparsegpt | fista | wanda | magnitude | ria | dense, or a feasible LayerResult), ``warm_options`` (dict for the warm-start method), ``rho``

@@ -14,7 +14,7 @@ from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Patte
 from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
 from ..formulations.programs import l0_program, refit_program
 from .base import LayerResult, Timer
-from .registry import register_method
+from .registry import Option, register_method
 
 __all__ = ["magnitude", "wanda", "ria", "sparsegpt", "refit", "ria_scores", "wanda_scores", "score_prune"]
 
@@ -82,7 +82,7 @@ def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> La
 
 @register_method("ria", needs="diag", patterns=("unstructured", "row", "nm"),
                  description="relative importance × ‖X_j‖^a (a = 0.5); no weight update",
-                 options={"a": "exponent of the input norm", "refit": _REFIT_HELP})
+                 options={"a": Option(help="exponent of the input norm", range="[0, inf)"), "refit": _REFIT_HELP})
 def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False) -> LayerResult:
     _check_pattern("ria", pattern)
     return score_prune(problem, pattern, ria_scores(problem, a), "ria", refit)
@@ -180,8 +180,9 @@ class SparseGPT:
 
 @register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm"),
                  description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates",
-                 options={"blocksize": "columns per mask-selection block",
-                          "damp": "relative Hessian damping (default: the problem's)", "refit": _REFIT_HELP})
+                 options={"blocksize": Option(help="columns per mask-selection block", range="[1, inf)"),
+                          "damp": Option(help="relative Hessian damping (default: the problem's)", range="[0, inf)"),
+                          "refit": _REFIT_HELP})
 def sparsegpt(problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, damp: Optional[float] = None,
               refit: bool = False) -> LayerResult:
     res = SparseGPT(problem, pattern, blocksize=blocksize, damp=damp).run()

@@ -541,12 +541,12 @@ def _eggs_update(problem: LayerProblem, pat: ExpanderNM, update: str, mask_only:
 
 
 _OPTIONS = {"score": Option("score", help="ria | wanda | magnitude", choices=SCORES),
-            "a": "RIA exponent of the input norm",
             "mask": Option("mask", help="score (largest total score) | error (then improved for the "
                            "layer objective with the kept weights fixed: exact block-coordinate "
                            "descent; needs the Grams)", choices=MASKS),
-            "sweeps": "mask=error: at most this many sweeps over the column groups",
-            "min_degree": "B for a plain N:M pattern (default 1)", "refit": "least-squares refit",
+            "a": Option(help="RIA exponent of the input norm", range="[0, inf)"),
+            "sweeps": Option(help="mask=error: at most this many sweeps over the column groups", range="[0, inf)"),
+            "min_degree": Option(help="B for a plain N:M pattern (default 1)", range="[0, inf)"), "refit": "least-squares refit",
             "algorithm": Option("algorithm", help="tile solver: auto | ssp | enum | greedy",
                                 choices=ALGORITHMS), "graph": "record graph metrics",
             "update": Option("update", help="weight update: none (mask only) | refit | obs (mask "

@@ -61,7 +61,7 @@ from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstr
 from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import l1_kkt_residual, l1_program
 from .base import LayerResult, Timer, torch_threads
-from .registry import get_method, register_method
+from .registry import Option, get_method, register_method
 
 __all__ = ["fista", "fista_l1", "L1Solution", "FistaEngine", "lipschitz_constant", "default_lambda",
            "soft_threshold", "ill_conditioned_problem", "l1_certificate", "L1Certificate"]
@@ -508,15 +508,20 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                  description="FISTAPruner: ℓ1 convex model by FISTA (restart, one matmul per iteration), "
                              "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda",
                  options_from="_fista",
-                 options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense", "iters": "iterations per "
-                          "round (K)", "rounds": "rounds (T)", "xi": "rounding-error share threshold ξ",
-                          "lam": "first λ (default lam_scale × the diagonal-model λ)",
-                          "lam_step": "λ bracket growth",
+                 options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense",
+                          "iters": Option(help="iterations per round (K)", range="[0, inf)"),
+                          "rounds": Option(help="rounds (T)", range="[0, inf)"),
+                          "xi": Option(help="rounding-error share threshold ξ", range="(0, 1)"),
+                          "lam": Option(help="first λ (default lam_scale × the diagonal-model λ)", range="[0, inf)"),
+                          "lam_scale": Option(help="first λ as a multiple of the diagonal-model λ", range="[0, inf)"),
+                          "lam_step": Option(help="λ bracket growth", range="(1, inf)"),
                           "restart": "gradient restart", "refit": "final least-squares refit",
-                          "debias_iters": "masked-CG steps on every rounded iterate", "dtype": "solve dtype",
+                          "debias_iters": Option(help="masked-CG steps on every rounded iterate", range="[0, inf)"),
+                          "dtype": "solve dtype",
                           "device": "solve on this device", "warm_options": "options of the warm-start method",
-                          "gap_tol": "stop a round once the certified relative ℓ1 duality gap is ≤ this (iters: cap)",
-                          "check_every": "iterations between duality-gap checks"})
+                          "gap_tol": Option(help="stop a round once the certified relative ℓ1 duality gap is ≤ this "
+                                                 "(iters: cap)", range="[0, inf)"),
+                          "check_every": Option(help="iterations between duality-gap checks", range="[1, inf)")})
 def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     """FISTAPruner on one layer (see the module docstring for the algorithm and its reconstructed λ rule).
 

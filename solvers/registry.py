@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 
 from ..formulations.patterns import PatternRegistrationError, definition_site, discover_patterns, pattern_kinds
 
-__all__ = ["MethodSpec", "Option", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
+__all__ = ["MethodSpec", "Option", "Range", "check_value", "parse_bool", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
            "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover", "isolated",
            "register_backend", "get_backend", "list_backends", "METHOD_ENTRY_POINTS", "BACKEND_ENTRY_POINTS"]
 
@@ -64,30 +64,137 @@ class RegistrationError(TypeError):
     """A registration naming an unknown pattern kind / option / statistics level, or a name already taken."""
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_bool(value, what: str = "value") -> bool:
+    """A real boolean, 0/1, or one of the words true/false, yes/no, on/off, 1/0 (any case) — parsed, never by
+    truthiness (``"false"`` is False; ``"maybe"``, ``2`` or ``[]`` are a ValueError naming ``what``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+    raise ValueError(f"{what} expects bool (true/false, yes/no, on/off, 1/0), got {value!r}")
+
+
+class Range:
+    """An interval of allowed numbers, written as in mathematics: ``"[1, inf)"``, ``"(0, 1]"``, ``"[0, 1)"``,
+    ``"(-inf, inf)"`` — square bracket closed, round bracket open."""
+
+    _RE = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
+
+    def __init__(self, text: str):
+        m = self._RE.match(str(text))
+        try:
+            lo, hi = float(m.group(2)), float(m.group(3))
+        except (AttributeError, ValueError):
+            raise RegistrationError(f"range {text!r}: write an interval such as '[1, inf)' or '(0, 1]'") from None
+        if lo > hi or lo == float("inf") or hi == float("-inf"):
+            raise RegistrationError(f"range {text!r} is empty")
+        self.text = f"{m.group(1)}{m.group(2)}, {m.group(3)}{m.group(4)}"
+        self.lo, self.hi = lo, hi
+        self.lo_open, self.hi_open = m.group(1) == "(", m.group(4) == ")"
+
+    def __contains__(self, v) -> bool:
+        return ((v > self.lo if self.lo_open else v >= self.lo) and (v < self.hi if self.hi_open else v <= self.hi))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Range) and self.text == other.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"Range({self.text!r})"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _type_name(t) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list"}.get(t, t.__name__)
+
+
+def check_value(what: str, value, *, type=None, range=None, choices=None, none_ok: bool = True):
+    """The one check of a typed option value — method options (``-O``, ``method_options=``) and run options
+    (``--nsamples``, ``refit=``) from the command line, the API, ``--config``, ``--replay`` and recipes alike.
+
+    Returns the value as the code uses it: booleans parsed (:func:`parse_bool`), an integer written as a string
+    (``"32"`` from a file) read as that integer, an int accepted where a float is expected. Raises ``ValueError``
+    (one line naming ``what``, the value and what is allowed) for the wrong type, a value outside ``range``
+    (a :class:`Range` or its text) or not among ``choices``. ``None`` passes when ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if choices is not None:
+        v = value.strip().lower() if isinstance(value, str) else value
+        if v not in choices:
+            raise ValueError(f"{what}={value!r}; choose one of {', '.join(map(str, choices))}")
+    if type is bool:
+        return parse_bool(value, what)
+    if type in (int, float):
+        v = value
+        if isinstance(v, str):
+            try:
+                v = int(v.strip()) if type is int else float(v.strip())
+            except ValueError:
+                raise ValueError(f"{what} expects {type.__name__}, got {value!r}") from None
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) if type is float else \
+            isinstance(v, int) and not isinstance(v, bool)
+        if not ok or v != v:
+            raise ValueError(f"{what} expects {type.__name__}, got {value!r}")
+        value = v
+    elif type is not None and not isinstance(value, type):
+        raise ValueError(f"{what} expects {type.__name__}, got {value!r}")
+    if range is not None:
+        r = range if isinstance(range, Range) else Range(range)
+        if value not in r:
+            raise ValueError(f"{what}={value!r} is out of range; allowed: {_type_name(type) + ' in ' if type else ''}"
+                             f"{r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
-    """One method option: ``-O name=value`` on the CLI, ``method_options={name: value}`` in the API."""
-    name: str
+    """One method option: ``-O name=value`` on the CLI, ``method_options={name: value}`` in the API.
+
+    Declared at registration (``options={"blocksize": Option(help="...", range="[1, inf)")}``) next to the
+    solver's signature, which gives the name, the default and the type."""
+    name: str = ""
     default: Any = None
     type: Optional[type] = None  # checked when one of bool/int/float/str/dict/list; None: not checked
     help: str = ""
     choices: Optional[tuple] = None  # the values it takes (strings compared lower-case, stripped); None: any
+    range: Union[str, Range, None] = None  # allowed numbers, e.g. "[1, inf)" (int/float options); None: any
+
+    def __post_init__(self):
+        if isinstance(self.range, str):
+            object.__setattr__(self, "range", Range(self.range))
+
+    def normalize(self, method: str, value):
+        """The value as the solver gets it (booleans parsed); :class:`UnknownOptionError` when it is not
+        allowed (:func:`check_value`)."""
+        try:
+            return check_value(f"method {method!r}: option {self.name}", value, type=self.type, range=self.range,
+                               choices=self.choices, none_ok=value is None and self.default is None)
+        except ValueError as e:
+            raise UnknownOptionError(str(e)) from None
 
     def check(self, method: str, value) -> None:
-        if self.choices is not None and value is not None:
-            v = value.strip().lower() if isinstance(value, str) else value
-            if v not in self.choices:
-                raise UnknownOptionError(f"method {method!r}: option {self.name}={value!r}; choose one of "
-                                         f"{', '.join(map(str, self.choices))}")
-        t = self.type
-        if t is None or value is None and self.default is None:
-            return
-        ok = (isinstance(value, bool) if t is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
-              isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, t))
-        if not ok:
-            raise UnknownOptionError(f"method {method!r}: option {self.name} expects {t.__name__}, "
-                                     f"got {value!r}")
+        self.normalize(method, value)
+
+    def allowed(self) -> str:
+        """What the option takes, for listings: its choices or its range (empty when anything goes)."""
+        if self.choices is not None:
+            return " | ".join(map(str, self.choices))
+        return "" if self.range is None else str(self.range)
 
     def show(self) -> str:
         return f"{self.name}={_show(self.default)}"
@@ -178,10 +285,10 @@ class MethodSpec:
                                         f"function of {self.fn.__module__}")
         opts, var_kw = options_of(src)
         for k, h in self.option_help.items():
-            if isinstance(h, Option) and k in opts:  # the signature's default and type, the declaration's help
-                opts[k] = Option(k, opts[k].default, h.type or opts[k].type, h.help, h.choices)
+            if isinstance(h, Option) and k in opts:  # the signature's default and type, the declaration's rest
+                opts[k] = Option(k, opts[k].default, h.type or opts[k].type, h.help, h.choices, h.range)
             elif isinstance(h, Option):
-                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help, h.choices)
+                opts[k] = h if h.name == k else Option(k, h.default, h.type, h.help, h.choices, h.range)
             elif k in opts:
                 opts[k] = Option(k, opts[k].default, opts[k].type, str(h))
             else:
@@ -194,7 +301,17 @@ class MethodSpec:
             if k not in opts:
                 raise RegistrationError(f"method {self.name!r}: default for unknown option {k!r}; its options: "
                                         f"{', '.join(opts) or 'none'}")
-            opts[k] = Option(k, v, opts[k].type, opts[k].help, opts[k].choices)
+            opts[k] = Option(k, v, opts[k].type, opts[k].help, opts[k].choices, opts[k].range)
+        for o in opts.values():
+            if o.range is not None and o.type not in (int, float):
+                raise RegistrationError(f"method {self.name!r}: option {o.name!r} declares the range {o.range} but "
+                                        f"its type is {getattr(o.type, '__name__', 'not annotated')}; annotate it "
+                                        f"int or float")
+            if o.default is not None:
+                try:
+                    o.normalize(self.name, o.default)
+                except UnknownOptionError as e:
+                    raise RegistrationError(f"{e} (the default)") from None
         return opts
 
     def needs_for(self, options: Optional[dict] = None) -> str:
@@ -212,9 +329,14 @@ class MethodSpec:
 
     def check_options(self, options: Optional[dict]) -> None:
         """Raise :class:`UnknownOptionError` (one line, with the valid options) for an option this method's
-        solver does not read, or a value of the wrong type."""
+        solver does not read, or a value of the wrong type, outside its range or not among its choices."""
+        self.normalize_options(options)
+
+    def normalize_options(self, options: Optional[dict]) -> dict:
+        """The options as the solver gets them (booleans parsed: ``"false"`` is False), after
+        :meth:`check_options`' checks — the one place every caller (CLI, API, config, replay) goes through."""
         if not options:
-            return
+            return {}
         if not isinstance(options, dict):
             raise UnknownOptionError(f"method options must be a dict of option → value, got "
                                      f"{type(options).__name__}")
@@ -224,13 +346,11 @@ class MethodSpec:
             raise UnknownOptionError(
                 f"method {self.name!r} has no option{'s' if len(unknown) > 1 else ''} "
                 f"{', '.join(map(repr, unknown))}; its options: {', '.join(o.show() for o in opts.values()) or 'none'}")
-        for k, v in options.items():
-            opts[k].check(self.name, v)
+        return {k: opts[k].normalize(self.name, v) for k, v in options.items()}
 
     def __call__(self, problem, pattern, **options):
-        self.check_options(options)
         opts = dict(self.defaults)
-        opts.update(options)
+        opts.update(self.normalize_options(options))
         return self.fn(problem, pattern, **opts)
 
 

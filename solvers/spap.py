@@ -54,7 +54,7 @@ from ..formulations.patterns import Pattern
 from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer
-from .registry import register_method
+from .registry import Option, register_method
 from .structured_baselines import (GroupSetup, _finish, centered_problem, cpu_threads, flap_scores, group_obs,
                                    group_refit, group_setup, input_means, keep_from_scores)
 
@@ -243,7 +243,18 @@ def _reopen(problem, st, state, vstep, dH, *, rhos, max_swaps: int, max_rounds: 
 @register_method("spap", needs="gram", patterns=("groups",), structured=True,
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="[reconstructed] penalty method + alternating minimisation on the group MIQP, "
-                             "then exact refit (SPAP, arXiv 2505.03373)")
+                             "then exact refit (SPAP, arXiv 2505.03373)",
+                 options={"rho0": Option(help="first penalty ρ", range="(0, inf)"),
+                          "growth": Option(help="penalty growth per outer step", range="(1, inf)"),
+                          "rho_max": Option(help="largest penalty", range="(0, inf)"),
+                          "inner_iters": Option(help="alternating steps per penalty", range="[1, inf)"),
+                          "tol": Option(help="stopping tolerance", range="[0, inf)"),
+                          "max_iters": Option(help="outer steps", range="[1, inf)"),
+                          "max_swaps": Option(help="reopen: largest trust region (exchanges)", range="[0, inf)"),
+                          "max_rounds": Option(help="reopen: rounds without improvement", range="[0, inf)"),
+                          "time_limit": Option(help="reopen: seconds", range="(0, inf)"),
+                          "damp": Option(help="relative ridge of the refits", range="[0, inf)"),
+                          "threads": Option(help="torch CPU threads", range="[1, inf)")})
 def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: float = 1e-2,
          growth: float = 1.5, rho_max: float = 1e8, inner_iters: int = 10, tol: float = 1e-12,
          max_iters: int = 200, reopen: bool = True, reopen_rhos=(1e2, 1e1, 1.0, 1e-1, 1e-2),

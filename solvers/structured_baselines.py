@@ -37,7 +37,7 @@ from ..formulations.patterns import ColumnGroups, Pattern, PatternError
 from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer, torch_threads
-from .registry import register_method
+from .registry import Option, register_method
 
 __all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores", "centered_problem",
            "group_magnitude", "flap", "group_obs", "flap_scores", "input_means"]
@@ -254,7 +254,9 @@ def _start_weights(problem: LayerProblem, A: torch.Tensor, dtype) -> torch.Tenso
 
 @register_method("group_obs", needs="gram", patterns=("groups",), structured=True,
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
-                 description="greedy group-OBS removal with Ĥ⁻¹ block updates (OSSCAR/ZipLM style), then refit")
+                 description="greedy group-OBS removal with Ĥ⁻¹ block updates (OSSCAR/ZipLM style), then refit",
+                 options={"damp": Option(help="relative damping of Ĥ (default: the problem's)", range="[0, inf)"),
+                          "threads": Option(help="torch CPU threads", range="[1, inf)")})
 def group_obs(problem: LayerProblem, pattern: Pattern, *, damp: Optional[float] = None, dtype=None,
               refit: bool = True, threads: Optional[int] = None) -> LayerResult:
     """Backward elimination: at each step remove the group ``G`` minimising ``½ tr(W_G [Ĥ⁻¹_GG]⁻¹ W_Gᵀ)``.

@@ -116,7 +116,11 @@ def test_calibration_errors_are_one_line():
         def __call__(self, text, **kw):
             return {"input_ids": torch.arange(len(text.split())).unsqueeze(0)}
     with pytest.raises(CalibrationInputError, match="fewer than one window of 64"):
-        calibration_from(Tok(), ["a b c"], nsamples=2, seqlen=64)
+        calibration_from(Tok(), ["a b c"], nsamples=2, seqlen=64, packing="windows")
+    X, info = calibration_from(Tok(), ["a b c"], nsamples=2, seqlen=64)  # rows: a short text is one sample
+    assert X.shape == (1, 3) and info["tokens"] == 3 and info["lengths"] == [3]
+    with pytest.raises(CalibrationInputError, match="packing 'lines'; choose one of rows, windows"):
+        calibration_from(Tok(), ["a b c"], nsamples=2, seqlen=64, packing="lines")
     with pytest.raises(CalibrationInputError, match="must be strings"):
         calibration_from(Tok(), ["a", 3], nsamples=2, seqlen=2)
     with pytest.raises(CalibrationInputError, match="integer tensor"):

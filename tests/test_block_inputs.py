@@ -264,7 +264,7 @@ def test_cli_prunes_sliding_global_family_in_memory_and_low_memory(stories_dir, 
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text("Once upon a time there was a little fox who liked to run in the woods. " * 60)
     common = ["prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--calibration",
-              str(calib_file), "--nsamples", "4", "--seqlen", "16", "--no-eval"]
+              str(calib_file), "--calibration-packing", "windows", "--nsamples", "4", "--seqlen", "16", "--no-eval"]
     assert main(common + ["--output", str(tmp_path / "mem")]) == 0
     assert main(common + ["--output", str(tmp_path / "low"), "--low-memory"]) == 0
     mem = load_file(str(tmp_path / "mem" / "model.safetensors"))
@@ -278,3 +278,63 @@ def test_cli_prunes_sliding_global_family_in_memory_and_low_memory(stories_dir, 
             assert torch.equal(v, low[k]), k
     q = mem["model.layers.1.self_attn.q_proj.weight"]
     assert abs(float((q == 0).float().mean()) - 0.5) < 0.02
+
+
+# --------------------------------------------------------------------------------------------- rows as samples
+ROW_LENGTHS = (SEQ, SEQ, 7, 7, 7, 5)  # right-padded rows, longest first (calib_inputs sorts them so)
+
+
+def rows_calib(pad: int):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (len(ROW_LENGTHS), SEQ), generator=g)
+    for i, n in enumerate(ROW_LENGTHS):
+        ids[i, n:] = pad
+    return ids
+
+
+def test_row_batches_group_equal_lengths_and_cut_them():
+    got = pl.row_batches(len(ROW_LENGTHS), SEQ, 2, ROW_LENGTHS)
+    assert got == [slice(0, 2), (slice(2, 4), slice(0, 7)), (slice(4, 5), slice(0, 7)), (slice(5, 6), slice(0, 5))]
+    assert pl.row_batches(4, SEQ, 3) == [slice(0, 3), slice(3, 4)]
+    with pytest.raises(pl.PipelineError, match="calib_lengths"):
+        pl.row_batches(2, SEQ, 2, (SEQ + 1, 3))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rows_each_block_gets_the_models_inputs_of_the_row_alone(family):
+    """Rows of different lengths: every call the pipeline makes to block i carries what the model's own forward
+    gives block i on that row alone, unpadded (hidden state, mask, positions, rotary tables)."""
+    dense, ids = build(family), rows_calib(pad=0)
+    model = copy.deepcopy(dense)
+    blocks = get_module(model, get_arch(model).blocks)
+    rec = Calls(blocks)
+    cfg = dataclasses.replace(config("dense-input"), batch_size=1, calib_lengths=ROW_LENGTHS)
+    try:
+        pl.prune_model(model, ids, cfg, progress=False)
+    finally:
+        rec.remove()
+    ref_rec = Calls(get_module(dense, get_arch(dense).blocks))
+    try:
+        with torch.no_grad():
+            for i, n in enumerate(ROW_LENGTHS):
+                dense(ids[i:i + 1, :n], use_cache=False)
+    finally:
+        ref_rec.remove()
+    check_calls(rec.calls, ref_rec.calls, f"{family} rows")
+
+
+def test_rows_padding_never_reaches_the_statistics():
+    """The tokens behind each row's length change nothing (weights bit for bit), and each layer's statistics
+    count exactly the rows' real tokens."""
+    out = []
+    for pad in (0, 57):
+        model = build("llama")
+        cfg = dataclasses.replace(config("sequential", method="sparsegpt"), calib_lengths=ROW_LENGTHS)
+        res = pl.prune_model(model, rows_calib(pad), cfg, progress=False)
+        assert {r["nsamples"] for r in res["layers"]} == {sum(ROW_LENGTHS)} and res["tokens"] == sum(ROW_LENGTHS)
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+    # while the same ids read as full rows (padding taken for text) give other weights: the check has teeth
+    model = build("llama")
+    pl.prune_model(model, rows_calib(57), config("sequential", method="sparsegpt"), progress=False)
+    assert any(not torch.equal(p, out[1][n]) for n, p in model.named_parameters())

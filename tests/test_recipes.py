@@ -32,7 +32,8 @@ def test_config_file_then_replay_gives_bit_identical_masks(stories_dir, tmp_path
     calib = _text(tmp_path / "calib.txt")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {stories_dir}\nmethod: sparsegpt\nsparsity: 0.5\npattern: '2:4'\ndataset: {calib}\n"
-                   f"nsamples: 4\nseqlen: 64\nevaluate: false\nkl: false\nignore: ['re:.*mlp.down_proj']\n")
+                   f"nsamples: 4\nseqlen: 64\nevaluate: false\nkl: false\nignore: ['re:.*mlp.down_proj']\n"
+                   f"calibration_packing: windows\n")
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["prune", "-q", "--config", str(cfg), "--output", str(a)]) == 0
     ra = json.loads((a / "run.json").read_text())

@@ -304,3 +304,68 @@ def test_list_patterns_backends_architectures(capsys):
 
 def get_backend_cls(name):
     return R._BACKENDS[name]
+
+
+# ------------------------------------------------------------------------------------------------ ranges, booleans
+def test_ranges_parse_as_intervals_and_bound_both_ends():
+    from optprune.solvers.registry import Range
+    r = Range("(0, 1]")
+    assert 1 in r and 0.5 in r and 0 not in r and 1.0001 not in r and str(r) == "(0, 1]"
+    r = Range("[1, inf)")
+    assert 1 in r and 10 ** 12 in r and 0 not in r and float("inf") not in r
+    for bad in ("1..5", "[1, 0]", "[a, 2)", "[inf, inf)"):
+        with pytest.raises(RegistrationError):
+            Range(bad)
+
+
+@pytest.mark.parametrize("value, want", [(True, True), (False, False), (1, True), (0, False), ("true", True),
+                                         ("No", False), (" on ", True), ("OFF", False), ("1", True), ("0", False)])
+def test_booleans_are_parsed_never_truthy(value, want):
+    from optprune.solvers.registry import check_value
+    assert check_value("x", value, type=bool) is want
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, -1, 0.5, [], "false!"])
+def test_unparseable_booleans_are_refused(value):
+    from optprune.solvers.registry import check_value
+    with pytest.raises(ValueError, match="x expects bool"):
+        check_value("x", value, type=bool)
+
+
+def test_check_value_reads_integers_from_strings_and_names_the_range():
+    from optprune.solvers.registry import check_value
+    assert check_value("--nsamples", "32", type=int, range="[1, inf)") == 32
+    assert check_value("--damp", 1, type=float, range="[0, inf)") == 1
+    with pytest.raises(ValueError, match=r"--nsamples=0 is out of range; allowed: an integer in \[1, inf\)"):
+        check_value("--nsamples", 0, type=int, range="[1, inf)")
+    with pytest.raises(ValueError, match="expects int, got 'many'"):
+        check_value("--nsamples", "many", type=int)
+    with pytest.raises(ValueError, match="expects int, got True"):
+        check_value("--nsamples", True, type=int)
+    assert check_value("--seed", None, type=int) is None
+
+
+def test_declared_ranges_are_checked_and_listed():
+    p, pat = LayerProblem.random(8, 16, seed=1), NM(2, 4)
+    spec = get_method("sparsegpt")
+    assert str(spec.options["blocksize"].range) == "[1, inf)" and spec.options["blocksize"].default == 128
+    for bad in ({"blocksize": 0}, {"blocksize": -1}, {"damp": -0.1}):
+        with pytest.raises(UnknownOptionError, match="method 'sparsegpt': option .* is out of range"):
+            spec(p, pat, **bad)
+    assert spec.normalize_options({"refit": "off", "blocksize": 4}) == {"refit": False, "blocksize": 4}
+    from optprune.catalog import lines
+    assert any(ln.startswith("sparsegpt ") and "blocksize=128 [1, inf)" in ln for ln in lines("methods"))
+
+
+def test_a_range_must_fit_the_option():
+    from optprune.solvers.registry import Option, isolated
+
+    def solver(problem, pattern, *, k: int = 2, name: str = "a"):
+        return get_method("magnitude")(problem, pattern)
+    with isolated():
+        with pytest.raises(RegistrationError, match="option 'name' declares the range"):
+            register_method("ranged-str", needs="none", options={"name": Option(range="[0, 1]")})(solver)
+        with pytest.raises(RegistrationError, match=r"option k=2 is out of range.*\(the default\)"):
+            register_method("ranged-default", needs="none", options={"k": Option(range="[3, inf)")})(solver)
+        register_method("ranged-ok", needs="none", options={"k": Option(help="k", range="[1, 4]")})(solver)
+        assert str(get_method("ranged-ok").options["k"].range) == "[1, 4]"
