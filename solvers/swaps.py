@@ -56,11 +56,11 @@ def swap_values(G: torch.Tensor, U: torch.Tensor, w: torch.Tensor, g: torch.Tens
     """``Δ(p, q)`` for every kept slot p and every column q of each row (module docstring): (c, K, n) from
     ``G`` (c, K, K), ``U`` (c, K, n), ``w`` (c, K), ``g`` (c, n), ``s`` (c, n). Entries for q ∈ S or a padding
     slot are meaningless and must be masked by the caller."""
-    Gd = G.diagonal(dim1=1, dim2=2).clamp_min(1e-300)
-    t = U / Gd.unsqueeze(2)
-    num = g.unsqueeze(1) + w.unsqueeze(2) * t
-    den = (s.unsqueeze(1) + U * t).clamp_min(1e-300)
-    return (0.5 * w.pow(2) / Gd).unsqueeze(2) - 0.5 * num.pow(2) / den
+    Gd = G.diagonal(dim1=1, dim2=2).clamp_min(1e-300).unsqueeze(2)
+    t = U / Gd                                                  # U_pq / G_pp
+    den = torch.addcmul(s.unsqueeze(1), U, t).clamp_min_(1e-300)  # s_q + U_pq² / G_pp
+    num = t.mul_(w.unsqueeze(2)).add_(g.unsqueeze(1))           # g_q + w_p U_pq / G_pp (in t's memory)
+    return num.square_().div_(den).mul_(-0.5).add_(0.5 * w.pow(2).unsqueeze(2) / Gd)
 
 
 class SwapState:
@@ -197,34 +197,35 @@ class _Search:
             c = max(M, (c // M) * M)
         return min(c, m)
 
-    def _best(self, st: SwapState, deg: Optional[torch.Tensor], r0: int):
-        """Best feasible swap per row: (Δ, slot, column) each (c,)."""
-        c, K = st.idx.shape
+    def _best(self, st: SwapState, deg: Optional[torch.Tensor], r0: int, rows: torch.Tensor):
+        """Best feasible swap of each chunk row in ``rows``: (Δ, slot, column), each of ``rows``' length."""
+        idx, mask = st.idx[rows], st.mask[rows]
+        G, U, w, g, s = st.G[rows], st.U[rows], st.w[rows], st.g[rows], st.s[rows]
+        c, K = idx.shape
         n = st.n
-        real = st.real
+        real = idx < n
         if self.group is None:
-            D = swap_values(st.G, st.U, st.w, st.g, st.s)                  # (c, K, n)
-            ok = real.unsqueeze(2) & ~st.mask.unsqueeze(1)
-            D = torch.where(ok, D, torch.full_like(D, float("inf")))
+            D = swap_values(G, U, w, g, s)                                  # (c, K, n)
+            D.masked_fill_(~(real.unsqueeze(2) & ~mask.unsqueeze(1)), float("inf"))
             best, flat = D.reshape(c, -1).min(1)
             return best, flat // n, flat % n
         M = self.group
-        base = torch.where(real, (st.idx // M) * M, torch.zeros_like(st.idx))
-        cols = base.unsqueeze(2) + torch.arange(M, device=st.idx.device)      # (c, K, M)
-        Ug = st.U.gather(2, cols)
+        base = torch.where(real, (idx // M) * M, torch.zeros_like(idx))
+        cols = base.unsqueeze(2) + torch.arange(M, device=idx.device)         # (c, K, M)
+        Ug = U.gather(2, cols)
         fl = cols.reshape(c, -1)
-        gg = st.g.gather(1, fl).reshape(c, K, M)
-        sg = st.s.gather(1, fl).reshape(c, K, M)
-        kept = st.mask.gather(1, fl).reshape(c, K, M)
-        Gd = st.G.diagonal(dim1=1, dim2=2).clamp_min(1e-300).unsqueeze(2)
+        gg = g.gather(1, fl).reshape(c, K, M)
+        sg = s.gather(1, fl).reshape(c, K, M)
+        kept = mask.gather(1, fl).reshape(c, K, M)
+        Gd = G.diagonal(dim1=1, dim2=2).clamp_min(1e-300).unsqueeze(2)
         t = Ug / Gd
-        num = gg + st.w.unsqueeze(2) * t
+        num = gg + w.unsqueeze(2) * t
         den = (sg + Ug * t).clamp_min(1e-300)
-        D = 0.5 * st.w.pow(2).unsqueeze(2) / Gd - 0.5 * num.pow(2) / den
+        D = 0.5 * w.pow(2).unsqueeze(2) / Gd - 0.5 * num.pow(2) / den
         ok = real.unsqueeze(2) & ~kept
         if deg is not None:  # expander: the removed weight's tile column must keep more than B
-            tile = (r0 + torch.arange(c, device=st.idx.device)) // self.expander.M
-            dp = deg[tile.unsqueeze(1), st.idx.clamp_max(n - 1)]           # (c, K)
+            tile = (r0 + rows) // self.expander.M
+            dp = deg[tile.unsqueeze(1), idx.clamp_max(n - 1)]              # (c, K)
             ok = ok & (dp > self.expander.B).unsqueeze(2)
         D = torch.where(ok, D, torch.full_like(D, float("inf")))
         best, flat = D.reshape(c, -1).min(1)
@@ -241,17 +242,24 @@ class _Search:
             st = SwapState(A, B, mask)
             since = 0
             clean = True  # no swap made on this state yet: its check is a fresh one
+            rows = torch.arange(mask.shape[0], device=mask.device)
             while True:
-                best, slot, col = self._best(st, deg, r0)
-                act = torch.nonzero(best < -thr).reshape(-1)
-                if act.numel() == 0:
+                best, slot, col = self._best(st, deg, r0, rows)
+                hit = torch.nonzero(best < -thr[rows]).reshape(-1)
+                if hit.numel() == 0:
                     break
                 if made >= budget:
                     return st.mask, made, False
+                best, slot, col = best[hit], slot[hit], col[hit]
+                act = rows[hit]
                 if deg is not None:
-                    act = self._accept_expander(act, best, slot, col, st, deg, r0)
-                act = act[: max(1, budget - made)]
-                st.apply(act, slot[act], col[act])
+                    keep = self._accept_expander(act, best, slot, col, st, deg, r0)
+                    act, slot, col = act[keep], slot[keep], col[keep]
+                else:
+                    # a row without an improving swap keeps its state until the next rebuild: it is done
+                    rows = act
+                act, slot, col = act[: max(1, budget - made)], slot[: max(1, budget - made)], col[: max(1, budget - made)]
+                st.apply(act, slot, col)
                 made += int(act.numel())
                 since += 1
                 clean = False
@@ -263,17 +271,19 @@ class _Search:
                 return mask, made, True
 
     def _accept_expander(self, act, best, slot, col, st, deg, r0):
-        """Greedy, in order of gain: a swap is kept while the removed weight's tile column stays above B."""
+        """Greedy, in order of gain: a swap is kept while the removed weight's tile column stays above B.
+        Returns positions into ``act``."""
         M, Bmin = self.expander.M, self.expander.B
         keep = []
-        for a in act[torch.argsort(best[act])].tolist():
+        for k in torch.argsort(best).tolist():
+            a = int(act[k])
             t = (r0 + a) // M
-            p_col = int(st.idx[a, slot[a]])
+            p_col = int(st.idx[a, slot[k]])
             if int(deg[t, p_col]) > Bmin:
                 deg[t, p_col] -= 1
-                deg[t, int(col[a])] += 1
-                keep.append(a)
-        return torch.tensor(keep, dtype=torch.long, device=act.device)
+                deg[t, int(col[k])] += 1
+                keep.append(k)
+        return torch.tensor(sorted(keep), dtype=torch.long, device=act.device)
 
     def run(self, mask: torch.Tensor, max_swaps: int) -> tuple[torch.Tensor, bool]:
         m, n = self.p.shape
