@@ -253,7 +253,7 @@ def _warm(problem: LayerProblem, pattern: Pattern, name, options: dict) -> Optio
 
 
 _OPTIONS = ("warm_start", "warm_options", "rho", "rho_max", "max_iter", "update_iter", "switch_iter", "damp",
-            "refit", "refit_damp", "pcg_iters", "pcg_rtol", "dtype", "threads", "candidates")
+            "refit", "refit_damp", "pcg_iters", "pcg_rtol", "dtype", "threads", "candidates", "swaps")
 
 
 @register_method("admm", needs="gram", patterns=("unstructured", "row", "nm", "expander"),
@@ -279,7 +279,8 @@ def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     (first ρ, 0.1 scaled units), ``rho_max`` (1e6), ``max_iter`` (300), ``update_iter`` (3), ``switch_iter`` (30),
     ``damp`` (ADMM ridge, default the problem's), ``refit`` (pcg | cholesky | none), ``refit_damp`` (0),
     ``pcg_iters`` (20), ``pcg_rtol`` (1e-5), ``dtype`` (float32 | float64), ``threads`` (torch CPU threads),
-    ``candidates`` (Python: more feasible LayerResults compared at the end, as they are and PCG-refitted)."""
+    ``candidates`` (Python: more feasible LayerResults compared at the end, as they are and PCG-refitted),
+    ``swaps`` (polish the chosen support by exact 1-swaps, docs/methods.md §9)."""
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"admm: unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTIONS)}")
@@ -291,7 +292,7 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, Lay
           warm_options: Optional[dict] = None, rho: float = 0.1, rho_max: float = 1e6, max_iter: int = 300,
           update_iter: int = 3, switch_iter: int = 30, damp: Optional[float] = None, refit: str = "pcg",
           refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None,
-          candidates: Optional[list] = None, threads: Optional[int] = None) -> LayerResult:
+          candidates: Optional[list] = None, threads: Optional[int] = None, swaps: bool = False) -> LayerResult:
     # (``threads`` is applied by admm(), the registered wrapper)
     if not isinstance(pattern, (Unstructured, NM)):  # ExpanderNM is an NM
         raise PatternError(f"method 'admm' does not handle the {pattern.name} pattern "
@@ -359,6 +360,13 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, Lay
                 Wr = eng.unscale(Wr)
                 cands.append((f"{label}+refit", Wr, cm, problem.objective(Wr)))
         chosen, W, mask, err = min(cands, key=lambda c: c[3])
+        swap_info = {}
+        if swaps:  # the final support, polished until 1-swap locally optimal (its refit can only be lower)
+            from .swaps import polish
+            pol = polish(problem, pattern, LayerResult(W.to(problem.W0.dtype), mask, {"error": err}))
+            swap_info = {k: pol.info[k] for k in ("swaps", "moves_between_rows", "certified_1swap", "swap_time_s")}
+            if pol.info["error"] < err:
+                chosen, W, mask, err = f"{chosen}+swaps", pol.W.to(dt), pol.mask, pol.info["error"]
     W = W * mask.to(W.device)
     if not bool(torch.isfinite(W).all()):
         raise NumericalError(f"layer {problem.name!r}: ADMM result has NaN/Inf")
@@ -370,4 +378,5 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, Lay
             "time_s": t_all.elapsed, "warm_time_s": t_ws.elapsed, "eig_time_s": t_eig.elapsed,
             "admm_time_s": t_admm.elapsed, "refit_time_s": t_rf.elapsed, "dtype": str(dt).replace("torch.", "")}
     info.update(stats)
+    info.update(swap_info)
     return LayerResult(W=W.to(problem.W0.dtype), mask=mask, info=info)
