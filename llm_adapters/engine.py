@@ -140,7 +140,10 @@ class PruneRun:
         self.out_dir = pf["out_dir"]
         if o.reference:
             _check_reference_hook()
-        export.check_save_options(o.save_format, o.dtype, structured=spec.structured)
+        cfg = o.model.config.to_dict() if isinstance(o.model, torch.nn.Module) else \
+            ((pf.get("model") or {}).get("config") or None)
+        export.check_save_options(o.save_format, o.dtype, structured=spec.structured, config=cfg,
+                                  gguf_type=o.gguf_type)
         self.targets, self.ignore = parse_patterns(o.targets, "targets"), parse_patterns(o.ignore, "ignore")
         in_memory = isinstance(o.model, torch.nn.Module)
         self.model_label = (getattr(o.model.config, "name_or_path", "") or type(o.model).__name__) if in_memory \
@@ -293,7 +296,8 @@ class PruneRun:
                 "device": self.dev, "seed": self.s["seed"], "output": str(self.out_dir) if self.out_dir else None,
                 "evaluate": bool(o.evaluate), "data_dir": str(D.resolve_data_dir(o.data_dir)),
                 "reference": o.reference, "targets": self.targets, "ignore": self.ignore,
-                "save_format": o.save_format, "dtype": o.dtype, "certify": bool(o.certify)}
+                "save_format": o.save_format, "dtype": o.dtype, "gguf_type": o.gguf_type,
+                "certify": bool(o.certify)}
 
     def _calibration(self):
         """Token ids ``(nsamples, seqlen)`` and their description (run.json's ``calibration``)."""
@@ -426,6 +430,8 @@ class InMemorySource:
         if self.tok is None and (o.evaluate or run.out_dir is not None or not torch.is_tensor(run.calib_given)):
             raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
                            "and saving")
+        if run.out_dir is not None:  # what the save format needs of the loaded model, before any pruning
+            export.check_loaded(self.model, self.tok, o.save_format, gguf_type=o.gguf_type)
 
     def config_record(self, run: PruneRun, rec: dict) -> dict:
         return rec
@@ -473,7 +479,8 @@ class InMemorySource:
         o = run.o
         return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=o.save_format,
                      dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])),
-                     layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern)
+                     layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern,
+                     format_options={"gguf_type": o.gguf_type})
 
     def print_summary(self, record: dict) -> None:
         pass

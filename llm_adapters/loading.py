@@ -176,8 +176,8 @@ def _dir_load(directory: Path, dtype):
         from .surgery import load_shrunk
         model = load_shrunk(str(directory), dtype=dtype)
         fmt = "hf-dir (optprune shrunk)"
-    elif _is_compressed(directory):  # --save-format compressed: decompressed by compressed-tensors (export.py)
-        from .export import load_compressed
+    elif _is_compressed(directory):  # the legacy sparse format: decompressed by compressed-tensors 0.14
+        from .export_legacy_sparse import load_compressed
         model = load_compressed(directory, dtype=dtype)
         fmt = "hf-dir (compressed-tensors)"
     else:
@@ -188,7 +188,7 @@ def _dir_load(directory: Path, dtype):
 
 
 def _is_compressed(directory: Path) -> bool:
-    from .export import is_compressed_dir
+    from .export_legacy_sparse import is_compressed_dir
     return is_compressed_dir(directory)
 
 

@@ -37,7 +37,7 @@ PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "allocatio
               "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
               "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
               "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
-              "batch_size", "targets", "ignore", "save_format", "dtype", "text_column")
+              "batch_size", "targets", "ignore", "save_format", "dtype", "gguf_type", "text_column")
 _ALIASES = {"calibration": "dataset", "eval": "eval_datasets", "method_opt": "method_options",
             "mask_structure": "pattern"}
 
@@ -174,7 +174,8 @@ def replay_kwargs(path) -> tuple[dict, dict]:
         raise RecipeError(f"{path}: the run was calibrated on in-memory {calib}, which a replay cannot re-read")
     kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps",
                               "mode", "error_correction", "refit", "method_options", "damp", "nproc", "seed",
-                              "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype")
+                              "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype",
+                              "gguf_type")
           if k in cfg and cfg[k] is not None}
     if cfg.get("structure") is not None:
         kw["structure"] = cfg["structure"]

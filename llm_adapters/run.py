@@ -53,7 +53,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
+          tokenizer=None, save_format: str = "dense", dtype: str = "auto", gguf_type: Optional[str] = None,
+          targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
           certify: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
@@ -69,8 +70,9 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
 
     Deployment (llm_adapters/export.py, targets.py, calib_inputs.py): ``model`` may be a loaded model (pruned in
     place; pass ``tokenizer``), ``calibration`` a list of strings, a ``datasets.Dataset`` (``text_column``) or
-    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | compressed) and
-    ``dtype`` (auto = the input model's) say how ``output`` is written.
+    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | gguf |
+    compressed-sparse-legacy), ``dtype`` (auto = the input model's) and ``gguf_type`` (f32, f16, bf16, q8_0; the
+    GGUF file's type, default from the dtype) say how ``output`` is written.
 
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and

@@ -1,5 +1,7 @@
-"""Deployable outputs (llm_adapters/export.py): the saved dtype follows the input model, and the compressed-tensors
-format (sparse-24-bitmask / sparse-bitmask) reloads through the compressed-tensors library to the same weights."""
+"""Deployable outputs (llm_adapters/export.py): the saved dtype follows the input model, the dense default carries
+no sparsity_config and loads with the installed transformers, every output says how to load it, and the legacy
+compressed-tensors format (sparse-24-bitmask / sparse-bitmask) reloads through compressed-tensors 0.14 to the same
+weights — or is refused up front where that library is not installed. The GGUF format: tests/test_export_gguf.py."""
 from __future__ import annotations
 
 import json
@@ -14,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 import optprune  # noqa: E402
 from optprune.cli import main  # noqa: E402
 from optprune.llm_adapters import export as E  # noqa: E402
+from optprune.llm_adapters import export_legacy_sparse as L  # noqa: E402
 
 PRUNABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
@@ -82,8 +85,8 @@ def test_bfloat16_model_comes_out_bfloat16_with_the_same_mask(bf16_dir, tmp_path
 @pytest.fixture(scope="module")
 def pruned_pair(bf16_dir, tmp_path_factory):
     """(2:4 model, record), (unstructured model, record) pruned through the API from the bfloat16 model."""
-    if E.sparse_compressors_available():
-        pytest.skip(E.sparse_compressors_available())
+    if L.sparse_compressors_available():
+        pytest.skip(f"the legacy sparse format needs compressed-tensors 0.14: {L.sparse_compressors_available()}")
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     res = {}
     for pat in ("2:4", "unstructured"):
@@ -98,7 +101,7 @@ def test_compressed_export_reloads_with_compressed_tensors_to_the_same_weights(p
     model, record = pruned_pair[pattern]
     dense, comp = tmp_path / "dense", tmp_path / "compressed"
     info_d = optprune.save(model, dense, format="dense")
-    info_c = optprune.save(model, comp, format="compressed")
+    info_c = optprune.save(model, comp, format="compressed-sparse-legacy")
     assert info_d["dtype"] == info_c["dtype"] == "bfloat16"
 
     q = json.loads((comp / "config.json").read_text())["quantization_config"]
@@ -134,18 +137,57 @@ def test_compressed_export_reloads_with_compressed_tensors_to_the_same_weights(p
     assert comp_b < dense_b
 
 
-def test_compressed_with_a_structured_method_or_without_the_library_is_refused_up_front(tmp_path, capsys,
-                                                                                        monkeypatch, stories_dir):
+def test_legacy_format_with_a_structured_method_or_without_its_library_is_refused_up_front(tmp_path, capsys,
+                                                                                           monkeypatch, stories_dir):
     out = tmp_path / "o"
+    monkeypatch.setattr(L, "sparse_compressors_available", lambda: None)  # as if compressed-tensors 0.14 were here
     rc = main(["prune", "--model", str(stories_dir), "--method", "spap", "--structure", "mlp", "--save-format",
-               "compressed", "--output", str(out)])
+               "compressed-sparse-legacy", "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "structured" in err[0] and not out.exists()
-    monkeypatch.setattr(E, "sparse_compressors_available", lambda: "compressed-tensors is missing (test)")
-    rc = main(["prune", "--model", str(stories_dir), "--method", "wanda", "--save-format", "compressed",
+    assert rc == 2 and len(err) == 1 and "structurally pruned" in err[0] and not out.exists()
+    monkeypatch.setattr(L, "sparse_compressors_available", lambda: "compressed-tensors is missing (test)")
+    rc = main(["prune", "--model", str(stories_dir), "--method", "wanda", "--save-format", "compressed-sparse-legacy",
                "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["optprune prune: error: compressed-tensors is missing (test)"] and not out.exists()
+    monkeypatch.undo()
+    # the real check on this machine: the legacy format is written only where compressed-tensors 0.14 is installed
+    why = L.sparse_compressors_available()
+    rc = main(["prune", "--model", str(stories_dir), "--method", "wanda", "--save-format", "compressed-sparse-legacy",
+               "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if why:
+        assert rc == 2 and err == [f"optprune prune: error: {why}"] and not out.exists()
+    # the old name is gone: an unknown format is refused by the command line, before any work
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--model", str(stories_dir), "--method", "wanda", "--save-format", "compressed",
+              "--output", str(out)])
+    assert e.value.code == 2 and not out.exists()
+
+
+def test_cli_offers_exactly_the_registered_formats():
+    from optprune.cli import SAVE_FORMAT_HELP
+    assert tuple(SAVE_FORMAT_HELP) == E.save_formats() == E.SAVE_FORMATS
+    assert E.save_formats()[0] == "dense"
+
+
+def test_dense_default_has_no_sparsity_config_loads_with_transformers_and_says_how(stories_dir, tmp_path):
+    """The default output of a 2:4 prune: a plain checkpoint that the installed transformers loads to the same
+    weights, with no quantization/sparsity config, and a LOADING.md."""
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    model, record = optprune.prune(str(stories_dir), method="wanda", sparsity=0.5, pattern="2:4", dataset=ids,
+                                   progress=False)
+    info = optprune.save(model, tmp_path / "out")
+    assert info["save_format"] == "dense" and info["stock_loadable"] is True
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in cfg and "sparsity_config" not in json.dumps(cfg)
+    assert "from_pretrained" in (tmp_path / "out" / E.LOADING_FILE).read_text()
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    sd = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k].to(v.dtype)), k
+    down = back.model.layers[0].mlp.down_proj.weight
+    assert int((down.reshape(-1, 4) != 0).sum(1).max()) == 2  # the 2:4 zeros are there, stored densely
 
 
 def test_detect_structure():
@@ -156,8 +198,10 @@ def test_detect_structure():
     assert E.resolve_dtype("float16", torch.bfloat16) == torch.float16
     with pytest.raises(E.ExportError, match="choose from auto, float32, float16, bfloat16"):
         E.check_save_options("dense", "int8")
-    with pytest.raises(E.ExportError, match="choose from dense, compressed"):
-        E.check_save_options("gguf")
+    with pytest.raises(E.ExportError, match="choose from dense, gguf, compressed-sparse-legacy"):
+        E.check_save_options("compressed")
+    with pytest.raises(E.ExportError, match="--gguf-type is not an option of --save-format dense"):
+        E.check_save_options("dense", gguf_type="q8_0")
 
 
 def test_saved_files_are_readable_by_others_under_the_umask(tmp_path):
