@@ -34,6 +34,7 @@ class RecipeError(ValueError):
 
 #: keyword arguments of ``optprune prune`` a config file may set (the CLI's destinations)
 PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps", "structure",
+              "equal_widths",
               "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
               "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
               "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
@@ -179,6 +180,8 @@ def replay_kwargs(path) -> tuple[dict, dict]:
           if k in cfg and cfg[k] is not None}
     if cfg.get("structure") is not None:
         kw["structure"] = cfg["structure"]
+    if cfg.get("equal_widths"):
+        kw["equal_widths"] = True
     if "pattern" in kw and cfg.get("structure") is not None:
         kw.pop("pattern")
     kw["protocol"] = prot.get("base")

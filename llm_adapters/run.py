@@ -56,7 +56,7 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           tokenizer=None, save_format: str = "dense", dtype: str = "auto", gguf_type: Optional[str] = None,
           targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
-          certify: bool = False, _cli: bool = False):
+          certify: bool = False, equal_widths: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -77,7 +77,9 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
     ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
-    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error.
+    ``equal_widths`` (structured methods): the same widths in every block, so the saved config states them
+    (uniform allocation; heads removed as whole key/value groups)."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
 

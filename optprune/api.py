@@ -43,7 +43,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
           eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
           eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
-          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False) -> tuple:
+          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False,
+          equal_widths: bool = False) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
     Args:
@@ -85,7 +86,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,
         device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
         damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
-        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify)
+        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify,
+        equal_widths=equal_widths)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record

@@ -223,3 +223,43 @@ def test_saved_files_are_readable_by_others_under_the_umask(tmp_path):
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p.name, oct(p.stat().st_mode))
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_equal_widths_gives_a_stock_config_and_per_block_widths_say_how_to_load(stories_dir, tmp_path):
+    """SPAP on heads (GQA: 8 query, 4 key/value heads) and MLP. With --equal-widths every block has the same
+    widths, the dense output's config states them and stock transformers loads it to the pruned model's logits;
+    a per-block output (block 0 left dense) is not stock-loadable, and its LOADING.md says how to load it."""
+    from optprune.llm_adapters import surgery
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, rec = optprune.prune(str(stories_dir), method="spap", sparsity=0.5, structure="mlp,heads", dataset=ids,
+                                equal_widths=True, progress=False)
+    assert rec["config"]["equal_widths"] is True and rec["config"]["structure"] == "mlp,heads:kv"
+    w = surgery.layer_widths(model)
+    assert all(r == w[0] for r in w) and w[0]["mlp"] == 86 and (w[0]["heads"], w[0]["kv_heads"]) == (4, 2)
+    info = optprune.save(model, tmp_path / "eq")
+    assert info["stock_loadable"] and info["uniform"]
+    assert "stock tools load it" in (tmp_path / "eq" / E.LOADING_FILE).read_text()
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "eq"))
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
+
+    per, _ = optprune.prune(str(stories_dir), method="spap", sparsity=0.5, structure="mlp", dataset=ids,
+                            ignore=["re:model.layers.0\\..*"], progress=False)
+    info = optprune.save(per, tmp_path / "per")
+    assert not info["stock_loadable"]
+    note = (tmp_path / "per" / E.LOADING_FILE).read_text()
+    assert "load_shrunk" in note and "--equal-widths" in note
+    back = surgery.load_shrunk(str(tmp_path / "per"))
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, per(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ({"method": "wanda"}, "constrains structured methods"),
+    ({"method": "spap", "allocation": "owl"}, "--allocation owl gives blocks different sparsities"),
+    ({"method": "spap", "ignore": ["re:model.layers.0\\..*"]}, "--targets/--ignore"),
+])
+def test_equal_widths_refuses_what_would_give_blocks_other_widths(stories_dir, extra, msg):
+    with pytest.raises(ValueError, match=msg):
+        optprune.prune(str(stories_dir), equal_widths=True, dataset=torch.zeros((1, 8), dtype=torch.long),
+                       progress=False, **extra)
