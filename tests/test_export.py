@@ -263,3 +263,47 @@ def test_equal_widths_refuses_what_would_give_blocks_other_widths(stories_dir, e
     with pytest.raises(ValueError, match=msg):
         optprune.prune(str(stories_dir), equal_widths=True, dataset=torch.zeros((1, 8), dtype=torch.long),
                        progress=False, **extra)
+
+
+def test_2of4_acceleration_is_refused_in_one_line_without_cuda(monkeypatch):
+    from optprune.llm_adapters import semistructured as S
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(E.ExportError, match="^2:4 acceleration runs torchao's semi-structured sparse kernels on an "
+                                            "NVIDIA GPU .*no CUDA device$"):
+        S.accelerate_2of4(model, "int8")
+    with pytest.raises(E.ExportError, match="choose from plain, int8, int4"):
+        S.check_accelerate("int2")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["plain", "int8", "int4"])
+def test_dense_2of4_output_runs_on_torchao_semi_structured_kernels(tmp_path, kind):
+    """The dense 2:4 output, reloaded in fp16 on the GPU, converted by torchao: the same next tokens and close
+    logits (int8/int4 quantize too, so the tolerance is theirs), and the 2:4 layers really are converted."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("torchao")
+    from optprune.llm_adapters import semistructured as S
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=8)
+    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    model, _ = optprune.prune(transformers.LlamaForCausalLM(cfg), tokenizer=None, method="magnitude",
+                              pattern="2:4", dataset=ids, progress=False)
+    optprune.save(model, tmp_path / "o", dtype="float16")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float16).cuda().eval()
+    fast = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float16).cuda().eval()
+    names = S.accelerate_2of4(fast, kind)
+    assert len(names) == 2 * 7
+    w = dict(fast.named_modules())[names[0]].weight  # a torchao tensor subclass now, not a plain tensor
+    assert not (type(w) in (torch.Tensor, torch.nn.Parameter) and type(w.data) is torch.Tensor)
+    x = ids.cuda()
+    with torch.no_grad():
+        a, b = dense(x).logits.float(), fast(x).logits.float()
+    tol = {"plain": 2e-2, "int8": 0.5, "int4": 1.0}[kind]
+    assert (a - b).abs().max().item() < tol * a.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > {"plain": 0.99, "int8": 0.9, "int4": 0.8}[kind]
