@@ -404,8 +404,8 @@ def _equal_widths_structure(spec, structure: str, allocation: str, chosen_layers
     states them (stock tools load it). Every block removes the same number of groups (one sparsity for all:
     uniform allocation, every block pruned), and under grouped-query attention heads are removed as whole
     key/value groups (``heads`` → ``heads:kv``): the kept query heads then share out evenly over the kept
-    key/value heads, with no replicated key/value head whose count would differ from block to block. Returns the
-    structure string to prune with."""
+    key/value heads, with no replicated key/value head whose count would differ from block to block
+    (``docs/methods.md §4``, equal widths). Returns the structure string to prune with."""
     if not spec.structured:
         raise RunError(f"--equal-widths constrains structured methods (spap, flap, group_magnitude, ...); "
                        f"{spec.name!r} keeps every matrix's shape")

@@ -9,7 +9,8 @@ The file is written with the ``gguf`` package's own :class:`gguf.GGUFWriter`, an
 * **Q/K order** (architecture ``llama``): llama.cpp applies rotary embeddings to adjacent pairs of a head's
   dimensions, Hugging Face to its two halves; the rows of ``q_proj`` (and ``k_proj``, with the key/value head
   count) are permuted per head from half order to pair order — the permutation llama.cpp's converter applies and
-  transformers' GGUF loader inverts. Qwen2 uses half order in llama.cpp too: no permutation;
+  transformers' GGUF loader inverts (``docs/methods.md §9``). Qwen2 uses half order in llama.cpp too: no
+  permutation;
 * **types** (``gguf_type``): ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices; norms and biases (1-D)
   stay ``F32``, as llama.cpp's converter keeps them. ``q8_0`` stores blocks of 32 values as int8 times one f16
   scale ``d = max|x|/127`` (so zeros stay exactly zero: a pruned mask survives); a matrix whose rows are not a
