@@ -21,7 +21,10 @@ The file is written with the ``gguf`` package's own :class:`gguf.GGUFWriter`, an
   transformers (equal widths — ``--equal-widths`` — give scalars that both read);
 * **tokenizer**: byte-level BPE tokenizers (GPT-2 style: SmolLM2, Qwen2, Llama 3) as ``tokenizer.ggml.model =
   gpt2`` with tokens, token types, merges, special token ids, ``add_bos_token`` and the chat template
-  (``gguf.SpecialVocab`` reads them from the saved tokenizer files).
+  (``gguf.SpecialVocab`` reads them from the saved tokenizer files). ``tokenizer.ggml.pre`` (llama.cpp's
+  pre-tokenizer name) is the source GGUF's own when the model was read from one (``loading.py`` keeps it as
+  ``tokenizer.gguf_pre``), else ``gpt2`` for a plain byte-level pre-tokenizer, ``smollm`` for digits + byte-level,
+  ``default`` otherwise.
 
 What the writer cannot express is refused before pruning (:meth:`GGUFFormat.check` from ``config.json``,
 :meth:`GGUFFormat.check_loaded` for tensor names and the tokenizer): another architecture, rotary scaling,
@@ -142,10 +145,12 @@ class _Vocab:
             raise ExportError("--save-format gguf writes byte-level BPE tokenizers (GPT-2 style); this tokenizer "
                               f"is {model.get('type') or type(tokenizer).__name__}"
                               f"{' with byte fallback' if model.get('byte_fallback') else ''}")
-        n_tok = len(tokenizer)
-        if n_tok > n_vocab:
+        # ids past the embedding (e.g. a default special token a tokenizer class adds) have no row to point at:
+        # they are left out, unless the model's own bos/eos is among them
+        self.dropped = [t for t, i in tokenizer.get_vocab().items() if i >= n_vocab]
+        if any(i is not None and i >= n_vocab for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)):
             self.tmp.cleanup()
-            raise ExportError(f"--save-format gguf: the tokenizer has {n_tok} tokens, the embedding {n_vocab} rows")
+            raise ExportError(f"--save-format gguf: the tokenizer's bos/eos id lies past the embedding's {n_vocab} rows")
         vocab = {i: t for t, i in tokenizer.get_vocab().items()}
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
         self.tokens, self.types = [], []
@@ -159,7 +164,7 @@ class _Vocab:
             else:  # embedding rows beyond the tokenizer (padding), as llama.cpp's converter names them
                 self.tokens.append(f"[PAD{i}]")
                 self.types.append(gguf.TokenType.UNUSED)
-        self.pre = _pre_tokenizer(tj)
+        self.pre = getattr(tokenizer, "gguf_pre", None) or _pre_tokenizer(tj)  # a GGUF source's own name first
         self.special = gguf.SpecialVocab(d, load_merges=True, n_vocab=n_vocab)
         if not self.special.merges:
             self.tmp.cleanup()
@@ -286,7 +291,7 @@ class GGUFFormat(SaveFormat):
             w.close()
             vocab.close()
         per_layer = [k for k in ("feed_forward_length", "head_count", "head_count_kv") if isinstance(gw[k], list)]
-        return {"format": "gguf", "gguf_file": path.name, "gguf_type": gtype, "gguf_arch": arch_name,
+        return {"format": "gguf", "gguf_file": path.name, "tokens_left_out": vocab.dropped, "gguf_type": gtype, "gguf_arch": arch_name,
                 "stock_loadable": not per_layer, "per_layer_keys": per_layer, "f16_fallback": fallback,
                 "weights_bytes": path.stat().st_size}
 

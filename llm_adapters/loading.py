@@ -160,6 +160,12 @@ def _gguf_load_uncached(directory: Path, gguf_file: str, dtype):
     model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     model = strip_quantization(model, dtype)
+    try:  # llama.cpp's pre-tokenizer name, which transformers' rebuilt tokenizer does not keep (export_gguf.py)
+        import gguf
+        field = gguf.GGUFReader(str(Path(directory) / gguf_file)).fields.get("tokenizer.ggml.pre")
+        tokenizer.gguf_pre = field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001  (an optional hint: a file gguf cannot read loses nothing else)
+        pass
     return model, tokenizer
 
 

@@ -237,3 +237,20 @@ def test_cli_writes_a_gguf_that_optprune_eval_reads(stories_dir, tmp_path, capsy
     assert (out / "model.Q8_0.gguf").is_file()
     rc = main(["eval", "-q", "--model", str(out), "--eval", str(text), "--eval-seqlen", "64", "--eval-windows", "2"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_a_gguf_source_keeps_its_pre_tokenizer_name(outputs, tmp_path):
+    """llama.cpp's pre-tokenizer name is not part of the tokenizer transformers rebuilds from a GGUF file: the
+    loader keeps the source's, and the writer writes it back."""
+    from optprune.llm_adapters.loading import load_model
+    model, tok = outputs["llama", "dense"]
+    info = optprune.save(model, tmp_path / "a", tok, format="gguf", gguf_type="f32")
+    assert gguf.GGUFReader(str(tmp_path / "a" / info["gguf_file"])).fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    tok2 = copy.deepcopy(tok)
+    tok2.gguf_pre = "smollm"
+    optprune.save(model, tmp_path / "b", tok2, format="gguf", gguf_type="f32")
+    m, t, meta = load_model(str(tmp_path / "b"))
+    assert "gguf" in meta["format"] and t.gguf_pre == "smollm"
+    info = optprune.save(m, tmp_path / "c", t, format="gguf", gguf_type="f32")
+    assert gguf.GGUFReader(str(tmp_path / "c" / info["gguf_file"])).fields["tokenizer.ggml.pre"].contents() == \
+        "smollm"
