@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .export import ExportError, SaveFormat, register_format
+from .save_formats import ExportError, SaveFormat, register_format
 
 __all__ = ["GGUF_TYPES", "GGUF_ARCHS", "gguf_file_name", "gguf_widths", "GGUFFormat"]
 
@@ -150,7 +150,8 @@ class _Vocab:
         self.dropped = [t for t, i in tokenizer.get_vocab().items() if i >= n_vocab]
         if any(i is not None and i >= n_vocab for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)):
             self.tmp.cleanup()
-            raise ExportError(f"--save-format gguf: the tokenizer's bos/eos id lies past the embedding's {n_vocab} rows")
+            raise ExportError(f"--save-format gguf: the tokenizer's bos/eos id lies past the embedding's {n_vocab} "
+                              f"rows")
         vocab = {i: t for t, i in tokenizer.get_vocab().items()}
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
         self.tokens, self.types = [], []
@@ -291,7 +292,8 @@ class GGUFFormat(SaveFormat):
             w.close()
             vocab.close()
         per_layer = [k for k in ("feed_forward_length", "head_count", "head_count_kv") if isinstance(gw[k], list)]
-        return {"format": "gguf", "gguf_file": path.name, "tokens_left_out": vocab.dropped, "gguf_type": gtype, "gguf_arch": arch_name,
+        return {"format": "gguf", "gguf_file": path.name, "tokens_left_out": vocab.dropped, "gguf_type": gtype,
+                "gguf_arch": arch_name,
                 "stock_loadable": not per_layer, "per_layer_keys": per_layer, "f16_fallback": fallback,
                 "weights_bytes": path.stat().st_size}
 

@@ -24,8 +24,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .export import (ExportError, SaveFormat, cast_state_dict, detect_structure, module_names, register_format,
-                     set_config_dtype)
+from .save_formats import (ExportError, SaveFormat, cast_state_dict, detect_structure, module_names,
+                           register_format, set_config_dtype)
 
 __all__ = ["LEGACY_INSTALL", "sparse_compressors_available", "is_compressed_dir", "load_compressed"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .export import ExportError, detect_structure
+from .save_formats import ExportError, detect_structure
 
 __all__ = ["KINDS", "check_accelerate", "accelerate_2of4"]
 
