@@ -143,8 +143,13 @@ class PruneRun:
         self.out_dir = pf["out_dir"]
         if o.reference:
             _check_reference_hook()
-        export.check_save_options(o.save_format, o.dtype, structured=spec.structured)
+        cfg = o.model.config.to_dict() if isinstance(o.model, torch.nn.Module) else \
+            ((pf.get("model") or {}).get("config") or None)
+        export.check_save_options(o.save_format, o.dtype, structured=spec.structured, config=cfg,
+                                  gguf_type=o.gguf_type)
         self.targets, self.ignore = parse_patterns(o.targets, "targets"), parse_patterns(o.ignore, "ignore")
+        if o.equal_widths:
+            self.structure = _equal_widths_structure(spec, self.structure, self.alloc, self.targets or self.ignore)
         in_memory = isinstance(o.model, torch.nn.Module)
         self.model_label = (getattr(o.model.config, "name_or_path", "") or type(o.model).__name__) if in_memory \
             else o.model
@@ -372,8 +377,9 @@ class PruneRun:
                 "device": self.dev, "seed": self.s["seed"], "output": str(self.out_dir) if self.out_dir else None,
                 "evaluate": bool(o.evaluate), "data_dir": str(D.resolve_data_dir(o.data_dir)),
                 "reference": o.reference, "targets": self.targets, "ignore": self.ignore,
-                "save_format": o.save_format, "dtype": o.dtype, "certify": bool(o.certify),
-                "calibration_packing": self.packing}
+                "equal_widths": bool(o.equal_widths) if spec.structured else None,
+                "save_format": o.save_format, "dtype": o.dtype, "gguf_type": o.gguf_type,
+                "certify": bool(o.certify), "calibration_packing": self.packing}
 
     def _calibration(self):
         """Token ids ``(nsamples, seqlen)`` and their description (run.json's ``calibration``)."""
@@ -480,6 +486,25 @@ def _call(fn, *a, **kw):
 
 
 # ============================================================================================ model sources
+def _equal_widths_structure(spec, structure: str, allocation: str, chosen_layers: bool) -> str:
+    """``--equal-widths``: the structured program keeps the same widths in every block, so that the saved config
+    states them (stock tools load it). Every block removes the same number of groups (one sparsity for all:
+    uniform allocation, every block pruned), and under grouped-query attention heads are removed as whole
+    key/value groups (``heads`` → ``heads:kv``): the kept query heads then share out evenly over the kept
+    key/value heads, with no replicated key/value head whose count would differ from block to block
+    (``docs/methods.md §4``, equal widths). Returns the structure string to prune with."""
+    if not spec.structured:
+        raise RunError(f"--equal-widths constrains structured methods (spap, flap, group_magnitude, ...); "
+                       f"{spec.name!r} keeps every matrix's shape")
+    if allocation != "uniform":
+        raise RunError(f"--equal-widths gives every block the same widths; --allocation {allocation} gives blocks "
+                       f"different sparsities (drop one of them)")
+    if chosen_layers:
+        raise RunError("--equal-widths prunes every block alike; --targets/--ignore would leave some blocks at "
+                       "other widths")
+    return ",".join("heads:kv" if k.strip().lower() == "heads" else k.strip() for k in structure.split(","))
+
+
 class InMemorySource:
     """The whole model in memory: loaded from its name/folder/file (built-in, HF directory, ``.gguf``, hub id),
     or the model object the caller passed (pruned in place)."""
@@ -514,6 +539,8 @@ class InMemorySource:
         if self.tok is None and (o.evaluate or run.out_dir is not None or not torch.is_tensor(run.calib_given)):
             raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
                            "and saving")
+        if run.out_dir is not None:  # what the save format needs of the loaded model, before any pruning
+            export.check_loaded(self.model, self.tok, o.save_format, gguf_type=o.gguf_type)
 
     def config_record(self, run: PruneRun, rec: dict) -> dict:
         return rec
@@ -561,7 +588,8 @@ class InMemorySource:
         o = run.o
         return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=o.save_format,
                      dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])),
-                     layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern)
+                     layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern,
+                     format_options={"gguf_type": o.gguf_type})
 
     def print_summary(self, record: dict) -> None:
         pass

@@ -164,6 +164,12 @@ def _gguf_load_uncached(directory: Path, gguf_file: str, dtype):
     check_loading_info(Path(directory) / gguf_file, info, "its header")  # a tensor the file lacks: never random
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     model = strip_quantization(model, dtype)
+    try:  # llama.cpp's pre-tokenizer name, which transformers' rebuilt tokenizer does not keep (export_gguf.py)
+        import gguf
+        field = gguf.GGUFReader(str(Path(directory) / gguf_file)).fields.get("tokenizer.ggml.pre")
+        tokenizer.gguf_pre = field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001  (an optional hint: a file gguf cannot read loses nothing else)
+        pass
     return model, tokenizer
 
 
@@ -180,8 +186,8 @@ def _dir_load(directory: Path, dtype):
         from .surgery import load_shrunk
         model = load_shrunk(str(directory), dtype=dtype)
         fmt = "hf-dir (optprune shrunk)"
-    elif _is_compressed(directory):  # --save-format compressed: decompressed by compressed-tensors (export.py)
-        from .export import load_compressed
+    elif _is_compressed(directory):  # the legacy sparse format: decompressed by compressed-tensors 0.14
+        from .export_legacy_sparse import load_compressed
         model = load_compressed(directory, dtype=dtype)
         fmt = "hf-dir (compressed-tensors)"
     else:  # every tensor of the model from the files, none left over (the preflight checked what headers show)
@@ -194,7 +200,7 @@ def _dir_load(directory: Path, dtype):
 
 
 def _is_compressed(directory: Path) -> bool:
-    from .export import is_compressed_dir
+    from .export_legacy_sparse import is_compressed_dir
     return is_compressed_dir(directory)
 
 

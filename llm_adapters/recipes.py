@@ -34,10 +34,11 @@ class RecipeError(ValueError):
 
 #: keyword arguments of ``optprune prune`` a config file may set (the CLI's destinations)
 PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps", "structure",
+              "equal_widths",
               "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
               "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
               "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
-              "batch_size", "targets", "ignore", "save_format", "dtype", "text_column", "force_nproc",
+              "batch_size", "targets", "ignore", "save_format", "dtype", "gguf_type", "text_column", "force_nproc",
               "calibration_packing")
 _ALIASES = {"calibration": "dataset", "eval": "eval_datasets", "method_opt": "method_options",
             "mask_structure": "pattern"}
@@ -177,10 +178,12 @@ def replay_kwargs(path) -> tuple[dict, dict]:
     kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps",
                               "mode", "error_correction", "refit", "method_options", "damp", "nproc", "seed",
                               "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype",
-                              "calibration_packing")
+                              "calibration_packing", "gguf_type")
           if k in cfg and cfg[k] is not None}
     if cfg.get("structure") is not None:
         kw["structure"] = cfg["structure"]
+    if cfg.get("equal_widths"):
+        kw["equal_widths"] = True
     if "pattern" in kw and cfg.get("structure") is not None:
         kw.pop("pattern")
     kw["protocol"] = prot.get("base")

@@ -150,31 +150,29 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
 
 
 def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
-          pattern=None) -> dict:
-    """save_pretrained (+ tokenizer) through ``export.save_model`` (format, dtype). Structured methods may leave
-    per-layer widths that a stock config cannot express: those go through ``surgery.save_shrunk`` (which writes
-    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config)."""
+          pattern=None, format_options=None) -> dict:
+    """Write the model (+ tokenizer) through ``export.save_model`` (format, dtype, format options). A structured
+    method's shrunk model in the dense format goes through ``surgery.save_shrunk`` (which writes
+    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config) and gets a loading note."""
+    from . import export
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu")
     info = {"path": str(out_dir.resolve())}
-    if not spec.structured:
-        from .export import save_model
-        info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
-                               layers=layers, pattern=pattern), format="hf", stock_loadable=save_format == "dense")
+    opts = {k: v for k, v in (format_options or {}).items() if v is not None}
+    if not spec.structured or save_format != "dense":
+        info.update(export.save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
+                                      layers=layers, pattern=pattern, structured=spec.structured, **opts))
         return info
     if dtype is not None:
         model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
         info["dtype"] = str(dtype).replace("torch.", "")
-    if spec.structured:
-        # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
-        from . import surgery
-        widths = surgery.save_shrunk(model, str(out_dir), arch)
-        info.update(format="optprune-shrunk", stock_loadable=bool(widths.get("stock_loadable")),
-                    uniform=bool(widths.get("uniform")))
-    else:
-        model.save_pretrained(str(out_dir))
-        info.update(format="hf", stock_loadable=True)
+    # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
+    from . import surgery
+    widths = surgery.save_shrunk(model, str(out_dir), arch)
+    info.update(save_format="dense", format="optprune-shrunk", stock_loadable=bool(widths.get("stock_loadable")),
+                uniform=bool(widths.get("uniform")))
     tok.save_pretrained(str(out_dir))
+    export.write_loading_note(out_dir, surgery.loading_note(widths))
     return info
 
 

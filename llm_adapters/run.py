@@ -54,10 +54,11 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
+          tokenizer=None, save_format: str = "dense", dtype: str = "auto", gguf_type: Optional[str] = None,
+          targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
           certify: bool = False, force_nproc: bool = False, calibration_packing: Optional[str] = None,
-          _cli: bool = False):
+          equal_widths: bool = False, _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -71,8 +72,9 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
 
     Deployment (llm_adapters/export.py, targets.py, calib_inputs.py): ``model`` may be a loaded model (pruned in
     place; pass ``tokenizer``), ``calibration`` a list of strings, a ``datasets.Dataset`` (``text_column``) or
-    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | compressed) and
-    ``dtype`` (auto = the input model's) say how ``output`` is written.
+    token ids; ``targets``/``ignore`` choose the pruned sub-layers; ``save_format`` (dense | gguf |
+    compressed-sparse-legacy), ``dtype`` (auto = the input model's) and ``gguf_type`` (f32, f16, bf16, q8_0; the
+    GGUF file's type, default from the dtype) say how ``output`` is written.
 
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
@@ -82,7 +84,9 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     kept — the default for lists, ``datasets.Dataset`` and text files) or ``windows`` (texts joined into one
     stream, ``nsamples`` windows of ``seqlen`` tokens — the default for the named data sets); see
     :mod:`.calib_inputs`. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
-    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error.
+    ``equal_widths`` (structured methods): the same widths in every block, so the saved config states them
+    (uniform allocation; heads removed as whole key/value groups)."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
 

@@ -54,7 +54,7 @@ from .architectures import ArchSpec, get_arch, get_module, linear_weight
 from .stats import InputStats
 
 __all__ = ["SurgeryError", "structure_pattern", "apply_structured", "layer_widths", "is_uniform", "save_shrunk",
-           "load_shrunk", "capture_problems", "WIDTHS_FILE"]
+           "load_shrunk", "loading_note", "capture_problems", "WIDTHS_FILE"]
 
 WIDTHS_FILE = "optprune_widths.json"
 _FORMAT = "optprune-shrunk/1"
@@ -426,6 +426,26 @@ def save_shrunk(model: nn.Module, output_dir: str, arch: Optional[ArchSpec] = No
     with open(os.path.join(output_dir, WIDTHS_FILE), "w") as fh:
         json.dump(record, fh, indent=1)
     return record
+
+
+def loading_note(record: dict) -> str:
+    """The loading instructions of a :func:`save_shrunk` output (the Markdown of its ``LOADING.md``)."""
+    if record.get("stock_loadable"):
+        return ("A structurally pruned model with the same widths in every block: `config.json` states them, so "
+                "stock tools load it as an ordinary, smaller checkpoint:\n\n```python\n"
+                "from transformers import AutoModelForCausalLM\n"
+                "model = AutoModelForCausalLM.from_pretrained(\"this/folder\")\n```\n\n"
+                f"`{WIDTHS_FILE}` records the widths of each block.\n")
+    why = record.get("note") or "the blocks have different widths, which one config value cannot state"
+    return ("A structurally pruned model whose blocks have **different widths** (" + why + "). `config.json` "
+            "keeps the dense widths, so stock `from_pretrained` stops on a size mismatch instead of loading "
+            f"something wrong; `{WIDTHS_FILE}` records each block's MLP width and head counts. Load it with "
+            "optprune (it builds each block at its recorded width, then loads the weights):\n\n```python\n"
+            "from optprune.llm_adapters.surgery import load_shrunk\n"
+            "model = load_shrunk(\"this/folder\")          # a transformers PreTrainedModel\n```\n\n"
+            "or `optprune eval --model this/folder`. For tools that read only stock configs (vLLM, llama.cpp "
+            "through transformers), prune with `--equal-widths` (the same widths in every block); for llama.cpp, "
+            "`--save-format gguf` writes the per-block widths as per-layer arrays, which llama.cpp reads.\n")
 
 
 def _state_dict_from_dir(path: str) -> dict:

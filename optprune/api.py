@@ -10,7 +10,7 @@ Example::
     texts = [...]                                           # a list of strings (or a datasets.Dataset, ...)
     model, record = optprune.prune("stories260k", method="sparsegpt", sparsity=0.5, pattern="2:4",
                                    dataset=texts, nsamples=16, seqlen=128)
-    optprune.save(model, "out/", format="compressed")      # dtype="auto": the input model's dtype
+    optprune.save(model, "out/", format="gguf", gguf_type="q8_0")   # or format="dense" (default)
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
           eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
           model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False,
-          calibration_packing: Optional[str] = None, force_nproc: bool = False) -> tuple:
+          calibration_packing: Optional[str] = None, force_nproc: bool = False,
+          equal_widths: bool = False) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
     Args:
@@ -92,7 +93,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
         damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
         tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify,
-        calibration_packing=calibration_packing, force_nproc=force_nproc)
+        calibration_packing=calibration_packing, force_nproc=force_nproc, equal_widths=equal_widths)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record
@@ -100,7 +101,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
 
 
 def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, format: str = "dense",
-         dtype: str = "auto", record: Optional[dict] = None, overwrite: bool = False) -> dict:
+         dtype: str = "auto", gguf_type: Optional[str] = None, record: Optional[dict] = None,
+         overwrite: bool = False) -> dict:
     """Write a pruned model to the directory ``output`` (created); returns what was written.
 
     The output is written into a temporary folder beside ``output`` and renamed into place when complete, so an
@@ -110,10 +112,12 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
         model: a model returned by :func:`prune` (or any causal LM with zeroed weights).
         output: the directory.
         tokenizer: written next to the model (default: the one :func:`prune` used for this model).
-        format: ``dense`` (stock ``save_pretrained``) or ``compressed`` (compressed-tensors
-            ``sparse-24-bitmask`` for 2:4 masks, ``sparse-bitmask`` otherwise; llm-compressor's/vLLM's format).
+        format: ``dense`` (stock ``save_pretrained``, no ``sparsity_config``), ``gguf`` (one GGUF file with
+            the tokenizer, for llama.cpp / Ollama) or ``compressed-sparse-legacy`` (compressed-tensors' sparse
+            bitmask, which only compressed-tensors <= 0.14 reads). docs/deployment.md says which tools load what.
         dtype: ``auto`` (the dtype of the model :func:`prune` was given; else the model's own), ``float32``,
             ``float16`` or ``bfloat16``.
+        gguf_type: ``format="gguf"`` only: ``f32``, ``f16``, ``bf16`` or ``q8_0`` (default: from ``dtype``).
         record: the run record from :func:`prune` (default: the one of this model); written as ``run.json``.
     """
     from .llm_adapters import export
@@ -129,7 +133,9 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     cfg = (record or {}).get("config") or {}
     spec = get_method(cfg["method"]) if cfg.get("method") else None
     structured = bool(spec and spec.structured)
-    export.check_save_options(format, dtype, structured=structured)
+    config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
+    export.check_save_options(format, dtype, structured=structured, config=config, gguf_type=gguf_type)
+    export.check_loaded(model, tokenizer, format, gguf_type=gguf_type)
     out = check_output(output, overwrite=overwrite)
     with atomic_output(out, overwrite=overwrite) as stage:  # written beside the target, renamed into place
         src = ((record or {}).get("model") or {}).get("source_dtype")
@@ -138,18 +144,19 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
         if spec is None:
             info = {"path": str(Path(out).resolve())}
             info.update(export.save_model(model, stage, tokenizer, format=format,
-                                          dtype=export.resolve_dtype(dtype, src_dtype), layers=layers))
+                                          dtype=export.resolve_dtype(dtype, src_dtype), layers=layers,
+                                          gguf_type=gguf_type))
         else:
             target = export.resolve_dtype(dtype, src_dtype)
             if structured and target != next(model.parameters()).dtype:
                 import copy
                 model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
             info = _save(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
-                         layers=layers, pattern=cfg.get("pattern"))
+                         layers=layers, pattern=cfg.get("pattern"), format_options={"gguf_type": gguf_type})
             info["path"] = str(Path(out).resolve())
         if record is not None:
             rec = dict(record, saved=info)
-            rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype)
+            rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype, gguf_type=gguf_type)
             (stage / RUN_FILE).write_text(json.dumps(_jsonable(rec), indent=1))
     return info
 
@@ -164,7 +171,7 @@ def evaluate(model: PathLike, *, protocol: Optional[str] = None, eval_datasets: 
     """Perplexity (per protocol), KL/top-1 against a ``reference`` and lm-eval ``tasks`` of a saved model.
 
     Args:
-        model: built-in name, directory (dense or ``--save-format compressed``), ``.gguf`` or hub id.
+        model: built-in name, directory (any ``--save-format``), ``.gguf`` or hub id.
         protocol: ``smoke``, ``cpu`` or ``paper``: evaluation texts and windows (docs/protocols.md).
         eval_datasets: evaluation texts (wikitext2, ptb, c4, or a text file); ``[]`` with ``tasks`` skips
             perplexity.

@@ -10,6 +10,13 @@ from pathlib import Path
 
 from .catalog import SECTIONS
 
+#: --save-format choices (the formats registered in llm_adapters/export*.py; tests/test_export.py keeps them equal)
+SAVE_FORMAT_HELP = {
+    "dense": "stock save_pretrained directory, loaded by transformers, vLLM, llm-compressor (default)",
+    "gguf": "one GGUF file with tokenizer and chat template, for llama.cpp / Ollama (--gguf-type)",
+    "compressed-sparse-legacy": "compressed-tensors sparse bitmask; only compressed-tensors<=0.14 loads it",
+}
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Every option shows its default, unless its help already says what the default is."""
 
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--equal-widths", action="store_true",
+                   help="structured methods: the same widths in every block, so the saved config states them and "
+                        "stock tools load it (uniform allocation; heads removed as whole key/value groups)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
@@ -146,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
                         "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json (default: not saved)")
-    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
-                   help="dense: stock save_pretrained; compressed: compressed-tensors sparse-24-bitmask (2:4) or "
-                        "sparse-bitmask, as llm-compressor writes and vLLM reads")
+    p.add_argument("--save-format", default="dense", choices=list(SAVE_FORMAT_HELP),
+                   help="; ".join(f"{k}: {v}" for k, v in SAVE_FORMAT_HELP.items()) + " (docs/deployment.md)")
+    p.add_argument("--gguf-type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="--save-format gguf: type of the matrices in the GGUF file (default: from --dtype; norms "
+                        "stay f32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (auto: the input model's); solving is float32/float64 anyway")
     p.add_argument("--overwrite", action="store_true",
@@ -164,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
 
     p = add("eval", help="perplexity, KL to a reference, lm-eval tasks of any model, pruned or not")
-    p.add_argument("--model", required=True, help="built-in name, HF dir (dense or compressed), hub id, or .gguf")
+    p.add_argument("--model", required=True, help="built-in name, HF dir, optprune output (any --save-format), hub id, or .gguf")
     p.add_argument("--protocol", default=None, help="smoke, cpu or paper: evaluation defaults (default: the model's)")
     p.add_argument("--output", default=None, help="write the evaluation record here (JSON; default: not written)")
     p.add_argument("--tasks", default=None,

@@ -183,8 +183,8 @@ def test_save_of_a_structured_model_goes_through_surgery(loaded, tmp_path):
     mine = {k: v.to(torch.bfloat16) for k, v in m.named_parameters()}
     theirs = dict(back.named_parameters())
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    with pytest.raises(ValueError, match="structured"):
-        optprune.save(m, tmp_path / "c", format="compressed")
+    with pytest.raises(ValueError, match="cannot hold a structurally pruned model"):
+        optprune.save(m, tmp_path / "c", format="compressed-sparse-legacy")
 
 
 def _subparser(name):
@@ -199,13 +199,13 @@ def test_cli_and_api_use_the_same_names_and_every_option_has_help_and_a_default(
     api = set(inspect.signature(optprune.prune).parameters)
     api_only = {"tokenizer", "text_column", "progress", "damp", "batch_size",  # objects / fine-tuning knobs
                 "method_options"}  # the CLI's -O/--method-opt KEY=VALUE
-    cli_only = {"output", "save_format", "dtype", "config", "replay", "low_memory", "activation_dtype", "method_opt",
+    cli_only = {"output", "save_format", "dtype", "gguf_type", "config", "replay", "low_memory", "activation_dtype", "method_opt",
                 "reference", "log_level", "overwrite", "checkpoint_dir", "resume"}
     # saving is optprune.save (which takes overwrite too); method_opt is method_options; checkpoints belong to a
     # command-line run that writes --output
     assert api - api_only <= cli, api - api_only - cli
     assert cli - cli_only <= api, cli - cli_only - api
-    assert {"format", "dtype"} <= set(inspect.signature(optprune.save).parameters)
+    assert {"format", "dtype", "gguf_type"} <= set(inspect.signature(optprune.save).parameters)
     for name in ("prune", "eval", "verify", "analyze"):
         p = _subparser(name)
         for a in p._actions:
