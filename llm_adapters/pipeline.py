@@ -341,6 +341,9 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
 
 def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+    p = next(block.parameters(), None)  # activations may be stored in another dtype/device (--low-memory)
+    if p is not None and (h.dtype != p.dtype or h.device != p.device):
+        h = h.to(p.device, p.dtype)
     y = block(h, *args, **kw)
     return y[0] if isinstance(y, (tuple, list)) else y  # transformers <5 returned tuples
 
@@ -526,11 +529,13 @@ def _needs_full(spec, config: PruneConfig, n: int) -> bool:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True,
-                on_block=None) -> dict:
+                on_block=None, inputs: Optional[BlockInputs] = None) -> dict:
     """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc).
 
     ``on_block(i, block, layer_records, block_record)``, when given, is called once block ``i`` is pruned
-    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`)."""
+    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`). ``inputs``: the first block's inputs, already
+    captured (the low-memory walk hands over its own buffer, so the activations are held once); their hidden
+    states are overwritten as the blocks are walked."""
     from ..solvers.baselines import refit_result
     from tqdm.auto import tqdm
 
@@ -550,7 +555,8 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
 
     model.eval()
     try:
-        inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch)
+        if inputs is None:
+            inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch)
         # one activation buffer: every forward writes a batch's outputs over that batch's inputs (batches are
         # independent, and a batch's inputs are read whole before its outputs are written)
         hidden = inputs.hidden
