@@ -159,6 +159,48 @@ def _worker(kw: dict, threads: int, q) -> None:
            "nsamples": (rec.get("pipeline") or {}).get("nsamples"), "seqlen": (rec.get("pipeline") or {}).get("seqlen")})
 
 
+def _worker_blocks(model_dir: str, method: str, kw: dict, nblocks: int, threads: int, out_dir: str, q) -> None:
+    """The low-memory block walk over the first ``nblocks`` blocks of a checkpoint, on random token ids (a
+    random model's cost does not depend on the text), with the resident set after each block."""
+    import torch
+    torch.set_num_threads(threads)
+    from optprune.llm_adapters.engine import prune_offloaded
+    from optprune.llm_adapters.offload import OffloadedModel
+    from optprune.llm_adapters.pipeline import PruneConfig
+    runtime = _rss_mb()
+    rate0 = cost_model.matmul_rate()
+    t0 = time.perf_counter()
+    try:
+        with _Sampler() as smp:
+            om = OffloadedModel(model_dir)
+            ids = torch.randint(0, om.config.vocab_size, (kw["nsamples"], kw["seqlen"]),
+                                generator=torch.Generator().manual_seed(0))
+            cfg = PruneConfig(method=method, sparsity=kw["sparsity"], error_correction=kw["error_correction"],
+                              method_options=kw.get("method_options") or {}, device="cpu")
+            t1 = time.perf_counter()
+            rec = prune_offloaded(om, ids, cfg, out_dir, blocks=list(range(nblocks)), progress=False,
+                                  write_rest=False)
+    except Exception as e:  # noqa: BLE001 - reported as the row
+        q.put({"error": f"{type(e).__name__}: {e}"})
+        return
+    t_end = time.perf_counter()
+    rate1 = cost_model.matmul_rate()
+    blocks = rec["blocks"]
+    ends, t = [], t1 + float(rec["low_memory"]["capture_time_s"])
+    for b in blocks:
+        t += float(b.get("total_time_s") or 0.0)
+        ends.append(smp.peak(t1, t))
+    split = {k: sum(float(b.get(k) or 0.0) for b in blocks) for k in ("stats_time_s", "solve_time_s", "forward_time_s",
+                                                                          "next_inputs_time_s")}
+    n_params = sum(math.prod(om.ckpt.meta[k][0]) for k in om.ckpt.meta)
+    q.put({"call_s": t_end - t0, "timings": {"load_s": t1 - t0, "prune_s": rec["time_s"]}, "blocks": len(blocks),
+           "block_s": [float(b.get("total_time_s") or 0.0) for b in blocks], "split": split,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "runtime_mb": runtime,
+           "stage_peak_mb": {"load": smp.peak(t0, t1), "prune": smp.peak(t1, t_end)},
+           "peak_after_block_mb": ends, "matmul_gflops": [rate0 / 1e9, rate1 / 1e9], "low_memory": rec["low_memory"],
+           "n_params": n_params, "nsamples": kw["nsamples"], "seqlen": kw["seqlen"]})
+
+
 def memory_parts(dims: dict, nsamples: int, seqlen: int, *, low_memory: bool, error_correction: bool,
                  act_bytes: int = 4, w_bytes: int = 4) -> dict:
     """Bytes of the tensors the prune holds at its peak (module doc): weights (whole model, or the largest
@@ -195,11 +237,17 @@ def _print_row(m: str, res: dict, args, ref: dict, dims: dict) -> None:
           + " + ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in parts.items())
           + f" + rest {res['peak_rss_mb'] - held:.0f} MB; stage peaks "
           + ", ".join(f"{k} {v:.0f}" for k, v in res["stage_peak_mb"].items()) + " MB", flush=True)
+    if res.get("peak_after_block_mb"):
+        print(f"{'':>10}  resident-set peak after each block: "
+              + ", ".join(f"{v:.0f}" for v in res["peak_after_block_mb"]) + " MB", flush=True)
     rate = sum(res["matmul_gflops"]) / 2 * 1e9
     one = cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m)
     if one["total"] is None:
         return
     tot = cost_model.model_flops(dims, ns, sl, error_correction=ec, method=m)["total"]
+    if res["blocks"] < dims["blocks"]:  # a partial walk (--blocks): its own blocks, the last one propagating
+        tot = one["total"] * (res["blocks"] - 1) + \
+            cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m, last=True)["total"]
     limit_blk = one["total"] / rate
     meas_blk = sorted(res["block_s"])[len(res["block_s"]) // 2]
     print(f"{'':>10}  cost model per block: forward {one['forward'] / 1e9:.1f} + statistics "
@@ -261,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--method-options", default=None, help="JSON dict of method options (e.g. ADMM's max_iter)")
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "optprune" / "bench"),
                     help="where random models and low-memory outputs are written")
+    ap.add_argument("--blocks", type=int, default=None, metavar="K",
+                    help="with --low-memory: walk only the first K blocks, on random token ids (no calibration "
+                         "data; for random models, whose cost does not depend on the text)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--reference", action="append", metavar="METHOD=SECONDS",
@@ -291,7 +342,13 @@ def main(argv=None) -> int:
         if args.low_memory:
             kw.update(low_memory=True, output=str(Path(args.work_dir) / "out" / f"{args.model}-{m}"), overwrite=True)
         q = ctx.Queue()
-        p = ctx.Process(target=_worker, args=(kw, args.threads, q))
+        if args.blocks:
+            if not (args.low_memory and args.nsamples and args.seqlen):
+                print("bench_whole_model: --blocks needs --low-memory, --nsamples and --seqlen", file=sys.stderr)
+                return 2
+            p = ctx.Process(target=_worker_blocks, args=(model, m, kw, args.blocks, args.threads, kw["output"], q))
+        else:
+            p = ctx.Process(target=_worker, args=(kw, args.threads, q))
         t0 = time.perf_counter()
         p.start()
         res = q.get()
