@@ -124,13 +124,17 @@ def _dims_of(model: str):
     return cost_model.llama_dims(_config_of(kind, where, gguf))
 
 
-def _worker(kw: dict, threads: int, q) -> None:
+def _start(threads: int):
+    """A worker's set-up: its threads, then the runtime's resident set, the matmul rate and the start time."""
     import torch
     torch.set_num_threads(threads)
+    import optprune.llm_adapters.run  # noqa: F401 - the runtime measured includes optprune
+    return _rss_mb(), cost_model.matmul_rate(), time.perf_counter()
+
+
+def _worker(kw: dict, threads: int, q) -> None:
+    runtime, rate0, t0 = _start(threads)
     from optprune.llm_adapters.run import prune
-    runtime = _rss_mb()
-    rate0 = cost_model.matmul_rate()
-    t0 = time.perf_counter()
     try:
         with _Sampler() as smp:
             rec = prune(**kw)
@@ -163,13 +167,10 @@ def _worker_blocks(model_dir: str, method: str, kw: dict, nblocks: int, threads:
     """The low-memory block walk over the first ``nblocks`` blocks of a checkpoint, on random token ids (a
     random model's cost does not depend on the text), with the resident set after each block."""
     import torch
-    torch.set_num_threads(threads)
+    runtime, rate0, t0 = _start(threads)
     from optprune.llm_adapters.engine import prune_offloaded
     from optprune.llm_adapters.offload import OffloadedModel
     from optprune.llm_adapters.pipeline import PruneConfig
-    runtime = _rss_mb()
-    rate0 = cost_model.matmul_rate()
-    t0 = time.perf_counter()
     try:
         with _Sampler() as smp:
             om = OffloadedModel(model_dir)
