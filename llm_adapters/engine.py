@@ -950,10 +950,10 @@ def prune_model_distributed(ctx: DistContext, model, calib_ids, config, *, progr
 
 # ============================================================================================ the sharded walk
 class _BlockView(nn.Module):
-    """A causal-LM look-alike holding one block: its forward replays stored block inputs batch by batch, so that
-    ``prune_model(view, ids, config)`` captures exactly those inputs (and prunes exactly that block)."""
+    """A causal-LM look-alike holding one block, so that ``prune_model(view, ids, config, inputs=...)`` prunes
+    exactly that block on the stored block inputs handed to it."""
 
-    def __init__(self, config, arch, block, feed, vocab):
+    def __init__(self, config, arch, block, vocab):
         super().__init__()
         self.config = config
         parts = arch.blocks.split(".")
@@ -963,26 +963,12 @@ class _BlockView(nn.Module):
             parent.add_module(p, child)
             parent = child
         parent.add_module(parts[-1], nn.ModuleList([block]))
-        object.__setattr__(self, "_path", arch.blocks)
         object.__setattr__(self, "optprune_arch", arch)  # get_arch: the full model's, not re-inferred
-        object.__setattr__(self, "_feed", feed)   # (hidden on CPU, batches, compute dtype)
         object.__setattr__(self, "_emb", types.SimpleNamespace(num_embeddings=vocab))
-        object.__setattr__(self, "_k", 0)
         self.eval()  # prune_model restores the view's mode: a training-mode view would leave dropout on
 
     def get_input_embeddings(self):
         return self._emb
-
-    def forward(self, input_ids, **_):
-        from .architectures import get_module
-        hidden, batches, dtype = self._feed  # batches: this block's own (slice, args, kwargs)
-        sl, args, kw = batches[self._k % len(batches)]
-        object.__setattr__(self, "_k", self._k + 1)
-        if input_ids.shape[0] != sl.stop - sl.start:
-            raise RuntimeError("low-memory replay: calibration batches out of step with the stored block inputs")
-        blk = get_module(self, self._path)[0]
-        dev = input_ids.device
-        return blk(hidden[sl].to(dev, dtype), *args, **kw)
 
 
 def _rename(rec: dict, prefix: str, i: int) -> dict:
@@ -1002,12 +988,13 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
     the index and the config. Returns the pipeline-style record (``layers``, ``blocks``, ...).
 
     Resident: one block (plus the pipeline's dense copy with error correction), the calibration set's block
-    inputs twice (ours in ``activation_dtype``, the pipeline's in the compute dtype) and one group's Gram
-    matrices. With the default activation dtype the pruned weights are bit for bit those of the in-memory run."""
+    inputs once (in ``activation_dtype``; each batch is cast to the compute dtype as it enters the block), the
+    Gram matrices of one group (uncorrected: of the block's groups, each freed once solved) and the
+    embeddings only while the first inputs are captured. With the default activation dtype the pruned weights are bit for bit those of the in-memory run."""
     from tqdm.auto import tqdm
 
     from .architectures import get_module, linear_weight
-    from .pipeline import PipelineError, prune_model, validate_config
+    from .pipeline import BlockInputs, PipelineError, prune_model, validate_config
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     plan = validate_config(om.model, config, calib_ids)
@@ -1048,10 +1035,10 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
         if config.layer_sparsity:
             ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
                   for n, v in config.layer_sparsity.items() if n in subs}
-        view = _BlockView(om.config, plan.arch, blk, (hidden, per_block[i], om.dtype), vocab)
+        view = _BlockView(om.config, plan.arch, blk, vocab)
         cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
-        try:
-            res = prune_model(view, calib_ids, cfg, progress=False)
+        try:  # one block, the last of the view: the pipeline reads the inputs and writes no outputs
+            res = prune_model(view, calib_ids, cfg, progress=False, inputs=BlockInputs(hidden, per_block[i]))
         except PipelineError as e:
             raise PipelineError(f"block {i}: {e}") from None
         layers_rec += [_rename(r, om.prefix, i) for r in res["layers"]]

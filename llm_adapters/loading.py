@@ -100,7 +100,8 @@ def count_parameters(model) -> int:
 
 def strip_quantization(model, dtype=None):
     """A plain copy of a model that carries a quantization config (GGUF): rebuilt from its config without the
-    quantization fields, same weights (copied), same generation config. Returns the model unchanged when it
+    quantization fields, same weights (the loaded tensors themselves, not a copy: loading never holds the weights
+    twice), same generation config. Returns the model unchanged when it
     carries none."""
     from transformers import AutoModelForCausalLM
 
@@ -115,15 +116,21 @@ def strip_quantization(model, dtype=None):
             except AttributeError:
                 setattr(cfg, k, None)
     dtype = dtype or next(model.parameters()).dtype
-    fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    sd = model.state_dict()
-    missing, unexpected = fresh.load_state_dict(sd, strict=False)
+    with torch.device("meta"):  # no second set of weights: the new model takes over the loaded tensors
+        fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    sd = {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in model.state_dict().items()}
+    missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        mod = fresh.get_submodule(owner) if owner else fresh
+        if leaf in mod._buffers and mod._buffers[leaf] is not None and mod._buffers[leaf].is_meta:
+            mod._buffers[leaf] = buf
     tied_ok = all(k.endswith("lm_head.weight") for k in missing)
-    if unexpected or not tied_ok:
+    fresh.tie_weights()  # one head/embedding tensor again where the config ties them
+    left = [n for n, t in list(fresh.named_parameters()) + list(fresh.named_buffers()) if t.is_meta]
+    if unexpected or not tied_ok or left:
         raise RuntimeError(f"rebuilding the dequantized model failed: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    if missing:
-        fresh.tie_weights()
+                           f"unexpected {unexpected[:3]}, not set {left[:3]}")
     try:
         fresh.generation_config = model.generation_config
     except Exception:  # pragma: no cover
@@ -133,10 +140,13 @@ def strip_quantization(model, dtype=None):
 
 
 #: in-process cache of dequantized GGUF models: dequantizing SmolLM2-135M's Q4_1 file takes ~25 s on 2 CPU cores,
-#: and a sweep loads the same file for every run. One entry, models up to this many bytes; the cached model is
-#: never handed out, each load gets a deep copy (~0.3 s). ``OPTPRUNE_GGUF_CACHE=0`` turns it off.
+#: and a sweep loads the same file for every run. One entry, models up to this many bytes, kept from the second
+#: load of the same file on (a process that loads a model once — one prune — never holds a second copy of the
+#: weights); the cached model is never handed out, each load gets a deep copy (~0.3 s).
+#: ``OPTPRUNE_GGUF_CACHE=0`` turns it off.
 GGUF_CACHE_MAX_BYTES = 4 << 30
 _GGUF_CACHE: dict = {}
+_GGUF_SEEN: set = set()  # files loaded once in this process: the next load of one is cached
 
 
 def _gguf_load(directory: Path, gguf_file: str, dtype):
@@ -150,8 +160,10 @@ def _gguf_load(directory: Path, gguf_file: str, dtype):
     model, tokenizer = _gguf_load_uncached(directory, gguf_file, dtype)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if use and nbytes <= GGUF_CACHE_MAX_BYTES:
-        _GGUF_CACHE.clear()
-        _GGUF_CACHE[key] = (copy.deepcopy(model), tokenizer)
+        if key in _GGUF_SEEN:
+            _GGUF_CACHE.clear()
+            _GGUF_CACHE[key] = (copy.deepcopy(model), tokenizer)
+        _GGUF_SEEN.add(key)
     return model, tokenizer
 
 

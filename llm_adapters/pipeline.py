@@ -45,8 +45,9 @@ weight; structured: ``1 − nnz/(m·n)`` of the shrunk layer, plus ``shape_after
 dtype), ``rel_error = error/f(0)``, ``time_s`` (method + refit), ``stats``, ``nsamples`` (tokens), ``feasible``,
 and the method's scalar ``info`` items (its own ``time_s`` as ``method_time_s``).
 
-Memory: one block (plus its dense copy with error correction or in dense-input mode), the block inputs and
-outputs (``nsamples × seqlen × hidden`` each, model dtype, on the compute device) and the Grams of one group.
+Memory: one block (plus its dense copy with error correction), one activation buffer (``nsamples × seqlen ×
+hidden``, model dtype, on the compute device: each forward writes a batch's outputs over that batch's inputs)
+and the Grams of one group (uncorrected: of every group of the block, each freed once its layers are solved).
 A model on the CPU with ``device="cuda"`` stays on the CPU; each block visits the GPU while it is pruned.
 """
 from __future__ import annotations
@@ -382,6 +383,9 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
 
 def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+    p = next(block.parameters(), None)  # activations may be stored in another dtype/device (--low-memory)
+    if p is not None and (h.dtype != p.dtype or h.device != p.device):
+        h = h.to(p.device, p.dtype)
     y = block(h, *args, **kw)
     return y[0] if isinstance(y, (tuple, list)) else y  # transformers <5 returned tuples
 
@@ -567,11 +571,13 @@ def _needs_full(spec, config: PruneConfig, n: int) -> bool:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConfig, *, progress: bool = True,
-                on_block=None) -> dict:
+                on_block=None, inputs: Optional[BlockInputs] = None) -> dict:
     """Prune ``model`` in place, block by block; returns the per-layer and per-block record (module doc).
 
     ``on_block(i, block, layer_records, block_record)``, when given, is called once block ``i`` is pruned
-    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`)."""
+    (checkpoints: :mod:`optprune.llm_adapters.checkpoint`). ``inputs``: the first block's inputs, already
+    captured (the low-memory walk hands over its own buffer, so the activations are held once); their hidden
+    states are overwritten as the blocks are walked."""
     from ..solvers.baselines import refit_result
     from tqdm.auto import tqdm
 
@@ -591,9 +597,12 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
 
     model.eval()
     try:
-        inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch,
-                                      lengths=config.calib_lengths)
-        out = torch.empty_like(inputs.hidden)
+        if inputs is None:
+            inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch,
+                                          lengths=config.calib_lengths)
+        # one activation buffer: every forward writes a batch's outputs over that batch's inputs (batches are
+        # independent, and a batch's inputs are read whole before its outputs are written)
+        hidden = inputs.hidden
         bar = tqdm(range(last + 1), desc=f"prune {spec.name}", unit="block", disable=not progress)
         for bi in bar:
             block = blocks_mod[bi]
@@ -601,14 +610,16 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
             cur = inputs.at(bi)  # this block's own masks / positional tables, the current hidden states
             tb = time.perf_counter()
             if bi not in selected:  # untouched: just propagate
-                forward_block(block, cur, out)
+                forward_block(block, cur, hidden)
                 block.to(orig_dev)
-                inputs.hidden, out = out, inputs.hidden
                 continue
             t_stats = t_solve = t_fwd = 0.0
             groups = plan.units[bi]
-            dense = copy.deepcopy(block) if config.error_correction and len(groups) > 1 else None
             need_out_dense = config.mode == "dense-input" and bi != last
+            # the dense copy: X of the later groups (error correction) and the dense outputs (dense-input mode,
+            # computed after the statistics so that the inputs are not overwritten before they are read)
+            dense = copy.deepcopy(block) if config.error_correction and (len(groups) > 1 or need_out_dense) \
+                else None
 
             def solve_group(group, acc):
                 nonlocal t_solve
@@ -620,10 +631,6 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
                     layers_rec.append(rec)
 
             if config.error_correction:
-                if need_out_dense:  # dense stream: this block's outputs before anything is pruned
-                    t0 = time.perf_counter()
-                    forward_block(block, cur, out)
-                    t_fwd += time.perf_counter() - t0
                 for gi, group in enumerate(groups):
                     t0 = time.perf_counter()
                     # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
@@ -632,21 +639,25 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
                     t_stats += time.perf_counter() - t0
                     solve_group(group, acc)
                     del acc
+                if need_out_dense:  # dense stream: the dense copy's outputs
+                    t0 = time.perf_counter()
+                    forward_block(dense, cur, hidden)
+                    t_fwd += time.perf_counter() - t0
             else:
                 t0 = time.perf_counter()
                 accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
-                                         out if need_out_dense else None)
+                                         hidden if need_out_dense else None)
                 t_stats += time.perf_counter() - t0
-                for group, acc in zip(groups, accs):
-                    solve_group(group, acc)
+                for gi, group in enumerate(groups):
+                    solve_group(group, accs[gi])
+                    accs[gi] = None  # a group's Grams are freed once its layers are solved
                 del accs
             del dense
             if config.mode == "sequential" and bi != last:
                 t0 = time.perf_counter()
-                forward_block(block, cur, out)
+                forward_block(block, cur, hidden)
                 t_fwd += time.perf_counter() - t0
             block.to(orig_dev)
-            inputs.hidden, out = out, inputs.hidden
             blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, "stats_time_s": t_stats,
                                "solve_time_s": t_solve, "forward_time_s": t_fwd})
             if on_block is not None:

@@ -75,6 +75,40 @@ def test_gram_accumulator_streams_the_same_grams():
     assert acc.nsamples == X.shape[0]
 
 
+@pytest.mark.parametrize("n,block", [(37, 8), (64, 16), (20, 64)])
+def test_symmetric_rank_k_update_is_the_full_product(n, block):
+    """The blocked upper-triangle update, mirrored, is XᵀX (float tolerance; same sums in the same order), and
+    it touches no entry strictly below the diagonal before the mirror."""
+    from optprune.formulations.problem import mirror_upper_, sym_rank_k_update_
+    g = torch.Generator().manual_seed(n)
+    S = torch.zeros(n, n, dtype=torch.float64)
+    full = torch.zeros(n, n, dtype=torch.float64)
+    for rows in (11, 5, 30):
+        x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        assert sym_rank_k_update_(S, x, block=block, min_n=0)
+        full.addmm_(x.T, x)
+    assert torch.allclose(torch.triu(S), torch.triu(full), rtol=1e-12, atol=1e-12)
+    if n > block:
+        assert torch.count_nonzero(torch.tril(S, -block)) == 0  # below the diagonal blocks: not computed
+    assert torch.allclose(mirror_upper_(S, block=block), full, rtol=1e-12, atol=1e-12)
+    assert torch.equal(S, S.T)
+
+
+def test_gram_accumulator_wide_inputs_take_the_symmetric_update():
+    """Above SYRK_MIN_N columns H and Ĥ are accumulated on the upper triangle and read whole."""
+    from optprune.formulations import problem as P
+    n = P.SYRK_MIN_N + 3
+    g = torch.Generator().manual_seed(0)
+    X, Xh = torch.randn(40, n, generator=g), torch.randn(40, n, generator=g)
+    acc = GramAccumulator(n, corrected=True)
+    acc.add(X[:25], Xh[:25])
+    acc.add(X[25:], Xh[25:])
+    assert acc._stale == {"_H", "_Hhat"}
+    for a, b in ((acc.H, X.T @ X), (acc.Hhat, Xh.T @ Xh), (acc.C, X.T @ Xh)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+    assert not acc._stale and torch.equal(acc.H, acc.H.T)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("corrected", [False, True])
 def test_unconstrained_optimum_is_a_lower_bound(kind, corrected):

@@ -334,8 +334,9 @@ def test_zero_shot_without_lm_eval_is_a_clear_error(stories):
 
 
 def test_gguf_dequantization_is_cached_in_process_and_copies_are_independent(tmp_path, monkeypatch):
-    """A sweep loads the same GGUF for every run; the dequantized model is cached once per process and each
-    load gets its own deep copy (a pruned copy must never leak into the next run)."""
+    """A sweep loads the same GGUF for every run; the dequantized model is cached from the second load on (a
+    single load keeps no second copy of the weights) and each load gets its own deep copy (a pruned copy must
+    never leak into the next run)."""
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
     calls = []
@@ -347,15 +348,39 @@ def test_gguf_dequantization_is_cached_in_process_and_copies_are_independent(tmp
 
     monkeypatch.setattr(L, "_gguf_load_uncached", fake)
     monkeypatch.setattr(L, "_GGUF_CACHE", {})
+    monkeypatch.setattr(L, "_GGUF_SEEN", set())
+    a, tok_a = L._gguf_load(tmp_path, "m.gguf", torch.float32)
+    assert not L._GGUF_CACHE  # one load: nothing held besides the model handed out
     a, tok_a = L._gguf_load(tmp_path, "m.gguf", torch.float32)
     b, tok_b = L._gguf_load(tmp_path, "m.gguf", torch.float32)
-    assert len(calls) == 1 and tok_a is tok_b
+    assert len(calls) == 2 and tok_a is tok_b
     assert torch.equal(a[0].weight, b[0].weight) and a[0].weight.data_ptr() != b[0].weight.data_ptr()
     b[0].weight.data.zero_()
     c, _ = L._gguf_load(tmp_path, "m.gguf", torch.float32)
     assert torch.equal(c[0].weight, a[0].weight) and c[0].weight.abs().sum() > 0
     L._gguf_load(tmp_path, "m.gguf", torch.float64)  # another dtype is another entry
-    assert len(calls) == 2
+    L._gguf_load(tmp_path, "m.gguf", torch.float64)
+    assert len(calls) == 4
+    L._gguf_load(tmp_path, "m.gguf", torch.float64)
+    assert len(calls) == 4
     monkeypatch.setenv("OPTPRUNE_GGUF_CACHE", "0")
     L._gguf_load(tmp_path, "m.gguf", torch.float64)
-    assert len(calls) == 3
+    assert len(calls) == 5
+
+
+def test_strip_quantization_takes_over_the_loaded_tensors_without_a_copy(stories_dir):
+    """The rebuilt model (no quantization config) holds the very tensors that were loaded — loading never holds
+    the weights twice — and computes what the loaded model computes (rotary tables and tied head included)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    fresh = L.strip_quantization(model, torch.float32)
+    assert getattr(fresh.config, "quantization_config", None) is None
+    assert {n: p.data_ptr() for n, p in fresh.named_parameters()} == ptrs
+    assert not any(t.is_meta for t in list(fresh.parameters()) + list(fresh.buffers()))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)

@@ -327,3 +327,34 @@ def test_cuda_device_model_on_cpu():
     a, b = sublayer_weights(cpu_model, arch), sublayer_weights(gpu_model, arch)
     for k in a:
         assert int((b[k] == 0).sum()) == int((a[k] == 0).sum())
+
+
+# --------------------------------------------------------------------------------------------- memory
+class _WholeSetAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensors created with the shape of the whole calibration set's hidden states."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_tensor(out) and tuple(out.shape) == self.shape and out.data_ptr() not in \
+                {a.data_ptr() for a in args if torch.is_tensor(a)}:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("mode,ec", [("sequential", True), ("sequential", False), ("dense-input", True),
+                                     ("dense-input", False)])
+def test_the_walk_holds_one_activation_buffer(mode, ec):
+    """The calibration set's hidden states exist once: every forward writes a batch's outputs over that
+    batch's inputs (no second whole-set buffer for the outputs), in every mode — and the result is that of a
+    walk with separate input and output buffers (block-by-block dense-input parity is tested above)."""
+    model = stories()
+    ids = calib(n=6, L=32)
+    d = model.config.hidden_size
+    with _WholeSetAllocations((6, 32, d)) as watch:
+        prune_model(model, ids, PruneConfig(method="sparsegpt", sparsity=0.5, mode=mode, error_correction=ec,
+                                            batch_size=2, device="cpu"), progress=False)
+    assert watch.count == 1  # the capture's buffer, and nothing else of its size
