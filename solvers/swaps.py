@@ -361,7 +361,7 @@ class _Search:
 def _fill(pattern: Pattern, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """The start mask with free capacity filled (kept weights stay kept; the largest |W| of the rest join)."""
     if isinstance(pattern, ExpanderNM):
-        from . import eggs  # noqa: F401  (registers the expander N:M projection)
+        return mask  # a feasible expander N:M mask keeps exactly N per group already
     a = W.abs().to(torch.float64)
     scores = mask.to(torch.float64) * 2.0 + a / (2.0 * float(a.max()) + 1e-300) * (~mask)
     full = pattern.project(scores)
