@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
-    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; hidden: shrink the residual stream (with slicegpt: a rotation; with a structured method: hidden channels)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
