@@ -8,7 +8,8 @@ it (q/k/v, up/gate, lm_head) and every RMSNorm shrink, and the config's ``hidden
 **What is removed is chosen on the residual statistics.** One forward pass of the dense model over the
 calibration sequences records, at every RMSNorm that reads the stream (two per block and the final one —
 exactly the inputs the model's own forward gives them), the covariance of the token vectors scaled to unit RMS
-(what the norm passes on, before its weight): ``Σ_j``, and ``Σ = Σ_j Σ_j`` (each site weighs the same).
+(what the norm passes on, before its weight): ``Σ_j`` (each batch's product in float32, summed in float64),
+and ``Σ = Σ_j Σ_j`` (each site weighs the same).
 The layer problem of the stream is ``W0 = I_d`` with ``H = Σ``: ``f(W) = ½ tr((W − I) Σ (W − I)ᵀ)`` is the
 energy lost when the stream ``x`` is replaced by ``Wx``.
 
@@ -130,9 +131,9 @@ def residual_statistics(model: nn.Module, calib: torch.Tensor, *, arch: Optional
     hooks = []
     for j, m in enumerate(mods):
         def hook(module, args, j=j):
-            x = args[0].detach().reshape(-1, d).to(torch.float64)
+            x = args[0].detach().reshape(-1, d).to(torch.float32)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
-            sig[j].add_((x.T @ x).cpu())
+            sig[j].add_((x.T @ x).cpu().to(torch.float64))  # per batch in float32, summed in float64
             if j == 0:
                 count["n"] += x.shape[0]
         hooks.append(m.register_forward_pre_hook(hook))
