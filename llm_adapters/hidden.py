@@ -193,8 +193,10 @@ def _set_weight(mod: nn.Module, W: torch.Tensor, dtype) -> None:
 
 @torch.no_grad()
 def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor,
-                 arch: Optional[ArchSpec] = None) -> dict:
-    """Rewrite ``model`` in place to the stream ``Uᵀx`` (module doc); returns what was done."""
+                 arch: Optional[ArchSpec] = None, *, untie: bool = False) -> dict:
+    """Rewrite ``model`` in place to the stream ``Uᵀx`` (module doc); returns what was done. ``untie``: give a
+    tied model its own ``lm_head = E diag(w_f) T`` (exact, but ``V·k`` more parameters; for measuring what the
+    tied head's diagonal approximation costs)."""
     arch = arch or get_arch(model)
     plan = hidden_plan(model, arch)
     d, k = U.shape
@@ -246,7 +248,12 @@ def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor
     af = alpha(len(sig) - 1)
     alphas.append(af)
     E = emb.weight.detach().to(f64).cpu()
-    tied = plan["tied"]
+    tied = plan["tied"] and not untie
+    if plan["tied"] and untie:
+        head.weight = nn.Parameter(E.clone().to(dt), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
     if tied:
         c = (U * (wf[:, None] * T)).sum(0)  # diag(Uᵀ diag(w_f) T)
         _set_weight(emb, E @ U, dt)
@@ -258,13 +265,16 @@ def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor
     else:
         Hh = head.weight.detach().to(f64).cpu()
         _set_weight(emb, E @ U, dt)
+        if head.weight is emb.weight:  # (untie: the head had no separate matrix until now)
+            head.weight = nn.Parameter(Hh.to(dt), requires_grad=False)
         _set_weight(head, (Hh * wf) @ T, head.weight.dtype)
         final.weight = nn.Parameter(torch.full((k,), af, dtype=final.weight.dtype), requires_grad=False)
         head_fit = 0.0
     cfg = model.config
     cfg.head_dim = plan["head_dim"]
     cfg.hidden_size = k
-    return {"hidden_before": d, "hidden_after": k, "tied_embeddings": tied, "norm_scales": alphas,
+    return {"hidden_before": d, "hidden_after": k, "tied_embeddings": tied, "untied": bool(plan["tied"] and untie),
+            "norm_scales": alphas,
             "tied_head_rel_misfit": head_fit}
 
 

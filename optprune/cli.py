@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None,
                    help="require Gurobi (default: use it where installed and licensed)")
     p.add_argument("--output", default=None, help="write the table as JSON here (default: not written)")
+    p.add_argument("--programs", default=None,
+                   help="only programs whose label contains one of these comma-separated strings, e.g. EIG or "
+                        "'L0 groups' (default: all)")
     _add_data_args(p)
 
     p = add("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")
