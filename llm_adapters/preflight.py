@@ -424,6 +424,8 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
     if str(structure).strip().lower() == "hidden":
         check_hidden(spec, pattern_given=pattern_given, min_degree=min_degree, allocation=allocation,
                      low_memory=low_memory)
+    elif set(spec.patterns) == {"subspace"}:
+        raise PreflightError(f"{spec.name} keeps a subspace of the residual stream: use it with --structure hidden")
     nm = None
     if not spec.structured:
         pat = parse_pattern(pattern, sparsity if sparsity is not None else 0.5, min_degree=min_degree)

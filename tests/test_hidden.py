@@ -199,6 +199,8 @@ def test_structure_hidden_bad_input_is_refused_before_loading(tmp_path):
         run_prune(method="slicegpt", pattern="2:4", **base)
     with pytest.raises(ValueError, match="--allocation"):
         run_prune(method="slicegpt", allocation="owl", **base)
+    with pytest.raises(ValueError, match="--structure hidden"):
+        run_prune(method="slicegpt", **dict(base, structure=None))
     out = tmp_path / "never"
     r = subprocess.run([sys.executable, "-m", "optprune", "prune", "--model", "stories260k", "--model-dir",
                         str(MODEL_DIR), "--method", "wanda", "--structure", "hidden", "--sparsity", "0.25",
