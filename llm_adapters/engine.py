@@ -118,9 +118,9 @@ class PruneRun:
         self.hidden = str(self.structure).strip().lower() == "hidden"  # slice the residual stream (hidden.py)
         self.sparsity = check_sparsity(pf["sparsity"])
         if self.hidden:
-            if o.targets or o.ignore or o.save_format != "dense" or int(o.nproc or 1) != 1 or o.certify:
+            if o.targets or o.ignore or o.save_format != "dense" or int(o.nproc or 1) != 1 or o.certify or o.refit:
                 raise RunError("--structure hidden slices the whole residual stream on one process: it takes no "
-                               "--targets/--ignore, --nproc, --certify, and saves the dense format")
+                               "--targets/--ignore, --nproc, --certify or --refit, and saves the dense format")
         elif not spec.structured:
             kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree))
             if kind not in spec.patterns:
