@@ -178,6 +178,8 @@ def test_prune_structure_hidden_saves_a_stock_checkpoint(tmp_path):
                                   model_dir=str(MODEL_DIR), return_model=True)
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["hidden_size"] == 48 and cfg["head_dim"] == 8
+        # a rotation cannot keep stories260K's tied head (it gets its own); channel selection keeps the tie
+        assert cfg.get("tie_word_embeddings", True) is (method != "slicegpt")
         h = rec["hidden"]
         assert h["form"] == ("rotation" if method == "slicegpt" else "selection")
         assert h["lost_energy"] >= h["lost_energy_rank_bound"] - 1e-12
