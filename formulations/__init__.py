@@ -4,3 +4,4 @@ from .patterns import (NM, ColumnGroups, ExpanderNM, LinearRow, Pattern, Pattern
 from .problem import GramAccumulator, LayerProblem, NumericalError, cholesky_with_retry
 from .programs import (Indicator, L1Penalty, LayerObjective, LinearScore, Program, Variable, l0_program,
                        l1_kkt_residual, l1_program, mask_only_program, mask_program, refit_program)
+from .subspace import Subspace, eigen_program  # noqa: E402  (registers the subspace pattern)

@@ -173,6 +173,9 @@ class Program:
             elif isinstance(c, Indicator):
                 if c.binary in vals and not c.satisfied(vals, tol=tol):
                     bad.append(f"{c.weight} nonzero where {c.binary} = 0")
+            elif hasattr(c, "satisfied") and getattr(c, "var", None) in vals:  # e.g. QᵀQ = I (subspace.py)
+                if not c.satisfied(vals, tol=tol):
+                    bad.append(f"{type(c).__name__} constraint on {c.var} violated")
         return {"feasible": not bad, "violations": bad[:10], "n_violations": len(bad)}
 
     def kkt_residual(self, values: dict, **kw) -> float:

@@ -119,8 +119,13 @@ class PruneRun:
             output=o.output, overwrite=o.overwrite, reference=o.reference, resume=o.resume,
             checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory)
         self.structure = o.structure or "mlp"
+        self.hidden = str(self.structure).strip().lower() == "hidden"  # slice the residual stream (hidden.py)
         self.sparsity = check_sparsity(pf["sparsity"])
-        if not spec.structured:
+        if self.hidden:
+            if o.targets or o.ignore or o.save_format != "dense" or int(o.nproc or 1) != 1 or o.certify or o.refit:
+                raise RunError("--structure hidden slices the whole residual stream on one process: it takes no "
+                               "--targets/--ignore, --nproc, --certify or --refit, and saves the dense format")
+        elif not spec.structured:
             kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree))
             if kind not in spec.patterns:
                 raise RunError(f"method {spec.name!r} does not handle the {kind} pattern "
@@ -249,7 +254,7 @@ class PruneRun:
         self.preflight()
         o, s = self.o, self.s
         if self.verbose:  # what is about to run, after every check, before any heavy work
-            _print_header(self.model_label, self.spec, self.sparsity, o.pattern, s, evaluate=o.evaluate, kl=o.kl,
+            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else o.pattern, s, evaluate=o.evaluate, kl=o.kl,
                           out_dir=self.out_dir)
         try:
             with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
@@ -274,7 +279,11 @@ class PruneRun:
         _clip_to_context(s, src.model)
         config = self.config = self._prune_config()
         from .pipeline import validate_config
-        validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
+        if self.hidden:
+            from .hidden import hidden_plan
+            hidden_plan(src.model, src.arch)  # a model whose stream cannot be sliced fails before calibration
+        else:
+            validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
         record = self.record = {"command": "prune", "status": "running",
                                 "config": _jsonable(src.config_record(self, self._config_record())),
                                 "versions": _versions(), "machine": _machine(self.dev), "model": src.meta}
@@ -369,9 +378,9 @@ class PruneRun:
     def _config_record(self) -> dict:
         o, spec = self.o, self.spec
         return {"model": str(self.model_label), "method": spec.name, "sparsity": self.sparsity,
-                "pattern": None if spec.structured else o.pattern, "min_degree": o.min_degree,
+                "pattern": None if spec.structured or self.hidden else o.pattern, "min_degree": o.min_degree,
                 "allocation": self.alloc, "allocation_eps": o.allocation_eps,
-                "structure": self.structure if spec.structured else None, "mode": o.mode,
+                "structure": self.structure if spec.structured or self.hidden else None, "mode": o.mode,
                 "error_correction": bool(o.error_correction), "refit": bool(o.refit),
                 "method_options": self.method_options, "damp": self.config.damp, "nproc": self.nproc,
                 "device": self.dev, "seed": self.s["seed"], "output": str(self.out_dir) if self.out_dir else None,
@@ -554,6 +563,15 @@ class InMemorySource:
 
     def prune(self, run: PruneRun, calib) -> Optional[dict]:
         o = run.o
+        if run.hidden:  # the residual stream as a whole: statistics, its program, the rewrite (hidden.py)
+            from .hidden import prune_hidden
+            res = prune_hidden(self.model, calib, method=run.spec.name, sparsity=run.sparsity,
+                               method_options=run.method_options,
+                               batch_size=_batch_size(run.config.batch_size, *calib.shape),
+                               device=run.dev, progress=o.progress)
+            run.record["hidden"] = res["hidden"]
+            self.model.to("cpu")
+            return res
         return (run.ck.run_pipeline if run.ck is not None else _call)(  # checkpoints after every block; resumes
             prune_model_parallel, self.model, calib, run.config, progress=o.progress, nproc=run.nproc,
             source=self.recipe)
@@ -586,13 +604,22 @@ class InMemorySource:
     def save(self, run: PruneRun, stage: Path) -> dict:
         from . import export
         o = run.o
+        if run.hidden:
+            from .hidden import save_sliced
+            return save_sliced(self.model, self.tok, stage,
+                               dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])))
         return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=o.save_format,
                      dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])),
                      layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern,
                      format_options={"gguf_type": o.gguf_type})
 
     def print_summary(self, record: dict) -> None:
-        pass
+        h = record.get("hidden")
+        if h:
+            print(f"  hidden: {h['hidden_before']} → {h['hidden_after']} ({h['form']}, {h['method']}); parameters "
+                  f"{h['params_before'] / 1e6:.3f}M → {h['params_after'] / 1e6:.3f}M; residual energy lost "
+                  f"{h['lost_energy']:.4f} (no rank-{h['hidden_after']} map loses less than "
+                  f"{h['lost_energy_rank_bound']:.4f})")
 
     # ---------------------------------------------------------------- block-parallel ranks
     def spawnable(self) -> bool:

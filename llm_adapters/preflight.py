@@ -550,6 +550,22 @@ def check_shapes(cfg: Optional[dict], *, structured: bool, nm_M: Optional[int], 
                                      f"{kind} sparsity must be ≤ {g - 1}/{g} = {(g - 1) / g:.4f} (one group kept)")
 
 
+def check_hidden(spec, *, pattern_given: bool, min_degree, allocation, low_memory: bool) -> None:
+    """``--structure hidden`` (llm_adapters/hidden.py): a rotation method (the subspace pattern) or a structured
+    method, one width for the whole stream, the whole model in memory."""
+    if not (spec.structured or "subspace" in spec.patterns):
+        raise PreflightError(f"--structure hidden takes a rotation method (slicegpt) or a structured method "
+                             f"(spap, group_obs, flap, group_magnitude); {spec.name} prunes single weights")
+    if pattern_given:
+        raise PreflightError("--structure hidden chooses what to keep by itself; drop --pattern")
+    if min_degree is not None:
+        raise PreflightError("--min-degree applies to N:M patterns, not to --structure hidden")
+    if (allocation or "uniform").strip().lower() != "uniform":
+        raise PreflightError("--structure hidden keeps one width for the whole residual stream; drop --allocation")
+    if low_memory:
+        raise PreflightError("--structure hidden needs the whole model in memory; drop --low-memory")
+
+
 # ============================================================================================ prune
 def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, pattern, pattern_given: bool,
                 structure_given: bool, structure, min_degree, allocation, allocation_eps, evaluate: bool,
@@ -566,9 +582,14 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
         if min_degree is not None:
             raise PreflightError(f"--min-degree applies to N:M patterns; {spec.name} is a structured method")
     else:
-        if structure_given:
+        if structure_given and str(structure).strip().lower() != "hidden":
             raise PreflightError(f"--structure {structure} applies to structured methods; {spec.name} prunes "
                                  f"individual weights (--pattern)")
+    if str(structure).strip().lower() == "hidden":
+        check_hidden(spec, pattern_given=pattern_given, min_degree=min_degree, allocation=allocation,
+                     low_memory=low_memory)
+    elif set(spec.patterns) == {"subspace"}:
+        raise PreflightError(f"{spec.name} keeps a subspace of the residual stream: use it with --structure hidden")
     nm = None
     if not spec.structured:
         pat = parse_pattern(pattern, sparsity if sparsity is not None else 0.5, min_degree=min_degree)

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
-    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads")
+    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; hidden: shrink the residual stream (with slicegpt: a rotation; with a structured method: hidden channels)")
     p.add_argument("--equal-widths", action="store_true",
                    help="structured methods: the same widths in every block, so the saved config states them and "
                         "stock tools load it (uniform allocation; heads removed as whole key/value groups)")
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gurobi", dest="gurobi", action="store_true", default=None,
                    help="require Gurobi (default: use it where installed and licensed)")
     p.add_argument("--output", default=None, help="write the table as JSON here (default: not written)")
+    p.add_argument("--programs", default=None,
+                   help="only programs whose label contains one of these comma-separated strings, e.g. EIG or "
+                        "'L0 groups' (default: all)")
     _add_data_args(p)
 
     p = add("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")

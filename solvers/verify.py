@@ -266,6 +266,8 @@ def _method_producer(name, spec, p, pat, prog, exact, **opts) -> Producer:
     def run():
         res = spec(p, pat, **opts)
         vals = _values_from_result(prog, getattr(prog, "pattern", None) or pat, res.W, res.mask.to(torch.bool))
+        # variables that are not the weights (the eigen-program's basis Q) come in the result's info
+        vals.update({k: v for k, v in ((res.info or {}).get("values") or {}).items() if k in prog.variables})
         vals["_mask"] = res.mask.to(torch.bool)
         return vals
     return Producer(name, run, exact)

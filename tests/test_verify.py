@@ -13,13 +13,13 @@ import torch
 
 from optprune.cli import main
 from optprune.formulations import LayerProblem, NM, Unstructured
-from optprune.formulations.patterns import ExpanderNM
+from optprune.formulations.patterns import ExpanderNM, pattern_kinds
 from optprune.formulations.programs import l0_program, l1_program, mask_program, refit_program
 from optprune.solvers import get_backend
 from optprune.solvers.base import Backend, Capabilities, LayerResult, SolveResult
 from optprune.solvers.registry import _BACKENDS, _METHODS, isolated, list_backends, list_methods, register_backend, register_method
 from optprune.solvers.verify import (CANONICAL_PATTERNS, Case, InstanceFactory, Producer, _Runner, judge,
-                                     pair_stats, select_backends)
+                                     pair_stats, select_backends, verify_pattern)
 
 TOY_BACKEND = "toy-refit"
 TOY_METHOD = "toy-first-n"
@@ -93,19 +93,19 @@ def test_quick_covers_every_registered_program(quick):
         spec = _METHODS[n]
         if spec.program is None:
             continue
-        kd = sorted(spec.patterns & set(CANONICAL_PATTERNS))[0]
+        kd = sorted(spec.patterns & set(pattern_kinds()))[0]
         try:
-            kind = spec.program(prob, CANONICAL_PATTERNS[kd]()).kind
+            kind = spec.program(prob, verify_pattern(kd)).kind
         except Exception:  # builders that need more (the refit QP takes a mask)
             kind = None
         if kind == "MIQP":  # the method's program is the L0 program of its pattern
-            assert f"L0 {CANONICAL_PATTERNS[kd]().name}" in programs, n
+            assert f"L0 {verify_pattern(kd).name}" in programs, n
         else:  # a program of its own, named after the method
             assert any(pr.endswith(f"({n})") for pr in programs), n
     for n in list_methods():  # every option set a method declares for the cross-check gets its program
         for vo in _METHODS[n].verify_options:
             spec = _METHODS[n]
-            pat = CANONICAL_PATTERNS[sorted(spec.patterns & set(CANONICAL_PATTERNS))[0]]()
+            pat = verify_pattern(sorted(spec.patterns & set(pattern_kinds()))[0])
             prog, default = spec.program(prob, pat, **vo), spec.program(prob, pat)
             if prog.kind == "MIQP" and not prog.meta.get("fixed_weights"):
                 continue  # the L0 program: checked above
