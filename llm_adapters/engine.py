@@ -115,9 +115,23 @@ class PruneRun:
             output=o.output, overwrite=o.overwrite, reference=o.reference, resume=o.resume,
             checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory)
         self.structure = o.structure or "mlp"
-        self.sparsity = check_sparsity(pf["sparsity"])
+        sparsity = pf["sparsity"]
+        if o.quant is not None:  # quantization alone prunes nothing unless asked (N:M fixes its own sparsity)
+            if spec.structured:
+                raise RunError(f"--quant puts kept weights on a grid; {spec.name} is a structured method")
+            from ..formulations.patterns import NM
+            if o.sparsity is None and not isinstance(parse_pattern(o.pattern, 0.5, min_degree=o.min_degree), NM):
+                sparsity = 0.0
+        self.sparsity = check_sparsity(sparsity)
         if not spec.structured:
-            kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree))
+            kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree, quant=o.quant))
+            if kind == "grid" and kind not in spec.patterns:
+                from ..solvers.registry import method_specs
+                raise RunError(f"method {spec.name!r} does not put weights on a grid (--quant); methods that do: "
+                               f"{', '.join(m.name for m in method_specs() if 'grid' in m.patterns)}")
+            if spec.patterns == frozenset({"grid"}) and kind != "grid":
+                raise RunError(f"method {spec.name!r} puts weights on a quantization grid: give --quant "
+                               f"(e.g. w4g128)")
             if kind not in spec.patterns:
                 raise RunError(f"method {spec.name!r} does not handle the {kind} pattern "
                                f"(it takes: {', '.join(sorted(spec.patterns))})")
@@ -163,7 +177,7 @@ class PruneRun:
         self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
             self.out_dir, o.checkpoint_dir, o.resume, single=self.world == 1 and not o.low_memory, settings=dict(
                 model=str(self.model_label), method=spec.name, sparsity=self.sparsity, pattern=o.pattern,
-                min_degree=o.min_degree, allocation=self.alloc, allocation_eps=o.allocation_eps,
+                min_degree=o.min_degree, quant=o.quant, allocation=self.alloc, allocation_eps=o.allocation_eps,
                 structure=self.structure, mode=o.mode, error_correction=bool(o.error_correction),
                 refit=bool(o.refit), method_options=self.method_options, damp=o.damp, batch_size=o.batch_size,
                 device=self.dev, **{k: s.get(k) for k in ("calibration", "calibration_path", "nsamples", "seqlen",
@@ -271,6 +285,7 @@ class PruneRun:
         from .pipeline import PruneConfig
         o = self.o
         kw = dict(method=self.spec.name, sparsity=self.sparsity, pattern=o.pattern, min_degree=o.min_degree,
+                  quant=o.quant,
                   layer_sparsity=None, structure=self.structure, mode=o.mode,
                   error_correction=bool(o.error_correction), refit=bool(o.refit),
                   method_options=self.method_options, device=self.dev, certify=bool(o.certify))
@@ -285,7 +300,7 @@ class PruneRun:
     def _config_record(self) -> dict:
         o, spec = self.o, self.spec
         return {"model": str(self.model_label), "method": spec.name, "sparsity": self.sparsity,
-                "pattern": None if spec.structured else o.pattern, "min_degree": o.min_degree,
+                "pattern": None if spec.structured else o.pattern, "min_degree": o.min_degree, "quant": o.quant,
                 "allocation": self.alloc, "allocation_eps": o.allocation_eps,
                 "structure": self.structure if spec.structured else None, "mode": o.mode,
                 "error_correction": bool(o.error_correction), "refit": bool(o.refit),

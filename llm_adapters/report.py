@@ -229,6 +229,8 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
     file = file or sys.stdout
     c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
     pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
+    if c.get("quant"):
+        pat = f"{pat} · {c['quant']}"
     print(f"\noptprune prune: {c['method']} · {pat} · sparsity {c['sparsity']:.2f} · {record['model'].get('name')} "
           f"({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
     print(f"  protocol {p['name']}: calibration {p['calibration']} {p['nsamples']}×{p['seqlen']} seed {p['seed']}; "

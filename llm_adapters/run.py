@@ -43,7 +43,7 @@ __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
 # ============================================================================================ prune
 def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
-          min_degree: Optional[int] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
+          min_degree: Optional[int] = None, quant: Optional[str] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
           structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
@@ -74,7 +74,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
 
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
-    ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    ``resume=True`` continues an interrupted run. ``quant`` (``w4g128``, formulations/grid.py) puts the kept
+    weights on a quantization grid. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns; 0 with ``quant``),
     ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
