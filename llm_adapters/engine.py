@@ -113,7 +113,7 @@ class PruneRun:
             eval_options={"--eval": o.eval_datasets, "--eval-seqlen": o.eval_seqlen,
                           "--eval-windows": o.eval_windows},
             output=o.output, overwrite=o.overwrite, reference=o.reference, resume=o.resume,
-            checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory)
+            checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory, quant=o.quant)
         self.structure = o.structure or "mlp"
         sparsity = pf["sparsity"]
         if o.quant is not None:  # quantization alone prunes nothing unless asked (N:M fixes its own sparsity)
@@ -154,7 +154,7 @@ class PruneRun:
         self.out_dir = pf["out_dir"]
         if o.reference:
             _check_reference_hook()
-        export.check_save_options(o.save_format, o.dtype, structured=spec.structured)
+        export.check_save_options(o.save_format, o.dtype, structured=spec.structured, quant=o.quant)
         self.targets, self.ignore = parse_patterns(o.targets, "targets"), parse_patterns(o.ignore, "ignore")
         in_memory = isinstance(o.model, torch.nn.Module)
         self.model_label = (getattr(o.model.config, "name_or_path", "") or type(o.model).__name__) if in_memory \

@@ -32,7 +32,7 @@ __all__ = ["SAVE_FORMATS", "DTYPES", "ExportError", "check_save_options", "resol
            "save_model", "load_compressed", "is_compressed_dir", "sparse_compressors_available", "dir_size_bytes",
            "detect_structure"]
 
-SAVE_FORMATS = ("dense", "compressed")
+SAVE_FORMATS = ("dense", "compressed", "pack-quantized")  # pack-quantized: export_quant.py
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CT_INSTALL = "pip install --no-deps 'compressed-tensors==0.14.0.1'"
@@ -58,12 +58,15 @@ def sparse_compressors_available() -> Optional[str]:
 
 
 def check_save_options(format: str = "dense", dtype: Union[str, torch.dtype, None] = "auto", *,
-                       structured: bool = False) -> None:
+                       structured: bool = False, quant: Optional[str] = None) -> None:
     """Preflight of the save options: unknown names, a missing library, combinations that cannot be saved."""
     if format not in SAVE_FORMATS:
         raise ExportError(f"unknown save format {format!r}; choose from {', '.join(SAVE_FORMATS)}")
     if not isinstance(dtype, torch.dtype) and dtype is not None and str(dtype) not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if format == "pack-quantized":
+        from .export_quant import check_pack_quantized
+        check_pack_quantized(quant, structured=structured)
     if format == "compressed":
         if structured:
             raise ExportError("--save-format compressed stores sparse masks; structured methods save a smaller "
@@ -178,7 +181,13 @@ def save_model(model: nn.Module, out_dir: Union[str, os.PathLike], tokenizer=Non
     (format, dtype, bytes on disk, and for the compressed format the sparsity config). ``layers``: the pruned
     module names (default: every ``nn.Linear`` that has zeros); ``pattern``: the pruning pattern, recorded as the
     ``sparsity_structure`` of an N:M mask other than 2:4."""
-    check_save_options(format, dtype)
+    if format == "pack-quantized":
+        from .export_quant import pack_quantized_available
+        why = pack_quantized_available()
+        if why:
+            raise ExportError(why)
+    else:
+        check_save_options(format, dtype)
     if not isinstance(dtype, torch.dtype):
         dtype = resolve_dtype(dtype, source_dtype(model))
     out = Path(out_dir)
@@ -187,6 +196,11 @@ def save_model(model: nn.Module, out_dir: Union[str, os.PathLike], tokenizer=Non
     sd = _cast_state_dict(model, dtype)
     if format == "dense":
         model.save_pretrained(str(out), state_dict=sd)
+        _set_config_dtype(out, dtype)
+    elif format == "pack-quantized":
+        from .export_quant import save_pack_quantized
+        del sd
+        info["quantization_config"] = save_pack_quantized(model, out, dtype)
         _set_config_dtype(out, dtype)
     else:
         from compressed_tensors import ModelCompressor

@@ -160,7 +160,8 @@ def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=N
     if not spec.structured:
         from .export import save_model
         info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
-                               layers=layers, pattern=pattern), format="hf", stock_loadable=save_format == "dense")
+                               layers=layers, pattern=pattern), format="hf",
+                    stock_loadable=save_format in ("dense", "pack-quantized"))
         return info
     if dtype is not None:
         model.to(dtype)  # (structured: the shrunk model is written in the output dtype)

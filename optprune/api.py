@@ -124,7 +124,7 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     cfg = (record or {}).get("config") or {}
     spec = get_method(cfg["method"]) if cfg.get("method") else None
     structured = bool(spec and spec.structured)
-    export.check_save_options(format, dtype, structured=structured)
+    export.check_save_options(format, dtype, structured=structured, quant=cfg.get("quant"))
     out = check_output(output, overwrite=overwrite)
     with atomic_output(out, overwrite=overwrite) as stage:  # written beside the target, renamed into place
         src = ((record or {}).get("model") or {}).get("source_dtype")

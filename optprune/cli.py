@@ -140,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
                         "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
     p.add_argument("--output", default=None, help="directory for the pruned model and run.json (default: not saved)")
-    p.add_argument("--save-format", default="dense", choices=["dense", "compressed"],
+    p.add_argument("--save-format", default="dense", choices=["dense", "compressed", "pack-quantized"],
                    help="dense: stock save_pretrained; compressed: compressed-tensors sparse-24-bitmask (2:4) or "
-                        "sparse-bitmask, as llm-compressor writes and vLLM reads")
+                        "sparse-bitmask, as llm-compressor writes and vLLM reads; pack-quantized: --quant grids as "
+                        "compressed-tensors int codes + scales (W4A16/W8A16), loaded by stock transformers")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (auto: the input model's); solving is float32/float64 anyway")
     p.add_argument("--overwrite", action="store_true",
