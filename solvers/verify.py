@@ -59,6 +59,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..formulations.grid import Quantized
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, pattern_kinds
 from ..formulations.problem import LayerProblem
 from ..formulations.programs import Program, l0_program, l1_program, mask_program
@@ -85,7 +86,12 @@ CANONICAL_PATTERNS = {
     "nm": lambda: NM(2, 4),
     "expander": lambda: ExpanderNM(2, 4, 1),
     "groups": lambda: ColumnGroups(2, sparsity=0.5),
+    "grid": lambda: Quantized(Unstructured(0.0), "w2"),
 }
+#: the grid programs verified (kind ``grid``): dense 2-bit per channel, 50% unstructured with asymmetric 2-bit
+#: groups of 4, 2:4 with 2-bit per channel — 4^8 values per row of a 2×8 instance, as enumeration takes them
+GRID_PATTERNS = (lambda: Quantized(Unstructured(0.0), "w2"), lambda: Quantized(Unstructured(0.5), "w2g4a"),
+                 lambda: Quantized(NM(2, 4), "w2"))
 #: instance shape per program kind: L0 MIQPs tiny (SCIP takes 0.4–2 s on 2×8, minutes on some 4×8), expander
 #: L0 one 4×4 tile (its rows are coupled), convex and mask programs 4×8
 L0_SHAPE = (2, 8)
@@ -285,20 +291,22 @@ def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
     names = list_methods()
     kinds = sorted({kd for n_ in names for kd in _METHODS[n_].patterns} & set(pattern_kinds()))
     # ---- L0 MIQP per pattern kind (built-in or plug-in); every method accepting the kind is a heuristic of it
-    for kd in kinds:
+    for kd, pat in [(kd, q()) for kd in kinds for q in (GRID_PATTERNS if kd == "grid" else (lambda kd=kd:
+                                                                                          verify_pattern(kd),))]:
         shape = EXPANDER_SHAPE if kd == "expander" else L0_SHAPE
         p, fam, how = factory.problem(k, *shape)
-        pat = verify_pattern(kd)
         if pat is None:
             continue
         try:
-            prog = l0_program(p, pat)
+            prog = l0_program(p, pat)  # a grid pattern gives the grid program
         except ValueError:
             continue
-        c = Case(f"L0 {pat.name}", "exact", f"#{k} {fam} {shape[0]}x{shape[1]}", fam, how, prog)
+        c = Case(f"{'grid' if kd == 'grid' else 'L0'} {pat.name}", "exact", f"#{k} {fam} {shape[0]}x{shape[1]}",
+                 fam, how, prog)
         for n_ in names:
             spec = _METHODS[n_]
-            if kd in spec.patterns and n_ != "refit":
+            # grid programs fix the scales: a method that refits them (declaring no program) solves another model
+            if kd in spec.patterns and n_ != "refit" and not (kd == "grid" and spec.program is None):
                 c.producers.append(_method_producer(n_, spec, p, pat, prog, False))
         cases.append(c)
     # ---- the programs methods declare (other than the L0 MIQP above)
@@ -488,7 +496,7 @@ class _Runner:
             self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="solved",
                      objective=obj, feasible=program_feasible(prog, vals), time_s=dt)
             if not pr.exact and mask is not None and "W" in vals and prog.problem is not None \
-                    and not prog.meta.get("fixed_weights"):
+                    and not prog.meta.get("fixed_weights") and prog.meta.get("quantizer") is None:
                 # the exact least-squares refit on the heuristic's mask: never worse than the heuristic's weights
                 from .baselines import refit_weights
                 t0 = time.perf_counter()
