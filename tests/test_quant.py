@@ -171,3 +171,25 @@ def test_verify_covers_the_grid_programs():
         assert {"enumerate-grid", "gptq", "rtn", "sparsegpt"} <= solvers and "quant-refit" not in solvers
     assert not [r for r in rows if str(r["check"]).startswith("FAIL")]
     assert all(r["gap"] >= -1e-9 for r in rows if r["role"] == "heuristic")
+
+
+@pytest.mark.parametrize("pattern,sparsity,quant", QUANT_CASES)
+def test_admm_over_grid_and_pattern(pattern, sparsity, quant):
+    """ADMM's iterates are projected exactly onto grid ∩ pattern: its result is feasible, on the warm start's
+    grid, and never worse than that warm start (GPTQ)."""
+    pat = parse_pattern(pattern, sparsity, quant=quant)
+    pr = LayerProblem.random(16, 32, seed=4, kind="outliers")
+    g = get_method("gptq")(pr, pat)
+    a = get_method("admm")(pr, pat)
+    qz = a.info["qparams"]
+    assert pat.is_feasible(a.mask) and qz.on_grid(a.W) and not bool((a.W[~a.mask] != 0).any())
+    assert torch.equal(qz.scale, g.info["qparams"].scale)
+    assert grid_program(pr, pat).check({"W": a.W.double()})["feasible"]
+    assert a.info["error"] <= g.info["error"] * (1 + 1e-9)
+    assert a.info["error"] == pytest.approx(pr.objective(a.W), rel=1e-9)
+
+
+def test_admm_grid_refuses_refit_options():
+    pr = LayerProblem.random(4, 8, seed=0)
+    with pytest.raises(ValueError, match="do not apply with a grid"):
+        get_method("admm")(pr, parse_pattern(None, quant="w4"), refit="cholesky")
