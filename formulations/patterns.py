@@ -585,11 +585,13 @@ def parse_pattern(pattern: Optional[str], sparsity: Optional[float] = None, *, m
     matching class; one that it does not read is an error naming the kinds that do. ``quant`` (``--quant``,
     e.g. "w4g128") puts every kept weight on that quantization grid (formulations/grid.py)."""
     _discover()
-    if quant is not None:
-        from .grid import Quantized
+    if quant is not None:  # the grid kind (formulations/grid.py, registered on import) wraps the base pattern
+        grid = _KINDS.get("grid")
+        if grid is None:
+            raise PatternError("quantization grids are not registered (import optprune.formulations)")
         base = parse_pattern(pattern, 0.0 if sparsity is None else sparsity, min_degree=min_degree,
                              group_size=group_size, **params)
-        return Quantized(base, quant)
+        return grid(base, quant)
     text = (pattern or "unstructured").strip().lower()
     given = {k: v for k, v in dict(params, min_degree=min_degree, group_size=group_size).items() if v is not None}
     for cls in _PATTERNS.values():

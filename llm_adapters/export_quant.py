@@ -26,10 +26,15 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["PACK_FORMAT", "pack_quantized_available", "check_pack_quantized", "save_pack_quantized",
+__all__ = ["PackQuantizedError", "PACK_FORMAT", "pack_quantized_available", "check_pack_quantized", "save_pack_quantized",
            "quantized_modules", "dequantized_weight"]
 
 PACK_FORMAT = "pack-quantized"
+
+
+class PackQuantizedError(ValueError):
+    """Bad options for the pack-quantized format (one line; raised before anything is written)."""
+
 CT_INSTALL_NEW = "pip install -c constraints.txt 'compressed-tensors>=0.20'"
 
 
@@ -54,20 +59,19 @@ def pack_quantized_available() -> Optional[str]:
 def check_pack_quantized(quant: Optional[str], *, structured: bool = False) -> None:
     """Preflight of ``--save-format pack-quantized``: a symmetric ``--quant`` grid and the library."""
     from ..formulations.grid import parse_grid
-    from .export import ExportError
     if structured:
-        raise ExportError(f"--save-format {PACK_FORMAT} stores quantized weights; structured methods save a "
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} stores quantized weights; structured methods save a "
                           f"smaller dense model (use --save-format dense)")
     if quant is None:
-        raise ExportError(f"--save-format {PACK_FORMAT} stores weights on a quantization grid: give --quant "
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} stores weights on a quantization grid: give --quant "
                           f"(e.g. w4g128) with a quantizing method (gptq, rtn, sparsegpt, quant-refit)")
     if not parse_grid(quant).symmetric:
-        raise ExportError(f"--save-format {PACK_FORMAT} takes symmetric grids (w4, w4g128, w8...): compressed-"
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} takes symmetric grids (w4, w4g128, w8...): compressed-"
                           f"tensors' transformers loader cannot reload asymmetric zero points; use "
                           f"{quant[:-1]} or --save-format dense")
     why = pack_quantized_available()
     if why:
-        raise ExportError(why)
+        raise PackQuantizedError(why)
 
 
 def quantized_modules(model: nn.Module) -> dict:
@@ -82,21 +86,20 @@ def save_pack_quantized(model: nn.Module, out: Union[str, os.PathLike], dtype: t
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
 
-    from .export import ExportError
     grids = quantized_modules(model)
     if not grids:
-        raise ExportError(f"--save-format {PACK_FORMAT}: no layer carries a quantization grid (prune with --quant)")
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT}: no layer carries a quantization grid (prune with --quant)")
     specs = {g.spec for g in grids.values()}
     if len(specs) > 1:
-        raise ExportError(f"--save-format {PACK_FORMAT} writes one grid for all layers; this model has "
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} writes one grid for all layers; this model has "
                           f"{', '.join(sorted(s.name for s in specs))}")
     spec = specs.pop()
     if not spec.symmetric:
-        raise ExportError(f"--save-format {PACK_FORMAT} takes symmetric grids, got {spec.name}")
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} takes symmetric grids, got {spec.name}")
     mods = dict(model.named_modules())
     bad = [n for n in grids if not isinstance(mods[n], nn.Linear)]
     if bad:
-        raise ExportError(f"--save-format {PACK_FORMAT} stores nn.Linear weights; {bad[0]} is "
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} stores nn.Linear weights; {bad[0]} is "
                           f"{type(mods[bad[0]]).__name__}")
     args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True,
                             strategy="channel" if spec.group is None else "group", group_size=spec.group)
@@ -113,7 +116,7 @@ def save_pack_quantized(model: nn.Module, out: Union[str, os.PathLike], dtype: t
         for n, qz in grids.items():
             m = wmods[n]
             if tuple(m.weight_scale.shape) != tuple(qz.scale.shape):
-                raise ExportError(f"layer {n}: scales of shape {tuple(qz.scale.shape)}, the format expects "
+                raise PackQuantizedError(f"layer {n}: scales of shape {tuple(qz.scale.shape)}, the format expects "
                                   f"{tuple(m.weight_scale.shape)}")
             m.weight_scale.copy_(qz.scale.to(m.weight_scale.dtype))
             if hasattr(m, "weight_zero_point"):

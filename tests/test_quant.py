@@ -163,12 +163,12 @@ def test_grid_references_agree_and_bound_every_method(pattern, sparsity, quant):
 
 def test_verify_covers_the_grid_programs():
     from optprune.solvers.verify import verify
-    rows = verify(quick=True, instances=1, programs="grid ", backends="enumerate-grid", progress=False)
+    rows = verify(instances=1, programs="w2", backends="enumerate-grid", progress=False)
     progs = {r["program"] for r in rows}
-    assert progs == {"grid w2", "grid unstructured+w2g4a", "grid 2:4+w2"}
+    assert progs == {"L0 w2", "L0 unstructured+w2g4a", "L0 2:4+w2"}
     for prog in progs:
         solvers = {r["solver"] for r in rows if r["program"] == prog}
-        assert {"enumerate-grid", "gptq", "rtn", "sparsegpt"} <= solvers and "quant-refit" not in solvers
+        assert {"enumerate-grid", "gptq", "rtn", "sparsegpt", "admm"} <= solvers and "quant-refit" not in solvers
     assert not [r for r in rows if str(r["check"]).startswith("FAIL")]
     assert all(r["gap"] >= -1e-9 for r in rows if r["role"] == "heuristic")
 
