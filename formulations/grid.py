@@ -210,9 +210,10 @@ def grid_rows(quantizer: Quantizer, shape) -> list[LinearRow]:
 
 @register_pattern
 class Quantized(Pattern):
-    """A sparsity pattern with every kept weight on a quantization grid (module doc). The mask part —
-    ``project``, ``is_feasible``, ``constraints``, ``kept_count`` — is the base pattern's; the weight part is
-    the grid (:meth:`quantizer`, :meth:`project_weights`, :meth:`weights_feasible`)."""
+    """A sparsity pattern whose kept weights lie on a quantization grid.
+
+    The mask part — ``project``, ``is_feasible``, ``constraints``, ``kept_count`` — is the base pattern's; the
+    weight part is the grid (:meth:`quantizer`, :meth:`project_grid`, :meth:`weights_feasible`; module doc)."""
 
     kinds = ("grid",)
     syntax = "any pattern with --quant " + GRID_SYNTAX

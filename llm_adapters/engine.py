@@ -144,6 +144,10 @@ class PruneRun:
         if self.nproc < 1:
             raise RunError(f"--nproc must be ≥ 1, got {self.nproc}")
         self.world = world_for(self.nproc)  # block-parallel pruning (--nproc N, or ranks of a torchrun)
+        if o.save_format == "pack-quantized" and (o.resume or self.world > 1):
+            # each layer's grid scales live on its module in this process (not in checkpoints or other ranks)
+            raise RunError("--save-format pack-quantized needs the whole prune in one process: not with --resume "
+                           "or --nproc > 1")
         if self.world > 1 and o.mode != "dense-input":
             raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
                            "the sequential mode stays single-process")
