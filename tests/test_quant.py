@@ -140,7 +140,8 @@ def test_grid_references_agree_and_bound_every_method(pattern, sparsity, quant):
     from optprune.solvers import get_backend
     pat = parse_pattern(pattern, sparsity, quant=quant)
     for seed in range(2):
-        pr = LayerProblem.random(2, 8, seed=seed, kind="correlated" if seed else "random")
+        # SCIP on the 2×4 instance only: it needs seconds to tens of seconds on some 2×8 grid programs
+        pr = LayerProblem.random(2, 8 if seed else 4, seed=seed, kind="correlated" if seed else "random")
         prog = grid_program(pr, pat)
         en = get_backend("enumerate-grid").solve(prog)
         assert en.proven_optimal and prog.check(en.values)["feasible"]
