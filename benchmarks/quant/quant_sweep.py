@@ -95,12 +95,12 @@ def table(path: str) -> str:
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
     lines = ["| method | grid | pruned | WikiText-2 ppl | mean rel. layer error | prune s | pack-quantized MB |",
              "|---|---|---|---|---|---|---|"]
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731  (RTN collects no Grams: no error)
     for r in rows:
         ppl = next(iter((r.get("perplexity") or {}).values()), None)
         setting = r["pattern"] if r["pattern"] != "unstructured" else (f"{r['sparsity']:.0%}" if r["sparsity"] else "–")
-        lines.append(f"| {r['method']} | {r['quant']} | {setting} | {ppl:.2f} | {r['mean_rel_error']:.4f} | "
-                     f"{r['prune_s']:.0f} | {r['pack_quantized_bytes'] / 2**20:.1f} |" if ppl is not None else
-                     f"| {r['method']} | {r['quant']} | {setting} | – | – | – | – |")
+        lines.append(f"| {r['method']} | {r['quant']} | {setting} | {f(ppl, '.2f')} | {f(r['mean_rel_error'], '.4f')} | "
+                     f"{f(r['prune_s'], '.0f')} | {r['pack_quantized_bytes'] / 2**20:.2f} |")
     return "\n".join(lines)
 
 
