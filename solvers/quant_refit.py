@@ -109,3 +109,8 @@ def quant_refit(problem: LayerProblem, pattern: Pattern, *, start: str = "gptq",
     info = {"method": "quant-refit", "start": start, "time_s": t.elapsed, "quant": pat.grid.name,
             "qparams": qz, "error_start": history[0], "error_history": history}
     return _finish(problem, W.to(_work_dtype(problem)), mask, info)
+
+
+#: the options under which quant-refit keeps the layer's fixed scales (its codes step only): how ``optprune verify``
+#: compares it with the fixed-scale grid program's optimum
+quant_refit.fixed_scale_options = {"rounds": 0}

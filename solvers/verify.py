@@ -310,9 +310,16 @@ def build_cases(k: int, factory: InstanceFactory, quick: bool = False) -> list[C
         c = Case(f"L0 {pat.name}", "exact", f"#{k} {fam} {shape[0]}x{shape[1]}", fam, how, prog)
         for n_ in names:
             spec = _METHODS[n_]
-            # grid programs fix the scales: a method that refits them (declaring no program) solves another model
-            if kd in spec.patterns and n_ != "refit" and not (kd == "grid" and spec.program is None):
-                c.producers.append(_method_producer(n_, spec, p, pat, prog, False))
+            if kd not in spec.patterns or n_ == "refit":
+                continue
+            opts = {}
+            if kd == "grid" and spec.program is None:
+                # grid programs fix the scales: a method that optimises them (declaring no program) is verified
+                # with the options under which it keeps them (``fn.fixed_scale_options``), or not at all
+                opts = getattr(spec.fn, "fixed_scale_options", None)
+                if opts is None:
+                    continue
+            c.producers.append(_method_producer(n_, spec, p, pat, prog, False, **opts))
         cases.append(c)
     # ---- the programs methods declare (other than the L0 MIQP above)
     p, fam, how = factory.problem(k, *CONVEX_SHAPE)
