@@ -579,11 +579,19 @@ class ExpanderNM(NM):
 
 
 def parse_pattern(pattern: Optional[str], sparsity: Optional[float] = None, *, min_degree: Optional[int] = None,
-                  group_size: Optional[int] = None, **params) -> Pattern:
+                  group_size: Optional[int] = None, quant: Optional[str] = None, **params) -> Pattern:
     """The pattern named by the CLI/API string: "unstructured", "row", "N:M" (e.g. "2:4"; with ``min_degree``
     the expander N:M), "groups", or any registered kind's syntax. ``params`` (``None`` values ignored) go to the
-    matching class; one that it does not read is an error naming the kinds that do."""
+    matching class; one that it does not read is an error naming the kinds that do. ``quant`` (``--quant``,
+    e.g. "w4g128") puts every kept weight on that quantization grid (formulations/grid.py)."""
     _discover()
+    if quant is not None:  # the grid kind (formulations/grid.py, registered on import) wraps the base pattern
+        grid = _KINDS.get("grid")
+        if grid is None:
+            raise PatternError("quantization grids are not registered (import optprune.formulations)")
+        base = parse_pattern(pattern, 0.0 if sparsity is None else sparsity, min_degree=min_degree,
+                             group_size=group_size, **params)
+        return grid(base, quant)
     text = (pattern or "unstructured").strip().lower()
     given = {k: v for k, v in dict(params, min_degree=min_degree, group_size=group_size).items() if v is not None}
     for cls in _PATTERNS.values():

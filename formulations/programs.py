@@ -11,6 +11,8 @@ Builders for the models of docs/methods.md:
 * :func:`mask_only_program` — choose the support, keep the weights: ``min f(W0 ⊙ z)  s.t.  z ∈ pattern`` (MIQP)
 * :func:`l1_program`     — FISTAPruner's ``min f(W) + λ‖W‖₁`` (convex)
 * :func:`mask_program`   — ``max Σ S_ij z_ij  s.t.  z ∈ pattern`` (LP/MILP; EGGS' expander N:M masks)
+* :func:`grid_program`   — the L0 program with every weight on a quantization grid: integer codes ``q``,
+  ``W = s ⊙ (q − z_0)`` with the layer's fixed scales (MIQP; docs/methods.md §12)
 """
 from __future__ import annotations
 
@@ -19,12 +21,14 @@ from typing import Optional
 
 import torch
 
+from .grid import Quantized, Quantizer, grid_rows
 from .patterns import ColumnGroups, LinearRow, Pattern
 from .problem import LayerProblem
 
 __all__ = [
     "Variable", "LayerObjective", "L1Penalty", "LinearScore", "Indicator", "Program",
     "l0_program", "refit_program", "l1_program", "mask_program", "mask_only_program", "l1_kkt_residual",
+    "grid_program",
 ]
 
 
@@ -32,8 +36,9 @@ __all__ = [
 class Variable:
     name: str
     shape: tuple
-    domain: str = "real"  # 'real' or 'binary'
+    domain: str = "real"  # 'real', 'binary' or 'integer' (with bounds)
     fixed_zero: Optional[torch.Tensor] = None  # bool tensor of `shape`: entries fixed at 0
+    bounds: Optional[tuple] = None  # (lower, upper) of an integer variable
 
     @property
     def size(self) -> int:
@@ -111,7 +116,7 @@ class Program:
 
     @property
     def n_integer(self) -> int:
-        return sum(v.free_size for v in self.variables.values() if v.domain == "binary")
+        return sum(v.free_size for v in self.variables.values() if v.domain in ("binary", "integer"))
 
     @property
     def n_constraints(self) -> int:
@@ -143,6 +148,8 @@ class Program:
                     continue
                 if name == "z" and "W" in values:
                     continue
+                if name == "q" and "W" in values and self.meta.get("quantizer") is not None:
+                    continue  # the codes of W (filled in below)
                 bad.append(f"missing variable {name}")
                 continue
             x = torch.as_tensor(values[name])
@@ -153,7 +160,17 @@ class Program:
                 bad.append(f"{name}: nonzero where fixed to zero")
             if v.domain == "binary" and ((x.to(torch.float64) - x.to(torch.float64).round()).abs() > tol).any():
                 bad.append(f"{name}: not binary")
+            if v.domain == "integer":
+                xd = x.to(torch.float64)
+                if ((xd - xd.round()).abs() > tol).any():
+                    bad.append(f"{name}: not integer")
+                if v.bounds is not None and ((xd < v.bounds[0] - tol) | (xd > v.bounds[1] + tol)).any():
+                    bad.append(f"{name}: outside [{v.bounds[0]}, {v.bounds[1]}]")
         vals = dict(values)
+        qz = self.meta.get("quantizer")
+        if qz is not None and "q" not in vals and "W" in vals:  # the codes of W's nearest grid values
+            W = torch.as_tensor(vals["W"]).to(torch.float64)
+            vals["q"] = qz.to(torch.float64).codes(W)
         if "z" in self.variables and "z" not in vals and "W" in vals:  # support of W as the mask
             vals["z"] = (vals["W"] != 0).to(torch.float64)
         if ("g" in self.variables and "g" not in vals and "W" in vals and isinstance(self.pattern, ColumnGroups)
@@ -194,7 +211,10 @@ def _W(problem: LayerProblem, fixed_zero=None) -> Variable:
 
 
 def l0_program(problem: LayerProblem, pattern: Pattern) -> Program:
-    """The mask-and-weights MIQP. Structured patterns couple W to one binary per group."""
+    """The mask-and-weights MIQP. Structured patterns couple W to one binary per group; a quantized pattern
+    gives the :func:`grid_program`."""
+    if isinstance(pattern, Quantized):
+        return grid_program(problem, pattern)
     pattern.validate(problem.shape)
     m, n = problem.shape
     if isinstance(pattern, ColumnGroups):
@@ -276,3 +296,24 @@ def mask_program(scores: torch.Tensor, pattern: Pattern) -> Program:
         variables[name] = Variable(name, (size,), "binary")
     return Program("mask selection (max score)", "MILP", variables, [LinearScore(scores.detach().cpu())],
                    pattern.constraints((m, n)), None, pattern)
+
+
+def grid_program(problem: LayerProblem, pattern: Quantized, quantizer: Optional[Quantizer] = None) -> Program:
+    """The L0 program over grid ∩ pattern: ``min f(W)`` over binaries ``z`` (the base pattern's rows), integer
+    codes ``q ∈ [q_min, q_max]`` and weights tied to them, ``W_ij = s_ij (q_ij − z0_ij)`` and ``W_ij = 0``
+    where ``z_ij = 0``. The scales are the layer's fixed ones (default: from the dense ``W0``,
+    :meth:`Quantized.quantizer`); ``meta['quantizer']`` holds them for the production solvers and backends."""
+    if not isinstance(pattern, Quantized):
+        raise ValueError(f"the grid program takes a quantized pattern (--quant), got {pattern.name}")
+    pattern.validate(problem.shape)
+    qz = quantizer or pattern.quantizer(problem.W0.to(torch.float64))
+    m, n = problem.shape
+    spec = pattern.grid
+    variables = {"W": _W(problem), "z": Variable("z", (m, n), "binary"),
+                 "q": Variable("q", (m, n), "integer", bounds=(spec.qmin, spec.qmax))}
+    for name, size in pattern.aux_variables(problem.shape).items():
+        variables[name] = Variable(name, (size,), "binary")
+    cons = [Indicator("W", "z", torch.arange(m * n))] + pattern.constraints(problem.shape) + \
+        grid_rows(qz, problem.shape)
+    return Program(f"grid MIQP ({spec.name})", "MIQP", variables, [LayerObjective()], cons, problem, pattern,
+                   meta={"quantizer": qz, "grid": spec.name})

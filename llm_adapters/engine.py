@@ -117,16 +117,31 @@ class PruneRun:
             eval_options={"--eval": o.eval_datasets, "--eval-seqlen": o.eval_seqlen,
                           "--eval-windows": o.eval_windows},
             output=o.output, overwrite=o.overwrite, reference=o.reference, resume=o.resume,
-            checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory)
+            checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory, quant=o.quant)
         self.structure = o.structure or "mlp"
         self.hidden = str(self.structure).strip().lower() == "hidden"  # slice the residual stream (hidden.py)
-        self.sparsity = check_sparsity(pf["sparsity"])
+        sparsity = pf["sparsity"]
+        if o.quant is not None:  # quantization alone prunes nothing unless asked (N:M fixes its own sparsity)
+            if spec.structured or self.hidden:
+                raise RunError(f"--quant puts kept weights on a grid; {spec.name} "
+                               f"{'slices the hidden dimension' if self.hidden else 'is a structured method'}")
+            from ..formulations.patterns import NM
+            if o.sparsity is None and not isinstance(parse_pattern(o.pattern, 0.5, min_degree=o.min_degree), NM):
+                sparsity = 0.0
+        self.sparsity = check_sparsity(sparsity)
         if self.hidden:
             if o.targets or o.ignore or o.save_format != "dense" or int(o.nproc or 1) != 1 or o.certify or o.refit:
                 raise RunError("--structure hidden slices the whole residual stream on one process: it takes no "
                                "--targets/--ignore, --nproc, --certify or --refit, and saves the dense format")
         elif not spec.structured:
-            kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree))
+            kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree, quant=o.quant))
+            if kind == "grid" and kind not in spec.patterns:
+                from ..solvers.registry import method_specs
+                raise RunError(f"method {spec.name!r} does not put weights on a grid (--quant); methods that do: "
+                               f"{', '.join(m.name for m in method_specs() if 'grid' in m.patterns)}")
+            if spec.patterns == frozenset({"grid"}) and kind != "grid":
+                raise RunError(f"method {spec.name!r} puts weights on a quantization grid: give --quant "
+                               f"(e.g. w4g128)")
             if kind not in spec.patterns:
                 raise RunError(f"method {spec.name!r} does not handle the {kind} pattern "
                                f"(it takes: {', '.join(sorted(spec.patterns))})")
@@ -138,6 +153,10 @@ class PruneRun:
                            f"rank prunes its blocks on its own core); lower --nproc, or pass --force-nproc to "
                            f"oversubscribe")
         self.world = world_for(self.nproc)  # block-parallel pruning (--nproc N, or ranks of a torchrun)
+        if o.save_format == "pack-quantized" and (o.resume or self.world > 1):
+            # each layer's grid scales live on its module in this process (not in checkpoints or other ranks)
+            raise RunError("--save-format pack-quantized needs the whole prune in one process: not with --resume "
+                           "or --nproc > 1")
         if self.world > 1 and o.mode != "dense-input":
             raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
                            "the sequential mode stays single-process")
@@ -151,7 +170,7 @@ class PruneRun:
         cfg = o.model.config.to_dict() if isinstance(o.model, torch.nn.Module) else \
             ((pf.get("model") or {}).get("config") or None)
         export.check_save_options(o.save_format, o.dtype, structured=spec.structured, config=cfg,
-                                  gguf_type=o.gguf_type)
+                                  quant=o.quant, gguf_type=o.gguf_type)
         self.targets, self.ignore = parse_patterns(o.targets, "targets"), parse_patterns(o.ignore, "ignore")
         if o.equal_widths:
             self.structure = _equal_widths_structure(spec, self.structure, self.alloc, self.targets or self.ignore)
@@ -190,7 +209,7 @@ class PruneRun:
         self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
             self.out_dir, o.checkpoint_dir, o.resume, single=self.world == 1 and not o.low_memory, settings=dict(
                 model=str(self.model_label), method=spec.name, sparsity=self.sparsity, pattern=o.pattern,
-                min_degree=o.min_degree, allocation=self.alloc, allocation_eps=o.allocation_eps,
+                min_degree=o.min_degree, quant=o.quant, allocation=self.alloc, allocation_eps=o.allocation_eps,
                 structure=self.structure, mode=o.mode, error_correction=bool(o.error_correction),
                 refit=bool(o.refit), method_options=self.method_options, damp=o.damp, batch_size=o.batch_size,
                 calibration_packing=self.packing,
@@ -364,6 +383,7 @@ class PruneRun:
         from .pipeline import PruneConfig
         o = self.o
         kw = dict(method=self.spec.name, sparsity=self.sparsity, pattern=o.pattern, min_degree=o.min_degree,
+                  quant=o.quant,
                   layer_sparsity=None, structure=self.structure, mode=o.mode,
                   error_correction=bool(o.error_correction), refit=bool(o.refit),
                   method_options=self.method_options, device=self.dev, certify=bool(o.certify))
@@ -379,6 +399,7 @@ class PruneRun:
         o, spec = self.o, self.spec
         return {"model": str(self.model_label), "method": spec.name, "sparsity": self.sparsity,
                 "pattern": None if spec.structured or self.hidden else o.pattern, "min_degree": o.min_degree,
+                "quant": o.quant,
                 "allocation": self.alloc, "allocation_eps": o.allocation_eps,
                 "structure": self.structure if spec.structured or self.hidden else None, "mode": o.mode,
                 "error_correction": bool(o.error_correction), "refit": bool(o.refit),

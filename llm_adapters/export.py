@@ -14,7 +14,9 @@
   - ``gguf`` (:mod:`.export_gguf`): one GGUF file (weights, tokenizer, chat template, metadata) for llama.cpp,
     Ollama and transformers' GGUF loader;
   - ``compressed-sparse-legacy`` (:mod:`.export_legacy_sparse`): the compressed-tensors sparse bitmask format,
-    which only compressed-tensors ≤ 0.14 writes and reads (refused up front otherwise).
+    which only compressed-tensors ≤ 0.14 writes and reads (refused up front otherwise);
+  - ``pack-quantized`` (:mod:`.export_quant`): quantized weights (``--quant``) in the current compressed-tensors
+    format, which transformers loads and vLLM serves.
 
 A format declares the options it reads (``gguf_type``), whether it can hold a structurally pruned (shrunk)
 model, and a check run in the preflight — before any weight is read — that refuses what it cannot write in one
@@ -45,10 +47,11 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 def check_save_options(format: str = "dense", dtype: Union[str, torch.dtype, None] = "auto", *,
                        structured: bool = False, model_type: Optional[str] = None, config: Optional[dict] = None,
-                       **options) -> None:
+                       quant=..., **options) -> None:
     """Preflight of the save options: unknown names, options the format does not read, a missing library,
     a model or combination the format cannot hold. ``model_type``/``config``: the model's ``config.json``
-    (as a dict) when known."""
+    (as a dict) when known. ``quant``: the run's ``--quant`` grid (None: none) when checking a prune before it
+    starts; left out when saving a model that is already pruned."""
     fmt = get_format(format)
     if not isinstance(dtype, torch.dtype) and dtype is not None and str(dtype) not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -59,6 +62,8 @@ def check_save_options(format: str = "dense", dtype: Union[str, torch.dtype, Non
     if model_type is None and config:
         model_type = config.get("model_type")
     fmt.check(dtype=dtype, structured=structured, model_type=model_type, config=config, options=opts)
+    if quant is not ...:
+        fmt.check_quant(quant)
 
 
 def check_loaded(model: nn.Module, tokenizer, format: str = "dense", **options) -> None:
@@ -148,5 +153,5 @@ def dir_size_bytes(path: Union[str, os.PathLike]) -> int:
 
 
 #: the save formats of the package, each in its own module that registers itself
-from . import export_gguf, export_legacy_sparse  # noqa: E402,F401
+from . import export_gguf, export_legacy_sparse, export_quant  # noqa: E402,F401
 SAVE_FORMATS = save_formats()

@@ -90,6 +90,7 @@ class PruneConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"          # parse_pattern(pattern, sparsity, min_degree=...)
     min_degree: Optional[int] = None       # expander N:M (EGGS)
+    quant: Optional[str] = None            # quantization grid of the kept weights (formulations/grid.py)
     layer_sparsity: Optional[dict] = None  # full sub-layer module name -> sparsity (allocation)
     structure: str = "mlp"                 # structured methods: "mlp", "heads", "heads:kv", "mlp,heads", …
     mode: str = "sequential"               # "sequential" | "dense-input"
@@ -527,7 +528,8 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
                 g = []
                 for sub in grp:
                     name = f"{arch.blocks}.{bi}.{sub}"
-                    pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree)
+                    pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree,
+                                        quant=config.quant)
                     shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
                     _check_layer(spec, pat, name, shape)
                     g.append((sub, name, pat, None))
@@ -745,6 +747,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     W0 = _fresh(W_model)
     m, n = W0.shape
     problem = acc.problem(W0, name=name, damp=config.damp)
+    problem.meta["weight_dtype"] = model_dtype  # grid scales are rounded to it, so saved scales reproduce them
     full = problem.meta.get("stats") != "diag"
     t0 = time.perf_counter()
     res = spec(problem, pat, **config.method_options)
@@ -762,6 +765,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {name!r}: method {spec.name!r} returned NaN/Inf weights")
 
+    qparams = (res.info or {}).pop("qparams", None)  # a grid's scales: kept on the module for the exporter
     rec = {}
     for k, v in (res.info or {}).items():
         j = _jsonable(v)
@@ -784,6 +788,9 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         sparsity = float((written == 0).sum()) / (m * n)
         _check_target(name, spec.name, pat, (m, n), int((written != 0).sum()))
         W_eval = written.float() if model_dtype != torch.float32 else W
+        if qparams is not None:
+            mod.optprune_quant = qparams.to(torch.float32, torch.device("cpu"))
+            rec["on_grid"] = bool(qparams.on_grid(W.to(torch.float64)))
         try:
             rec["feasible"] = bool(pat.is_feasible(res.mask.to(W.device)))
         except Exception:  # pragma: no cover - a pattern without a feasibility test

@@ -524,8 +524,9 @@ def _widths(cfg: dict, arch) -> dict:
 
 
 def check_shapes(cfg: Optional[dict], *, structured: bool, nm_M: Optional[int], structure: str,
-                 sparsity: float, pattern: str) -> None:
-    """N:M divisibility of every prunable input width; a structured sparsity keeping ≥ 1 group."""
+                 sparsity: float, pattern: str, quant_group: Optional[int] = None) -> None:
+    """N:M divisibility of every prunable input width; a structured sparsity keeping ≥ 1 group; a ``--quant``
+    group size dividing every prunable input width."""
     if not cfg:
         return
     from .architectures import UnknownArchitectureError
@@ -539,6 +540,12 @@ def check_shapes(cfg: Optional[dict], *, structured: bool, nm_M: Optional[int], 
             if key in w and w[key] % nm_M:
                 raise PreflightError(f"--pattern {pattern} needs every prunable layer width divisible by M={nm_M}; "
                                      f"the {layer} projection has input width {w[key]}")
+    if quant_group:
+        for key, layer in (("hidden", "q/k/v/up/gate"), ("attn_out", "attention output"), ("mlp", "MLP down")):
+            if key in w and w[key] % quant_group:
+                raise PreflightError(f"--quant group {quant_group} does not divide the input width {w[key]} of the "
+                                     f"{layer} projection; choose a group dividing every width, or per-channel "
+                                     f"scales (no g)")
     if structured:
         for kind in [k.strip().lower() for k in str(structure).split(",") if k.strip()]:
             g, what = {"mlp": (w.get("mlp"), "MLP channels"), "heads": (w.get("heads"), "attention heads"),
@@ -570,9 +577,10 @@ def check_hidden(spec, *, pattern_given: bool, min_degree, allocation, low_memor
 def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, pattern, pattern_given: bool,
                 structure_given: bool, structure, min_degree, allocation, allocation_eps, evaluate: bool,
                 eval_options: dict, data_dir, output, overwrite: bool, reference, resume: bool,
-                checkpoint_dir, low_memory: bool) -> dict:
+                checkpoint_dir, low_memory: bool, quant: Optional[str] = None) -> dict:
     """Everything ``optprune prune`` can check before loading (module doc). Returns
     ``{"out_dir": Path or None, "model": {config, bytes, path} or None}``."""
+    from ..formulations.grid import parse_grid
     from ..formulations.patterns import NM, parse_pattern
     # combinations: options the method would ignore
     if spec.structured:
@@ -619,7 +627,8 @@ def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, patte
         check_model_source(reference, model_dir, what="--reference")
     cfg = info and info.get("config")
     check_shapes(cfg, structured=spec.structured, nm_M=nm.M if nm is not None else None, structure=structure,
-                 sparsity=float(sparsity if sparsity is not None else 0.5), pattern=pattern)
+                 sparsity=float(sparsity if sparsity is not None else 0.5), pattern=pattern,
+                 quant_group=parse_grid(quant).group if quant is not None else None)
     need = 0
     if info:  # the saved weights (model dtype) + the block checkpoints, with a margin
         need = int(info["bytes"] * (2 if checkpoint_dir is None else 1) * 1.1)

@@ -33,8 +33,8 @@ class RecipeError(ValueError):
 
 
 #: keyword arguments of ``optprune prune`` a config file may set (the CLI's destinations)
-PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps", "structure",
-              "equal_widths",
+PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "quant", "allocation", "allocation_eps",
+              "structure", "equal_widths",
               "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
               "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
               "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
@@ -175,7 +175,7 @@ def replay_kwargs(path) -> tuple[dict, dict]:
     calib = prot.get("calibration")
     if calib in ("list of strings", "datasets.Dataset", "token ids"):
         raise RecipeError(f"{path}: the run was calibrated on in-memory {calib}, which a replay cannot re-read")
-    kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "allocation", "allocation_eps",
+    kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "quant", "allocation", "allocation_eps",
                               "mode", "error_correction", "refit", "method_options", "damp", "nproc", "seed",
                               "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype",
                               "calibration_packing", "gguf_type")

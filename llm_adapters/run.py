@@ -44,7 +44,7 @@ __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
 # ============================================================================================ prune
 def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
-          min_degree: Optional[int] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
+          min_degree: Optional[int] = None, quant: Optional[str] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
           structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
@@ -79,11 +79,12 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
     ``resume=True`` continues an interrupted run. ``force_nproc`` allows ``nproc`` above the CPU cores.
+    ``quant`` (``w4g128``, formulations/grid.py) puts the kept weights on a quantization grid.
 
     ``calibration_packing``: ``rows`` (each text or document one sample, truncated at ``seqlen``, short ones
     kept — the default for lists, ``datasets.Dataset`` and text files) or ``windows`` (texts joined into one
     stream, ``nsamples`` windows of ``seqlen`` tokens — the default for the named data sets); see
-    :mod:`.calib_inputs`. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
+    :mod:`.calib_inputs`. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns; 0 with ``quant``),
     ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error.
     ``equal_widths`` (structured methods): the same widths in every block, so the saved config states them
     (uniform allocation; heads removed as whole key/value groups)."""

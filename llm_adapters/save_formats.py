@@ -2,7 +2,7 @@
 
 A format is a :class:`SaveFormat` subclass in a module of its own that registers itself with
 :func:`register_format`: ``export.py`` (``dense``), ``export_gguf.py`` (``gguf``), ``export_legacy_sparse.py``
-(``compressed-sparse-legacy``). This module imports none of them, so they can all import it.
+(``compressed-sparse-legacy``), ``export_quant.py`` (``pack-quantized``). This module imports none of them, so they can all import it.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ class SaveFormat:
     def check(self, *, dtype, structured: bool, model_type: Optional[str], config: Optional[dict],
               options: dict) -> None:
         """Refuse (one line, :class:`ExportError`) what this format cannot write; no weights are read."""
+
+    def check_quant(self, quant: Optional[str]) -> None:
+        """Refuse a run's ``--quant`` grid (None: no grid) this format cannot store (before pruning)."""
 
     def check_loaded(self, model: nn.Module, tokenizer, options: dict) -> None:
         """Checks that need the loaded model (before pruning)."""

@@ -37,7 +37,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           nsamples: Optional[int] = None, seqlen: Optional[int] = None,
           targets: Union[str, Sequence[str], None] = None, ignore: Union[str, Sequence[str], None] = None,
           text_column: str = "text", protocol: Optional[str] = None, min_degree: Optional[int] = None,
-          allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: Optional[str] = None,
+          quant: Optional[str] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: Optional[str] = None,
           mode: str = "sequential", error_correction: bool = True, refit: bool = False,
           method_options: Optional[dict] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
           nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
@@ -57,6 +57,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         method: pruning method (``optprune list methods``): magnitude, wanda, sparsegpt, ria, fista, ...
         sparsity: fraction of weights removed per layer (default 0.5; N:M patterns fix their own: 1 − N/M).
         pattern: ``unstructured``, ``row``, ``N:M`` (e.g. ``2:4``), ``groups``.
+        quant: a quantization grid for the kept weights, ``w<bits>[g<group>][a]`` (``w4g128``; methods gptq,
+            rtn, sparsegpt, quant-refit); without ``sparsity`` nothing is pruned.
         dataset: calibration: a name (``c4``, ``wikitext2``, ``ptb``, ``self``), a text file path, a list of
             strings, a ``datasets.Dataset`` with a ``text_column``, or a LongTensor of token ids
             ``(nsamples, seqlen)`` (or a 1-D stream). Default: the protocol's.
@@ -86,7 +88,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
     """
     from .llm_adapters.run import prune as _prune
     mdl, tok, record = _prune(
-        model, method, sparsity=sparsity, pattern=pattern, min_degree=min_degree, allocation=allocation,
+        model, method, sparsity=sparsity, pattern=pattern, min_degree=min_degree, quant=quant, allocation=allocation,
         allocation_eps=allocation_eps, structure=structure, mode=mode, error_correction=error_correction,
         refit=refit, calibration=dataset, nsamples=nsamples, seqlen=seqlen, protocol=protocol, nproc=nproc,
         method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed per layer (default: 0.5; N:M: 1 − N/M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
+    p.add_argument("--quant", default=None,
+                   help="kept weights on an integer grid: w<bits>[g<group>][a], e.g. w4 (per channel), w4g128 (per "
+                        "128 inputs), w4g64a (asymmetric); methods gptq, rtn, sparsegpt, quant-refit (default: none)")
     p.add_argument("--min-degree", type=int, default=None,
                    help="expander N:M: keep ≥ B entries per column per tile (default: none)")
     p.add_argument("--allocation", default="uniform",

@@ -39,6 +39,13 @@ the first D-update is a projected-gradient step from it); ``dense`` is ALPS' own
 candidates: the method returns the best of them by ``f``, never worse than its warm start.
 
 Error-corrected inputs: with ``Ĥ ≠ H`` everything above uses ``Ĥ`` and ``B = W0 C`` — the same problem.
+
+**Grids** (``--quant``, docs/methods.md §12): the same iteration over grid ∩ pattern. The D-update is the exact
+Euclidean projection onto that set in the scaled coordinates — each entry's nearest grid value
+``s_j·Q(z/s_j)``, kept where the base pattern's projection of the gains ``z² − (z − s_j Q(z/s_j))²`` keeps it —
+and the ρ schedule counts the entries of D that changed (code or support). No refit (it would leave the grid);
+the warm start is GPTQ (``sparsegpt``/``gptq``; ``rtn``; ``dense``) and stays a candidate: the result is never
+worse than it.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..formulations.grid import Quantized
 from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
 from ..formulations.problem import LayerProblem, NumericalError
 from ..formulations.programs import l0_program
@@ -144,6 +152,7 @@ class AdmmL0:
         B[:, self.dead] = 0.0
         self.Bn = (B / s.unsqueeze(0)).to(self.dt)
         self.k = max(1, pattern.kept_count(problem.shape))
+        self.grid = None  # a grid's quantizer (set by the caller for a quantized pattern)
         self._rho = None
         self._inv = None
 
@@ -184,11 +193,21 @@ class AdmmL0:
     def gradient(self, Wn: torch.Tensor) -> torch.Tensor:
         return Wn @ self.An - self.Bn
 
+    def project_point(self, Zn: torch.Tensor) -> torch.Tensor:
+        """``Π(Z)`` in scaled coordinates: ``Z`` on the mask of the pattern, or on grid ∩ pattern (module doc)."""
+        if self.grid is None:
+            return Zn * self.project(Zn)
+        s = self.s.unsqueeze(0)
+        R = self.grid.round(Zn / s) * s
+        gain = Zn * Zn - (Zn - R) ** 2
+        return R * self.pattern.base.project(gain)
+
     def run(self, W_init: torch.Tensor, D_init: torch.Tensor, V_init: torch.Tensor, *, rho: float,
             rho_max: float, max_iter: int, update_iter: int, switch_iter: int) -> tuple[torch.Tensor, dict]:
         W0n, D0n, V0n = W_init, D_init, V_init
         W, D, V = W0n.clone(), D0n.clone(), V0n.clone()
-        supp_prev = D != 0
+        key = (lambda X: X) if self.grid is not None else (lambda X: X != 0)  # grid: codes move, not only supports
+        supp_prev = key(D)
         grown = False
         it = 0
         restarts = 0
@@ -197,13 +216,12 @@ class AdmmL0:
         for it in range(1, max_iter + 1):
             W = (self.Bn - V).add_(D, alpha=rho) @ self.inverse(rho)
             Z = W + V / rho
-            mask = self.project(Z)
-            D = Z * mask
+            D = self.project_point(Z)
             V.add_(W - D, alpha=rho)
             if it % update_iter:
                 continue
-            supp = D != 0
-            change = int((supp ^ supp_prev).sum())
+            supp = key(D)
+            change = int((supp != supp_prev).sum())
             supp_prev = supp
             ratio = change / self.k
             history.append((it, rho, change))
@@ -218,7 +236,7 @@ class AdmmL0:
                     rho /= 5.0
                     restarts += 1
                     W, D, V = W0n.clone(), D0n.clone(), V0n.clone()
-                    supp_prev = D != 0
+                    supp_prev = key(D)
             else:
                 if grown:
                     stop = "support_fixed"
@@ -256,7 +274,7 @@ _OPTIONS = ("warm_start", "warm_options", "rho", "rho_max", "max_iter", "update_
             "refit", "refit_damp", "pcg_iters", "pcg_rtol", "dtype", "threads", "candidates", "swaps")
 
 
-@register_method("admm", needs="gram", patterns=("unstructured", "row", "nm", "expander"),
+@register_method("admm", needs="gram", patterns=("unstructured", "row", "nm", "expander", "grid"),
                  program=lambda problem, pattern, **_: l0_program(problem, pattern),
                  description="ALPS-class ADMM on the L0 program (W = D, D in the pattern; one eigendecomposition, "
                              "ρ schedule on support change, PCG refit), warm start SparseGPT",
@@ -284,8 +302,62 @@ def admm(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"admm: unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTIONS)}")
+    if isinstance(pattern, Quantized):
+        unused = sorted(set(options) - set(_GRID_OPTIONS))
+        if unused:
+            raise ValueError(f"admm: {', '.join(unused)} do not apply with a grid (--quant; no refit); valid: "
+                             f"{', '.join(_GRID_OPTIONS)}")
+        with torch_threads(options.get("threads")):
+            return _admm_grid(problem, pattern, **options)
     with torch_threads(options.get("threads")):
         return _admm(problem, pattern, **options)
+
+
+_GRID_OPTIONS = ("warm_start", "rho", "rho_max", "max_iter", "update_iter", "switch_iter", "damp", "dtype",
+                 "threads")
+_GRID_WARM = {"sparsegpt": "gptq", "gptq": "gptq", "rtn": "rtn", "dense": None}
+
+
+def _admm_grid(problem: LayerProblem, pattern: Quantized, *, warm_start="sparsegpt", rho: float = 0.1,
+               rho_max: float = 1e6, max_iter: int = 300, update_iter: int = 3, switch_iter: int = 30,
+               damp: Optional[float] = None, dtype=None, threads: Optional[int] = None) -> LayerResult:
+    """ADMM over grid ∩ pattern (module doc): the scales are the layer's fixed ones (those of the warm start)."""
+    ws = str(warm_start or "dense").strip().lower()
+    if ws not in _GRID_WARM:
+        raise ValueError(f"admm: with a grid, warm_start is one of {', '.join(_GRID_WARM)}; got {warm_start!r}")
+    if not (rho > 0 and rho_max >= rho and max_iter >= 0 and update_iter >= 1 and switch_iter >= 0):
+        raise ValueError("admm: need rho > 0, rho_max ≥ rho, max_iter ≥ 0, update_iter ≥ 1, switch_iter ≥ 0")
+    pattern.validate(problem.shape)
+    with Timer() as t_all:
+        warm = get_method(_GRID_WARM[ws])(problem, pattern) if _GRID_WARM[ws] else None
+        qz = warm.info["qparams"] if warm is not None else \
+            pattern.quantizer(problem.W0, round_to=problem.meta.get("weight_dtype"))
+        eng = AdmmL0(problem, pattern, damp=damp, dtype=dtype)
+        eng.grid = qz.to(eng.dt, eng.s.device)
+        if warm is None:
+            W = eng.Bn @ eng.inverse(1e-8) if problem.corrected else eng.scale(problem.W0)
+            W[:, eng.dead] = 0.0
+            D = eng.project_point(W)
+            V = torch.zeros_like(W)
+        else:
+            D = eng.scale(warm.W)
+            W = D.clone()
+            V = -eng.gradient(D)
+        Wn, stats = eng.run(W, D, V, rho=float(rho), rho_max=float(rho_max), max_iter=int(max_iter),
+                            update_iter=int(update_iter), switch_iter=int(switch_iter))
+        Dn = eng.project_point(Wn)
+        mask = Dn != 0
+        Wq = eng.grid.round(eng.unscale(Dn)) * mask  # exactly on the grid (undo the scaling's round-off)
+        e = problem.objective(Wq)
+        best = ("admm", Wq, mask, e)
+        if warm is not None and warm.info["error"] < e:
+            best = ("warm_start", warm.W.to(Wq.dtype), warm.mask, warm.info["error"])
+    info = {"method": "admm", "time_s": t_all.elapsed, "error": best[3], "chosen": best[0], "error_admm": e,
+            "error_warm": None if warm is None else warm.info["error"], "warm_start": ws, "quant": qz.spec.name,
+            "qparams": qz, **{k: v for k, v in stats.items() if k != "schedule"}}
+    W = best[1]
+    info.setdefault("sparsity", 1.0 - float(best[2].float().mean()))
+    return LayerResult(W.to(problem.W0.dtype), best[2], info)
 
 
 def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, LayerResult] = "sparsegpt",

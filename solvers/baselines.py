@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..formulations.grid import Quantized, Quantizer
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, PatternError, Unstructured
 from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
 from ..formulations.programs import l0_program, refit_program
@@ -96,12 +97,30 @@ class SparseGPT:
     ``W* = W0 C Ĥ⁻¹``; the OBS sweep runs on W* with Ĥ, which is exactly SparseGPT on the corrected problem.
     Masks: chosen per block of ``blocksize`` columns by ``w²/[H⁻¹]_jj²`` (unstructured: across the whole
     block, with a running count so the matrix hits its exact target; per-row: per row; N:M: per row group).
+
+    **Grids** (a :class:`~optprune.formulations.grid.Quantized` pattern, docs/methods.md §12): each kept weight is
+    rounded to its nearest grid value where the sweep fixes its column, and the rounding error is propagated
+    to the columns not yet fixed exactly like a pruning error — GPTQ on a dense base pattern, the joint
+    SparseGPT + GPTQ on a sparse one. The grid's scales are fixed before the sweep (from the dense weights,
+    or ``quantizer``). ``act_order`` visits columns by decreasing ``Ĥ_jj`` (GPTQ's activation order; each column
+    keeps its own group's scale, so the saved layout is unchanged); not with N:M, whose groups are contiguous.
     """
 
     def __init__(self, problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128,
-                 damp: Optional[float] = None):
-        _check_pattern("sparsegpt", pattern)
+                 damp: Optional[float] = None, act_order: bool = False, quantizer: Optional[Quantizer] = None,
+                 name: str = "sparsegpt"):
+        self.name = name
+        self.quantizer = None
+        if isinstance(pattern, Quantized):
+            pattern.validate(problem.shape)
+            self.quantizer = quantizer or pattern.quantizer(problem.W0, round_to=problem.meta.get("weight_dtype"))
+            pattern = pattern.base
+        _check_pattern(name, pattern)
         pattern.validate(problem.shape)
+        if act_order and isinstance(pattern, NM):
+            raise PatternError(f"method {name!r}: act_order visits columns out of order; N:M groups need them "
+                               f"in order (use act_order=false)")
+        self.act_order = bool(act_order)
         self.p, self.pattern = problem, pattern
         self.bs = blocksize
         if isinstance(pattern, NM) and blocksize % pattern.M:
@@ -109,9 +128,11 @@ class SparseGPT:
         self.damp = problem.damp if damp is None else damp
         self.dtype = _work_dtype(problem)
 
-    def _hinv_chol(self):
-        """Upper Cholesky factor of (Ĥ + δ I)⁻¹, with damping raised on failure."""
+    def _hinv_chol(self, perm=None):
+        """Upper Cholesky factor of (Ĥ + δ I)⁻¹ (columns in the order ``perm``), damping raised on failure."""
         A = self.p.damped_hessian(0.0, dtype=self.dtype)
+        if perm is not None:
+            A = A[perm][:, perm]
         L, d = cholesky_with_retry(A, self.damp, name=self.p.name)
         Hinv = torch.cholesky_inverse(L)
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
@@ -134,7 +155,13 @@ class SparseGPT:
         with Timer() as t:
             m, n = self.p.shape
             W = self._start_weights()
-            U, damp_used = self._hinv_chol()
+            perm = None
+            if self.act_order:  # GPTQ's order: the inputs with the most energy first
+                perm = torch.argsort(self.p.Hh.diagonal().to(W.device), descending=True)
+                W = W[:, perm]
+            col = perm if perm is not None else torch.arange(n, device=W.device)
+            qz = None if self.quantizer is None else self.quantizer.to(self.dtype, W.device)
+            U, damp_used = self._hinv_chol(perm)
             mask = torch.ones(m, n, dtype=torch.bool, device=W.device)
             pat = self.pattern
             total_prune = m * n - pat.kept_count((m, n)) if isinstance(pat, Unstructured) and pat.scope == "matrix" else 0
@@ -166,6 +193,8 @@ class SparseGPT:
                         sc = W1[:, j:j + pat.M] ** 2 / d[j:j + pat.M].unsqueeze(0) ** 2
                         M1[:, j:j + pat.M] = pat.project(sc)  # top-N per row (expander N:M: per tile)
                     q = w * M1[:, j]
+                    if qz is not None:  # kept weights onto the grid; zero is a grid point
+                        q = qz.round_column(q, int(col[i1 + j])) * M1[:, j]
                     Q1[:, j] = q
                     err = (w - q) / dj
                     W1[:, j:] -= err.unsqueeze(1) @ U1[j, j:].unsqueeze(0)
@@ -174,17 +203,26 @@ class SparseGPT:
                 mask[:, i1:i2] = M1
                 W[:, i2:] -= Err1 @ U[i1:i2, i2:]
             W = W * mask
-        info = {"method": "sparsegpt", "time_s": t.elapsed, "damp_used": damp_used}
+            if perm is not None:
+                inv = torch.argsort(perm)
+                W, mask = W[:, inv], mask[:, inv]
+        info = {"method": self.name, "time_s": t.elapsed, "damp_used": damp_used}
+        if qz is not None:
+            info.update(quant=qz.spec.name, act_order=self.act_order, qparams=self.quantizer)
         return _finish(self.p, W, mask, info)
 
 
-@register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm"),
-                 description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates",
+@register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm", "grid"),
+                 description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates; "
+                             "with --quant the joint SparseGPT + GPTQ",
                  options={"blocksize": Option(help="columns per mask-selection block", range="[1, inf)"),
                           "damp": Option(help="relative Hessian damping (default: the problem's)", range="[0, inf)"),
                           "refit": _REFIT_HELP})
 def sparsegpt(problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, damp: Optional[float] = None,
               refit: bool = False) -> LayerResult:
+    if refit and isinstance(pattern, Quantized):
+        raise PatternError("sparsegpt: the least-squares refit moves weights off the grid; with --quant refit the "
+                           "scales instead (method quant-refit)")
     res = SparseGPT(problem, pattern, blocksize=blocksize, damp=damp).run()
     return refit_result(problem, res) if refit else res
 

@@ -78,6 +78,19 @@ class Layout:
                 out[self.slice(name)] = True
         return out
 
+    def integer_bounds(self) -> tuple:
+        """``(mask, lower, upper)`` over the flat vector: the general integer variables (grid codes) and their
+        bounds (``±inf`` elsewhere)."""
+        mask = np.zeros(self.size, dtype=bool)
+        lo, hi = np.full(self.size, -np.inf), np.full(self.size, np.inf)
+        for name, v in self.program.variables.items():
+            if v.domain == "integer":
+                sl = self.slice(name)
+                mask[sl] = True
+                if v.bounds is not None:
+                    lo[sl], hi[sl] = float(v.bounds[0]), float(v.bounds[1])
+        return mask, lo, hi
+
     def unpack(self, x) -> dict:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
         vals = {}
@@ -220,6 +233,11 @@ def feasible_start(program: Program) -> Optional[dict]:
     problem, pattern = program.problem, program.pattern
     if problem is None or pattern is None:
         return None
+    qz = program.meta.get("quantizer")
+    if qz is not None:  # a grid program: round to nearest, the projection onto grid ∩ pattern
+        W, mask = pattern.project_grid(problem.W0.to(torch.float64), qz.to(torch.float64))
+        vals = {"W": W, "z": mask.to(torch.float64), "q": qz.to(torch.float64).codes(W)}
+        return vals if program.check(vals)["feasible"] else None
     try:
         mask = pattern.project(problem.W0.to(torch.float64).abs())
     except Exception:  # a pattern without a projection (e.g. expander N:M with no hook registered)
@@ -280,6 +298,12 @@ def finish_mask_solution(program: Program, values: dict, *, polish: bool = True)
     for name, v in program.variables.items():
         if v.domain == "binary" and name in vals:
             vals[name] = (vals[name] > 0.5).to(torch.float64)
+        elif v.domain == "integer" and name in vals:
+            vals[name] = vals[name].round()
+    qz = program.meta.get("quantizer")
+    if qz is not None and "q" in vals and "W" in vals:  # a grid program: W exactly from its rounded codes
+        vals["W"] = qz.to(torch.float64).dequantize(vals["q"])
+        polish = False  # a refit would leave the grid
     info = {}
     inds = program.indicators()
     if "W" in vals and inds:

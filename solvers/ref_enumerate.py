@@ -172,6 +172,8 @@ class EnumerateBackend(Backend):
         if program.kind == "MIQP":
             if program.problem is None or program.pattern is None:
                 return -1
+            if program.meta.get("quantizer") is not None:
+                return -1  # grid programs: backend 'enumerate-grid' (ref_enumerate_grid.py)
             if any(not isinstance(t, LayerObjective) for t in program.objective) or program.meta.get("fixed_weights"):
                 return -1  # (the search below refits the weights: not the mask-only program)
             return _l0_count(program)

@@ -178,6 +178,9 @@ class GurobiBackend(Backend):
         binm = lay.binary_mask()
         vtype[binm] = GRB.BINARY
         lb[binm], ub[binm] = 0.0, 1.0
+        intm, ilo, ihi = lay.integer_bounds()  # grid codes
+        vtype[intm] = GRB.INTEGER
+        lb[intm], ub[intm] = ilo[intm], ihi[intm]
         # indicator handling: big-M (bounds on W) or indicator constraints
         inds = program.indicators()
         M = None

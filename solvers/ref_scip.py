@@ -94,6 +94,8 @@ class ScipBackend(Backend):
         ub = np.full(lay.size, np.inf)
         binm = lay.binary_mask()
         lb[binm], ub[binm] = 0.0, 1.0
+        intm, ilo, ihi = lay.integer_bounds()  # grid codes
+        lb[intm], ub[intm] = ilo[intm], ihi[intm]
         M = None
         mode = indicator
         if inds:
@@ -118,7 +120,7 @@ class ScipBackend(Backend):
         rows_q, shift = (row_quadratics(program, lay, quad.var, shifted=not l1s) if quad is not None
                          else ([], np.zeros(lay.size)))
         lo, hi = lb - shift, ub - shift
-        x = [mdl.addVar(vtype="B" if binm[j] else "C", lb=None if not np.isfinite(lo[j]) else float(lo[j]),
+        x = [mdl.addVar(vtype="B" if binm[j] else "I" if intm[j] else "C", lb=None if not np.isfinite(lo[j]) else float(lo[j]),
                         ub=None if not np.isfinite(hi[j]) else float(hi[j])) for j in range(lay.size)]
         obj_terms = []
         const = 0.0

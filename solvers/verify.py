@@ -64,6 +64,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..formulations.grid import Quantized
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, pattern_kinds
 from ..formulations.problem import LayerProblem
 from ..formulations.programs import Program, l0_program, l1_program, mask_program
@@ -90,10 +91,18 @@ CANONICAL_PATTERNS = {
     "nm": lambda: NM(2, 4),
     "expander": lambda: ExpanderNM(2, 4, 1),
     "groups": lambda: ColumnGroups(2, sparsity=0.5),
+    "grid": lambda: Quantized(Unstructured(0.0), "w2"),
 }
+#: the grid programs verified (kind ``grid``): dense 2-bit per channel, 50% unstructured with asymmetric 2-bit
+#: groups of 4, 2:4 with 2-bit per channel — 4^8 values per row of a 2×8 instance, as enumeration takes them
+GRID_PATTERNS = (lambda: Quantized(Unstructured(0.0), "w2"), lambda: Quantized(Unstructured(0.5), "w2g4a"),
+                 lambda: Quantized(NM(2, 4), "w2"))
 #: instance shape per program kind: L0 MIQPs tiny (SCIP takes 0.4–2 s on 2×8, minutes on some 4×8), expander
 #: L0 one 4×4 tile (its rows are coupled), convex and mask programs 4×8
 L0_SHAPE = (2, 8)
+#: grid programs: 2×8 in the full run (4^8 code vectors per row), 2×4 in the quick set (SCIP needs 3–20 s on some
+#: 2×8 grid instances, under 1 s on 2×4), which verifies only the first of GRID_PATTERNS
+GRID_SHAPE, GRID_QUICK_SHAPE = (2, 8), (2, 4)
 EXPANDER_SHAPE = (4, 4)
 CONVEX_SHAPE = (4, 8)
 
@@ -285,28 +294,39 @@ def _l1_producer(name, fn, p, lam) -> Producer:
     return Producer(name, run, True)
 
 
-def build_cases(k: int, factory: InstanceFactory) -> list[Case]:
-    """Every program of instance index ``k``, each with its production solvers."""
+def build_cases(k: int, factory: InstanceFactory, quick: bool = False) -> list[Case]:
+    """Every program of instance index ``k``, each with its production solvers (``quick``: smaller grid
+    instances)."""
     from .baselines import wanda
     cases: list[Case] = []
     names = list_methods()
     kinds = sorted({kd for n_ in names for kd in _METHODS[n_].patterns} & set(pattern_kinds()))
     # ---- L0 MIQP per pattern kind (built-in or plug-in); every method accepting the kind is a heuristic of it
-    for kd in kinds:
-        shape = EXPANDER_SHAPE if kd == "expander" else L0_SHAPE
+    grids = GRID_PATTERNS[:1] if quick else GRID_PATTERNS  # the quick set: the dense grid program only
+    for kd, pat in [(kd, q()) for kd in kinds for q in (grids if kd == "grid" else (lambda kd=kd:
+                                                                                  verify_pattern(kd),))]:
+        shape = EXPANDER_SHAPE if kd == "expander" else \
+            (GRID_QUICK_SHAPE if quick else GRID_SHAPE) if kd == "grid" else L0_SHAPE
         p, fam, how = factory.problem(k, *shape)
-        pat = verify_pattern(kd)
         if pat is None:
             continue
         try:
-            prog = l0_program(p, pat)
+            prog = l0_program(p, pat)  # a grid pattern gives the grid program
         except ValueError:
             continue
         c = Case(f"L0 {pat.name}", "exact", f"#{k} {fam} {shape[0]}x{shape[1]}", fam, how, prog)
         for n_ in names:
             spec = _METHODS[n_]
-            if kd in spec.patterns and n_ != "refit":
-                c.producers.append(_method_producer(n_, spec, p, pat, prog, False))
+            if kd not in spec.patterns or n_ == "refit":
+                continue
+            opts = {}
+            if kd == "grid" and spec.program is None:
+                # grid programs fix the scales: a method that optimises them (declaring no program) is verified
+                # with the options under which it keeps them (``fn.fixed_scale_options``), or not at all
+                opts = getattr(spec.fn, "fixed_scale_options", None)
+                if opts is None:
+                    continue
+            c.producers.append(_method_producer(n_, spec, p, pat, prog, False, **opts))
         cases.append(c)
     # ---- the programs methods declare (other than the L0 MIQP above)
     p, fam, how = factory.problem(k, *CONVEX_SHAPE)
@@ -496,7 +516,7 @@ class _Runner:
             self.row(case, pr.name, "exact" if pr.exact else "heuristic", status="solved",
                      objective=obj, feasible=program_feasible(prog, vals), time_s=dt)
             if not pr.exact and mask is not None and "W" in vals and prog.problem is not None \
-                    and not prog.meta.get("fixed_weights"):
+                    and not prog.meta.get("fixed_weights") and prog.meta.get("quantizer") is None:
                 # the exact least-squares refit on the heuristic's mask: never worse than the heuristic's weights
                 from .baselines import refit_weights
                 t0 = time.perf_counter()
@@ -804,7 +824,7 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
             factory.notes.append(f"pattern kind {kd!r} is not verified: its class parses no pattern from the text "
                                  f"{kd!r} (make parse({kd!r}, 0.5) return an instance)")
     for k in range(n_inst):
-        for case in build_cases(k, factory):
+        for case in build_cases(k, factory, quick):
             if programs and not any(s in case.key for s in programs):
                 continue
             R.run_case(case)
@@ -820,7 +840,7 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
                  if s["instances"] < n_inst and (s["reference_limit"] > 0 or (s["reference_other"] and s["instances"]))}
         if not short:
             break
-        for case in build_cases(k, factory):
+        for case in build_cases(k, factory, quick):
             if case.key in short:
                 R.run_case(case)
         k += 1
