@@ -158,18 +158,10 @@ def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=N
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu")
     info = {"path": str(out_dir.resolve())}
-<<<<<<< HEAD
     opts = {k: v for k, v in (format_options or {}).items() if v is not None}
     if not spec.structured or save_format != "dense":
         info.update(export.save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
                                       layers=layers, pattern=pattern, structured=spec.structured, **opts))
-=======
-    if not spec.structured:
-        from .export import save_model
-        info.update(save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
-                               layers=layers, pattern=pattern), format="hf",
-                    stock_loadable=save_format in ("dense", "pack-quantized"))
->>>>>>> quant
         return info
     if dtype is not None:
         model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
