@@ -15,6 +15,8 @@ SAVE_FORMAT_HELP = {
     "dense": "stock save_pretrained directory, loaded by transformers, vLLM, llm-compressor (default)",
     "gguf": "one GGUF file with tokenizer and chat template, for llama.cpp / Ollama (--gguf-type)",
     "compressed-sparse-legacy": "compressed-tensors sparse bitmask; only compressed-tensors<=0.14 loads it",
+    "pack-quantized": "--quant grids as compressed-tensors packed int codes + scales (W4A16/W8A16), loaded by "
+                      "stock transformers and vLLM",
 }
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
