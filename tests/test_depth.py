@@ -86,3 +86,82 @@ def test_verify_covers_the_depth_programs():
     assert {r["program"] for r in rows} == {"depth knapsack BQP (chain)", "depth knapsack BQP (all pairs)"}
     assert all(r["check"] == "ok" for r in rows)
     assert {r["solver"] for r in rows} >= {"depth-dp", "bqp-enumerate"}
+
+
+# ------------------------------------------------------------------------------------------------ surgery
+def _tiny_llama(layers=6, seed=0, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_removed_blocks_equal_skipped_blocks_and_load_in_stock_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from optprune.llm_adapters.architectures import get_arch
+    from optprune.llm_adapters.depth import _note_output_kind, skipped
+    from optprune.llm_adapters.surgery import remove_blocks, save_shrunk
+    model = _tiny_llama()
+    arch = get_arch(model)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    _note_output_kind(model, arch, ids)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with skipped(model, arch, [1, 4]):
+            want = model(ids).logits
+    assert not torch.allclose(dense, want)
+    info = remove_blocks(model, arch, [4, 1])
+    assert info["kept"] == [0, 2, 3, 5] and model.config.num_hidden_layers == 4
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad():
+        got = model(ids).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        # the KV cache follows the renumbered blocks: cached decoding equals the full forward
+        out = model(ids[:, :12], use_cache=True)
+        step = model(ids[:, 12:13], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        assert torch.allclose(step, model(ids[:, :13]).logits[:, -1], atol=1e-5)
+    rec = save_shrunk(model, str(tmp_path), arch)
+    assert rec["stock_loadable"]
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert back.config.num_hidden_layers == 4
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, want, atol=1e-5)
+
+
+def test_remove_blocks_refuses_bad_indices():
+    from optprune.llm_adapters.surgery import SurgeryError, remove_blocks
+    model = _tiny_llama(layers=3)
+    with pytest.raises(SurgeryError, match="out of range"):
+        remove_blocks(model, None, [3])
+    with pytest.raises(SurgeryError, match="leaves none"):
+        remove_blocks(model, None, [0, 1, 2])
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+
+
+def test_removal_costs_are_measured_losses_and_the_program_picks_the_cheapest():
+    from optprune.llm_adapters.architectures import get_arch
+    from optprune.llm_adapters.depth import (block_influence, calibration_nll, depth_budget, removal_costs,
+                                             select_blocks, skipped)
+    model = _tiny_llama(layers=5, seed=1)
+    arch = get_arch(model)
+    ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(2))
+    costs = removal_costs(model, arch, ids)
+    # independent recomputation of one single and one pair cost, by the NLL of the model with the blocks skipped
+    with skipped(model, arch, [2]):
+        assert costs["single"][2] == pytest.approx(calibration_nll(model, ids) - costs["dense"], abs=1e-9)
+    with skipped(model, arch, [0, 1]):
+        pair = calibration_nll(model, ids) - costs["dense"]
+    assert costs["neighbours"][0] == pytest.approx(pair - costs["single"][0] - costs["single"][1], abs=1e-9)
+    budget = depth_budget(model, arch, sparsity=0.4)
+    assert budget["need"] == 2
+    sel = select_blocks("depth", model, arch, ids, budget)
+    best = min(((i, j) for i in range(5) for j in range(i + 1, 5)),
+               key=lambda p: costs["single"][p[0]] + costs["single"][p[1]]
+               + (costs["neighbours"][p[0]] if p[1] == p[0] + 1 else 0.0))
+    assert tuple(sel["removed"]) == best
+    bi = block_influence(model, arch, ids)
+    sg = select_blocks("shortgpt", model, arch, ids, budget)
+    assert sg["removed"] == sorted(sorted(range(5), key=lambda i: bi[i])[:2])
+    with pytest.raises(ValueError, match="cannot be reached"):
+        select_blocks("depth", model, arch, ids, depth_budget(model, arch, sparsity=1.0))
