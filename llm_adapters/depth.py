@@ -35,7 +35,7 @@ from torch import nn
 
 from .architectures import ArchSpec, get_arch, get_module
 
-__all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "skipped", "calibration_nll", "removal_costs",
+__all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "check_depth_options", "skipped", "calibration_nll", "removal_costs",
            "block_influence", "depth_budget", "select_blocks", "prune_depth"]
 
 log = logging.getLogger("optprune")
@@ -77,6 +77,27 @@ def depth_rule(name: str) -> DepthRule:
     if r is None:
         raise ValueError(f"--structure depth takes --method {' or '.join(DEPTH_RULES)}, got {name!r}")
     return r
+
+
+def check_depth_options(o) -> None:
+    """The options of a ``--structure depth`` run that can be checked before loading (one-line ValueErrors)."""
+    sp, fl = getattr(o, "speedup", None), getattr(o, "flops", None)
+    if sp is not None and fl is not None:
+        raise ValueError("give one budget: --speedup or --flops, not both")
+    if (sp is not None or fl is not None) and o.sparsity is not None:
+        raise ValueError("--speedup/--flops set the budget; drop --sparsity (for depth: the fraction of blocks removed)")
+    if sp is not None and not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 1):
+        raise ValueError(f"--speedup must be a number > 1, got {sp!r}")
+    if fl is not None and not (isinstance(fl, (int, float)) and 0 < fl < 1):
+        raise ValueError(f"--flops must be in (0, 1) (the fraction of the dense FLOPs kept), got {fl!r}")
+    unsupported = [(flag, bad) for flag, bad in (
+        ("--allocation", str(o.allocation or "uniform").strip().lower() != "uniform"),
+        ("--allocation-eps", o.allocation_eps is not None), ("--refit", bool(o.refit)), ("--certify", bool(o.certify)),
+        ("--low-memory", bool(o.low_memory)), ("--nproc", int(o.nproc or 1) != 1), ("--resume", bool(o.resume)),
+        ("--checkpoint-dir", o.checkpoint_dir is not None), ("--targets", bool(o.targets)),
+        ("--ignore", bool(o.ignore)), ("--save-format", o.save_format != "dense")) if bad]
+    if unsupported:
+        raise ValueError(f"{unsupported[0][0]} does not apply to --structure depth (whole blocks are removed)")
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -190,7 +211,7 @@ def depth_budget(model: nn.Module, arch: ArchSpec, *, speedup: Optional[float] =
         total = t * L + lat["rest_s"]
         return {"kind": "speedup", "target": float(speedup), "savings": [t] * L,
                 "need": total * (1 - 1 / float(speedup)), "total": total, "latency": lat,
-                "unit": f"s (prefill batch {batch} × {seqlen} tokens)"}
+                "unit": f"prefill time (batch {batch} × {seqlen} tokens, modelled)"}
     if flops is not None:
         from .latency import block_flops
         fl = block_flops(model, arch, seqlen=seqlen)

@@ -99,7 +99,18 @@ class PruneRun:
         from .pipeline import pattern_kind
         from .targets import parse_patterns
 
-        spec = get_method(o.method)
+        self.depth = str(o.structure or "").strip().lower() == "depth"
+        if self.depth:  # whole blocks: --method names a block-selection rule (llm_adapters/depth.py)
+            from .depth import check_depth_options, depth_rule
+            try:
+                spec = depth_rule(o.method)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+            check_depth_options(o)
+        else:
+            spec = get_method(o.method)
+            if getattr(o, "speedup", None) is not None or getattr(o, "flops", None) is not None:
+                raise RunError("--speedup/--flops budgets apply to --structure depth")
         if o.method_options is not None and not isinstance(o.method_options, dict):
             raise RunError("method_options must be a dict of method option → value")
         self.method_options = dict(o.method_options or {})
@@ -160,7 +171,7 @@ class PruneRun:
             s["name"] = s["base"] + "+custom"
         self.s = s
         self.spec = spec
-        self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
+        self.ck = None if self.depth else preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
             self.out_dir, o.checkpoint_dir, o.resume, single=self.world == 1 and not o.low_memory, settings=dict(
                 model=str(self.model_label), method=spec.name, sparsity=self.sparsity, pattern=o.pattern,
                 min_degree=o.min_degree, allocation=self.alloc, allocation_eps=o.allocation_eps,
@@ -196,7 +207,7 @@ class PruneRun:
         o, s = self.o, self.s
         if self.verbose:  # what is about to run, after every check, before any heavy work
             _print_header(self.model_label, self.spec, self.sparsity, o.pattern, s, evaluate=o.evaluate, kl=o.kl,
-                          out_dir=self.out_dir)
+                          out_dir=self.out_dir, speedup=getattr(o, "speedup", None), flops=getattr(o, "flops", None))
         with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
             self.write_dir = write_dir
             return self._run()
@@ -210,7 +221,8 @@ class PruneRun:
         _clip_to_context(s, src.model)
         config = self.config = self._prune_config()
         from .pipeline import validate_config
-        validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
+        if not self.depth:
+            validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
         record = self.record = {"command": "prune", "status": "running",
                                 "config": _jsonable(src.config_record(self, self._config_record())),
                                 "versions": _versions(), "machine": _machine(self.dev), "model": src.meta}
@@ -227,7 +239,7 @@ class PruneRun:
         if self.alloc != "uniform":
             self._allocation(calib)
         src.before_prune(self)
-        res = src.prune(self, calib)
+        res = self._prune_depth(calib) if self.depth else src.prune(self, calib)
         if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
             return None
         timings["prune_s"] = res.get("time_s")
@@ -282,9 +294,25 @@ class PruneRun:
             kw.update(targets=self.targets, ignore=self.ignore)
         return PruneConfig(**kw)
 
+    def _prune_depth(self, calib) -> dict:
+        """``--structure depth``: select and remove whole blocks (llm_adapters/depth.py); the selection, the
+        budget and the measured speed-up go into the record."""
+        from .depth import prune_depth
+        o, src = self.o, self.source
+        src.model.to("cpu")
+        rec = prune_depth(src.model, src.arch, calib, rule=self.spec.name, options=self.method_options,
+                          speedup=o.speedup, flops=o.flops, sparsity=None if (o.speedup or o.flops) else self.sparsity,
+                          progress=self.verbose)
+        if "speed" in rec:
+            self.record["speed"] = rec.pop("speed")
+        self.record["depth"] = _jsonable(rec)
+        return {"layers": [], "blocks": [], "time_s": rec["time_s"]}
+
     def _config_record(self) -> dict:
         o, spec = self.o, self.spec
-        return {"model": str(self.model_label), "method": spec.name, "sparsity": self.sparsity,
+        budget = self.depth and (o.speedup is not None or o.flops is not None)
+        return {"model": str(self.model_label), "method": spec.name, "sparsity": None if budget else self.sparsity,
+                "speedup": getattr(o, "speedup", None), "flops": getattr(o, "flops", None),
                 "pattern": None if spec.structured else o.pattern, "min_degree": o.min_degree,
                 "allocation": self.alloc, "allocation_eps": o.allocation_eps,
                 "structure": self.structure if spec.structured else None, "mode": o.mode,

@@ -55,7 +55,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
           tokenizer=None, save_format: str = "dense", dtype: str = "auto", targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
-          certify: bool = False, _cli: bool = False):
+          certify: bool = False, speedup: Optional[float] = None, flops: Optional[float] = None,
+          _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -75,7 +76,11 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     Long runs (:mod:`optprune.llm_adapters.checkpoint`): the output is written atomically (``overwrite`` replaces an
     existing optprune output); with an output (or ``checkpoint_dir``) every pruned block is checkpointed and
     ``resume=True`` continues an interrupted run. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns),
-    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error."""
+    ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error.
+
+    Depth (``structure="depth"``, ``method`` = ``depth`` or ``shortgpt``, :mod:`optprune.llm_adapters.depth`):
+    whole blocks are removed under one budget — ``speedup`` (measured prefill speed-up on this machine),
+    ``flops`` (fraction of the dense FLOPs per token kept) or ``sparsity`` (fraction of blocks removed)."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
 

@@ -165,3 +165,53 @@ def test_removal_costs_are_measured_losses_and_the_program_picks_the_cheapest():
     assert sg["removed"] == sorted(sorted(range(5), key=lambda i: bi[i])[:2])
     with pytest.raises(ValueError, match="cannot be reached"):
         select_blocks("depth", model, arch, ids, depth_budget(model, arch, sparsity=1.0))
+
+
+# ------------------------------------------------------------------------------------------------ the prune run
+@pytest.mark.parametrize("args, msg", [
+    (["--method", "spap"], "takes --method depth or shortgpt"),
+    (["--method", "depth", "--speedup", "1.5", "--flops", "0.5"], "one budget"),
+    (["--method", "depth", "--speedup", "1.5", "--sparsity", "0.2"], "drop --sparsity"),
+    (["--method", "depth", "--speedup", "0.9"], "> 1"),
+    (["--method", "depth", "--flops", "1.2"], "(0, 1)"),
+    (["--method", "depth", "--sparsity", "0.2", "--allocation", "alpha"], "--allocation does not apply"),
+    (["--method", "depth", "--sparsity", "0.2", "-O", "bogus=1"], "unknown option"),
+    (["--method", "shortgpt", "--sparsity", "0.2", "-O", "windows=0"], "windows must be"),
+])
+def test_depth_bad_input_is_one_line_exit_2(args, msg, tmp_path, capsys, stories_dir):
+    from optprune.cli import main
+    out = tmp_path / "o"
+    rc = main(["prune", "--model", str(stories_dir), "--structure", "depth", *args, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and msg in err[0] and not out.exists(), err
+
+
+def test_speedup_without_depth_is_refused(tmp_path, capsys, stories_dir):
+    from optprune.cli import main
+    rc = main(["prune", "--model", str(stories_dir), "--method", "spap", "--speedup", "1.5", "--output",
+               str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--structure depth" in err[0]
+
+
+@pytest.mark.parametrize("method", ["depth", "shortgpt"])
+def test_depth_run_saves_a_shorter_model_stock_transformers_loads(method, tmp_path, stories_dir, data_dir):
+    import json
+    from transformers import AutoModelForCausalLM
+    from optprune.cli import main
+    out = tmp_path / method
+    rc = main(["-q", "prune", "--model", str(stories_dir), "--structure", "depth", "--method", method,
+               "--sparsity", "0.4", "-O", "windows=4", "--nsamples", "8", "--seqlen", "64", "--no-kl",
+               "--eval-windows", "2", "--data-dir", str(data_dir), "--output", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "run.json").read_text())
+    L = rec["model"]["num_layers"]
+    d = rec["depth"]
+    assert len(d["removed"]) == round(0.4 * L) and d["surgery"]["layers"] == L - len(d["removed"])
+    assert rec["speed"]["speedup"] > 0 and rec["speed"]["batch"] == 8
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    assert m.config.num_hidden_layers == L - len(d["removed"]) == len(m.model.layers)
+    if method == "depth":  # the model's prediction and the measured loss of the chosen set are both recorded
+        assert d["exact"] and "measured_increase" in d and "predicted_increase" in d
+    else:
+        assert len(d["block_influence"]) == L
