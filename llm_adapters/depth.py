@@ -156,8 +156,39 @@ def calibration_nll(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4)
     return tot / n
 
 
-def removal_costs(model: nn.Module, arch: ArchSpec, ids: torch.Tensor, *, progress: bool = False) -> dict:
-    """``{"dense", "single": [c_i], "neighbours": [q_{i,i+1}], "forwards"}`` — the measured removal costs."""
+def _costs_key(model: nn.Module, arch: ArchSpec, ids: torch.Tensor) -> str:
+    """The calibration ids and a sample of every block's weights: a changed model or text is a new key."""
+    import hashlib
+    h = hashlib.sha256(ids.to(torch.int64).cpu().numpy().tobytes())
+    for blk in get_module(model, arch.blocks):
+        for p in list(blk.parameters())[:3]:
+            h.update(p.detach().reshape(-1)[:256].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def removal_costs(model: nn.Module, arch: ArchSpec, ids: torch.Tensor, *, progress: bool = False,
+                  cache: bool = True) -> dict:
+    """``{"dense", "single": [c_i], "neighbours": [q_{i,i+1}], "forwards"}`` — the measured removal costs,
+    cached in ``<optprune home>/depth_costs/`` per (calibration ids, model weights) (``"cached"`` says so)."""
+    import json
+    from .data import optprune_home
+    path = optprune_home() / "depth_costs" / f"{_costs_key(model, arch, ids)}.json"
+    if cache and path.exists():
+        try:
+            return dict(json.loads(path.read_text()), cached=True)
+        except (OSError, ValueError):
+            pass
+    rec = _measure_costs(model, arch, ids, progress)
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rec))
+        except OSError:
+            pass
+    return dict(rec, cached=False)
+
+
+def _measure_costs(model: nn.Module, arch: ArchSpec, ids: torch.Tensor, progress: bool) -> dict:
     L = len(get_module(model, arch.blocks))
     _note_output_kind(model, arch, ids)
     dense = calibration_nll(model, ids)

@@ -146,7 +146,7 @@ def test_removal_costs_are_measured_losses_and_the_program_picks_the_cheapest():
     model = _tiny_llama(layers=5, seed=1)
     arch = get_arch(model)
     ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(2))
-    costs = removal_costs(model, arch, ids)
+    costs = removal_costs(model, arch, ids, cache=False)
     # independent recomputation of one single and one pair cost, by the NLL of the model with the blocks skipped
     with skipped(model, arch, [2]):
         assert costs["single"][2] == pytest.approx(calibration_nll(model, ids) - costs["dense"], abs=1e-9)
@@ -215,3 +215,20 @@ def test_depth_run_saves_a_shorter_model_stock_transformers_loads(method, tmp_pa
         assert d["exact"] and "measured_increase" in d and "predicted_increase" in d
     else:
         assert len(d["block_influence"]) == L
+
+
+def test_removal_costs_cache_is_keyed_by_weights_and_text(tmp_path, monkeypatch):
+    from optprune.llm_adapters.architectures import get_arch
+    from optprune.llm_adapters.depth import removal_costs
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path))
+    model = _tiny_llama(layers=3, seed=4)
+    arch = get_arch(model)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    a = removal_costs(model, arch, ids)
+    b = removal_costs(model, arch, ids)
+    assert not a["cached"] and b["cached"] and a["single"] == b["single"]
+    assert not removal_costs(model, arch, ids[:, :12])["cached"]
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
+    c = removal_costs(model, arch, ids)
+    assert not c["cached"] and c["single"] != a["single"]
