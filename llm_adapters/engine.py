@@ -109,8 +109,11 @@ class PruneRun:
             check_depth_options(o)
         else:
             spec = get_method(o.method)
-            if getattr(o, "speedup", None) is not None or getattr(o, "flops", None) is not None:
-                raise RunError("--speedup/--flops budgets apply to --structure depth")
+            if getattr(o, "flops", None) is not None:
+                raise RunError("--flops applies to --structure depth")
+            if getattr(o, "speedup", None) is not None:  # MLP widths chosen by the measured latency model
+                from .depth import check_width_speedup
+                check_width_speedup(o, spec)
         if o.method_options is not None and not isinstance(o.method_options, dict):
             raise RunError("method_options must be a dict of method option → value")
         self.method_options = dict(o.method_options or {})
@@ -219,6 +222,14 @@ class PruneRun:
         src.load(self)  # the model (or its skeleton), tokenizer and metadata
         timings["load_s"] = time.perf_counter() - t0
         _clip_to_context(s, src.model)
+        speed_dense = None
+        if not self.depth and getattr(o, "speedup", None) is not None:  # widths from the speed budget
+            import copy
+            from .depth import width_sparsity
+            rec = width_sparsity(src.model, src.arch, float(o.speedup))
+            self.sparsity = rec["sparsity"]
+            self.width_budget = rec
+            speed_dense = copy.deepcopy(src.model).to("cpu")
         config = self.config = self._prune_config()
         from .pipeline import validate_config
         if not self.depth:
@@ -226,6 +237,8 @@ class PruneRun:
         record = self.record = {"command": "prune", "status": "running",
                                 "config": _jsonable(src.config_record(self, self._config_record())),
                                 "versions": _versions(), "machine": _machine(self.dev), "model": src.meta}
+        if speed_dense is not None:
+            record["speed_budget"] = _jsonable(self.width_budget)
         if o.eval_dense and o.evaluate and src.whole:
             t0 = time.perf_counter()
             record["perplexity_dense"] = _perplexities(src.model, src.tok, s, o.data_dir, self.dev, o.progress,
@@ -244,6 +257,11 @@ class PruneRun:
             return None
         timings["prune_s"] = res.get("time_s")
         self._summarize(res)
+        if speed_dense is not None:  # the pruned model's measured speed-up (dense and pruned runs alternated)
+            from .latency import measure_speedup
+            src.model.to("cpu")
+            record["speed"] = measure_speedup(speed_dense, src.model)
+            speed_dense = None
         if o.evaluate:
             src.evaluate(self)
         if o.reference:

@@ -14,6 +14,8 @@ pruned model against its dense original, and a FLOP count per block (docs/method
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import platform
@@ -26,7 +28,8 @@ from torch import nn
 
 from .architectures import ArchSpec, get_arch, get_module
 
-__all__ = ["block_times", "latency_model", "measure_speedup", "block_flops", "prefill_time"]
+__all__ = ["block_times", "latency_model", "measure_speedup", "block_flops", "prefill_time", "mlp_time_curve",
+           "mlp_sparsity_for_speedup"]
 
 
 @torch.no_grad()
@@ -150,3 +153,104 @@ def block_flops(model: nn.Module, arch: Optional[ArchSpec] = None, *, seqlen: in
     head = model.get_output_embeddings()
     rest = float(2 * head.weight.numel()) if head is not None else 0.0
     return {"block": out, "rest": rest, "seqlen": seqlen}
+
+
+@torch.no_grad()
+def mlp_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, *, batch: int = 8, seqlen: int = 512,
+                   fractions: tuple = (1.0, 0.75, 0.5, 0.25, 0.1), repeats: int = 5, cache: bool = True) -> dict:
+    """Time of one block's MLP at kept-width fractions ``fractions`` on a ``batch × seqlen`` input: the MLP of
+    block 0 shrunk (random neurons: the time depends on the shape only) and timed alone, the minimum of
+    ``repeats`` (interference on a shared machine only adds time). Cached beside :func:`latency_model` (key: shapes, batch, seqlen, threads, CPU, torch)."""
+    from .data import optprune_home
+    from .surgery import apply_structured, structure_pattern
+    from ..solvers.base import LayerResult
+    from .architectures import linear_weight
+    arch = arch or get_arch(model)
+    path = optprune_home() / "latency.json"
+    key = "mlp:" + _key(model, batch, seqlen) + ":" + ",".join(f"{f:g}" for f in fractions)
+    table = {}
+    if cache and path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        if key in table:
+            return dict(table[key], cached=True)
+    blk0 = get_module(model, arch.blocks)[0]
+    mlp_path = arch.mlp.down.rsplit(".", 1)[0]
+    hidden = int(model.config.hidden_size)
+    x = torch.randn(batch, seqlen, hidden, dtype=next(model.parameters()).dtype,
+                    generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+    width = None
+    times = []
+    for f in fractions:
+        holder = nn.Module()
+        holder.b = nn.ModuleList([copy.deepcopy(blk0)])
+        tmp_arch = dataclasses.replace(arch, blocks="b")
+        name, pat = structure_pattern(holder, tmp_arch, 0, "mlp", 0.0)
+        W = linear_weight(get_module(holder.b[0], name), name in arch.transposed).clone()
+        n = W.shape[1]
+        width = width or n
+        k = max(1, int(round(f * n)))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:k]] = True
+        if k < n:
+            mask = torch.zeros_like(W, dtype=torch.bool)
+            mask[:, keep] = True
+            apply_structured(holder, tmp_arch, 0, "mlp", LayerResult(W * mask, mask, {}), pat)
+        mlp = get_module(holder.b[0], mlp_path)
+        mlp(x)  # warm-up
+        ts = []
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            mlp(x)
+            ts.append(time.perf_counter() - t)
+        times.append((k / n, min(ts)))  # interference on a shared machine only adds time: the minimum
+    rec = {"width": width, "points": times, "batch": batch, "seqlen": seqlen, "threads": torch.get_num_threads()}
+    if cache:
+        table[key] = rec
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return dict(rec, cached=False)
+
+
+def _interp(points: list, f: float) -> float:
+    pts = sorted(points)
+    if f <= pts[0][0]:
+        (x0, y0), (x1, y1) = pts[0], pts[1]
+    elif f >= pts[-1][0]:
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    else:
+        i = next(j for j in range(1, len(pts)) if pts[j][0] >= f)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    return max(0.0, y0 + (y1 - y0) * (f - x0) / (x1 - x0))
+
+
+def mlp_sparsity_for_speedup(blocks: dict, curve: dict, speedup: float) -> dict:
+    """The uniform MLP sparsity ``S`` whose modelled prefill time is the dense time ``/ speedup``:
+    ``T(S) = rest + Σ_blocks (block_i − mlp(1) + mlp(1 − S))`` with ``mlp(·)`` interpolated in ``curve``;
+    bisection on ``S``. Raises ValueError when even one kept neuron per block is not fast enough."""
+    L = len(blocks["block_s"])
+    m1 = _interp(curve["points"], 1.0)
+    dense = blocks["rest_s"] + sum(blocks["block_s"])
+
+    def T(S):
+        return blocks["rest_s"] + sum(blocks["block_s"]) - L * m1 + L * _interp(curve["points"], 1.0 - S)
+    s_max = 1.0 - 1.0 / curve["width"]
+    if dense / T(s_max) < speedup:
+        raise ValueError(f"--speedup {speedup:g} cannot be reached by MLP widths alone: the modelled speed-up with "
+                         f"one neuron per block left is {dense / T(s_max):.3f}× (the MLPs are "
+                         f"{L * m1 / dense:.0%} of the modelled prefill time)")
+    lo, hi = 0.0, s_max
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if dense / T(mid) >= speedup:
+            hi = mid
+        else:
+            lo = mid
+    return {"sparsity": hi, "modelled_speedup": dense / T(hi), "dense_s": dense, "mlp_share": L * m1 / dense}

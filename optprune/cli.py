@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; depth removes whole blocks (--method depth or shortgpt)")
     p.add_argument("--speedup", type=float, default=None,
-                   help="--structure depth: remove blocks until the measured prefill latency on this machine drops "
-                        "to 1/X of the dense model's (default: none)")
+                   help="--structure depth: remove blocks, --structure mlp: shrink MLP widths (mean sparsity spread "
+                        "by --allocation), until the modelled prefill latency on this machine (measured, cached) "
+                        "drops to 1/X of the dense model's; the measured speed-up goes into run.json (default: none)")
     p.add_argument("--flops", type=float, default=None,
                    help="--structure depth: keep at most this fraction of the dense FLOPs per token (default: none)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
