@@ -302,20 +302,33 @@ def select_blocks(rule: str, model: nn.Module, arch: ArchSpec, ids: torch.Tensor
     _check_reachable(budget, L)
     w = budget["savings"]
     t0 = time.perf_counter()
+    bi = block_influence(model, arch, ids)
+    order = sorted(range(L), key=lambda i: bi[i])
+    short, s = [], 0.0
+    for i in order:
+        if s >= budget["need"] - 1e-9 * max(1.0, budget["need"]) or len(short) == L - 1:
+            break
+        short.append(i)
+        s += w[i]
     if rule == "shortgpt":
-        bi = block_influence(model, arch, ids)
-        order = sorted(range(L), key=lambda i: bi[i])
-        removed, s = [], 0.0
-        for i in order:
-            if s >= budget["need"] - 1e-9 * max(1.0, budget["need"]) or len(removed) == L - 1:
-                break
-            removed.append(i)
-            s += w[i]
-        return {"rule": rule, "removed": sorted(removed), "block_influence": bi, "select_s": time.perf_counter() - t0}
+        return {"rule": rule, "removed": sorted(short), "block_influence": bi, "select_s": time.perf_counter() - t0}
     costs = removal_costs(model, arch, ids, progress=progress)
     prog = depth_program(costs["single"], w, budget["need"], neighbours=costs["neighbours"])
     sol = solve_depth(prog)
-    return {"rule": rule, "removed": sol.removed, "costs": costs, "predicted_increase": sol.objective,
+    # the program's answer and ShortGPT's (feasible for the same budget) are both measured on the calibration
+    # windows: interactions beyond neighbours are not in the model, so the lower measured loss is kept
+    _note_output_kind(model, arch, ids)
+    measured = {}
+    for name, cand in (("program", sol.removed), ("shortgpt", sorted(short))):
+        if tuple(cand) not in measured.values():
+            with skipped(model, arch, cand):
+                measured[name] = calibration_nll(model, ids) - costs["dense"]
+        measured[name + "_blocks"] = tuple(cand)
+    best = min(("program", "shortgpt"), key=lambda k: measured.get(k, float("inf")))
+    return {"rule": rule, "removed": list(measured[best + "_blocks"]), "chosen": best, "costs": costs,
+            "predicted_increase": sol.objective, "program_removed": sol.removed,
+            "measured_increase": measured.get(best), "candidates": {k: v for k, v in measured.items()
+                                                                   if not k.endswith("_blocks")},
             "exact": sol.exact, "solve_s": sol.time_s, "select_s": time.perf_counter() - t0}
 
 
@@ -335,10 +348,6 @@ def prune_depth(model: nn.Module, arch: ArchSpec, calib: torch.Tensor, *, rule: 
            "calibration_windows": int(ids.shape[0]), **sel}
     if budget.get("latency") is not None:
         rec["latency_model"] = budget["latency"]
-    if "costs" in sel:
-        _note_output_kind(model, arch, ids)
-        with skipped(model, arch, sel["removed"]):
-            rec["measured_increase"] = calibration_nll(model, ids) - sel["costs"]["dense"]
     dense = copy.deepcopy(model) if measure else None
     rec["surgery"] = remove_blocks(model, arch, sel["removed"])
     rec["saving"] = sum(budget["savings"][i] for i in sel["removed"]) / budget["total"]

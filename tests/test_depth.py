@@ -159,10 +159,17 @@ def test_removal_costs_are_measured_losses_and_the_program_picks_the_cheapest():
     best = min(((i, j) for i in range(5) for j in range(i + 1, 5)),
                key=lambda p: costs["single"][p[0]] + costs["single"][p[1]]
                + (costs["neighbours"][p[0]] if p[1] == p[0] + 1 else 0.0))
-    assert tuple(sel["removed"]) == best
+    assert tuple(sel["program_removed"]) == best
     bi = block_influence(model, arch, ids)
     sg = select_blocks("shortgpt", model, arch, ids, budget)
     assert sg["removed"] == sorted(sorted(range(5), key=lambda i: bi[i])[:2])
+    # the kept answer is the candidate (program or ShortGPT) of lower measured calibration loss
+    loss = {}
+    for cand in (list(best), sg["removed"]):
+        with skipped(model, arch, cand):
+            loss[tuple(cand)] = calibration_nll(model, ids) - costs["dense"]
+    assert tuple(sel["removed"]) == min(loss, key=loss.get)
+    assert sel["measured_increase"] == pytest.approx(min(loss.values()), abs=1e-9)
     with pytest.raises(ValueError, match="cannot be reached"):
         select_blocks("depth", model, arch, ids, depth_budget(model, arch, sparsity=1.0))
 
