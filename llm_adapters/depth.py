@@ -56,9 +56,11 @@ class DepthRule:
         if bad:
             raise ValueError(f"method {self.name!r} (--structure depth): unknown option(s) {', '.join(bad)}; "
                              f"valid: {', '.join(self.options) or 'none'}")
-        w = options.get("windows")
-        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
-            raise ValueError(f"method {self.name!r}: windows must be an integer ≥ 1, got {w!r}")
+        for key, lo in (("windows", 1), ("tokens", 0)):
+            w = options.get(key)
+            if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < lo or (key == "tokens" and w == 1)):
+                raise ValueError(f"method {self.name!r}: {key} must be an integer ≥ {max(lo, 2) if key == 'tokens' else lo}"
+                                 f"{' (or 0: all)' if key == 'tokens' else ''}, got {w!r}")
 
     def resolved(self, options: dict) -> dict:
         return {k: options.get(k, d) for k, (d, _) in self.options.items()}
@@ -66,9 +68,11 @@ class DepthRule:
 
 DEPTH_RULES = {
     "depth": DepthRule("depth", "depth knapsack: measured removal costs with neighbour interactions, exact DP",
-                       {"windows": (16, "calibration windows the removal costs are measured on")}),
+                       {"windows": (16, "calibration windows the removal costs are measured on"),
+                        "tokens": (0, "tokens of each window used (0: all)")}),
     "shortgpt": DepthRule("shortgpt", "ShortGPT block influence (angular distance of a block's input and output)",
-                          {"windows": (16, "calibration windows the block influence is measured on")}),
+                          {"windows": (16, "calibration windows the block influence is measured on"),
+                           "tokens": (0, "tokens of each window used (0: all)")}),
 }
 
 
@@ -342,6 +346,8 @@ def prune_depth(model: nn.Module, arch: ArchSpec, calib: torch.Tensor, *, rule: 
     t0 = time.perf_counter()
     opts = depth_rule(rule).resolved(options)
     ids = calib[: int(opts["windows"])]
+    if int(opts["tokens"]):
+        ids = ids[:, : int(opts["tokens"])]
     budget = depth_budget(model, arch, speedup=speedup, flops=flops, sparsity=sparsity)
     sel = select_blocks(rule, model, arch, ids, budget, progress=progress)
     rec = {"rule": rule, "options": opts, "budget": {k: v for k, v in budget.items() if k != "latency"},

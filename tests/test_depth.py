@@ -184,6 +184,7 @@ def test_removal_costs_are_measured_losses_and_the_program_picks_the_cheapest():
     (["--method", "depth", "--sparsity", "0.2", "--allocation", "alpha"], "--allocation does not apply"),
     (["--method", "depth", "--sparsity", "0.2", "-O", "bogus=1"], "unknown option"),
     (["--method", "shortgpt", "--sparsity", "0.2", "-O", "windows=0"], "windows must be"),
+    (["--method", "depth", "--sparsity", "0.2", "-O", "tokens=1"], "tokens must be"),
 ])
 def test_depth_bad_input_is_one_line_exit_2(args, msg, tmp_path, capsys, stories_dir):
     from optprune.cli import main
