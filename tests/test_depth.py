@@ -284,3 +284,15 @@ def test_removal_costs_cache_is_keyed_by_weights_and_text(tmp_path, monkeypatch)
         model.model.layers[1].self_attn.q_proj.weight.mul_(2.0)
     c = removal_costs(model, arch, ids)
     assert not c["cached"] and c["single"] != a["single"]
+
+
+def test_api_prune_and_save_a_depth_model(tmp_path, stories_dir, data_dir):
+    import optprune
+    from transformers import AutoModelForCausalLM
+    m, rec = optprune.prune(str(stories_dir), method="shortgpt", structure="depth", sparsity=0.4, nsamples=4,
+                            seqlen=32, data_dir=str(data_dir))
+    L = rec["model"]["num_layers"]
+    assert len(m.model.layers) == L - len(rec["depth"]["removed"]) < L
+    info = optprune.save(m, tmp_path / "o")
+    assert info["stock_loadable"]
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "o")).config.num_hidden_layers == len(m.model.layers)

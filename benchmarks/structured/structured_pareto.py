@@ -149,16 +149,17 @@ def plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in sorted({r["method"] for r in rows}):
-        pts = sorted((r["prefill8"], r["ppl"]) for r in rows if r["method"] == m and r["prefill8"] is not None)
+    for m, w in sorted({(r["method"], r["windows"]) for r in rows}):
+        pts = sorted((r["prefill8"], r["ppl"]) for r in rows
+                     if r["method"] == m and r["windows"] == w and r["prefill8"] is not None)
         if pts:
             ax.plot(*zip(*pts), marker="o" if m in OURS else "s", linestyle="-" if m in OURS else "--",
-                    label=LABEL.get(m, m))
+                    label=LABEL.get(m, m) + ("" if w == 40 else f" (first {w} windows)"))
     ax.scatter([1.0], [20.38], color="k", marker="*", s=80, label="dense")
     ax.axhline(61.14, color="grey", lw=0.6, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("measured prefill speed-up (batch 8 × 512 tokens, 2 CPU threads)")
-    ax.set_ylabel("WikiText-2 perplexity (cpu protocol)")
+    ax.set_ylabel("WikiText-2 perplexity (cpu protocol: 40 windows)")
     ax.set_title("SmolLM2-135M: structured pruning, perplexity vs speed")
     ax.legend(fontsize=8)
     fig.tight_layout()
