@@ -102,8 +102,22 @@ class PruneRun:
         from .pipeline import pattern_kind
         from .targets import parse_patterns
 
-        spec = get_method(o.method)
         check_calibration_type(o.calibration)  # a number, dict, generator or bytes: a TypeError, not a file name
+        self.depth = str(o.structure or "").strip().lower() == "depth"
+        if self.depth:  # whole blocks: --method names a block-selection rule (llm_adapters/depth.py)
+            from .depth import check_depth_options, depth_rule
+            try:
+                spec = depth_rule(o.method)
+            except ValueError as e:
+                raise RunError(str(e)) from None
+            check_depth_options(o)
+        else:
+            spec = get_method(o.method)
+            if getattr(o, "flops", None) is not None:
+                raise RunError("--flops applies to --structure depth")
+            if getattr(o, "speedup", None) is not None:  # MLP widths chosen by the measured latency model
+                from .depth import check_width_speedup
+                check_width_speedup(o, spec)
         if o.method_options is not None and not isinstance(o.method_options, dict):
             raise RunError("method_options must be a dict of method option → value")
         # an option the solver does not read, or a value outside its declared type/range/choices, fails here
@@ -206,7 +220,7 @@ class PruneRun:
                 raise CalibrationInputError(f"{s['calibration_path']}: no calibration text (every line is empty)")
         self.s = s
         self.spec = spec
-        self.ck = preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
+        self.ck = None if self.depth else preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
             self.out_dir, o.checkpoint_dir, o.resume, single=self.world == 1 and not o.low_memory, settings=dict(
                 model=str(self.model_label), method=spec.name, sparsity=self.sparsity, pattern=o.pattern,
                 min_degree=o.min_degree, quant=o.quant, allocation=self.alloc, allocation_eps=o.allocation_eps,
@@ -273,8 +287,9 @@ class PruneRun:
         self.preflight()
         o, s = self.o, self.s
         if self.verbose:  # what is about to run, after every check, before any heavy work
-            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else o.pattern, s, evaluate=o.evaluate, kl=o.kl,
-                          out_dir=self.out_dir)
+            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else o.pattern, s,
+                          evaluate=o.evaluate, kl=o.kl, out_dir=self.out_dir, speedup=getattr(o, "speedup", None),
+                          flops=getattr(o, "flops", None))
         try:
             with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
                 self.write_dir = write_dir
@@ -296,16 +311,26 @@ class PruneRun:
         src.load(self)  # the model (or its skeleton), tokenizer and metadata
         timings["load_s"] = time.perf_counter() - t0
         _clip_to_context(s, src.model)
+        speed_dense = None
+        if not self.depth and getattr(o, "speedup", None) is not None:  # widths from the speed budget
+            import copy
+            from .depth import width_sparsity
+            rec = width_sparsity(src.model, src.arch, float(o.speedup))
+            self.sparsity = rec["sparsity"]
+            self.width_budget = rec
+            speed_dense = copy.deepcopy(src.model).to("cpu")
         config = self.config = self._prune_config()
         from .pipeline import validate_config
         if self.hidden:
             from .hidden import hidden_plan
             hidden_plan(src.model, src.arch)  # a model whose stream cannot be sliced fails before calibration
-        else:
+        elif not self.depth:
             validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
         record = self.record = {"command": "prune", "status": "running",
                                 "config": _jsonable(src.config_record(self, self._config_record())),
                                 "versions": _versions(), "machine": _machine(self.dev), "model": src.meta}
+        if speed_dense is not None:
+            record["speed_budget"] = _jsonable(self.width_budget)
         if o.eval_dense and o.evaluate and src.whole:
             t0 = time.perf_counter()
             record["perplexity_dense"] = _perplexities(src.model, src.tok, s, o.data_dir, self.dev, o.progress,
@@ -321,11 +346,16 @@ class PruneRun:
         if self.alloc != "uniform":
             self._allocation(calib)
         src.before_prune(self)
-        res = src.prune(self, calib)
+        res = self._prune_depth(calib) if self.depth else src.prune(self, calib)
         if res is None:  # a non-zero rank of a block-parallel run: rank 0 evaluates, saves and records
             return None
         timings["prune_s"] = res.get("time_s")
         self._summarize(res)
+        if speed_dense is not None:  # the pruned model's measured speed-up (dense and pruned runs alternated)
+            from .latency import measure_speedup
+            src.model.to("cpu")
+            record["speed"] = measure_speedup(speed_dense, src.model)
+            speed_dense = None
         if o.evaluate:
             src.evaluate(self)
         if o.reference:
@@ -395,9 +425,25 @@ class PruneRun:
             kw.update(targets=self.targets, ignore=self.ignore)
         return PruneConfig(**kw)
 
+    def _prune_depth(self, calib) -> dict:
+        """``--structure depth``: select and remove whole blocks (llm_adapters/depth.py); the selection, the
+        budget and the measured speed-up go into the record."""
+        from .depth import prune_depth
+        o, src = self.o, self.source
+        src.model.to("cpu")
+        rec = prune_depth(src.model, src.arch, calib, rule=self.spec.name, options=self.method_options,
+                          speedup=o.speedup, flops=o.flops, sparsity=None if (o.speedup or o.flops) else self.sparsity,
+                          progress=self.verbose)
+        if "speed" in rec:
+            self.record["speed"] = rec.pop("speed")
+        self.record["depth"] = _jsonable(rec)
+        return {"layers": [], "blocks": [], "time_s": rec["time_s"]}
+
     def _config_record(self) -> dict:
         o, spec = self.o, self.spec
-        return {"model": str(self.model_label), "method": spec.name, "sparsity": self.sparsity,
+        budget = self.depth and (o.speedup is not None or o.flops is not None)
+        return {"model": str(self.model_label), "method": spec.name, "sparsity": None if budget else self.sparsity,
+                "speedup": getattr(o, "speedup", None), "flops": getattr(o, "flops", None),
                 "pattern": None if spec.structured or self.hidden else o.pattern, "min_degree": o.min_degree,
                 "quant": o.quant,
                 "allocation": self.alloc, "allocation_eps": o.allocation_eps,

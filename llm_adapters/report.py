@@ -210,7 +210,12 @@ def _print_ppl(record, file):
               f"KL {ds.get('kl'):.4f} nats/token, top-1 agreement {ds.get('top1'):.3f}", file=file)
 
 
-def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None) -> None:
+def _budget_text(sparsity, speedup=None, flops=None) -> str:
+    return f"speed-up {speedup:g}" if speedup else f"FLOPs {flops:g}" if flops else f"sparsity {sparsity:.2f}"
+
+
+def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
+                  flops=None) -> None:
     file = file or sys.stderr
     calib = "none (data-free method)" if s["calibration"] == "none" else \
         f"{s['calibration']} {s['nsamples']}×{s['seqlen']} seed {s['seed']}"
@@ -218,8 +223,8 @@ def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_
     if evaluate:
         ev += [f"perplexity {', '.join(s['eval_datasets'])}"] if s["eval_datasets"] else []
         ev += ["KL/top-1 vs dense (held-out self-generated)"] if kl else []
-    print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · sparsity "
-          f"{sparsity:.2f} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
+    print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · "
+          f"{_budget_text(sparsity, speedup, flops)} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
           f"{out_dir if out_dir else '(not saved)'} · {nt} thread{'s' if nt != 1 else ''}", file=file, flush=True)
 
 
@@ -229,8 +234,15 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
     pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
     if c.get("quant"):
         pat = f"{pat} · {c['quant']}"
-    print(f"\noptprune prune: {c['method']} · {pat} · sparsity {c['sparsity']:.2f} · {record['model'].get('name')} "
-          f"({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
+    print(f"\noptprune prune: {c['method']} · {pat} · {_budget_text(c['sparsity'], c.get('speedup'), c.get('flops'))} · "
+          f"{record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
+    d = record.get("depth")
+    if d:
+        sp = record.get("speed") or {}
+        print(f"  removed blocks {d['removed']} of {len(d['surgery']['kept']) + len(d['removed'])} ({d['rule']}); "
+              f"{d['saving']:.1%} of the dense model's {d['budget']['unit']} removed"
+              + (f"; measured prefill speed-up {sp['speedup']:.3f}× (batch {sp['batch']} × {sp['seqlen']})" if sp
+                 else ""), file=file)
     print(f"  protocol {p['name']}: calibration {p['calibration']} {p['nsamples']}×{p['seqlen']} seed {p['seed']}; "
           f"mode {c['mode']}, error correction {'on' if c['error_correction'] else 'off'}"
           f"{', refit' if c['refit'] else ''}", file=file)

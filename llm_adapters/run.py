@@ -58,7 +58,8 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
           targets=None, ignore=None,
           text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
           certify: bool = False, force_nproc: bool = False, calibration_packing: Optional[str] = None,
-          equal_widths: bool = False, _cli: bool = False):
+          equal_widths: bool = False, speedup: Optional[float] = None, flops: Optional[float] = None,
+          _cli: bool = False):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -87,7 +88,11 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     :mod:`.calib_inputs`. ``sparsity`` defaults to 0.5 (1 − N/M for N:M patterns; 0 with ``quant``),
     ``structure`` to ``"mlp"``; giving either where the method or pattern would ignore it is an error.
     ``equal_widths`` (structured methods): the same widths in every block, so the saved config states them
-    (uniform allocation; heads removed as whole key/value groups)."""
+    (uniform allocation; heads removed as whole key/value groups).
+
+    Depth (``structure="depth"``, ``method`` = ``depth`` or ``shortgpt``, :mod:`optprune.llm_adapters.depth`):
+    whole blocks are removed under one budget — ``speedup`` (measured prefill speed-up on this machine),
+    ``flops`` (fraction of the dense FLOPs per token kept) or ``sparsity`` (fraction of blocks removed)."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
     return PruneRun(**locals()).run()
 

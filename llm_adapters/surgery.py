@@ -36,6 +36,13 @@ e.g. OPT's ``head_dim`` is derived from the head count), the directory holds ``s
 config keeps the dense widths, so a stock load fails on the size mismatch instead of loading something wrong)
 plus ``optprune_widths.json``; :func:`load_shrunk` builds the model from the config, shrinks each block to the
 recorded widths and loads the state dict. ``optprune_widths.json`` is written in both cases.
+
+**Whole blocks** (:func:`remove_blocks`, depth pruning): the kept blocks stay in order in a new, shorter block
+list; every sub-module's ``layer_idx`` (the KV-cache slot) is renumbered, the config's layer count
+(``num_hidden_layers`` / ``n_layer`` / ``num_layers``) is set and every per-layer config list (e.g.
+``layer_types``) keeps the kept blocks' entries, so stock ``from_pretrained`` loads the shorter model. A
+removed *sub-block* (a block's attention or MLP alone) has no standard config (every LLaMA-family layer has
+both), so only whole blocks are removed.
 """
 from __future__ import annotations
 
@@ -54,7 +61,7 @@ from .architectures import ArchSpec, get_arch, get_module, linear_weight
 from .stats import InputStats
 
 __all__ = ["SurgeryError", "structure_pattern", "apply_structured", "layer_widths", "is_uniform", "save_shrunk",
-           "load_shrunk", "loading_note", "capture_problems", "WIDTHS_FILE"]
+           "load_shrunk", "loading_note", "capture_problems", "remove_blocks", "WIDTHS_FILE"]
 
 WIDTHS_FILE = "optprune_widths.json"
 _FORMAT = "optprune-shrunk/1"
@@ -301,6 +308,42 @@ def _apply_heads(block, arch, result, pattern) -> dict:
             "kv_replicated": new_kv - int(kv_kept.numel()), "kv_removed": hs["kv_heads"] - int(kv_kept.numel()),
             "bias_created": created,
             "shape": {p: list(_shape_oi(get_module(block, p), _is_t(arch, p))) for p in (spec.q, spec.k, spec.v, spec.o)}}
+
+
+# --------------------------------------------------------------------------------------------- depth
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def remove_blocks(model: nn.Module, arch: Optional[ArchSpec], removed: Sequence[int]) -> dict:
+    """Remove whole blocks ``removed`` (indices into the current block list) and fix the config.
+
+    Returns ``{"removed": [...], "kept": [...original indices...], "layers": new count, "config_lists": [keys]}``.
+    Nothing is changed when the input is rejected (``SurgeryError``)."""
+    arch = arch or get_arch(model)
+    blocks = get_module(model, arch.blocks)
+    L = len(blocks)
+    rem = sorted({int(i) for i in removed})
+    if any(not (0 <= i < L) for i in rem):
+        raise SurgeryError(f"block indices {rem} out of range: the model has {L} blocks")
+    if len(rem) >= L:
+        raise SurgeryError(f"removing {len(rem)} of {L} blocks leaves none; at least one must stay")
+    kept = [i for i in range(L) if i not in rem]
+    cfg = model.config
+    key = next((k for k in _LAYER_COUNT_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    if key is None:
+        raise SurgeryError(f"the config has no layer count ({', '.join(_LAYER_COUNT_KEYS)})")
+    lists = [k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == L and not k.startswith("_")]
+    new = nn.ModuleList([blocks[i] for i in kept])
+    for j, blk in enumerate(new):
+        for mod in blk.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = j
+    setattr(_parent(model, arch.blocks), arch.blocks.rsplit(".", 1)[-1], new)
+    setattr(cfg, key, len(kept))
+    for k in lists:
+        v = getattr(cfg, k)
+        setattr(cfg, k, type(v)(v[i] for i in kept))
+    return {"removed": rem, "kept": kept, "layers": len(kept), "config_lists": lists}
 
 
 # --------------------------------------------------------------------------------------------- widths

@@ -45,7 +45,7 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
           eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
           model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False,
           calibration_packing: Optional[str] = None, force_nproc: bool = False,
-          equal_widths: bool = False) -> tuple:
+          equal_widths: bool = False, speedup: Optional[float] = None, flops: Optional[float] = None) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
     Args:
@@ -81,6 +81,10 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         progress: progress bars.
         certify: per layer, a valid lower bound on the optimum of its L0 program and the relative gap of the
             solution (``certificate`` in each layer record; FISTA adds its certified ℓ1 duality gap).
+        speedup: a measured-latency budget instead of ``sparsity``: ``structure="depth"`` (``method`` ``depth``
+            or ``shortgpt``) removes whole blocks, ``structure="mlp"`` shrinks MLP widths, until the modelled
+            prefill time on this machine is ``1/speedup`` of the dense model's.
+        flops: ``structure="depth"``: keep at most this fraction of the dense FLOPs per token.
 
     Returns:
         ``(model, record)``: the pruned ``PreTrainedModel`` and the JSON-ready run record (the ``run.json`` of
@@ -95,7 +99,8 @@ def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, m
         device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
         damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
         tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify,
-        calibration_packing=calibration_packing, force_nproc=force_nproc, equal_widths=equal_widths)
+        calibration_packing=calibration_packing, force_nproc=force_nproc, equal_widths=equal_widths,
+        speedup=speedup, flops=flops)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record
@@ -133,7 +138,11 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     record = record if record is not None else _RECORDS.get(model)
     tokenizer = tokenizer if tokenizer is not None else _TOKENIZERS.get(model)
     cfg = (record or {}).get("config") or {}
-    spec = get_method(cfg["method"]) if cfg.get("method") else None
+    if cfg.get("method") and str(cfg.get("structure") or "").lower() == "depth":
+        from .llm_adapters.depth import depth_rule
+        spec = depth_rule(cfg["method"])  # whole blocks removed: saved like any structured model
+    else:
+        spec = get_method(cfg["method"]) if cfg.get("method") else None
     structured = bool(spec and spec.structured)
     config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
     export.check_save_options(format, dtype, structured=structured, config=config, gguf_type=gguf_type)

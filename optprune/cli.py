@@ -59,8 +59,12 @@ def _kv(items) -> dict:
     return out
 
 
-def _check_method(method: str, options: dict) -> None:
+def _check_method(method: str, options: dict, structure=None) -> None:
     """The method exists and reads every ``-O`` option — checked before anything loads."""
+    if str(structure or "").strip().lower() == "depth":  # a block-selection rule, not a layer solver
+        from .llm_adapters.depth import depth_rule
+        depth_rule(method).check_options(options)
+        return
     from .solvers.registry import get_method
     get_method(method).check_options(options)
 
@@ -118,10 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
     p.add_argument("--allocation-eps", type=float, default=None,
                    help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
-    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; hidden: shrink the residual stream (with slicegpt: a rotation; with a structured method: hidden channels)")
+    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; hidden: shrink the residual stream (with slicegpt: a rotation; with a structured method: hidden channels); depth: remove whole blocks (--method depth or shortgpt)")
     p.add_argument("--equal-widths", action="store_true",
                    help="structured methods: the same widths in every block, so the saved config states them and "
                         "stock tools load it (uniform allocation; heads removed as whole key/value groups)")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="--structure depth: remove blocks, --structure mlp: shrink MLP widths (mean sparsity spread "
+                        "by --allocation), until the modelled prefill latency on this machine (measured, cached) "
+                        "drops to 1/X of the dense model's; the measured speed-up goes into run.json (default: none)")
+    p.add_argument("--flops", type=float, default=None,
+                   help="--structure depth: keep at most this fraction of the dense FLOPs per token (default: none)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
                    help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
     p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
@@ -319,7 +329,7 @@ def main(argv=None) -> int:
                 return 0
             if args.command == "prune":
                 kw, infos = _prune_kwargs(args, argv)
-                _check_method(kw["method"], kw["method_options"])
+                _check_method(kw["method"], kw["method_options"], kw.get("structure"))
                 for info in infos:
                     logging.getLogger("optprune").info(f"{info['kind']}: {info['path']}")
                 rec = _run_prune(**kw, verbose=level < logging.ERROR, _cli=True)

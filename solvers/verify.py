@@ -395,6 +395,8 @@ def build_cases(k: int, factory: InstanceFactory, quick: bool = False) -> list[C
         cases.append(c)
     # ---- allocation QPs (water-filling)
     cases.append(_allocation_case(k, factory))
+    # ---- depth knapsacks (dynamic programme): chain interactions (exact) and all pairs (heuristic)
+    cases += [_depth_case(k, factory, chain=True), _depth_case(k, factory, chain=False)]
     return cases
 
 
@@ -417,6 +419,33 @@ def _allocation_case(k: int, factory: InstanceFactory) -> Case:
              f"{rule} allocation of {L} units to mean sparsity {S:.3f}", prog)
     c.producers.append(Producer("water-filling", lambda: solve_allocation(prog).values, True))
     return c
+
+
+def _depth_case(k: int, factory: InstanceFactory, *, chain: bool) -> Case:
+    """A depth knapsack of 6–14 units: removal costs like measured ones (positive, a few large, some near
+    zero), neighbour (or all-pair) interactions of either sign, savings equal (blocks of one model) or varied
+    (per-unit latencies), a budget between one unit's saving and most of the total."""
+    from ..formulations.depth import depth_program
+    from .depth import solve_depth
+    g = factory._gen(k, 3 if chain else 5, 7)
+    n = int(torch.randint(6, 15, (1,), generator=g))
+    c = torch.rand(n, generator=g, dtype=torch.float64) ** 3 * 2.0
+    equal = k % 2 == 0
+    w = torch.ones(n, dtype=torch.float64) if equal else torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    b = float(torch.empty(1).uniform_(0.1, 0.7, generator=g)) * float(w.sum())
+    if equal:
+        b = float(max(1, round(b)))
+    if chain:
+        q = torch.randn(n - 1, generator=g, dtype=torch.float64) * 0.3
+        prog = depth_program(c, w, b, neighbours=q)
+    else:
+        prog = depth_program(c, w, b, pairs=torch.randn(n, n, generator=g, dtype=torch.float64) * 0.3)
+    label = "chain" if chain else "all pairs"
+    c_ = Case(f"depth knapsack BQP ({label})", "exact", f"#{k} n={n} {'equal' if equal else 'varied'} savings",
+              FAMILIES[k % len(FAMILIES)], f"{n} units, {label} interactions, budget {b:.3g} of {float(w.sum()):.3g}",
+              prog)
+    c_.producers.append(Producer("depth-dp", lambda: {"z": solve_depth(prog).z.to(torch.float64)}, chain))
+    return c_
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -807,7 +836,7 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
         if not get_backend("gurobi").available():
             raise SolverUnavailable("--gurobi given but gurobipy is not installed (pip install gurobipy)")
     elif gurobi is False:
-        exclude = ("gurobi",)
+        exclude = ("gurobi", "bqp-gurobi")
     if instances is not None and int(instances) < 1:
         raise ValueError(f"instances must be ≥ 1, got {instances}")
     n_inst = int(instances) if instances is not None else (QUICK_INSTANCES if quick else FULL_INSTANCES)

@@ -1,8 +1,11 @@
-"""Latency and throughput of a dense vs an MLP-pruned (structurally shrunk) SmolLM2-135M on this machine.
+"""Latency and throughput of a dense vs an MLP-pruned or depth-pruned (structurally shrunk) SmolLM2-135M here.
 
 Shrinks every MLP to the same width with :mod:`optprune.llm_adapters.surgery` (``apply_structured``), keeping
 *random* neurons: the speed of a dense matmul depends on its shape, not on which neurons were kept, so this
 measures exactly what an SPAP-pruned model of the same width runs at (a pruned model is a smaller dense model).
+``--depth K1,K2`` adds models with K whole blocks removed (``surgery.remove_blocks``; which blocks does not
+change the speed), ``--pruned DIR`` saved pruned checkpoints loaded by stock transformers, ``--json`` writes
+every ratio for the Pareto table (``benchmarks/structured/structured_pareto.py``).
 
 Measured, for each MLP sparsity (default 20/30/50%) against the dense model, at batch 1 and 8:
   * prefill: one forward of ``--prefill`` tokens per sequence (latency, tokens/s);
@@ -38,6 +41,14 @@ def load_model(path: str | None):
         return AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
                                                     dtype=torch.float32).eval(), "SmolLM2-135M-Instruct (GGUF→fp32)"
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), Path(path).name
+
+
+def shrink_depth(model, k: int):
+    from optprune.llm_adapters.surgery import remove_blocks
+    m = copy.deepcopy(model)
+    L = m.config.num_hidden_layers
+    remove_blocks(m, None, list(range(L - 1 - k, L - 1)))  # the last blocks but one
+    return m
 
 
 def shrink_random(model, sparsity: float, seed: int = 0):
@@ -128,65 +139,86 @@ def linear_params(model):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--sparsities", default="0.2,0.3,0.5")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--sparsities", default="0.2,0.3,0.5", help="MLP sparsities ('' for none)")
+    ap.add_argument("--depth", default="", help="comma list of removed-block counts (default: none)")
+    ap.add_argument("--pruned", action="append", default=[], metavar="DIR",
+                    help="a saved pruned model (stock-loadable), repeatable (default: none)")
+    ap.add_argument("--batches", default="1,8", help="prefill batches")
+    ap.add_argument("--decode-batches", default=None, help="decode batches (default: the prefill batches)")
     ap.add_argument("--prefill", type=int, default=128, help="prefill tokens per sequence")
     ap.add_argument("--decode", type=int, default=16, help="decode steps")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-shares", action="store_true", help="skip the time-share breakdown")
+    ap.add_argument("--json", default=None, help="write the rows here (default: not written)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     dense, label = load_model(args.model)
     print(f"model: {label}; torch threads {torch.get_num_threads()}; load {time.perf_counter() - t0:.1f} s")
-    sps = [float(s) for s in args.sparsities.split(",")]
+    sps = [float(s) for s in args.sparsities.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
-    pruned = {s: shrink_random(dense, s) for s in sps}
+    dbatches = [int(b) for b in (args.decode_batches or args.batches).split(",")]
+    pruned = {f"mlp {s:.0%}": shrink_random(dense, s) for s in sps}
+    pruned.update({f"depth -{int(k)}": shrink_depth(dense, int(k)) for k in args.depth.split(",") if k})
+    for d in args.pruned:
+        pruned[Path(d).name] = load_model(d)[0]
     att, mlp, head = linear_params(dense)
     tot = att + mlp + head
     print(f"linear weights: attention {att / 1e6:.1f}M ({att / tot:.1%}), MLP {mlp / 1e6:.1f}M ({mlp / tot:.1%}), "
           f"lm_head {head / 1e6:.1f}M ({head / tot:.1%})")
-    for s in sps:
-        _, mlp_s, _ = linear_params(pruned[s])
-        print(f"  MLP sparsity {s:.0%}: width {pruned[s].model.layers[0].mlp.down_proj.in_features}, "
-              f"linear-weight ideal speed-up {tot / (tot - mlp + mlp_s):.3f}x")
+    for s in pruned:
+        a_s, mlp_s, _ = linear_params(pruned[s])
+        print(f"  {s}: linear-weight ideal speed-up {tot / (a_s + mlp_s + head):.3f}x")
     g = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
-    for b in batches:
+    for b in ([] if args.no_shares else batches):
         ids1 = torch.randint(0, vocab, (b, args.prefill), generator=g)
         for label_m, mdl in [("dense", dense)] + [(f"{s:.0%}", pruned[s]) for s in sps[-1:]]:
             shares, total = time_shares(mdl, [lambda: mdl(ids1, use_cache=False)] * 2)
             print(f"time shares, {label_m} prefill b={b}: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
                   + f" ({total * 1e3:.0f} ms per forward)")
-    with torch.no_grad():
-        out = dense(torch.randint(0, vocab, (1, 16), generator=g), use_cache=True)
-    tok = out.logits[:, -1:].argmax(-1)
-    pasts = [copy.deepcopy(out.past_key_values) for _ in range(8)]
-    shares, total = time_shares(dense, [lambda p=p: dense(tok, past_key_values=p, use_cache=True) for p in pasts])
-    print("time shares, dense decode step b=1: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
-          + f" ({total * 1e3:.1f} ms per step)")
+    if not args.no_shares:
+        with torch.no_grad():
+            out = dense(torch.randint(0, vocab, (1, 16), generator=g), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pasts = [copy.deepcopy(out.past_key_values) for _ in range(8)]
+        shares, total = time_shares(dense, [lambda p=p: dense(tok, past_key_values=p, use_cache=True) for p in pasts])
+        print("time shares, dense decode step b=1: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+              + f" ({total * 1e3:.1f} ms per step)")
     print()
-    print(f"{'phase':8s} {'batch':>5s} {'sparsity':>8s} {'dense':>10s} {'pruned':>10s} {'speed-up':>9s} "
+    print(f"{'phase':8s} {'batch':>5s} {'model':>14s} {'dense':>10s} {'pruned':>10s} {'speed-up':>9s} "
           f"{'dense tok/s':>11s} {'pruned tok/s':>12s}")
-    for b in batches:
+    rows = []
+    cells = [("prefill", b) for b in batches] + [("decode", b) for b in dbatches]
+    for phase, b in cells:
         ids = torch.randint(0, vocab, (b, args.prefill), generator=g)
         prompt = torch.randint(0, vocab, (b, 16), generator=g)
-        for s in sps:
-            for phase in ("prefill", "decode"):
-                fn = (lambda m: prefill_time(m, ids)) if phase == "prefill" else \
-                    (lambda m: decode_time(m, prompt, args.decode))
-                fn(dense), fn(pruned[s])  # warm-up
-                td, tp = [], []
-                for _ in range(args.repeats):  # ABAB
-                    td.append(fn(dense))
-                    tp.append(fn(pruned[s]))
-                md, mp = statistics.median(td), statistics.median(tp)
-                ntok = b * (args.prefill if phase == "prefill" else 1)
-                unit = 1e3
-                print(f"{phase:8s} {b:5d} {s:8.0%} {md * unit:8.1f}ms {mp * unit:8.1f}ms {md / mp:8.3f}x "
-                      f"{ntok / md:11.1f} {ntok / mp:12.1f}")
-    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+        for s in pruned:
+            fn = (lambda m: prefill_time(m, ids)) if phase == "prefill" else \
+                (lambda m: decode_time(m, prompt, args.decode))
+            fn(dense), fn(pruned[s])  # warm-up
+            td, tp = [], []
+            for _ in range(args.repeats):  # ABAB
+                td.append(fn(dense))
+                tp.append(fn(pruned[s]))
+            md, mp = statistics.median(td), statistics.median(tp)
+            ntok = b * (args.prefill if phase == "prefill" else 1)
+            unit = 1e3
+            print(f"{phase:8s} {b:5d} {s:>14s} {md * unit:8.1f}ms {mp * unit:8.1f}ms {md / mp:8.3f}x "
+                  f"{ntok / md:11.1f} {ntok / mp:12.1f}", flush=True)
+            rows.append({"phase": phase, "batch": b, "model": s, "dense_s": md, "pruned_s": mp, "speedup": md / mp,
+                         "dense_tok_s": ntok / md, "pruned_tok_s": ntok / mp,
+                         "tokens": args.prefill if phase == "prefill" else args.decode})
+    wall = time.perf_counter() - t0
+    print(f"\ntotal wall time {wall:.0f} s")
+    if args.json:
+        import json
+        import os
+        Path(args.json).write_text(json.dumps({
+            "model": label, "threads": torch.get_num_threads(), "repeats": args.repeats, "prefill": args.prefill,
+            "decode_steps": args.decode, "wall_s": wall, "load_average": os.getloadavg(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
