@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import importlib
+
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,12 +121,22 @@ class LayerResult:
 class Backend:
     name = "backend"
     capabilities = Capabilities(frozenset())
+    #: the module (and pip package) the backend needs; None: nothing beyond optprune's own dependencies
+    requires: Optional[str] = None
 
     @classmethod
     def available(cls) -> bool:
+        if cls.requires is None:
+            return True
+        try:
+            importlib.import_module(cls.requires)
+        except ImportError:
+            return False
         return True
 
     def supports(self, program) -> tuple[bool, str]:
+        if not self.available():
+            return False, f"{self.requires} is not installed (pip install {self.requires})"
         c = self.capabilities
         if program.kind not in c.kinds:
             return False, f"{self.name} does not solve {program.kind} models"

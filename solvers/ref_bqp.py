@@ -83,13 +83,7 @@ class BQPGurobiBackend(Backend):
     capabilities = Capabilities(kinds=frozenset({"BQP"}), proves_optimality=True, integer=True, max_integer=200,
                                 note="gurobipy, binary quadratic model; pip licence: ≤ 200 binaries")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import gurobipy  # noqa: F401
-        except ImportError:
-            return False
-        return True
+    requires = "gurobipy"
 
     def solve(self, program, *, time_limit: float | None = None, threads: int | None = None, **_) -> SolveResult:
         if not self.available():

@@ -63,17 +63,9 @@ class CvxpyBackend(Backend):
         note="convex QP/ℓ1 (Clarabel default; OSQP, SCS), LP (HiGHS); MILP only as LP relaxation, "
              "proven when integral")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import cvxpy  # noqa: F401
-        except ImportError:
-            return False
-        return True
+    requires = "cvxpy"
 
     def supports(self, program):
-        if not self.available():
-            return False, "cvxpy is not installed (pip install cvxpy)"
         ok, why = super().supports(program)
         if not ok:
             return ok, why

@@ -92,13 +92,7 @@ class GurobiBackend(Backend):
         kinds=frozenset({"QP", "L1", "LP", "MILP", "MIQP"}), proves_optimality=True, convex=True, integer=True,
         note="gurobipy; pip licence: ≤ 200 variables with a quadratic term, ≤ 2000 otherwise, ≤ 2000 constraints")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import gurobipy  # noqa: F401
-        except ImportError:
-            return False
-        return True
+    requires = "gurobipy"
 
     # ------------------------------------------------------------------ sizes
     def model_size(self, program, indicator: str = "auto") -> tuple[int, int, bool, str]:
@@ -126,8 +120,6 @@ class GurobiBackend(Backend):
             raise LicenseLimitError(_licence_message(program.kind, nvars, ncons, quadratic))
 
     def supports(self, program):
-        if not self.available():
-            return False, "gurobipy is not installed (pip install gurobipy)"
         ok, why = super().supports(program)
         if not ok:
             return ok, why

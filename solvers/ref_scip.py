@@ -52,18 +52,7 @@ class ScipBackend(Backend):
                                 max_variables=20_000, convex=True, integer=True, objective_atol=1e-6,
                                 note="PySCIPOpt; quadratic objective via row epigraphs")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import pyscipopt  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
-    def supports(self, program):
-        if not self.available():
-            return False, "pyscipopt is not installed (pip install pyscipopt)"
-        return super().supports(program)
+    requires = "pyscipopt"
 
     def solve(self, program, *, time_limit: float | None = None, gap: float = 1e-6, indicator: str = "auto",
               polish: bool = True, warm_start: bool = True, verbose: bool = False, params: dict | None = None,

@@ -28,17 +28,9 @@ class SDPBackend(Backend):
                                 variants=(("scs", {"solver": "SCS"}, frozenset({"EIG"})),),
                                 note="eigen-programs as their exact SDP relaxation (Clarabel default; SCS)")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import cvxpy  # noqa: F401
-        except ImportError:
-            return False
-        return True
+    requires = "cvxpy"
 
     def supports(self, program):
-        if not self.available():
-            return False, "cvxpy is not installed (pip install cvxpy)"
         ok, why = super().supports(program)
         if not ok:
             return ok, why
