@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .save_formats import (LOADING_FILE, ExportError, SaveFormat, cast_state_dict, detect_structure,  # noqa: F401
+                           finish_hf_dir,
                            format_options, get_format, module_names, register_format, save_formats,
                            set_config_dtype, write_loading_note)
 
@@ -112,11 +113,7 @@ class DenseFormat(SaveFormat):
 
     def write(self, model, out, tokenizer, *, dtype, layers, pattern, options):
         model.save_pretrained(str(out), state_dict=cast_state_dict(model, dtype))
-        set_config_dtype(out, dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
-        return {"format": "hf", "stock_loadable": True,
-                "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+        return {"format": "hf", "stock_loadable": True, "weights_bytes": finish_hf_dir(out, tokenizer, dtype)}
 
     def loading_note(self, info):
         return ("A Hugging Face checkpoint with the pruned weights stored densely (zeros included):\n\n"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .save_formats import (ExportError, SaveFormat, cast_state_dict, detect_structure, module_names,
-                           register_format, set_config_dtype)
+                           finish_hf_dir, register_format)
 
 __all__ = ["LEGACY_INSTALL", "sparse_compressors_available", "is_compressed_dir", "load_compressed"]
 
@@ -87,13 +87,9 @@ class LegacySparseFormat(SaveFormat):
         compressor = ModelCompressor(sparsity_config=scfg)
         compressed = compressor.compress(model, state_dict=cast_state_dict(model, dtype))
         model.save_pretrained(str(out), state_dict=compressed)
-        set_config_dtype(out, dtype)
         compressor.update_config(str(out))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
         return {"format": "compressed-tensors (sparse, legacy)", "stock_loadable": False,
-                "sparsity_config": scfg.model_dump(),
-                "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+                "sparsity_config": scfg.model_dump(), "weights_bytes": finish_hf_dir(out, tokenizer, dtype)}
 
     def loading_note(self, info):
         return ("A compressed-tensors **sparse bitmask** checkpoint (legacy format): the pruned layers hold a "

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .save_formats import ExportError, SaveFormat, register_format, set_config_dtype
+from .save_formats import ExportError, SaveFormat, finish_hf_dir, register_format
 
 __all__ = ["PackQuantizedError", "PACK_FORMAT", "pack_quantized_available", "check_pack_quantized", "save_pack_quantized",
            "quantized_modules", "dequantized_weight"]
@@ -160,11 +160,8 @@ class PackQuantizedFormat(SaveFormat):
 
     def write(self, model, out, tokenizer, *, dtype, layers, pattern, options):
         qcfg = save_pack_quantized(model, out, dtype)
-        set_config_dtype(out, dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
         return {"format": "hf", "stock_loadable": True, "quantization_config": qcfg,
-                "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+                "weights_bytes": finish_hf_dir(out, tokenizer, dtype)}
 
     def loading_note(self, info):
         return ("A Hugging Face checkpoint in compressed-tensors' `pack-quantized` format (integer codes packed "

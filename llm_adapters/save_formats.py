@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-__all__ = ["ExportError", "SaveFormat", "register_format", "save_formats", "get_format", "format_options",
+__all__ = ["ExportError", "SaveFormat", "finish_hf_dir", "register_format", "save_formats", "get_format", "format_options",
            "detect_structure", "cast_state_dict", "set_config_dtype", "module_names", "write_loading_note",
            "LOADING_FILE"]
 
@@ -116,6 +116,15 @@ def set_config_dtype(out: Path, dtype: torch.dtype) -> None:
     d = json.loads(f.read_text())
     d["dtype"] = str(dtype).replace("torch.", "")
     f.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def finish_hf_dir(out: Path, tokenizer, dtype: torch.dtype) -> int:
+    """The parts every Hugging Face directory format ends with: the config's dtype and the tokenizer; returns
+    the bytes of the weight files."""
+    set_config_dtype(out, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
 def module_names(model: nn.Module, layers: Optional[Iterable[str]]) -> list[str]:
