@@ -339,13 +339,8 @@ def save_sliced(model: nn.Module, tok, out_dir, dtype=None) -> dict:
     if dtype is not None:
         model.to(dtype)
     cfg = model.config
-    if getattr(cfg, "quantization_config", None) is not None:  # a GGUF-dequantised model: plain weights now
-        try:
-            delattr(cfg, "quantization_config")
-        except AttributeError:
-            cfg.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
+    from .surgery import drop_quantization_config
+    drop_quantization_config(model)
     model.save_pretrained(str(out))
     if tok is not None:
         tok.save_pretrained(str(out))

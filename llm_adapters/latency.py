@@ -91,31 +91,47 @@ def _key(model: nn.Module, batch: int, seqlen: int) -> str:
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _cache_path():
+    from .data import optprune_home
+    return optprune_home() / "latency.json"
+
+
+def _cache_table() -> dict:
+    path = _cache_path()
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cache_get(key: str):
+    return _cache_table().get(key)
+
+
+def _cache_put(key: str, rec: dict) -> None:
+    """Keep a measurement (written atomically); a read-only home only means it is not kept."""
+    path, table = _cache_path(), _cache_table()
+    table[key] = rec
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def latency_model(model: nn.Module, *, batch: int = 8, seqlen: int = 512, cache: bool = True,
                   repeats: int = 2) -> dict:
     """:func:`block_times`, cached on disk per (shapes, batch, seqlen, threads, CPU, torch); ``"cached"`` says
     whether this call measured."""
-    from .data import optprune_home
-    path = optprune_home() / "latency.json"
     key = _key(model, batch, seqlen)
-    table = {}
-    if cache and path.exists():
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if key in table:
-            return dict(table[key], cached=True)
+    hit = _cache_get(key) if cache else None
+    if hit is not None:
+        return dict(hit, cached=True)
     rec = block_times(model, batch=batch, seqlen=seqlen, repeats=repeats)
     if cache:
-        table[key] = rec
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: the measurement is still used, only not kept
+        _cache_put(key, rec)
     return dict(rec, cached=False)
 
 
@@ -162,21 +178,14 @@ def mlp_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, *, batch: 
     """Time of one block's MLP at kept-width fractions ``fractions`` on a ``batch × seqlen`` input: the MLP of
     block 0 shrunk (random neurons: the time depends on the shape only) and timed alone, the minimum of
     ``repeats`` (interference on a shared machine only adds time). Cached beside :func:`latency_model` (key: shapes, batch, seqlen, threads, CPU, torch)."""
-    from .data import optprune_home
     from .surgery import apply_structured, structure_pattern
     from ..solvers.base import LayerResult
     from .architectures import linear_weight
     arch = arch or get_arch(model)
-    path = optprune_home() / "latency.json"
     key = "mlp:" + _key(model, batch, seqlen) + ":" + ",".join(f"{f:g}" for f in fractions)
-    table = {}
-    if cache and path.exists():
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if key in table:
-            return dict(table[key], cached=True)
+    hit = _cache_get(key) if cache else None
+    if hit is not None:
+        return dict(hit, cached=True)
     blk0 = get_module(model, arch.blocks)[0]
     mlp_path = arch.mlp.down.rsplit(".", 1)[0]
     hidden = int(model.config.hidden_size)
@@ -209,14 +218,7 @@ def mlp_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, *, batch: 
         times.append((k / n, min(ts)))  # interference on a shared machine only adds time: the minimum
     rec = {"width": width, "points": times, "batch": batch, "seqlen": seqlen, "threads": torch.get_num_threads()}
     if cache:
-        table[key] = rec
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(table))
-            tmp.replace(path)
-        except OSError:
-            pass
+        _cache_put(key, rec)
     return dict(rec, cached=False)
 
 

@@ -61,7 +61,7 @@ from .architectures import ArchSpec, get_arch, get_module, linear_weight
 from .stats import InputStats
 
 __all__ = ["SurgeryError", "structure_pattern", "apply_structured", "layer_widths", "is_uniform", "save_shrunk",
-           "load_shrunk", "loading_note", "capture_problems", "remove_blocks", "WIDTHS_FILE"]
+           "load_shrunk", "loading_note", "drop_quantization_config", "capture_problems", "remove_blocks", "WIDTHS_FILE"]
 
 WIDTHS_FILE = "optprune_widths.json"
 _FORMAT = "optprune-shrunk/1"
@@ -416,6 +416,18 @@ def _out_features(module: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------- save / load
+def drop_quantization_config(model: nn.Module) -> None:
+    """A GGUF-dequantised model holds plain weights: its config must not announce a quantization on save."""
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        try:
+            delattr(cfg, "quantization_config")
+        except AttributeError:
+            cfg.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+
+
 def save_shrunk(model: nn.Module, output_dir: str, arch: Optional[ArchSpec] = None, **save_kw) -> dict:
     """Save a structurally pruned model; returns the widths record written to ``optprune_widths.json``.
 
@@ -431,13 +443,7 @@ def save_shrunk(model: nn.Module, output_dir: str, arch: Optional[ArchSpec] = No
     heads_changed = bool(widths) and "heads" in widths[0] and any(
         (r["heads"], r["kv_heads"]) != (dense["heads"], dense["kv_heads"]) for r in widths)
     stock = uniform and (not heads_changed or hasattr(cfg, "head_dim"))
-    if getattr(cfg, "quantization_config", None) is not None:  # a GGUF-dequantised model: plain weights now
-        try:
-            delattr(cfg, "quantization_config")
-        except AttributeError:
-            cfg.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
+    drop_quantization_config(model)
     note = None
     if stock and widths:
         w0 = widths[0]
