@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["PreflightError", "IncompleteModelError", "stale_widths", "check_loading_info", "torch_weight_shapes",
-           "read_utf8", "not_utf8_text"]
+           "read_utf8", "not_utf8_text", "read_json", "safetensors_header", "arch_of"]
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -113,7 +113,7 @@ def read_utf8(path: Path, error=None) -> str:
     return data.decode("utf-8")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     text = read_utf8(path)
     try:
         obj = json.loads(text)
@@ -124,7 +124,7 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     """The header of a safetensors file, after checking that the file is as long as the header says."""
     try:
         size = path.stat().st_size
@@ -162,7 +162,7 @@ def _safetensors_header(path: Path) -> dict:
     return hdr
 
 
-def _arch_of(cfg: dict):
+def arch_of(cfg: dict):
     """The ArchSpec of the model a config.json describes (table entry, else inferred from the model built on the
     meta device): an unsupported model is refused here, before any weight file is read."""
     from .architectures import UnknownArchitectureError, _table_entry, arch_from_config
@@ -182,10 +182,10 @@ def _stored_shapes(d: Path) -> dict:
     """tensor name -> shape, from the safetensors headers of a model folder."""
     index, single = d / "model.safetensors.index.json", d / "model.safetensors"
     files = [single] if single.is_file() else \
-        [d / f for f in sorted(set((_read_json(index).get("weight_map") or {}).values()))] if index.is_file() else []
+        [d / f for f in sorted(set((read_json(index).get("weight_map") or {}).values()))] if index.is_file() else []
     out = {}
     for f in files:
-        out.update({k: v["shape"] for k, v in _safetensors_header(f).items() if k != "__metadata__"})
+        out.update({k: v["shape"] for k, v in safetensors_header(f).items() if k != "__metadata__"})
     return out
 
 
@@ -196,9 +196,9 @@ def stale_widths(d: Path) -> Optional[str]:
     wf = Path(d) / "optprune_widths.json"
     if not wf.is_file():
         return None
-    rec, cfg = _read_json(wf), _read_json(Path(d) / "config.json")
+    rec, cfg = read_json(wf), read_json(Path(d) / "config.json")
     try:
-        arch = _arch_of(cfg)
+        arch = arch_of(cfg)
     except UnknownArchitectureError:
         return None
     shapes = _stored_shapes(Path(d))

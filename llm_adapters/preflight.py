@@ -30,7 +30,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
-from .model_files import (PreflightError, _arch_of, _read_json, _safetensors_header, incomplete,  # noqa: F401
+from .model_files import (PreflightError, arch_of, read_json, safetensors_header, incomplete,  # noqa: F401
                           stale_widths, torch_weight_shapes)
 
 __all__ = ["PreflightError", "check_prune", "check_output", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
@@ -45,19 +45,19 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.m
 
 def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
     """config.json parsed; weight files complete; tokenizer present. Returns the config and the weight bytes."""
-    cfg = _read_json(d / "config.json")
+    cfg = read_json(d / "config.json")
     if not isinstance(cfg.get("model_type"), str):
         raise PreflightError(f"{d / 'config.json'}: no model_type (not a transformers model config)")
-    _arch_of(cfg)  # an unsupported family is refused from its config, before its weight files are looked at
+    arch_of(cfg)  # an unsupported family is refused from its config, before its weight files are looked at
     gen = d / "generation_config.json"
     if gen.is_file():
-        _read_json(gen)
+        read_json(gen)
     index = d / "model.safetensors.index.json"
     single = d / "model.safetensors"
     nbytes = 0
     headers: dict = {}  # tensor name -> (file, shape)
     if index.is_file():
-        wm = _read_json(index).get("weight_map")
+        wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise PreflightError(f"{index}: no weight_map")
         by_file: dict = {}
@@ -67,7 +67,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
             p = d / f
             if not p.is_file():
                 raise PreflightError(f"{p}: shard listed in {index.name} is missing")
-            hdr = _safetensors_header(p)
+            hdr = safetensors_header(p)
             headers.update({k: (p, v["shape"]) for k, v in hdr.items() if k != "__metadata__"})
             absent = [t for t in names if t not in hdr]
             if absent:
@@ -75,7 +75,7 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
                                      f"(shard from another model?)")
             nbytes += p.stat().st_size
     elif single.is_file():
-        hdr = _safetensors_header(single)
+        hdr = safetensors_header(single)
         headers.update({k: (single, v["shape"]) for k, v in hdr.items() if k != "__metadata__"})
         nbytes = single.stat().st_size
     else:
@@ -85,22 +85,22 @@ def _check_hf_dir(d: Path, *, tokenizer: bool = True) -> dict:
         nbytes = sum(p.stat().st_size for p in bins)
         bin_index = d / "pytorch_model.bin.index.json"
         files = [d / "pytorch_model.bin"] if (d / "pytorch_model.bin").is_file() else \
-            [d / f for f in sorted(set((_read_json(bin_index).get("weight_map") or {}).values()))] \
+            [d / f for f in sorted(set((read_json(bin_index).get("weight_map") or {}).values()))] \
             if bin_index.is_file() else []
         for p in files:  # the files transformers loads: names and shapes from the pickle, no tensor data
             if not p.is_file():
                 raise PreflightError(f"{p}: shard listed in {bin_index.name} is missing")
             headers.update({k: (p, v) for k, v in torch_weight_shapes(p).items()})
     widths = d / "optprune_widths.json"
-    shrunk = widths.is_file() and not _read_json(widths).get("stock_loadable") and stale_widths(d) is None
+    shrunk = widths.is_file() and not read_json(widths).get("stock_loadable") and stale_widths(d) is None
     if tokenizer:
         if not any((d / t).is_file() for t in _TOKENIZER_FILES):
             raise PreflightError(f"{d}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...)")
         tc = d / "tokenizer_config.json"
         if tc.is_file():
-            _read_json(tc)
+            read_json(tc)
         if (d / "tokenizer.json").is_file():
-            _read_json(d / "tokenizer.json")
+            read_json(d / "tokenizer.json")
         elif (d / "tokenizer.model").is_file():
             _check_tokenizer_model(d / "tokenizer.model")
     if headers and not shrunk:  # quantized / compressed checkpoints store other tensors (packed, scales, masks)
@@ -531,7 +531,7 @@ def check_shapes(cfg: Optional[dict], *, structured: bool, nm_M: Optional[int], 
         return
     from .architectures import UnknownArchitectureError
     try:
-        arch = _arch_of(cfg)
+        arch = arch_of(cfg)
     except UnknownArchitectureError as e:
         raise PreflightError(str(e)) from None
     w = _widths(cfg, arch)

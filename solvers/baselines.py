@@ -17,14 +17,14 @@ from ..formulations.programs import l0_program, refit_program
 from .base import LayerResult, Timer
 from .registry import Option, register_method
 
-__all__ = ["magnitude", "wanda", "ria", "sparsegpt", "refit", "ria_scores", "wanda_scores", "score_prune"]
+__all__ = ["magnitude", "wanda", "ria", "sparsegpt", "refit", "ria_scores", "wanda_scores", "score_prune", "work_dtype", "finish_layer"]
 
 
-def _work_dtype(problem: LayerProblem) -> torch.dtype:
+def work_dtype(problem: LayerProblem) -> torch.dtype:
     return torch.float64 if problem.H.dtype == torch.float64 else torch.float32
 
 
-def _finish(problem: LayerProblem, W: torch.Tensor, mask: torch.Tensor, info: dict) -> LayerResult:
+def finish_layer(problem: LayerProblem, W: torch.Tensor, mask: torch.Tensor, info: dict) -> LayerResult:
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {problem.name!r}: the pruned weights contain NaN/Inf")
     W = W * mask
@@ -43,19 +43,19 @@ def score_prune(problem: LayerProblem, pattern: Pattern, scores: torch.Tensor, n
     """Keep the feasible mask of largest score, weights unchanged (or refitted)."""
     with Timer() as t:
         mask = pattern.project(scores)
-        W = problem.W0.to(_work_dtype(problem)) * mask
+        W = problem.W0.to(work_dtype(problem)) * mask
     info = {"method": name, "time_s": t.elapsed}
-    res = _finish(problem, W, mask, info)
+    res = finish_layer(problem, W, mask, info)
     return refit_result(problem, res) if do_refit else res
 
 
 # --------------------------------------------------------------------------------------------- scores
 def wanda_scores(problem: LayerProblem) -> torch.Tensor:
-    return problem.W0.to(_work_dtype(problem)).abs() * problem.col_norms().to(_work_dtype(problem)).unsqueeze(0)
+    return problem.W0.to(work_dtype(problem)).abs() * problem.col_norms().to(work_dtype(problem)).unsqueeze(0)
 
 
 def ria_scores(problem: LayerProblem, a: float = 0.5) -> torch.Tensor:
-    W = problem.W0.to(_work_dtype(problem)).abs()
+    W = problem.W0.to(work_dtype(problem)).abs()
     ri = W / W.sum(0, keepdim=True).clamp_min(1e-12) + W / W.sum(1, keepdim=True).clamp_min(1e-12)
     return ri * problem.col_norms().to(W.dtype).pow(a).unsqueeze(0)
 
@@ -68,7 +68,7 @@ _REFIT_HELP = "finish with the exact least-squares refit on the chosen mask"
                  options={"refit": _REFIT_HELP})
 def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
     _check_pattern("magnitude", pattern)
-    return score_prune(problem, pattern, problem.W0.to(_work_dtype(problem)).abs(), "magnitude", refit)
+    return score_prune(problem, pattern, problem.W0.to(work_dtype(problem)).abs(), "magnitude", refit)
 
 
 @register_method("wanda", needs="diag", patterns=("unstructured", "row", "nm"),
@@ -126,7 +126,7 @@ class SparseGPT:
         if isinstance(pattern, NM) and blocksize % pattern.M:
             self.bs = (blocksize // pattern.M) * pattern.M or pattern.M
         self.damp = problem.damp if damp is None else damp
-        self.dtype = _work_dtype(problem)
+        self.dtype = work_dtype(problem)
 
     def _hinv_chol(self, perm=None):
         """Upper Cholesky factor of (Ĥ + δ I)⁻¹ (columns in the order ``perm``), damping raised on failure."""
@@ -209,7 +209,7 @@ class SparseGPT:
         info = {"method": self.name, "time_s": t.elapsed, "damp_used": damp_used}
         if qz is not None:
             info.update(quant=qz.spec.name, act_order=self.act_order, qparams=self.quantizer)
-        return _finish(self.p, W, mask, info)
+        return finish_layer(self.p, W, mask, info)
 
 
 @register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm", "grid"),
@@ -235,7 +235,7 @@ def refit_weights(problem: LayerProblem, mask: torch.Tensor, *, damp: float = 0.
     Rows are solved in batches as ``(D Ĥ D + (I − D)) w = D b`` (D = diag(mask_i)), which is Ĥ_SS on the
     support and the identity off it; a failed factorisation raises the damping (from ``1e-10`` relative).
     """
-    dt = _work_dtype(problem)
+    dt = work_dtype(problem)
     m, n = problem.shape
     Hh = problem.Hh.to(dt)
     B = problem.target(dt)

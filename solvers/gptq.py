@@ -21,7 +21,7 @@ from ..formulations.patterns import Pattern, PatternError
 from ..formulations.problem import LayerProblem
 from ..formulations.programs import grid_program
 from .base import LayerResult, Timer
-from .baselines import SparseGPT, _finish, _work_dtype
+from .baselines import SparseGPT, finish_layer, work_dtype
 from .registry import register_method
 
 __all__ = ["gptq", "rtn", "require_grid"]
@@ -57,6 +57,6 @@ def rtn(problem: LayerProblem, pattern: Pattern) -> LayerResult:
     pat = require_grid("rtn", pattern)
     with Timer() as t:
         qz = pat.quantizer(problem.W0, round_to=problem.meta.get("weight_dtype"))
-        W, mask = pat.project_grid(problem.W0.to(_work_dtype(problem)), qz.to(_work_dtype(problem)))
+        W, mask = pat.project_grid(problem.W0.to(work_dtype(problem)), qz.to(work_dtype(problem)))
     info = {"method": "rtn", "time_s": t.elapsed, "quant": pat.grid.name, "qparams": qz}
-    return _finish(problem, W, mask, info)
+    return finish_layer(problem, W, mask, info)

@@ -25,7 +25,7 @@ from ..formulations.grid import Quantizer
 from ..formulations.patterns import Pattern, PatternError
 from ..formulations.problem import LayerProblem
 from .base import LayerResult, Timer
-from .baselines import SparseGPT, _finish, _work_dtype
+from .baselines import SparseGPT, finish_layer, work_dtype
 from .gptq import require_grid
 from .registry import get_method, register_method
 
@@ -38,7 +38,7 @@ def refit_scales(problem: LayerProblem, quantizer: Quantizer, W: torch.Tensor, *
                  round_to: Optional[torch.dtype] = None) -> Quantizer:
     """The least-squares scales for the codes of ``W`` (on ``quantizer``'s grid; zeros stay zero): the exact
     minimiser of ``f`` over the scales (module doc), rounded to ``round_to`` when given."""
-    dt = _work_dtype(problem) if problem.H.dtype != torch.float32 else torch.float64  # small systems: float64
+    dt = work_dtype(problem) if problem.H.dtype != torch.float32 else torch.float64  # small systems: float64
     qz = quantizer.to(dt, problem.H.device)
     Wd = W.to(dt).to(problem.H.device)
     m, n = Wd.shape
@@ -88,7 +88,7 @@ def quant_refit(problem: LayerProblem, pattern: Pattern, *, start: str = "gptq",
         qz, W, mask = best[3], res.W, res.mask
         history = [res.info["error"]]
         for r in range(int(rounds)):
-            dt = _work_dtype(problem)
+            dt = work_dtype(problem)
             codes = qz.to(dt, W.device).codes(W.to(dt))
             new = refit_scales(problem, qz, W, round_to=round_to)
             Wr = new.to(dt, W.device).dequantize(codes) * mask
@@ -108,7 +108,7 @@ def quant_refit(problem: LayerProblem, pattern: Pattern, *, start: str = "gptq",
     err, W, mask, qz = best
     info = {"method": "quant-refit", "start": start, "time_s": t.elapsed, "quant": pat.grid.name,
             "qparams": qz, "error_start": history[0], "error_history": history}
-    return _finish(problem, W.to(_work_dtype(problem)), mask, info)
+    return finish_layer(problem, W.to(work_dtype(problem)), mask, info)
 
 
 #: the options under which quant-refit keeps the layer's fixed scales (its codes step only): how ``optprune verify``

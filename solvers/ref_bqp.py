@@ -94,10 +94,10 @@ class BQPGurobiBackend(Backend):
         import gurobipy as gp
         from gurobipy import GRB
 
-        from .ref_gurobi import _env
+        from .ref_gurobi import gurobi_env
         t0 = time.perf_counter()
         c, Q, rows, n = _terms(program)
-        mdl = gp.Model(env=_env())
+        mdl = gp.Model(env=gurobi_env())
         mdl.Params.OutputFlag = 0
         mdl.Params.MIPGap = 1e-9
         mdl.Params.MIPGapAbs = 1e-12

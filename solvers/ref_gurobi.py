@@ -34,7 +34,7 @@ from .ref_common import (Layout, bigm_bounds, dead_columns, feasible_start, fini
                          objective_terms, row_quadratics)
 from .registry import register_backend
 
-__all__ = ["GurobiBackend", "gurobi_size_limited", "LICENCE_QUAD_VARS", "LICENCE_VARS", "LICENCE_CONSTRS"]
+__all__ = ["GurobiBackend", "gurobi_size_limited", "LICENCE_QUAD_VARS", "LICENCE_VARS", "LICENCE_CONSTRS", "gurobi_env"]
 
 LICENCE_QUAD_VARS = 200   # QP/MIQP (any quadratic term)
 LICENCE_VARS = 2000       # LP/MILP
@@ -42,7 +42,7 @@ LICENCE_CONSTRS = 2000    # linear + general constraints
 _LIMITED: dict = {}
 
 
-def _env():
+def gurobi_env():
     import gurobipy as gp
     env = gp.Env(empty=True)
     env.setParam("OutputFlag", 0)
@@ -55,7 +55,7 @@ def gurobi_size_limited() -> bool:
     if "v" not in _LIMITED:
         import gurobipy as gp
         try:
-            env = _env()
+            env = gurobi_env()
             m = gp.Model(env=env)
             x = m.addMVar(LICENCE_QUAD_VARS + 1)
             m.setObjective(x @ x)
@@ -148,7 +148,7 @@ class GurobiBackend(Backend):
         lay = Layout(program)
         quad, l1s, lins = objective_terms(program)
         info: dict = {}
-        env = _env()
+        env = gurobi_env()
         mdl = gp.Model(env=env)
         mdl.Params.OutputFlag = 1 if verbose else 0
         if threads:

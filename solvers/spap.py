@@ -55,7 +55,7 @@ from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_r
 from ..formulations.programs import l0_program
 from .base import LayerResult, Timer
 from .registry import Option, register_method
-from .structured_baselines import (GroupSetup, _finish, centered_problem, cpu_threads, flap_scores, group_obs,
+from .structured_baselines import (GroupSetup, finish_groups, centered_problem, cpu_threads, flap_scores, group_obs,
                                    group_refit, group_setup, input_means, keep_from_scores)
 
 __all__ = ["spap", "SPAPState"]
@@ -325,4 +325,4 @@ def spap(problem: LayerProblem, pattern: Pattern, *, init: str = "best", rho0: f
         Wd = W.to(original.H.dtype)
         info["bias_delta"] = (original.W0.to(Wd.dtype) @ mu.to(Wd) - Wd @ muh.to(Wd)).to(original.W0.dtype)
         info["error_with_bias"] = problem.objective(W * st.mask(keep))
-    return _finish(original, st, keep, W, info)
+    return finish_groups(original, st, keep, W, info)

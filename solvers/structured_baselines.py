@@ -40,7 +40,7 @@ from .base import LayerResult, Timer, torch_threads
 from .registry import Option, register_method
 
 __all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores", "centered_problem",
-           "group_magnitude", "flap", "group_obs", "flap_scores", "input_means"]
+           "group_magnitude", "flap", "group_obs", "flap_scores", "input_means", "finish_groups"]
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -143,7 +143,7 @@ def refit_objective(problem: LayerProblem, cols: torch.Tensor, dtype=None) -> tu
     return problem.objective(W), W
 
 
-def _finish(problem: LayerProblem, st: GroupSetup, keep: torch.Tensor, W: torch.Tensor, info: dict) -> LayerResult:
+def finish_groups(problem: LayerProblem, st: GroupSetup, keep: torch.Tensor, W: torch.Tensor, info: dict) -> LayerResult:
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {problem.name!r}: the pruned weights contain NaN/Inf")
     mask = st.mask(keep)
@@ -164,7 +164,7 @@ def group_magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = Fa
         W0 = problem.W0.to(st.dtype)
         keep = keep_from_scores(st.group_sum((W0 * W0).sum(0)), st.k)
         W = group_refit(problem, st.cols(keep), st.dtype) if refit else W0
-    return _finish(problem, st, keep, W, {"method": "group_magnitude" + ("+refit" if refit else ""),
+    return finish_groups(problem, st, keep, W, {"method": "group_magnitude" + ("+refit" if refit else ""),
                                           "time_s": t.elapsed})
 
 
@@ -228,7 +228,7 @@ def flap(problem: LayerProblem, pattern: Pattern, *, input_mean=None, input_mean
             bias_delta = torch.zeros(st.m, dtype=st.dtype, device=dev)
     info = {"method": "flap" + ("+refit" if refit else ""), "time_s": t.elapsed,
             "bias_delta": bias_delta.to(problem.W0.dtype), "bias_compensation": mu is not None}
-    res = _finish(problem, st, keep, W, info)
+    res = finish_groups(problem, st, keep, W, info)
     if mu is not None and problem.nsamples > 0:
         # ½‖W X̂ + δb 1ᵀ − W0 X‖² = f(W) − ½ N ‖δb‖² for the optimal constant δb = W0 μ − W μ̂
         res.info["error_with_bias"] = res.info["error"] - 0.5 * problem.nsamples * float(
@@ -329,4 +329,4 @@ def group_obs(problem: LayerProblem, pattern: Pattern, *, damp: Optional[float] 
         keep = alive
         if refit:
             W = group_refit(problem, st.cols(keep), dt)
-    return _finish(problem, st, keep, W, {"method": "group_obs", "time_s": t.elapsed, "damp_used": d + d_used})
+    return finish_groups(problem, st, keep, W, {"method": "group_obs", "time_s": t.elapsed, "damp_used": d + d_used})
