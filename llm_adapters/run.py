@@ -119,8 +119,6 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                                      ("task_limit", task_limit)))
     verbose = _cli if verbose is None else verbose
     dev = _default_device(device)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise RunError(f"--batch-size must be a whole number ≥ 1 (windows per forward), got {batch_size!r}")
     from . import preflight  # files and folders, before any weight is read
     preflight.check_data_dir(data_dir)
     info = preflight.check_model_source(model, model_dir)
