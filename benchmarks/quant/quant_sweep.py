@@ -9,6 +9,14 @@ configuration already there is skipped). ``--table`` renders the Markdown table 
     python benchmarks/quant/quant_sweep.py --table benchmarks/results/quant_smollm2.jsonl
 
 A configuration is ``method:quant[:setting]`` with setting a sparsity (``0.5``) or an N:M pattern (``2:4``).
+
+Against another tool on the same calibration and evaluator (benchmarks/quant/llmc_gptq.py writes both the token
+ids and the other tool's checkpoint): ``--calibration-ids W/calibration_ids.pt`` calibrates every configuration on
+exactly those ids, and ``--external LABEL=DIR`` evaluates a checkpoint written elsewhere with optprune's evaluator
+(same protocol) and adds it as a row::
+
+    python benchmarks/quant/quant_sweep.py --calibration-ids W/calibration_ids.pt --configs gptq:w4g64 \
+        --external llm-compressor-gptq:w4g64=W/llmc-w4a16-g64 --out results.jsonl
 """
 from __future__ import annotations
 
@@ -39,7 +47,8 @@ def parse_config(text: str) -> dict:
 
 
 def key_of(d: dict) -> str:
-    return json.dumps({k: d.get(k) for k in ("model", "protocol", "method", "quant", "pattern", "sparsity")},
+    return json.dumps({k: d.get(k) for k in ("model", "protocol", "method", "quant", "pattern", "sparsity",
+                                                  "calibration") if d.get(k) is not None or k != "calibration"},
                       sort_keys=True)
 
 
@@ -47,13 +56,42 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def external_row(label: str, directory: str, args) -> dict:
+    """A checkpoint written by another tool, evaluated by optprune's evaluator under the same protocol."""
+    from optprune.llm_adapters.run import evaluate
+    method, _, quant = label.partition(":")
+    t0 = time.perf_counter()
+    rec = evaluate(directory, protocol=args.protocol, data_dir=args.data_dir, progress=False, verbose=False)
+    meta = Path(directory + ".json")
+    return {"key": json.dumps({"external": label, "protocol": args.protocol}), "method": method, "quant": quant or None,
+            "pattern": "unstructured", "sparsity": None, "external": True,
+            "perplexity": {k: (v.get("ppl") if isinstance(v, dict) else v)
+                           for k, v in (rec.get("perplexity") or {}).items()},
+            "mean_rel_error": None, "prune_s": json.loads(meta.read_text()).get("oneshot_s") if meta.exists() else None,
+            "eval_wall_s": time.perf_counter() - t0, "pack_quantized_bytes": dir_bytes(Path(directory)),
+            "versions": rec.get("versions"), "machine": rec.get("machine")}
+
+
 def run(args) -> int:
     from optprune.llm_adapters.run import prune
+    calibration = None
+    if args.calibration_ids:
+        import torch
+        calibration = torch.load(args.calibration_ids)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(l)["key"] for l in out.read_text().splitlines() if l.strip()} if out.exists() else set()
-    for text in args.configs.split(","):
-        cfg = dict(parse_config(text), model=args.model, protocol=args.protocol)
+    for item in args.external or []:
+        label, _, directory = item.partition("=")
+        row = external_row(label, directory, args)
+        if row["key"] in done:
+            continue
+        with out.open("a") as f:
+            f.write(json.dumps(portable(row)) + "\n")
+        print(json.dumps({k: row[k] for k in ("method", "quant", "perplexity", "prune_s")}), flush=True)
+    for text in [t for t in args.configs.split(",") if t]:
+        cfg = dict(parse_config(text), model=args.model, protocol=args.protocol,
+                   calibration=("ids " + Path(args.calibration_ids).name) if args.calibration_ids else None)
         key = key_of(cfg)
         if key in done:
             print(f"skip (done): {text}", file=sys.stderr)
@@ -62,7 +100,7 @@ def run(args) -> int:
         try:
             t0 = time.perf_counter()
             rec = prune(args.model, cfg["method"], sparsity=cfg["sparsity"], pattern=cfg["pattern"], quant=cfg["quant"],
-                        protocol=args.protocol, data_dir=args.data_dir, output=str(tmp / "pq"),
+                        protocol=args.protocol, data_dir=args.data_dir, output=str(tmp / "pq"), calibration=calibration,
                         save_format="pack-quantized", dtype=args.dtype, progress=False, verbose=False, kl=False)
             wall = time.perf_counter() - t0
             row = {"key": key, **cfg, "perplexity": {k: (v.get("ppl") if isinstance(v, dict) else v)
@@ -93,13 +131,13 @@ def run(args) -> int:
 
 def table(path: str) -> str:
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-    lines = ["| method | grid | pruned | WikiText-2 ppl | mean rel. layer error | prune s | pack-quantized MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| tool | method | grid | pruned | WikiText-2 ppl | mean rel. layer error | prune s | checkpoint MB |",
+             "|---|---|---|---|---|---|---|---|"]
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731  (RTN collects no Grams: no error)
     for r in rows:
         ppl = next(iter((r.get("perplexity") or {}).values()), None)
-        setting = r["pattern"] if r["pattern"] != "unstructured" else (f"{r['sparsity']:.0%}" if r["sparsity"] else "–")
-        lines.append(f"| {r['method']} | {r['quant']} | {setting} | {f(ppl, '.2f')} | {f(r['mean_rel_error'], '.4f')} | "
+        setting = r["pattern"] if r["pattern"] != "unstructured" else (f"{r['sparsity']:.0%}" if r.get("sparsity") else "–")
+        lines.append(f"| {'other' if r.get('external') else 'optprune'} | {r['method']} | {r['quant']} | {setting} | {f(ppl, '.2f')} | {f(r['mean_rel_error'], '.4f')} | "
                      f"{f(r['prune_s'], '.0f')} | {r['pack_quantized_bytes'] / 2**20:.2f} |")
     return "\n".join(lines)
 
@@ -110,6 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", default="cpu")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--configs", default="rtn:w4g64,gptq:w4g64,quant-refit:w4g64,sparsegpt:w4g64:0.5")
+    ap.add_argument("--calibration-ids", default=None, help="a torch file of calibration token ids (nsamples, seqlen) "
+                    "used by every configuration (default: the protocol's calibration)")
+    ap.add_argument("--external", action="append", default=None, metavar="LABEL=DIR",
+                    help="also evaluate a checkpoint written by another tool (LABEL: method:grid), repeatable")
     ap.add_argument("--dtype", default="bfloat16", help="dtype of the saved scales and unquantized tensors")
     ap.add_argument("--dense-size", action="store_true", help="also save the dense model in bfloat16 for the size")
     ap.add_argument("--out", default=None, help="JSONL results file (appended; resumable)")
