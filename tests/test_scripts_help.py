@@ -149,3 +149,25 @@ def test_sweep_results_carry_no_machine_paths(monkeypatch, tmp_path):
     out = sw.portable(rec)
     assert out == {"calibration": {"path": "$OPTPRUNE_DATA_DIR/c4/x.parquet"},
                    "cmd": ["--out benchmarks/results/a.jsonl", "$OPTPRUNE_CACHE_DIR/models/m"], "n": 3}
+
+
+def test_fingerprint_sees_a_changed_weight(stories_dir, tmp_path, capsys):
+    """benchmarks/models/fingerprint.py: the same run twice is identical; a fingerprint whose tensor digest
+    differs (as after a change of the code) is reported and makes the comparison exit 1."""
+    import json
+    fp = _script("fingerprint")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert fp.main(["--model", str(stories_dir), "--only", "magnitude-50", "--out", str(a)]) == 0
+    rec = json.loads(a.read_text())["configs"]["magnitude-50"]
+    assert rec["n_tensors"] > 0 and rec["n_layers"] > 0
+    assert fp.main(["--model", str(stories_dir), "--only", "magnitude-50", "--out", str(b),
+                    "--compare", str(a)]) == 0
+    old = json.loads(a.read_text())
+    name = next(iter(old["configs"]["magnitude-50"]["per_tensor"]))
+    old["configs"]["magnitude-50"]["per_tensor"][name] = "0" * 64
+    old["configs"]["magnitude-50"]["tensors"] = "0" * 64
+    a.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert fp.main(["--model", str(stories_dir), "--only", "magnitude-50", "--out", str(b),
+                    "--compare", str(a)]) == 1
+    assert f"1 tensors differ, e.g. ['{name}']" in capsys.readouterr().out
