@@ -51,7 +51,7 @@ CONFIGS = {
     "owl-wanda-70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "owl"],
     "auto-wanda-70": ["--method", "wanda", "--sparsity", "0.7", "--allocation", "auto"],
     "self-calibration": ["--method", "sparsegpt", "--sparsity", "0.5", "--dataset", "self"],
-    "gptq-w4": ["--method", "gptq", "--quant", "w4g64"],
+    "gptq-w4": ["--method", "gptq", "--quant", "w4"],
     "resume-sparsegpt": ("resume", ["--method", "sparsegpt", "--sparsity", "0.5"]),
 }
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             print(f"{n:24s} tensors {results[n]['tensors'][:12]} layers {results[n]['layers'][:12]} "
                   f"({results[n]['n_tensors']} tensors, {results[n]['n_layers']} layers, {results[n]['time_s']} s)",
                   flush=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "configs": results}, indent=1))
+            Path(args.out).write_text(json.dumps({"model": args.model, "configs": results}, indent=1))
     if not args.compare:
         return 0
     old = json.loads(Path(args.compare).read_text())["configs"]
