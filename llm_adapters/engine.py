@@ -51,8 +51,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formulations.patterns import check_sparsity, parse_pattern
-from ..solvers.registry import check_value
 from . import data as D
 from .checkpoint import WriteError, as_write_error
 from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
@@ -60,10 +58,10 @@ from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadc
                           distributed_context, env_world, exchange, world_for)
 from .offload import OffloadError, OffloadedModel, _forward_inplace, _hidden, _save_shard, write_rest_and_index
 from .pipeline import _batch_size, _peak_rss_mb
-from .report import (HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook, _count_prunable, _divergence, _jsonable,
+from .report import (HELDOUT_SEQLEN, RUN_FILE, check_reference_hook, _count_prunable, _divergence, _jsonable,
                      _machine, _memory_meta, _perplexities, _print_header, _print_prune_summary, _save, _versions)
-from .settings import _ALLOCATIONS_FALLBACK, RunError, _clip_to_context, _default_device, _protocol_record, \
-    check_run_options, check_sizes, cpu_cores, model_sizes, resolve_settings
+from .description import RunDescription, resolve
+from .settings import RunError, clip_to_context, protocol_record
 
 __all__ = ["PruneRun", "InMemorySource", "ShardedSource", "run_blocks_parallel", "prune_model_parallel",
            "prune_model_distributed", "prune_offloaded"]
@@ -82,220 +80,56 @@ class PruneRun:
     ``None`` on the non-zero ranks of a block-parallel run). :meth:`preflight` runs every check that needs no
     model weight; :meth:`run` calls it first."""
 
-    def __init__(self, **options):
+    def __init__(self, *args, **options):
         self.t_total = time.perf_counter()
-        options.update(check_run_options(options))  # typed options parsed (booleans never by truthiness)
-        self.o = types.SimpleNamespace(**options)
-        self.verbose = self.o._cli if self.o.verbose is None else self.o.verbose
+        given = args[0] if len(args) == 1 and not options and isinstance(args[0], RunDescription) else None
+        self.d = given
+        self._options = (args, options) if given is None else None
         self.source = None
+        self.ck = None
         self.selection = None  # --allocation auto: the candidates' scores, plotted into the output
 
     # ------------------------------------------------------------------------------------ 1. preflight
     def preflight(self) -> "PruneRun":
-        """Validate every input that can be checked without the model; resolve the settings (idempotent)."""
+        """The run description (:func:`~.description.resolve`: every option, combination, file and folder checked
+        before any weight is read), what the model source cannot do, and the checkpoint (idempotent)."""
         if self.source is not None:
             return self
-        o = self.o
-        from ..solvers import get_method
-        from . import export, preflight
-        from .calib_inputs import calibration_kind, check_calibration_type, is_in_memory
-        from .pipeline import pattern_kind
-        from .targets import parse_patterns
-
-        check_calibration_type(o.calibration)  # a number, dict, generator or bytes: a TypeError, not a file name
-        self.depth = str(o.structure or "").strip().lower() == "depth"
-        if self.depth:  # whole blocks: --method names a block-selection rule (llm_adapters/depth.py)
-            from .depth import check_depth_options, depth_rule
-            try:
-                spec = depth_rule(o.method)
-            except ValueError as e:
-                raise RunError(str(e)) from None
-            check_depth_options(o)
-        else:
-            spec = get_method(o.method)
-            if getattr(o, "flops", None) is not None:
-                raise RunError("--flops applies to --structure depth")
-            if getattr(o, "speedup", None) is not None:  # MLP widths chosen by the measured latency model
-                from .depth import check_width_speedup
-                check_width_speedup(o, spec)
-        if o.method_options is not None and not isinstance(o.method_options, dict):
-            raise RunError("method_options must be a dict of method option → value")
-        # an option the solver does not read, or a value outside its declared type/range/choices, fails here
-        self.method_options = spec.normalize_options(dict(o.method_options or {}))
-        pf = preflight.check_prune(
-            model=o.model, model_dir=o.model_dir, spec=spec, sparsity=o.sparsity,
-            sparsity_given=o.sparsity is not None, pattern=o.pattern,
-            pattern_given=o.pattern is not None and str(o.pattern).strip().lower() != "unstructured",
-            structure=o.structure or "mlp", structure_given=o.structure is not None, min_degree=o.min_degree,
-            allocation=o.allocation, allocation_eps=o.allocation_eps, evaluate=o.evaluate, data_dir=o.data_dir,
-            eval_options={"--eval": o.eval_datasets, "--eval-seqlen": o.eval_seqlen,
-                          "--eval-windows": o.eval_windows},
-            output=o.output, overwrite=o.overwrite, reference=o.reference, resume=o.resume,
-            checkpoint_dir=o.checkpoint_dir, low_memory=o.low_memory, quant=o.quant)
-        self.structure = o.structure or "mlp"
-        self.hidden = str(self.structure).strip().lower() == "hidden"  # slice the residual stream (hidden.py)
-        sparsity = pf["sparsity"]
-        if o.quant is not None:  # quantization alone prunes nothing unless asked (N:M fixes its own sparsity)
-            if spec.structured or self.hidden:
-                raise RunError(f"--quant puts kept weights on a grid; {spec.name} "
-                               f"{'slices the hidden dimension' if self.hidden else 'is a structured method'}")
-            from ..formulations.patterns import NM
-            if o.sparsity is None and not isinstance(parse_pattern(o.pattern, 0.5, min_degree=o.min_degree), NM):
-                sparsity = 0.0
-        self.sparsity = check_sparsity(sparsity)
-        if self.hidden:
-            if o.targets or o.ignore or o.save_format != "dense" or int(o.nproc or 1) != 1 or o.certify or o.refit:
-                raise RunError("--structure hidden slices the whole residual stream on one process: it takes no "
-                               "--targets/--ignore, --nproc, --certify or --refit, and saves the dense format")
-        elif not spec.structured:
-            kind = pattern_kind(parse_pattern(o.pattern, self.sparsity, min_degree=o.min_degree, quant=o.quant))
-            if kind == "grid" and kind not in spec.patterns:
-                from ..solvers.registry import method_specs
-                raise RunError(f"method {spec.name!r} does not put weights on a grid (--quant); methods that do: "
-                               f"{', '.join(m.name for m in method_specs() if 'grid' in m.patterns)}")
-            if spec.patterns == frozenset({"grid"}) and kind != "grid":
-                raise RunError(f"method {spec.name!r} puts weights on a quantization grid: give --quant "
-                               f"(e.g. w4g128)")
-            if kind not in spec.patterns:
-                raise RunError(f"method {spec.name!r} does not handle the {kind} pattern "
-                               f"(it takes: {', '.join(sorted(spec.patterns))})")
-        if o.mode not in ("sequential", "dense-input"):
-            raise RunError(f"--mode must be sequential or dense-input, got {o.mode!r}")
-        self.nproc = int(o.nproc or 1)
-        if self.nproc > 1 and self.nproc > cpu_cores() and not o.force_nproc:
-            raise RunError(f"--nproc {self.nproc} is more than the {cpu_cores()} CPU cores this process may use (each "
-                           f"rank prunes its blocks on its own core); lower --nproc, or pass --force-nproc to "
-                           f"oversubscribe")
-        self.world = world_for(self.nproc)  # block-parallel pruning (--nproc N, or ranks of a torchrun)
-        if o.save_format == "pack-quantized" and (o.resume or self.world > 1):
-            # each layer's grid scales live on its module in this process (not in checkpoints or other ranks)
-            raise RunError("--save-format pack-quantized needs the whole prune in one process: not with --resume "
-                           "or --nproc > 1")
-        if self.world > 1 and o.mode != "dense-input":
-            raise RunError("--nproc > 1 (or a torchrun world > 1) needs --mode dense-input (independent blocks); "
-                           "the sequential mode stays single-process")
-        self.alloc = _check_allocation(o.allocation)
-        if o.allocation_eps is not None and not (0 <= float(o.allocation_eps) < 1):
-            raise RunError(f"--allocation-eps must be in [0, 1), got {o.allocation_eps}")
-        self.dev = _default_device(o.device)
-        self.out_dir = pf["out_dir"]
-        if o.reference:
-            _check_reference_hook()
-        cfg = o.model.config.to_dict() if isinstance(o.model, torch.nn.Module) else \
-            ((pf.get("model") or {}).get("config") or None)
-        export.check_save_options(o.save_format, o.dtype, structured=spec.structured, config=cfg,
-                                  quant=o.quant, gguf_type=o.gguf_type)
-        self.targets, self.ignore = parse_patterns(o.targets, "targets"), parse_patterns(o.ignore, "ignore")
-        if o.equal_widths:
-            self.structure = _equal_widths_structure(spec, self.structure, self.alloc, self.targets or self.ignore)
-        in_memory = isinstance(o.model, torch.nn.Module)
-        self.model_label = (getattr(o.model.config, "name_or_path", "") or type(o.model).__name__) if in_memory \
-            else o.model
-        self.calib_given = o.calibration if is_in_memory(o.calibration) else None
-        if o.low_memory and (in_memory or self.calib_given is not None or self.targets or self.ignore
-                             or o.save_format != "dense" or o.dtype not in (None, "auto")):
-            raise RunError("--low-memory takes a model path, a named/file calibration, all layers, the dense "
-                           "format and --dtype auto")
-        s = resolve_settings(self.model_label, protocol=o.protocol,
-                             calibration=None if self.calib_given is not None else o.calibration,
-                             nsamples=o.nsamples, seqlen=o.seqlen, seed=o.seed, eval_datasets=o.eval_datasets,
-                             eval_seqlen=o.eval_seqlen, eval_windows=o.eval_windows, data_dir=o.data_dir,
-                             need_calibration=self.calib_given is None, need_eval=bool(o.evaluate))
-        if self.calib_given is not None:
-            s["calibration"] = s["overrides"]["calibration"] = calibration_kind(self.calib_given)
-            s["name"] = s["base"] + "+custom"
-        # a data-free method (no statistics, no refit, uniform allocation) is never calibrated
-        self.data_free = spec.needs == "none" and not o.refit and self.alloc == "uniform" and not o.low_memory
-        if not self.data_free:
-            sizes = model_sizes(o.model, (pf["model"] or {}).get("config"))
-            check_sizes(s, device=self.dev, **sizes)  # context length and activation memory, from metadata
-        self.packing = self._packing(s)
-        self.file_rows = None
-        if self.data_free:
-            self.packing = None  # never calibrated
-        elif self.packing == "rows" and self.calib_given is None:  # a text file's lines, read before any weight
-            from .calib_inputs import CalibrationInputError, file_rows
-            self.file_rows = file_rows(s["calibration_path"])
-            if not self.file_rows:
-                raise CalibrationInputError(f"{s['calibration_path']}: no calibration text (every line is empty)")
-        self.s = s
-        self.spec = spec
-        self.ck = None if self.depth else preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py); None when not kept
-            self.out_dir, o.checkpoint_dir, o.resume, single=self.world == 1 and not o.low_memory, settings=dict(
-                model=str(self.model_label), method=spec.name, sparsity=self.sparsity, pattern=o.pattern,
-                min_degree=o.min_degree, quant=o.quant, allocation=self.alloc, allocation_eps=o.allocation_eps,
-                structure=self.structure, mode=o.mode, error_correction=bool(o.error_correction),
-                refit=bool(o.refit), method_options=self.method_options, damp=o.damp, batch_size=o.batch_size,
-                calibration_packing=self.packing,
-                device=self.dev, **{k: s.get(k) for k in ("calibration", "calibration_path", "nsamples", "seqlen",
-                                                          "seed")}))
-        if s["calibration"] == "self":
-            try:
-                from . import selfcalib  # noqa: F401
-            except ModuleNotFoundError as e:
-                raise RunError(f"--calibration self needs optprune.llm_adapters.selfcalib ({e})") from None
-        if self.data_free:
-            s.update(calibration="none", calibration_path=None, nsamples=0, seqlen=0)
-            s.pop("calibration_note", None)
-        # window lengths against the context the config / GGUF header gives: an explicit one too long is refused
-        # now, not after the load (the same rule runs again on the loaded model)
-        _clip_to_context(s, preflight.context_length((pf["model"] or {}).get("config")))
-        for note in (s.get("calibration_note"), s.get("eval_note") if o.evaluate else None):
-            if note:
-                log.warning(note)
-        if o.activation_dtype is not None and not o.low_memory:
-            raise RunError("--activation-dtype applies to --low-memory only")
-        if o.certify and o.low_memory:
-            raise RunError("--certify is not available with --low-memory (run it in memory)")
-        source = ShardedSource() if o.low_memory else InMemorySource()
+        if self.d is None:
+            args, options = self._options
+            self.d = resolve(*args, **options)
+        d = self.d
+        self.verbose = d.verbose
+        self.spec, self.method_options, self.sparsity = d.spec, d.method_options, d.sparsity
+        self.structure, self.hidden, self.depth, self.alloc = d.structure, d.hidden, d.depth, d.allocation
+        self.nproc, self.world, self.dev, self.out_dir = d.nproc, d.world, d.device, d.out_dir
+        self.targets, self.ignore, self.model_label = d.targets, d.ignore, d.model_label
+        self.calib_given, self.data_free, self.packing, self.file_rows = (d.calib_given, d.data_free, d.packing,
+                                                                          d.file_rows)
+        self.s = d.protocol
+        source = ShardedSource() if d.execution.low_memory else InMemorySource()
         source.check(self)  # what this source cannot do, still before any weight is read
+        from . import preflight
+        self.ck = None if self.depth else preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py)
+            self.out_dir, d.output.checkpoint_dir, d.output.resume, single=self.world == 1 and not d.execution.low_memory,
+            settings=d.resume_key())
         self.source = source
         return self
-
-    def _packing(self, s: dict) -> Optional[str]:
-        """How texts become calibration samples: ``rows`` or ``windows`` for texts (lists, Datasets, text files),
-        None for the other sources (named data sets are windowed by their protocol; self / token ids as they
-        come). An explicit ``calibration_packing`` that cannot apply is an error."""
-        from .calib_inputs import PACKINGS
-        o = self.o
-        given = o.calibration_packing
-        if given is not None:
-            given = check_value("--calibration-packing", given, type=str, choices=PACKINGS).strip().lower()
-        texts = (self.calib_given is not None and not torch.is_tensor(self.calib_given)) or (
-            self.calib_given is None and s.get("calibration") not in (None, "self")
-            and not str(s.get("calibration_path") or "").startswith("hub:")
-            and D.known_dataset(str(s["calibration"])) is None)
-        if not texts:
-            windowed = s.get("calibration") not in (None, "self", "token ids")  # a named data set: its windows
-            if given is not None and not (windowed and given == "windows"):
-                raise RunError(f"--calibration-packing {given} applies to texts (a list of strings, a "
-                               f"datasets.Dataset or a text file), not to calibration {s.get('calibration')!r}")
-            return "windows" if windowed else None
-        a = self.alloc
-        blocker = ("--low-memory" if o.low_memory else f"--allocation {a}"
-                   if a != "uniform" and not (a.startswith("alpha") and "bounded" not in a) else None)
-        if blocker and given == "rows":
-            raise RunError(f"--calibration-packing rows is not available with {blocker} (it measures activations "
-                           f"on fixed-length windows); use --calibration-packing windows")
-        if blocker and given is None:
-            log.warning(f"calibration texts packed as windows of {s['seqlen']} tokens (rows as samples are not "
-                        f"available with {blocker})")
-        return given or ("windows" if blocker else "rows")
 
     # ------------------------------------------------------------------------------------ 2.–5. the run
     def run(self):
         self.preflight()
-        o, s = self.o, self.s
+        d, s = self.d, self.s
         if self.verbose:  # what is about to run, after every check, before any heavy work
-            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else o.pattern, s,
-                          evaluate=o.evaluate, kl=o.kl, out_dir=self.out_dir, speedup=getattr(o, "speedup", None),
-                          flops=getattr(o, "flops", None))
+            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else d.method.pattern, s,
+                          evaluate=d.evaluation.evaluate, kl=d.evaluation.kl, out_dir=self.out_dir, speedup=d.method.speedup,
+                          flops=d.method.flops)
         try:
             with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
                 self.write_dir = write_dir
                 return self._run()
         except RunError:  # settings that cannot succeed (e.g. a missed sparsity target): resuming them would fail
-            if self.ck is not None and not o.resume:  # the same way, and the checkpoint would block the next run
+            if self.ck is not None and not d.output.resume:  # the same way, and the checkpoint would block the next run
                 self.ck.remove()
             raise
         except Exception as e:  # noqa: BLE001 - the disk (full, read-only) while writing: one line, file and remedy
@@ -305,17 +139,17 @@ class PruneRun:
             raise RunError(self._write_failure(err)) from None
 
     def _run(self):
-        o, s, src = self.o, self.s, self.source
+        d, s, src = self.d, self.s, self.source
         timings = self.timings = {}
         t0 = time.perf_counter()
         src.load(self)  # the model (or its skeleton), tokenizer and metadata
         timings["load_s"] = time.perf_counter() - t0
-        _clip_to_context(s, src.model)
+        clip_to_context(s, src.model)
         speed_dense = None
-        if not self.depth and getattr(o, "speedup", None) is not None:  # widths from the speed budget
+        if not self.depth and d.method.speedup is not None:  # widths from the speed budget
             import copy
             from .depth import width_sparsity
-            rec = width_sparsity(src.model, src.arch, float(o.speedup))
+            rec = width_sparsity(src.model, src.arch, float(d.method.speedup))
             self.sparsity = rec["sparsity"]
             self.width_budget = rec
             speed_dense = copy.deepcopy(src.model).to("cpu")
@@ -327,13 +161,13 @@ class PruneRun:
         elif not self.depth:
             validate_config(src.model, config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
         record = self.record = {"command": "prune", "status": "running",
-                                "config": _jsonable(src.config_record(self, self._config_record())),
+                                "config": _jsonable(src.config_record(self, self.d.record(sparsity=self.sparsity, damp=self.config.damp))),
                                 "versions": _versions(), "machine": _machine(self.dev), "model": src.meta}
         if speed_dense is not None:
             record["speed_budget"] = _jsonable(self.width_budget)
-        if o.eval_dense and o.evaluate and src.whole:
+        if d.evaluation.eval_dense and d.evaluation.evaluate and src.whole:
             t0 = time.perf_counter()
-            record["perplexity_dense"] = _perplexities(src.model, src.tok, s, o.data_dir, self.dev, o.progress,
+            record["perplexity_dense"] = _perplexities(src.model, src.tok, s, d.calibration.data_dir, self.dev, d.execution.progress,
                                                        None)
             timings["eval_dense_s"] = time.perf_counter() - t0
             src.model.to("cpu")
@@ -356,14 +190,14 @@ class PruneRun:
             src.model.to("cpu")
             record["speed"] = measure_speedup(speed_dense, src.model)
             speed_dense = None
-        if o.evaluate:
+        if d.evaluation.evaluate:
             src.evaluate(self)
-        if o.reference:
+        if d.evaluation.reference:
             t0 = time.perf_counter()
-            record.update(_divergence(src.model, src.tok, o.reference, s, model_dir=o.model_dir,
-                                      data_dir=o.data_dir, device=self.dev, progress=o.progress))
+            record.update(_divergence(src.model, src.tok, d.evaluation.reference, s, model_dir=d.model.model_dir,
+                                      data_dir=d.calibration.data_dir, device=self.dev, progress=d.execution.progress))
             timings["divergence_s"] = time.perf_counter() - t0
-        record["protocol"] = _protocol_record(s)
+        record["protocol"] = protocol_record(s)
         with src.output(self) as stage:  # (in memory: written beside the target, renamed into place at the end)
             if self.out_dir is not None:
                 t0 = time.perf_counter()
@@ -392,7 +226,7 @@ class PruneRun:
         if self.verbose:
             _print_prune_summary(record, self.out_dir)
             src.print_summary(record)
-        if o.return_model:
+        if d.output.return_model:
             return src.model, src.tok, record
         return record
 
@@ -411,16 +245,16 @@ class PruneRun:
     # ------------------------------------------------------------------------------------ pieces
     def _prune_config(self):
         from .pipeline import PruneConfig
-        o = self.o
-        kw = dict(method=self.spec.name, sparsity=self.sparsity, pattern=o.pattern, min_degree=o.min_degree,
-                  quant=o.quant,
-                  layer_sparsity=None, structure=self.structure, mode=o.mode,
-                  error_correction=bool(o.error_correction), refit=bool(o.refit),
-                  method_options=self.method_options, device=self.dev, certify=bool(o.certify))
-        if o.damp is not None:
-            kw["damp"] = float(o.damp)
-        if o.batch_size is not None:
-            kw["batch_size"] = int(o.batch_size)
+        d = self.d
+        kw = dict(method=self.spec.name, sparsity=self.sparsity, pattern=d.method.pattern, min_degree=d.method.min_degree,
+                  quant=d.method.quant,
+                  layer_sparsity=None, structure=self.structure, mode=d.method.mode,
+                  error_correction=bool(d.method.error_correction), refit=bool(d.method.refit),
+                  method_options=self.method_options, device=self.dev, certify=bool(d.method.certify))
+        if d.method.damp is not None:
+            kw["damp"] = float(d.method.damp)
+        if d.execution.batch_size is not None:
+            kw["batch_size"] = int(d.execution.batch_size)
         if self.targets or self.ignore:
             kw.update(targets=self.targets, ignore=self.ignore)
         return PruneConfig(**kw)
@@ -429,44 +263,26 @@ class PruneRun:
         """``--structure depth``: select and remove whole blocks (llm_adapters/depth.py); the selection, the
         budget and the measured speed-up go into the record."""
         from .depth import prune_depth
-        o, src = self.o, self.source
+        d, src = self.d, self.source
         src.model.to("cpu")
         rec = prune_depth(src.model, src.arch, calib, rule=self.spec.name, options=self.method_options,
-                          speedup=o.speedup, flops=o.flops, sparsity=None if (o.speedup or o.flops) else self.sparsity,
+                          speedup=d.method.speedup, flops=d.method.flops, sparsity=None if (d.method.speedup or d.method.flops) else self.sparsity,
                           progress=self.verbose)
         if "speed" in rec:
             self.record["speed"] = rec.pop("speed")
         self.record["depth"] = _jsonable(rec)
         return {"layers": [], "blocks": [], "time_s": rec["time_s"]}
 
-    def _config_record(self) -> dict:
-        o, spec = self.o, self.spec
-        budget = self.depth and (o.speedup is not None or o.flops is not None)
-        return {"model": str(self.model_label), "method": spec.name, "sparsity": None if budget else self.sparsity,
-                "speedup": getattr(o, "speedup", None), "flops": getattr(o, "flops", None),
-                "pattern": None if spec.structured or self.hidden else o.pattern, "min_degree": o.min_degree,
-                "quant": o.quant,
-                "allocation": self.alloc, "allocation_eps": o.allocation_eps,
-                "structure": self.structure if spec.structured or self.hidden else None, "mode": o.mode,
-                "error_correction": bool(o.error_correction), "refit": bool(o.refit),
-                "method_options": self.method_options, "damp": self.config.damp, "nproc": self.nproc,
-                "device": self.dev, "seed": self.s["seed"], "output": str(self.out_dir) if self.out_dir else None,
-                "evaluate": bool(o.evaluate), "data_dir": str(D.resolve_data_dir(o.data_dir)),
-                "reference": o.reference, "targets": self.targets, "ignore": self.ignore,
-                "equal_widths": bool(o.equal_widths) if spec.structured else None,
-                "save_format": o.save_format, "dtype": o.dtype, "gguf_type": o.gguf_type,
-                "certify": bool(o.certify), "calibration_packing": self.packing}
-
     def _calibration(self):
         """Token ids ``(nsamples, seqlen)`` and their description (run.json's ``calibration``)."""
-        o, s, src, ck = self.o, self.s, self.source, self.ck
+        d, s, src, ck = self.d, self.s, self.source, self.ck
         if self.calib_given is not None or (self.packing == "rows" and not self.data_free):
             # texts, a datasets.Dataset or token ids in memory, or a text file's lines as rows (calib_inputs.py)
             from .calib_inputs import calibration_from
             given = self.calib_given if self.calib_given is not None else self.file_rows
             calib, info = calibration_from(
                 src.tok, given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
-                explicit_nsamples=o.nsamples, explicit_seqlen=o.seqlen, text_column=o.text_column,
+                explicit_nsamples=d.calibration.nsamples, explicit_seqlen=d.calibration.seqlen, text_column=d.calibration.text_column,
                 vocab_size=getattr(src.model.get_input_embeddings(), "num_embeddings", None),
                 packing=self.packing or "windows", kind=None if self.calib_given is not None else "text file")
             if self.calib_given is None:
@@ -485,22 +301,22 @@ class PruneRun:
             info: dict = {}
             src.model.to(self.dev)
             calib = self_calibration(src.model, src.tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info,
-                                     progress=o.progress, done_rows=ck and ck.calib_rows,
+                                     progress=d.execution.progress, done_rows=ck and ck.calib_rows,
                                      on_batch=ck and ck.save_calib_rows)
             src.model.to("cpu")
             if ck is not None:
                 ck.save_calib(calib, info)
             return calib, info
         return D.calibration_tokens(src.tok, s["calibration"], nsamples=s["nsamples"], seqlen=s["seqlen"],
-                                    seed=s["seed"], data_dir=o.data_dir, return_info=True)
+                                    seed=s["seed"], data_dir=d.calibration.data_dir, return_info=True)
 
     def _allocation(self, calib) -> None:
         """Per-sub-layer sparsities (``--allocation``) into the pipeline's config."""
-        o, src = self.o, self.source
+        d, src = self.d, self.source
         t0 = time.perf_counter()
         from .allocation_targets import layer_sparsities
         layer_s, info = layer_sparsities(src.model, src.arch, self.alloc, self.sparsity,
-                                                        eps=o.allocation_eps, calib_ids=calib, data=None,
+                                                        eps=d.method.allocation_eps, calib_ids=calib, data=None,
                                                         prune_config=self.config, progress=self.verbose)
         self.config.layer_sparsity = dict(layer_s)
         self.timings["allocation_s"] = time.perf_counter() - t0
@@ -530,31 +346,9 @@ class PruneRun:
             "mean_rel_error": (sum(rel) / len(rel)) if rel else None,
             "max_rel_error": max(rel) if rel else None,
         }
-        if self.o.certify:
+        if self.d.method.certify:
             from ..solvers.bounds import summarize_certificates
             record["summary"]["certificates"] = summarize_certificates(layers)
-
-
-def _check_allocation(allocation) -> str:
-    """The normalised ``--allocation`` spec; unknown names and options fail here."""
-    alloc = (allocation or "uniform").strip().lower()
-    if alloc == "uniform":
-        return alloc
-    try:
-        from . import allocation as alloc_mod
-    except ModuleNotFoundError as e:
-        raise RunError(f"--allocation {allocation} needs optprune.llm_adapters.allocation, which is not "
-                       f"available ({e})") from None
-    if hasattr(alloc_mod, "parse_allocation"):  # NAME[:OPTION...], e.g. alpha:median, auto
-        try:
-            alloc_mod.parse_allocation(alloc)
-        except ValueError as e:
-            raise RunError(str(e)) from None
-    else:
-        known = getattr(alloc_mod, "ALLOCATIONS", _ALLOCATIONS_FALLBACK)
-        if alloc not in known:
-            raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
-    return alloc
 
 
 def _call(fn, *a, **kw):
@@ -562,25 +356,6 @@ def _call(fn, *a, **kw):
 
 
 # ============================================================================================ model sources
-def _equal_widths_structure(spec, structure: str, allocation: str, chosen_layers: bool) -> str:
-    """``--equal-widths``: the structured program keeps the same widths in every block, so that the saved config
-    states them (stock tools load it). Every block removes the same number of groups (one sparsity for all:
-    uniform allocation, every block pruned), and under grouped-query attention heads are removed as whole
-    key/value groups (``heads`` → ``heads:kv``): the kept query heads then share out evenly over the kept
-    key/value heads, with no replicated key/value head whose count would differ from block to block
-    (``docs/methods.md §4``, equal widths). Returns the structure string to prune with."""
-    if not spec.structured:
-        raise RunError(f"--equal-widths constrains structured methods (spap, flap, group_magnitude, ...); "
-                       f"{spec.name!r} keeps every matrix's shape")
-    if allocation != "uniform":
-        raise RunError(f"--equal-widths gives every block the same widths; --allocation {allocation} gives blocks "
-                       f"different sparsities (drop one of them)")
-    if chosen_layers:
-        raise RunError("--equal-widths prunes every block alike; --targets/--ignore would leave some blocks at "
-                       "other widths")
-    return ",".join("heads:kv" if k.strip().lower() == "heads" else k.strip() for k in structure.split(","))
-
-
 class InMemorySource:
     """The whole model in memory: loaded from its name/folder/file (built-in, HF directory, ``.gguf``, hub id),
     or the model object the caller passed (pruned in place)."""
@@ -593,7 +368,7 @@ class InMemorySource:
 
     # ---------------------------------------------------------------- the engine's calls
     def check(self, run: PruneRun) -> None:
-        self.recipe = (run.o.model, run.o.model_dir)
+        self.recipe = (run.d.model.model, run.d.model.model_dir)
 
     def staging(self, run: PruneRun):
         return contextlib.nullcontext(run.out_dir)  # the output is written as a whole at the end (output())
@@ -602,21 +377,21 @@ class InMemorySource:
         from . import export, preflight
         from .architectures import get_arch
         from .loading import load_model
-        o = run.o
-        if isinstance(o.model, torch.nn.Module):
-            self.model, self.tok, self.meta = o.model, o.tokenizer, _memory_meta(o.model, run.model_label)
+        d = run.d
+        if isinstance(d.model.model, torch.nn.Module):
+            self.model, self.tok, self.meta = d.model.model, d.model.tokenizer, _memory_meta(d.model.model, run.model_label)
         else:
-            self.model, tok, self.meta = preflight.load_checked(load_model, o.model, model_dir=o.model_dir,
+            self.model, tok, self.meta = preflight.load_checked(load_model, d.model.model, model_dir=d.model.model_dir,
                                                                 require_arch=True)
-            self.tok = o.tokenizer if o.tokenizer is not None else tok
-        self.meta["source_dtype"] = str(export.source_dtype(self.model, None if isinstance(o.model, nn.Module)
+            self.tok = d.model.tokenizer if d.model.tokenizer is not None else tok
+        self.meta["source_dtype"] = str(export.source_dtype(self.model, None if isinstance(d.model.model, nn.Module)
                                                             else self.meta)).replace("torch.", "")
         self.arch = get_arch(self.model)
-        if self.tok is None and (o.evaluate or run.out_dir is not None or not torch.is_tensor(run.calib_given)):
+        if self.tok is None and (d.evaluation.evaluate or run.out_dir is not None or not torch.is_tensor(run.calib_given)):
             raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
                            "and saving")
         if run.out_dir is not None:  # what the save format needs of the loaded model, before any pruning
-            export.check_loaded(self.model, self.tok, o.save_format, gguf_type=o.gguf_type)
+            export.check_loaded(self.model, self.tok, d.output.save_format, gguf_type=d.output.gguf_type)
 
     def config_record(self, run: PruneRun, rec: dict) -> dict:
         return rec
@@ -624,23 +399,23 @@ class InMemorySource:
     def before_prune(self, run: PruneRun) -> None:
         self.counts_before = _count_prunable(self.model, self.arch)
         self.dense_copy = None
-        if run.o.kl and run.o.evaluate:  # kept on the CPU for the data-free KL after pruning
+        if run.d.evaluation.kl and run.d.evaluation.evaluate:  # kept on the CPU for the data-free KL after pruning
             import copy
             self.dense_copy = copy.deepcopy(self.model).to("cpu")
 
     def prune(self, run: PruneRun, calib) -> Optional[dict]:
-        o = run.o
+        d = run.d
         if run.hidden:  # the residual stream as a whole: statistics, its program, the rewrite (hidden.py)
             from .hidden import prune_hidden
             res = prune_hidden(self.model, calib, method=run.spec.name, sparsity=run.sparsity,
                                method_options=run.method_options,
                                batch_size=_batch_size(run.config.batch_size, *calib.shape),
-                               device=run.dev, progress=o.progress)
+                               device=run.dev, progress=d.execution.progress)
             run.record["hidden"] = res["hidden"]
             self.model.to("cpu")
             return res
         return (run.ck.run_pipeline if run.ck is not None else _call)(  # checkpoints after every block; resumes
-            prune_model_parallel, self.model, calib, run.config, progress=o.progress, nproc=run.nproc,
+            prune_model_parallel, self.model, calib, run.config, progress=d.execution.progress, nproc=run.nproc,
             source=self.recipe)
 
     def weight_counts(self, res: dict) -> tuple:
@@ -648,9 +423,9 @@ class InMemorySource:
         return tot, before, _count_prunable(self.model, self.arch)[1]
 
     def evaluate(self, run: PruneRun) -> None:
-        o, s, record, timings = run.o, run.s, run.record, run.timings
+        d, s, record, timings = run.d, run.s, run.record, run.timings
         t0 = time.perf_counter()
-        record["perplexity"] = _perplexities(self.model, self.tok, s, o.data_dir, run.dev, o.progress, None)
+        record["perplexity"] = _perplexities(self.model, self.tok, s, d.calibration.data_dir, run.dev, d.execution.progress, None)
         timings["eval_s"] = time.perf_counter() - t0
         if self.dense_copy is not None:  # data-free KL / top-1 against the dense model, held-out sequences
             from .divergence import heldout_divergence
@@ -658,27 +433,27 @@ class InMemorySource:
             self.model.to(run.dev)
             self.dense_copy.to(run.dev)
             record["divergence_self"] = heldout_divergence(self.model, self.dense_copy, self.tok, seed=s["seed"],
-                                                           seqlen=HELDOUT_SEQLEN, progress=o.progress)
+                                                           seqlen=HELDOUT_SEQLEN, progress=d.execution.progress)
             record["divergence_self"]["reference"] = "the dense model before pruning"
             self.dense_copy = None
             timings["divergence_self_s"] = time.perf_counter() - t0
 
     def output(self, run: PruneRun):
         from .checkpoint import atomic_output
-        return atomic_output(run.out_dir, overwrite=run.o.overwrite) if run.out_dir is not None \
+        return atomic_output(run.out_dir, overwrite=run.d.output.overwrite) if run.out_dir is not None \
             else contextlib.nullcontext()
 
     def save(self, run: PruneRun, stage: Path) -> dict:
         from . import export
-        o = run.o
+        d = run.d
         if run.hidden:
             from .hidden import save_sliced
             return save_sliced(self.model, self.tok, stage,
-                               dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])))
-        return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=o.save_format,
-                     dtype=export.resolve_dtype(o.dtype, getattr(torch, self.meta["source_dtype"])),
-                     layers=[r["name"] for r in run.record["layers"]], pattern=o.pattern,
-                     format_options={"gguf_type": o.gguf_type})
+                               dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])))
+        return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=d.output.save_format,
+                     dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])),
+                     layers=[r["name"] for r in run.record["layers"]], pattern=d.method.pattern,
+                     format_options={"gguf_type": d.output.gguf_type})
 
     def print_summary(self, record: dict) -> None:
         h = record.get("hidden")
@@ -773,8 +548,8 @@ class ShardedSource:
     # ---------------------------------------------------------------- the engine's calls
     def check(self, run: PruneRun) -> None:
         from .offload import parse_dtype
-        o, s = run.o, run.s
-        if o.output is None:
+        d, s = run.d, run.s
+        if d.output.output is None:
             raise OffloadError("--low-memory writes the pruned model shard by shard: give --output DIR")
         if run.spec.structured:
             raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {run.spec.name!r} is structured (it "
@@ -785,32 +560,32 @@ class ShardedSource:
         if s["calibration"] == "self":
             raise OffloadError("--calibration self samples from the whole model; with --low-memory give a "
                                "calibration text (--calibration c4|wikitext2|ptb|FILE, --data-dir DIR)")
-        if o.reference:
+        if d.evaluation.reference:
             raise OffloadError("--reference is not available with --low-memory (it loads two whole models); run "
                                "optprune eval --model OUT --reference DENSE afterwards")
-        if o.return_model:
+        if d.output.return_model:
             raise OffloadError("return_model is not available with low_memory (the model is never whole in "
                                "memory); load the output directory instead")
-        self.act = parse_dtype(o.activation_dtype)
+        self.act = parse_dtype(d.execution.activation_dtype)
 
     def staging(self, run: PruneRun):
         """The shards are written while pruning: one process writes beside the target and renames into place
         at the end; block-parallel ranks write into the output directory itself."""
         from .checkpoint import atomic_output
         if run.world == 1:
-            return atomic_output(run.out_dir, overwrite=run.o.overwrite)
+            return atomic_output(run.out_dir, overwrite=run.d.output.overwrite)
         return contextlib.nullcontext(run.out_dir)
 
     def load(self, run: PruneRun) -> None:
         from transformers import AutoTokenizer
 
         from .offload import _resolve_source
-        self.directory = _resolve_source(run.o.model, run.o.model_dir)
+        self.directory = _resolve_source(run.d.model.model, run.d.model.model_dir)
         self.om = om = OffloadedModel(self.directory)
         self.tok = AutoTokenizer.from_pretrained(str(self.directory))
         self.out_dir = Path(run.write_dir)
         c = om.config
-        self.meta = {"name": str(run.o.model), "source": str(Path(self.directory).resolve()),
+        self.meta = {"name": str(run.d.model.model), "source": str(Path(self.directory).resolve()),
                      "format": "safetensors (low-memory)", "model_type": getattr(c, "model_type", None),
                      "architecture": (getattr(c, "architectures", None) or [type(om.model).__name__])[0],
                      "n_params": om.n_params(), "dtype": str(om.dtype).replace("torch.", ""),
@@ -832,9 +607,9 @@ class ShardedSource:
 
     def prune(self, run: PruneRun, calib) -> Optional[dict]:
         if run.world > 1:
-            return run_blocks_parallel(self, calib, run.config, nproc=run.nproc, progress=run.o.progress)
+            return run_blocks_parallel(self, calib, run.config, nproc=run.nproc, progress=run.d.execution.progress)
         return prune_offloaded(self.om, calib, run.config, self.out_dir, activation_dtype=self.act,
-                               progress=run.o.progress)
+                               progress=run.d.execution.progress)
 
     def weight_counts(self, res: dict) -> tuple:
         low = res.get("low_memory") or {}
@@ -843,15 +618,15 @@ class ShardedSource:
     def evaluate(self, run: PruneRun) -> None:
         """Perplexity streamed block by block from the written shards."""
         from .offload import perplexity_offloaded
-        s, o = run.s, run.o
+        s, d = run.s, run.d
         if not s["eval_datasets"]:
             return
         t0 = time.perf_counter()
         ppl = {}
         for name in s["eval_datasets"]:
-            ids = D.eval_tokens(self.tok, name, seqlen=s["eval_seqlen"], data_dir=o.data_dir)
+            ids = D.eval_tokens(self.tok, name, seqlen=s["eval_seqlen"], data_dir=d.calibration.data_dir)
             r = perplexity_offloaded(self.out_dir, ids, s["eval_seqlen"], max_windows=s["eval_windows"],
-                                     device=run.dev, dtype=self.om.dtype, progress=o.progress,
+                                     device=run.dev, dtype=self.om.dtype, progress=d.execution.progress,
                                      desc=f"eval {name} (streamed)")
             r["dataset"] = name
             r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]

@@ -111,7 +111,7 @@ def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=No
     return out
 
 
-def _check_reference_hook():
+def check_reference_hook():
     """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py)."""
     try:
         from . import divergence  # noqa: F401
