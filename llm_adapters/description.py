@@ -23,6 +23,7 @@ Adding an option is one :func:`option` field in its group (docs/extending.md, "A
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -31,12 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .settings import RunError
-
 __all__ = ["option", "ModelOptions", "CalibrationOptions", "MethodOptions", "OutputOptions", "EvaluationOptions",
            "ExecutionOptions", "GROUPS", "RunDescription", "resolve", "options", "option_group", "signature",
-           "parameter_docs", "with_signature", "add_cli_options", "cli_destinations", "check_run_options", "config_keys",
-           "replay_keys", "RUN_OPTIONS", "RESOLVE_EXTRA"]
+           "parameter_docs", "with_signature", "bind", "from_api", "add_cli_options", "cli_destinations", "check_run_options", "config_keys",
+           "replay_keys", "run_options", "RESOLVE_EXTRA", "add_option", "isolated"]
 
 log = logging.getLogger("optprune")
 _REQUIRED = object()  # the default of a required option (model, method)
@@ -46,7 +45,7 @@ def option(default=None, help: str = "", *, type=None, flags=None, action=None, 
            metavar=None, cli: bool = True, api: bool = True, config: Optional[bool] = None, record: bool = False,
            replay: Optional[bool] = None, key: bool = False, check: Optional[bool] = None, doc: Optional[str] = None,
            api_name: Optional[str] = None, api_default=_REQUIRED, dest: Optional[str] = None, annotation=None,
-           required: bool = False):
+           required: bool = False, label: Optional[str] = None):
     """One run option: a dataclass field whose metadata says everything about it.
 
     ``type``: int, float, bool or str (None: any object); ``range`` (``"[1, inf)"``) and ``choices`` are checked
@@ -55,13 +54,24 @@ def option(default=None, help: str = "", *, type=None, flags=None, action=None, 
     ``--no-name``); ``cli=False``: Python only. ``api``: a parameter of :func:`optprune.prune` (``api_name``
     and ``api_default`` where it differs there). ``config``: a ``--config`` file key (default: when on the CLI);
     ``record``: in run.json's ``config``; ``replay``: taken over by ``--replay`` (default: when recorded);
-    ``key``: part of the resume key. ``doc``: the API docs' text when it differs from ``help``."""
+    ``key``: part of the resume key. ``doc``: the API docs' text when it differs from ``help``; ``label``: how
+    messages name it when not by its flag."""
     meta = dict(help=help, type=type, flags=flags, action=action, choices=choices, range=range, metavar=metavar,
                 cli=cli, api=api, config=cli if config is None else config, record=record,
                 replay=record if replay is None else replay, key=key,
                 check=(type in (int, float, bool)) if check is None else check, doc=doc, api_name=api_name,
-                api_default=api_default, dest=dest, annotation=annotation, required=required)
+                api_default=api_default, dest=dest, annotation=annotation, required=required, label=label)
     return field(default=default, metadata=meta)
+
+
+#: --save-format choices (the formats registered in llm_adapters/export*.py; tests/test_export.py keeps them equal)
+SAVE_FORMAT_HELP = {
+    "dense": "stock save_pretrained directory, loaded by transformers, vLLM, llm-compressor (default)",
+    "gguf": "one GGUF file with tokenizer and chat template, for llama.cpp / Ollama (--gguf-type)",
+    "compressed-sparse-legacy": "compressed-tensors sparse bitmask; only compressed-tensors<=0.14 loads it",
+    "pack-quantized": "--quant grids as compressed-tensors packed int codes + scales (W4A16/W8A16), loaded by "
+                      "stock transformers and vLLM",
+}
 
 
 # ============================================================================================ the groups
@@ -113,7 +123,9 @@ class MethodOptions:
                                          "unless in --config/--replay)", record=True, key=True, required=True,
                                    annotation=str)
     sparsity: Optional[float] = option(None, "fraction of weights removed per layer (default: 0.5; N:M: 1 − N/M)",
-                                       type=float, record=True, key=True)
+                                       type=float, record=True, key=True,
+                                       doc="fraction of weights removed per layer (default 0.5; N:M patterns fix "
+                                           "their own: 1 − N/M; 0 with ``quant`` alone).")
     pattern: str = option("unstructured", "unstructured, row, N:M (e.g. 2:4), groups", record=True, key=True)
     quant: Optional[str] = option(
         None, "kept weights on an integer grid: w<bits>[g<group>][a], e.g. w4 (per channel), w4g128 (per 128 "
@@ -152,6 +164,7 @@ class MethodOptions:
               "(default: none)", flags=("-O", "--method-opt"), action="append", metavar="KEY=VALUE",
         dest="method_opt", record=True, key=True, annotation=Optional[dict])
     damp: Optional[float] = option(None, cli=False, config=True, type=float, range="[0, inf)", record=True, key=True,
+                                   label="--damp",
                                    doc="Hessian damping (default: the pipeline's).")
     targets: Any = option(None, "comma list of sub-layers to prune: full names, class names (Linear) or re:REGEX "
                                 "(default: all)", record=True, annotation="names")
@@ -167,8 +180,9 @@ class OutputOptions:
     """Where and how the pruned model is written."""
     output: Any = option(None, "directory for the pruned model and run.json (default: not saved)", api=False,
                          record=True, replay=False, annotation="path")
-    save_format: str = option("dense", "how --output is written (docs/deployment.md)", api=False, record=True,
-                              choices=("dense", "gguf", "compressed-sparse-legacy", "pack-quantized"), check=False)
+    save_format: str = option("dense", "; ".join(f"{k}: {v}" for k, v in SAVE_FORMAT_HELP.items()) +
+                              " (docs/deployment.md)", api=False, record=True, choices=tuple(SAVE_FORMAT_HELP),
+                              check=False)
     gguf_type: Optional[str] = option(None, "--save-format gguf: type of the matrices in the GGUF file (default: from "
                                             "--dtype; norms stay f32)", choices=("f32", "f16", "bf16", "q8_0"),
                                       check=False, api=False, record=True)
@@ -222,6 +236,7 @@ class ExecutionOptions:
                                                    "(default: the model's)", choices=("float32", "float16", "bfloat16"),
                                              check=False, api=False)
     batch_size: Optional[int] = option(None, cli=False, config=True, type=int, range="[1, inf)", key=True,
+                                       label="--batch-size",
                                        doc="calibration samples per forward (default: automatic).")
     progress: bool = option(True, cli=False, config=False, type=bool, doc="progress bars.")
     verbose: Optional[bool] = option(None, cli=False, api=False, config=False, type=bool,
@@ -254,25 +269,27 @@ def _flags(f) -> tuple:
 def _label(f) -> str:
     """How an option is named in messages: its flag, ``name (--no-x)`` where the flag reads otherwise, or its
     Python name when it has no flag."""
-    if not f.metadata["cli"]:
-        return f.name
+    if f.metadata["label"] or not f.metadata["cli"]:
+        return f.metadata["label"] or f.name
     flag = _flags(f)[0]
     return flag if flag == "--" + f.name.replace("_", "-") else f"{f.name} ({flag})"
 
 
 # ============================================================================================ derived: checks
-#: the typed run options (type, range) of ``prune`` and ``evaluate`` (``task_limit`` is evaluate's own)
-RUN_OPTIONS = {**{n: (f.metadata["type"], f.metadata["range"]) for n, f in options().items() if f.metadata["check"]},
-               "task_limit": (int, "[1, inf)")}
+def run_options() -> dict:
+    """The typed run options of ``prune`` and ``evaluate``: name → (type, range) (``task_limit`` is evaluate's)."""
+    return {**{n: (f.metadata["type"], f.metadata["range"]) for n, f in options().items() if f.metadata["check"]},
+            "task_limit": (int, "[1, inf)")}
 
 
 def check_run_options(values: dict) -> dict:
-    """The typed options among ``values`` checked and normalised (:data:`RUN_OPTIONS`, through the registry's
+    """The typed options among ``values`` checked and normalised (:func:`run_options`, through the registry's
     :func:`check_value`, as method options are: booleans parsed, ``"false"`` is False, integers written as
     strings read); returns those present and not None. Raises :class:`RunError`, one line naming the option."""
     from ..solvers.registry import check_value
+    from .settings import RunError
     fields, out = options(), {}
-    for k, (t, rng) in RUN_OPTIONS.items():
+    for k, (t, rng) in run_options().items():
         if k in values and values[k] is not None:
             label = _label(fields[k]) if k in fields else "--" + k.replace("_", "-")
             try:
@@ -283,8 +300,11 @@ def check_run_options(values: dict) -> dict:
 
 
 def config_keys() -> tuple:
-    """The keys a ``--config`` file may set (the CLI destinations: ``dataset`` for the calibration)."""
-    return tuple(f.metadata["dest"] or n for n, f in options().items() if f.metadata["config"])
+    """The keys a ``--config`` file may set (the Python names of :func:`optprune.prune`: ``dataset`` for the
+    calibration), the required ones first."""
+    keys = [(not f.metadata["required"], f.metadata["api_name"] or n) for n, f in options().items()
+            if f.metadata["config"]]
+    return tuple(k for _, k in sorted(keys, key=lambda x: x[0]))
 
 
 def replay_keys() -> tuple:
@@ -323,28 +343,47 @@ def signature(*, api: bool = False, extra=()) -> inspect.Signature:
         kind = P.POSITIONAL_OR_KEYWORD if positional else P.KEYWORD_ONLY
         param = P((m["api_name"] or n) if api else n, kind, default=default, annotation=_annotation(f))
         (first if positional else rest).append(param)
+    rest = [q for q in rest if q.default is P.empty] + [q for q in rest if q.default is not P.empty]
     return inspect.Signature(first + rest + list(extra))
 
 
-def parameter_docs(*, api: bool = False, indent: str = "    ") -> str:
-    """The ``Args:`` lines of the options (``doc``, else the CLI help), grouped as the description is."""
+def parameter_docs(*, api: bool = False, indent: str = "    ", width: int = 116) -> str:
+    """The ``Args:`` entries of the options (``doc``, else the CLI help and flag), in the description's groups."""
+    import textwrap
     lines = []
-    for g, cls in GROUPS.items():
+    for cls in GROUPS.values():
         for f in dataclasses.fields(cls):
             m = f.metadata
             if api and not m["api"]:
                 continue
             name = (m["api_name"] or f.name) if api else f.name
-            text = m["doc"] or (m["help"] + (f" (CLI {', '.join(_flags(f))})" if m["cli"] else ""))
-            lines.append(f"{indent}{name}: {text}")
+            text = m["doc"] or (m["help"] + (f" (CLI ``{', '.join(_flags(f))}``)" if m["cli"] else ""))
+            lines += textwrap.wrap(f"{name}: {text}", width=width, initial_indent=indent,
+                                   subsequent_indent=indent + "    ", break_on_hyphens=False)
     return "\n".join(lines)
 
 
-def with_signature(fn, *, api: bool = False, extra=(), preamble: str = ""):
-    """``fn`` given the derived signature and, in its docstring, the parameter docs (``Args:``)."""
+def with_signature(fn, *, api: bool = False, extra=()):
+    """``fn`` given the derived signature and, in its docstring, the parameter docs (an ``Args:`` section, before
+    its ``Returns:`` section if it has one)."""
+    if not any(s[0] is fn for s in _SIGNED):
+        _SIGNED.append((fn, api, extra, fn.__doc__ or ""))
     fn.__signature__ = signature(api=api, extra=extra)
-    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\n" + preamble + "Args:\n" + parameter_docs(api=api, indent="    ")
+    doc = inspect.cleandoc(next(s[3] for s in _SIGNED if s[0] is fn))
+    args = "Args:\n" + parameter_docs(api=api)
+    head, sep, tail = doc.partition("\nReturns:")
+    fn.__doc__ = f"{head.rstrip()}\n\n{args}\n" + (f"\nReturns:{tail}" if sep else "")
     return fn
+
+
+#: the functions whose signature and docs come from the description (re-derived when an option is added)
+_SIGNED: list = []
+
+
+def from_api(given: dict) -> dict:
+    """Arguments of :func:`optprune.prune` under the option names (``dataset`` → ``calibration``)."""
+    names = {f.metadata["api_name"]: n for n, f in options().items() if f.metadata["api_name"]}
+    return {names.get(k, k): v for k, v in given.items()}
 
 
 def bind(sig: inspect.Signature, args: tuple, kwargs: dict, what: str) -> dict:
@@ -491,3 +530,37 @@ def resolve(*args, **kwargs) -> RunDescription:
 
 
 RESOLVE_EXTRA = (inspect.Parameter("_cli", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool),)
+
+
+# ============================================================================================ extending
+def add_option(group: str, name: str, spec: dataclasses.Field, annotation=Any) -> None:
+    """Add option ``name`` (made with :func:`option`) to ``group`` at run time — what one more field line in the
+    group's class above amounts to — and re-derive the signatures of the functions built from the description.
+    An existing name or an unknown group is an error."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown option group {group!r}; groups: {', '.join(GROUPS)}")
+    if name in options() or name in {s.name for s in signature(extra=RESOLVE_EXTRA).parameters.values()}:
+        raise ValueError(f"run option {name!r} exists already")
+    cls = GROUPS[group]
+    fields = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(cls)]
+    new = dataclasses.make_dataclass(cls.__name__, fields + [(name, annotation, spec)], frozen=True,
+                                     namespace={"__doc__": cls.__doc__, "__module__": cls.__module__})
+    GROUPS[group] = new
+    _resign()
+
+
+def _resign() -> None:
+    for fn, api, extra, _ in _SIGNED:
+        with_signature(fn, api=api, extra=extra)
+
+
+@contextlib.contextmanager
+def isolated():
+    """Options added inside are removed on leaving (tests, the executed docs)."""
+    before = dict(GROUPS)
+    try:
+        yield
+    finally:
+        GROUPS.clear()
+        GROUPS.update(before)
+        _resign()
