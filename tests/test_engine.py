@@ -26,9 +26,12 @@ def _modules() -> dict:
     """module name → (path, is_package) for every module of the package."""
     out = {}
     for pkg, folder in PACKAGES.items():
-        for f in sorted(folder.glob("*.py")):
-            name = pkg if f.name == "__init__.py" else f"{pkg}.{f.stem}"
-            out[name] = (f, f.name == "__init__.py")
+        for f in sorted(folder.rglob("*.py")):  # sub-packages too (llm_adapters/engine/)
+            parts = f.relative_to(folder).with_suffix("").parts
+            if ".venv" in parts or "__pycache__" in parts or (pkg == "optprune" and len(parts) > 1):
+                continue
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((pkg,) + parts)] = (f, f.name == "__init__.py")
     return out
 
 
