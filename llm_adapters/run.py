@@ -105,38 +105,11 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                                      ("batch_size", batch_size), ("progress", progress), ("verbose", verbose),
                                      ("task_limit", task_limit)))
     verbose = _cli if verbose is None else verbose
-    dev = default_device(device)
-    from . import preflight  # files and folders, before any weight is read
-    preflight.check_data_dir(data_dir)
-    info = preflight.check_model_source(model, model_dir)
-    if reference:
-        check_reference_hook()
-        preflight.check_model_source(reference, model_dir, what="--reference")
-    task_list = split_list(tasks) if tasks else None
-    if task_list:  # lm-eval installed, every task known: before the model is loaded
-        from .lm_eval_tasks import check_tasks
-        check_tasks(task_list, include_path)
-    no_ppl = bool(task_list) and eval_datasets is not None and not (
-        [d for d in eval_datasets.split(",") if d.strip()] if isinstance(eval_datasets, str) else list(eval_datasets))
-    s = resolve_settings(model, protocol=protocol, eval_datasets=None if no_ppl else eval_datasets,
-                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir, seed=seed,
-                         need_calibration=False, need_eval=not no_ppl)
-    if no_ppl:
-        s["eval_datasets"] = []
-    clip_to_context(s, preflight.context_length((info or {}).get("config")), need_calibration=False)
-    if not s["eval_datasets"] and not reference and not task_list:
-        raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
-                       f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
-    if s.get("eval_note"):
-        log.warning(s["eval_note"])
-    check_sizes(s, **model_sizes(model, (info or {}).get("config")), calibration=False)
-    out_file = None
-    if output is not None:
-        o = Path(str(output)).expanduser()
-        out_file = o / "eval.json" if o.is_dir() else o
-        if not out_file.parent.exists():
-            raise RunError(f"--output: the folder {out_file.parent} does not exist")
-        preflight.check_writable(out_file.parent, f"--output {out_file}")
+    dev, info, task_list, s, out_file = _evaluate_preflight(
+        model, protocol=protocol, output=output, data_dir=data_dir, model_dir=model_dir, device=device, seed=seed,
+        eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows, reference=reference,
+        tasks=tasks, include_path=include_path)
+    from . import preflight
     from .loading import load_model
     t0 = time.perf_counter()
     mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
@@ -171,3 +144,42 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     if verbose:
         _print_eval_summary(record, out_file)
     return record
+
+
+def _evaluate_preflight(model, *, protocol, output, data_dir, model_dir, device, seed, eval_datasets, eval_seqlen,
+                        eval_windows, reference, tasks, include_path) -> tuple:
+    """Everything ``evaluate`` checks before the model is loaded: ``(device, model info, tasks, settings, output
+    file)``."""
+    dev = default_device(device)
+    from . import preflight  # files and folders, before any weight is read
+    preflight.check_data_dir(data_dir)
+    info = preflight.check_model_source(model, model_dir)
+    if reference:
+        check_reference_hook()
+        preflight.check_model_source(reference, model_dir, what="--reference")
+    task_list = split_list(tasks) if tasks else None
+    if task_list:  # lm-eval installed, every task known: before the model is loaded
+        from .lm_eval_tasks import check_tasks
+        check_tasks(task_list, include_path)
+    no_ppl = bool(task_list) and eval_datasets is not None and not (
+        [d for d in eval_datasets.split(",") if d.strip()] if isinstance(eval_datasets, str) else list(eval_datasets))
+    s = resolve_settings(model, protocol=protocol, eval_datasets=None if no_ppl else eval_datasets,
+                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, data_dir=data_dir, seed=seed,
+                         need_calibration=False, need_eval=not no_ppl)
+    if no_ppl:
+        s["eval_datasets"] = []
+    clip_to_context(s, preflight.context_length((info or {}).get("config")), need_calibration=False)
+    if not s["eval_datasets"] and not reference and not task_list:
+        raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
+                       f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
+    if s.get("eval_note"):
+        log.warning(s["eval_note"])
+    check_sizes(s, **model_sizes(model, (info or {}).get("config")), calibration=False)
+    out_file = None
+    if output is not None:
+        o = Path(str(output)).expanduser()
+        out_file = o / "eval.json" if o.is_dir() else o
+        if not out_file.parent.exists():
+            raise RunError(f"--output: the folder {out_file.parent} does not exist")
+        preflight.check_writable(out_file.parent, f"--output {out_file}")
+    return dev, info, task_list, s, out_file

@@ -118,6 +118,20 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
         for k in ("eval_datasets", "eval_seqlen", "eval_windows"):
             if k in recorded and not (k == "eval_datasets" and recorded.get("eval_missing")):
                 s[k] = recorded[k]  # (texts a data-less run skipped are evaluated when they are here now)
+    overrides = _apply_overrides(s, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                 eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+    s["overrides"] = overrides
+    if need_calibration:
+        _calibration_source(s, overrides, explicit=calibration is not None, protocol=protocol, data_dir=data_dir)
+    if need_eval:
+        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
+    s["name"] = s["base"] + ("+custom" if overrides else "")
+    return s
+
+
+def _apply_overrides(s: dict, *, calibration, nsamples, seqlen, seed, eval_datasets, eval_seqlen,
+                     eval_windows) -> dict:
+    """The explicit options over the protocol's settings (in place); returns those that changed a setting."""
     overrides = {}
 
     def over(k, v):
@@ -150,35 +164,33 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
         if w != s["eval_windows"]:
             overrides["eval_windows"] = w
             s["eval_windows"] = w
-    s["overrides"] = overrides
+    return overrides
 
-    # calibration source: the protocol's if present; a defaulted protocol falls back to c4, then fails clearly
-    if need_calibration:
-        src = s["calibration"]
-        if src == "self":
-            s["calibration_path"] = None
-            _self_size(s, overrides)
-        elif src.startswith("hub:"):
-            s["calibration_path"] = src
-        else:
-            try:
-                s["calibration_path"] = D.check_dataset(src, "validation", data_dir)
-            except FileNotFoundError as e:
-                if calibration is None and protocol is None and src != "c4":
-                    try:
-                        s["calibration_path"] = D.check_dataset("c4", "validation", data_dir)
-                        s["calibration"] = "c4"
-                        overrides["calibration"] = "c4"
-                    except FileNotFoundError:
-                        _self_fallback(s, overrides, e, data_dir)
-                elif calibration is None:
+
+def _calibration_source(s: dict, overrides: dict, *, explicit: bool, protocol, data_dir) -> None:
+    """The calibration source: the protocol's if present; a defaulted protocol falls back to c4, then to
+    self-generated sequences (announced); an explicitly asked-for one must exist."""
+    src = s["calibration"]
+    if src == "self":
+        s["calibration_path"] = None
+        _self_size(s, overrides)
+    elif src.startswith("hub:"):
+        s["calibration_path"] = src
+    else:
+        try:
+            s["calibration_path"] = D.check_dataset(src, "validation", data_dir)
+        except FileNotFoundError as e:
+            if not explicit and protocol is None and src != "c4":
+                try:
+                    s["calibration_path"] = D.check_dataset("c4", "validation", data_dir)
+                    s["calibration"] = "c4"
+                    overrides["calibration"] = "c4"
+                except FileNotFoundError:
                     _self_fallback(s, overrides, e, data_dir)
-                else:
-                    raise _no_calibration(e, data_dir) from None
-    if need_eval:
-        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
-    s["name"] = s["base"] + ("+custom" if overrides else "")
-    return s
+            elif not explicit:
+                _self_fallback(s, overrides, e, data_dir)
+            else:
+                raise _no_calibration(e, data_dir) from None
 
 
 def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..offload import OffloadError, OffloadedModel, _forward_inplace, _hidden, _save_shard, write_rest_and_index
-from ..pipeline import _batch_size, _peak_rss_mb
+from ..architectures import get_module, linear_weight
+from ..pipeline import BlockInputs, PipelineError, _batch_size, _peak_rss_mb, prune_model, validate_config
 
 __all__ = ["prune_offloaded", "BlockView"]
 
@@ -65,8 +66,6 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
     embeddings only while the first inputs are captured. With the default activation dtype the pruned weights are bit for bit those of the in-memory run."""
     from tqdm.auto import tqdm
 
-    from ..architectures import get_module, linear_weight
-    from ..pipeline import BlockInputs, PipelineError, prune_model, validate_config
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     plan = validate_config(om.model, config, calib_ids)
@@ -98,26 +97,12 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
             _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
             om.release(i)
             continue
-        subs = [f"{om.prefix}.{i}.{s}" for s in plan.arch.sublayer_names()]
-        for s in plan.arch.sublayer_names():
-            W = linear_weight(get_module(blk, s), s in plan.arch.transposed)
-            nz_before += int((W != 0).sum())
-            tot += W.numel()
-        ls = None
-        if config.layer_sparsity:
-            ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
-                  for n, v in config.layer_sparsity.items() if n in subs}
-        view = BlockView(om.config, plan.arch, blk, vocab)
-        cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
-        try:  # one block, the last of the view: the pipeline reads the inputs and writes no outputs
-            res = prune_model(view, calib_ids, cfg, progress=False, inputs=BlockInputs(hidden, per_block[i]))
-        except PipelineError as e:
-            raise PipelineError(f"block {i}: {e}") from None
-        layers_rec += [_rename(r, om.prefix, i) for r in res["layers"]]
-        for r in res["blocks"]:
-            blocks_rec.append(_rename(r, om.prefix, i))
-        for s in plan.arch.sublayer_names():
-            nz_after += int((linear_weight(get_module(blk, s), s in plan.arch.transposed) != 0).sum())
+        nz, n = _count_weights(blk, plan.arch)
+        nz_before, tot = nz_before + nz, tot + n
+        layers, blks = _prune_block(om, plan, config, calib_ids, i, blk, BlockInputs(hidden, per_block[i]), vocab)
+        layers_rec += layers
+        blocks_rec += blks
+        nz_after += _count_weights(blk, plan.arch)[0]
         tw = time.perf_counter()
         _save_shard(om.block_tensors(i, blk), out_dir / block_names[i])
         t_write = time.perf_counter() - tw
@@ -133,9 +118,44 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
     bar.close()
     if write_rest:
         write_rest_and_index(om, out_dir, skip=set(mine))
-    tot_all = sum(math.prod(r["shape"]) for r in layers_rec)
-    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
-    res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
+    return _walk_record(om, calib_ids, config, dev, act_dtype, layers=layers_rec, blocks=blocks_rec,
+                        counts=(tot, nz_before, nz_after), t_capture=t_capture, t_start=t_start)
+
+
+def _count_weights(blk, arch) -> tuple:
+    """``(nonzero, total)`` weights of the block's prunable sub-layers."""
+    nz = tot = 0
+    for s in arch.sublayer_names():
+        W = linear_weight(get_module(blk, s), s in arch.transposed)
+        nz += int((W != 0).sum())
+        tot += W.numel()
+    return nz, tot
+
+
+def _prune_block(om: OffloadedModel, plan, config, calib_ids, i: int, blk, inputs, vocab: int) -> tuple:
+    """Block ``i`` pruned through the pipeline on its stored inputs, as the only block of a :class:`BlockView`;
+    its layer and block records, named as block ``i``."""
+    subs = [f"{om.prefix}.{i}.{s}" for s in plan.arch.sublayer_names()]
+    ls = None
+    if config.layer_sparsity:
+        ls = {f"{om.prefix}.0.{n[len(om.prefix) + len(str(i)) + 2:]}": v
+              for n, v in config.layer_sparsity.items() if n in subs}
+    view = BlockView(om.config, plan.arch, blk, vocab)
+    cfg = dataclasses.replace(config, blocks=[0], layer_sparsity=ls or None)
+    try:  # one block, the last of the view: the pipeline reads the inputs and writes no outputs
+        res = prune_model(view, calib_ids, cfg, progress=False, inputs=inputs)
+    except PipelineError as e:
+        raise PipelineError(f"block {i}: {e}") from None
+    return [_rename(r, om.prefix, i) for r in res["layers"]], [_rename(r, om.prefix, i) for r in res["blocks"]]
+
+
+def _walk_record(om: OffloadedModel, calib_ids, config, dev, act_dtype, *, layers: list, blocks: list,
+                 counts: tuple, t_capture: float, t_start: float) -> dict:
+    """The pipeline-style record of the walk, with its ``low_memory`` part (sizes, dtypes, weight counts)."""
+    tot, nz_before, nz_after = counts
+    tot_all = sum(math.prod(r["shape"]) for r in layers)
+    zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
+    res = {"layers": layers, "blocks": blocks, "time_s": time.perf_counter() - t_start,
            "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
            "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
