@@ -1,6 +1,7 @@
 """The functions behind ``optprune prune`` and ``optprune eval`` (same option names in Python and on the CLI).
 
-``prune(model=..., method=..., sparsity=..., ...)`` is :class:`~optprune.llm_adapters.engine.PruneRun`:
+``prune(model=..., method=..., sparsity=..., ...)`` is :class:`~optprune.llm_adapters.engine.PruneRun` of the
+options, whose names, defaults and docs come from the run description (:mod:`.description`):
 
 1. validate every input that can be checked without the model (method, sparsity, pattern, mode, structure,
    allocation, protocol, data files, output directory) — bad input raises a one-line ``ValueError`` /

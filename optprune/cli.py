@@ -261,9 +261,10 @@ def main(argv=None) -> int:
 
 
 def _run_prune(**kw):
-    """``optprune prune``: :func:`optprune.llm_adapters.run.prune` (prunes, evaluates, saves to --output)."""
-    from .llm_adapters.run import prune
-    return prune(**kw)
+    """``optprune prune``: the engine's run of these options (what :func:`optprune.llm_adapters.run.prune` does
+    for Python callers): resolved and checked, pruned, evaluated, saved to --output."""
+    from .llm_adapters.engine import PruneRun
+    return PruneRun(**kw).run()
 
 
 def _call_plain(command: str, kw: dict):
