@@ -34,7 +34,8 @@ from typing import Any, Optional
 
 __all__ = ["option", "ModelOptions", "CalibrationOptions", "MethodOptions", "OutputOptions", "EvaluationOptions",
            "ExecutionOptions", "GROUPS", "RunDescription", "resolve", "options", "option_group", "signature",
-           "parameter_docs", "with_signature", "bind", "from_api", "add_cli_options", "cli_destinations", "check_run_options", "config_keys",
+           "parameter_docs", "with_signature", "bind", "from_api", "add_cli_options", "cli_destinations",
+           "check_run_options", "config_keys",
            "replay_keys", "run_options", "RESOLVE_EXTRA", "add_option", "isolated"]
 
 log = logging.getLogger("optprune")

@@ -18,7 +18,8 @@ import torch
 from . import data as D
 from .evaluation import model_context
 
-__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE", "check_sizes", "available_memory", "cpu_cores",
+__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE", "check_sizes", "available_memory",
+           "cpu_cores",
            "clip_to_context", "default_device", "protocol_record", "split_list", "model_sizes", "ALLOCATIONS_FALLBACK"]
 
 RUN_FILE = "run.json"

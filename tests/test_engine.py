@@ -252,9 +252,10 @@ def test_preflight_runs_once_and_resolves_the_settings(stories_dir, tmp_path):
                                   seqlen=32, evaluate=False, progress=False, output=tmp_path / "o")}
     run = PruneRun(**opts)
     assert run.preflight() is run and isinstance(run.source, InMemorySource)
-    s = run.s
-    assert run.preflight().s is s  # idempotent: settings resolved once
-    assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and run.sparsity == 0.5
+    d = run.d
+    assert run.preflight().d is d  # idempotent: the description is resolved once
+    s = d.protocol
+    assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and d.sparsity == 0.5
     assert isinstance(PruneRun(**{**opts, "low_memory": True}).preflight().source, ShardedSource)
     assert not (tmp_path / "o").exists()
 

@@ -63,7 +63,8 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
     Resident: one block (plus the pipeline's dense copy with error correction), the calibration set's block
     inputs once (in ``activation_dtype``; each batch is cast to the compute dtype as it enters the block), the
     Gram matrices of one group (uncorrected: of the block's groups, each freed once solved) and the
-    embeddings only while the first inputs are captured. With the default activation dtype the pruned weights are bit for bit those of the in-memory run."""
+    embeddings only while the first inputs are captured. With the default activation dtype the pruned weights
+    are bit for bit those of the in-memory run."""
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()

@@ -40,7 +40,7 @@ class PruneRun:
         self.d = given
         self._options = (args, options) if given is None else None
         self.source = None
-        self.ck = None
+        self.checkpoint = None
         self.selection = None  # --allocation auto: the candidates' scores, plotted into the output
 
     # ------------------------------------------------------------------------------------ 1. preflight
@@ -54,18 +54,13 @@ class PruneRun:
             self.d = resolve(*args, **options)
         d = self.d
         self.verbose = d.verbose
-        self.spec, self.method_options, self.sparsity = d.spec, d.method_options, d.sparsity
-        self.structure, self.hidden, self.depth, self.alloc = d.structure, d.hidden, d.depth, d.allocation
-        self.nproc, self.world, self.dev, self.out_dir = d.nproc, d.world, d.device, d.out_dir
-        self.targets, self.ignore, self.model_label = d.targets, d.ignore, d.model_label
-        self.calib_given, self.data_free, self.packing, self.file_rows = (d.calib_given, d.data_free, d.packing,
-                                                                          d.file_rows)
-        self.s = d.protocol
+        self.sparsity = d.sparsity  # (a speed budget settles it after the load)
+        self.protocol = dict(d.protocol)  # the working settings: clipped to the model's context after the load
         source = ShardedSource() if d.execution.low_memory else InMemorySource()
         source.check(self)  # what this source cannot do, still before any weight is read
         from .. import preflight
-        self.ck = None if self.depth else preflight.open_checkpoint(  # per-block checkpoints + resume (checkpoint.py)
-            self.out_dir, d.output.checkpoint_dir, d.output.resume, single=self.world == 1 and not d.execution.low_memory,
+        self.checkpoint = None if d.depth else preflight.open_checkpoint(  # per-block checkpoints, resume
+            d.out_dir, d.output.checkpoint_dir, d.output.resume, single=d.world == 1 and not d.execution.low_memory,
             settings=d.resume_key())
         self.source = source
         return self
@@ -73,21 +68,21 @@ class PruneRun:
     # ------------------------------------------------------------------------------------ 2.–5. the run
     def run(self):
         self.preflight()
-        d, s = self.d, self.s
+        d, s = self.d, self.protocol
         if self.verbose:  # what is about to run, after every check, before any heavy work
-            _print_header(self.model_label, self.spec, self.sparsity, "hidden" if self.hidden else d.method.pattern, s,
-                          evaluate=d.evaluation.evaluate, kl=d.evaluation.kl, out_dir=self.out_dir, speedup=d.method.speedup,
-                          flops=d.method.flops)
+            _print_header(d.model_label, d.spec, self.sparsity, "hidden" if d.hidden else d.method.pattern, s,
+                          evaluate=d.evaluation.evaluate, kl=d.evaluation.kl, out_dir=d.out_dir,
+                          speedup=d.method.speedup, flops=d.method.flops)
         try:
             with self.source.staging(self) as write_dir:  # sharded: shards are written while pruning
                 self.write_dir = write_dir
                 return self._run()
         except RunError:  # settings that cannot succeed (e.g. a missed sparsity target): resuming them would fail
-            if self.ck is not None and not d.output.resume:  # the same way, and the checkpoint would block the next run
-                self.ck.remove()
+            if self.checkpoint is not None and not d.output.resume:  # the same way; the checkpoint would block a rerun
+                self.checkpoint.remove()
             raise
         except Exception as e:  # noqa: BLE001 - the disk (full, read-only) while writing: one line, file and remedy
-            err = as_write_error(e, self.out_dir or "the output")
+            err = as_write_error(e, self.d.out_dir or "the output")
             if err is None:
                 raise
             raise RunError(self._write_failure(err)) from None
@@ -105,10 +100,10 @@ class PruneRun:
         record.update(part)
         record.update(stages.evaluate(self))
         record = stages.save(self, record)
-        if self.ck is not None:
-            self.ck.remove()
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
         if self.verbose:
-            _print_prune_summary(record, self.out_dir)
+            _print_prune_summary(record, self.d.out_dir)
             self.source.print_summary(record)
         if self.d.output.return_model:
             return self.source.model, self.source.tok, record
@@ -118,10 +113,11 @@ class PruneRun:
         """One line for a write that failed late (output or checkpoint): the file, the reason, the remedy —
         ``--resume`` when a checkpoint of the pruned blocks is kept."""
         import errno
-        f = getattr(e, "filename", None) or (self.out_dir or "the output")
+        f = getattr(e, "filename", None) or (self.d.out_dir or "the output")
         why = e.strerror or str(e) or type(e).__name__
         fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else "make it writable"
-        kept = self.ck is not None and self.ck.usable()
-        nxt = (f"the checkpoint in {self.ck.path} is kept: run the same command with --resume to continue" if kept
+        kept = self.checkpoint is not None and self.checkpoint.usable()
+        nxt = (f"the checkpoint in {self.checkpoint.path} is kept: run the same command with --resume to continue"
+               if kept
                else "run the command again")
         return f"writing {f} failed ({why}); nothing was replaced — {fix}, then {nxt}"

@@ -40,7 +40,7 @@ class InMemorySource:
         self.recipe = (run.d.model.model, run.d.model.model_dir)
 
     def staging(self, run):
-        return contextlib.nullcontext(run.out_dir)  # the output is written as a whole at the end (output())
+        return contextlib.nullcontext(run.d.out_dir)  # the output is written as a whole at the end (output())
 
     def load(self, run) -> None:
         from .. import export, preflight
@@ -48,7 +48,8 @@ class InMemorySource:
         from ..loading import load_model
         d = run.d
         if isinstance(d.model.model, torch.nn.Module):
-            self.model, self.tok, self.meta = d.model.model, d.model.tokenizer, _memory_meta(d.model.model, run.model_label)
+            self.model, self.tok = d.model.model, d.model.tokenizer
+            self.meta = _memory_meta(d.model.model, run.d.model_label)
         else:
             self.model, tok, self.meta = preflight.load_checked(load_model, d.model.model, model_dir=d.model.model_dir,
                                                                 require_arch=True)
@@ -56,10 +57,11 @@ class InMemorySource:
         self.meta["source_dtype"] = str(export.source_dtype(self.model, None if isinstance(d.model.model, nn.Module)
                                                             else self.meta)).replace("torch.", "")
         self.arch = get_arch(self.model)
-        if self.tok is None and (d.evaluation.evaluate or run.out_dir is not None or not torch.is_tensor(run.calib_given)):
+        if self.tok is None and (d.evaluation.evaluate or run.d.out_dir is not None
+                                 or not torch.is_tensor(run.d.calib_given)):
             raise RunError("an in-memory model needs its tokenizer (tokenizer=) for text calibration, evaluation "
                            "and saving")
-        if run.out_dir is not None:  # what the save format needs of the loaded model, before any pruning
+        if run.d.out_dir is not None:  # what the save format needs of the loaded model, before any pruning
             export.check_loaded(self.model, self.tok, d.output.save_format, gguf_type=d.output.gguf_type)
 
     def config_record(self, run, rec: dict) -> dict:
@@ -74,17 +76,18 @@ class InMemorySource:
 
     def prune(self, run, calib) -> Optional[dict]:
         d = run.d
-        if run.hidden:  # the residual stream as a whole: statistics, its program, the rewrite (hidden.py)
+        if run.d.hidden:  # the residual stream as a whole: statistics, its program, the rewrite (hidden.py)
             from ..hidden import prune_hidden
-            res = prune_hidden(self.model, calib, method=run.spec.name, sparsity=run.sparsity,
-                               method_options=run.method_options,
+            res = prune_hidden(self.model, calib, method=run.d.spec.name, sparsity=run.sparsity,
+                               method_options=run.d.method_options,
                                batch_size=_batch_size(run.config.batch_size, *calib.shape),
-                               device=run.dev, progress=d.execution.progress)
+                               device=run.d.device, progress=d.execution.progress)
             run.record["hidden"] = res["hidden"]
             self.model.to("cpu")
             return res
-        return (run.ck.run_pipeline if run.ck is not None else _call)(  # checkpoints after every block; resumes
-            prune_model_parallel, self.model, calib, run.config, progress=d.execution.progress, nproc=run.nproc,
+        # with a checkpoint: saved after every block, resumed from the saved ones
+        return (run.checkpoint.run_pipeline if run.checkpoint is not None else _call)(
+            prune_model_parallel, self.model, calib, run.config, progress=d.execution.progress, nproc=run.d.nproc,
             source=self.recipe)
 
     def weight_counts(self, res: dict) -> tuple:
@@ -92,15 +95,16 @@ class InMemorySource:
         return tot, before, _count_prunable(self.model, self.arch)[1]
 
     def evaluate(self, run) -> dict:
-        d, s, record, timings = run.d, run.s, {}, run.timings
+        d, s, record, timings = run.d, run.protocol, {}, run.timings
         t0 = time.perf_counter()
-        record["perplexity"] = _perplexities(self.model, self.tok, s, d.calibration.data_dir, run.dev, d.execution.progress, None)
+        record["perplexity"] = _perplexities(self.model, self.tok, s, d.calibration.data_dir, run.d.device,
+                                             d.execution.progress, None)
         timings["eval_s"] = time.perf_counter() - t0
         if self.dense_copy is not None:  # data-free KL / top-1 against the dense model, held-out sequences
             from ..divergence import heldout_divergence
             t0 = time.perf_counter()
-            self.model.to(run.dev)
-            self.dense_copy.to(run.dev)
+            self.model.to(run.d.device)
+            self.dense_copy.to(run.d.device)
             record["divergence_self"] = heldout_divergence(self.model, self.dense_copy, self.tok, seed=s["seed"],
                                                            seqlen=HELDOUT_SEQLEN, progress=d.execution.progress)
             record["divergence_self"]["reference"] = "the dense model before pruning"
@@ -110,17 +114,17 @@ class InMemorySource:
 
     def output(self, run):
         from ..checkpoint import atomic_output
-        return atomic_output(run.out_dir, overwrite=run.d.output.overwrite) if run.out_dir is not None \
+        return atomic_output(run.d.out_dir, overwrite=run.d.output.overwrite) if run.d.out_dir is not None \
             else contextlib.nullcontext()
 
     def save(self, run, stage: Path) -> dict:
         from .. import export
         d = run.d
-        if run.hidden:
+        if run.d.hidden:
             from ..hidden import save_sliced
             return save_sliced(self.model, self.tok, stage,
                                dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])))
-        return _save(self.model, self.tok, stage, self.arch, run.spec, save_format=d.output.save_format,
+        return _save(self.model, self.tok, stage, self.arch, run.d.spec, save_format=d.output.save_format,
                      dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])),
                      layers=[r["name"] for r in run.record["layers"]], pattern=d.method.pattern,
                      format_options={"gguf_type": d.output.gguf_type})

@@ -41,14 +41,14 @@ class ShardedSource:
     # ---------------------------------------------------------------- the engine's calls
     def check(self, run) -> None:
         from ..offload import parse_dtype
-        d, s = run.d, run.s
+        d, s = run.d, run.protocol
         if d.output.output is None:
             raise OffloadError("--low-memory writes the pruned model shard by shard: give --output DIR")
-        if run.spec.structured:
-            raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {run.spec.name!r} is structured (it "
+        if run.d.spec.structured:
+            raise OffloadError(f"--low-memory prunes unstructured/N:M methods; {run.d.spec.name!r} is structured (it "
                                f"changes widths): use the in-memory path")
-        if run.alloc != "uniform":
-            raise OffloadError(f"--allocation {run.alloc} reads every weight matrix first; it is not available "
+        if run.d.allocation != "uniform":
+            raise OffloadError(f"--allocation {run.d.allocation} reads every weight matrix first; it is not available "
                                f"with --low-memory (use --allocation uniform)")
         if s["calibration"] == "self":
             raise OffloadError("--calibration self samples from the whole model; with --low-memory give a "
@@ -65,9 +65,9 @@ class ShardedSource:
         """The shards are written while pruning: one process writes beside the target and renames into place
         at the end; block-parallel ranks write into the output directory itself."""
         from ..checkpoint import atomic_output
-        if run.world == 1:
-            return atomic_output(run.out_dir, overwrite=run.d.output.overwrite)
-        return contextlib.nullcontext(run.out_dir)
+        if run.d.world == 1:
+            return atomic_output(run.d.out_dir, overwrite=run.d.output.overwrite)
+        return contextlib.nullcontext(run.d.out_dir)
 
     def load(self, run) -> None:
         from transformers import AutoTokenizer
@@ -89,7 +89,7 @@ class ShardedSource:
     def config_record(self, run, rec: dict) -> dict:
         for k in ("targets", "ignore", "save_format", "dtype", "certify"):
             rec.pop(k)
-        rec.update(world_size=run.world, low_memory=True,
+        rec.update(world_size=run.d.world, low_memory=True,
                    activation_dtype=str(self.act or self.om.dtype).replace("torch.", ""))
         return rec
 
@@ -99,8 +99,8 @@ class ShardedSource:
             _clean_output(self.out_dir)
 
     def prune(self, run, calib) -> Optional[dict]:
-        if run.world > 1:
-            return run_blocks_parallel(self, calib, run.config, nproc=run.nproc, progress=run.d.execution.progress)
+        if run.d.world > 1:
+            return run_blocks_parallel(self, calib, run.config, nproc=run.d.nproc, progress=run.d.execution.progress)
         return prune_offloaded(self.om, calib, run.config, self.out_dir, activation_dtype=self.act,
                                progress=run.d.execution.progress)
 
@@ -111,7 +111,7 @@ class ShardedSource:
     def evaluate(self, run) -> dict:
         """Perplexity streamed block by block from the written shards."""
         from ..offload import perplexity_offloaded
-        s, d = run.s, run.d
+        s, d = run.protocol, run.d
         if not s["eval_datasets"]:
             return {}
         t0 = time.perf_counter()
@@ -119,7 +119,7 @@ class ShardedSource:
         for name in s["eval_datasets"]:
             ids = D.eval_tokens(self.tok, name, seqlen=s["eval_seqlen"], data_dir=d.calibration.data_dir)
             r = perplexity_offloaded(self.out_dir, ids, s["eval_seqlen"], max_windows=s["eval_windows"],
-                                     device=run.dev, dtype=self.om.dtype, progress=d.execution.progress,
+                                     device=run.d.device, dtype=self.om.dtype, progress=d.execution.progress,
                                      desc=f"eval {name} (streamed)")
             r["dataset"] = name
             r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]

@@ -33,10 +33,10 @@ def load(run) -> dict:
     t0 = time.perf_counter()
     src.load(run)
     run.timings["load_s"] = time.perf_counter() - t0
-    clip_to_context(run.s, src.model)
+    clip_to_context(run.protocol, src.model)
     part = {}
     run.speed_dense = None
-    if not run.depth and d.method.speedup is not None:  # widths from the speed budget
+    if not run.d.depth and d.method.speedup is not None:  # widths from the speed budget
         import copy
 
         from ..depth import width_sparsity
@@ -45,31 +45,31 @@ def load(run) -> dict:
         run.speed_dense = copy.deepcopy(src.model).to("cpu")
         part["speed_budget"] = _jsonable(budget)
     run.config = prune_config(run)
-    if run.hidden:
+    if run.d.hidden:
         from ..hidden import hidden_plan
         hidden_plan(src.model, src.arch)  # a model whose stream cannot be sliced fails before calibration
-    elif not run.depth:
+    elif not run.d.depth:
         from ..pipeline import validate_config
         validate_config(src.model, run.config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
     settings = d.record(sparsity=run.sparsity, damp=run.config.damp)
     return {"config": _jsonable(src.config_record(run, settings)), "versions": _versions(),
-            "machine": _machine(run.dev), "model": src.meta, **part}
+            "machine": _machine(run.d.device), "model": src.meta, **part}
 
 
 def prune_config(run):
     """The pipeline's :class:`~..pipeline.PruneConfig` from the description (and the sparsity a budget chose)."""
     from ..pipeline import PruneConfig
     d = run.d
-    kw = dict(method=run.spec.name, sparsity=run.sparsity, pattern=d.method.pattern, min_degree=d.method.min_degree,
-              quant=d.method.quant, layer_sparsity=None, structure=run.structure, mode=d.method.mode,
+    kw = dict(method=run.d.spec.name, sparsity=run.sparsity, pattern=d.method.pattern, min_degree=d.method.min_degree,
+              quant=d.method.quant, layer_sparsity=None, structure=run.d.structure, mode=d.method.mode,
               error_correction=bool(d.method.error_correction), refit=bool(d.method.refit),
-              method_options=run.method_options, device=run.dev, certify=bool(d.method.certify))
+              method_options=run.d.method_options, device=run.d.device, certify=bool(d.method.certify))
     if d.method.damp is not None:
         kw["damp"] = float(d.method.damp)
     if d.execution.batch_size is not None:
         kw["batch_size"] = int(d.execution.batch_size)
-    if run.targets or run.ignore:
-        kw.update(targets=run.targets, ignore=run.ignore)
+    if run.d.targets or run.d.ignore:
+        kw.update(targets=run.d.targets, ignore=run.d.ignore)
     return PruneConfig(**kw)
 
 
@@ -80,14 +80,14 @@ def calibrate(run) -> dict:
     d, src, part = run.d, run.source, {}
     if d.evaluation.eval_dense and d.evaluation.evaluate and src.whole:
         t0 = time.perf_counter()
-        part["perplexity_dense"] = _perplexities(src.model, src.tok, run.s, d.calibration.data_dir, run.dev,
+        part["perplexity_dense"] = _perplexities(src.model, src.tok, run.protocol, d.calibration.data_dir, run.d.device,
                                                  d.execution.progress, None)
         run.timings["eval_dense_s"] = time.perf_counter() - t0
         src.model.to("cpu")
     t0 = time.perf_counter()
     calib, info = _calibration_tokens(run)
     if "tokens" not in info:  # how many calibration tokens the statistics saw
-        info["tokens"] = 0 if run.data_free else int(calib.numel())
+        info["tokens"] = 0 if run.d.data_free else int(calib.numel())
     run.timings["calibration_s"] = time.perf_counter() - t0
     run.calib = calib
     part["calibration"] = _jsonable(info)
@@ -97,17 +97,17 @@ def calibrate(run) -> dict:
 def _calibration_tokens(run):
     """Token ids ``(nsamples, seqlen)`` and their description: texts or ids given in memory, a text file's rows,
     a data-free stand-in, sequences sampled from the model (saved with the checkpoint), or a named data set."""
-    d, s, src, ck = run.d, run.s, run.source, run.ck
-    if run.calib_given is not None or (run.packing == "rows" and not run.data_free):
+    d, s, src, ck = run.d, run.protocol, run.source, run.checkpoint
+    if run.d.calib_given is not None or (run.d.packing == "rows" and not run.d.data_free):
         return _given_calibration(run)
-    if run.data_free:  # the pipeline walks the blocks on a 2-token stand-in; nothing is measured from it
+    if run.d.data_free:  # the pipeline walks the blocks on a 2-token stand-in; nothing is measured from it
         return torch.zeros((1, 2), dtype=torch.long), {"source": "none", "note": "data-free method"}
     if s["calibration"] == "self" and ck is not None and ck.calib is not None:  # resumed: saved sequences
         return ck.calib, ck.calib_info
     if s["calibration"] == "self":  # sequences sampled from the dense model itself
         from ..selfcalib import self_calibration
         info: dict = {}
-        src.model.to(run.dev)
+        src.model.to(run.d.device)
         calib = self_calibration(src.model, src.tok, s["nsamples"], s["seqlen"], seed=s["seed"], info=info,
                                  progress=d.execution.progress, done_rows=ck and ck.calib_rows,
                                  on_batch=ck and ck.save_calib_rows)
@@ -122,15 +122,15 @@ def _calibration_tokens(run):
 def _given_calibration(run):
     """Texts, a datasets.Dataset or token ids in memory, or a text file's lines as rows (calib_inputs.py)."""
     from ..calib_inputs import calibration_from
-    d, s, src = run.d, run.s, run.source
-    given = run.calib_given if run.calib_given is not None else run.file_rows
+    d, s, src = run.d, run.protocol, run.source
+    given = run.d.calib_given if run.d.calib_given is not None else run.d.file_rows
     calib, info = calibration_from(
         src.tok, given, nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"],
         explicit_nsamples=d.calibration.nsamples, explicit_seqlen=d.calibration.seqlen,
         text_column=d.calibration.text_column,
         vocab_size=getattr(src.model.get_input_embeddings(), "num_embeddings", None),
-        packing=run.packing or "windows", kind=None if run.calib_given is not None else "text file")
-    if run.calib_given is None:
+        packing=run.d.packing or "windows", kind=None if run.d.calib_given is not None else "text file")
+    if run.d.calib_given is None:
         info["path"] = str(Path(s["calibration_path"]).resolve())
     lengths = info.pop("lengths", None)
     if lengths is not None:  # rows as samples: the pipeline cuts each batch to its rows' length
@@ -143,18 +143,19 @@ def _given_calibration(run):
 def allocate(run) -> dict:
     """Per-sub-layer sparsities (``--allocation``) into the pipeline's config; returns ``allocation`` (none for
     a uniform one)."""
-    if run.alloc == "uniform":
+    if run.d.allocation == "uniform":
         return {}
     from ..allocation_targets import layer_sparsities
     src = run.source
     t0 = time.perf_counter()
-    layer_s, info = layer_sparsities(src.model, src.arch, run.alloc, run.sparsity, eps=run.d.method.allocation_eps,
+    layer_s, info = layer_sparsities(src.model, src.arch, run.d.allocation, run.sparsity,
+                                     eps=run.d.method.allocation_eps,
                                      calib_ids=run.calib, data=None, prune_config=run.config, progress=run.verbose)
     run.config.layer_sparsity = dict(layer_s)
     run.timings["allocation_s"] = time.perf_counter() - t0
-    if run.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, saved next to run.json
+    if run.d.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, saved next to run.json
         run.selection = info
-        info["plot"] = str(run.out_dir / SELECTION_PLOT)
+        info["plot"] = str(run.d.out_dir / SELECTION_PLOT)
     return {"allocation": _jsonable(info)}
 
 
@@ -166,7 +167,7 @@ def prune_blocks(run):
     src = run.source
     src.before_prune(run)
     part = {}
-    res = _prune_depth(run, part) if run.depth else src.prune(run, run.calib)
+    res = _prune_depth(run, part) if run.d.depth else src.prune(run, run.calib)
     if res is None:
         return None
     run.result = res
@@ -187,7 +188,7 @@ def _prune_depth(run, part: dict) -> dict:
     d, src = run.d, run.source
     src.model.to("cpu")
     budget = d.method.speedup or d.method.flops
-    rec = prune_depth(src.model, src.arch, run.calib, rule=run.spec.name, options=run.method_options,
+    rec = prune_depth(src.model, src.arch, run.calib, rule=run.d.spec.name, options=run.d.method_options,
                       speedup=d.method.speedup, flops=d.method.flops, sparsity=None if budget else run.sparsity,
                       progress=run.verbose)
     if "speed" in rec:
@@ -199,7 +200,7 @@ def _prune_depth(run, part: dict) -> dict:
 def _summary(run, res: dict) -> dict:
     """Per-layer and per-block records and the summary of the pruned weights."""
     layers = res.get("layers", [])
-    if run.data_free:
+    if run.d.data_free:
         for r in layers:
             r["rel_error"] = None
     tot_w, nz_before, nz_after = run.source.weight_counts(res)
@@ -230,10 +231,10 @@ def evaluate(run) -> dict:
         part.update(src.evaluate(run))
     if d.evaluation.reference:
         t0 = time.perf_counter()
-        part.update(_divergence(src.model, src.tok, d.evaluation.reference, run.s, model_dir=d.model.model_dir,
-                                data_dir=d.calibration.data_dir, device=run.dev, progress=d.execution.progress))
+        part.update(_divergence(src.model, src.tok, d.evaluation.reference, run.protocol, model_dir=d.model.model_dir,
+                                data_dir=d.calibration.data_dir, device=run.d.device, progress=d.execution.progress))
         run.timings["divergence_s"] = time.perf_counter() - t0
-    part["protocol"] = protocol_record(run.s)
+    part["protocol"] = protocol_record(run.protocol)
     return part
 
 
@@ -243,7 +244,7 @@ def save(run, record: dict) -> dict:
     beside the target, renamed into place at the end. Returns the finished record."""
     src, timings = run.source, run.timings
     with src.output(run) as stage:
-        if run.out_dir is not None:
+        if run.d.out_dir is not None:
             t0 = time.perf_counter()
             record["saved"] = _save_weights(run, stage)
             if run.selection is not None:
@@ -257,16 +258,16 @@ def save(run, record: dict) -> dict:
             record["peak_cuda_mb"] = run.result["peak_cuda_mb"]
         record["status"] = "done"
         record = _jsonable(record)
-        if run.out_dir is not None:
+        if run.d.out_dir is not None:
             (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
     return record
 
 
 def _save_weights(run, stage: Path) -> dict:
     try:
-        return {**run.source.save(run, stage), "path": str(run.out_dir.resolve())}
+        return {**run.source.save(run, stage), "path": str(run.d.out_dir.resolve())}
     except Exception as e:  # noqa: BLE001 - a full disk, in any library's words (SafetensorError...)
-        err = as_write_error(e, run.out_dir, writing=True)
+        err = as_write_error(e, run.d.out_dir, writing=True)
         if err is None:
             raise
         raise err from None
