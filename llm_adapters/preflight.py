@@ -329,12 +329,12 @@ def check_model_source(model, model_dir=None, *, what: str = "--model", tokenize
 
     Returns ``{"config": dict or None, "bytes": int, "path": Path}``, or ``None`` for a hub id (checked by the
     loader). Missing or damaged files raise :class:`PreflightError` naming the file."""
-    from .loading import ModelNotFoundError, _locate
+    from .loading import ModelNotFoundError, locate_model
     p = Path(str(model)).expanduser()
     if p.is_dir() and (p / "config.json").exists() and not (p / "config.json").is_file():
         raise PreflightError(f"{p / 'config.json'}: not a readable file")
     try:  # the loader's own resolution (built-in name, directory, .gguf file, hub id), without reading weights
-        kind, where, gguf, _ = _locate(str(model), model_dir)
+        kind, where, gguf, _ = locate_model(str(model), model_dir)
     except ModelNotFoundError as e:
         raise PreflightError(f"{what}: {e}") from None
     if kind == "hub":
@@ -359,9 +359,9 @@ def model_metadata(model, model_dir=None) -> Optional[dict]:
 
 # ============================================================================================ output, data
 def _local_dir(model, model_dir=None) -> Optional[Path]:
-    from .loading import _ALIASES, builtin_path
+    from .loading import MODEL_ALIASES, builtin_path
     name = str(model)
-    key = _ALIASES.get(name.strip().lower())
+    key = MODEL_ALIASES.get(name.strip().lower())
     try:
         if key is not None:
             d, _ = builtin_path(key, model_dir)

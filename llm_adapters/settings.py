@@ -60,8 +60,8 @@ def available_memory() -> Optional[int]:
 
 # ============================================================================================ settings
 def _builtin_key(model) -> Optional[str]:
-    from .loading import _ALIASES
-    return _ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
+    from .loading import MODEL_ALIASES
+    return MODEL_ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
 
 
 def _recorded_protocol(model) -> Optional[dict]:

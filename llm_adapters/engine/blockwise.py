@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..offload import OffloadError, OffloadedModel, _forward_inplace, _hidden, _save_shard, write_rest_and_index
+from ..offload import OffloadError, OffloadedModel, forward_inplace, hidden_size, save_shard, write_rest_and_index
 from ..architectures import get_module, linear_weight
-from ..pipeline import BlockInputs, PipelineError, _batch_size, _peak_rss_mb, prune_model, validate_config
+from ..pipeline import BlockInputs, PipelineError, calibration_batch_size, peak_rss_mb, prune_model, validate_config
 
 __all__ = ["prune_offloaded", "BlockView"]
 
@@ -95,7 +95,7 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
         tb = time.perf_counter()
         blk = om.block(i)
         if i not in mine:
-            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
+            forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
             om.release(i)
             continue
         nz, n = _count_weights(blk, plan.arch)
@@ -105,14 +105,14 @@ def prune_offloaded(om: OffloadedModel, calib_ids, config, out_dir, *, blocks: O
         blocks_rec += blks
         nz_after += _count_weights(blk, plan.arch)[0]
         tw = time.perf_counter()
-        _save_shard(om.block_tensors(i, blk), out_dir / block_names[i])
+        save_shard(om.block_tensors(i, blk), out_dir / block_names[i])
         t_write = time.perf_counter() - tw
         tf = time.perf_counter()
         if i != last:
             if config.mode == "dense-input":  # the next inputs come from the dense block: read it again
                 om.release(i)
                 blk = om.block(i)
-            _forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
+            forward_inplace(blk, hidden, per_block[i], om.dtype, dev)
         om.release(i)
         blocks_rec[-1].update(write_time_s=t_write, next_inputs_time_s=time.perf_counter() - tf,
                               total_time_s=time.perf_counter() - tb)
@@ -157,15 +157,15 @@ def _walk_record(om: OffloadedModel, calib_ids, config, dev, act_dtype, *, layer
     tot_all = sum(math.prod(r["shape"]) for r in layers)
     zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers)
     res = {"layers": layers, "blocks": blocks, "time_s": time.perf_counter() - t_start,
-           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
+           "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
            "low_memory": {"activation_dtype": str(act_dtype).replace("torch.", ""),
                           "compute_dtype": str(om.dtype).replace("torch.", ""), "capture_time_s": t_capture,
                           "model_mb": om.size_bytes() / 2 ** 20,
                           "max_block_mb": max(sum(om.ckpt.nbytes(om.keys[k], om.dtype) for k in ks)
                                               for ks in om.block_keys) / 2 ** 20,
-                          "activations_mb": (int(calib_ids.numel()) * _hidden(om) * act_dtype.itemsize) / 2 ** 20,
+                          "activations_mb": (int(calib_ids.numel()) * hidden_size(om) * act_dtype.itemsize) / 2 ** 20,
                           "prunable_weights": tot, "nonzero_before": nz_before, "nonzero_after": nz_after}}
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20

@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..distributed import DistContext, DistributedError, _recv_into, _send_tensor, world_for
-from ..pipeline import _batch_size
-from ..report import HELDOUT_SEQLEN, _count_prunable, _memory_meta, _perplexities, _save
+from ..distributed import DistContext, DistributedError, recv_into, send_tensor, world_for
+from ..pipeline import calibration_batch_size
+from ..report import HELDOUT_SEQLEN, count_prunable, memory_meta, perplexities, save_model
 from ..settings import RunError
 from .parallel import prune_rank, run_blocks_parallel
 
@@ -49,7 +49,7 @@ class InMemorySource:
         d = run.d
         if isinstance(d.model.model, torch.nn.Module):
             self.model, self.tok = d.model.model, d.model.tokenizer
-            self.meta = _memory_meta(d.model.model, run.d.model_label)
+            self.meta = memory_meta(d.model.model, run.d.model_label)
         else:
             self.model, tok, self.meta = preflight.load_checked(load_model, d.model.model, model_dir=d.model.model_dir,
                                                                 require_arch=True)
@@ -68,7 +68,7 @@ class InMemorySource:
         return rec
 
     def before_prune(self, run) -> None:
-        self.counts_before = _count_prunable(self.model, self.arch)
+        self.counts_before = count_prunable(self.model, self.arch)
         self.dense_copy = None
         if run.d.evaluation.kl and run.d.evaluation.evaluate:  # kept on the CPU for the data-free KL after pruning
             import copy
@@ -80,7 +80,7 @@ class InMemorySource:
             from ..hidden import prune_hidden
             res = prune_hidden(self.model, calib, method=run.d.spec.name, sparsity=run.sparsity,
                                method_options=run.d.method_options,
-                               batch_size=_batch_size(run.config.batch_size, *calib.shape),
+                               batch_size=calibration_batch_size(run.config.batch_size, *calib.shape),
                                device=run.d.device, progress=d.execution.progress)
             run.record["hidden"] = res["hidden"]
             self.model.to("cpu")
@@ -92,12 +92,12 @@ class InMemorySource:
 
     def weight_counts(self, res: dict) -> tuple:
         tot, before = self.counts_before
-        return tot, before, _count_prunable(self.model, self.arch)[1]
+        return tot, before, count_prunable(self.model, self.arch)[1]
 
     def evaluate(self, run) -> dict:
         d, s, record, timings = run.d, run.protocol, {}, run.timings
         t0 = time.perf_counter()
-        record["perplexity"] = _perplexities(self.model, self.tok, s, d.calibration.data_dir, run.d.device,
+        record["perplexity"] = perplexities(self.model, self.tok, s, d.calibration.data_dir, run.d.device,
                                              d.execution.progress, None)
         timings["eval_s"] = time.perf_counter() - t0
         if self.dense_copy is not None:  # data-free KL / top-1 against the dense model, held-out sequences
@@ -124,7 +124,7 @@ class InMemorySource:
             from ..hidden import save_sliced
             return save_sliced(self.model, self.tok, stage,
                                dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])))
-        return _save(self.model, self.tok, stage, self.arch, run.d.spec, save_format=d.output.save_format,
+        return save_model(self.model, self.tok, stage, self.arch, run.d.spec, save_format=d.output.save_format,
                      dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])),
                      layers=[r["name"] for r in run.record["layers"]], pattern=d.method.pattern,
                      format_options={"gguf_type": d.output.gguf_type})
@@ -179,7 +179,7 @@ class InMemorySource:
                     dist.send_object_list([blocks_mod[b].to("cpu")], dst=0)
                 else:
                     for t in blocks_mod[b].state_dict().values():
-                        _send_tensor(t, 0, ctx)
+                        send_tensor(t, 0, ctx)
                         sent += t.numel() * t.element_size()
             elif ctx.rank == 0:
                 if structured:
@@ -188,7 +188,7 @@ class InMemorySource:
                     blocks_mod[b] = box[0].to(next(blocks_mod[0].parameters()).device)
                 else:
                     for t in blocks_mod[b].state_dict().values():
-                        _recv_into(t, o, ctx)
+                        recv_into(t, o, ctx)
                         sent += t.numel() * t.element_size()
         dist.barrier()
         return sent

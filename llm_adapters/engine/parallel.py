@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
-                           _device_for_rank, _tcp_addresses, assign_blocks, distributed_context, env_world, exchange,
+from ..distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, broadcast_inputs, check_mode,
+                           device_for_rank, tcp_addresses, assign_blocks, distributed_context, env_world, exchange,
                            world_for)
-from ..pipeline import _batch_size, _peak_rss_mb
+from ..pipeline import calibration_batch_size, peak_rss_mb
 
 __all__ = ["run_blocks_parallel", "prune_rank", "merge_records"]
 
@@ -31,7 +31,7 @@ def run_blocks_parallel(source, calib_ids, config, *, nproc: int, progress: bool
     merged record on rank 0, ``None`` elsewhere (see :mod:`.distributed` for launch, transfer and errors)."""
     from ..pipeline import validate_config
     world = world_for(nproc)
-    _check_mode(config)
+    check_mode(config)
     validate_config(source.model, config, calib_ids)  # bad input: the same one-line error on every rank
     assignment = assignment or os.environ.get(ENV_ASSIGNMENT)
     assign_blocks([0], 1, assignment)  # checks the name
@@ -66,13 +66,13 @@ def prune_rank(ctx: DistContext, source, calib_ids, config, *, progress: bool = 
     other ranks ``None``. ``error``: this rank already failed (e.g. loading); it still takes part in the exchange."""
     from ..pipeline import validate_config
     t0 = time.perf_counter()
-    calib_ids, config = _broadcast_inputs(ctx, calib_ids, config)
+    calib_ids, config = broadcast_inputs(ctx, calib_ids, config)
     t_ready = time.perf_counter()  # every rank is up (rank 0 waited here for the spawned workers to start)
     cpu0 = time.process_time()
     import torch.distributed as dist
     dist.barrier()  # rank 0 has prepared the output (sharded: cleaned it) before anyone writes
-    _check_mode(config)
-    config = dataclasses.replace(config, device=_device_for_rank(config.device, ctx.local_rank, ctx.backend))
+    check_mode(config)
+    config = dataclasses.replace(config, device=device_for_rank(config.device, ctx.local_rank, ctx.backend))
     plan, err, mine = None, error, []
     local = {"layers": [], "blocks": []}
     if err is None:
@@ -83,10 +83,10 @@ def prune_rank(ctx: DistContext, source, calib_ids, config, *, progress: bool = 
         except Exception as e:  # reported through the exchange; rank 0 re-raises
             err = e
     summary = {"blocks_owned": mine, "host": socket.gethostname(), "threads": torch.get_num_threads(),
-               "device": str(config.device), "tcp_addresses": _tcp_addresses(), **local,
+               "device": str(config.device), "tcp_addresses": tcp_addresses(), **local,
                "prune_time_s": time.perf_counter() - t0, "wait_s": t_ready - t0,
                "work_s": time.perf_counter() - t_ready, "cpu_s": time.process_time() - cpu0,
-               "peak_rss_mb": _peak_rss_mb(), "forward_blocks": (min(mine) if mine else 0),
+               "peak_rss_mb": peak_rss_mb(), "forward_blocks": (min(mine) if mine else 0),
                "structured": None if plan is None else bool(plan.spec.structured)}
     proceed, gathered = exchange(ctx, summary, err)
     if not proceed:  # another rank failed; rank 0 has raised
@@ -121,7 +121,7 @@ def merge_records(gathered: list, ctx: DistContext, *, owners, assignment, calib
            "peak_rss_mb": max(g.get("peak_rss_mb") or 0.0 for g in gathered),
            "sparsity": zeros / tot if tot else 0.0, "device": gathered[0].get("device"),
            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
            "distributed": {"world_size": ctx.world, "backend": ctx.backend, "launcher": ctx.launcher,
                            "assignment": (assignment or os.environ.get(ENV_ASSIGNMENT) or "contiguous"),
                            "owners": owners, "threads": threads, "tcp_addresses": addrs,

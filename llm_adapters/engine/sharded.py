@@ -10,7 +10,7 @@ from typing import Optional
 
 from .. import data as D
 from ..distributed import DistContext, env_world
-from ..offload import OffloadError, OffloadedModel, _hidden, write_rest_and_index
+from ..offload import OffloadError, OffloadedModel, hidden_size, write_rest_and_index
 from .blockwise import prune_offloaded
 from .parallel import run_blocks_parallel
 
@@ -72,8 +72,8 @@ class ShardedSource:
     def load(self, run) -> None:
         from transformers import AutoTokenizer
 
-        from ..offload import _resolve_source
-        self.directory = _resolve_source(run.d.model.model, run.d.model.model_dir)
+        from ..offload import resolve_source
+        self.directory = resolve_source(run.d.model.model, run.d.model.model_dir)
         self.om = om = OffloadedModel(self.directory)
         self.tok = AutoTokenizer.from_pretrained(str(self.directory))
         self.out_dir = Path(run.write_dir)
@@ -82,7 +82,7 @@ class ShardedSource:
                      "format": "safetensors (low-memory)", "model_type": getattr(c, "model_type", None),
                      "architecture": (getattr(c, "architectures", None) or [type(om.model).__name__])[0],
                      "n_params": om.n_params(), "dtype": str(om.dtype).replace("torch.", ""),
-                     "num_layers": om.n_blocks, "hidden_size": _hidden(om),
+                     "num_layers": om.n_blocks, "hidden_size": hidden_size(om),
                      "max_position_embeddings": getattr(c, "max_position_embeddings", getattr(c, "n_positions", None)),
                      "vocab_size": getattr(c, "vocab_size", None)}
 
@@ -95,8 +95,8 @@ class ShardedSource:
 
     def before_prune(self, run) -> None:
         if env_world() is None or env_world()[0] == 0:  # (torchrun: rank 0 only; the others wait at a barrier)
-            from ..offload import _clean_output
-            _clean_output(self.out_dir)
+            from ..offload import clean_output
+            clean_output(self.out_dir)
 
     def prune(self, run, calib) -> Optional[dict]:
         if run.d.world > 1:

@@ -14,8 +14,8 @@ import torch
 
 from .. import data as D
 from ..checkpoint import as_write_error
-from ..pipeline import _peak_rss_mb
-from ..report import (RUN_FILE, _divergence, _jsonable, _machine, _perplexities, _versions)
+from ..pipeline import peak_rss_mb
+from ..report import (RUN_FILE, divergence_record, jsonable, machine_info, perplexities, versions)
 from ..settings import clip_to_context, protocol_record
 
 __all__ = ["load", "calibrate", "allocate", "prune_blocks", "evaluate", "save", "prune_config", "SELECTION_PLOT"]
@@ -43,7 +43,7 @@ def load(run) -> dict:
         budget = width_sparsity(src.model, src.arch, float(d.method.speedup))
         run.sparsity = budget["sparsity"]
         run.speed_dense = copy.deepcopy(src.model).to("cpu")
-        part["speed_budget"] = _jsonable(budget)
+        part["speed_budget"] = jsonable(budget)
     run.config = prune_config(run)
     if run.d.hidden:
         from ..hidden import hidden_plan
@@ -52,8 +52,8 @@ def load(run) -> dict:
         from ..pipeline import validate_config
         validate_config(src.model, run.config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
     settings = d.record(sparsity=run.sparsity, damp=run.config.damp)
-    return {"config": _jsonable(src.config_record(run, settings)), "versions": _versions(),
-            "machine": _machine(run.d.device), "model": src.meta, **part}
+    return {"config": jsonable(src.config_record(run, settings)), "versions": versions(),
+            "machine": machine_info(run.d.device), "model": src.meta, **part}
 
 
 def prune_config(run):
@@ -80,7 +80,7 @@ def calibrate(run) -> dict:
     d, src, part = run.d, run.source, {}
     if d.evaluation.eval_dense and d.evaluation.evaluate and src.whole:
         t0 = time.perf_counter()
-        part["perplexity_dense"] = _perplexities(src.model, src.tok, run.protocol, d.calibration.data_dir, run.d.device,
+        part["perplexity_dense"] = perplexities(src.model, src.tok, run.protocol, d.calibration.data_dir, run.d.device,
                                                  d.execution.progress, None)
         run.timings["eval_dense_s"] = time.perf_counter() - t0
         src.model.to("cpu")
@@ -90,7 +90,7 @@ def calibrate(run) -> dict:
         info["tokens"] = 0 if run.d.data_free else int(calib.numel())
     run.timings["calibration_s"] = time.perf_counter() - t0
     run.calib = calib
-    part["calibration"] = _jsonable(info)
+    part["calibration"] = jsonable(info)
     return part
 
 
@@ -156,7 +156,7 @@ def allocate(run) -> dict:
     if run.d.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, saved next to run.json
         run.selection = info
         info["plot"] = str(run.d.out_dir / SELECTION_PLOT)
-    return {"allocation": _jsonable(info)}
+    return {"allocation": jsonable(info)}
 
 
 # ============================================================================================ prune
@@ -193,7 +193,7 @@ def _prune_depth(run, part: dict) -> dict:
                       progress=run.verbose)
     if "speed" in rec:
         part["speed"] = rec.pop("speed")
-    part["depth"] = _jsonable(rec)
+    part["depth"] = jsonable(rec)
     return {"layers": [], "blocks": [], "time_s": rec["time_s"]}
 
 
@@ -217,8 +217,8 @@ def _summary(run, res: dict) -> dict:
     if run.d.method.certify:
         from ...solvers.bounds import summarize_certificates
         summary["certificates"] = summarize_certificates(layers)
-    return {"layers": _jsonable(layers), "blocks": _jsonable(res.get("blocks", [])),
-            "pipeline": _jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")}),
+    return {"layers": jsonable(layers), "blocks": jsonable(res.get("blocks", [])),
+            "pipeline": jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")}),
             "summary": summary}
 
 
@@ -231,7 +231,7 @@ def evaluate(run) -> dict:
         part.update(src.evaluate(run))
     if d.evaluation.reference:
         t0 = time.perf_counter()
-        part.update(_divergence(src.model, src.tok, d.evaluation.reference, run.protocol, model_dir=d.model.model_dir,
+        part.update(divergence_record(src.model, src.tok, d.evaluation.reference, run.protocol, model_dir=d.model.model_dir,
                                 data_dir=d.calibration.data_dir, device=run.d.device, progress=d.execution.progress))
         run.timings["divergence_s"] = time.perf_counter() - t0
     part["protocol"] = protocol_record(run.protocol)
@@ -253,11 +253,11 @@ def save(run, record: dict) -> dict:
             timings["save_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - run.t_total
         record["timings"] = timings
-        record["peak_rss_mb"] = _peak_rss_mb()
+        record["peak_rss_mb"] = peak_rss_mb()
         if run.result.get("peak_cuda_mb") is not None:
             record["peak_cuda_mb"] = run.result["peak_cuda_mb"]
         record["status"] = "done"
-        record = _jsonable(record)
+        record = jsonable(record)
         if run.d.out_dir is not None:
             (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
     return record
