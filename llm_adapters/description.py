@@ -35,7 +35,7 @@ from typing import Any, Optional
 __all__ = ["option", "ModelOptions", "CalibrationOptions", "MethodOptions", "OutputOptions", "EvaluationOptions",
            "ExecutionOptions", "GROUPS", "RunDescription", "resolve", "options", "option_group", "signature",
            "parameter_docs", "with_signature", "bind", "from_api", "add_cli_options", "cli_destinations",
-           "check_run_options", "config_keys",
+           "check_run_options", "config_keys", "cli_flags",
            "replay_keys", "run_options", "RESOLVE_EXTRA", "add_option", "isolated"]
 
 log = logging.getLogger("optprune")
@@ -259,7 +259,9 @@ def option_group(name: str) -> str:
     return next(g for g, cls in GROUPS.items() if name in {f.name for f in dataclasses.fields(cls)})
 
 
-def _flags(f) -> tuple:
+def cli_flags(f) -> tuple:
+    """The CLI spellings of an option (its declared flags, else `--name`, or `--no-name` for a boolean that is
+    on by default)."""
     m = f.metadata
     if m["flags"]:
         return tuple(m["flags"])
@@ -272,7 +274,7 @@ def _label(f) -> str:
     Python name when it has no flag."""
     if f.metadata["label"] or not f.metadata["cli"]:
         return f.metadata["label"] or f.name
-    flag = _flags(f)[0]
+    flag = cli_flags(f)[0]
     return flag if flag == "--" + f.name.replace("_", "-") else f"{f.name} ({flag})"
 
 
@@ -315,13 +317,13 @@ def replay_keys() -> tuple:
 
 # ============================================================================================ derived: signature
 def _annotation(f):
+    """The parameter annotation: declared (a type, or ``"path"``/``"model"``/``"names"`` for values of several
+    types), else the option's type (Optional where its default is None)."""
     a = f.metadata["annotation"]
-    if a is not None and not isinstance(a, str):
+    if isinstance(a, str):
+        return Any
+    if a is not None:
         return a
-    if a in ("path", "model"):
-        return Any
-    if a == "names":
-        return Any
     t = f.metadata["type"] or str
     return t if f.default is not None else Optional[t]
 
@@ -358,7 +360,7 @@ def parameter_docs(*, api: bool = False, indent: str = "    ", width: int = 116)
             if api and not m["api"]:
                 continue
             name = (m["api_name"] or f.name) if api else f.name
-            text = m["doc"] or (m["help"] + (f" (CLI ``{', '.join(_flags(f))}``)" if m["cli"] else ""))
+            text = m["doc"] or (m["help"] + (f" (CLI ``{', '.join(cli_flags(f))}``)" if m["cli"] else ""))
             lines += textwrap.wrap(f"{name}: {text}", width=width, initial_indent=indent,
                                    subsequent_indent=indent + "    ", break_on_hyphens=False)
     return "\n".join(lines)
@@ -423,7 +425,7 @@ def add_cli_options(parser, names=None) -> None:
                     kw["choices"] = list(m["choices"])
                 if m["metavar"]:
                     kw["metavar"] = m["metavar"]
-            grp.add_argument(*_flags(f), **kw)
+            grp.add_argument(*cli_flags(f), **kw)
 
 
 def cli_destinations() -> dict:

@@ -21,7 +21,7 @@ def _prune_parser():
     return next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
 
 
-def _flags(parser) -> dict:
+def _parser_flags(parser) -> dict:
     return {s: a for a in parser._actions for s in a.option_strings}
 
 
@@ -34,7 +34,7 @@ def _run(stories_dir, tmp_path, **kw):
 
 
 def test_every_option_reaches_the_cli_the_signatures_the_docs_and_the_config_keys():
-    flags = _flags(_prune_parser())
+    flags = _parser_flags(_prune_parser())
     run_sig = inspect.signature(R.prune).parameters
     api_sig = inspect.signature(optprune.prune).parameters
     keys = set(D.config_keys())
@@ -56,7 +56,7 @@ def test_every_option_reaches_the_cli_the_signatures_the_docs_and_the_config_key
             assert f"{api_name}: " in optprune.prune.__doc__, name
         assert (api_name in keys) == m["config"], name
     # nothing on the CLI that the description does not declare (beside where options come from, and logging)
-    declared = {s for f in D.options().values() if f.metadata["cli"] for s in D._flags(f)}
+    declared = {s for f in D.options().values() if f.metadata["cli"] for s in D.cli_flags(f)}
     assert set(flags) - declared == {"-h", "--help", "-q", "--quiet", "-v", "--verbose", "--config", "--replay"}
     assert set(run_sig) - set(D.options()) == {"_cli"}
 
@@ -97,7 +97,7 @@ def test_an_option_added_in_one_place_reaches_the_cli_the_api_and_the_record(sto
     with D.isolated():
         D.add_option("output", "run_note", D.option(None, "a free-text note kept with the run (default: none)",
                                                     record=True))
-        assert "--run-note" in _flags(_prune_parser())
+        assert "--run-note" in _parser_flags(_prune_parser())
         assert "run_note" in inspect.signature(R.prune).parameters
         assert "run_note" in inspect.signature(optprune.prune).parameters and "run_note: " in optprune.prune.__doc__
         assert "run_note" in D.config_keys()
@@ -109,4 +109,4 @@ def test_an_option_added_in_one_place_reaches_the_cli_the_api_and_the_record(sto
         with pytest.raises(ValueError, match="exists already"):
             D.add_option("method", "sparsity", D.option(0.5, "again"))
     assert "run_note" not in inspect.signature(optprune.prune).parameters and "--run-note" not in \
-        _flags(_prune_parser())
+        _parser_flags(_prune_parser())
