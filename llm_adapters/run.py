@@ -1,6 +1,7 @@
 """The functions behind ``optprune prune`` and ``optprune eval`` (same option names in Python and on the CLI).
 
-``prune(model=..., method=..., sparsity=..., ...)`` is :class:`~optprune.llm_adapters.engine.PruneRun`:
+``prune(model=..., method=..., sparsity=..., ...)`` is :class:`~optprune.llm_adapters.engine.PruneRun` of the
+options, whose names, defaults and docs come from the run description (:mod:`.description`):
 
 1. validate every input that can be checked without the model (method, sparsity, pattern, mode, structure,
    allocation, protocol, data files, output directory) — bad input raises a one-line ``ValueError`` /
@@ -33,33 +34,17 @@ from pathlib import Path
 from typing import Optional
 
 from .evaluation import zero_shot
-from .report import (_check_reference_hook, _divergence, _jsonable, _machine, _peak_rss_mb,  # noqa: F401
-                     _perplexities, _print_eval_summary, _save, _versions)
-from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, _clip_to_context, _default_device,  # noqa: F401
-                       _protocol_record, _split_list, check_run_options, check_sizes, log, model_sizes,
-                       resolve_settings)
+from .report import (check_reference_hook, divergence_record, jsonable, machine_info, peak_rss_mb,  # noqa: F401
+                     perplexities, print_eval_summary, save_model, versions)
+from .description import RESOLVE_EXTRA, check_run_options, with_signature
+from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, check_sizes, clip_to_context,  # noqa: F401
+                       default_device, log, model_sizes, protocol_record, resolve_settings, split_list)
 
 __all__ = ["prune", "evaluate", "RunError", "resolve_settings"]
 
 
 # ============================================================================================ prune
-def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstructured",
-          min_degree: Optional[int] = None, quant: Optional[str] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None,
-          structure: Optional[str] = None,
-          mode: str = "sequential", error_correction: bool = True, refit: bool = False,
-          calibration: Optional[str] = None, nsamples: Optional[int] = None, seqlen: Optional[int] = None,
-          protocol: Optional[str] = None, nproc: int = 1, method_options: Optional[dict] = None,
-          output=None, evaluate: bool = True, data_dir=None, model_dir=None, device=None, seed: int = 0,
-          eval_datasets=None, eval_seqlen: Optional[int] = None, eval_windows: Optional[int] = None,
-          reference: Optional[str] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
-          eval_dense: bool = False, kl: bool = True, progress: bool = True, verbose: Optional[bool] = None,
-          return_model: bool = False, low_memory: bool = False, activation_dtype: Optional[str] = None,
-          tokenizer=None, save_format: str = "dense", dtype: str = "auto", gguf_type: Optional[str] = None,
-          targets=None, ignore=None,
-          text_column: str = "text", overwrite: bool = False, checkpoint_dir=None, resume: bool = False,
-          certify: bool = False, force_nproc: bool = False, calibration_packing: Optional[str] = None,
-          equal_widths: bool = False, speedup: Optional[float] = None, flops: Optional[float] = None,
-          _cli: bool = False):
+def prune(*args, **options):
     """Prune ``model`` with ``method`` and return the run record (a JSON-ready dict, also written to
     ``<output>/run.json``); with ``return_model=True`` returns ``(model, tokenizer, record)``.
 
@@ -94,7 +79,10 @@ def prune(model, method, sparsity: Optional[float] = None, pattern: str = "unstr
     whole blocks are removed under one budget — ``speedup`` (measured prefill speed-up on this machine),
     ``flops`` (fraction of the dense FLOPs per token kept) or ``sparsity`` (fraction of blocks removed)."""
     from .engine import PruneRun  # the whole flow: preflight, load, calibrate, allocate, prune, record, save
-    return PruneRun(**locals()).run()
+    return PruneRun(*args, **options).run()
+
+
+with_signature(prune, extra=RESOLVE_EXTRA)  # parameters and their docs: llm_adapters/description.py
 
 
 # ============================================================================================ evaluate
@@ -118,14 +106,59 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                                      ("batch_size", batch_size), ("progress", progress), ("verbose", verbose),
                                      ("task_limit", task_limit)))
     verbose = _cli if verbose is None else verbose
-    dev = _default_device(device)
+    dev, info, task_list, s, out_file = _evaluate_preflight(
+        model, protocol=protocol, output=output, data_dir=data_dir, model_dir=model_dir, device=device, seed=seed,
+        eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows, reference=reference,
+        tasks=tasks, include_path=include_path)
+    from . import preflight
+    from .loading import load_model
+    t0 = time.perf_counter()
+    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
+    timings = {"load_s": time.perf_counter() - t0}
+    clip_to_context(s, mdl, need_calibration=False)
+    record = {"command": "eval", "model": meta, "versions": versions(), "machine": machine_info(dev)}
+    t0 = time.perf_counter()
+    record["perplexity"] = perplexities(mdl, tok, s, data_dir, dev, progress, batch_size)
+    timings["eval_s"] = time.perf_counter() - t0
+    if reference:
+        t0 = time.perf_counter()
+        record.update(divergence_record(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
+                                  device=dev, progress=progress, self_gen=True))
+        timings["divergence_s"] = time.perf_counter() - t0
+    if task_list:
+        t0 = time.perf_counter()
+        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev, include_path=include_path)
+        timings["zero_shot_s"] = time.perf_counter() - t0
+    s.pop("calibration_path", None)
+    prot = protocol_record(s)
+    for k in ("calibration", "nsamples", "seqlen"):
+        prot.pop(k, None)
+    record["protocol"] = prot
+    timings["total_s"] = time.perf_counter() - t_total
+    record["timings"] = timings
+    record["peak_rss_mb"] = peak_rss_mb()
+    record = jsonable(record)
+    if out_file is not None:  # whole or not at all
+        tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out_file)
+    if verbose:
+        print_eval_summary(record, out_file)
+    return record
+
+
+def _evaluate_preflight(model, *, protocol, output, data_dir, model_dir, device, seed, eval_datasets, eval_seqlen,
+                        eval_windows, reference, tasks, include_path) -> tuple:
+    """Everything ``evaluate`` checks before the model is loaded: ``(device, model info, tasks, settings, output
+    file)``."""
+    dev = default_device(device)
     from . import preflight  # files and folders, before any weight is read
     preflight.check_data_dir(data_dir)
     info = preflight.check_model_source(model, model_dir)
     if reference:
-        _check_reference_hook()
+        check_reference_hook()
         preflight.check_model_source(reference, model_dir, what="--reference")
-    task_list = _split_list(tasks) if tasks else None
+    task_list = split_list(tasks) if tasks else None
     if task_list:  # lm-eval installed, every task known: before the model is loaded
         from .lm_eval_tasks import check_tasks
         check_tasks(task_list, include_path)
@@ -136,7 +169,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
                          need_calibration=False, need_eval=not no_ppl)
     if no_ppl:
         s["eval_datasets"] = []
-    _clip_to_context(s, preflight.context_length((info or {}).get("config")), need_calibration=False)
+    clip_to_context(s, preflight.context_length((info or {}).get("config")), need_calibration=False)
     if not s["eval_datasets"] and not reference and not task_list:
         raise RunError(f"nothing to evaluate: {s.get('eval_note', 'no evaluation text')}; point --data-dir at the "
                        f"data, pass --eval FILE, or --reference DENSE for the data-free KL/top-1")
@@ -150,37 +183,4 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
         if not out_file.parent.exists():
             raise RunError(f"--output: the folder {out_file.parent} does not exist")
         preflight.check_writable(out_file.parent, f"--output {out_file}")
-    from .loading import load_model
-    t0 = time.perf_counter()
-    mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
-    timings = {"load_s": time.perf_counter() - t0}
-    _clip_to_context(s, mdl, need_calibration=False)
-    record = {"command": "eval", "model": meta, "versions": _versions(), "machine": _machine(dev)}
-    t0 = time.perf_counter()
-    record["perplexity"] = _perplexities(mdl, tok, s, data_dir, dev, progress, batch_size)
-    timings["eval_s"] = time.perf_counter() - t0
-    if reference:
-        t0 = time.perf_counter()
-        record.update(_divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
-                                  device=dev, progress=progress, self_gen=True))
-        timings["divergence_s"] = time.perf_counter() - t0
-    if task_list:
-        t0 = time.perf_counter()
-        record["zero_shot"] = zero_shot(mdl, tok, task_list, limit=task_limit, device=dev, include_path=include_path)
-        timings["zero_shot_s"] = time.perf_counter() - t0
-    s.pop("calibration_path", None)
-    prot = _protocol_record(s)
-    for k in ("calibration", "nsamples", "seqlen"):
-        prot.pop(k, None)
-    record["protocol"] = prot
-    timings["total_s"] = time.perf_counter() - t_total
-    record["timings"] = timings
-    record["peak_rss_mb"] = _peak_rss_mb()
-    record = _jsonable(record)
-    if out_file is not None:  # whole or not at all
-        tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, out_file)
-    if verbose:
-        _print_eval_summary(record, out_file)
-    return record
+    return dev, info, task_list, s, out_file

@@ -3,7 +3,7 @@
 
 ``resolve_settings`` names the protocol (``"<name>+custom"`` when options override it), checks that the data
 files exist, and falls back (announced) to C4 and then to self-generated calibration when a defaulted protocol's
-text is missing. ``_clip_to_context`` clips protocol window lengths to the model's context once it is known.
+text is missing. ``clip_to_context`` clips protocol window lengths to the model's context once it is known.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import torch
 from . import data as D
 from .evaluation import model_context
 
-__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE", "RUN_OPTIONS", "check_run_options",
-           "check_sizes", "available_memory", "cpu_cores"]
+__all__ = ["RunError", "resolve_settings", "SELF_CALIB_DEFAULT", "RUN_FILE", "check_sizes", "available_memory",
+           "cpu_cores",
+           "clip_to_context", "default_device", "protocol_record", "split_list", "model_sizes", "ALLOCATIONS_FALLBACK"]
 
 RUN_FILE = "run.json"
 log = logging.getLogger("optprune")
@@ -29,44 +30,11 @@ log = logging.getLogger("optprune")
 #: (FISTA 50% on SmolLM2-135M: 128×512 took ~44 min on 2 cores; 64×256 takes 552 CPU-seconds end to end on one
 #: thread, KL 0.49 / top-1 0.63 against the dense model; on stories260K 64×256 vs 128×512: KL 1.004 vs 0.997)
 SELF_CALIB_DEFAULT = (64, 256)
-_ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
+ALLOCATIONS_FALLBACK = ("uniform", "alpha", "owl")
 
 
 class RunError(ValueError):
     """Bad input to prune/evaluate (one line; nothing changed)."""
-
-
-# ============================================================================================ typed options
-#: the typed options of ``prune``/``evaluate`` (same names on the CLI, in the API, ``--config`` and ``run.json``):
-#: name -> (type, allowed range or None). Each value goes through the registry's one check
-#: (:func:`optprune.solvers.registry.check_value`), as method options do: booleans parsed (``"false"`` is False,
-#: ``"maybe"`` refused), integers given as strings read, anything else one line naming the option.
-RUN_OPTIONS = {
-    "sparsity": (float, None), "min_degree": (int, "[0, inf)"), "allocation_eps": (float, "[0, 1)"),
-    "nsamples": (int, "[1, inf)"), "seqlen": (int, "[2, inf)"), "nproc": (int, "[1, inf)"), "seed": (int, None),
-    "eval_seqlen": (int, "[2, inf)"), "eval_windows": (int, "[0, inf)"), "damp": (float, "[0, inf)"),
-    "batch_size": (int, "[1, inf)"), "task_limit": (int, "[1, inf)"),
-    **{k: (bool, None) for k in ("error_correction", "refit", "evaluate", "kl", "low_memory", "overwrite", "resume",
-                                 "certify", "eval_dense", "progress", "return_model", "force_nproc", "verbose")},
-}
-#: how an option is named in messages when its CLI flag is not ``--<name>``
-_FLAG = {"evaluate": "evaluate (--no-eval)", "kl": "kl (--no-kl)", "verbose": "verbose",
-         "error_correction": "error_correction (--no-error-correction)", "progress": "progress",
-         "return_model": "return_model", "eval_dense": "eval_dense"}
-
-
-def check_run_options(options: dict) -> dict:
-    """The typed run options among ``options`` checked and normalised (:data:`RUN_OPTIONS`); returns them
-    (only those present, ``None`` left as it is). Raises :class:`RunError`, one line naming the option."""
-    from ..solvers.registry import check_value
-    out = {}
-    for k, (t, rng) in RUN_OPTIONS.items():
-        if k in options and options[k] is not None:
-            try:
-                out[k] = check_value(_FLAG.get(k, "--" + k.replace("_", "-")), options[k], type=t, range=rng)
-            except ValueError as e:
-                raise RunError(str(e)) from None
-    return out
 
 
 def cpu_cores() -> int:
@@ -92,8 +60,8 @@ def available_memory() -> Optional[int]:
 
 # ============================================================================================ settings
 def _builtin_key(model) -> Optional[str]:
-    from .loading import _ALIASES
-    return _ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
+    from .loading import MODEL_ALIASES
+    return MODEL_ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
 
 
 def _recorded_protocol(model) -> Optional[dict]:
@@ -109,7 +77,7 @@ def _recorded_protocol(model) -> Optional[dict]:
     return None
 
 
-def _split_list(v) -> Optional[list]:
+def split_list(v) -> Optional[list]:
     if v is None:
         return None
     if isinstance(v, str):
@@ -151,6 +119,20 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
         for k in ("eval_datasets", "eval_seqlen", "eval_windows"):
             if k in recorded and not (k == "eval_datasets" and recorded.get("eval_missing")):
                 s[k] = recorded[k]  # (texts a data-less run skipped are evaluated when they are here now)
+    overrides = _apply_overrides(s, calibration=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                 eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+    s["overrides"] = overrides
+    if need_calibration:
+        _calibration_source(s, overrides, explicit=calibration is not None, protocol=protocol, data_dir=data_dir)
+    if need_eval:
+        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
+    s["name"] = s["base"] + ("+custom" if overrides else "")
+    return s
+
+
+def _apply_overrides(s: dict, *, calibration, nsamples, seqlen, seed, eval_datasets, eval_seqlen,
+                     eval_windows) -> dict:
+    """The explicit options over the protocol's settings (in place); returns those that changed a setting."""
     overrides = {}
 
     def over(k, v):
@@ -171,7 +153,7 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
     if seed is not None:
         over("seed", int(seed))
     if eval_datasets is not None:
-        over("eval_datasets", _split_list(eval_datasets))
+        over("eval_datasets", split_list(eval_datasets))
     if eval_seqlen is not None:
         if int(eval_seqlen) < 2:
             raise RunError(f"--eval-seqlen must be ≥ 2, got {eval_seqlen}")
@@ -183,35 +165,33 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
         if w != s["eval_windows"]:
             overrides["eval_windows"] = w
             s["eval_windows"] = w
-    s["overrides"] = overrides
+    return overrides
 
-    # calibration source: the protocol's if present; a defaulted protocol falls back to c4, then fails clearly
-    if need_calibration:
-        src = s["calibration"]
-        if src == "self":
-            s["calibration_path"] = None
-            _self_size(s, overrides)
-        elif src.startswith("hub:"):
-            s["calibration_path"] = src
-        else:
-            try:
-                s["calibration_path"] = D.check_dataset(src, "validation", data_dir)
-            except FileNotFoundError as e:
-                if calibration is None and protocol is None and src != "c4":
-                    try:
-                        s["calibration_path"] = D.check_dataset("c4", "validation", data_dir)
-                        s["calibration"] = "c4"
-                        overrides["calibration"] = "c4"
-                    except FileNotFoundError:
-                        _self_fallback(s, overrides, e, data_dir)
-                elif calibration is None:
+
+def _calibration_source(s: dict, overrides: dict, *, explicit: bool, protocol, data_dir) -> None:
+    """The calibration source: the protocol's if present; a defaulted protocol falls back to c4, then to
+    self-generated sequences (announced); an explicitly asked-for one must exist."""
+    src = s["calibration"]
+    if src == "self":
+        s["calibration_path"] = None
+        _self_size(s, overrides)
+    elif src.startswith("hub:"):
+        s["calibration_path"] = src
+    else:
+        try:
+            s["calibration_path"] = D.check_dataset(src, "validation", data_dir)
+        except FileNotFoundError as e:
+            if not explicit and protocol is None and src != "c4":
+                try:
+                    s["calibration_path"] = D.check_dataset("c4", "validation", data_dir)
+                    s["calibration"] = "c4"
+                    overrides["calibration"] = "c4"
+                except FileNotFoundError:
                     _self_fallback(s, overrides, e, data_dir)
-                else:
-                    raise _no_calibration(e, data_dir) from None
-    if need_eval:
-        _missing_eval_fallback(s, data_dir, explicit=eval_datasets is not None)
-    s["name"] = s["base"] + ("+custom" if overrides else "")
-    return s
+            elif not explicit:
+                _self_fallback(s, overrides, e, data_dir)
+            else:
+                raise _no_calibration(e, data_dir) from None
 
 
 def _self_fallback(s: dict, overrides: dict, e, data_dir) -> None:
@@ -263,7 +243,7 @@ def _no_calibration(e, data_dir) -> FileNotFoundError:
         f"--calibration FILE (any text file), or --calibration self (sequences sampled from the model)")
 
 
-def _clip_to_context(s: dict, model, *, need_calibration=True) -> None:
+def clip_to_context(s: dict, model, *, need_calibration=True) -> None:
     """Protocol window lengths longer than the model's context are clipped (explicit ones are an error).
     ``model``: the model, or its context length in tokens read from its files before loading (or None)."""
     ctx = model if model is None or isinstance(model, int) else model_context(model)
@@ -335,7 +315,7 @@ def model_sizes(model, config: Optional[dict]) -> dict:
     return {"context": ctx, "hidden": hidden, "dtype_bytes": nbytes}
 
 
-def _protocol_record(s: dict) -> dict:
+def protocol_record(s: dict) -> dict:
     keep = ("name", "base", "origin", "calibration", "nsamples", "seqlen", "seed", "eval_datasets", "eval_seqlen",
             "eval_windows", "overrides", "clipped", "calibration_path", "eval_paths", "calibration_note",
             "calibration_missing", "eval_note", "eval_missing")
@@ -343,7 +323,7 @@ def _protocol_record(s: dict) -> dict:
 
 
 
-def _default_device(device) -> str:
+def default_device(device) -> str:
     if device:
         dev = str(device)
         try:

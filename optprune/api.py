@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+from .llm_adapters.description import with_signature as _with_signature  # (the standard library only)
+
 __all__ = ["prune", "save", "evaluate", "verify", "analyze"]
 
 PathLike = Union[str, os.PathLike]
@@ -32,79 +34,27 @@ _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _RECORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def prune(model: Union[PathLike, "torch.nn.Module"], tokenizer: Any = None, *, method: str,
-          sparsity: Optional[float] = None, pattern: str = "unstructured", dataset: Any = None,
-          nsamples: Optional[int] = None, seqlen: Optional[int] = None,
-          targets: Union[str, Sequence[str], None] = None, ignore: Union[str, Sequence[str], None] = None,
-          text_column: str = "text", protocol: Optional[str] = None, min_degree: Optional[int] = None,
-          quant: Optional[str] = None, allocation: str = "uniform", allocation_eps: Optional[float] = None, structure: Optional[str] = None,
-          mode: str = "sequential", error_correction: bool = True, refit: bool = False,
-          method_options: Optional[dict] = None, damp: Optional[float] = None, batch_size: Optional[int] = None,
-          nproc: int = 1, device: Optional[str] = None, seed: int = 0, evaluate: bool = False, kl: bool = True,
-          eval_datasets: Union[str, Sequence[str], None] = None, eval_seqlen: Optional[int] = None,
-          eval_windows: Optional[int] = None, data_dir: Optional[PathLike] = None,
-          model_dir: Optional[PathLike] = None, progress: bool = True, certify: bool = False,
-          calibration_packing: Optional[str] = None, force_nproc: bool = False,
-          equal_widths: bool = False, speedup: Optional[float] = None, flops: Optional[float] = None) -> tuple:
+def prune(*args, **kwargs) -> tuple:
     """Prune a causal LM layer by layer; returns ``(pruned model, record)``. Nothing is written: see :func:`save`.
 
-    Args:
-        model: a built-in name (``stories260k``, ``smollm2-135m``), a Hugging Face directory, a ``.gguf`` file, a
-            hub id, or a loaded ``PreTrainedModel`` (pruned in place, in its own dtype; the Gram matrices and
-            solves are float32/float64 either way).
-        tokenizer: the tokenizer of an in-memory model (needed for text calibration, evaluation and saving);
-            overrides the one loaded with a named model.
-        method: pruning method (``optprune list methods``): magnitude, wanda, sparsegpt, ria, fista, ...
-        sparsity: fraction of weights removed per layer (default 0.5; N:M patterns fix their own: 1 − N/M).
-        pattern: ``unstructured``, ``row``, ``N:M`` (e.g. ``2:4``), ``groups``.
-        quant: a quantization grid for the kept weights, ``w<bits>[g<group>][a]`` (``w4g128``; methods gptq,
-            rtn, sparsegpt, quant-refit); without ``sparsity`` nothing is pruned.
-        dataset: calibration: a name (``c4``, ``wikitext2``, ``ptb``, ``self``), a text file path, a list of
-            strings, a ``datasets.Dataset`` with a ``text_column``, or a LongTensor of token ids
-            ``(nsamples, seqlen)`` (or a 1-D stream). Default: the protocol's.
-        nsamples: calibration windows (default: the protocol's; with token ids, their number of rows).
-        seqlen: tokens per calibration window (default: the protocol's; with token ids, their width).
-        targets: sub-layers to prune: full names, class names (``Linear``) or ``re:REGEX``; default all.
-        ignore: sub-layers to leave dense (same forms), e.g. ``["re:.*self_attn.*"]``.
-        text_column: the text column of a ``datasets.Dataset`` calibration.
-        calibration_packing: ``rows`` — each string / Dataset row / line of a text file is one sample, truncated
-            at ``seqlen``, short ones kept (llm-compressor's convention; the default for those) — or ``windows``
-            — all joined into one token stream, ``nsamples`` windows of ``seqlen`` tokens (the default for the
-            named data sets). The record's ``calibration`` says how many tokens were used.
-        protocol: ``smoke``, ``cpu`` or ``paper`` (docs/protocols.md): calibration/evaluation defaults.
-        min_degree, allocation, allocation_eps, structure, mode, error_correction, refit, method_options, damp,
-        batch_size, nproc, force_nproc, device, seed: as the CLI's options of the same names (``optprune prune
-            --help``); booleans take True/False or the words true/false, yes/no, on/off, 1/0.
-        evaluate: also measure perplexity (and, with ``kl``, KL/top-1 against the dense model) into the record.
-        eval_datasets, eval_seqlen, eval_windows: evaluation texts and windows when ``evaluate``.
-        data_dir, model_dir: folders of the built-in data sets and models.
-        progress: progress bars.
-        certify: per layer, a valid lower bound on the optimum of its L0 program and the relative gap of the
-            solution (``certificate`` in each layer record; FISTA adds its certified ℓ1 duality gap).
-        speedup: a measured-latency budget instead of ``sparsity``: ``structure="depth"`` (``method`` ``depth``
-            or ``shortgpt``) removes whole blocks, ``structure="mlp"`` shrinks MLP widths, until the modelled
-            prefill time on this machine is ``1/speedup`` of the dense model's.
-        flops: ``structure="depth"``: keep at most this fraction of the dense FLOPs per token.
+    The parameters are the run options of ``optprune prune`` (llm_adapters/description.py declares each once),
+    Python-only ones included; booleans take True/False or the words true/false, yes/no, on/off, 1/0.
 
     Returns:
         ``(model, record)``: the pruned ``PreTrainedModel`` and the JSON-ready run record (the ``run.json`` of
         the CLI: config, per-layer errors, summary, timings).
     """
+    from .llm_adapters.description import bind, from_api, signature
     from .llm_adapters.run import prune as _prune
-    mdl, tok, record = _prune(
-        model, method, sparsity=sparsity, pattern=pattern, min_degree=min_degree, quant=quant, allocation=allocation,
-        allocation_eps=allocation_eps, structure=structure, mode=mode, error_correction=error_correction,
-        refit=refit, calibration=dataset, nsamples=nsamples, seqlen=seqlen, protocol=protocol, nproc=nproc,
-        method_options=method_options, output=None, evaluate=evaluate, data_dir=data_dir, model_dir=model_dir,
-        device=device, seed=seed, eval_datasets=eval_datasets, eval_seqlen=eval_seqlen, eval_windows=eval_windows,
-        damp=damp, batch_size=batch_size, kl=kl, progress=progress, verbose=False, return_model=True,
-        tokenizer=tokenizer, targets=targets, ignore=ignore, text_column=text_column, certify=certify,
-        calibration_packing=calibration_packing, force_nproc=force_nproc, equal_widths=equal_widths,
-        speedup=speedup, flops=flops)
+    given = from_api(bind(signature(api=True), args, kwargs, "prune"))
+    mdl, tok, record = _prune(**given, output=None, verbose=False, return_model=True)
     if tok is not None:
         _TOKENIZERS[mdl] = tok
     _RECORDS[mdl] = record
     return mdl, record
+
+
+_with_signature(prune, api=True)  # parameters and their docs: llm_adapters/description.py
 
 
 def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, format: str = "dense",
@@ -131,7 +81,7 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     from .llm_adapters.architectures import get_arch
     from .llm_adapters.checkpoint import atomic_output
     from .llm_adapters.preflight import check_output
-    from .llm_adapters.run import RUN_FILE, _jsonable, _save
+    from .llm_adapters.run import RUN_FILE, jsonable, save_model
     from .solvers import get_method
     import torch
 
@@ -162,13 +112,13 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
             if structured and target != next(model.parameters()).dtype:
                 import copy
                 model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
-            info = _save(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
+            info = save_model(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
                          layers=layers, pattern=cfg.get("pattern"), format_options={"gguf_type": gguf_type})
             info["path"] = str(Path(out).resolve())
         if record is not None:
             rec = dict(record, saved=info)
             rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype, gguf_type=gguf_type)
-            (stage / RUN_FILE).write_text(json.dumps(_jsonable(rec), indent=1))
+            (stage / RUN_FILE).write_text(json.dumps(jsonable(rec), indent=1))
     return info
 
 

@@ -10,14 +10,8 @@ from pathlib import Path
 
 from .catalog import SECTIONS
 
-#: --save-format choices (the formats registered in llm_adapters/export*.py; tests/test_export.py keeps them equal)
-SAVE_FORMAT_HELP = {
-    "dense": "stock save_pretrained directory, loaded by transformers, vLLM, llm-compressor (default)",
-    "gguf": "one GGUF file with tokenizer and chat template, for llama.cpp / Ollama (--gguf-type)",
-    "compressed-sparse-legacy": "compressed-tensors sparse bitmask; only compressed-tensors<=0.14 loads it",
-    "pack-quantized": "--quant grids as compressed-tensors packed int codes + scales (W4A16/W8A16), loaded by "
-                      "stock transformers and vLLM",
-}
+from .llm_adapters.description import SAVE_FORMAT_HELP, add_cli_options, cli_destinations  # noqa: F401
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Every option shows its default, unless its help already says what the default is."""
@@ -69,24 +63,9 @@ def _check_method(method: str, options: dict, structure=None) -> None:
     get_method(method).check_options(options)
 
 
-def _add_data_args(p):
-    p.add_argument("--data-dir", default=None,
-                   help="folder with wikitext-2-raw/, ptb/, c4/ (default: $OPTPRUNE_DATA_DIR; layout in docs/protocols.md)")
-    p.add_argument("--model-dir", default=None,
-                   help="folder holding built-in models such as stories260K (default: $OPTPRUNE_MODEL_DIR)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of calibration sampling and instances")
-
-
-def _add_eval_args(p):
-    p.add_argument("--eval", dest="eval_datasets", default=None,
-                   help="comma-separated evaluation texts: wikitext2, ptb, c4 (default from --protocol)")
-    p.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default from --protocol)")
-    p.add_argument("--eval-windows", type=int, default=None,
-                   help="evaluate only the first K windows, 0 = all (default from --protocol)")
-    p.add_argument("--reference", default=None,
-                   help="dense model to compare next-token distributions with (KL divergence, top-1 agreement; "
-                        "default: none)")
+#: the options ``optprune eval``, ``verify`` and ``analyze`` share with ``optprune prune`` (declared there)
+DATA_OPTIONS = ("data_dir", "model_dir", "device", "seed")
+EVAL_OPTIONS = ("eval_datasets", "eval_seqlen", "eval_windows", "reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,97 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=_Formatter, parents=[common], **kw)
 
     p = add("prune", help="prune a model layer by layer and save it")
-    p.add_argument("--model", default=None,
-                   help="built-in name (stories260k, smollm2-135m), HF dir, hub id, or .gguf (required unless in "
-                        "--config/--replay)")
-    p.add_argument("--method", default=None,
-                   help="magnitude, wanda, sparsegpt, ria, refit, fista, spap, eggs, ... (required unless in "
-                        "--config/--replay)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML/JSON file of prune options (same names), or an llm-compressor recipe with a "
                         "SparseGPTModifier/WandaPruningModifier; flags given here override it (default: none)")
     p.add_argument("--replay", default=None, metavar="RUN_JSON",
                    help="reproduce the run recorded in this run.json (flags given here override it; default: none)")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of weights removed per layer (default: 0.5; N:M: 1 − N/M)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, row, N:M (e.g. 2:4), groups")
-    p.add_argument("--quant", default=None,
-                   help="kept weights on an integer grid: w<bits>[g<group>][a], e.g. w4 (per channel), w4g128 (per "
-                        "128 inputs), w4g64a (asymmetric); methods gptq, rtn, sparsegpt, quant-refit (default: none)")
-    p.add_argument("--min-degree", type=int, default=None,
-                   help="expander N:M: keep ≥ B entries per column per tile (default: none)")
-    p.add_argument("--allocation", default="uniform",
-                   help="per-layer sparsity: uniform, alpha, owl, auto; options after ':' "
-                        "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)")
-    p.add_argument("--allocation-eps", type=float, default=None,
-                   help="alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the allocation's)")
-    p.add_argument("--structure", default=None, help="structured methods (default: mlp): mlp, heads (query heads), heads:kv (whole key/value groups under GQA), or a comma list such as mlp,heads; hidden: shrink the residual stream (with slicegpt: a rotation; with a structured method: hidden channels); depth: remove whole blocks (--method depth or shortgpt)")
-    p.add_argument("--equal-widths", action="store_true",
-                   help="structured methods: the same widths in every block, so the saved config states them and "
-                        "stock tools load it (uniform allocation; heads removed as whole key/value groups)")
-    p.add_argument("--speedup", type=float, default=None,
-                   help="--structure depth: remove blocks, --structure mlp: shrink MLP widths (mean sparsity spread "
-                        "by --allocation), until the modelled prefill latency on this machine (measured, cached) "
-                        "drops to 1/X of the dense model's; the measured speed-up goes into run.json (default: none)")
-    p.add_argument("--flops", type=float, default=None,
-                   help="--structure depth: keep at most this fraction of the dense FLOPs per token (default: none)")
-    p.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"],
-                   help="block inputs from the pruned model (sequential) or the dense model (independent blocks)")
-    p.add_argument("--no-error-correction", dest="error_correction", action="store_false",
-                   help="within a block, solve each sub-layer on dense inputs instead of pruned-upstream inputs")
-    p.add_argument("--refit", action="store_true", help="finish every layer with the least-squares refit")
-    p.add_argument("--dataset", "--calibration", dest="dataset", default=None,
-                   help="calibration: c4, wikitext2, ptb, self, or a text file (default: the protocol's; c4 if the "
-                        "data dir has it, else self)")
-    p.add_argument("--calibration-packing", default=None, choices=["rows", "windows"],
-                   help="rows: each document (a line of a text file) one sample, truncated at --seqlen, short ones "
-                        "kept; windows: documents joined, --nsamples windows of --seqlen tokens (default: rows for a "
-                        "text file, windows for c4/wikitext2/ptb)")
-    p.add_argument("--nsamples", type=int, default=None,
-                   help="calibration samples: windows, or at most this many rows (default from --protocol)")
-    p.add_argument("--seqlen", type=int, default=None,
-                   help="tokens per calibration window; the longest row (default from --protocol)")
-    p.add_argument("--targets", default=None,
-                   help="comma list of sub-layers to prune: full names, class names (Linear) or re:REGEX "
-                        "(default: all)")
-    p.add_argument("--ignore", default=None,
-                   help="comma list of sub-layers left dense, same forms, e.g. 're:.*self_attn.*' (default: none)")
-    p.add_argument("--protocol", default=None,
-                   help="smoke, cpu or paper (docs/protocols.md): sets data and eval defaults (default: the model's, "
-                        "else cpu)")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes for block-parallel pruning (--mode dense-input; also runs under torchrun); at "
-                        "most the CPU cores unless --force-nproc")
-    p.add_argument("--force-nproc", action="store_true",
-                   help="allow --nproc above the number of CPU cores (oversubscribed ranks)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="read one block at a time from the safetensors shards and write the output shard by shard")
-    p.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="--low-memory: dtype of the stored calibration activations (default: the model's)")
-    p.add_argument("-O", "--method-opt", action="append", metavar="KEY=VALUE",
-                   help="method option, repeatable; `optprune list methods` shows each method's options and defaults (default: none)")
-    p.add_argument("--certify", action="store_true",
-                   help="per layer: a valid lower bound on the optimal error of its L0 program and the relative gap "
-                        "of our solution (and FISTA's certified ℓ1 duality gap), in run.json and the summary")
-    p.add_argument("--output", default=None, help="directory for the pruned model and run.json (default: not saved)")
-    p.add_argument("--save-format", default="dense", choices=list(SAVE_FORMAT_HELP),
-                   help="; ".join(f"{k}: {v}" for k, v in SAVE_FORMAT_HELP.items()) + " (docs/deployment.md)")
-    p.add_argument("--gguf-type", default=None, choices=["f32", "f16", "bf16", "q8_0"],
-                   help="--save-format gguf: type of the matrices in the GGUF file (default: from --dtype; norms "
-                        "stay f32)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="dtype of the saved weights (auto: the input model's); solving is float32/float64 anyway")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing optprune output in --output (atomically, once the new one is complete)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="checkpoint after every block here (default: .<output>.optprune-checkpoint beside --output; "
-                        "kept when a run is interrupted, deleted when it completes)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation after pruning")
-    p.add_argument("--no-kl", dest="kl", action="store_false",
-                   help="skip the data-free KL/top-1 against the dense model (held-out self-generated text)")
-    _add_data_args(p)
-    _add_eval_args(p)
+    add_cli_options(p)  # every run option, from llm_adapters/description.py
 
     p = add("eval", help="perplexity, KL to a reference, lm-eval tasks of any model, pruned or not")
     p.add_argument("--model", required=True, help="built-in name, HF dir, optprune output (any --save-format), hub id, or .gguf")
@@ -200,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="folder of custom lm-eval task YAML files (default: none)")
     p.add_argument("--task-limit", type=int, default=None, help="examples per task (default: all)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: automatic)")
-    _add_data_args(p)
-    _add_eval_args(p)
+    add_cli_options(p, DATA_OPTIONS + EVAL_OPTIONS)
 
     p = add("verify", help="cross-check every (model, backend) pair on small instances")
     p.add_argument("--quick", action="store_true", help="a small set of instances (< 1 minute on 2 cores)")
@@ -213,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--programs", default=None,
                    help="only programs whose label contains one of these comma-separated strings, e.g. EIG or "
                         "'L0 groups' (default: all)")
-    _add_data_args(p)
+    add_cli_options(p, DATA_OPTIONS)
 
     p = add("analyze", help="heavy-tailed spectra (α per layer), allocations and plots")
     p.add_argument("--model", required=True, help="built-in name, HF dir, hub id, or .gguf")
@@ -223,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparsities within [S(1-ε), S(1+ε)] (default: the allocation's)")
     p.add_argument("--output", default="analysis", help="directory for PNG plots and analysis.json")
     p.add_argument("--matrix", default=None, help="matrix whose ESD to plot (default: the first MLP down)")
-    _add_data_args(p)
+    add_cli_options(p, DATA_OPTIONS)
 
     p = sub.add_parser("list", help="list methods (with their options), patterns, backends or architectures")
     p.add_argument("what", nargs="?", choices=SECTIONS, default=None,
@@ -268,10 +161,13 @@ def _explicit(argv, command) -> set:
 
 
 def _prune_kwargs(args, argv) -> tuple:
+    """The keyword arguments of :func:`optprune.llm_adapters.run.prune` from the command line, over those of
+    ``--replay`` and ``--config`` (explicit flags win; ``-O`` adds to the file's method options)."""
     from .llm_adapters import recipes
-    kw = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config", "replay")}
-    kw["method_options"] = _kv(kw.pop("method_opt"))
-    explicit = _explicit(argv, "prune")
+    names = cli_destinations()  # --dataset → calibration, -O/--method-opt → method_options
+    kw = {names.get(k, k): v for k, v in vars(args).items() if k not in ("command", "log_level", "config", "replay")}
+    kw["method_options"] = _kv(kw["method_options"])
+    explicit = {names.get(k, k) for k in _explicit(argv, "prune")}
     base, infos = {}, []
     if args.replay:
         r, info = recipes.replay_kwargs(args.replay)
@@ -282,14 +178,14 @@ def _prune_kwargs(args, argv) -> tuple:
         base.update(c)
         infos.append(info)
     for k, v in base.items():
+        k = names.get(k, k)
         if k == "method_options":  # -O KEY=VALUE adds to / overrides the file's options
-            kw[k] = {**(v or {}), **kw[k]} if "method_opt" in explicit else v
+            kw[k] = {**(v or {}), **kw[k]} if k in explicit else v
         elif k not in explicit:
             kw[k] = v
     for need in ("model", "method"):
         if not kw.get(need):
             raise ValueError(f"--{need} is required (on the command line, in --config or from --replay)")
-    kw["calibration"] = kw.pop("dataset")
     return kw, infos
 
 
@@ -365,9 +261,10 @@ def main(argv=None) -> int:
 
 
 def _run_prune(**kw):
-    """``optprune prune``: :func:`optprune.llm_adapters.run.prune` (prunes, evaluates, saves to --output)."""
-    from .llm_adapters.run import prune
-    return prune(**kw)
+    """``optprune prune``: the engine's run of these options (what :func:`optprune.llm_adapters.run.prune` does
+    for Python callers): resolved and checked, pruned, evaluated, saved to --output."""
+    from .llm_adapters.engine import PruneRun
+    return PruneRun(**kw).run()
 
 
 def _call_plain(command: str, kw: dict):

@@ -26,9 +26,12 @@ def _modules() -> dict:
     """module name → (path, is_package) for every module of the package."""
     out = {}
     for pkg, folder in PACKAGES.items():
-        for f in sorted(folder.glob("*.py")):
-            name = pkg if f.name == "__init__.py" else f"{pkg}.{f.stem}"
-            out[name] = (f, f.name == "__init__.py")
+        for f in sorted(folder.rglob("*.py")):  # sub-packages too (llm_adapters/engine/)
+            parts = f.relative_to(folder).with_suffix("").parts
+            if ".venv" in parts or "__pycache__" in parts or (pkg == "optprune" and len(parts) > 1):
+                continue
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((pkg,) + parts)] = (f, f.name == "__init__.py")
     return out
 
 
@@ -172,7 +175,7 @@ def _prune(stories_dir, out, **kw):
 def test_the_prune_flow_lives_in_the_engine_only():
     """offload.py keeps storage mechanics, distributed.py process mechanics, run.py calls the engine: none of
     them builds a pipeline config, runs the pipeline or writes a run record."""
-    flow = {"prune_model", "validate_config", "PruneConfig", "calibration_tokens", "_print_prune_summary",
+    flow = {"prune_model", "validate_config", "PruneConfig", "calibration_tokens", "print_prune_summary",
             "atomic_output", "open_checkpoint"}
     for mod in ("offload", "distributed", "run"):
         tree = ast.parse((REPO / "llm_adapters" / f"{mod}.py").read_text(encoding="utf-8"))
@@ -249,9 +252,10 @@ def test_preflight_runs_once_and_resolves_the_settings(stories_dir, tmp_path):
                                   seqlen=32, evaluate=False, progress=False, output=tmp_path / "o")}
     run = PruneRun(**opts)
     assert run.preflight() is run and isinstance(run.source, InMemorySource)
-    s = run.s
-    assert run.preflight().s is s  # idempotent: settings resolved once
-    assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and run.sparsity == 0.5
+    d = run.d
+    assert run.preflight().d is d  # idempotent: the description is resolved once
+    s = d.protocol
+    assert (s["nsamples"], s["seqlen"], s["calibration"]) == (4, 32, "wikitext2") and d.sparsity == 0.5
     assert isinstance(PruneRun(**{**opts, "low_memory": True}).preflight().source, ShardedSource)
     assert not (tmp_path / "o").exists()
 
@@ -266,3 +270,16 @@ def test_auto_allocation_plot_is_written_with_the_output(stories_dir, tmp_path):
     plot = Path(rec["allocation"]["plot"])
     assert plot == out / "allocation_selection.png" and plot.is_file() and plot.stat().st_size > 0
     assert json.loads((out / "run.json").read_text())["allocation"]["plot"] == str(plot)
+
+
+def test_the_run_flow_uses_no_private_name_of_another_module():
+    """The engine package, the run description and the run functions import only public names: what they need
+    of another module has a public home there."""
+    files = sorted((REPO / "llm_adapters" / "engine").glob("*.py")) + [
+        REPO / "llm_adapters" / f"{m}.py" for m in ("description", "resolution", "run", "settings", "preflight",
+                                                    "recipes")] + [REPO / "optprune" / "cli.py"]
+    private = [(f.relative_to(REPO).as_posix(), node.module, a.name)
+               for f in files for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+               if isinstance(node, ast.ImportFrom) for a in node.names
+               if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private

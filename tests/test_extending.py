@@ -23,12 +23,12 @@ def python_blocks(text: str) -> list[str]:
 @contextlib.contextmanager
 def isolated_registries():
     """Restore the method, backend, pattern and architecture registries and drop the scratch modules afterwards."""
-    from optprune.llm_adapters import architectures
+    from optprune.llm_adapters import architectures, description
     from optprune.solvers.registry import isolated
     before = set(sys.modules)
     table = dict(architectures.ARCHITECTURES)
     try:
-        with isolated():
+        with isolated(), description.isolated():
             yield
     finally:
         architectures.ARCHITECTURES.clear()
@@ -68,7 +68,7 @@ def run_doc(text: str, root: Path) -> dict:
 def test_doc_has_the_sections_and_blocks():
     text = DOC.read_text()
     assert "## Adding a method" in text and "## Adding a pattern kind" in text and "## Adding an architecture" in text
-    assert "## Adding a reference backend" in text
+    assert "## Adding a reference backend" in text and "## Adding a run option" in text
     blocks = python_blocks(text)
     assert sum(bool(_FILE.match(b.splitlines()[0])) for b in blocks) >= 2  # one new file each
     assert len(blocks) >= 6
@@ -92,7 +92,10 @@ def test_every_python_block_runs_and_the_new_method_works(tmp_path, capsys):
             assert torch.allclose(res.W.to(torch.float64), W * res.mask)
             assert pat.is_feasible(res.mask)
         assert "obd" in list_methods()
-    # the scratch method and pattern are gone afterwards: other tests see the stock registries
+        assert "run_note recorded: try 1" in out.out  # the run option the doc adds reached the record
+    # the scratch method, pattern and run option are gone afterwards: other tests see the stock registries
     assert "obd" not in list_methods()
+    from optprune.llm_adapters.description import options
+    assert "run_note" not in options()
     with pytest.raises(ValueError, match="unknown pattern"):
         parse_pattern("column", 0.5)
