@@ -531,7 +531,7 @@ class PruneRun:
             "max_rel_error": max(rel) if rel else None,
         }
         if self.o.certify:
-            from ..solvers.bounds import summarize_certificates
+            from ..solvers.verification.certificates import summarize_certificates
             record["summary"]["certificates"] = summarize_certificates(layers)
 
 

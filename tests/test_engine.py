@@ -26,8 +26,9 @@ def _modules() -> dict:
     """module name → (path, is_package) for every module of the package."""
     out = {}
     for pkg, folder in PACKAGES.items():
-        for f in sorted(folder.glob("*.py")):
-            name = pkg if f.name == "__init__.py" else f"{pkg}.{f.stem}"
+        for f in sorted(folder.rglob("*.py")):
+            parts = [pkg, *f.relative_to(folder).with_suffix("").parts]
+            name = ".".join(parts[:-1] if f.name == "__init__.py" else parts)
             out[name] = (f, f.name == "__init__.py")
     return out
 

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable
-from .registry import register_backend
+from ..base import Backend, Capabilities, SolveResult, SolverUnavailable
+from ..registry import register_backend
 
 __all__ = ["BQPEnumerateBackend", "BQPGurobiBackend", "MAX_ENUMERATE"]
 
@@ -26,7 +26,7 @@ MAX_ENUMERATE = 20
 
 
 def _terms(program):
-    from ..formulations.depth import PairwiseCost
+    from ...formulations.depth import PairwiseCost
     if len(program.objective) != 1 or not isinstance(program.objective[0], PairwiseCost):
         raise SolverUnavailable("a BQP's objective must be one PairwiseCost term")
     t = program.objective[0]
@@ -94,7 +94,7 @@ class BQPGurobiBackend(Backend):
         import gurobipy as gp
         from gurobipy import GRB
 
-        from .ref_gurobi import gurobi_env
+        from .gurobi import gurobi_env
         t0 = time.perf_counter()
         c, Q, rows, n = _terms(program)
         mdl = gp.Model(env=gurobi_env())

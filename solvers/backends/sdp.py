@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
-from .registry import register_backend
+from ..base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
+from ..registry import register_backend
 
 __all__ = ["SDPBackend"]
 

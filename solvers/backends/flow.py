@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from ..formulations.patterns import NM, ExpanderNM
-from ..formulations.programs import LinearScore
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
-from .registry import register_backend
+from ...formulations.patterns import NM, ExpanderNM
+from ...formulations.programs import LinearScore
+from ..base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
+from ..registry import register_backend
 
 __all__ = ["FlowBackend", "flow_tile"]
 
