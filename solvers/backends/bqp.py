@@ -49,9 +49,7 @@ class BQPEnumerateBackend(Backend):
                                 max_integer=MAX_ENUMERATE, note=f"exhaustive over 2^n selections, n ≤ {MAX_ENUMERATE}")
 
     def solve(self, program, **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         t0 = time.perf_counter()
         c, Q, rows, n = _terms(program)
         best, best_z = float("inf"), None
@@ -88,9 +86,7 @@ class BQPGurobiBackend(Backend):
     def solve(self, program, *, time_limit: float | None = None, threads: int | None = None, **_) -> SolveResult:
         if not self.available():
             raise SolverUnavailable("gurobipy is not installed (pip install gurobipy)")
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         import gurobipy as gp
         from gurobipy import GRB
 

@@ -55,9 +55,7 @@ class GridEnumerateBackend(EnumerationBackend):
         return "enumerate-grid takes grid programs over unstructured / N:M patterns"
 
     def solve(self, program, *, max_candidates: int = MAX_CANDIDATES, **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         if self.candidates(program) > max_candidates:
             raise SolverUnavailable(f"more than {max_candidates} candidates")
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
+from ..base import Backend, Capabilities, SolveResult, Timer
 from ..registry import register_backend
 
 __all__ = ["SDPBackend"]
@@ -41,9 +41,7 @@ class SDPBackend(Backend):
 
     def solve(self, program, *, solver: str | None = None, time_limit: float | None = None, verbose: bool = False,
               **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         import cvxpy as cp
 
         M = program.meta["M"].to(torch.float64).cpu()
