@@ -79,18 +79,24 @@ def test_no_module_imports_another_modules_private_names():
     assert not found, "give them public names in their home module: " + "; ".join(found)
 
 
+@pytest.mark.parametrize("name", ["gurobi", "scip", "cvxpy", "bqp-gurobi", "sdp"])
+def test_backends_over_a_solver_model_have_the_three_steps(name):
+    from optprune.solvers import get_backend
+    from optprune.solvers.base import Backend
+    cls = type(get_backend(name))
+    for step in ("build", "optimize", "read_back"):
+        assert getattr(cls, step) is not getattr(Backend, step), f"{name} does not implement {step}"
+    assert cls.solve is Backend.solve  # the one template: check, build, optimize, read back
+
+
 @pytest.mark.parametrize("name", ["gurobi", "scip", "cvxpy"])
 def test_backends_build_optimize_and_read_back_through_their_status_map(name):
     from optprune.formulations import LayerProblem, l0_program, refit_program
     from optprune.formulations.patterns import Unstructured
     from optprune.solvers import get_backend
-    from optprune.solvers.base import Backend
     b = get_backend(name)
     if not b.available():
         pytest.skip(f"{b.requires} is not installed")
-    for step in ("build", "optimize", "read_back"):
-        assert getattr(type(b), step) is not getattr(Backend, step), f"{name} does not implement {step}"
-    assert type(b).solve is Backend.solve  # the one template: check, build, optimize, read back
     p = LayerProblem.random(2, 8, seed=1, dtype=__import__("torch").float64)
     if name == "cvxpy":
         prog = refit_program(p, p.W0 != 0)
