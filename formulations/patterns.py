@@ -381,14 +381,15 @@ class NM(Pattern):
 
     def constraints(self, shape):
         self.validate(shape)
-        m, n = shape
-        rows = []
-        for i in range(m):
-            for b in range(0, n, self.M):
-                rows.append(LinearRow([("z", torch.arange(i * n + b, i * n + b + self.M), _ones(self.M))],
-                                      "<=", self.N))
-        return rows
+        return _group_rows(shape, self.M, "<=", self.N)
 
+
+
+def _group_rows(shape, M: int, sense: str, rhs: int) -> list:
+    """One row per group of ``M`` consecutive entries of each row of the mask ``z``: their sum (sense) ``rhs``."""
+    m, n = shape
+    return [LinearRow([("z", torch.arange(i * n + b, i * n + b + M), _ones(M))], sense, rhs)
+            for i in range(m) for b in range(0, n, M)]
 
 @register_pattern
 class ColumnGroups(Pattern):
@@ -573,11 +574,7 @@ class ExpanderNM(NM):
     def constraints(self, shape):
         self.validate(shape)
         m, n = shape
-        rows = []
-        for i in range(m):
-            for b in range(0, n, self.M):
-                rows.append(LinearRow([("z", torch.arange(i * n + b, i * n + b + self.M), _ones(self.M))],
-                                      "==", self.N))
+        rows = _group_rows(shape, self.M, "==", self.N)
         for r0 in range(0, m, self.M):
             for j in range(n):
                 idx = torch.arange(r0, r0 + self.M) * n + j
