@@ -28,7 +28,7 @@ The program is data (:class:`~optprune.formulations.programs.Program` of kind ``
 shape ``(1, L)``). Its objective is written as the shared layer objective: ``Σ w (s − t)² = ½ (s − t)
 diag(2w) (s − t)ᵀ`` is ``f`` of a :class:`LayerProblem` with ``W0 = t`` (one row) and ``H = diag(2w)``, so
 every reference backend that solves a refit QP (cvxpy, Gurobi) solves the allocation unchanged; the bounds
-and the mean are :class:`LinearRow` s. The production solver (:mod:`optprune.solvers.allocation`, exact
+and the mean are :class:`LinearRow` s. The production solver (:mod:`optprune.solvers.whole_model.allocation`, exact
 water-filling on the one multiplier) reads the same object, and :meth:`Program.evaluate` /
 :meth:`Program.check` judge both.
 """

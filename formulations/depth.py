@@ -12,8 +12,8 @@ latency, or its FLOPs). The program is a binary quadratic knapsack::
 
 With interactions between *neighbouring* units only (``q_ij = 0`` unless ``j = i+1``, what
 :mod:`optprune.llm_adapters.depth` measures), the quadratic terms form a chain and the program is solved
-exactly by a dynamic programme over the units (:mod:`optprune.solvers.depth`). Reference backends
-(:mod:`optprune.solvers.ref_bqp`: enumeration, Gurobi) take any ``q``.
+exactly by a dynamic programme over the units (:mod:`optprune.solvers.whole_model.depth`). Reference backends
+(:mod:`optprune.solvers.backends.bqp`: enumeration, Gurobi) take any ``q``.
 
 The program is data (:class:`~optprune.formulations.programs.Program` of kind ``'BQP'``, variable ``z`` of
 shape ``(n,)``); :meth:`Program.evaluate` and :meth:`Program.check` judge every solver's answer.

@@ -16,7 +16,7 @@ part is the base pattern's, its weight part is a :class:`Quantizer` of the layer
 **Scales fixed from the dense weights** (:meth:`Quantizer.from_weights`) follow the min-max rule of the
 compressed-tensors format, so that an exported checkpoint reproduces the codes exactly: symmetric
 ``s = max|w| / ((q_max − q_min)/2)``, asymmetric ``s = (max(w,0) − min(w,0)) / (q_max − q_min)`` and
-``z = q_min − round(min(w,0)/s)``. Optimised scales come from the scale refit (solvers/quant_refit.py); either
+``z = q_min − round(min(w,0)/s)``. Optimised scales come from the scale refit (solvers/methods/quant_refit.py); either
 way a layer's scales are data of its program, fixed while the codes are chosen.
 
 **Projection onto grid ∩ pattern** is exact entry by entry: the nearest grid value of ``w`` is

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -168,6 +168,12 @@ def pattern_classes() -> list[type]:
     return list(_PATTERNS)
 
 
+def pattern_registries() -> tuple[dict, dict]:
+    """The registries themselves — class → class and kind → class — for a snapshot that restores them
+    (:func:`optprune.solvers.registry.isolated`)."""
+    return _PATTERNS, _KINDS
+
+
 def pattern_class(kind: str) -> type:
     """The class registered under ``kind``; :class:`PatternError` naming the registered kinds otherwise."""
     _discover()
@@ -278,26 +284,27 @@ class Unstructured(Pattern):
         if len(shape) != 2:
             raise PatternError(f"a weight matrix is 2-D, got shape {tuple(shape)}")
 
-    def _prune_count(self, count: int) -> int:
+    def prune_count(self, count: int) -> int:
+        """How many of ``count`` weights are pruned: ⌊sparsity·count⌋."""
         return int(self.sparsity * count)
 
     def kept_count(self, shape) -> int:
         m, n = shape
         if self.scope == "row":
-            return m * (n - self._prune_count(n))
-        return m * n - self._prune_count(m * n)
+            return m * (n - self.prune_count(n))
+        return m * n - self.prune_count(m * n)
 
     def project(self, scores):
         self.validate(scores.shape)
         m, n = scores.shape
         mask = torch.ones(m, n, dtype=torch.bool, device=scores.device)
         if self.scope == "row":
-            p = self._prune_count(n)
+            p = self.prune_count(n)
             if p:
                 idx = torch.topk(scores, p, dim=1, largest=False).indices
                 mask.scatter_(1, idx, False)
         else:
-            p = self._prune_count(m * n)
+            p = self.prune_count(m * n)
             if p:
                 idx = torch.topk(scores.reshape(-1), p, largest=False).indices
                 mask.view(-1)[idx] = False
@@ -306,13 +313,13 @@ class Unstructured(Pattern):
     def is_feasible(self, mask):
         m, n = mask.shape
         if self.scope == "row":
-            return bool((mask.sum(1) <= n - self._prune_count(n)).all())
+            return bool((mask.sum(1) <= n - self.prune_count(n)).all())
         return int(mask.sum()) <= self.kept_count(mask.shape)
 
     def constraints(self, shape):
         m, n = shape
         if self.scope == "row":
-            k = n - self._prune_count(n)
+            k = n - self.prune_count(n)
             return [LinearRow([("z", torch.arange(i * n, (i + 1) * n), _ones(n))], "<=", k) for i in range(m)]
         return [LinearRow([("z", torch.arange(m * n), _ones(m * n))], "<=", self.kept_count(shape))]
 
@@ -374,14 +381,15 @@ class NM(Pattern):
 
     def constraints(self, shape):
         self.validate(shape)
-        m, n = shape
-        rows = []
-        for i in range(m):
-            for b in range(0, n, self.M):
-                rows.append(LinearRow([("z", torch.arange(i * n + b, i * n + b + self.M), _ones(self.M))],
-                                      "<=", self.N))
-        return rows
+        return _group_rows(shape, self.M, "<=", self.N)
 
+
+
+def _group_rows(shape, M: int, sense: str, rhs: int) -> list:
+    """One row per group of ``M`` consecutive entries of each row of the mask ``z``: their sum (sense) ``rhs``."""
+    m, n = shape
+    return [LinearRow([("z", torch.arange(i * n + b, i * n + b + M), _ones(M))], sense, rhs)
+            for i in range(m) for b in range(0, n, M)]
 
 @register_pattern
 class ColumnGroups(Pattern):
@@ -552,7 +560,7 @@ class ExpanderNM(NM):
         self.validate(scores.shape)
         fn = _PROJECTIONS.get("expander_nm")
         if fn is None:
-            raise NotImplementedError("no expander N:M projection registered (import optprune.solvers.eggs)")
+            raise NotImplementedError("no expander N:M projection registered (import optprune.solvers.methods.eggs)")
         return fn(scores, self.N, self.M, self.B)
 
     def is_feasible(self, mask):
@@ -566,11 +574,7 @@ class ExpanderNM(NM):
     def constraints(self, shape):
         self.validate(shape)
         m, n = shape
-        rows = []
-        for i in range(m):
-            for b in range(0, n, self.M):
-                rows.append(LinearRow([("z", torch.arange(i * n + b, i * n + b + self.M), _ones(self.M))],
-                                      "==", self.N))
+        rows = _group_rows(shape, self.M, "==", self.N)
         for r0 in range(0, m, self.M):
             for j in range(n):
                 idx = torch.arange(r0, r0 + self.M) * n + j

@@ -12,7 +12,7 @@ sub-layer of a block gets the block's sparsity, α is the mean over the block's 
 default); ``granularity="matrix"`` gives one unit per matrix. Structured methods (SPAP) read the entry of
 their structure sub-layer (``down``/``o``) from the same dict.
 
-* ``alpha``: eigenvalues of ``WᵀW`` in float64 from the stored weights (:mod:`optprune.solvers.spectra`),
+* ``alpha``: eigenvalues of ``WᵀW`` in float64 from the stored weights (:mod:`optprune.solvers.whole_model.spectra`),
   Hill α with KS-chosen x_min, then the allocation QP of :mod:`optprune.formulations.allocation`.
 * ``owl``: layerwise outlier ratio ``D_l`` = share of Wanda scores ``|W_ij|·‖X_j‖`` above ``M·mean`` (M = 5)
   over the block's matrices, with ``‖X_j‖²`` from one streamed dense forward over ``calib_ids``
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from ..formulations.allocation import AllocationError
-from ..solvers.allocation import ALLOCATIONS as _RULES
-from ..solvers.spectra import AGGREGATES, MatrixSpectrum, matrix_spectra
+from ..solvers.whole_model.allocation import ALLOCATIONS as _RULES
+from ..solvers.whole_model.spectra import AGGREGATES, MatrixSpectrum, matrix_spectra
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
 from .stats import InputStats
 
@@ -146,7 +146,7 @@ def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=N
                 _SPECTRA_CACHE.popitem(last=False)
     if isinstance(keep_eigs, (set, list, tuple)):  # keep eigenvalues only for the named matrices
         want = set(keep_eigs)
-        from ..solvers.spectra import eigenvalues
+        from ..solvers.whole_model.spectra import eigenvalues
         for s, (_, _, W) in zip(spectra, items):
             if s.name in want:
                 s.eigs = eigenvalues([W], device=device, method=fit_options.get("eig_method", "svd"))[0].cpu()
@@ -255,7 +255,7 @@ def reference_check(program, sparsities, backend: str = "cvxpy", tol: float = 1e
     """Solve ``program`` again with a reference backend and compare with the production solution (recorded in the
     run; a disagreement above ``tol`` raises). Without the backend installed the check is recorded as skipped."""
     try:
-        from ..solvers.allocation import reference_allocation
+        from ..solvers.whole_model.allocation import reference_allocation
         ref = reference_allocation(program, backend)
     except (ImportError, ModuleNotFoundError, KeyError) as e:
         return {"backend": backend, "skipped": f"{type(e).__name__}: {e}"}

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..formulations.allocation import DEFAULT_S_MAX, AllocationError
-from ..solvers.allocation import allocate
-from ..solvers.spectra import AGGREGATES, SHAPE_METRICS
+from ..solvers.whole_model.allocation import allocate
+from ..solvers.whole_model.spectra import AGGREGATES, SHAPE_METRICS
 from .architectures import ArchSpec, get_arch, linear_weight
 from .stats import InputStats
 
@@ -151,7 +151,7 @@ def obs_error_curve(W: torch.Tensor, G: torch.Tensor, grid, *, rows: int = OBS_C
     estimate is unbiased: the sampled error × m / rows), and the exact ``tr(W G Wᵀ)``."""
     from ..formulations.patterns import Unstructured
     from ..formulations.problem import LayerProblem
-    from ..solvers.baselines import SparseGPT
+    from ..solvers.methods.baselines import SparseGPT
     W = W.detach().to(torch.float32).cpu()
     G = G.to(torch.float32)
     m = W.shape[0]

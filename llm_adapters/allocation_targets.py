@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..formulations.allocation import AllocationError
-from ..solvers.allocation import allocate
-from ..solvers.spectra import AGGREGATES, MIN_TAIL, SHAPE_METRICS, aggregate_metric
+from ..solvers.whole_model.allocation import allocate
+from ..solvers.whole_model.spectra import AGGREGATES, MIN_TAIL, SHAPE_METRICS, aggregate_metric
 from .allocation import (OWL_M, _arch, _calib_from, _jsonable, activation_sq_norms, model_spectra,
                          owl_outlier_ratios, parse_allocation, prunable_matrices, reference_check)
 from .architectures import ArchSpec, linear_weight
@@ -40,7 +40,7 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     ``[S(1−ε), S(1+ε)]``); for owl λ = εS (default λ = 0.08). ``granularity``: ``block`` (default) or
     ``matrix``. ``metric``: alpha's ranking metric (any of ``SHAPE_METRICS``; default α). ``calib_ids`` (or
     ``data`` holding them): needed by owl only. ``spectra``: precomputed :func:`model_spectra` output.
-    ``fit_options`` go to :func:`~optprune.solvers.spectra.fit_power_law` (e.g. ``peak_limit=False``).
+    ``fit_options`` go to :func:`~optprune.solvers.whole_model.spectra.fit_power_law` (e.g. ``peak_limit=False``).
     """
     t0 = time.perf_counter()
     arch = _arch(model, arch)

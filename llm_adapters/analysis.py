@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ..solvers.allocation import ALLOCATIONS
+from ..solvers.whole_model.allocation import ALLOCATIONS
 from .allocation import AllocationError, model_spectra
 from .allocation_targets import layer_sparsities
 from .architectures import get_arch

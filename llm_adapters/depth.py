@@ -11,7 +11,7 @@ sum to at least ``T (1 − 1/X)``; ``--flops F`` — at most the fraction ``F`` 
 neighbour interactions ``q_{i,i+1}`` = NLL with ``i`` and ``i+1`` skipped minus dense minus ``c_i`` minus
 ``c_{i+1}`` (``2L − 1`` forwards over ``-O windows`` calibration windows) — make the depth knapsack
 (:func:`~optprune.formulations.depth.depth_program`), solved exactly by the chain dynamic programme
-(:func:`~optprune.solvers.depth.solve_depth`). The loss of the chosen set is then measured (interactions
+(:func:`~optprune.solvers.whole_model.depth.solve_depth`). The loss of the chosen set is then measured (interactions
 beyond neighbours are not in the model) and recorded beside the model's prediction.
 
 **shortgpt** (the in-repo baseline, Men et al. 2024): block influence ``BI_i = 1 − E_tokens cos(x_i, x_{i+1})``
@@ -311,7 +311,7 @@ def select_blocks(rule: str, model: nn.Module, arch: ArchSpec, ids: torch.Tensor
                   progress: bool = False) -> dict:
     """The blocks to remove under ``budget`` by ``rule`` (``depth`` or ``shortgpt``) and how they were chosen."""
     from ..formulations.depth import depth_program
-    from ..solvers.depth import solve_depth
+    from ..solvers.whole_model.depth import solve_depth
     L = len(get_module(model, arch.blocks))
     _check_reachable(budget, L)
     w = budget["savings"]

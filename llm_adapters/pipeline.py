@@ -95,7 +95,7 @@ class PruneConfig:
     structure: str = "mlp"                 # structured methods: "mlp", "heads", "heads:kv", "mlp,heads", …
     mode: str = "sequential"               # "sequential" | "dense-input"
     error_correction: bool = True          # within a block: X̂ from pruned upstream, target dense W0 X
-    refit: bool = False                    # finish each layer with solvers.baselines.refit_result
+    refit: bool = False                    # finish each layer with solvers.methods.baselines.refit_result
     method_options: dict = field(default_factory=dict)
     damp: float = 0.01
     device: Optional[str] = None           # default cuda if available else cpu
@@ -104,7 +104,7 @@ class PruneConfig:
     batch_size: Optional[int] = None       # calibration samples per forward (default: TOKENS_PER_BATCH tokens)
     targets: Optional[list] = None         # sub-layers to prune: names, class names, re:REGEX (llm_adapters.targets)
     ignore: Optional[list] = None          # sub-layers left dense (same patterns)
-    certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.bounds), ℓ1 gap
+    certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.verification.certificates), ℓ1 gap
     calib_lengths: Optional[tuple] = None  # tokens of each calibration row (rows as samples); None: all full
 
 
@@ -580,7 +580,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     (checkpoints: :mod:`optprune.llm_adapters.checkpoint`). ``inputs``: the first block's inputs, already
     captured (the low-memory walk hands over its own buffer, so the activations are held once); their hidden
     states are overwritten as the blocks are walked."""
-    from ..solvers.baselines import refit_result
+    from ..solvers.methods.baselines import refit_result
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -757,7 +757,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     W = res.W
     certificate = None
     if getattr(config, "certify", False) and full and W is not None and tuple(W.shape) == (m, n):
-        from ..solvers.bounds import certify_layer
+        from ..solvers.verification.certificates import certify_layer
         certificate = certify_layer(problem, pat, res)
     if W is None or tuple(W.shape) != (m, n):
         raise NumericalError(f"layer {name!r}: method {spec.name!r} returned weights of shape "
@@ -777,7 +777,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     rec.pop("sparsity", None)
     if isinstance(pat, NM) and "graph" not in rec and res.mask is not None:
         # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan)
-        from ..solvers.graph_metrics import graph_metrics
+        from ..solvers.methods.graph_metrics import graph_metrics
         rec["graph"] = graph_metrics(res.mask, M=pat.M)
 
     if kind is None:  # unstructured / N:M / expander: write the weights in place

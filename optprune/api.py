@@ -167,7 +167,7 @@ def verify(*, quick: bool = False, gurobi: Optional[bool] = None, output: Option
         threads: torch/Gurobi threads while verifying (None keeps the current settings).
         instances: instances per program (default 100; quick: 4).
     """
-    from .solvers.verify import verify as _verify
+    from .solvers.verification import verify as _verify
     return _verify(quick=quick, gurobi=gurobi, output=output, seed=seed, time_limit=time_limit, threads=threads,
                    instances=instances)
 

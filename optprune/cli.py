@@ -269,7 +269,7 @@ def _run_prune(**kw):
 
 def _call_plain(command: str, kw: dict):
     if command == "verify":
-        from .solvers.verify import verify as fn
+        from .solvers.verification import verify as fn
     else:
         from .llm_adapters.analysis import analyze as fn
     return fn(**kw, _cli=True)

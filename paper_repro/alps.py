@@ -80,7 +80,7 @@ SPEC = PaperSpec(
         "their published code (and the other paper scripts) do.",
         "Mask-only rows (Wanda, both EGGS masks) keep the original weights on the kept entries; the error-driven "
         "EGGS mask minimises ½‖X̂(W0 ⊙ M) − X W0‖² over expander N:M masks by exact block-coordinate descent over "
-        "the column groups, started from the score-driven mask (solvers/eggs.py, ``mask_search``).",
+        "the column groups, started from the score-driven mask (solvers/methods/eggs.py, ``mask_search``).",
         "alpha:bounded takes each layer's sparsity bounds from Wanda error curves (llm_adapters/allocation_select.py), "
         "not from the curves of the solver that prunes.",
     ],

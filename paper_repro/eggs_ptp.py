@@ -91,7 +91,7 @@ SPEC = PaperSpec(
     notes=[
         "docs/methods.md quotes no perplexity for EGGS-PTP (its full text is not available offline): the paper column "
         "is empty and the claims are the abstract's.",
-        "EGGS's mask problem is [reconstructed] (docs/methods.md §5; solvers/eggs.py): RIA score (a = 0.5), exact per-tile "
+        "EGGS's mask problem is [reconstructed] (docs/methods.md §5; solvers/methods/eggs.py): RIA score (a = 0.5), exact per-tile "
         "transportation problem with every column of an M×M tile keeping at least B entries; no weight update.",
         "All rows: sequential blocks, no intra-layer error correction (the baselines' published setting).",
     ],

@@ -83,7 +83,7 @@ SPEC = PaperSpec(
         "inputs of the already-pruned upstream sub-layers (X̂) and the dense target; the baselines' published "
         "code does not do this, so the paper's comparison is FISTA (EC on) vs baselines (EC off). The "
         "'SparseGPT (EC on)' row shows how much of FISTA's margin is the error correction rather than the ℓ1 model.",
-        "FISTA's λ rule is [reconstructed] (docs/methods.md §2; solvers/fista.py): K=20, T=3, ξ=0.3, SparseGPT warm "
+        "FISTA's λ rule is [reconstructed] (docs/methods.md §2; solvers/methods/fista.py): K=20, T=3, ξ=0.3, SparseGPT warm "
         "start, the best rounded iterate kept; it returns the warm start when no rounded iterate beats it.",
         "Mode: sequential (block inputs from the pruned model), the sweep default; the paper's blocks take dense "
         "inputs (parallel mode) — available as --mode dense-input in sweep.py.",

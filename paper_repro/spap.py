@@ -136,7 +136,7 @@ SPEC = PaperSpec(
     notes=[
         "docs/methods.md quotes no perplexity for SPAP (its full text is not available offline): the paper column is "
         "empty and the claims are the abstract's (SPAP beats state-of-the-art structured pruning; 1.29× at 30%).",
-        "SPAP's exact model and algorithm are [reconstructed] (docs/methods.md §4; solvers/spap.py).",
+        "SPAP's exact model and algorithm are [reconstructed] (docs/methods.md §4; solvers/methods/spap.py).",
         "Sparsity = fraction of MLP neurons removed in every block (attention untouched); the run records' "
         "'sparsity_achieved' is over all prunable weights, so it is lower.",
         "All rows solve down_proj with the same statistics (sequential blocks, error correction on — with only the "

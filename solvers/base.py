@@ -1,9 +1,13 @@
 """One interface for every solver.
 
 * **Reference backends** solve a :class:`~optprune.formulations.programs.Program` (cvxpy, Gurobi, SCIP,
-  enumeration, networkx flow). Each is one file subclassing :class:`Backend`, declares
-  :class:`Capabilities` and returns a :class:`SolveResult` carrying status, objective, bound/gap where the
-  solver proves one, and time. A result that was not proven optimal says so (``proven_optimal=False``).
+  enumeration, networkx flow). Each is one file of :mod:`optprune.solvers.backends` subclassing
+  :class:`Backend`, declares :class:`Capabilities` and returns a :class:`SolveResult` carrying status,
+  objective, bound/gap where the solver proves one, the tolerances its proof holds to, and time. A result that
+  was not proven optimal says so (``proven_optimal=False``). A backend over a solver's own model follows
+  cvxpy's shape — :meth:`Backend.build` the model, :meth:`Backend.optimize` it, :meth:`Backend.read_back` the
+  result through the backend's status map (:attr:`Backend.statuses`); one without such a model (enumeration,
+  flow) overrides :meth:`Backend.solve` itself.
 * **Production methods** (magnitude, Wanda, SparseGPT, RIA, FISTA, SPAP, EGGS, ...) share one signature
   (Wanda's lesson)::
 
@@ -14,7 +18,6 @@
 from __future__ import annotations
 
 import importlib
-
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,6 +126,11 @@ class Backend:
     capabilities = Capabilities(frozenset())
     #: the module (and pip package) the backend needs; None: nothing beyond optprune's own dependencies
     requires: Optional[str] = None
+    #: the solver's own status → ours: ``optimal`` (proven), ``feasible`` (a solution, not proven),
+    #: ``time_limit`` / ``node_limit`` (stopped, with a bound), ``infeasible``, ``unbounded``, ``numeric``
+    statuses: dict = {}
+    #: how a solver status missing from :attr:`statuses` is reported (``{raw}``: the solver's own word)
+    unknown_status = "{raw}"
 
     @classmethod
     def available(cls) -> bool:
@@ -149,7 +157,34 @@ class Backend:
             return False, f"{self.name} does not take {kind} patterns"
         return True, ""
 
-    def solve(self, program, **options) -> SolveResult:  # pragma: no cover - interface
+    def check(self, program) -> None:
+        """Raise :class:`SolverUnavailable`, saying why, for a program this backend cannot take."""
+        ok, why = self.supports(program)
+        if not ok:
+            raise SolverUnavailable(why)
+
+    def status(self, raw) -> str:
+        """Our status for the solver's own ``raw`` status (:attr:`statuses`)."""
+        return self.statuses.get(raw, self.unknown_status.format(raw=raw))
+
+    def solve(self, program, **options) -> SolveResult:
+        """Check the program, build the solver's model, solve it and read the result back."""
+        self.check(program)
+        t0 = time.perf_counter()
+        model = self.build(program, **options)
+        self.optimize(model)
+        return self.read_back(model, t0)
+
+    def build(self, program, **options):  # pragma: no cover - interface
+        """The solver's model of ``program`` (anything :meth:`optimize` and :meth:`read_back` take)."""
+        raise NotImplementedError
+
+    def optimize(self, model) -> None:  # pragma: no cover - interface
+        """Run the solver on the built model."""
+        raise NotImplementedError
+
+    def read_back(self, model, t0: float) -> SolveResult:  # pragma: no cover - interface
+        """The :class:`SolveResult` of the solved model (``t0``: when building began, for the time)."""
         raise NotImplementedError
 
 

@@ -5,11 +5,11 @@ Production methods share one signature::
 
     fn(problem: LayerProblem, pattern: Pattern, *, option=default, ...) -> LayerResult
 
-**Discovery.** Every module of this package is imported once on first use (except the reference backends
-``ref_*`` and the infrastructure modules ``base``, ``registry``, ``verify``), then every module that an installed
-package declares under the entry-point group ``optprune.methods``. A module of this package that fails to import
-raises (a missing third-party dependency is reported instead); a plug-in that fails to import is reported
-(:func:`load_errors`, a warning, and the "unknown method" error), never silently dropped.
+**Discovery.** By package, never by file name: every module of :mod:`optprune.solvers.methods` is imported once on
+first use, then every module that an installed package declares under the entry-point group ``optprune.methods``;
+backends likewise from :mod:`optprune.solvers.backends` and the group ``optprune.backends``. A module of these
+packages that fails to import raises (a missing third-party dependency is reported instead); a plug-in that fails
+to import is reported (:func:`load_errors`, a warning, and the "unknown method" error), never silently dropped.
 
 **Loud registration.** :func:`register_method` raises :class:`RegistrationError`, naming the valid choices, for
 a pattern kind that is not registered, an unknown ``needs``, an option (help text or default) that the solver
@@ -20,15 +20,14 @@ the signature), or those of the function named by ``options_from=`` when the sol
 ``**options``. :meth:`MethodSpec.check_options` rejects an option no solver reads; the CLI calls it before any
 model loads (``-O bogus=1`` → exit code 2), and every call through the registry checks again.
 
-Adding a reference backend = one file with a :class:`~.base.Backend` subclass decorated with
-:func:`register_backend` (``ref_*`` modules of this package, or the entry-point group ``optprune.backends``).
+Adding a reference backend = one file in :mod:`optprune.solvers.backends` with a :class:`~.base.Backend` subclass
+decorated with :func:`register_backend` (or a plug-in under the entry-point group ``optprune.backends``).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import inspect
-import os
 import pkgutil
 import re
 import sys
@@ -37,7 +36,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-from ..formulations.patterns import PatternRegistrationError, definition_site, discover_patterns, pattern_kinds
+from ..formulations.patterns import (PatternRegistrationError, definition_site, discover_patterns, pattern_kinds,
+                                     pattern_registries)
+from . import backends, methods
 
 __all__ = ["MethodSpec", "Option", "Range", "check_value", "parse_bool", "UnknownMethodError", "UnknownOptionError", "RegistrationError",
            "register_method", "get_method", "list_methods", "method_specs", "load_errors", "discover", "isolated",
@@ -45,8 +46,6 @@ __all__ = ["MethodSpec", "Option", "Range", "check_value", "parse_bool", "Unknow
 
 METHOD_ENTRY_POINTS = "optprune.methods"
 BACKEND_ENTRY_POINTS = "optprune.backends"
-#: modules of this package that hold no method (``ref_*`` are the backends, discovered separately)
-_NOT_METHOD_MODULES = {"base", "registry", "verify"}
 NEEDS = {"none": "weights only", "diag": "input column norms ‖X_j‖", "gram": "input Gram matrices H, Ĥ, C"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_+\-]*$")
 _CHECKED_TYPES = (bool, int, float, str, dict, list)
@@ -264,8 +263,14 @@ class MethodSpec:
     #: ``(options) -> 'none' | 'diag' | 'gram'`` when the statistics depend on the options (``needs`` is then
     #: the level of the default options)
     needs_by_options: Optional[Callable] = None
-    #: option sets the cross-check (:mod:`.verify`) runs besides the defaults, one program each
+    #: option sets the cross-check (:mod:`.verification`) runs besides the defaults, one program each
     verify_options: tuple = ()
+    #: companion: the method's solver of the ℓ1 model, ``(problem, lam) -> W`` (or a result with ``.W``), which
+    #: the cross-check holds to the ℓ1 program's proven optimum
+    l1_solver: Optional[Callable] = None
+    #: companion: the options under which a method that optimises the grid scales keeps them fixed, so that the
+    #: cross-check can compare it with the fixed-scale grid program's optimum (None: not comparable there)
+    fixed_scale_options: Optional[dict] = None
     _options: Optional[dict] = field(default=None, repr=False)
 
     @property
@@ -368,7 +373,8 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
                     structured: bool = False, program: Optional[Callable] = None, description: str = "",
                     options: Optional[dict] = None, options_from: Union[Callable, str, None] = None,
                     defaults: Optional[dict] = None, needs_for: Optional[Callable] = None,
-                    verify_options: tuple = ()):
+                    verify_options: tuple = (), l1_solver: Optional[Callable] = None,
+                    fixed_scale_options: Optional[dict] = None):
     """Decorator registering a production solver as method ``name``.
 
     ``needs``: 'none' | 'diag' | 'gram' (statistics the pipeline collects); ``patterns``: the pattern kinds
@@ -402,6 +408,10 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
         raise RegistrationError(f"method {key!r}: needs_for must be a function (options) -> needs level")
     if isinstance(verify_options, dict) or not all(isinstance(o, dict) for o in verify_options):
         raise RegistrationError(f"method {key!r}: verify_options must be a tuple of option dicts")
+    if l1_solver is not None and not callable(l1_solver):
+        raise RegistrationError(f"method {key!r}: l1_solver must be a function (problem, lam) -> W")
+    if fixed_scale_options is not None and not isinstance(fixed_scale_options, dict):
+        raise RegistrationError(f"method {key!r}: fixed_scale_options must be an option dict")
 
     def deco(fn):
         if not callable(fn):
@@ -412,7 +422,8 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
                                     f"{old.fn.__qualname__}; registered methods: {', '.join(sorted(_METHODS))}")
         spec = MethodSpec(key, fn, needs, frozenset(patterns), structured, program, description,
                           dict(defaults or {}), options_from, dict(options or {}), fn.__module__, needs_for,
-                          tuple(dict(o) for o in verify_options))
+                          tuple(dict(o) for o in verify_options), l1_solver,
+                          None if fixed_scale_options is None else dict(fixed_scale_options))
         if not isinstance(options_from, str):
             _check_declared(spec)  # resolve now: an unknown option name raises at registration
         _METHODS[key] = spec
@@ -421,24 +432,26 @@ def register_method(name: str, *, needs: str = "gram", patterns=("unstructured",
 
 
 def _check_declared(spec: MethodSpec) -> None:
-    """Resolve the options; the verify option sets and ``needs_for`` must agree with them."""
+    """Resolve the options; the verify option sets, the fixed-scale options and ``needs_for`` must agree with
+    them."""
     spec.options  # noqa: B018
-    for o in spec.verify_options:
+    named = [("verify_options", o) for o in spec.verify_options]
+    if spec.fixed_scale_options is not None:
+        named.append(("fixed_scale_options", spec.fixed_scale_options))
+    for what, o in named:
         try:
             spec.check_options(o)
         except UnknownOptionError as e:
-            raise RegistrationError(f"verify_options: {e}") from None
+            raise RegistrationError(f"{what}: {e}") from None
     if spec.needs_by_options is not None and spec.needs_for() != spec.needs:
         raise RegistrationError(f"method {spec.name!r}: needs={spec.needs!r} but needs_for gives "
                                 f"{spec.needs_for()!r} for the default options")
 
 
-def _import_package_modules(prefix: str, keep: Callable[[str], bool]) -> None:
-    here = os.path.dirname(__file__)
-    for info in sorted(pkgutil.iter_modules([here]), key=lambda i: i.name):
-        if info.name.startswith("_") or not keep(info.name):
-            continue
-        full = f"{prefix}.{info.name}"
+def _import_package_modules(package) -> None:
+    """Import every module of ``package`` (a subpackage of this one), in name order."""
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        full = f"{package.__name__}.{info.name}"
         try:
             importlib.import_module(full)
         except ModuleNotFoundError as e:
@@ -468,12 +481,15 @@ def _import_entry_points(group: str) -> None:
             _report(f"plug-in {ep.value} ({group})", e)
 
 
-def discover(force: bool = False) -> None:
-    """Import the method modules of this package and the ``optprune.methods`` entry points (once; ``force``
-    re-reads the entry points, pattern plug-ins included, for plug-ins installed after the first call)."""
+def discover(force: bool = False, *, backends: bool = False) -> None:
+    """Import the method modules of :mod:`optprune.solvers.methods` and the ``optprune.methods`` entry points
+    (once; ``force`` imports modules added since, and re-reads the entry points, pattern plug-ins included);
+    ``backends``: the backend modules and plug-ins as well."""
     if force:
         discover_patterns(force=True)
     _load("methods", force)
+    if backends:
+        _load("backends", force)
 
 
 def _load(kind: str, force: bool = False) -> None:
@@ -482,12 +498,12 @@ def _load(kind: str, force: bool = False) -> None:
     _state["loading"].add(kind)
     try:
         if kind == "methods":
-            _import_package_modules(__package__, lambda n: n not in _NOT_METHOD_MODULES and not n.startswith("ref_"))
+            _import_package_modules(methods)
             _import_entry_points(METHOD_ENTRY_POINTS)
             for spec in list(_METHODS.values()):
                 _check_declared(spec)  # options_from names resolve now that every module is imported
         else:
-            _import_package_modules(__package__, lambda n: n.startswith("ref_"))
+            _import_package_modules(backends)
             _import_entry_points(BACKEND_ENTRY_POINTS)
         _state[kind] = True
     finally:
@@ -498,10 +514,9 @@ def _load(kind: str, force: bool = False) -> None:
 def isolated():
     """Context manager restoring the method, backend and pattern registries on exit — for tests that register
     throw-away methods or patterns (plug-in authors' tests included)."""
-    from ..formulations import patterns as P
     discover()
     _load("backends")  # loaded before the snapshot, or a backend loaded inside would vanish on exit
-    saved = [(d, dict(d)) for d in (_METHODS, _BACKENDS, _ERRORS, P._PATTERNS, P._KINDS)]
+    saved = [(d, dict(d)) for d in (_METHODS, _BACKENDS, _ERRORS, *pattern_registries())]
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ import torch
 
 from optprune.formulations import NM, ExpanderNM, LayerProblem, PatternError, Unstructured, l0_program
 from optprune.solvers import get_backend, get_method
-from optprune.solvers.admm import masked_pcg
+from optprune.solvers.methods.admm import masked_pcg
 from optprune.solvers.base import LicenseLimitError, SolverUnavailable
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from optprune.formulations.allocation import AllocationError, alpha_program
-from optprune.solvers.allocation import allocate, reference_allocation, solve_allocation
-from optprune.solvers.spectra import SpectraError, aggregate_metric, block_metric, matrix_spectra
+from optprune.solvers.whole_model.allocation import allocate, reference_allocation, solve_allocation
+from optprune.solvers.whole_model.spectra import SpectraError, aggregate_metric, block_metric, matrix_spectra
 
 
 # ============================================================================================ 1. aggregates

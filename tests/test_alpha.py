@@ -14,8 +14,8 @@ import torch
 
 from optprune.formulations.allocation import (AllocationError, alpha_program, alpha_ratios, owl_program,
                                               public_alpha_map)
-from optprune.solvers.allocation import allocate, reference_allocation, solve_allocation
-from optprune.solvers.spectra import (SpectraError, eigenvalues, fit_power_law, hill_alpha, histogram_peak,
+from optprune.solvers.whole_model.allocation import allocate, reference_allocation, solve_allocation
+from optprune.solvers.whole_model.spectra import (SpectraError, eigenvalues, fit_power_law, hill_alpha, histogram_peak,
                                       ks_distance, matrix_spectra)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import torch
 from optprune.formulations import NM, ColumnGroups, LayerProblem, NumericalError, PatternError, Unstructured
 from optprune.formulations.programs import l0_program
 from optprune.solvers import LayerResult, get_method
-from optprune.solvers.baselines import SparseGPT, refit_result, refit_weights, ria_scores, wanda_scores
+from optprune.solvers.methods.baselines import SparseGPT, refit_result, refit_weights, ria_scores, wanda_scores
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.6, "row"), NM(2, 4)]
 METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]

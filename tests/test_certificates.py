@@ -12,8 +12,8 @@ from optprune.formulations import LayerProblem, NM, Unstructured
 from optprune.formulations.patterns import ColumnGroups, ExpanderNM
 from optprune.formulations.programs import l0_program, l1_program
 from optprune.solvers import get_backend, get_method
-from optprune.solvers.bounds import certify_layer, l0_lower_bound, summarize_certificates
-from optprune.solvers.fista import fista_l1, ill_conditioned_problem, l1_certificate
+from optprune.solvers.verification.certificates import certify_layer, l0_lower_bound, summarize_certificates
+from optprune.solvers.methods.fista import fista_l1, ill_conditioned_problem, l1_certificate
 
 KINDS = [("random", False), ("correlated", True), ("outliers", False), ("dead", True)]
 

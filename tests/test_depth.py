@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from optprune.formulations.depth import DepthError, depth_program, is_chain
-from optprune.solvers.depth import solve_depth
-from optprune.solvers.ref_bqp import BQPEnumerateBackend, BQPGurobiBackend
+from optprune.solvers.whole_model.depth import solve_depth
+from optprune.solvers.backends.bqp import BQPEnumerateBackend, BQPGurobiBackend
 
 
 def _brute(c, Q, w, b):
@@ -81,7 +81,7 @@ def test_bad_programs_fail_loudly():
 
 
 def test_verify_covers_the_depth_programs():
-    from optprune.solvers.verify import verify
+    from optprune.solvers.verification import verify
     rows = verify(instances=6, programs=["depth"])
     assert {r["program"] for r in rows} == {"depth knapsack BQP (chain)", "depth knapsack BQP (all pairs)"}
     assert all(r["check"] == "ok" for r in rows)

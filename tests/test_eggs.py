@@ -2,7 +2,7 @@
 
 Exact backends that must agree (objective to 1e-9 relative; masks may differ only on ties):
   * torch ``ssp`` (successive shortest paths, any M) and ``enum`` (all feasible tile masks, M ≤ 4);
-  * ``flow`` (networkx min-cost flow per tile, solvers/ref_flow.py);
+  * ``flow`` (networkx min-cost flow per tile, solvers/backends/flow.py);
   * ``cvxpy`` LP relaxation (HiGHS; Clarabel) — integral (TU), proven optimal;
   * ``gurobi`` MILP (licence: ≤ 2000 variables) and ``enumerate`` (2^16 assignments per 2:4 tile) on small layers.
 """
@@ -19,9 +19,9 @@ from optprune.formulations import NM, ExpanderNM, LayerProblem, PatternError, Un
 from optprune.formulations.problem import NumericalError
 from optprune.solvers import get_backend, get_method
 from optprune.solvers.base import LicenseLimitError, SolverUnavailable
-from optprune.solvers.eggs import (expander_nm_mask, feasible_tile_masks, solve_tiles, tile_objective, tile_view,
+from optprune.solvers.methods.eggs import (expander_nm_mask, feasible_tile_masks, solve_tiles, tile_objective, tile_view,
                                    untile)
-from optprune.solvers.graph_metrics import graph_metrics, tile_min_degree
+from optprune.solvers.methods.graph_metrics import graph_metrics, tile_min_degree
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py

@@ -1,7 +1,9 @@
 """docs/extending.md is executable: every ```python block runs, in order, in one namespace; a block starting
-with ``# file: path.py`` is written under a scratch directory on sys.path and imported as that module. Then
-the method the tutorial adds is run here through the registry on a random layer problem and compared with an
-independent computation of its mask."""
+with ``# file: path.py`` is written under a scratch directory on sys.path and imported as that module — or, for a
+file in ``solvers/methods/`` or ``solvers/backends/``, written to a scratch folder that joins that package's
+search path and left to the registry's discovery (nothing imports it by name). Then the method the tutorial adds
+is run here through the registry on a random layer problem and compared with an independent computation of its
+mask."""
 import contextlib
 import importlib
 import re
@@ -14,6 +16,8 @@ import torch
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _FILE = re.compile(r"^#\s*file:\s*(\S+\.py)\s*$")
+#: repository folders whose modules the registry discovers by package → the package
+_DISCOVERED = {("solvers", "methods"): "optprune.solvers.methods", ("solvers", "backends"): "optprune.solvers.backends"}
 
 
 def python_blocks(text: str) -> list[str]:
@@ -27,12 +31,15 @@ def isolated_registries():
     from optprune.solvers.registry import isolated
     before = set(sys.modules)
     table = dict(architectures.ARCHITECTURES)
+    paths = {pkg: list(importlib.import_module(pkg).__path__) for pkg in _DISCOVERED.values()}
     try:
         with isolated(), description.isolated():
             yield
     finally:
         architectures.ARCHITECTURES.clear()
         architectures.ARCHITECTURES.update(table)
+        for pkg, path in paths.items():  # the scratch folders leave the discovered packages' search paths
+            importlib.import_module(pkg).__path__[:] = path
         for name in set(sys.modules) - before:  # only the tutorial's scratch modules (no extension modules:
             mod = sys.modules.get(name)            # a C extension cannot be imported twice in one process)
             f = getattr(mod, "__file__", None) or ""
@@ -52,6 +59,9 @@ def run_doc(text: str, root: Path) -> dict:
                 continue
             rel = Path(mt.group(1))
             assert not rel.is_absolute() and ".." not in rel.parts, f"block {i + 1}: file path must be relative"
+            if rel.parent.parts in _DISCOVERED:
+                _add_to_package(_DISCOVERED[rel.parent.parts], root, rel, code)
+                continue
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             for d in rel.parents:
@@ -63,6 +73,23 @@ def run_doc(text: str, root: Path) -> dict:
     finally:
         sys.path.remove(str(root))
     return ns
+
+
+def _add_to_package(package: str, root: Path, rel: Path, code: str) -> None:
+    """Save ``code`` as a new module of ``package`` (a scratch folder on its search path) and let the registry
+    find it: the module must be imported by discovery, by nobody else."""
+    from optprune.solvers.registry import discover
+    folder = root / "_".join(rel.parent.parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / rel.name).write_text(code)
+    pkg = importlib.import_module(package)
+    if str(folder) not in pkg.__path__:
+        pkg.__path__.append(str(folder))
+    importlib.invalidate_caches()
+    name = f"{package}.{rel.stem}"
+    assert name not in sys.modules
+    discover(force=True, backends=True)
+    assert name in sys.modules, f"{name} was not discovered"
 
 
 def test_doc_has_the_sections_and_blocks():

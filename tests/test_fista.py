@@ -1,4 +1,4 @@
-"""FISTAPruner (solvers/fista.py): the ℓ1 model against cvxpy, KKT, O(1/k²), exactness, never worse than the
+"""FISTAPruner (solvers/methods/fista.py): the ℓ1 model against cvxpy, KKT, O(1/k²), exactness, never worse than the
 warm start, and the end-to-end run on stories260K."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from optprune.formulations import (ColumnGroups, LayerProblem, PatternError, l1_kkt_residual, l1_program,
                                    parse_pattern)
 from optprune.solvers import get_method
-from optprune.solvers.fista import (FistaEngine, default_lambda, fista_l1, ill_conditioned_problem,
+from optprune.solvers.methods.fista import (FistaEngine, default_lambda, fista_l1, ill_conditioned_problem,
                                    lipschitz_constant)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,7 @@ def test_subspace_pattern_parses_and_refuses_linear_rows():
 
 def test_slicegpt_solves_the_eigen_program_and_matches_the_sdp_reference():
     from optprune.solvers import get_method
-    from optprune.solvers.ref_sdp import SDPBackend
+    from optprune.solvers.backends.sdp import SDPBackend
     spec = get_method("slicegpt")
     for seed in range(3):
         prob = _problem(seed, m=5, n=7)
@@ -68,8 +68,8 @@ def test_slicegpt_solves_the_eigen_program_and_matches_the_sdp_reference():
 
 
 def test_verify_cross_checks_the_eigen_program_and_catches_a_wrong_solver(monkeypatch):
-    from optprune.solvers import slicegpt as sg
-    from optprune.solvers.verify import pair_stats, verify
+    from optprune.solvers.methods import slicegpt as sg
+    from optprune.solvers.verification import pair_stats, verify
     rows = verify(programs="EIG", instances=4)
     pairs = [s for s in pair_stats(rows) if s["production"] == "slicegpt"]
     assert pairs and all(s["instances"] == 4 and s["ok"] == 4 for s in pairs)
@@ -88,7 +88,7 @@ def test_rank_bound_certifies_hidden_channel_selection():
     its loss is never below the eigen-program's (Eckart–Young): checked against enumeration of every support,
     and the structured methods on the same group-selection program are never below enumeration."""
     from optprune.solvers import get_method
-    from optprune.solvers.baselines import refit_weights
+    from optprune.solvers.methods.baselines import refit_weights
     prob = _problem(3, n=8, identity=True)
     k = 5
     bound = 0.5 * (float(torch.trace(prob.H)) - fan_optimum(prob.H, k))

@@ -288,7 +288,7 @@ def _fake_surgery():
 
 def test_structured_method_calls_surgery(monkeypatch):
     from optprune.solvers import registry
-    from optprune.solvers.baselines import refit_result
+    from optprune.solvers.methods.baselines import refit_result
     from optprune.solvers.base import LayerResult
 
     def neurons(problem, pattern, **_):

@@ -7,7 +7,7 @@ import torch
 from optprune.formulations import LayerProblem, PatternError, grid_program, parse_grid, parse_pattern
 from optprune.formulations.grid import GridSpec, Quantizer
 from optprune.solvers import get_method
-from optprune.solvers.quant_refit import refit_scales
+from optprune.solvers.methods.quant_refit import refit_scales
 
 
 @pytest.mark.parametrize("text,bits,group,sym", [("w4", 4, None, True), ("w4g128", 4, 128, True),
@@ -163,7 +163,7 @@ def test_grid_references_agree_and_bound_every_method(pattern, sparsity, quant):
 
 
 def test_verify_covers_the_grid_programs():
-    from optprune.solvers.verify import verify
+    from optprune.solvers.verification import verify
     rows = verify(instances=1, programs="w2", backends="enumerate-grid", progress=False)
     progs = {r["program"] for r in rows}
     assert progs == {"L0 w2", "L0 unstructured+w2g4a", "L0 2:4+w2"}

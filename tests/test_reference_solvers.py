@@ -11,7 +11,7 @@ import torch
 from optprune.formulations import NM, ColumnGroups, ExpanderNM, LayerProblem, Unstructured
 from optprune.formulations.programs import l0_program, l1_program, mask_program, refit_program
 from optprune.solvers import LicenseLimitError, SolverUnavailable, get_backend, get_method
-from optprune.solvers.baselines import refit_weights
+from optprune.solvers.methods.baselines import refit_weights
 
 
 def backend(name):
@@ -221,7 +221,7 @@ def test_gurobi_time_limit_is_reported_as_not_proven():
 
 def test_gurobi_licence_limit_is_detected_before_solving():
     gb = backend("gurobi")
-    from optprune.solvers.ref_gurobi import gurobi_size_limited
+    from optprune.solvers.backends.gurobi import gurobi_size_limited
     if not gurobi_size_limited():
         pytest.skip("this Gurobi licence is not size-limited")
     p = LayerProblem.random(20, 20, seed=0)
@@ -246,7 +246,7 @@ def test_gurobi_licence_limit_is_detected_before_solving():
 def test_gurobi_errno_10010_is_translated(monkeypatch):
     """If the pre-check were wrong, Gurobi's own errno 10010 becomes the same one-line LicenseLimitError."""
     gb = backend("gurobi")
-    from optprune.solvers.ref_gurobi import gurobi_size_limited
+    from optprune.solvers.backends.gurobi import gurobi_size_limited
     if not gurobi_size_limited():
         pytest.skip("this Gurobi licence is not size-limited")
     monkeypatch.setattr(type(gb), "licence_check", lambda self, program, indicator="auto": None)

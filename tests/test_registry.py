@@ -207,7 +207,7 @@ def test_entry_point_plugins_are_discovered_and_a_broken_one_is_reported(registr
     _plugin(tmp_path, "plugdist", R.METHOD_ENTRY_POINTS, {
         "plug_good": """
             from optprune.solvers.registry import register_method
-            from optprune.solvers.baselines import magnitude
+            from optprune.solvers.methods.baselines import magnitude
 
             @register_method("plug-magnitude", needs="none", description="magnitude, from a plug-in")
             def plug(problem, pattern, *, refit: bool = False):

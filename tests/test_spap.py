@@ -18,7 +18,7 @@ from torch import nn
 from optprune.formulations import ColumnGroups, LayerProblem, PatternError, Unstructured, l0_program
 from optprune.solvers import get_method
 from optprune.solvers.base import LayerResult
-from optprune.solvers.structured_baselines import group_refit
+from optprune.solvers.methods.structured_baselines import group_refit
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ["OPTPRUNE_MODEL_DIR"])  # set by tests/conftest.py
@@ -90,8 +90,8 @@ def test_tiny_instances_never_below_optimum_and_feasible():
 def test_woodbury_v_step_equals_the_factorised_one(kind):
     """VStep's Woodbury/eigen form gives the V of ``V(Ĥ + ρD_z) = B`` that a fresh Cholesky factorisation gives,
     for ρ from 1e-3 to 1e6 and several supports (grouped columns, dead inputs, error correction)."""
-    from optprune.solvers.spap import VStep, _v_step
-    from optprune.solvers.structured_baselines import group_setup
+    from optprune.solvers.methods.spap import VStep, v_step
+    from optprune.solvers.methods.structured_baselines import group_setup
     p = LayerProblem.random(12, 48, seed=7, kind=kind, corrected=True)
     pat = ColumnGroups(3, sparsity=0.5)
     st = group_setup(p, pat, "spap", torch.float64)
@@ -105,7 +105,7 @@ def test_woodbury_v_step_equals_the_factorised_one(kind):
         keep = torch.zeros(st.g, dtype=torch.bool)
         keep[torch.randperm(st.g, generator=g)[: st.k]] = True
         for rho in (1e-3, 1e-1, 1.0, 1e2, 1e4, 1e6):
-            ref = _v_step(p, st, A, B, dH, keep, rho)
+            ref = v_step(p, st, A, B, dH, keep, rho)
             got = fast(keep, rho)
             assert torch.allclose(got, ref, rtol=0, atol=1e-9 * float(ref.abs().max())), (kind, trial, rho)
             dropped = ~st.cols(keep)

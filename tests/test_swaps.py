@@ -9,7 +9,7 @@ from optprune.formulations import LayerProblem, NM, PatternError, Unstructured
 from optprune.formulations.patterns import ExpanderNM
 from optprune.formulations.programs import l0_program
 from optprune.solvers import LayerResult, get_backend, get_method
-from optprune.solvers.swaps import SwapState, polish, swap_values
+from optprune.solvers.methods.swaps import SwapState, polish, swap_values
 
 PATTERNS = {"row": lambda: Unstructured(0.5, "row"), "unstructured": lambda: Unstructured(0.5),
             "2:4": lambda: NM(2, 4), "expander": lambda: ExpanderNM(2, 4, 1)}

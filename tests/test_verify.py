@@ -17,9 +17,10 @@ from optprune.formulations.patterns import ExpanderNM, pattern_kinds
 from optprune.formulations.programs import l0_program, l1_program, mask_program, refit_program
 from optprune.solvers import get_backend
 from optprune.solvers.base import Backend, Capabilities, LayerResult, SolveResult
-from optprune.solvers.registry import _BACKENDS, _METHODS, isolated, list_backends, list_methods, register_backend, register_method
-from optprune.solvers.verify import (CANONICAL_PATTERNS, Case, InstanceFactory, Producer, _Runner, judge,
-                                     pair_stats, select_backends, verify_pattern)
+from optprune.solvers.registry import (get_method, isolated, list_backends, list_methods, register_backend,
+                                       register_method)
+from optprune.solvers.verification import (CANONICAL_PATTERNS, Case, InstanceFactory, Producer, Runner, judge,
+                                          pair_stats, select_backends, verify_pattern)
 
 TOY_BACKEND = "toy-refit"
 TOY_METHOD = "toy-first-n"
@@ -37,7 +38,7 @@ class ToyRefitBackend(Backend):
         return ok, why
 
     def solve(self, program, **_):
-        from optprune.solvers.baselines import refit_weights
+        from optprune.solvers.methods.baselines import refit_weights
         fz = program.variables["W"].fixed_zero
         mask = ~fz if fz is not None else torch.ones(program.problem.shape, dtype=torch.bool)
         W = refit_weights(program.problem.to(torch.float64), mask) * mask
@@ -85,12 +86,12 @@ def test_quick_passes_prints_pairs_and_writes_json_and_plot(quick):
 def test_quick_covers_every_registered_program(quick):
     _, _, data, _ = quick
     programs = set(data["programs"])
-    kinds = {k for n in list_methods() for k in _METHODS[n].patterns} & set(CANONICAL_PATTERNS)
+    kinds = {k for n in list_methods() for k in get_method(n).patterns} & set(CANONICAL_PATTERNS)
     for kd in kinds:
         assert f"L0 {CANONICAL_PATTERNS[kd]().name}" in programs, kd
     prob = LayerProblem.random(4, 8, seed=0)
     for n in list_methods():
-        spec = _METHODS[n]
+        spec = get_method(n)
         if spec.program is None:
             continue
         kd = sorted(spec.patterns & set(pattern_kinds()))[0]
@@ -103,8 +104,8 @@ def test_quick_covers_every_registered_program(quick):
         else:  # a program of its own, named after the method
             assert any(pr.endswith(f"({n})") for pr in programs), n
     for n in list_methods():  # every option set a method declares for the cross-check gets its program
-        for vo in _METHODS[n].verify_options:
-            spec = _METHODS[n]
+        for vo in get_method(n).verify_options:
+            spec = get_method(n)
             pat = verify_pattern(sorted(spec.patterns & set(pattern_kinds()))[0])
             prog, default = spec.program(prob, pat, **vo), spec.program(prob, pat)
             if prog.kind == "MIQP" and not prog.meta.get("fixed_weights"):
@@ -210,7 +211,7 @@ def test_limit_stopped_reference_is_not_ok():
         pytest.skip("pyscipopt not installed")
     p = LayerProblem.random(4, 8, kind="correlated", seed=0)
     prog = l0_program(p, Unstructured(0.5))
-    R = _Runner(time_limit=0.05, quick=True, include=["scip", "enumerate"])
+    R = Runner(time_limit=0.05, quick=True, include=["scip", "enumerate"])
     rows = R.run_case(_case(prog))
     scip = next(r for r in rows if r["solver"] == "scip")
     assert scip["status"] == "time_limit" and not scip["proven_optimal"]
@@ -274,7 +275,7 @@ def test_exact_production_solver_is_held_to_the_optimum():
     prog = l1_program(p, lam)
     good = Producer("good", lambda: {"W": get_backend("cvxpy").solve(prog).W}, True)
     bad = Producer("bad", lambda: {"W": p.W0.clone()}, True)
-    R = _Runner(time_limit=5, quick=True, include=["cvxpy"])
+    R = Runner(time_limit=5, quick=True, include=["cvxpy"])
     rows = R.run_case(_case(prog, "l1", "convex", [good, bad]))
     v = {r["solver"]: r["check"] for r in rows}
     assert v["good"] == "ok" and v["bad"].startswith("FAIL")
@@ -316,7 +317,7 @@ def test_bad_arguments_fail_with_the_choices():
     with contextlib.redirect_stderr(err):
         rc = main(["verify", "--quick", "--instances", "0"])
     assert rc == 2 and "instances" in err.getvalue()
-    from optprune.solvers.verify import verify
+    from optprune.solvers.verification import verify
     with pytest.raises(ValueError, match="registered"):
         verify(quick=True, backends=["no-such-backend"])
 
@@ -333,12 +334,12 @@ def test_backend_tutorial_runs():
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks
     list_backends()  # load the backends before isolated() saves the registries
-    before = set(_BACKENDS)
+    before = set(list_backends())
     with isolated():
         for b in blocks:
             exec(compile(b, "docs:adding-a-reference-backend", "exec"), {"__name__": "tutorial"})
-        assert set(_BACKENDS) - before
-    assert set(_BACKENDS) == before
+        assert set(list_backends()) - before
+    assert set(list_backends()) == before
 
 
 def test_plugin_pattern_kind_is_verified_without_touching_verify():
@@ -346,7 +347,7 @@ def test_plugin_pattern_kind_is_verified_without_touching_verify():
     accepts it are cross-checked on the kind's own L0 program against the exact references; a kind whose class
     cannot produce an instance from its name is named in the notes instead of being skipped silently."""
     from optprune.formulations.patterns import LinearRow, Pattern, register_pattern
-    from optprune.solvers.verify import verify
+    from optprune.solvers.verification import verify
 
     class HalfColumns(Pattern):
         kinds = ("halfcol",)

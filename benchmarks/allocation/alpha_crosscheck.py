@@ -1,4 +1,4 @@
-"""Cross-check optprune's power-law α (solvers/spectra.py) against independent references.
+"""Cross-check optprune's power-law α (solvers/whole_model/spectra.py) against independent references.
 
 1. Synthetic Pareto samples with known exponent (n = 2000 by default, many seeds): bias, spread, worst error,
    with the KS x_min search and with the true x_min fixed.
@@ -30,7 +30,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import torch
 
-from optprune.solvers.spectra import eigenvalues, fit_power_law
+from optprune.solvers.whole_model.spectra import eigenvalues, fit_power_law
 
 
 def pareto(alpha: float, n: int, seed: int, xmin: float = 1.0) -> torch.Tensor:

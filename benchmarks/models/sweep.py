@@ -84,7 +84,7 @@ def summarise(rec: dict) -> dict:
 
 
 def graph_summary(layers: list) -> dict | None:
-    """Worst case / mean over the layers of the N:M masks' graph metrics (solvers/graph_metrics.py), or None."""
+    """Worst case / mean over the layers of the N:M masks' graph metrics (solvers/methods/graph_metrics.py), or None."""
     g = [l["graph"] for l in layers if isinstance(l, dict) and isinstance(l.get("graph"), dict)]
     if not g:
         return None

@@ -114,7 +114,7 @@ def tables(rows: list, metric: str = "wikitext2") -> str:
     graph = [(lab, st, cells[(lab, st)]["graph"]) for lab in labels for st in settings
              if isinstance((cells.get((lab, st)) or {}).get("graph"), dict)]
     if graph:
-        out.extend(["**Graph of the N:M masks (worst case or mean over the pruned layers; solvers/graph_metrics.py)**",
+        out.extend(["**Graph of the N:M masks (worst case or mean over the pruned layers; solvers/methods/graph_metrics.py)**",
                     "", "| configuration | pattern | layers | min in-degree (/rows) | isolated inputs (layers) | "
                     "max components | min tile column degree | σ2/Ramanujan mean (max) | relative gap mean |",
                     "|---|---|---|---|---|---|---|---|---|"])

@@ -88,7 +88,7 @@ def check_24(W: torch.Tensor) -> None:
 
 def eggs_mask(W: torch.Tensor, B: int = 1) -> torch.Tensor:
     """EGGS 2:4 mask of a weight on its own device (score |W|-RIA without activations: timing only)."""
-    from optprune.solvers.eggs import expander_nm_mask
+    from optprune.solvers.methods.eggs import expander_nm_mask
     A = W.float().abs()
     S = A / A.sum(0, keepdim=True).clamp_min(1e-12) + A / A.sum(1, keepdim=True).clamp_min(1e-12)
     return expander_nm_mask(S, 2, 4, B)

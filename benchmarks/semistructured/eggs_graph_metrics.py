@@ -4,7 +4,7 @@ magnitude / Wanda / RIA / SparseGPT 2:4 masks, which carry no degree guarantee.
 Every linear sub-layer of stories260K (5 blocks × q, k, v, o, gate, up, down = 35 matrices) is pruned to 2:4
 by each method on the same statistics: the dense model's inputs to that layer on the in-domain TinyStories
 sample (``--random-activations``: Gaussian inputs instead). Per mask: degrees, isolated inputs, connected
-components, σ2 vs the Ramanujan bound (solvers/graph_metrics.py), the per-tile column degrees, and the layer's
+components, σ2 vs the Ramanujan bound (solvers/methods/graph_metrics.py), the per-tile column degrees, and the layer's
 relative reconstruction error f(W)/f(0). Prints a table and saves a plot (and optionally the JSON).
 
     python benchmarks/semistructured/eggs_graph_metrics.py --out out/eggs_graph_metrics.png --json /tmp/gm.json
@@ -20,7 +20,7 @@ import torch
 
 from optprune.formulations import NM, ExpanderNM, LayerProblem
 from optprune.solvers import get_method
-from optprune.solvers.graph_metrics import graph_metrics
+from optprune.solvers.methods.graph_metrics import graph_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models"))

@@ -1,4 +1,4 @@
-"""Speed of the EGGS expander N:M mask solver (solvers/eggs.py) on whole layers, per algorithm.
+"""Speed of the EGGS expander N:M mask solver (solvers/methods/eggs.py) on whole layers, per algorithm.
 
 For each layer shape and pattern N:M with min degree B it times ``expander_nm_mask`` (wall and process CPU
 time), the plain N:M projection (top-N per group, the floor), and reports the share of tiles that needed a
@@ -24,7 +24,7 @@ import time
 import torch
 
 from optprune.formulations import NM
-from optprune.solvers.eggs import expander_nm_mask
+from optprune.solvers.methods.eggs import expander_nm_mask
 
 SHAPES = {
     "smollm2": {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "up/gate 1536x576": (1536, 576),

@@ -27,7 +27,7 @@ import torch
 
 from optprune.formulations import LayerProblem, parse_pattern
 from optprune.solvers import get_method
-from optprune.solvers.fista import FistaEngine, default_lambda
+from optprune.solvers.methods.fista import FistaEngine, default_lambda
 
 SHAPES = [("q_proj/o_proj", 576, 576), ("k_proj/v_proj", 192, 576), ("up_proj/gate_proj", 1536, 576),
           ("down_proj", 576, 1536)]

@@ -153,7 +153,7 @@ def _gap(a, ref):
 
 # ------------------------------------------------------------------------------------------------ convex ladders
 def ladder_refit(sizes, refs: Refs, repeats, log):
-    from optprune.solvers.baselines import refit_weights, wanda
+    from optprune.solvers.methods.baselines import refit_weights, wanda
     out = []
     for (m, n) in sizes:
         if not refs.active():
@@ -178,14 +178,14 @@ def ladder_refit(sizes, refs: Refs, repeats, log):
 
 
 def ladder_l1(sizes, refs: Refs, log):
-    from optprune.solvers.fista import fista_l1
-    from optprune.solvers.verify import _l1_lambda
+    from optprune.solvers.methods.fista import fista_l1
+    from optprune.solvers.verification import l1_lambda
     out = []
     for (m, n) in sizes:
         if not refs.active():
             break
         p = _problem(m, n, seed=m * 1000 + n + 1)
-        lam = _l1_lambda(p)
+        lam = l1_lambda(p)
         prog = l1_program(p, lam)
         sol, tt = _t(lambda: fista_l1(p, lam, iters=20000, tol=1e-13))
         f_torch = prog.evaluate({"W": sol.W.to(torch.float64)})
@@ -206,7 +206,7 @@ def ladder_l1(sizes, refs: Refs, log):
 
 # ------------------------------------------------------------------------------------------------ L0 ladder
 def _l0_heuristics(pattern):
-    from optprune.solvers.baselines import refit_result
+    from optprune.solvers.methods.baselines import refit_result
     avail = set(list_methods())
     if isinstance(pattern, ColumnGroups):
         for name in GROUP_METHODS:
@@ -277,8 +277,8 @@ def ladder_l0(sizes, patterns, ref_names, *, time_limit, max_ref_s, threads, rep
 
 # ------------------------------------------------------------------------------------------------ EGGS ladder
 def ladder_mask(sizes, patterns, ref_names, *, time_limit, max_ref_s, threads, repeats, log):
-    from optprune.solvers.baselines import ria_scores
-    from optprune.solvers.eggs import expander_nm_mask
+    from optprune.solvers.methods.baselines import ria_scores
+    from optprune.solvers.methods.eggs import expander_nm_mask
     out = []
     for (N, M, B) in patterns:
         refs = Refs(ref_names, time_limit=time_limit, max_ref_s=max_ref_s, threads=threads)

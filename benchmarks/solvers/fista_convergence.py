@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from optprune.formulations import LayerProblem, parse_pattern
-from optprune.solvers.fista import FistaEngine, default_lambda, fista_l1, ill_conditioned_problem
+from optprune.solvers.methods.fista import FistaEngine, default_lambda, fista_l1, ill_conditioned_problem
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(os.environ.get("OPTPRUNE_MODEL_DIR", Path.home() / ".cache" / "optprune" / "models"))

@@ -24,8 +24,8 @@ import torch
 
 from optprune.formulations import LayerProblem, parse_pattern
 from optprune.solvers import get_method
-from optprune.solvers.baselines import refit_weights
-from optprune.solvers.fista import FistaEngine, default_lambda
+from optprune.solvers.methods.baselines import refit_weights
+from optprune.solvers.methods.fista import FistaEngine, default_lambda
 
 
 def collect(model_name, blocks, nsamples, seqlen):

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(a.threads)
     from admm_layers import collect
-    from optprune.solvers.fista import fista_l1
+    from optprune.solvers.methods.fista import fista_l1
     probs = collect(a.model, blocks, a.nsamples, a.seqlen)
     missing = [n for n in layers if n not in probs]
     if missing:

@@ -20,7 +20,7 @@ import torch
 
 from optprune.formulations import ColumnGroups, LayerProblem
 from optprune.solvers import get_method
-from optprune.solvers.structured_baselines import group_refit
+from optprune.solvers.methods.structured_baselines import group_refit
 
 KINDS = ("random", "correlated", "outliers", "dead")
 

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from fista_layers import collect
-    from optprune.solvers.bounds import l0_lower_bound
-    from optprune.solvers.swaps import polish
+    from optprune.solvers.verification.certificates import l0_lower_bound
+    from optprune.solvers.methods.swaps import polish
     done, rows = set(), []
     if a.out and Path(a.out).exists():
         rows = [json.loads(s) for s in Path(a.out).read_text().splitlines() if s.strip()]

@@ -25,7 +25,7 @@ import torch
 from optprune.llm_adapters.architectures import get_arch
 from optprune.llm_adapters.surgery import capture_problems, structure_pattern
 from optprune.solvers import get_method
-from optprune.solvers.structured_baselines import group_refit
+from optprune.solvers.methods.structured_baselines import group_refit
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = [("group_magnitude", "group_magnitude", {}), ("flap", "flap", {}), ("flap+refit", "flap", {"refit": True}),

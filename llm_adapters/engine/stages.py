@@ -215,7 +215,7 @@ def _summary(run, res: dict) -> dict:
         "max_rel_error": max(rel) if rel else None,
     }
     if run.d.method.certify:
-        from ...solvers.bounds import summarize_certificates
+        from ...solvers.verification.certificates import summarize_certificates
         summary["certificates"] = summarize_certificates(layers)
     return {"layers": jsonable(layers), "blocks": jsonable(res.get("blocks", [])),
             "pipeline": jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")}),

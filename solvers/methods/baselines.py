@@ -5,17 +5,16 @@ problem's device (CPU or CUDA) in float32 (or float64 when the problem is float6
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from ..formulations.grid import Quantized, Quantizer
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, PatternError, Unstructured
-from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
-from ..formulations.programs import l0_program, refit_program
-from .base import LayerResult, Timer
-from .registry import Option, register_method
+from ...formulations.grid import Quantized, Quantizer
+from ...formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
+from ...formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
+from ...formulations.programs import l0_program, refit_program
+from ..base import LayerResult, Timer
+from ..registry import Option, register_method
 
 __all__ = ["magnitude", "wanda", "ria", "sparsegpt", "refit", "ria_scores", "wanda_scores", "score_prune", "work_dtype", "finish_layer"]
 
@@ -63,7 +62,12 @@ def ria_scores(problem: LayerProblem, a: float = 0.5) -> torch.Tensor:
 _REFIT_HELP = "finish with the exact least-squares refit on the chosen mask"
 
 
-@register_method("magnitude", needs="none", patterns=("unstructured", "row", "nm"),
+def _l0(problem: LayerProblem, pattern: Pattern, **_):
+    """The declarative model every mask-selecting baseline approximates: the L0 program of its pattern."""
+    return l0_program(problem, pattern)
+
+
+@register_method("magnitude", program=_l0, needs="none", patterns=("unstructured", "row", "nm"),
                  description="zero the smallest |W_ij| (per matrix, per row, or per N:M group)",
                  options={"refit": _REFIT_HELP})
 def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
@@ -71,7 +75,7 @@ def magnitude(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -
     return score_prune(problem, pattern, problem.W0.to(work_dtype(problem)).abs(), "magnitude", refit)
 
 
-@register_method("wanda", needs="diag", patterns=("unstructured", "row", "nm"),
+@register_method("wanda", program=_l0, needs="diag", patterns=("unstructured", "row", "nm"),
                  description="|W_ij|·‖X_j‖₂ compared within each output row; no weight update",
                  options={"refit": _REFIT_HELP})
 def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> LayerResult:
@@ -81,7 +85,7 @@ def wanda(problem: LayerProblem, pattern: Pattern, *, refit: bool = False) -> La
     return score_prune(problem, pattern, wanda_scores(problem), "wanda", refit)
 
 
-@register_method("ria", needs="diag", patterns=("unstructured", "row", "nm"),
+@register_method("ria", program=_l0, needs="diag", patterns=("unstructured", "row", "nm"),
                  description="relative importance × ‖X_j‖^a (a = 0.5); no weight update",
                  options={"a": Option(help="exponent of the input norm", range="[0, inf)"), "refit": _REFIT_HELP})
 def ria(problem: LayerProblem, pattern: Pattern, *, a: float = 0.5, refit: bool = False) -> LayerResult:
@@ -212,7 +216,7 @@ class SparseGPT:
         return finish_layer(self.p, W, mask, info)
 
 
-@register_method("sparsegpt", needs="gram", patterns=("unstructured", "row", "nm", "grid"),
+@register_method("sparsegpt", program=_l0, needs="gram", patterns=("unstructured", "row", "nm", "grid"),
                  description="OBS column sweep with H⁻¹ (Cholesky), masks per 128-column block, lazy updates; "
                              "with --quant the joint SparseGPT + GPTQ",
                  options={"blocksize": Option(help="columns per mask-selection block", range="[1, inf)"),
@@ -285,14 +289,9 @@ def refit_result(problem: LayerProblem, res: LayerResult) -> LayerResult:
 def refit(problem: LayerProblem, pattern: Pattern, *, mask: Optional[torch.Tensor] = None,
           start: str = "magnitude") -> LayerResult:
     if mask is None:
-        from .registry import get_method
+        from ..registry import get_method
         mask = get_method(start)(problem, pattern).mask
     base = LayerResult(problem.W0 * mask, mask, {"method": f"refit({start})",
                                                    "error": problem.objective(problem.W0 * mask)})
     return refit_result(problem, base)
 
-
-# the declarative model every mask-selecting baseline approximates
-for _name in ("magnitude", "wanda", "ria", "sparsegpt"):
-    from .registry import _METHODS as _M
-    _M[_name].program = lambda problem, pattern, **_: l0_program(problem, pattern)

@@ -6,7 +6,7 @@
                                                Σ_i x_ij ≥ B  (every column keeps at least B),  B ≤ N
 
 It is a transportation problem (rows supply N, columns demand ≥ B): the constraint matrix is totally
-unimodular, so the LP relaxation is integral and min-cost flow solves it exactly (``ref_flow.py``).
+unimodular, so the LP relaxation is integral and min-cost flow solves it exactly (the ``flow`` backend, ``solvers/backends/flow.py``).
 The declarative model is ``mask_program(scores, ExpanderNM(N, M, B))``.
 
 **Production solver** (batched over all tiles of a layer, CPU or CUDA):
@@ -60,12 +60,12 @@ from typing import Optional
 
 import torch
 
-from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, register_projection
-from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import l0_program, mask_only_program, mask_program
-from .base import LayerResult, Timer, torch_threads
+from ...formulations.patterns import NM, ExpanderNM, Pattern, PatternError, register_projection
+from ...formulations.problem import LayerProblem, NumericalError
+from ...formulations.programs import l0_program, mask_only_program, mask_program
+from ..base import LayerResult, Timer, torch_threads
+from ..registry import Option, register_method
 from .baselines import SparseGPT, refit_result, ria_scores, wanda_scores
-from .registry import Option, register_method
 
 __all__ = ["expander_nm_mask", "solve_tiles", "feasible_tile_masks", "tile_view", "untile", "tile_objective",
            "eggs", "eggs_update", "eggs_scores", "as_expander", "mask_search", "ALGORITHMS", "UPDATES", "MASKS"]
@@ -348,6 +348,51 @@ def _tile_selector(N: int, M: int, B: int) -> Optional[torch.Tensor]:
     return A
 
 
+def _best_tile_masks(cost: torch.Tensor, cur: torch.Tensor, P: torch.Tensor, A: Optional[torch.Tensor], tiles,
+                     B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one group of M columns: the new (m × M) mask and each tile's change of f, given every row's cost of
+    every row pattern (m × P). With the tile selector ``A``: each row's best pattern, and the best of all feasible
+    tile masks for the tiles that leaves short of B; without it: each row of a tile in turn takes its best
+    pattern that keeps every column at ≥ B."""
+    m, Pc = cost.shape
+    M = P.shape[1]
+    T = m // M
+    if A is not None:
+        v, j = cost.min(1)                  # each row's best pattern; tiles left short enumerate
+        new = P[j]
+        best = v.reshape(T, M).sum(1)
+        short = (new.reshape(T, M, M).sum(1, dtype=torch.int32) < B).any(1)
+        if bool(short.any()):
+            si = torch.nonzero(short).squeeze(1)
+            bb, k = (cost.reshape(T, M * Pc)[si] @ A).min(1)
+            best[si] = bb
+            new = new.reshape(T, M, M)
+            new[si] = P[tiles[k]]
+            new = new.reshape(m, M)
+        return new, best
+    xt = cur.reshape(T, M, M).clone()
+    best = torch.zeros(T, dtype=cost.dtype, device=cost.device)
+    ct = cost.reshape(T, M, Pc)
+    for i in range(M):
+        other = xt.sum(1, dtype=torch.int32) - xt[:, i].to(torch.int32)  # (T, M columns)
+        ok = ((other.unsqueeze(1) + P.unsqueeze(0).to(torch.int32)) >= B).all(2)
+        v, j = ct[:, i].masked_fill(~ok, float("inf")).min(1)
+        xt[:, i] = P[j]
+        best = best + v
+    return xt.reshape(m, M), best
+
+
+def _check_search(pattern: ExpanderNM, mask: torch.Tensor, sweeps: int, rtol: float) -> None:
+    pattern.validate(tuple(mask.shape))
+    N, M = pattern.N, pattern.M
+    Pc = math.comb(M, N)
+    if Pc > SEARCH_MAX_ROW_PATTERNS:
+        raise PatternError(f"eggs mask='error' enumerates the C(M,N) row patterns of a group; {N}:{M} has {Pc} "
+                           f"(limit {SEARCH_MAX_ROW_PATTERNS}); use mask='score'")
+    if int(sweeps) < 0 or not rtol >= 0:
+        raise ValueError(f"eggs: sweeps must be ≥ 0 and rtol ≥ 0, got sweeps={sweeps}, rtol={rtol}")
+
+
 def mask_search(problem: LayerProblem, pattern: ExpanderNM, mask: torch.Tensor, *, sweeps: int = 5,
                 rtol: float = 1e-3, blocksize: int = 128) -> tuple[torch.Tensor, dict]:
     """Improve an expander N:M mask for the **mask-only** objective ``f(W0 ⊙ mask)`` (kept weights unchanged;
@@ -365,13 +410,7 @@ def mask_search(problem: LayerProblem, pattern: ExpanderNM, mask: torch.Tensor, 
     problem's device. Returns ``(mask, stats)``.
     """
     N, M, B = pattern.N, pattern.M, pattern.B
-    pattern.validate(tuple(mask.shape))
-    Pc = math.comb(M, N)
-    if Pc > SEARCH_MAX_ROW_PATTERNS:
-        raise PatternError(f"eggs mask='error' enumerates the C(M,N) row patterns of a group; {N}:{M} has {Pc} "
-                           f"(limit {SEARCH_MAX_ROW_PATTERNS}); use mask='score'")
-    if int(sweeps) < 0 or not rtol >= 0:
-        raise ValueError(f"eggs: sweeps must be ≥ 0 and rtol ≥ 0, got sweeps={sweeps}, rtol={rtol}")
+    _check_search(pattern, mask, sweeps, rtol)
     dt, dev = torch.float64, problem.W0.device
     problem = problem if problem.H.dtype == dt else problem.to(dt)
     W0, Hh = problem.W0.to(dt), problem.Hh.to(dt)
@@ -403,29 +442,7 @@ def mask_search(problem: LayerProblem, pattern: ExpanderNM, mask: torch.Tensor, 
                 delta = w.unsqueeze(1) * (Pf.unsqueeze(0) - curf.unsqueeze(1))         # (m, P, M)
                 cost = (delta * Gb[:, lc:lc + M].unsqueeze(1)).sum(2) \
                     + 0.5 * ((delta @ Hh[c:c + M, c:c + M]) * delta).sum(2)              # (m, P)
-                if A is not None:
-                    v, j = cost.min(1)                  # each row's best pattern; tiles left short enumerate
-                    new = P[j]
-                    best = v.reshape(T, M).sum(1)
-                    short = (new.reshape(T, M, M).sum(1, dtype=torch.int32) < B).any(1)
-                    if bool(short.any()):
-                        si = torch.nonzero(short).squeeze(1)
-                        bb, k = (cost.reshape(T, M * Pc)[si] @ A).min(1)
-                        best[si] = bb
-                        new = new.reshape(T, M, M)
-                        new[si] = P[tiles[k]]
-                        new = new.reshape(m, M)
-                else:
-                    xt = cur.reshape(T, M, M).clone()
-                    best = torch.zeros(T, dtype=dt, device=dev)
-                    ct = cost.reshape(T, M, Pc)
-                    for i in range(M):
-                        other = xt.sum(1, dtype=torch.int32) - xt[:, i].to(torch.int32)  # (T, M columns)
-                        ok = ((other.unsqueeze(1) + P.unsqueeze(0).to(torch.int32)) >= B).all(2)
-                        v, j = ct[:, i].masked_fill(~ok, float("inf")).min(1)
-                        xt[:, i] = P[j]
-                        best = best + v
-                    new = xt.reshape(m, M)
+                new, best = _best_tile_masks(cost, cur, P, A, tiles, B)
                 good = best < -tol                                                        # tiles that improve
                 if not bool(good.any()):
                     continue

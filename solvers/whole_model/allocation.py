@@ -20,10 +20,10 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..formulations.allocation import (DEFAULT_EPS, DEFAULT_S_MAX, OWL_LAMBDA, AllocationError, alpha_program,
+from ...formulations.allocation import (DEFAULT_EPS, DEFAULT_S_MAX, OWL_LAMBDA, AllocationError, alpha_program,
                                        owl_program, public_alpha_map, uniform_program)
-from ..formulations.programs import Program
-from .base import SolveResult, Timer
+from ...formulations.programs import Program
+from ..base import SolveResult, Timer
 from .spectra import AGGREGATES, SpectraError, aggregate_metric
 
 __all__ = ["AllocationResult", "solve_allocation", "allocate", "reference_allocation", "ALLOCATIONS"]
@@ -87,7 +87,7 @@ def solve_allocation(program: Program) -> SolveResult:
 def reference_allocation(program: Program, backend: str = "cvxpy", **options) -> SolveResult:
     """Solve the allocation QP with a registered reference backend (cvxpy/Clarabel by default; ``gurobi``
     takes programs of at most 200 variables) — the independent check of :func:`solve_allocation`."""
-    from .registry import get_backend
+    from ..registry import get_backend
     return get_backend(backend).solve(program, **options)
 
 
@@ -121,7 +121,7 @@ class AllocationResult:
 
 def _units_from(metrics, key: str, granularity: str, sizes_param, aggregate: str = "mean"):
     """Normalise the input into (unit names, unit sizes, unit metric values, matrix → unit map); a unit's value
-    from its matrices' records by :func:`~optprune.solvers.spectra.aggregate_metric` (``weighted`` reads each
+    from its matrices' records by :func:`~optprune.solvers.whole_model.spectra.aggregate_metric` (``weighted`` reads each
     record's ``n_tail``)."""
     if isinstance(metrics, Mapping) and metrics and all(isinstance(v, Mapping) for v in metrics.values()):
         # {matrix name: {"block": b, "numel": p, key: value, ...}}
@@ -185,6 +185,31 @@ def _unit_bound_list(units, bounds, what):
     return vals
 
 
+def _program(key: str, vals, sizes, sparsity: float, eps, params: dict, s_max: float, units: list, ub: tuple,
+             metric, info: dict):
+    """The allocation program of rule ``key``; takes its options out of ``params`` and records them in ``info``."""
+    if key == "alpha":
+        e = DEFAULT_EPS if eps is None else float(eps)
+        band = bool(params.pop("band", True))
+        prog = alpha_program(vals, sizes, sparsity, eps=e, s_max=s_max, band=band, units=units, lower=ub[0],
+                             upper=ub[1])
+        pub = public_alpha_map(vals, sizes, sparsity, e)
+        info.update(eps=e, band=band, metric=metric, metric_values=dict(zip(units, vals)),
+                    ratios=prog.meta["ratios"].tolist(), c_star=prog.meta["c_star"],
+                    public_map=pub.tolist(), public_map_out_of_range=bool((pub >= 1).any() or (pub < 0).any()))
+        return prog
+    if key == "owl":
+        lam = float(params.pop("lam", OWL_LAMBDA if eps is None else float(eps) * float(sparsity)))
+        band = bool(params.pop("band", False))
+        prog = owl_program(vals, sizes, sparsity, lam=lam, s_max=s_max, band=band, units=units, lower=ub[0],
+                           upper=ub[1])
+        info.update(lam=lam, band=band, outlier_ratio=dict(zip(units, vals)))
+        return prog
+    if ub[0] is not None or ub[1] is not None:
+        raise AllocationError("the uniform allocation takes no per-unit bounds")
+    return uniform_program(sizes, sparsity, s_max=s_max, units=units)
+
+
 def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float] = None,
              params: Optional[dict] = None) -> AllocationResult:
     """Per-unit sparsities with parameter-weighted mean exactly ``sparsity``.
@@ -196,10 +221,10 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
 
     ``eps``: alpha — ε of the map (default 0.3), bounds ``[S(1−ε), S(1+ε)]``; owl — λ = εS (default λ = 0.08).
     ``params``: ``metric`` (alpha's ranking metric, default ``'alpha'``; any of
-    :data:`~optprune.solvers.spectra.SHAPE_METRICS` present in the records), ``s_max`` (default 0.99),
+    :data:`~optprune.solvers.whole_model.spectra.SHAPE_METRICS` present in the records), ``s_max`` (default 0.99),
     ``band`` (alpha: True; owl: False), ``lam`` (OWL λ), ``granularity``, ``sizes``, ``aggregate`` (how a block's
     value comes from its matrices: ``mean`` — AlphaPruning's, default —, ``median`` or ``weighted``; see
-    :func:`~optprune.solvers.spectra.aggregate_metric`), ``lower`` / ``upper`` (per-unit bounds ``{unit: s}``,
+    :func:`~optprune.solvers.whole_model.spectra.aggregate_metric`), ``lower`` / ``upper`` (per-unit bounds ``{unit: s}``,
     intersected with the band; units not named keep the band's).
     """
     params = dict(params or {})
@@ -225,25 +250,7 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
         info["aggregate"] = aggregate
     if ub[0] is not None or ub[1] is not None:
         info["unit_bounds"] = {"lower": ub[0], "upper": ub[1]}
-    if key == "alpha":
-        e = DEFAULT_EPS if eps is None else float(eps)
-        band = bool(params.pop("band", True))
-        prog = alpha_program(vals, sizes, sparsity, eps=e, s_max=s_max, band=band, units=units, lower=ub[0],
-                             upper=ub[1])
-        pub = public_alpha_map(vals, sizes, sparsity, e)
-        info.update(eps=e, band=band, metric=metric, metric_values=dict(zip(units, vals)),
-                    ratios=prog.meta["ratios"].tolist(), c_star=prog.meta["c_star"],
-                    public_map=pub.tolist(), public_map_out_of_range=bool((pub >= 1).any() or (pub < 0).any()))
-    elif key == "owl":
-        lam = float(params.pop("lam", OWL_LAMBDA if eps is None else float(eps) * float(sparsity)))
-        band = bool(params.pop("band", False))
-        prog = owl_program(vals, sizes, sparsity, lam=lam, s_max=s_max, band=band, units=units, lower=ub[0],
-                           upper=ub[1])
-        info.update(lam=lam, band=band, outlier_ratio=dict(zip(units, vals)))
-    else:
-        if ub[0] is not None or ub[1] is not None:
-            raise AllocationError("the uniform allocation takes no per-unit bounds")
-        prog = uniform_program(sizes, sparsity, s_max=s_max, units=units)
+    prog = _program(key, vals, sizes, sparsity, eps, params, s_max, units, ub, metric, info)
     if params:
         raise AllocationError(f"unknown allocation option(s): {', '.join(sorted(params))}")
     sol = solve_allocation(prog)

@@ -1,7 +1,7 @@
 """Reference backend: exhaustive enumeration for tiny integer instances (exact by construction).
 
 * **L0 mask-and-weights MIQP** (``l0_program``). For a fixed support the best weights are the exact
-  least-squares refit (:func:`~optprune.solvers.baselines.refit_weights`), so the MIQP is a search over masks.
+  least-squares refit (:func:`~optprune.solvers.methods.baselines.refit_weights`), so the MIQP is a search over masks.
   The objective is a sum of independent per-row terms (``f = Σ_i f_i(w_i)``, all rows share ``Ĥ``), hence:
 
   - *unstructured per row* and *N:M*: every row's feasible masks are enumerated (all subsets obeying the
@@ -28,16 +28,15 @@ import time
 import numpy as np
 import torch
 
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Unstructured
-from ..formulations.problem import LayerProblem
-from ..formulations.programs import LayerObjective, LinearScore
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable
-from .ref_common import Layout, linear_rows
-from .registry import register_backend
+from ...formulations.patterns import NM, ColumnGroups, ExpanderNM, Unstructured
+from ...formulations.problem import LayerProblem
+from ...formulations.programs import LayerObjective, LinearScore
+from ..base import Backend, Capabilities, SolveResult, SolverUnavailable
+from ..registry import register_backend
+from .common import MAX_CANDIDATES, EnumerationBackend, Layout, linear_rows
 
 __all__ = ["EnumerateBackend", "MAX_CANDIDATES"]
 
-MAX_CANDIDATES = 1 << 20
 _MAX_COMPONENT = 20
 
 
@@ -51,7 +50,7 @@ def _feasible_row_masks(pattern, n: int) -> torch.Tensor:
     R = _row_masks(n)
     if isinstance(pattern, Unstructured):
         if pattern.scope == "row":
-            return R[R.sum(1) <= n - pattern._prune_count(n)]
+            return R[R.sum(1) <= n - pattern.prune_count(n)]
         return R  # matrix scope: every row mask; the DP enforces the budget
     if isinstance(pattern, NM):
         g = R.reshape(R.shape[0], n // pattern.M, pattern.M).sum(2)
@@ -62,7 +61,7 @@ def _feasible_row_masks(pattern, n: int) -> torch.Tensor:
 def _rows_objective(problem: LayerProblem, rows: torch.Tensor, masks: torch.Tensor,
                     chunk: int = 1 << 15) -> torch.Tensor:
     """f_i of the refit for (row index, mask) pairs: rows (K,), masks (K, n) → (K,) float64."""
-    from .baselines import refit_weights
+    from ..methods.baselines import refit_weights
     p64 = problem.to(torch.float64)
     out = torch.empty(rows.numel(), dtype=torch.float64)
     for s in range(0, rows.numel(), chunk):
@@ -82,7 +81,7 @@ def _l0_count(program) -> int:
     if isinstance(pat, ExpanderNM):
         return -1
     if isinstance(pat, Unstructured) and pat.scope == "row":
-        return m * sum(math.comb(n, k) for k in range(0, n - pat._prune_count(n) + 1))
+        return m * sum(math.comb(n, k) for k in range(0, n - pat.prune_count(n) + 1))
     if isinstance(pat, NM):
         per = sum(math.comb(pat.M, k) for k in range(pat.N + 1)) ** (n // pat.M)
         return m * per
@@ -162,7 +161,7 @@ def _components(program, lay: Layout):
 
 
 @register_backend
-class EnumerateBackend(Backend):
+class EnumerateBackend(EnumerationBackend):
     name = "enumerate"
     capabilities = Capabilities(kinds=frozenset({"MIQP", "MILP"}), proves_optimality=True, integer=True,
                                 note=f"exhaustive; ≤ {MAX_CANDIDATES} candidates (2^20)")
@@ -173,7 +172,7 @@ class EnumerateBackend(Backend):
             if program.problem is None or program.pattern is None:
                 return -1
             if program.meta.get("quantizer") is not None:
-                return -1  # grid programs: backend 'enumerate-grid' (ref_enumerate_grid.py)
+                return -1  # grid programs: backend 'enumerate-grid' (enumerate_grid.py)
             if any(not isinstance(t, LayerObjective) for t in program.objective) or program.meta.get("fixed_weights"):
                 return -1  # (the search below refits the weights: not the mask-only program)
             return _l0_count(program)
@@ -188,16 +187,8 @@ class EnumerateBackend(Backend):
             return -1
         return sum(1 << len(c) for c, _ in comps)
 
-    def supports(self, program):
-        ok, why = super().supports(program)
-        if not ok:
-            return ok, why
-        k = self.candidates(program)
-        if k < 0:
-            return False, f"enumeration cannot split this {program.kind} ({program.pattern}) into small pieces"
-        if k > MAX_CANDIDATES:
-            return False, f"{k} candidates > enumeration limit {MAX_CANDIDATES} (2^20); use gurobi/scip"
-        return True, ""
+    def refusal(self, program) -> str:
+        return f"enumeration cannot split this {program.kind} ({program.pattern}) into small pieces"
 
     def solve(self, program, *, max_candidates: int = MAX_CANDIDATES, **_) -> SolveResult:
         ok, why = Backend.supports(self, program)
@@ -219,7 +210,7 @@ class EnumerateBackend(Backend):
 
     # ------------------------------------------------------------------ L0 MIQP
     def _l0(self, program) -> dict:
-        from .baselines import refit_weights
+        from ..methods.baselines import refit_weights
         problem, pat = program.problem.to(torch.float64), program.pattern
         m, n = problem.shape
         if isinstance(pat, ColumnGroups):

@@ -50,11 +50,11 @@ from typing import Optional
 
 import torch
 
-from ..formulations.patterns import Pattern
-from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
-from ..formulations.programs import l0_program
-from .base import LayerResult, Timer
-from .registry import Option, register_method
+from ...formulations.patterns import Pattern
+from ...formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
+from ...formulations.programs import l0_program
+from ..base import LayerResult, Timer
+from ..registry import Option, register_method
 from .structured_baselines import (GroupSetup, finish_groups, centered_problem, cpu_threads, flap_scores, group_obs,
                                    group_refit, group_setup, input_means, keep_from_scores)
 
@@ -94,7 +94,7 @@ def _penalised_values(st: GroupSetup, V: torch.Tensor, dH: torch.Tensor) -> torc
     return st.group_sum(dH * (V * V).sum(0))
 
 
-def _v_step(problem: LayerProblem, st: GroupSetup, A: torch.Tensor, B: torch.Tensor, dH: torch.Tensor,
+def v_step(problem: LayerProblem, st: GroupSetup, A: torch.Tensor, B: torch.Tensor, dH: torch.Tensor,
             keep: torch.Tensor, rho: float) -> torch.Tensor:
     """V-step ``V (Ĥ + ρ D_z) = W0 C``: ``D_z`` is diagonal, so one Cholesky factorisation serves every row."""
     M = A.clone()
@@ -121,7 +121,7 @@ class VStep:
     so a new ρ costs one (m × |P|) · (|P| × n) product instead of a factorisation and two triangular solves
     with ``m`` right-hand sides (measured ≈ 6–8× less per V-step on a 576 × 1536 layer). Used in float64
     only: ``V_P → 0`` as ρ grows is computed as a difference, which float32 cannot resolve to the path's
-    tolerance; other dtypes (and ``fast=False``) use the direct Cholesky V-step :func:`_v_step`.
+    tolerance; other dtypes (and ``fast=False``) use the direct Cholesky V-step :func:`v_step`.
     """
 
     def __init__(self, problem: LayerProblem, st: GroupSetup, A: torch.Tensor, B: torch.Tensor, dH: torch.Tensor,
@@ -152,7 +152,7 @@ class VStep:
     def __call__(self, keep: torch.Tensor, rho: float) -> torch.Tensor:
         self.calls += 1
         if not self.fast:
-            return _v_step(self.problem, self.st, self.A, self.B, self.dH, keep, rho)
+            return v_step(self.problem, self.st, self.A, self.B, self.dH, keep, rho)
         if rho <= 0 or bool(keep.all()):
             return self.Y.clone()
         lam, G, R = self._factor(keep)

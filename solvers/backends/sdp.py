@@ -9,11 +9,14 @@ it never forms an eigenvector of ``M``. ``M`` is scaled to unit trace for the so
 """
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
-from .registry import register_backend
+from ..base import Backend, Capabilities, SolveResult
+from ..registry import register_backend
 
 __all__ = ["SDPBackend"]
 
@@ -39,44 +42,45 @@ class SDPBackend(Backend):
             return False, f"an {m}×{m} SDP is beyond this backend's limit"
         return True, ""
 
-    def solve(self, program, *, solver: str | None = None, time_limit: float | None = None, verbose: bool = False,
-              **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+    def build(self, program, *, solver: str | None = None, time_limit: float | None = None, verbose: bool = False,
+              **_):
+        """The SDP relaxation ``max tr(M P)`` over ``0 ⪯ P ⪯ I``, ``tr P = k``, with ``M`` scaled to trace 1."""
         import cvxpy as cp
-
         M = program.meta["M"].to(torch.float64).cpu()
         k = int(program.meta["k"])
         m = M.shape[0]
         scale = float(torch.trace(M).abs()) or 1.0
-        Ms = (M / scale).numpy()
         name = (solver or "CLARABEL").upper()
-        with Timer() as t:
-            P = cp.Variable((m, m), symmetric=True)
-            cons = [P >> 0, np.eye(m) - P >> 0, cp.trace(P) == k]
-            prob = cp.Problem(cp.Maximize(cp.trace(Ms @ P)), cons)
-            opts = dict(_OPTS.get(name, {}))
-            if time_limit is not None:
-                opts.update({"CLARABEL": {"time_limit": time_limit}, "SCS": {"time_limit_secs": time_limit}}.get(name, {}))
-            try:
-                prob.solve(solver=name, verbose=verbose, **opts)
-            except cp.error.SolverError as e:
-                return SolveResult(f"sdp-{name.lower()}", "error", time=t.elapsed if hasattr(t, "elapsed") else 0.0,
-                                   info={"error": str(e).splitlines()[0] if str(e) else repr(e)})
-            Pv = P.value
-        status = prob.status
-        info = {"cvxpy_status": status, "sdp_value": None if prob.value is None else float(prob.value) * scale}
+        P = cp.Variable((m, m), symmetric=True)
+        cons = [P >> 0, np.eye(m) - P >> 0, cp.trace(P) == k]
+        opts = dict(_OPTS.get(name, {}))
+        if time_limit is not None:
+            opts.update({"CLARABEL": {"time_limit": time_limit}, "SCS": {"time_limit_secs": time_limit}}.get(name, {}))
+        return SimpleNamespace(program=program, k=k, m=m, scale=scale, solver=name, P=P, options=opts,
+                               problem=cp.Problem(cp.Maximize(cp.trace((M / scale).numpy() @ P)), cons),
+                               verbose=verbose, error=None)
+
+    def optimize(self, model) -> None:
+        import cvxpy as cp
+        try:
+            model.problem.solve(solver=model.solver, verbose=model.verbose, **model.options)
+        except cp.error.SolverError as e:
+            model.error = str(e).splitlines()[0] if str(e) else repr(e)
+
+    def read_back(self, model, t0: float) -> SolveResult:
+        label, prob, Pv, k = f"sdp-{model.solver.lower()}", model.problem, model.P.value, model.k
+        elapsed = time.perf_counter() - t0
+        if model.error is not None:
+            return SolveResult(label, "error", time=elapsed, info={"error": model.error})
+        info = {"cvxpy_status": prob.status, "sdp_value": None if prob.value is None else float(prob.value) * model.scale}
         if Pv is None:
-            return SolveResult(f"sdp-{name.lower()}", "error", time=t.elapsed, info=info)
+            return SolveResult(label, "error", time=elapsed, info=info)
         ev, V = np.linalg.eigh(0.5 * (Pv + Pv.T))
         Q = torch.from_numpy(V[:, ::-1][:, :k].copy())
         info["P_eigenvalues_kept_min"] = float(ev[::-1][k - 1])
-        info["P_eigenvalues_dropped_max"] = float(ev[::-1][k]) if k < m else None
+        info["P_eigenvalues_dropped_max"] = float(ev[::-1][k]) if k < model.m else None
         values = {"Q": Q}
-        objective = program.evaluate(values)
-        proven = status == "optimal"
-        bound = -float(prob.value) * scale
-        return SolveResult(f"sdp-{name.lower()}", "optimal" if proven else str(status), objective, bound=bound,
-                           gap=0.0 if proven else None, time=t.elapsed, values=values, proven_optimal=proven,
-                           info=info)
+        proven = prob.status == "optimal"
+        return SolveResult(label, self.status(prob.status), model.program.evaluate(values),
+                           bound=-float(prob.value) * model.scale, gap=0.0 if proven else None, time=elapsed,
+                           values=values, proven_optimal=proven, info=info)

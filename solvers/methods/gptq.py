@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..formulations.grid import Quantized
-from ..formulations.patterns import Pattern, PatternError
-from ..formulations.problem import LayerProblem
-from ..formulations.programs import grid_program
-from .base import LayerResult, Timer
+from ...formulations.grid import Quantized
+from ...formulations.patterns import Pattern, PatternError
+from ...formulations.problem import LayerProblem
+from ...formulations.programs import grid_program
+from ..base import LayerResult, Timer
+from ..registry import register_method
 from .baselines import SparseGPT, finish_layer, work_dtype
-from .registry import register_method
 
 __all__ = ["gptq", "rtn", "require_grid"]
 

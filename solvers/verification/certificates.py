@@ -49,10 +49,10 @@ from typing import Optional
 
 import torch
 
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured
-from ..formulations.problem import LayerProblem
-from .base import Timer
-from .ref_common import dead_columns, unconstrained_rows
+from ...formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured
+from ...formulations.problem import LayerProblem
+from ..base import Timer
+from ..backends.common import dead_columns, unconstrained_rows
 
 __all__ = ["L0Bound", "l0_lower_bound", "certify_layer", "summarize_certificates"]
 
@@ -163,7 +163,7 @@ def _separable_rows(pattern: Pattern) -> bool:
 def _kept_score(pattern: Pattern, S: torch.Tensor) -> torch.Tensor:
     """Per-row kept score of the pattern's projection of scores S (the maximum over feasible supports)."""
     if isinstance(pattern, ExpanderNM):
-        from . import eggs  # noqa: F401  (registers the expander N:M projection: the exact tile transport)
+        from ..methods import eggs  # noqa: F401  (registers the expander N:M projection: the exact tile transport)
     mask = pattern.project(S).to(torch.bool)
     return (S * mask).sum(1)
 

@@ -54,12 +54,12 @@ from typing import Optional, Union
 
 import torch
 
-from ..formulations.grid import Quantized
-from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
-from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import l0_program
-from .base import LayerResult, Timer, torch_threads
-from .registry import Option, get_method, register_method
+from ...formulations.grid import Quantized
+from ...formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
+from ...formulations.problem import LayerProblem, NumericalError
+from ...formulations.programs import l0_program
+from ..base import LayerResult, Timer, torch_threads
+from ..registry import Option, get_method, register_method
 
 __all__ = ["admm", "AdmmL0", "masked_pcg", "WARM_STARTS", "REFITS"]
 
@@ -177,7 +177,7 @@ class AdmmL0:
         pat = self.pattern
         if type(pat) is Unstructured and pat.scope == "matrix":
             # per-matrix top-k by a threshold (k-th value): a large-k topk is the slowest step of an iteration
-            p = pat._prune_count(Zn.numel())
+            p = pat.prune_count(Zn.numel())
             if p <= 0:
                 return torch.ones_like(Zn, dtype=torch.bool)
             a = Zn.abs()
@@ -360,12 +360,9 @@ def _admm_grid(problem: LayerProblem, pattern: Quantized, *, warm_start="sparseg
     return LayerResult(W.to(problem.W0.dtype), best[2], info)
 
 
-def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, LayerResult] = "sparsegpt",
-          warm_options: Optional[dict] = None, rho: float = 0.1, rho_max: float = 1e6, max_iter: int = 300,
-          update_iter: int = 3, switch_iter: int = 30, damp: Optional[float] = None, refit: str = "pcg",
-          refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None,
-          candidates: Optional[list] = None, threads: Optional[int] = None, swaps: bool = False) -> LayerResult:
-    # (``threads`` is applied by admm(), the registered wrapper)
+def _check_admm(problem: LayerProblem, pattern: Pattern, warm_start, refit: str, rho: float, rho_max: float,
+                max_iter: int, update_iter: int, switch_iter: int, pcg_iters: int, refit_damp: float) -> tuple:
+    """``(given warm start or None, warm-start name, refit)`` after checking every option (a one-line error)."""
     if not isinstance(pattern, (Unstructured, NM)):  # ExpanderNM is an NM
         raise PatternError(f"method 'admm' does not handle the {pattern.name} pattern "
                            f"(unstructured, per-row, N:M or expander N:M)")
@@ -387,6 +384,17 @@ def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, Lay
             and pcg_iters >= 0 and refit_damp >= 0):
         raise ValueError("admm: need rho > 0, rho_max ≥ rho, max_iter ≥ 0, update_iter ≥ 1, switch_iter ≥ 0, "
                          "pcg_iters ≥ 0, refit_damp ≥ 0")
+    return given, ws, rf
+
+
+def _admm(problem: LayerProblem, pattern: Pattern, *, warm_start: Union[str, LayerResult] = "sparsegpt",
+          warm_options: Optional[dict] = None, rho: float = 0.1, rho_max: float = 1e6, max_iter: int = 300,
+          update_iter: int = 3, switch_iter: int = 30, damp: Optional[float] = None, refit: str = "pcg",
+          refit_damp: float = 0.0, pcg_iters: int = 20, pcg_rtol: float = 1e-5, dtype=None,
+          candidates: Optional[list] = None, threads: Optional[int] = None, swaps: bool = False) -> LayerResult:
+    # (``threads`` is applied by admm(), the registered wrapper)
+    given, ws, rf = _check_admm(problem, pattern, warm_start, refit, rho, rho_max, max_iter, update_iter, switch_iter,
+                                pcg_iters, refit_damp)
     m, n = problem.shape
     with Timer() as t_all:
         with Timer() as t_ws:

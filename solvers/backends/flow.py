@@ -22,22 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from ..formulations.patterns import NM, ExpanderNM
-from ..formulations.programs import LinearScore
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable, Timer
-from .registry import register_backend
+from ...formulations.patterns import NM, ExpanderNM
+from ...formulations.programs import LinearScore
+from ..base import Backend, Capabilities, SolveResult, Timer
+from ..registry import register_backend
 
 __all__ = ["FlowBackend", "flow_tile"]
 
 _SCALE = 10 ** 15
-
-
-def _nx():
-    try:
-        import networkx as nx
-    except ImportError as e:  # pragma: no cover - networkx is a core dependency
-        raise SolverUnavailable("the flow backend needs networkx") from e
-    return nx
 
 
 def flow_tile(S, N: int, B: int, *, at_most: bool = False, scale: float = 1.0) -> torch.Tensor:
@@ -46,7 +38,7 @@ def flow_tile(S, N: int, B: int, *, at_most: bool = False, scale: float = 1.0) -
     Each row keeps exactly N (``at_most=True``: at most N), each column at least B. ``scale`` turns scores into
     integer costs: ``cost = −round(S·scale)``.
     """
-    nx = _nx()
+    import networkx as nx  # a core dependency, imported when a flow is solved
     S = torch.as_tensor(S, dtype=torch.float64)
     r, c = S.shape
     G = nx.DiGraph()
@@ -83,14 +75,6 @@ class FlowBackend(Backend):
                                 network_flow=True, patterns=frozenset({"nm", "expander"}),
                                 note="N:M and expander N:M mask programs only (per-tile min-cost flow, networkx)")
 
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            _nx()
-            return True
-        except SolverUnavailable:
-            return False
-
     def supports(self, program):
         ok, why = super().supports(program)
         if not ok:
@@ -104,9 +88,7 @@ class FlowBackend(Backend):
         return True, ""
 
     def solve(self, program, **options) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         pat = program.pattern
         S = program.objective[0].scores.to(torch.float64)
         m, n = S.shape

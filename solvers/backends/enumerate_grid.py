@@ -20,14 +20,13 @@ import time
 
 import torch
 
-from ..formulations.grid import Quantized
-from ..formulations.patterns import NM, ExpanderNM, Unstructured
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable
-from .registry import register_backend
+from ...formulations.grid import Quantized
+from ...formulations.patterns import NM, ExpanderNM, Unstructured
+from ..base import Capabilities, SolveResult, SolverUnavailable
+from ..registry import register_backend
+from .common import MAX_CANDIDATES, EnumerationBackend
 
 __all__ = ["GridEnumerateBackend"]
-
-MAX_CANDIDATES = 1 << 20
 
 
 def _row_codes(levels: int, n: int) -> torch.Tensor:
@@ -37,7 +36,7 @@ def _row_codes(levels: int, n: int) -> torch.Tensor:
 
 
 @register_backend
-class GridEnumerateBackend(Backend):
+class GridEnumerateBackend(EnumerationBackend):
     name = "enumerate-grid"
     capabilities = Capabilities(kinds=frozenset({"MIQP"}), proves_optimality=True, integer=True,
                                 patterns=frozenset({"grid"}),
@@ -52,21 +51,11 @@ class GridEnumerateBackend(Backend):
         m, n = program.problem.shape
         return m * qz.spec.levels ** n
 
-    def supports(self, program):
-        ok, why = super().supports(program)
-        if not ok:
-            return ok, why
-        k = self.candidates(program)
-        if k < 0:
-            return False, "enumerate-grid takes grid programs over unstructured / N:M patterns"
-        if k > MAX_CANDIDATES:
-            return False, f"{k} candidates > enumeration limit {MAX_CANDIDATES} (2^20); use gurobi/scip"
-        return True, ""
+    def refusal(self, program) -> str:
+        return "enumerate-grid takes grid programs over unstructured / N:M patterns"
 
     def solve(self, program, *, max_candidates: int = MAX_CANDIDATES, **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         if self.candidates(program) > max_candidates:
             raise SolverUnavailable(f"more than {max_candidates} candidates")
         t0 = time.perf_counter()
@@ -98,7 +87,7 @@ class GridEnumerateBackend(Backend):
                 per_count.append((table, arg, Wc, q))
                 continue
             if isinstance(base, Unstructured):
-                ok = nz.sum(1) <= n - base._prune_count(n)
+                ok = nz.sum(1) <= n - base.prune_count(n)
             else:  # N:M
                 ok = (nz.reshape(-1, n // base.M, base.M).sum(2) <= base.N).all(1)
             j = int(torch.argmin(torch.where(ok, f, torch.full_like(f, math.inf))))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..formulations.depth import is_chain
+from ...formulations.depth import is_chain
 
 __all__ = ["DepthSolution", "solve_depth"]
 

@@ -33,11 +33,11 @@ from typing import Optional
 
 import torch
 
-from ..formulations.patterns import ColumnGroups, Pattern, PatternError
-from ..formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
-from ..formulations.programs import l0_program
-from .base import LayerResult, Timer, torch_threads
-from .registry import Option, register_method
+from ...formulations.patterns import ColumnGroups, Pattern, PatternError
+from ...formulations.problem import LayerProblem, NumericalError, cholesky_with_retry
+from ...formulations.programs import l0_program
+from ..base import LayerResult, Timer, torch_threads
+from ..registry import Option, register_method
 
 __all__ = ["GroupSetup", "group_setup", "group_refit", "refit_objective", "keep_from_scores", "centered_problem",
            "group_magnitude", "flap", "group_obs", "flap_scores", "input_means", "finish_groups"]

@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import torch_threads
+from ..base import torch_threads
 
 __all__ = ["graph_metrics", "degree_stats", "tile_min_degree", "top_singular_values", "ramanujan_bound"]
 

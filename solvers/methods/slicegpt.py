@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..formulations.patterns import Pattern, PatternError
-from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.subspace import Subspace, eigen_program, output_covariance
-from .base import LayerResult, Timer
-from .registry import register_method
+from ...formulations.patterns import Pattern, PatternError
+from ...formulations.problem import LayerProblem, NumericalError
+from ...formulations.subspace import Subspace, eigen_program, output_covariance
+from ..base import LayerResult, Timer
+from ..registry import register_method
 
 __all__ = ["slicegpt", "principal_subspace"]
 

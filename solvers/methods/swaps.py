@@ -41,11 +41,11 @@ from typing import Optional, Union
 
 import torch
 
-from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
-from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import l0_program
-from .base import LayerResult, Timer, torch_threads
-from .registry import get_method, register_method
+from ...formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
+from ...formulations.problem import LayerProblem, NumericalError
+from ...formulations.programs import l0_program
+from ..base import LayerResult, Timer, torch_threads
+from ..registry import get_method, register_method
 
 __all__ = ["swap_search", "polish", "SwapState", "swap_values"]
 

@@ -57,11 +57,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
-from ..formulations.problem import LayerProblem, NumericalError
-from ..formulations.programs import l1_kkt_residual, l1_program
-from .base import LayerResult, Timer, torch_threads
-from .registry import Option, get_method, register_method
+from ...formulations.patterns import NM, ExpanderNM, Pattern, PatternError, Unstructured
+from ...formulations.problem import LayerProblem, NumericalError
+from ...formulations.programs import l1_kkt_residual, l1_program
+from ..base import LayerResult, Timer, torch_threads
+from ..registry import Option, get_method, register_method
 
 __all__ = ["fista", "fista_l1", "L1Solution", "FistaEngine", "lipschitz_constant", "default_lambda",
            "soft_threshold", "ill_conditioned_problem", "l1_certificate", "L1Certificate"]
@@ -324,7 +324,8 @@ class FistaEngine:
         ``tol`` > 0 stops when ``‖W⁺ − W‖_F ≤ tol·‖W⁺‖_F``; ``gap_tol`` > 0 stops when the certified relative
         duality gap (:meth:`relative_gap`) is ≤ ``gap_tol`` (both checked every ``check_every`` iterations, not
         after the last; ``iters`` is the cap). ``self.last_gap_stop`` says whether the gap test stopped it.
-        ``on_iter(k, W⁺)`` is called after every iteration (history recording).
+        ``on_iter(k, W⁺)`` is called after every iteration (history recording). One function on purpose: the hot
+        loop swaps its buffers in place and keeps the branchless form's device scalars in locals.
         """
         if lam < 0:
             raise ValueError(f"λ must be ≥ 0, got {lam}")
@@ -507,7 +508,7 @@ def _feasible_warm(problem: LayerProblem, pattern: Pattern, warm: LayerResult) -
                      problem, default_lambda(problem, pattern) if lam is None else float(lam)),
                  description="FISTAPruner: ℓ1 convex model by FISTA (restart, one matmul per iteration), "
                              "λ bisection, hard projection to the exact pattern, warm start SparseGPT/Wanda",
-                 options_from="_fista",
+                 options_from="_fista", l1_solver=fista_l1,
                  options={"warm_start": "sparsegpt | wanda | magnitude | ria | dense",
                           "iters": Option(help="iterations per round (K)", range="[0, inf)"),
                           "rounds": Option(help="rounds (T)", range="[0, inf)"),
@@ -541,11 +542,8 @@ def fista(problem: LayerProblem, pattern: Pattern, **options) -> LayerResult:
         return _fista(problem, pattern, **options)
 
 
-def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
-          xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
-          restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
-          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
-          gap_tol: float = 1e-6, check_every: int = 10) -> LayerResult:
+def _check_options(problem: LayerProblem, pattern: Pattern, iters: int, rounds: int, xi: float,
+                   lam_step: float) -> None:
     _check_pattern(pattern)
     pattern.validate(problem.shape)
     if iters < 0 or rounds < 0:
@@ -554,6 +552,57 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
         raise ValueError(f"xi (rounding-error share threshold) must be in (0, 1), got {xi}")
     if lam_step <= 1.0:
         raise ValueError(f"lam_step must be > 1, got {lam_step}")
+
+
+def _rounded(eng: "FistaEngine", pattern: Pattern, WK: torch.Tensor, debias_iters: int):
+    """The ℓ1 iterate ``WK`` projected onto the pattern (and debiased): ``(W, mask, error, record)``, the record
+    holding the rounding-error share of the rounded error, the errors and the ℓ1 iterate's nonzero count."""
+    mask = pattern.project(WK.abs())
+    WR = WK * mask
+    fK, fR = eng.objective(WK), eng.objective(WR)
+    share = (fR - fK) / fR if fR > 0 else 0.0
+    entry = {"share": share, "error_l1": fK, "error_rounded": fR, "nonzero_l1": int((WK != 0).sum())}
+    fC = fR
+    if debias_iters > 0:
+        WR = eng.masked_cg(WR, mask, debias_iters)
+        fC = eng.objective(WR)
+        entry["error_debiased"] = fC
+    return WR, mask, fC, entry
+
+
+def _next_lambda(lam: float, lo: float, hi: float, more: bool, step: float, first: float) -> tuple:
+    """λ's bracket search: ``more`` (rounding did too much of the work) raises the lower end to λ, otherwise the
+    upper end comes down to λ; the next λ is the bracket's geometric mean, or a ``step`` beyond its one finite
+    end (``first``·step when neither end is positive). Returns ``(λ, lo, hi)``."""
+    if more:
+        lo = lam      # rounding does too much of the work: more ℓ1 pressure
+    else:
+        hi = lam      # ℓ1 iterate already (nearly) as sparse as the target: less shrinkage
+    if lo > 0 and math.isfinite(hi):
+        return math.sqrt(lo * hi), lo, hi
+    if math.isfinite(hi):
+        return (hi / step if hi > 0 else 0.0), lo, hi
+    return (lo * step if lo > 0 else first * step), lo, hi
+
+
+def _refit(work: LayerProblem, W: torch.Tensor, mask: torch.Tensor, err: float, info: dict) -> tuple:
+    """The exact least-squares refit on ``mask``, kept when it lowers the error; recorded in ``info``."""
+    from .baselines import refit_weights
+    with Timer() as t_rf:
+        Wr = refit_weights(work, mask)
+    e_rf = work.objective(Wr)
+    info.update(error_before_refit=err, error_after_refit=e_rf, refit_time_s=t_rf.elapsed, refit_improved=e_rf < err)
+    if e_rf < err:
+        return Wr.to(work.W0.dtype), e_rf
+    return W, err
+
+
+def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", iters: int = 20, rounds: int = 3,
+          xi: float = 0.3, lam: Optional[float] = None, lam_scale: float = 0.1, lam_step: float = 4.0,
+          restart: Union[bool, str] = True, refit: bool = False, debias_iters: int = 0,
+          dtype: Optional[torch.dtype] = None, device=None, warm_options: Optional[dict] = None,
+          gap_tol: float = 1e-6, check_every: int = 10) -> LayerResult:
+    _check_options(problem, pattern, iters, rounds, xi, lam_step)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     home = problem.W0.device
@@ -592,33 +641,16 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
             if r == rounds:  # the certified duality gap of the last ℓ1 iterate, at its λ (float64)
                 cert = l1_certificate(work, lam_t, WK).as_dict()
                 cert.update(iterations=eng.last_iters, stopped_on_gap=eng.last_gap_stop)
-            mask = pattern.project(WK.abs())
-            WR = WK * mask
-            fK, fR = eng.objective(WK), eng.objective(WR)
-            share = (fR - fK) / fR if fR > 0 else 0.0
-            entry = {"round": r, "lam": lam_t, "share": share, "error_l1": fK, "error_rounded": fR,
-                     "nonzero_l1": int((WK != 0).sum())}
-            fC = fR
-            if debias_iters > 0:
-                WR = eng.masked_cg(WR, mask, debias_iters)
-                fC = eng.objective(WR)
-                entry["error_debiased"] = fC
+            WR, mask, fC, entry = _rounded(eng, pattern, WK, debias_iters)
+            entry = {"round": r, "lam": lam_t, **entry}
+            share = entry["share"]
             improved = fC < best_f
             entry["improved"] = improved
             log.append(entry)
             if improved:
                 best_W, best_mask, best_f, best_round = WR, mask, fC, r
             cur = best_W  # the next round starts from the best rounded iterate
-            if share > xi:
-                lo = lam_t      # rounding does too much of the work: more ℓ1 pressure
-            else:
-                hi = lam_t      # ℓ1 iterate already (nearly) as sparse as the target: less shrinkage
-            if lo > 0 and math.isfinite(hi):
-                lam_t = math.sqrt(lo * hi)
-            elif math.isfinite(hi):
-                lam_t = hi / lam_step if hi > 0 else 0.0
-            else:
-                lam_t = lo * lam_step if lo > 0 else lam_ref * lam_scale * lam_step
+            lam_t, lo, hi = _next_lambda(lam_t, lo, hi, share > xi, lam_step, lam_ref * lam_scale)
         W = best_W.to(work.W0.dtype)
         mask = best_mask
         err = work.objective(W)
@@ -637,14 +669,7 @@ def _fista(problem: LayerProblem, pattern: Pattern, *, warm_start="sparsegpt", i
                 "l1_certificate": cert,
                 "dtype": str(eng.dtype).replace("torch.", "")}
         if refit:
-            from .baselines import refit_weights
-            with Timer() as t_rf:
-                Wr = refit_weights(work, mask)
-            e_rf = work.objective(Wr)
-            info.update(error_before_refit=err, error_after_refit=e_rf, refit_time_s=t_rf.elapsed,
-                        refit_improved=e_rf < err)
-            if e_rf < err:
-                W, err = Wr.to(work.W0.dtype), e_rf
+            W, err = _refit(work, W, mask, err, info)
     W = W * mask.to(W.device)
     if not torch.isfinite(W).all():
         raise NumericalError(f"layer {problem.name!r}: FISTA result has NaN/Inf")

@@ -14,11 +14,12 @@ Both return ``values={"z": ...}``; the objective is ``Program.evaluate`` of that
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
-from .base import Backend, Capabilities, SolveResult, SolverUnavailable
-from .registry import register_backend
+from ..base import Backend, Capabilities, SolveResult, SolverUnavailable
+from ..registry import register_backend
 
 __all__ = ["BQPEnumerateBackend", "BQPGurobiBackend", "MAX_ENUMERATE"]
 
@@ -26,7 +27,7 @@ MAX_ENUMERATE = 20
 
 
 def _terms(program):
-    from ..formulations.depth import PairwiseCost
+    from ...formulations.depth import PairwiseCost
     if len(program.objective) != 1 or not isinstance(program.objective[0], PairwiseCost):
         raise SolverUnavailable("a BQP's objective must be one PairwiseCost term")
     t = program.objective[0]
@@ -49,9 +50,7 @@ class BQPEnumerateBackend(Backend):
                                 max_integer=MAX_ENUMERATE, note=f"exhaustive over 2^n selections, n ≤ {MAX_ENUMERATE}")
 
     def solve(self, program, **_) -> SolveResult:
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+        self.check(program)
         t0 = time.perf_counter()
         c, Q, rows, n = _terms(program)
         best, best_z = float("inf"), None
@@ -85,19 +84,19 @@ class BQPGurobiBackend(Backend):
 
     requires = "gurobipy"
 
-    def solve(self, program, *, time_limit: float | None = None, threads: int | None = None, **_) -> SolveResult:
-        if not self.available():
-            raise SolverUnavailable("gurobipy is not installed (pip install gurobipy)")
-        ok, why = self.supports(program)
-        if not ok:
-            raise SolverUnavailable(why)
+    @property
+    def statuses(self) -> dict:
+        from gurobipy import GRB
+        return {GRB.OPTIMAL: "optimal", GRB.TIME_LIMIT: "time_limit", GRB.INFEASIBLE: "infeasible"}
+
+    def build(self, program, *, time_limit: float | None = None, threads: int | None = None, **_):
         import gurobipy as gp
         from gurobipy import GRB
 
-        from .ref_gurobi import gurobi_env
-        t0 = time.perf_counter()
+        from .gurobi import gurobi_env
         c, Q, rows, n = _terms(program)
-        mdl = gp.Model(env=gurobi_env())
+        env = gurobi_env()
+        mdl = gp.Model(env=env)
         mdl.Params.OutputFlag = 0
         mdl.Params.MIPGap = 1e-9
         mdl.Params.MIPGapAbs = 1e-12
@@ -110,15 +109,16 @@ class BQPGurobiBackend(Backend):
         for a, sense, rhs in rows:
             expr = a.numpy() @ z
             mdl.addConstr(expr <= rhs if sense == "<=" else expr >= rhs if sense == ">=" else expr == rhs)
-        mdl.optimize()
-        dt = time.perf_counter() - t0
-        if mdl.Status == GRB.INFEASIBLE:
-            return SolveResult(self.name, "infeasible", time=dt)
+        return SimpleNamespace(program=program, env=env, mdl=mdl, z=z)
+
+    def optimize(self, model) -> None:
+        model.mdl.optimize()
+
+    def read_back(self, model, t0: float) -> SolveResult:
+        mdl, dt = model.mdl, time.perf_counter() - t0
+        status = self.status(mdl.Status)
         if mdl.SolCount == 0:
-            return SolveResult(self.name, "time_limit" if mdl.Status == GRB.TIME_LIMIT else "error", time=dt)
-        zv = torch.as_tensor(z.X, dtype=torch.float64).round()
-        proven = mdl.Status == GRB.OPTIMAL
-        return SolveResult(self.name, "optimal" if proven else ("time_limit" if mdl.Status == GRB.TIME_LIMIT
-                                                                 else str(mdl.Status)),
-                           objective=program.evaluate({"z": zv}), bound=float(mdl.ObjBound),
-                           gap=float(mdl.MIPGap), time=dt, values={"z": zv}, proven_optimal=proven)
+            return SolveResult(self.name, status if status in ("infeasible", "time_limit") else "error", time=dt)
+        zv = torch.as_tensor(model.z.X, dtype=torch.float64).round()
+        return SolveResult(self.name, status, objective=model.program.evaluate({"z": zv}), bound=float(mdl.ObjBound),
+                           gap=float(mdl.MIPGap), time=dt, values={"z": zv}, proven_optimal=status == "optimal")

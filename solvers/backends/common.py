@@ -12,6 +12,9 @@ numbers a solver takes — it contains no model of its own:
   ``½‖R w_i − y_i‖² = ½ w_iᵀ Ĥ w_i − b_iᵀ w_i + ½‖y_i‖²`` (the data form ``½‖W X̂ − W0 X‖²`` with ``X̂``
   replaced by the n×n factor ``R``: well conditioned and small for the solver).
 * :func:`bigm_bounds` — a big-M bound on ``|W_ij|`` that provably cuts off no optimal solution (below).
+* :func:`translate` — what the mixed-integer backends (Gurobi, SCIP) build their models from: the layout,
+  objective terms, variable bounds (binaries, grid codes, big-M or dead inputs fixed at 0), the row
+  quadratics around the unconstrained optimum and the shifted linear rows; :func:`bigm_ratio` after the solve.
 * :func:`finish_mask_solution` — rounds binaries, zeroes W off the support and (optionally) polishes W by
   the exact least-squares refit on the solver's support.
 
@@ -29,18 +32,46 @@ below 1 shows the bound was not active at the solution.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..formulations.patterns import LinearRow
-from ..formulations.programs import Indicator, L1Penalty, LayerObjective, LinearScore, Program
+from ...formulations.programs import L1Penalty, LayerObjective, LinearScore, Program
+from ..base import Backend, SolverUnavailable
 
 __all__ = ["Layout", "linear_rows", "row_quadratics", "gram_factor", "dead_columns", "bigm_bounds",
-           "feasible_start", "finish_mask_solution", "relative_gap", "STATUS_OPTIMAL"]
+           "feasible_start", "finish_mask_solution", "relative_gap", "STATUS_OPTIMAL", "Translation", "translate",
+           "bigm_ratio", "warm_start_values", "EnumerationBackend", "MAX_CANDIDATES"]
 
 STATUS_OPTIMAL = "optimal"
+#: the most candidates an enumeration backend tries
+MAX_CANDIDATES = 1 << 20
+
+
+class EnumerationBackend(Backend):
+    """A backend that solves by trying every candidate: it takes a program whose :meth:`candidates` count is
+    known (≥ 0) and at most :data:`MAX_CANDIDATES`."""
+
+    def candidates(self, program) -> int:  # pragma: no cover - interface
+        """How many candidates ``program`` needs (−1: this backend cannot enumerate it)."""
+        raise NotImplementedError
+
+    def refusal(self, program) -> str:
+        """Why a program that cannot be enumerated is refused."""
+        return f"{self.name} cannot enumerate this {program.kind}"
+
+    def supports(self, program):
+        ok, why = super().supports(program)
+        if not ok:
+            return ok, why
+        k = self.candidates(program)
+        if k < 0:
+            return False, self.refusal(program)
+        if k > MAX_CANDIDATES:
+            return False, f"{k} candidates > enumeration limit {MAX_CANDIDATES} (2^20); use gurobi/scip"
+        return True, ""
 
 
 class Layout:
@@ -229,7 +260,7 @@ def gram_factor(problem, rel_cut: float = 1e-13):
 
 def feasible_start(program: Program) -> Optional[dict]:
     """A feasible solution of an L0 program: the pattern's projection of |W0| and the exact refit on it."""
-    from .baselines import refit_weights
+    from ..methods.baselines import refit_weights
     problem, pattern = program.problem, program.pattern
     if problem is None or pattern is None:
         return None
@@ -288,6 +319,83 @@ def bigm_bounds(program: Program, safety: float = 1.05, max_ratio: float = 1e4):
     return M, {"bigm_upper": U, "bigm_max": float(M.max()), "bigm_dead_fixed": int(dead.sum())}
 
 
+@dataclass
+class Translation:
+    """A program as a mixed-integer backend builds it: the solver's variables are ``d = x − shift`` over the
+    flat vector of :class:`Layout` (the weights expanded around the unconstrained optimum, no large-term
+    cancellation), bounded by ``[lb, ub]`` (in ``x``), with the objective per output row
+    ``½ d_Sᵀ Q d_S + linᵀ d_S + const`` (``rows``), the ℓ1 and linear-score terms, and the linear rows
+    ``A d (sense) rhs`` (``rhs`` already shifted)."""
+    layout: Layout
+    quad: Optional[LayerObjective]
+    l1s: list
+    lins: list
+    lb: np.ndarray
+    ub: np.ndarray
+    binary: np.ndarray     # bool mask over the flat vector
+    integer: np.ndarray    # bool mask: general integers (grid codes)
+    M: Optional[np.ndarray]  # big-M bound on |W| (m × n), None when the indicators are not big-M rows
+    mode: str              # how indicators are modelled: 'bigm' | 'indicator' (as asked when there are none)
+    rows: list             # (positions, S, Q, lin, const) per output row (:func:`row_quadratics`)
+    shift: np.ndarray
+    A: object              # sparse CSR of the linear rows
+    sense: np.ndarray
+    rhs: np.ndarray
+    info: dict
+
+
+def translate(program: Program, indicator: str = "auto") -> Translation:
+    """Translate ``program`` for a mixed-integer backend; ``indicator``: 'auto' (big-M rows when a useful bound
+    exists, else indicator constraints), 'bigm' (refuse without a bound) or 'indicator'."""
+    lay = Layout(program)
+    quad, l1s, lins = objective_terms(program)
+    info: dict = {}
+    lb, ub = np.full(lay.size, -np.inf), np.full(lay.size, np.inf)
+    binary = lay.binary_mask()
+    lb[binary], ub[binary] = 0.0, 1.0
+    integer, ilo, ihi = lay.integer_bounds()  # grid codes
+    lb[integer], ub[integer] = ilo[integer], ihi[integer]
+    M, mode = None, indicator
+    if program.indicators():
+        if mode in ("auto", "bigm") and program.problem is not None:
+            M, binfo = bigm_bounds(program)
+            info.update(binfo)
+            if M is None and mode == "bigm":
+                raise SolverUnavailable(f"no big-M bound: {binfo.get('bigm')}")
+        mode = "bigm" if M is not None else "indicator"
+        info["indicator_mode"] = mode
+    if M is not None:
+        wpos = lay.positions("W").reshape(M.shape)
+        sel = wpos >= 0
+        lb[wpos[sel]] = -M[sel]
+        ub[wpos[sel]] = M[sel]
+    elif quad is not None:
+        dead = dead_columns(program.problem)
+        wpos = lay.positions(quad.var).reshape(program.problem.shape)
+        for p in wpos[:, dead].reshape(-1):
+            if p >= 0:
+                lb[p] = ub[p] = 0.0  # dead inputs do not change f: fixing them at 0 is exact
+    rows, shift = (row_quadratics(program, lay, quad.var, shifted=not l1s) if quad is not None
+                   else ([], np.zeros(lay.size)))
+    A, sense, rhs = linear_rows(program, lay)
+    return Translation(lay, quad, l1s, lins, lb, ub, binary, integer, M, mode, rows, shift, A, sense,
+                       rhs - A @ shift, info)
+
+
+def warm_start_values(program: Program, tr: Translation) -> Optional[np.ndarray]:
+    """The solver's variables ``d`` at :func:`feasible_start` (integer programs with a layer problem), or None."""
+    if not program.is_integer or program.problem is None:
+        return None
+    start = feasible_start(program)
+    return None if start is None else tr.layout.pack(start) - tr.shift
+
+
+def bigm_ratio(M: np.ndarray, values: dict) -> float:
+    """``max |W_ij| / M_ij`` of the returned weights: below 1 shows the big-M bound was not active."""
+    W = values["W"].cpu().numpy()
+    return float(np.where(M > 0, np.abs(W) / np.maximum(M, 1e-300), 0.0).max())
+
+
 def finish_mask_solution(program: Program, values: dict, *, polish: bool = True) -> tuple[dict, dict]:
     """Round binaries, zero W where its indicator binary is 0; optionally refit W exactly on that support.
 
@@ -316,7 +424,7 @@ def finish_mask_solution(program: Program, values: dict, *, polish: bool = True)
     if program.problem is not None and "W" in vals:
         info["objective_unpolished"] = program.evaluate(vals)
         if polish and program.is_quadratic and not any(isinstance(t, L1Penalty) for t in program.objective):
-            from .baselines import refit_weights
+            from ..methods.baselines import refit_weights
             mask = torch.ones_like(vals["W"], dtype=torch.bool)
             flat = mask.reshape(-1)
             for ind in inds:

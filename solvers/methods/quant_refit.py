@@ -21,13 +21,13 @@ from typing import Optional
 
 import torch
 
-from ..formulations.grid import Quantizer
-from ..formulations.patterns import Pattern, PatternError
-from ..formulations.problem import LayerProblem
-from .base import LayerResult, Timer
+from ...formulations.grid import Quantizer
+from ...formulations.patterns import Pattern, PatternError
+from ...formulations.problem import LayerProblem
+from ..base import LayerResult, Timer
+from ..registry import get_method, register_method
 from .baselines import SparseGPT, finish_layer, work_dtype
 from .gptq import require_grid
-from .registry import get_method, register_method
 
 __all__ = ["refit_scales", "quant_refit"]
 
@@ -73,7 +73,10 @@ def refit_scales(problem: LayerProblem, quantizer: Quantizer, W: torch.Tensor, *
                  description="least-squares refit of the grid scales for fixed codes, alternated with a "
                              "re-run of the start method (gptq) on the refitted grid; never worse than the start",
                  options={"start": "method choosing the codes: gptq | sparsegpt | rtn",
-                          "rounds": "refit + re-run rounds (0: the start only)"})
+                          "rounds": "refit + re-run rounds (0: the start only)"},
+                 # rounds=0 keeps the layer's fixed scales (its codes step only): how ``optprune verify`` compares
+                 # it with the fixed-scale grid program's optimum
+                 fixed_scale_options={"rounds": 0})
 def quant_refit(problem: LayerProblem, pattern: Pattern, *, start: str = "gptq", rounds: int = 2) -> LayerResult:
     pat = require_grid("quant-refit", pattern)
     start = str(start).strip().lower()
@@ -110,7 +113,3 @@ def quant_refit(problem: LayerProblem, pattern: Pattern, *, start: str = "gptq",
             "qparams": qz, "error_start": history[0], "error_history": history}
     return finish_layer(problem, W.to(work_dtype(problem)), mask, info)
 
-
-#: the options under which quant-refit keeps the layer's fixed scales (its codes step only): how ``optprune verify``
-#: compares it with the fixed-scale grid program's optimum
-quant_refit.fixed_scale_options = {"rounds": 0}
