@@ -254,6 +254,23 @@ def test_equal_widths_gives_a_stock_config_and_per_block_widths_say_how_to_load(
         assert torch.allclose(back(ids).logits, per(ids).logits, atol=1e-5)
 
 
+def test_equal_widths_that_the_config_refuses_say_so_in_the_loading_note(stories_dir, tmp_path):
+    """Equal widths whose head count the config class refuses (LlamaConfig wants hidden_size 64 divisible by the
+    6 query heads kept): the folder is optprune's per-block form, and its LOADING.md gives the real reason
+    instead of claiming the blocks differ."""
+    from optprune.llm_adapters import surgery
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, _ = optprune.prune(str(stories_dir), method="spap", sparsity=0.3, structure="heads", dataset=ids,
+                              equal_widths=True, progress=False)
+    info = optprune.save(model, tmp_path / "o")
+    assert info["uniform"] and not info["stock_loadable"]
+    note = (tmp_path / "o" / E.LOADING_FILE).read_text()
+    assert "same widths in every block that a stock config cannot state" in note and "multiple" in note
+    assert "different widths" not in note and "load_shrunk" in note
+    with torch.no_grad():
+        assert torch.allclose(surgery.load_shrunk(str(tmp_path / "o"))(ids).logits, model(ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra,msg", [
     ({"method": "wanda"}, "constrains structured methods"),
     ({"method": "spap", "allocation": "owl"}, "--allocation owl gives blocks different sparsities"),
