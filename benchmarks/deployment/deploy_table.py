@@ -94,6 +94,10 @@ def measure(label: str, path: Path, dense, ids, prompt, args, rows: list, dense_
     rec = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
     saved = rec.get("saved") or {}
     row["format"] = saved.get("save_format") or ("gguf" if _gguf_file(path) else "dense")
+    ppl = (rec.get("perplexity") or {}).get("wikitext2")
+    row["wikitext2"] = ppl.get("ppl") if isinstance(ppl, dict) else ppl
+    row["protocol"] = (rec.get("protocol") or {}).get("name") if isinstance(rec.get("protocol"), dict) \
+        else rec.get("protocol")
     g = _gguf_file(path)
     row["detail"] = saved.get("gguf_type") or (g.name.split(".")[-2].lower() if g is not None else "") or \
         {"hf": "safetensors", "optprune-shrunk": "safetensors, shrunk"}.get(saved.get("format"), "safetensors")
@@ -157,8 +161,8 @@ def render(doc: dict) -> str:
              f"{m['llama_cpp']}); speed: {m['threads']} threads, prefill {m['prefill']} tokens, decode "
              f"{m['decode']} tokens, medians of {m['repeats']} ABAB-alternated runs against the dense model.", "",
              "| output | format | size on disk | stock transformers loads it | llama.cpp (llama-cpp-python) | "
-             "prefill vs dense (transformers CPU) | decode vs dense (transformers CPU) |",
-             "|---|---|---|---|---|---|---|"]
+             "prefill vs dense (transformers CPU) | decode vs dense (transformers CPU) | WikiText-2 (run.json) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lc = r.get("llama_cpp", "– (not a GGUF file)")
         if r.get("llama_prefill_speedup"):
@@ -168,8 +172,9 @@ def render(doc: dict) -> str:
             else r["transformers"]
         if not r["transformers"].startswith("yes") and not str(r["optprune_load"]).startswith("no"):
             tf += f"; optprune's loader: yes ({r['optprune_load']})"
+        ppl = f"{r['wikitext2']:.2f} ({r.get('protocol') or '?'})" if r.get("wikitext2") else "–"
         lines.append(f"| {r['output']} | {r['format']} {r['detail']} | {r['bytes'] / 2 ** 20:.1f} MiB | "
-                     f"{tf} | {lc} | {sp[0]} | {sp[1]} |")
+                     f"{tf} | {lc} | {sp[0]} | {sp[1]} | {ppl} |")
     return "\n".join(lines) + "\n"
 
 
