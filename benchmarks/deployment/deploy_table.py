@@ -99,8 +99,10 @@ def measure(label: str, path: Path, dense, ids, prompt, args, rows: list, dense_
     row["protocol"] = (rec.get("protocol") or {}).get("name") if isinstance(rec.get("protocol"), dict) \
         else rec.get("protocol")
     g = _gguf_file(path)
+    shrunk = ("safetensors, smaller config" if saved.get("stock_loadable") else
+              "safetensors, per-block widths" if not saved.get("uniform") else "safetensors, widths the config refuses")
     row["detail"] = saved.get("gguf_type") or (g.name.split(".")[-2].lower() if g is not None else "") or \
-        {"hf": "safetensors", "optprune-shrunk": "safetensors, shrunk"}.get(saved.get("format"), "safetensors")
+        {"hf": "safetensors", "optprune-shrunk": shrunk}.get(saved.get("format"), "safetensors")
     ours = stock = None
     try:
         ours, _, meta = load_model(str(path), dtype=torch.float32)
@@ -167,9 +169,9 @@ def render(doc: dict) -> str:
         lc = r.get("llama_cpp", "– (not a GGUF file)")
         if r.get("llama_prefill_speedup"):
             lc += f"; prefill {r['llama_prefill_speedup']:.2f}×, decode {r['llama_decode_speedup']:.2f}× vs dense"
-        sp = [f"{r[k]:.2f}×" if k in r else "– (no Python loader)" for k in ("prefill_speedup", "decode_speedup")]
-        tf = r["transformers"] if r["transformers"].startswith("yes") or not r["optprune_load"].startswith("no") \
-            else r["transformers"]
+        via = "" if r["transformers"].startswith("yes") else " (optprune's load)"
+        sp = [f"{r[k]:.2f}×{via}" if k in r else "– (no Python loader)" for k in ("prefill_speedup", "decode_speedup")]
+        tf = r["transformers"]
         if not r["transformers"].startswith("yes") and not str(r["optprune_load"]).startswith("no"):
             tf += f"; optprune's loader: yes ({r['optprune_load']})"
         ppl = f"{r['wikitext2']:.2f} ({r.get('protocol') or '?'})" if r.get("wikitext2") else "–"
