@@ -90,7 +90,7 @@ def measure(label: str, path: Path, dense, ids, prompt, args, rows: list, dense_
     import torch
     from bench_models import _decode, _prefill
     from optprune.llm_adapters.loading import load_model
-    row = {"output": label, "path": str(path), "bytes": model_bytes(path)}
+    row = {"output": label, "path": Path(path).name, "bytes": model_bytes(path)}  # no machine paths
     rec = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
     saved = rec.get("saved") or {}
     row["format"] = saved.get("save_format") or ("gguf" if _gguf_file(path) else "dense")
