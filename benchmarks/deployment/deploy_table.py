@@ -160,7 +160,7 @@ def render(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"Measured by `benchmarks/deployment/deploy_table.py` on {m['model']} ({m['machine']}; torch "
              f"{m['torch']}, transformers {m['transformers']}, gguf {m['gguf']}, llama-cpp-python "
-             f"{m['llama_cpp']}); speed: {m['threads']} threads, prefill {m['prefill']} tokens, decode "
+             f"{m['llama_cpp']}); speed: {m['threads']} thread{'s' * (m['threads'] != 1)}, prefill {m['prefill']} tokens, decode "
              f"{m['decode']} tokens, medians of {m['repeats']} ABAB-alternated runs against the dense model.", "",
              "| output | format | size on disk | stock transformers loads it | llama.cpp (llama-cpp-python) | "
              "prefill vs dense (transformers CPU) | decode vs dense (transformers CPU) | WikiText-2 (run.json) |",
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                         print(f"[deploy_table] {label} → gguf {t}: refused: {e}", flush=True)
         for label, d in base_runs + runs + extra:
             measure(label, d, dense, ids, prompt, args, rows, dense_gguf)
-    doc = {"meta": {"model": args.model, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    doc = {"meta": {"model": args.model, "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}",
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "gguf": importlib.metadata.version("gguf"),
                     "llama_cpp": getattr(lc, "__version__", "not installed") if not isinstance(lc, str)
