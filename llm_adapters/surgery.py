@@ -485,16 +485,22 @@ def loading_note(record: dict) -> str:
                 "from transformers import AutoModelForCausalLM\n"
                 "model = AutoModelForCausalLM.from_pretrained(\"this/folder\")\n```\n\n"
                 f"`{WIDTHS_FILE}` records the widths of each block.\n")
-    why = record.get("note") or "the blocks have different widths, which one config value cannot state"
-    return ("A structurally pruned model whose blocks have **different widths** (" + why + "). `config.json` "
+    if record.get("uniform"):  # the same widths everywhere, but the config class refuses them
+        what = f"with the same widths in every block that a stock config cannot state ({record.get('note')})"
+        advice = ("For tools that read only stock configs, keep a head count that the config accepts (e.g. prune "
+                  "the MLP only)")
+    else:
+        what = "whose blocks have **different widths** (which one config value cannot state)"
+        advice = ("For tools that read only stock configs (vLLM, llama.cpp through transformers), prune with "
+                  "`--equal-widths` (the same widths in every block)")
+    return (f"A structurally pruned model {what}. `config.json` "
             "keeps the dense widths, so stock `from_pretrained` stops on a size mismatch instead of loading "
             f"something wrong; `{WIDTHS_FILE}` records each block's MLP width and head counts. Load it with "
             "optprune (it builds each block at its recorded width, then loads the weights):\n\n```python\n"
             "from optprune.llm_adapters.surgery import load_shrunk\n"
             "model = load_shrunk(\"this/folder\")          # a transformers PreTrainedModel\n```\n\n"
-            "or `optprune eval --model this/folder`. For tools that read only stock configs (vLLM, llama.cpp "
-            "through transformers), prune with `--equal-widths` (the same widths in every block); for llama.cpp, "
-            "`--save-format gguf` writes the per-block widths as per-layer arrays, which llama.cpp reads.\n")
+            f"or `optprune eval --model this/folder`. {advice}; for llama.cpp, `--save-format gguf` writes the "
+            "per-block widths as per-layer arrays, which llama.cpp reads.\n")
 
 
 def _state_dict_from_dir(path: str) -> dict:

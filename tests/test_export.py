@@ -254,6 +254,23 @@ def test_equal_widths_gives_a_stock_config_and_per_block_widths_say_how_to_load(
         assert torch.allclose(back(ids).logits, per(ids).logits, atol=1e-5)
 
 
+def test_equal_widths_that_the_config_refuses_say_so_in_the_loading_note(stories_dir, tmp_path):
+    """Equal widths whose head count the config class refuses (LlamaConfig wants hidden_size 64 divisible by the
+    6 query heads kept): the folder is optprune's per-block form, and its LOADING.md gives the real reason
+    instead of claiming the blocks differ."""
+    from optprune.llm_adapters import surgery
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, _ = optprune.prune(str(stories_dir), method="spap", sparsity=0.3, structure="heads", dataset=ids,
+                              equal_widths=True, progress=False)
+    info = optprune.save(model, tmp_path / "o")
+    assert info["uniform"] and not info["stock_loadable"]
+    note = (tmp_path / "o" / E.LOADING_FILE).read_text()
+    assert "same widths in every block that a stock config cannot state" in note and "multiple" in note
+    assert "different widths" not in note and "load_shrunk" in note
+    with torch.no_grad():
+        assert torch.allclose(surgery.load_shrunk(str(tmp_path / "o"))(ids).logits, model(ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra,msg", [
     ({"method": "wanda"}, "constrains structured methods"),
     ({"method": "spap", "allocation": "owl"}, "--allocation owl gives blocks different sparsities"),
@@ -307,3 +324,41 @@ def test_dense_2of4_output_runs_on_torchao_semi_structured_kernels(tmp_path, kin
     tol = {"plain": 2e-2, "int8": 0.5, "int4": 1.0}[kind]
     assert (a - b).abs().max().item() < tol * a.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > {"plain": 0.99, "int8": 0.9, "int4": 0.8}[kind]
+
+
+# One prune per format the CLI offers; a format added to the registry must be added here.
+OFFERED = {"dense": ["--method", "wanda", "--pattern", "2:4"],
+           "gguf": ["--method", "wanda", "--pattern", "2:4", "--gguf-type", "f32"],
+           "compressed-sparse-legacy": ["--method", "wanda", "--pattern", "2:4"],
+           "pack-quantized": ["--method", "rtn", "--quant", "w8"]}
+
+
+@pytest.mark.parametrize("fmt", E.save_formats())
+def test_every_offered_format_loads_with_the_installed_transformers_or_is_refused_up_front(fmt, stories_dir,
+                                                                                          tmp_path, capsys):
+    """`optprune prune --save-format F` for every F the CLI offers: either the output folder loads with stock
+    `AutoModelForCausalLM.from_pretrained` (a GGUF output with `gguf_file=`) of the transformers installed here
+    and computes the logits of the same prune made in memory, or the run stops before any work (exit 2, one
+    line, nothing written) — which of the two depends on the libraries installed."""
+    assert set(OFFERED) == set(E.save_formats()), "a registered --save-format has no case here"
+    text = _text_file(tmp_path / "calib.txt")
+    opts = OFFERED[fmt]
+    out = tmp_path / "o"
+    rc = main(["prune", "-q", "--model", str(stories_dir), *opts, "--dataset", str(text), "--nsamples", "4",
+               "--seqlen", "64", "--no-eval", "--save-format", fmt, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if rc == 2:
+        assert len(err) == 1 and err[0].startswith("optprune prune: error: ") and not out.exists(), err
+        return
+    assert rc == 0, err
+    ggufs = sorted(out.glob("*.gguf"))
+    kw = {"gguf_file": ggufs[0].name} if ggufs else {}
+    stock = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, **kw).eval()
+    api = {o.lstrip("-").replace("-", "_"): v for o, v in zip(opts[::2], opts[1::2]) if o != "--gguf-type"}
+    model, _ = optprune.prune(str(stories_dir), dataset=str(text), nsamples=4, seqlen=64, evaluate=False,
+                              progress=False, **api)
+    ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = stock(ids).logits, model.float()(ids).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4), \
+        (fmt, float((got - want).abs().max()))

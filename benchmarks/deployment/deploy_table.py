@@ -90,13 +90,19 @@ def measure(label: str, path: Path, dense, ids, prompt, args, rows: list, dense_
     import torch
     from bench_models import _decode, _prefill
     from optprune.llm_adapters.loading import load_model
-    row = {"output": label, "path": str(path), "bytes": model_bytes(path)}
+    row = {"output": label, "path": Path(path).name, "bytes": model_bytes(path)}  # no machine paths
     rec = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
     saved = rec.get("saved") or {}
     row["format"] = saved.get("save_format") or ("gguf" if _gguf_file(path) else "dense")
+    ppl = (rec.get("perplexity") or {}).get("wikitext2")
+    row["wikitext2"] = ppl.get("ppl") if isinstance(ppl, dict) else ppl
+    row["protocol"] = (rec.get("protocol") or {}).get("name") if isinstance(rec.get("protocol"), dict) \
+        else rec.get("protocol")
     g = _gguf_file(path)
+    shrunk = ("safetensors, smaller config" if saved.get("stock_loadable") else
+              "safetensors, per-block widths" if not saved.get("uniform") else "safetensors, widths the config refuses")
     row["detail"] = saved.get("gguf_type") or (g.name.split(".")[-2].lower() if g is not None else "") or \
-        {"hf": "safetensors", "optprune-shrunk": "safetensors, shrunk"}.get(saved.get("format"), "safetensors")
+        {"hf": "safetensors", "optprune-shrunk": shrunk}.get(saved.get("format"), "safetensors")
     ours = stock = None
     try:
         ours, _, meta = load_model(str(path), dtype=torch.float32)
@@ -154,22 +160,23 @@ def render(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"Measured by `benchmarks/deployment/deploy_table.py` on {m['model']} ({m['machine']}; torch "
              f"{m['torch']}, transformers {m['transformers']}, gguf {m['gguf']}, llama-cpp-python "
-             f"{m['llama_cpp']}); speed: {m['threads']} threads, prefill {m['prefill']} tokens, decode "
+             f"{m['llama_cpp']}); speed: {m['threads']} thread{'s' * (m['threads'] != 1)}, prefill {m['prefill']} tokens, decode "
              f"{m['decode']} tokens, medians of {m['repeats']} ABAB-alternated runs against the dense model.", "",
              "| output | format | size on disk | stock transformers loads it | llama.cpp (llama-cpp-python) | "
-             "prefill vs dense (transformers CPU) | decode vs dense (transformers CPU) |",
-             "|---|---|---|---|---|---|---|"]
+             "prefill vs dense (transformers CPU) | decode vs dense (transformers CPU) | WikiText-2 (run.json) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lc = r.get("llama_cpp", "– (not a GGUF file)")
         if r.get("llama_prefill_speedup"):
             lc += f"; prefill {r['llama_prefill_speedup']:.2f}×, decode {r['llama_decode_speedup']:.2f}× vs dense"
-        sp = [f"{r[k]:.2f}×" if k in r else "– (no Python loader)" for k in ("prefill_speedup", "decode_speedup")]
-        tf = r["transformers"] if r["transformers"].startswith("yes") or not r["optprune_load"].startswith("no") \
-            else r["transformers"]
+        via = "" if r["transformers"].startswith("yes") else " (optprune's load)"
+        sp = [f"{r[k]:.2f}×{via}" if k in r else "– (no Python loader)" for k in ("prefill_speedup", "decode_speedup")]
+        tf = r["transformers"]
         if not r["transformers"].startswith("yes") and not str(r["optprune_load"]).startswith("no"):
             tf += f"; optprune's loader: yes ({r['optprune_load']})"
+        ppl = f"{r['wikitext2']:.2f} ({r.get('protocol') or '?'})" if r.get("wikitext2") else "–"
         lines.append(f"| {r['output']} | {r['format']} {r['detail']} | {r['bytes'] / 2 ** 20:.1f} MiB | "
-                     f"{tf} | {lc} | {sp[0]} | {sp[1]} |")
+                     f"{tf} | {lc} | {sp[0]} | {sp[1]} | {ppl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +242,7 @@ def main(argv=None) -> int:
                         print(f"[deploy_table] {label} → gguf {t}: refused: {e}", flush=True)
         for label, d in base_runs + runs + extra:
             measure(label, d, dense, ids, prompt, args, rows, dense_gguf)
-    doc = {"meta": {"model": args.model, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    doc = {"meta": {"model": args.model, "machine": f"{platform.machine()}, torch threads: {torch.get_num_threads()}",
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "gguf": importlib.metadata.version("gguf"),
                     "llama_cpp": getattr(lc, "__version__", "not installed") if not isinstance(lc, str)
