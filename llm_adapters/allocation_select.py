@@ -43,8 +43,10 @@ from torch import nn
 
 from ..formulations.allocation import DEFAULT_S_MAX, AllocationError
 from ..solvers.allocation import allocate
+from ..solvers.serialization import to_json
 from ..solvers.spectra import AGGREGATES, SHAPE_METRICS
 from .architectures import ArchSpec, get_arch, linear_weight
+from .devices import model_device
 from .stats import InputStats
 
 __all__ = ["error_curves", "block_upper_bounds", "proxy_error", "one_pass_loss", "heldout_loss", "selection_candidates",
@@ -60,15 +62,6 @@ OBS_CURVE_ROWS = 64        # output rows per matrix the SparseGPT error curve is
 MAX_PROXY_TOKENS = 4096    # held-out tokens of the one-forward proxy (the finalists are scored on all of them)
 
 
-def _arch(model, arch) -> ArchSpec:
-    return arch if isinstance(arch, ArchSpec) else get_arch(model)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    from .allocation import _model_device
-    return _model_device(model)
-
-
 # ============================================================================================ error curves
 @torch.no_grad()
 def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Tensor, *,
@@ -78,9 +71,9 @@ def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Ten
     Linears of one block that read the same tensor (q/k/v, gate/up) share one Gram object (counted once).
     """
     from .allocation import prunable_matrices
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
-    dev = _device_of(model)
+    dev = model_device(model)
     grams: dict = {}
     alias: dict = {}
     live: dict = {}   # (block, data_ptr, shape) → (input tensor kept alive, name) within the current block
@@ -202,7 +195,7 @@ def error_curves(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Te
         raise AllocationError(f"unknown error-curve rule {rule!r}; choose wanda or obs")
     from .allocation import prunable_matrices
     t0 = time.perf_counter()
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
     rows = max(1, min(ids.shape[0], max_tokens // max(1, ids.shape[1])))
     ids = ids[:rows]
@@ -277,7 +270,7 @@ def one_pass_loss(model: nn.Module, arch: Optional[ArchSpec], sq_norms: dict, ta
     activation norms (every matrix at once, no sequential pass, no solver) — one forward over ``held``. The
     weights are restored before returning."""
     from .allocation import prunable_matrices
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     saved = []
     try:
         for name, bi, sub, mod in prunable_matrices(model, arch):
@@ -301,7 +294,7 @@ def heldout_loss(model: nn.Module, ids: torch.Tensor, *, device=None) -> float:
     """Mean token NLL (nats) of ``model`` on the held-out calibration sequences (each row its own window)."""
     from .evaluation import perplexity
     ids = torch.as_tensor(ids)
-    orig = _device_of(model)
+    orig = model_device(model)
     dev = torch.device(device) if device is not None else orig
     model.to(dev)
     try:
@@ -342,10 +335,10 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                       finalists: int = DEFAULT_FINALISTS, holdout: Optional[int] = None,
                       rows: Optional[int] = None, progress: bool = False) -> tuple[dict, dict]:
     """``--allocation auto`` (module doc): per-sub-layer targets of the chosen candidate and the selection record."""
-    from .allocation import _jsonable, model_spectra, prunable_matrices
+    from .allocation import model_spectra, prunable_matrices
     from .pipeline import prune_model
     t0 = time.perf_counter()
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
     n = int(ids.shape[0])
     h = int(holdout) if holdout is not None else max(1, n // 4)
@@ -447,7 +440,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
             "units": list(best["unit_sparsities"]), "unit_sparsities": list(best["unit_sparsities"].values()),
             "targets": targets, "weighted_mean": float((p * s).sum() / p.sum()), "min": float(s.min()),
             "max": float(s.max()), "time_s": time.perf_counter() - t0}
-    return targets, _jsonable(info)
+    return targets, to_json(info, string_keys=False)
 
 
 # ============================================================================================ plot

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..formulations.allocation import AllocationError
 from ..solvers.allocation import allocate
+from ..solvers.serialization import to_json
 from ..solvers.spectra import AGGREGATES, MIN_TAIL, SHAPE_METRICS, aggregate_metric
-from .allocation import (OWL_M, _arch, _calib_from, _jsonable, activation_sq_norms, model_spectra,
-                         owl_outlier_ratios, parse_allocation, prunable_matrices, reference_check)
-from .architectures import ArchSpec, linear_weight
+from .allocation import (OWL_M, activation_sq_norms, calibration_ids, model_spectra, owl_outlier_ratios,
+                         parse_allocation, prunable_matrices, reference_check)
+from .architectures import ArchSpec, get_arch, linear_weight
 
 __all__ = ["layer_sparsities"]
 
@@ -43,11 +44,11 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     ``fit_options`` go to :func:`~optprune.solvers.spectra.fit_power_law` (e.g. ``peak_limit=False``).
     """
     t0 = time.perf_counter()
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     key, sopts = parse_allocation(allocation)
     if key == "auto":
         from .allocation_select import select_allocation
-        ids = _calib_from(calib_ids, data)
+        ids = calibration_ids(calib_ids, data)
         if ids is None:
             raise AllocationError("the auto allocation needs calibration data (calib_ids)")
         if prune_config is None:
@@ -92,7 +93,7 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
         opts["aggregate"] = aggregate
         info["matrices"] = {n: by_name[n].to_dict() for n in records}
     elif key == "owl":
-        ids = _calib_from(calib_ids, data)
+        ids = calibration_ids(calib_ids, data)
         if ids is None:
             raise AllocationError("the owl allocation needs calibration data (calib_ids) for the Wanda scores")
         M = float(opts.pop("M", sopts.get("M", OWL_M)))
@@ -104,7 +105,7 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
     bounds_info = None
     if bounds is True:
         from .allocation_select import block_upper_bounds, curve_grid, curve_rule, error_curves
-        ids = _calib_from(calib_ids, data)
+        ids = calibration_ids(calib_ids, data)
         if ids is None:
             raise AllocationError("per-block bounds are measured on calibration data (calib_ids)")
         rule = curve_rule(getattr(prune_config, "method", None))
@@ -135,4 +136,4 @@ def layer_sparsities(model: nn.Module, arch: Optional[ArchSpec], allocation: str
         info["alpha_per_block_aggregate"] = {
             b: aggregate_metric([a for a, _, _ in v], [t for _, t, _ in v], aggregate) for b, v in per.items()}
         info["small_tails"] = sorted(n for v in per.values() for _, t, n in v if t < MIN_TAIL)
-    return targets, _jsonable(info)
+    return targets, to_json(info, string_keys=False)

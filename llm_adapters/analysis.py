@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..solvers.allocation import ALLOCATIONS
+from ..solvers.serialization import to_json
 from .allocation import AllocationError, model_spectra
 from .allocation_targets import layer_sparsities
 from .architectures import get_arch
@@ -252,8 +253,7 @@ def analyze(model, sparsity: float = 0.7, allocation: str = "alpha", allocation_
                                   sum(1 for s in spectra if s.block == b) for b in blocks},
               "matrices": [s.to_dict() for s in spectra], "allocations": allocs, "notes": notes,
               "plots": {"esd": esd, "layers": layers}, "time_s": time.perf_counter() - t0}
-    from .allocation import _jsonable
-    record = _jsonable(record)
+    record = to_json(record, string_keys=False)
     jpath = out / "analysis.json"
     with open(jpath, "w") as fh:
         json.dump(record, fh, indent=1)

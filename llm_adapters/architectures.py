@@ -129,7 +129,7 @@ def register_arch(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
     return spec
 
 
-def _table_entry(model_type) -> Optional[ArchSpec]:
+def table_entry(model_type) -> Optional[ArchSpec]:
     for a in ARCHITECTURES.values():
         if model_type in a.model_types:
             return a
@@ -144,7 +144,7 @@ def get_arch(model_or_config) -> ArchSpec:
     if isinstance(explicit, ArchSpec):
         return explicit
     cfg = getattr(model_or_config, "config", model_or_config)
-    entry = _table_entry(getattr(cfg, "model_type", None))
+    entry = table_entry(getattr(cfg, "model_type", None))
     if entry is not None:
         return entry
     if isinstance(model_or_config, nn.Module):
@@ -156,7 +156,7 @@ def arch_from_config(config) -> ArchSpec:
     """The architecture of the model a config describes, before any weight exists: the table entry of its model
     type, else :func:`infer_arch` on the model built on the ``meta`` device."""
     mt = getattr(config, "model_type", None)
-    entry = _table_entry(mt)
+    entry = table_entry(mt)
     if entry is not None:
         return entry
     from transformers import AutoModelForCausalLM

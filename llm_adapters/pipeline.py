@@ -65,7 +65,9 @@ from torch import nn
 
 from ..formulations import NumericalError, PatternError, parse_pattern
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
+from ..solvers.serialization import to_json
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
+from .devices import parameter_devices
 from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
@@ -143,8 +145,9 @@ def _same(a, b) -> bool:
         return False
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    devs = {p.device for p in model.parameters()}
+def _single_device(model: nn.Module) -> torch.device:
+    """The one device holding all of the model's parameters; :class:`PipelineError` when they are spread."""
+    devs = parameter_devices(model)
     if len(devs) != 1:
         raise PipelineError(f"the model is spread over several devices ({', '.join(map(str, sorted(devs, key=str)))}); "
                             f"load it on one device (the pipeline moves one block at a time to the compute device)")
@@ -173,31 +176,7 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(dtype=torch.float32, copy=True).contiguous()
 
 
-def _jsonable(v):
-    if isinstance(v, bool) or isinstance(v, str):
-        return v
-    if isinstance(v, dict):  # e.g. info["graph"] (graph metrics of the mask)
-        d = {str(k): _jsonable(x) for k, x in v.items()}
-        return {k: x for k, x in d.items() if x is not None}
-    if isinstance(v, (list, tuple)) and len(v) <= 64:
-        items = [_jsonable(x) for x in v]
-        return None if any(x is None for x in items) else items
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return v
-    if torch.is_tensor(v) and v.numel() == 1:
-        return v.item()
-    try:
-        import numpy as np
-        if isinstance(v, np.generic) and v.size == 1:
-            return v.item()
-    except Exception:  # pragma: no cover
-        pass
-    return None
-
-
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -252,7 +231,7 @@ class BlockInputs:
         return BlockInputs(self.hidden if hidden is None else hidden, batches, self.per_block)
 
 
-def _batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+def forward_batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
     if config_bs is not None:
         return int(config_bs)
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
@@ -333,7 +312,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
     saved = list(blocks)
     nb = len(saved)
     n, L = calib_ids.shape
-    bs = _batch_size(batch_size, n, L)
+    bs = forward_batch_size(batch_size, n, L)
     batches = row_batches(n, L, bs, lengths)
     state = {"hidden": None, "cur": None, "seen": None}
     per_block = [[] for _ in range(nb)]
@@ -356,7 +335,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         for i, b in enumerate(saved):
             blocks[i] = _Recorder(b, i, store, last=i == nb - 1)
         # the blocks aside: embeddings, positional tables, norms (and the head); a one-block view has none
-        orig = _model_device(model) if any(True for _ in model.parameters()) else _model_device(saved[0])
+        orig = _single_device(model) if any(True for _ in model.parameters()) else _single_device(saved[0])
         dev = torch.device(device) if device is not None else orig
         intern = _Interner(dev)
         moved = dev != orig
@@ -383,7 +362,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
     return BlockInputs(state["hidden"], per_block[0], per_block)
 
 
-def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+def call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
     p = next(block.parameters(), None)  # activations may be stored in another dtype/device (--low-memory)
     if p is not None and (h.dtype != p.dtype or h.device != p.device):
         h = h.to(p.device, p.dtype)
@@ -397,7 +376,7 @@ def forward_block(block: nn.Module, inputs: BlockInputs, out: Optional[torch.Ten
     if out is None:
         out = torch.empty_like(inputs.hidden)
     for sl, args, kw in inputs.batches:
-        out[sl] = _call_block(block, inputs.hidden[sl], args, kw)
+        out[sl] = call_block(block, inputs.hidden[sl], args, kw)
     return out
 
 
@@ -411,7 +390,7 @@ def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
 
     handle = get_module(block, path).register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        _call_block(block, h, args, kw)
+        call_block(block, h, args, kw)
     except _Stop:
         pass
     finally:
@@ -551,7 +530,7 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
         raise PipelineError(f"unknown device {config.device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device 'cuda' asked for but CUDA is not available")
-    _model_device(model)
+    _single_device(model)
     return _Plan(arch, spec, sel, units, nb, dev)
 
 
@@ -587,7 +566,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     plan = validate_config(model, config, calib_ids)  # nothing is touched before this passes
     arch, spec, dev = plan.arch, plan.spec, plan.device
     surgery = importlib.import_module(f"{__package__}.surgery") if spec.structured else None
-    orig_dev = _model_device(model)
+    orig_dev = _single_device(model)
     was_training = model.training
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -673,9 +652,9 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     tot = sum(math.prod(r["shape"]) for r in layers_rec)
     zeros = sum(r["sparsity"] * math.prod(r["shape"]) for r in layers_rec)
     res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
-           "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
+           "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
            "device": str(dev), "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": _batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": forward_batch_size(config.batch_size, *calib_ids.shape),
            "tokens": int(sum(config.calib_lengths)) if config.calib_lengths is not None else int(calib_ids.numel())}
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
@@ -728,7 +707,7 @@ def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt,
             handles.append(get_module(block, s).register_forward_pre_hook(make(i), with_kwargs=True))
         for sl, args, kw in inputs.batches:
             try:
-                y = _call_block(block, inputs.hidden[sl], args, kw)
+                y = call_block(block, inputs.hidden[sl], args, kw)
             except _Stop:
                 continue
             if out is not None:
@@ -768,7 +747,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     qparams = (res.info or {}).pop("qparams", None)  # a grid's scales: kept on the module for the exporter
     rec = {}
     for k, v in (res.info or {}).items():
-        j = _jsonable(v)
+        j = to_json(v, compact=True)
         if j is not None:
             rec[k] = j
     if "time_s" in rec:
@@ -798,7 +777,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     else:  # structured: surgery removes the groups and writes the refitted weights into the shrunk layer
         info = surgery.apply_structured(model, arch, bi, kind, res, pat) or {}
         for k, v in info.items():
-            j = _jsonable(v)
+            j = to_json(v, compact=True)
             if j is not None:
                 rec.setdefault(f"surgery_{k}" if k in rec else k, j)
         written = linear_weight(get_module(block, sub), tr)
@@ -820,5 +799,5 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
                sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
                stats="gram" if full else "diag", nsamples=problem.nsamples)
     if certificate is not None:
-        rec["certificate"] = _jsonable(certificate)
+        rec["certificate"] = to_json(certificate, compact=True)
     return rec

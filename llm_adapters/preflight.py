@@ -332,7 +332,7 @@ def check_model_source(model, model_dir=None, *, what: str = "--model", tokenize
 
     Returns ``{"config": dict or None, "bytes": int, "path": Path}``, or ``None`` for a hub id (checked by the
     loader). Missing or damaged files raise :class:`PreflightError` naming the file."""
-    from .loading import ModelNotFoundError, _locate
+    from .loading import ModelNotFoundError, locate_model as _locate
     p = Path(str(model)).expanduser()
     if p.is_dir() and (p / "config.json").exists() and not (p / "config.json").is_file():
         raise PreflightError(f"{p / 'config.json'}: not a readable file")
@@ -362,7 +362,7 @@ def model_metadata(model, model_dir=None) -> Optional[dict]:
 
 # ============================================================================================ output, data
 def _local_dir(model, model_dir=None) -> Optional[Path]:
-    from .loading import _ALIASES, builtin_path
+    from .loading import MODEL_ALIASES as _ALIASES, builtin_path
     name = str(model)
     key = _ALIASES.get(name.strip().lower())
     try:

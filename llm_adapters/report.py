@@ -1,8 +1,9 @@
 """The run record and the terminal: what a run measured, on which machine and versions, and its summary.
 
 Shared by ``optprune prune`` (:mod:`.engine`) and ``optprune eval`` (:mod:`.run`): versions and machine,
-JSON-ready values, prunable-weight counts, perplexities per protocol, KL/top-1 against a reference, saving a
-pruned model, and the summaries printed at the end of a run.
+prunable-weight counts, perplexities per protocol, KL/top-1 against a reference, and the summaries printed at
+the end of a run. Values become JSON through :func:`optprune.solvers.serialization.to_json`; the pruned model is
+written by :mod:`.saving`.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import torch
 
 from . import data as D
 from .evaluation import perplexity
-from .pipeline import _peak_rss_mb  # noqa: F401  (re-exported for the run record)
 from .settings import RUN_FILE, RunError
 
-__all__ = ["RUN_FILE", "HELDOUT_SEQLEN"]
+__all__ = ["RUN_FILE", "HELDOUT_SEQLEN", "library_versions", "machine_info", "count_prunable", "perplexities",
+           "reference_divergence", "in_memory_meta", "print_prune_header", "print_prune_summary",
+           "print_eval_summary"]
 
-def _versions() -> dict:
+
+def library_versions() -> dict:
     import numpy
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
@@ -47,7 +50,7 @@ def _versions() -> dict:
     return out
 
 
-def _machine(device: str) -> dict:
+def machine_info(device: str) -> dict:
     m = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     try:
@@ -63,24 +66,6 @@ def _machine(device: str) -> dict:
     return m
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if torch.is_tensor(v):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
 def _prunable(model, arch):
     from .architectures import get_module, linear_weight
     blocks = get_module(model, arch.blocks)
@@ -89,7 +74,7 @@ def _prunable(model, arch):
             yield f"{arch.blocks}.{bi}.{sub}", linear_weight(get_module(block, sub), sub in arch.transposed)
 
 
-def _count_prunable(model, arch) -> tuple[int, int]:
+def count_prunable(model, arch) -> tuple[int, int]:
     """(number of weights, number of nonzero weights) over the prunable sub-layers."""
     tot = nz = 0
     for _, W in _prunable(model, arch):
@@ -98,7 +83,7 @@ def _count_prunable(model, arch) -> tuple[int, int]:
     return tot, nz
 
 
-def _perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
+def perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
     out = {}
     model.to(device)
     for name in s["eval_datasets"]:
@@ -123,7 +108,7 @@ def _check_reference_hook():
 HELDOUT_SEQLEN = 512
 
 
-def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+def reference_divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
     """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
     first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
     ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
@@ -149,34 +134,7 @@ def _divergence(model, tok, reference, s, *, model_dir, data_dir, device, progre
     return out
 
 
-def _save(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
-          pattern=None, format_options=None) -> dict:
-    """Write the model (+ tokenizer) through ``export.save_model`` (format, dtype, format options). A structured
-    method's shrunk model in the dense format goes through ``surgery.save_shrunk`` (which writes
-    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config) and gets a loading note."""
-    from . import export
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.to("cpu")
-    info = {"path": str(out_dir.resolve())}
-    opts = {k: v for k, v in (format_options or {}).items() if v is not None}
-    if not spec.structured or save_format != "dense":
-        info.update(export.save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
-                                      layers=layers, pattern=pattern, structured=spec.structured, **opts))
-        return info
-    if dtype is not None:
-        model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
-        info["dtype"] = str(dtype).replace("torch.", "")
-    # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
-    from . import surgery
-    widths = surgery.save_shrunk(model, str(out_dir), arch)
-    info.update(save_format="dense", format="optprune-shrunk", stock_loadable=bool(widths.get("stock_loadable")),
-                uniform=bool(widths.get("uniform")))
-    tok.save_pretrained(str(out_dir))
-    export.write_loading_note(out_dir, surgery.loading_note(widths))
-    return info
-
-
-def _memory_meta(model, label) -> dict:
+def in_memory_meta(model, label) -> dict:
     from .loading import count_parameters
     cfg = model.config
     return {"name": str(label), "source": "in-memory", "format": "in-memory",
@@ -214,7 +172,7 @@ def _budget_text(sparsity, speedup=None, flops=None) -> str:
     return f"speed-up {speedup:g}" if speedup else f"FLOPs {flops:g}" if flops else f"sparsity {sparsity:.2f}"
 
 
-def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
+def print_prune_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
                   flops=None) -> None:
     file = file or sys.stderr
     calib = "none (data-free method)" if s["calibration"] == "none" else \
@@ -228,7 +186,7 @@ def _print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_
           f"{out_dir if out_dir else '(not saved)'} · {nt} thread{'s' if nt != 1 else ''}", file=file, flush=True)
 
 
-def _print_prune_summary(record: dict, out_dir, file=None) -> None:
+def print_prune_summary(record: dict, out_dir, file=None) -> None:
     file = file or sys.stdout
     c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
     pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
@@ -289,7 +247,7 @@ def _print_prune_summary(record: dict, out_dir, file=None) -> None:
               f"{sv.get('dtype', '')}{size})", file=file)
 
 
-def _print_eval_summary(record: dict, out_file, file=None) -> None:
+def print_eval_summary(record: dict, out_file, file=None) -> None:
     file = file or sys.stdout
     p = record["protocol"]
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "

@@ -33,8 +33,13 @@ from pathlib import Path
 from typing import Optional
 
 from .evaluation import zero_shot
-from .report import (_check_reference_hook, _divergence, _jsonable, _machine, _peak_rss_mb,  # noqa: F401
-                     _perplexities, _print_eval_summary, _save, _versions)
+from ..solvers.serialization import to_json as _jsonable  # noqa: F401
+from .pipeline import peak_rss_mb as _peak_rss_mb
+from .report import _check_reference_hook
+from .report import library_versions as _versions, machine_info as _machine  # noqa: F401
+from .report import perplexities as _perplexities, print_eval_summary as _print_eval_summary
+from .report import reference_divergence as _divergence
+from .saving import save_pruned_model as _save  # noqa: F401
 from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, _clip_to_context, _default_device,  # noqa: F401
                        _protocol_record, _split_list, check_run_options, check_sizes, log, model_sizes,
                        resolve_settings)

@@ -92,7 +92,7 @@ def available_memory() -> Optional[int]:
 
 # ============================================================================================ settings
 def _builtin_key(model) -> Optional[str]:
-    from .loading import _ALIASES
+    from .loading import MODEL_ALIASES as _ALIASES
     return _ALIASES.get(str(model).strip().lower()) if isinstance(model, (str, os.PathLike)) else None
 
 

@@ -131,7 +131,9 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     from .llm_adapters.architectures import get_arch
     from .llm_adapters.checkpoint import atomic_output
     from .llm_adapters.preflight import check_output
-    from .llm_adapters.run import RUN_FILE, _jsonable, _save
+    from .llm_adapters.run import RUN_FILE
+    from .llm_adapters.saving import save_pruned_model as _save
+    from .solvers.serialization import to_json as _jsonable
     from .solvers import get_method
     import torch
 

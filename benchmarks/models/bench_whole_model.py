@@ -119,8 +119,8 @@ class _Sampler:
 
 
 def _dims_of(model: str):
-    from optprune.llm_adapters.loading import _config_of, _locate
-    kind, where, gguf, _ = _locate(model, None)
+    from optprune.llm_adapters.loading import _config_of, locate_model
+    kind, where, gguf, _ = locate_model(model, None)
     return cost_model.llama_dims(_config_of(kind, where, gguf))
 
 
