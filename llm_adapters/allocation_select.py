@@ -336,20 +336,10 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                       rows: Optional[int] = None, progress: bool = False) -> tuple[dict, dict]:
     """``--allocation auto`` (module doc): per-sub-layer targets of the chosen candidate and the selection record."""
     from .allocation import model_spectra, prunable_matrices
-    from .pipeline import prune_model
     t0 = time.perf_counter()
     arch = arch or get_arch(model)
     ids = calib_ids
-    n = int(ids.shape[0])
-    h = int(holdout) if holdout is not None else max(1, n // 4)
-    if n < 2 or not (1 <= h < n):
-        raise AllocationError(f"the auto allocation splits the calibration set into pruning and held-out sequences: "
-                              f"it needs ≥ 2 sequences and 1 ≤ holdout < {n} (got {n} sequences, holdout {h})")
-    train, held = ids[: n - h], ids[n - h:]
-    if rows is not None and not (1 <= int(rows)):
-        raise AllocationError(f"the auto allocation's rows (sequences the finalists are pruned on) must be ≥ 1, "
-                              f"got {rows}")
-    train_f = train[: int(rows)] if rows is not None else train   # the finalists' pruning sequences
+    train, held, train_f = _split_calibration(ids, holdout, rows)
     S = float(sparsity)
     # ---- cheap measurements on the pruning part: Grams → error curves, bounds; spectra; OWL ratios
     grams = input_grams(model, arch, train[: max(1, MAX_GRAM_TOKENS // max(1, train.shape[1]))])
@@ -360,35 +350,9 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
     records = _records(model, arch, model_spectra(model, arch), sq)
     del grams
     names = [name for name, *_ in prunable_matrices(model, arch)]
-    cands = []
     seen: dict = {}
-    for label, rule, params in selection_candidates(S, eps):
-        c = {"label": label, "rule": rule, "params": dict(params)}
-        if rule == "uniform":
-            unit_s = {b: S for b in curves["blocks"]}
-            targets = {nm: S for nm in names}
-        else:
-            p = dict(params)
-            e = p.pop("eps", None)
-            p["upper"] = upper
-            try:
-                res = allocate(rule, records, S, eps=e, params=p)
-            except AllocationError as err:
-                c.update(error=str(err))
-                cands.append(c)
-                continue
-            unit_s = dict(zip(res.units, res.sparsities))
-            targets = dict(res.per_matrix)
-            c["_solved"] = (res.program, list(res.sparsities))
-        c["unit_sparsities"] = unit_s
-        c["error_sum"] = proxy_error(curves, unit_s)
-        sig = tuple(round(float(unit_s[b]), 6) for b in sorted(unit_s))
-        if sig in seen:  # the same block sparsities as an earlier candidate: scored once
-            c["same_as"] = seen[sig]
-        else:
-            seen[sig] = label
-        c["_targets"] = targets
-        cands.append(c)
+    cands = [_candidate(label, rule, params, S, curves, records, names, upper, seen)
+             for label, rule, params in selection_candidates(S, eps)]
     held_proxy = held[: max(1, MAX_PROXY_TOKENS // max(1, held.shape[1]))]
     for c in cands:  # the cheap score: one forward with dense-input Wanda masks
         if "_targets" in c and "same_as" not in c:
@@ -401,17 +365,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
     # ---- the finalists: prune a copy on the pruning part, score on the held-out part
     dense_loss = heldout_loss(model, held, device=prune_config.device)
     for c in chosen_final:
-        t1 = time.perf_counter()
-        m = copy.deepcopy(model)
-        cfg = dataclasses.replace(prune_config, layer_sparsity=None if c["rule"] == "uniform" else dict(c["_targets"]))
-        prune_model(m, train_f, cfg, progress=False)
-        c["heldout_loss"] = heldout_loss(m, held, device=prune_config.device)
-        c["time_s"] = time.perf_counter() - t1
-        del m
-        if progress:
-            import sys
-            print(f"[optprune] auto allocation: {c['label']}: proxy {c['proxy']:.4f}, held-out loss "
-                  f"{c['heldout_loss']:.4f}", file=sys.stderr, flush=True)
+        _score_finalist(model, c, train_f, held, prune_config, progress)
     best = uni
     for c in chosen_final[1:]:
         if c["heldout_loss"] < best["heldout_loss"]:
@@ -441,6 +395,69 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
             "targets": targets, "weighted_mean": float((p * s).sum() / p.sum()), "min": float(s.min()),
             "max": float(s.max()), "time_s": time.perf_counter() - t0}
     return targets, to_json(info, string_keys=False)
+
+
+def _split_calibration(ids: torch.Tensor, holdout: Optional[int], rows: Optional[int]) -> tuple:
+    """(pruning sequences, held-out sequences, the finalists' pruning sequences) of the calibration set."""
+    n = int(ids.shape[0])
+    h = int(holdout) if holdout is not None else max(1, n // 4)
+    if n < 2 or not (1 <= h < n):
+        raise AllocationError(f"the auto allocation splits the calibration set into pruning and held-out sequences: "
+                              f"it needs ≥ 2 sequences and 1 ≤ holdout < {n} (got {n} sequences, holdout {h})")
+    train, held = ids[: n - h], ids[n - h:]
+    if rows is not None and not (1 <= int(rows)):
+        raise AllocationError(f"the auto allocation's rows (sequences the finalists are pruned on) must be ≥ 1, "
+                              f"got {rows}")
+    return train, held, (train[: int(rows)] if rows is not None else train)
+
+
+def _candidate(label: str, rule: str, params: dict, S: float, curves: dict, records: dict, names: list,
+               upper: dict, seen: dict) -> dict:
+    """One candidate allocation: its block sparsities (solved under the measured upper bounds), per-matrix
+    targets and error-curve proxy; a candidate with the block sparsities of an earlier one (``seen``) is marked
+    ``same_as`` it, one whose program fails carries the ``error``."""
+    c = {"label": label, "rule": rule, "params": dict(params)}
+    if rule == "uniform":
+        unit_s = {b: S for b in curves["blocks"]}
+        targets = {nm: S for nm in names}
+    else:
+        p = dict(params)
+        e = p.pop("eps", None)
+        p["upper"] = upper
+        try:
+            res = allocate(rule, records, S, eps=e, params=p)
+        except AllocationError as err:
+            c.update(error=str(err))
+            return c
+        unit_s = dict(zip(res.units, res.sparsities))
+        targets = dict(res.per_matrix)
+        c["_solved"] = (res.program, list(res.sparsities))
+    c["unit_sparsities"] = unit_s
+    c["error_sum"] = proxy_error(curves, unit_s)
+    sig = tuple(round(float(unit_s[b]), 6) for b in sorted(unit_s))
+    if sig in seen:  # the same block sparsities as an earlier candidate: scored once
+        c["same_as"] = seen[sig]
+    else:
+        seen[sig] = label
+    c["_targets"] = targets
+    return c
+
+
+def _score_finalist(model: nn.Module, c: dict, train: torch.Tensor, held: torch.Tensor, prune_config,
+                    progress: bool) -> None:
+    """Prune a copy of the model to the candidate's targets on ``train`` and record its held-out loss."""
+    from .pipeline import prune_model
+    t1 = time.perf_counter()
+    m = copy.deepcopy(model)
+    cfg = dataclasses.replace(prune_config, layer_sparsity=None if c["rule"] == "uniform" else dict(c["_targets"]))
+    prune_model(m, train, cfg, progress=False)
+    c["heldout_loss"] = heldout_loss(m, held, device=prune_config.device)
+    c["time_s"] = time.perf_counter() - t1
+    del m
+    if progress:
+        import sys
+        print(f"[optprune] auto allocation: {c['label']}: proxy {c['proxy']:.4f}, held-out loss "
+              f"{c['heldout_loss']:.4f}", file=sys.stderr, flush=True)
 
 
 # ============================================================================================ plot

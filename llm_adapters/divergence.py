@@ -71,15 +71,9 @@ class _Logits:
         return self.head(self.h[:, t0:t1])
 
 
-@torch.inference_mode()
-def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.float32,
-            chunk_bytes: int = 64 * 2 ** 20, max_windows: Optional[int] = None, progress: bool = False,
-            num_threads: Optional[int] = None) -> dict:
-    """KL(reference ‖ model) of next-token distributions and top-1 agreement over token windows ``ids``
-    (LongTensor (N, T), or a list of equal-length id lists), streamed ``batch_size`` windows at a time.
-
-    Returns ``{"kl", "top1", "tokens", "nll", "ref_nll", "windows", "seqlen", "kl_max_window"}``.
-    """
+def _checked_windows(model, reference_model, ids, batch_size, max_windows) -> tuple:
+    """(ids as a (windows, seqlen) LongTensor cut to ``max_windows``, (model vocab, reference vocab)); bad input
+    raises a one-line :class:`DivergenceError`."""
     if not torch.is_tensor(ids):
         try:
             ids = torch.as_tensor(ids, dtype=torch.long)
@@ -103,6 +97,19 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
     vocab = tuple(getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, reference_model))
     if None not in vocab and vocab[0] != vocab[1]:
         raise DivergenceError(f"kl_eval: vocab sizes differ (model {vocab[0]}, reference {vocab[1]})")
+    return ids, vocab
+
+
+@torch.inference_mode()
+def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.float32,
+            chunk_bytes: int = 64 * 2 ** 20, max_windows: Optional[int] = None, progress: bool = False,
+            num_threads: Optional[int] = None) -> dict:
+    """KL(reference ‖ model) of next-token distributions and top-1 agreement over token windows ``ids``
+    (LongTensor (N, T), or a list of equal-length id lists), streamed ``batch_size`` windows at a time.
+
+    Returns ``{"kl", "top1", "tokens", "nll", "ref_nll", "windows", "seqlen", "kl_max_window"}``.
+    """
+    ids, vocab = _checked_windows(model, reference_model, ids, batch_size, max_windows)
 
     old_threads = torch.get_num_threads()
     if num_threads is None and model_device(model).type == "cpu" and \
