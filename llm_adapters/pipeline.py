@@ -66,7 +66,7 @@ from ..formulations import NumericalError, PatternError, parse_pattern
 from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
 from ..solvers.serialization import to_json
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
-from .devices import parameter_devices
+from .devices import parameter_devices, resolve_device
 from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
@@ -439,7 +439,7 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
         units = {bi: [g2 for g2 in ([e for e in g if e[1] in keep] for g in units[bi]) if g2] for bi in sel}
         sel = [bi for bi in sel if units[bi]]
         units = {bi: units[bi] for bi in sel}
-    dev = _compute_device(config)
+    dev = resolve_device(config.device, PipelineError)
     _single_device(model)
     return _Plan(arch, spec, sel, units, nb, dev)
 
@@ -549,17 +549,6 @@ def _pattern_groups(arch: ArchSpec, spec, config: PruneConfig, bi: int, block) -
             group.append((sub, name, pat, None))
         groups.append(group)
     return groups
-
-
-def _compute_device(config: PruneConfig) -> torch.device:
-    dev = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(dev)
-    except (RuntimeError, TypeError):
-        raise PipelineError(f"unknown device {config.device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device 'cuda' asked for but CUDA is not available")
-    return dev
 
 
 def _check_layer(spec, pat: Pattern, name: str, shape) -> None:

@@ -83,15 +83,15 @@ def count_prunable(model, arch) -> tuple[int, int]:
     return tot, nz
 
 
-def perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
+def perplexities(model, tok, settings: dict, data_dir, device, progress, batch_size=None) -> dict:
     out = {}
     model.to(device)
-    for name in s["eval_datasets"]:
-        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-        r = perplexity(model, ids, s["eval_seqlen"], max_windows=s["eval_windows"], device=device,
+    for name in settings["eval_datasets"]:
+        ids = D.eval_tokens(tok, name, seqlen=settings["eval_seqlen"], data_dir=data_dir)
+        r = perplexity(model, ids, settings["eval_seqlen"], max_windows=settings["eval_windows"], device=device,
                        progress=progress, desc=f"eval {name}", batch_size=batch_size)
         r["dataset"] = name
-        r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]
+        r["all_windows"] = settings["eval_windows"] is None or r["windows"] < settings["eval_windows"]
         out[name] = r
     return out
 
@@ -108,7 +108,8 @@ def _check_reference_hook():
 HELDOUT_SEQLEN = 512
 
 
-def reference_divergence(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+def reference_divergence(model, tok, reference, settings, *, model_dir, data_dir, device, progress,
+                         self_gen=False) -> dict:
     """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
     first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
     ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
@@ -116,17 +117,17 @@ def reference_divergence(model, tok, reference, s, *, model_dir, data_dir, devic
     from .loading import load_model
     ref, ref_tok, ref_meta = load_model(reference, model_dir=model_dir, device=device)
     out = {}
-    if s["eval_datasets"]:
-        name = s["eval_datasets"][0]
-        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-        L = s["eval_seqlen"]
-        n = ids.numel() // L if s["eval_windows"] is None else min(ids.numel() // L, s["eval_windows"])
+    if settings["eval_datasets"]:
+        name = settings["eval_datasets"][0]
+        ids = D.eval_tokens(tok, name, seqlen=settings["eval_seqlen"], data_dir=data_dir)
+        L = settings["eval_seqlen"]
+        n = ids.numel() // L if settings["eval_windows"] is None else min(ids.numel() // L, settings["eval_windows"])
         windows = ids[: n * L].view(n, L)
         r = divergence.kl_eval(model, ref, windows, progress=progress)
         r.update(reference=ref_meta.get("source"), text=name)
         out["divergence"] = r
     if self_gen:  # data-free: held-out sequences sampled from the reference (seed + 1000)
-        r = divergence.heldout_divergence(model, ref, ref_tok, seed=s["seed"], seqlen=HELDOUT_SEQLEN,
+        r = divergence.heldout_divergence(model, ref, ref_tok, seed=settings["seed"], seqlen=HELDOUT_SEQLEN,
                                           progress=progress)
         r.update(reference=ref_meta.get("source"))
         out["divergence_self"] = r
@@ -172,14 +173,14 @@ def _budget_text(sparsity, speedup=None, flops=None) -> str:
     return f"speed-up {speedup:g}" if speedup else f"FLOPs {flops:g}" if flops else f"sparsity {sparsity:.2f}"
 
 
-def print_prune_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
-                  flops=None) -> None:
+def print_prune_header(model, spec, sparsity, pattern, settings: dict, *, evaluate, kl, out_dir, file=None,
+                       speedup=None, flops=None) -> None:
     file = file or sys.stderr
-    calib = "none (data-free method)" if s["calibration"] == "none" else \
-        f"{s['calibration']} {s['nsamples']}×{s['seqlen']} seed {s['seed']}"
+    calib = "none (data-free method)" if settings["calibration"] == "none" else \
+        f"{settings['calibration']} {settings['nsamples']}×{settings['seqlen']} seed {settings['seed']}"
     ev, nt = [], torch.get_num_threads()
     if evaluate:
-        ev += [f"perplexity {', '.join(s['eval_datasets'])}"] if s["eval_datasets"] else []
+        ev += [f"perplexity {', '.join(settings['eval_datasets'])}"] if settings["eval_datasets"] else []
         ev += ["KL/top-1 vs dense (held-out self-generated)"] if kl else []
     print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · "
           f"{_budget_text(sparsity, speedup, flops)} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
@@ -188,23 +189,46 @@ def print_prune_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl,
 
 def print_prune_summary(record: dict, out_dir, file=None) -> None:
     file = file or sys.stdout
-    c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
-    pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
-    if c.get("quant"):
-        pat = f"{pat} · {c['quant']}"
-    print(f"\noptprune prune: {c['method']} · {pat} · {_budget_text(c['sparsity'], c.get('speedup'), c.get('flops'))} · "
+    config, protocol, timings = record["config"], record["protocol"], record["timings"]
+    pat = "structured " + str(config["structure"]) if config.get("structure") else config["pattern"]
+    if config.get("quant"):
+        pat = f"{pat} · {config['quant']}"
+    budget = _budget_text(config["sparsity"], config.get("speedup"), config.get("flops"))
+    print(f"\noptprune prune: {config['method']} · {pat} · {budget} · "
           f"{record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
-    d = record.get("depth")
-    if d:
-        sp = record.get("speed") or {}
-        print(f"  removed blocks {d['removed']} of {len(d['surgery']['kept']) + len(d['removed'])} ({d['rule']}); "
-              f"{d['saving']:.1%} of the dense model's {d['budget']['unit']} removed"
-              + (f"; measured prefill speed-up {sp['speedup']:.3f}× (batch {sp['batch']} × {sp['seqlen']})" if sp
-                 else ""), file=file)
-    print(f"  protocol {p['name']}: calibration {p['calibration']} {p['nsamples']}×{p['seqlen']} seed {p['seed']}; "
-          f"mode {c['mode']}, error correction {'on' if c['error_correction'] else 'off'}"
-          f"{', refit' if c['refit'] else ''}", file=file)
-    layers = record.get("layers") or []
+    _print_depth(record, file)
+    print(f"  protocol {protocol['name']}: calibration {protocol['calibration']} "
+          f"{protocol['nsamples']}×{protocol['seqlen']} seed {protocol['seed']}; "
+          f"mode {config['mode']}, error correction {'on' if config['error_correction'] else 'off'}"
+          f"{', refit' if config['refit'] else ''}", file=file)
+    _print_block_table(record.get("layers") or [], record["summary"], file)
+    print(f"  time: load {timings.get('load_s', 0):.1f} s, calibration {timings.get('calibration_s', 0):.1f} s, "
+          f"prune {timings.get('prune_s') or 0:.1f} s, eval {timings.get('eval_s', 0):.1f} s, "
+          f"total {timings['total_s']:.1f} s; peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
+    _print_ppl(record, file)
+    if out_dir is not None:
+        saved = record.get("saved") or {}
+        size = f", {saved['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if saved.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {saved.get('save_format', 'dense')} "
+              f"{saved.get('dtype', '')}{size})", file=file)
+
+
+def _print_depth(record: dict, file) -> None:
+    """The removed blocks of a depth-pruned run (nothing for other runs)."""
+    depth = record.get("depth")
+    if not depth:
+        return
+    speed = record.get("speed") or {}
+    n_blocks = len(depth["surgery"]["kept"]) + len(depth["removed"])
+    measured = (f"; measured prefill speed-up {speed['speedup']:.3f}× (batch {speed['batch']} × {speed['seqlen']})"
+                if speed else "")
+    print(f"  removed blocks {depth['removed']} of {n_blocks} ({depth['rule']}); "
+          f"{depth['saving']:.1%} of the dense model's {depth['budget']['unit']} removed{measured}", file=file)
+
+
+def _print_block_table(layers: list, summary: dict, file) -> None:
+    """Per block: layers, sparsity, relative error (mean, max) and solve time; then the totals and, for a
+    certified run, the certificates' gaps."""
     blocks = {}
     for r in layers:
         b = blocks.setdefault(r["block"], {"n": 0, "w": 0, "z": 0.0, "rel": [], "t": 0.0})
@@ -223,28 +247,19 @@ def print_prune_summary(record: dict, out_dir, file=None) -> None:
               f"{_fmt(max(rel) if rel else None):>12} {b['t']:>8.2f}", file=file)
     pruned_w = sum(b["w"] for b in blocks.values())
     pruned_s = sum(b["z"] for b in blocks.values()) / pruned_w if pruned_w else 0.0
-    print(f"  {'all':>5} {sm['layers']:>6} {pruned_s:>9.4f} {_fmt(sm['mean_rel_error']):>13} "
-          f"{_fmt(sm['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
-          f"(target {_fmt(sm['sparsity_target'])})", file=file)
-    if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
-        print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
-              file=file)
-    cs = sm.get("certificates")
-    if cs:
-        g = cs["l0_rel_gap"]
-        print(f"  certified: (ours − lower bound)/ours over {g['n']} layers: median {g['median']:.3g}, "
-              f"p90 {g['p90']:.3g}, max {g['max']:.3g} (weakest: {cs['weakest'][0]['name']})"
-              + (f"; ℓ1 duality gap median {cs['l1_rel_gap']['median']:.2e}" if cs.get("l1_rel_gap") else ""),
-              file=file)
-    print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
-          f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "
-          f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
-    _print_ppl(record, file)
-    if out_dir is not None:
-        sv = record.get("saved") or {}
-        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
-        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
-              f"{sv.get('dtype', '')}{size})", file=file)
+    print(f"  {'all':>5} {summary['layers']:>6} {pruned_s:>9.4f} {_fmt(summary['mean_rel_error']):>13} "
+          f"{_fmt(summary['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
+          f"(target {_fmt(summary['sparsity_target'])})", file=file)
+    if abs(pruned_s - summary["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
+        print(f"  zeros/removed weights over all {summary['prunable_weights']} prunable weights: "
+              f"{summary['sparsity']:.4f}", file=file)
+    certificates = summary.get("certificates")
+    if certificates:
+        gap = certificates["l0_rel_gap"]
+        l1 = certificates.get("l1_rel_gap")
+        print(f"  certified: (ours − lower bound)/ours over {gap['n']} layers: median {gap['median']:.3g}, "
+              f"p90 {gap['p90']:.3g}, max {gap['max']:.3g} (weakest: {certificates['weakest'][0]['name']})"
+              + (f"; ℓ1 duality gap median {l1['median']:.2e}" if l1 else ""), file=file)
 
 
 def print_eval_summary(record: dict, out_file, file=None) -> None:
