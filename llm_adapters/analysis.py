@@ -39,17 +39,8 @@ __all__ = ["analyze", "resolve_matrix", "plot_esd", "plot_layers"]
 def _load(model, model_dir):
     if not isinstance(model, (str, os.PathLike)):
         return model, None, {"name": type(model).__name__}
-    try:
-        from .loading import load_model
-    except ImportError:  # pragma: no cover - loading.py is part of the package
-        load_model = None
-    if load_model is not None:
-        return load_model(model, model_dir=model_dir)
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # pragma: no cover
-    p = Path(model)
-    if not p.is_dir():
-        raise FileNotFoundError(f"no model directory at {p}")
-    return AutoModelForCausalLM.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p), {"name": str(model)}
+    from .loading import load_model
+    return load_model(model, model_dir=model_dir)
 
 
 def resolve_matrix(arch, names: list, matrix: Optional[str]) -> str:

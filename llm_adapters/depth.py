@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_arch, get_module
+from .architectures import ArchSpec, get_module
 
 __all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "check_depth_options", "check_width_speedup", "width_sparsity", "skipped", "calibration_nll", "removal_costs",
            "block_influence", "depth_budget", "select_blocks", "prune_depth"]

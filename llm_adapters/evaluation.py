@@ -69,11 +69,8 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, *, max_windows: Optional[i
     t0 = time.perf_counter()
     bar = None
     if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc=desc, unit="win", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=desc, unit="win", leave=False)
     try:
         for s in range(0, n, bs):
             x = X[s:s + bs].to(dev)

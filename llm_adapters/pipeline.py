@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..formulations import NumericalError, PatternError, parse_pattern
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
+from ..formulations.patterns import NM, Pattern, Unstructured, check_sparsity
 from ..solvers.serialization import to_json
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
 from .devices import parameter_devices, resolve_device
