@@ -172,7 +172,7 @@ def _prune(stories_dir, out, **kw):
 def test_the_prune_flow_lives_in_the_engine_only():
     """offload.py keeps storage mechanics, distributed.py process mechanics, run.py calls the engine: none of
     them builds a pipeline config, runs the pipeline or writes a run record."""
-    flow = {"prune_model", "validate_config", "PruneConfig", "calibration_tokens", "_print_prune_summary",
+    flow = {"prune_model", "validate_config", "PruneConfig", "calibration_tokens", "print_prune_summary",
             "atomic_output", "open_checkpoint"}
     for mod in ("offload", "distributed", "run"):
         tree = ast.parse((REPO / "llm_adapters" / f"{mod}.py").read_text(encoding="utf-8"))

@@ -48,12 +48,12 @@ def _sources():
 
 
 # ============================================================================================ checkers
-def private_imports(source: str) -> list[tuple[int, str]]:
+def private_imports(source: str) -> list[tuple[str, str]]:
     """(line, name) of every ``from X import _name`` in ``source`` (dunder names are public)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            found += [(node.lineno, a.name) for a in node.names
+            found += [(f"line {node.lineno}", a.name) for a in node.names
                       if a.name.startswith("_") and not (a.name.startswith("__") and a.name.endswith("__"))]
     return found
 
@@ -83,7 +83,7 @@ def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[s
 # ============================================================================================ the checkers work
 def test_private_import_checker_finds_one():
     src = "from .report import HELDOUT_SEQLEN, _save\nfrom . import data as D\nfrom .x import __version__\n"
-    assert private_imports(src) == [(1, "_save")]
+    assert private_imports(src) == [("line 1", "_save")]
 
 
 def test_long_function_checker_finds_one_and_reads_the_reason():
@@ -99,30 +99,30 @@ def test_long_function_checker_finds_one_and_reads_the_reason():
 
 
 # ============================================================================================ the package
-def test_no_module_imports_another_modules_private_names():
-    bad, seen = [], set()
+def _unlisted_and_stale(find, allowed: set) -> tuple[list, set]:
+    """What ``find(source)`` reports over the package, less the allow-list (``(file name, item)`` pairs), as
+    ``file: line-or-size item`` lines; and the allow-list entries that no longer occur."""
+    found, seen = [], set()
     for path, src in _sources():
-        for line, name in private_imports(src):
-            if (path.name, name) in PRIVATE_IMPORTS_ALLOWED:
-                seen.add((path.name, name))
+        for where, item in find(src):
+            if (path.name, item) in allowed:
+                seen.add((path.name, item))
             else:
-                bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+                found.append(f"{path.relative_to(REPO)}: {item} ({where})")
+    return found, allowed - seen
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad, stale = _unlisted_and_stale(private_imports, PRIVATE_IMPORTS_ALLOWED)
     assert not bad, "give these a public name in their home module: " + "; ".join(bad)
-    stale = PRIVATE_IMPORTS_ALLOWED - seen
     assert not stale, f"clean now, remove from PRIVATE_IMPORTS_ALLOWED: {sorted(stale)}"
 
 
 def test_no_function_over_80_lines_without_a_reason():
-    bad, seen = [], set()
-    for path, src in _sources():
-        for name, lines in long_functions(src):
-            if (path.name, name) in LONG_FUNCTIONS_ALLOWED:
-                seen.add((path.name, name))
-            else:
-                bad.append(f"{path.relative_to(REPO)}: {name} ({lines} lines)")
-    assert not bad, (f"split into named steps, or say why in a docstring line starting {LONG_REASON!r}: "
-                     + "; ".join(bad))
-    stale = LONG_FUNCTIONS_ALLOWED - seen
+    bad, stale = _unlisted_and_stale(lambda src: [(f"{n} lines", name) for name, n in long_functions(src)],
+                                     LONG_FUNCTIONS_ALLOWED)
+    assert not bad, f"split into named steps, or say why in a docstring line starting {LONG_REASON!r}: " + \
+        "; ".join(bad)
     assert not stale, f"short now, remove from LONG_FUNCTIONS_ALLOWED: {sorted(stale)}"
 
 
