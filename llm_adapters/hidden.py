@@ -51,6 +51,7 @@ from torch import nn
 from ..formulations.patterns import ColumnGroups, check_sparsity
 from ..formulations.problem import LayerProblem
 from .architectures import ArchSpec, get_arch, get_module
+from .loading import count_parameters
 from .surgery import SurgeryError
 
 __all__ = ["HiddenError", "hidden_plan", "residual_statistics", "stream_problem", "slice_hidden", "prune_hidden",
@@ -290,16 +291,6 @@ def _map_embeddings_and_head(model: nn.Module, plan: dict, final: nn.Module, af:
         final.weight = nn.Parameter(torch.full((k,), af, dtype=final.weight.dtype), requires_grad=False)
         head_fit = 0.0
     return tied, head_fit
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied matrix counted once)."""
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def prune_hidden(model: nn.Module, calib: torch.Tensor, *, method: str, sparsity: float,

@@ -90,6 +90,7 @@ def builtin_path(name: str, model_dir=None) -> tuple[Path, Optional[str]]:
 
 
 def count_parameters(model) -> int:
+    """Distinct parameters (a tied matrix counted once)."""
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:  # tied embeddings count once
