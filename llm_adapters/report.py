@@ -32,9 +32,8 @@ def library_versions() -> dict:
         out["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    version = getattr(sys.modules.get(__package__.rsplit(".", 1)[0]), "__version__", None)
-    if version:  # (the top package is loaded before any of its modules; importing it here would be a cycle)
-        out["optprune"] = version
+    # the top package is loaded before any of its modules (importing it at module level would be a cycle)
+    out["optprune"] = sys.modules[__package__.rsplit(".", 1)[0]].__version__
     try:
         import subprocess
         repo = Path(__file__).resolve().parents[1]
