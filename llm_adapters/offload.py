@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "write_rest_and_index", "perplexity_offloaded",
-           "SHARD_BYTES", "INDEX_FILE"]
+           "SHARD_BYTES", "INDEX_FILE",
+           "save_shard", "forward_inplace", "hidden_size", "safetensors_dir", "remove_previous_weights"]
 
 #: the non-block tensors are packed into shards of at most this many bytes (a larger tensor gets its own)
 SHARD_BYTES = 2 << 30
@@ -281,6 +282,7 @@ class OffloadedModel:
 
 
 def save_shard(tensors: dict, path: Path) -> None:
+    """Write one safetensors shard atomically (a ``.part`` file renamed into place)."""
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})

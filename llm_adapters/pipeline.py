@@ -70,7 +70,8 @@ from .devices import parameter_devices, resolve_device
 from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
-           "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH"]
+           "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH",
+           "peak_rss_mb", "forward_batch_size", "call_block"]
 
 #: above this input width, methods that need no Gram get only the diagonal Σ x̂_j² (no error reported)
 DIAG_ONLY_ABOVE = 4096
@@ -176,6 +177,7 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -231,6 +233,7 @@ class BlockInputs:
 
 
 def forward_batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+    """Calibration sequences per forward: the configured batch size, else about TOKENS_PER_BATCH tokens."""
     if config_bs is not None:
         return int(config_bs)
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
@@ -362,6 +365,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
 
 def call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+    """The block's output hidden states for ``h`` (moved to the block's dtype and device first)."""
     p = next(block.parameters(), None)  # activations may be stored in another dtype/device (--low-memory)
     if p is not None and (h.dtype != p.dtype or h.device != p.device):
         h = h.to(p.device, p.dtype)

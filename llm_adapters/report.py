@@ -25,6 +25,7 @@ __all__ = ["RUN_FILE", "HELDOUT_SEQLEN", "library_versions", "machine_info", "co
 
 
 def library_versions() -> dict:
+    """Versions of Python, torch, numpy, transformers and optprune, and the git commit of a checkout."""
     import numpy
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
@@ -50,6 +51,7 @@ def library_versions() -> dict:
 
 
 def machine_info(device: str) -> dict:
+    """Platform, CPU count, torch threads, memory and GPU of this machine, and the run's device."""
     m = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     try:
@@ -83,6 +85,8 @@ def count_prunable(model, arch) -> tuple[int, int]:
 
 
 def perplexities(model, tok, settings: dict, data_dir, device, progress, batch_size=None) -> dict:
+    """Perplexity of ``model`` on each evaluation text of the settings (``{text: record}``), windows as the
+    protocol says."""
     out = {}
     model.to(device)
     for name in settings["eval_datasets"]:
@@ -135,6 +139,7 @@ def reference_divergence(model, tok, reference, settings, *, model_dir, data_dir
 
 
 def in_memory_meta(model, label) -> dict:
+    """The record's model entry for a model handed over in memory."""
     from .loading import count_parameters
     cfg = model.config
     return {"name": str(label), "source": "in-memory", "format": "in-memory",
@@ -174,6 +179,7 @@ def _budget_text(sparsity, speedup=None, flops=None) -> str:
 
 def print_prune_header(model, spec, sparsity, pattern, settings: dict, *, evaluate, kl, out_dir, file=None,
                        speedup=None, flops=None) -> None:
+    """The one line a prune run prints before it starts: model, method, budget, calibration, evaluation, output."""
     file = file or sys.stderr
     calib = "none (data-free method)" if settings["calibration"] == "none" else \
         f"{settings['calibration']} {settings['nsamples']}×{settings['seqlen']} seed {settings['seed']}"
@@ -187,6 +193,7 @@ def print_prune_header(model, spec, sparsity, pattern, settings: dict, *, evalua
 
 
 def print_prune_summary(record: dict, out_dir, file=None) -> None:
+    """The end-of-run summary of ``optprune prune``: settings, per-block table, timings, perplexities, output."""
     file = file or sys.stdout
     config, protocol, timings = record["config"], record["protocol"], record["timings"]
     pat = "structured " + str(config["structure"]) if config.get("structure") else config["pattern"]
@@ -262,6 +269,7 @@ def _print_block_table(layers: list, summary: dict, file) -> None:
 
 
 def print_eval_summary(record: dict, out_file, file=None) -> None:
+    """The end-of-run summary of ``optprune eval``."""
     file = file or sys.stdout
     p = record["protocol"]
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "
