@@ -40,10 +40,11 @@ from ..formulations.allocation import AllocationError
 from ..solvers.whole_model.allocation import ALLOCATIONS as _RULES
 from ..solvers.whole_model.spectra import AGGREGATES, MatrixSpectrum, matrix_spectra
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
+from .devices import model_device
 from .stats import InputStats
 
 __all__ = ["prunable_matrices", "model_spectra", "activation_sq_norms", "owl_outlier_ratios",
-           "parse_allocation", "AllocationError", "OWL_M", "ALLOCATIONS"]
+           "parse_allocation", "AllocationError", "OWL_M", "ALLOCATIONS", "calibration_ids", "reference_check"]
 
 OWL_M = 5.0  # OWL's outlier threshold: a score is an outlier above M × the layer's mean score
 ALLOCATIONS = _RULES + ("auto",)
@@ -89,13 +90,9 @@ def parse_allocation(spec) -> tuple[str, dict]:
     return name, opts
 
 
-def _arch(model, arch) -> ArchSpec:
-    return arch if isinstance(arch, ArchSpec) else get_arch(model)
-
-
 def prunable_matrices(model: nn.Module, arch: Optional[ArchSpec] = None) -> list[tuple[str, int, str, nn.Module]]:
     """``(full name, block index, sub-layer path, module)`` of every prunable linear, in pruning order."""
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     blocks = get_module(model, arch.blocks)
     out = []
     for bi in range(len(blocks)):
@@ -125,7 +122,7 @@ def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=N
     Results are memoised in-process by a hash of the weights and the options (``cache=False`` to skip): a sweep
     that reloads the same model for each run pays for the SVDs once.
     """
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     items = []
     for name, bi, sub, mod in prunable_matrices(model, arch):
         if names is not None and name not in names:
@@ -153,12 +150,6 @@ def model_spectra(model: nn.Module, arch: Optional[ArchSpec] = None, *, device=N
     return spectra
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def activation_sq_norms(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Tensor, *,
                         batch_size: Optional[int] = None, tokens_per_batch: int = 2048) -> dict:
@@ -167,9 +158,9 @@ def activation_sq_norms(model: nn.Module, arch: Optional[ArchSpec], calib_ids: t
     One forward per batch of calibration samples, forward pre-hooks accumulate and drop the activations
     (streamed: nothing but the ``n``-vectors is kept). Runs where the model is.
     """
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = _as_ids(calib_ids)
-    dev = _model_device(model)
+    dev = model_device(model)
     acc: dict = {}
     handles = []
 
@@ -203,7 +194,7 @@ def owl_outlier_ratios(model: nn.Module, arch: Optional[ArchSpec], sq_norms: dic
     ``granularity='block'`` pools all matrices of a block (as OWL: one mean, one ratio per block) and returns
     ``{block: D}``; ``'matrix'`` returns ``{matrix name: D}``.
     """
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     per = {}
     for name, bi, sub, mod in prunable_matrices(model, arch):
         if name not in sq_norms:
@@ -237,7 +228,10 @@ def _as_ids(x) -> torch.Tensor:
     return ids.long()
 
 
-def _calib_from(calib_ids, data):
+def calibration_ids(calib_ids, data) -> Optional[torch.Tensor]:
+    """The calibration token ids as a ``(nsamples, seqlen)`` long tensor: ``calib_ids`` when given, else found in
+    ``data`` (a tensor, a list of tensors, or a dict/object with ``calib_ids``/``input_ids``/``ids``/``tokens``);
+    None without either."""
     if calib_ids is not None:
         return _as_ids(calib_ids)
     if data is None:
@@ -266,14 +260,3 @@ def reference_check(program, sparsities, backend: str = "cvxpy", tol: float = 1e
     return {"backend": backend, "status": ref.status, "max_abs_diff": diff, "tol": tol}
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): _jsonable(x)
-                for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if torch.is_tensor(v):
-        return v.tolist()
-    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-        return str(v)
-    return v

@@ -43,8 +43,10 @@ from torch import nn
 
 from ..formulations.allocation import DEFAULT_S_MAX, AllocationError
 from ..solvers.whole_model.allocation import allocate
+from ..solvers.serialization import to_json
 from ..solvers.whole_model.spectra import AGGREGATES, SHAPE_METRICS
 from .architectures import ArchSpec, get_arch, linear_weight
+from .devices import model_device
 from .stats import InputStats
 
 __all__ = ["error_curves", "block_upper_bounds", "proxy_error", "one_pass_loss", "heldout_loss", "selection_candidates",
@@ -60,15 +62,6 @@ OBS_CURVE_ROWS = 64        # output rows per matrix the SparseGPT error curve is
 MAX_PROXY_TOKENS = 4096    # held-out tokens of the one-forward proxy (the finalists are scored on all of them)
 
 
-def _arch(model, arch) -> ArchSpec:
-    return arch if isinstance(arch, ArchSpec) else get_arch(model)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    from .allocation import _model_device
-    return _model_device(model)
-
-
 # ============================================================================================ error curves
 @torch.no_grad()
 def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Tensor, *,
@@ -78,9 +71,9 @@ def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Ten
     Linears of one block that read the same tensor (q/k/v, gate/up) share one Gram object (counted once).
     """
     from .allocation import prunable_matrices
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
-    dev = _device_of(model)
+    dev = model_device(model)
     grams: dict = {}
     alias: dict = {}
     live: dict = {}   # (block, data_ptr, shape) → (input tensor kept alive, name) within the current block
@@ -202,7 +195,7 @@ def error_curves(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Te
         raise AllocationError(f"unknown error-curve rule {rule!r}; choose wanda or obs")
     from .allocation import prunable_matrices
     t0 = time.perf_counter()
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
     rows = max(1, min(ids.shape[0], max_tokens // max(1, ids.shape[1])))
     ids = ids[:rows]
@@ -277,7 +270,7 @@ def one_pass_loss(model: nn.Module, arch: Optional[ArchSpec], sq_norms: dict, ta
     activation norms (every matrix at once, no sequential pass, no solver) — one forward over ``held``. The
     weights are restored before returning."""
     from .allocation import prunable_matrices
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     saved = []
     try:
         for name, bi, sub, mod in prunable_matrices(model, arch):
@@ -301,7 +294,7 @@ def heldout_loss(model: nn.Module, ids: torch.Tensor, *, device=None) -> float:
     """Mean token NLL (nats) of ``model`` on the held-out calibration sequences (each row its own window)."""
     from .evaluation import perplexity
     ids = torch.as_tensor(ids)
-    orig = _device_of(model)
+    orig = model_device(model)
     dev = torch.device(device) if device is not None else orig
     model.to(dev)
     try:
@@ -342,21 +335,11 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
                       finalists: int = DEFAULT_FINALISTS, holdout: Optional[int] = None,
                       rows: Optional[int] = None, progress: bool = False) -> tuple[dict, dict]:
     """``--allocation auto`` (module doc): per-sub-layer targets of the chosen candidate and the selection record."""
-    from .allocation import _jsonable, model_spectra, prunable_matrices
-    from .pipeline import prune_model
+    from .allocation import model_spectra, prunable_matrices
     t0 = time.perf_counter()
-    arch = _arch(model, arch)
+    arch = arch or get_arch(model)
     ids = calib_ids
-    n = int(ids.shape[0])
-    h = int(holdout) if holdout is not None else max(1, n // 4)
-    if n < 2 or not (1 <= h < n):
-        raise AllocationError(f"the auto allocation splits the calibration set into pruning and held-out sequences: "
-                              f"it needs ≥ 2 sequences and 1 ≤ holdout < {n} (got {n} sequences, holdout {h})")
-    train, held = ids[: n - h], ids[n - h:]
-    if rows is not None and not (1 <= int(rows)):
-        raise AllocationError(f"the auto allocation's rows (sequences the finalists are pruned on) must be ≥ 1, "
-                              f"got {rows}")
-    train_f = train[: int(rows)] if rows is not None else train   # the finalists' pruning sequences
+    train, held, train_f = _split_calibration(ids, holdout, rows)
     S = float(sparsity)
     # ---- cheap measurements on the pruning part: Grams → error curves, bounds; spectra; OWL ratios
     grams = input_grams(model, arch, train[: max(1, MAX_GRAM_TOKENS // max(1, train.shape[1]))])
@@ -367,35 +350,9 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
     records = _records(model, arch, model_spectra(model, arch), sq)
     del grams
     names = [name for name, *_ in prunable_matrices(model, arch)]
-    cands = []
     seen: dict = {}
-    for label, rule, params in selection_candidates(S, eps):
-        c = {"label": label, "rule": rule, "params": dict(params)}
-        if rule == "uniform":
-            unit_s = {b: S for b in curves["blocks"]}
-            targets = {nm: S for nm in names}
-        else:
-            p = dict(params)
-            e = p.pop("eps", None)
-            p["upper"] = upper
-            try:
-                res = allocate(rule, records, S, eps=e, params=p)
-            except AllocationError as err:
-                c.update(error=str(err))
-                cands.append(c)
-                continue
-            unit_s = dict(zip(res.units, res.sparsities))
-            targets = dict(res.per_matrix)
-            c["_solved"] = (res.program, list(res.sparsities))
-        c["unit_sparsities"] = unit_s
-        c["error_sum"] = proxy_error(curves, unit_s)
-        sig = tuple(round(float(unit_s[b]), 6) for b in sorted(unit_s))
-        if sig in seen:  # the same block sparsities as an earlier candidate: scored once
-            c["same_as"] = seen[sig]
-        else:
-            seen[sig] = label
-        c["_targets"] = targets
-        cands.append(c)
+    cands = [_candidate(label, rule, params, S, curves, records, names, upper, seen)
+             for label, rule, params in selection_candidates(S, eps)]
     held_proxy = held[: max(1, MAX_PROXY_TOKENS // max(1, held.shape[1]))]
     for c in cands:  # the cheap score: one forward with dense-input Wanda masks
         if "_targets" in c and "same_as" not in c:
@@ -408,17 +365,7 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
     # ---- the finalists: prune a copy on the pruning part, score on the held-out part
     dense_loss = heldout_loss(model, held, device=prune_config.device)
     for c in chosen_final:
-        t1 = time.perf_counter()
-        m = copy.deepcopy(model)
-        cfg = dataclasses.replace(prune_config, layer_sparsity=None if c["rule"] == "uniform" else dict(c["_targets"]))
-        prune_model(m, train_f, cfg, progress=False)
-        c["heldout_loss"] = heldout_loss(m, held, device=prune_config.device)
-        c["time_s"] = time.perf_counter() - t1
-        del m
-        if progress:
-            import sys
-            print(f"[optprune] auto allocation: {c['label']}: proxy {c['proxy']:.4f}, held-out loss "
-                  f"{c['heldout_loss']:.4f}", file=sys.stderr, flush=True)
+        _score_finalist(model, c, train_f, held, prune_config, progress)
     best = uni
     for c in chosen_final[1:]:
         if c["heldout_loss"] < best["heldout_loss"]:
@@ -447,7 +394,70 @@ def select_allocation(model: nn.Module, arch: Optional[ArchSpec], sparsity: floa
             "units": list(best["unit_sparsities"]), "unit_sparsities": list(best["unit_sparsities"].values()),
             "targets": targets, "weighted_mean": float((p * s).sum() / p.sum()), "min": float(s.min()),
             "max": float(s.max()), "time_s": time.perf_counter() - t0}
-    return targets, _jsonable(info)
+    return targets, to_json(info, string_keys=False)
+
+
+def _split_calibration(ids: torch.Tensor, holdout: Optional[int], rows: Optional[int]) -> tuple:
+    """(pruning sequences, held-out sequences, the finalists' pruning sequences) of the calibration set."""
+    n = int(ids.shape[0])
+    h = int(holdout) if holdout is not None else max(1, n // 4)
+    if n < 2 or not (1 <= h < n):
+        raise AllocationError(f"the auto allocation splits the calibration set into pruning and held-out sequences: "
+                              f"it needs ≥ 2 sequences and 1 ≤ holdout < {n} (got {n} sequences, holdout {h})")
+    train, held = ids[: n - h], ids[n - h:]
+    if rows is not None and not (1 <= int(rows)):
+        raise AllocationError(f"the auto allocation's rows (sequences the finalists are pruned on) must be ≥ 1, "
+                              f"got {rows}")
+    return train, held, (train[: int(rows)] if rows is not None else train)
+
+
+def _candidate(label: str, rule: str, params: dict, S: float, curves: dict, records: dict, names: list,
+               upper: dict, seen: dict) -> dict:
+    """One candidate allocation: its block sparsities (solved under the measured upper bounds), per-matrix
+    targets and error-curve proxy; a candidate with the block sparsities of an earlier one (``seen``) is marked
+    ``same_as`` it, one whose program fails carries the ``error``."""
+    c = {"label": label, "rule": rule, "params": dict(params)}
+    if rule == "uniform":
+        unit_s = {b: S for b in curves["blocks"]}
+        targets = {nm: S for nm in names}
+    else:
+        p = dict(params)
+        e = p.pop("eps", None)
+        p["upper"] = upper
+        try:
+            res = allocate(rule, records, S, eps=e, params=p)
+        except AllocationError as err:
+            c.update(error=str(err))
+            return c
+        unit_s = dict(zip(res.units, res.sparsities))
+        targets = dict(res.per_matrix)
+        c["_solved"] = (res.program, list(res.sparsities))
+    c["unit_sparsities"] = unit_s
+    c["error_sum"] = proxy_error(curves, unit_s)
+    sig = tuple(round(float(unit_s[b]), 6) for b in sorted(unit_s))
+    if sig in seen:  # the same block sparsities as an earlier candidate: scored once
+        c["same_as"] = seen[sig]
+    else:
+        seen[sig] = label
+    c["_targets"] = targets
+    return c
+
+
+def _score_finalist(model: nn.Module, c: dict, train: torch.Tensor, held: torch.Tensor, prune_config,
+                    progress: bool) -> None:
+    """Prune a copy of the model to the candidate's targets on ``train`` and record its held-out loss."""
+    from .pipeline import prune_model
+    t1 = time.perf_counter()
+    m = copy.deepcopy(model)
+    cfg = dataclasses.replace(prune_config, layer_sparsity=None if c["rule"] == "uniform" else dict(c["_targets"]))
+    prune_model(m, train, cfg, progress=False)
+    c["heldout_loss"] = heldout_loss(m, held, device=prune_config.device)
+    c["time_s"] = time.perf_counter() - t1
+    del m
+    if progress:
+        import sys
+        print(f"[optprune] auto allocation: {c['label']}: proxy {c['proxy']:.4f}, held-out loss "
+              f"{c['heldout_loss']:.4f}", file=sys.stderr, flush=True)
 
 
 # ============================================================================================ plot

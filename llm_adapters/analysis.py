@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..solvers.whole_model.allocation import ALLOCATIONS
+from ..solvers.serialization import to_json
 from .allocation import AllocationError, model_spectra
 from .allocation_targets import layer_sparsities
 from .architectures import get_arch
@@ -38,17 +39,8 @@ __all__ = ["analyze", "resolve_matrix", "plot_esd", "plot_layers"]
 def _load(model, model_dir):
     if not isinstance(model, (str, os.PathLike)):
         return model, None, {"name": type(model).__name__}
-    try:
-        from .loading import load_model
-    except ImportError:  # pragma: no cover - loading.py is part of the package
-        load_model = None
-    if load_model is not None:
-        return load_model(model, model_dir=model_dir)
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # pragma: no cover
-    p = Path(model)
-    if not p.is_dir():
-        raise FileNotFoundError(f"no model directory at {p}")
-    return AutoModelForCausalLM.from_pretrained(p).eval(), AutoTokenizer.from_pretrained(p), {"name": str(model)}
+    from .loading import load_model
+    return load_model(model, model_dir=model_dir)
 
 
 def resolve_matrix(arch, names: list, matrix: Optional[str]) -> str:
@@ -252,8 +244,7 @@ def analyze(model, sparsity: float = 0.7, allocation: str = "alpha", allocation_
                                   sum(1 for s in spectra if s.block == b) for b in blocks},
               "matrices": [s.to_dict() for s in spectra], "allocations": allocs, "notes": notes,
               "plots": {"esd": esd, "layers": layers}, "time_s": time.perf_counter() - t0}
-    from .allocation import _jsonable
-    record = _jsonable(record)
+    record = to_json(record, string_keys=False)
     jpath = out / "analysis.json"
     with open(jpath, "w") as fh:
         json.dump(record, fh, indent=1)

@@ -21,14 +21,15 @@ name appears outside this module.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 __all__ = ["ArchSpec", "MLPGroups", "HeadGroups", "ARCHITECTURES", "UnknownArchitectureError", "get_arch",
-           "infer_arch", "arch_from_config", "register_arch", "get_module", "linear_weight", "set_linear_weight"]
+           "infer_arch", "arch_from_config", "register_arch", "get_module", "linear_weight", "set_linear_weight",
+           "table_entry"]
 
 
 class UnknownArchitectureError(ValueError):
@@ -129,7 +130,8 @@ def register_arch(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
     return spec
 
 
-def _table_entry(model_type) -> Optional[ArchSpec]:
+def table_entry(model_type) -> Optional[ArchSpec]:
+    """The table's entry whose model types include ``model_type``; None when the table has none."""
     for a in ARCHITECTURES.values():
         if model_type in a.model_types:
             return a
@@ -144,7 +146,7 @@ def get_arch(model_or_config) -> ArchSpec:
     if isinstance(explicit, ArchSpec):
         return explicit
     cfg = getattr(model_or_config, "config", model_or_config)
-    entry = _table_entry(getattr(cfg, "model_type", None))
+    entry = table_entry(getattr(cfg, "model_type", None))
     if entry is not None:
         return entry
     if isinstance(model_or_config, nn.Module):
@@ -156,7 +158,7 @@ def arch_from_config(config) -> ArchSpec:
     """The architecture of the model a config describes, before any weight exists: the table entry of its model
     type, else :func:`infer_arch` on the model built on the ``meta`` device."""
     mt = getattr(config, "model_type", None)
-    entry = _table_entry(mt)
+    entry = table_entry(mt)
     if entry is not None:
         return entry
     from transformers import AutoModelForCausalLM

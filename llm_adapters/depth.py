@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .architectures import ArchSpec, get_arch, get_module
+from .architectures import ArchSpec, get_module
 
 __all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "check_depth_options", "check_width_speedup", "width_sparsity", "skipped", "calibration_nll", "removal_costs",
            "block_influence", "depth_budget", "select_blocks", "prune_depth"]
@@ -93,41 +93,42 @@ def depth_rule(name: str) -> DepthRule:
     return r
 
 
-def check_depth_options(o) -> None:
+def check_depth_options(options) -> None:
     """The options of a ``--structure depth`` run that can be checked before loading (one-line ValueErrors)."""
-    sp, fl = getattr(o, "speedup", None), getattr(o, "flops", None)
+    sp, fl = getattr(options, "speedup", None), getattr(options, "flops", None)
     if sp is not None and fl is not None:
         raise ValueError("give one budget: --speedup or --flops, not both")
-    if (sp is not None or fl is not None) and o.sparsity is not None:
+    if (sp is not None or fl is not None) and options.sparsity is not None:
         raise ValueError("--speedup/--flops set the budget; drop --sparsity (for depth: the fraction of blocks removed)")
     if sp is not None and not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 1):
         raise ValueError(f"--speedup must be a number > 1, got {sp!r}")
     if fl is not None and not (isinstance(fl, (int, float)) and 0 < fl < 1):
         raise ValueError(f"--flops must be in (0, 1) (the fraction of the dense FLOPs kept), got {fl!r}")
     unsupported = [(flag, bad) for flag, bad in (
-        ("--allocation", str(o.allocation or "uniform").strip().lower() != "uniform"),
-        ("--allocation-eps", o.allocation_eps is not None), ("--refit", bool(o.refit)), ("--certify", bool(o.certify)),
-        ("--low-memory", bool(o.low_memory)), ("--nproc", int(o.nproc or 1) != 1), ("--resume", bool(o.resume)),
-        ("--checkpoint-dir", o.checkpoint_dir is not None), ("--targets", bool(o.targets)),
-        ("--ignore", bool(o.ignore)), ("--save-format", o.save_format != "dense")) if bad]
+        ("--allocation", str(options.allocation or "uniform").strip().lower() != "uniform"),
+        ("--allocation-eps", options.allocation_eps is not None), ("--refit", bool(options.refit)),
+        ("--certify", bool(options.certify)), ("--low-memory", bool(options.low_memory)),
+        ("--nproc", int(options.nproc or 1) != 1), ("--resume", bool(options.resume)),
+        ("--checkpoint-dir", options.checkpoint_dir is not None), ("--targets", bool(options.targets)),
+        ("--ignore", bool(options.ignore)), ("--save-format", options.save_format != "dense")) if bad]
     if unsupported:
         raise ValueError(f"{unsupported[0][0]} does not apply to --structure depth (whole blocks are removed)")
 
 
-def check_width_speedup(o, spec) -> None:
+def check_width_speedup(options, spec) -> None:
     """``--speedup`` without ``--structure depth``: a structured method on MLP widths, no ``--sparsity``."""
-    sp = o.speedup
+    sp = options.speedup
     if not spec.structured:
         raise ValueError(f"--speedup applies to structured methods (--structure depth or mlp); {spec.name} prunes "
                          f"individual weights")
-    if str(o.structure or "mlp").strip().lower() != "mlp":
+    if str(options.structure or "mlp").strip().lower() != "mlp":
         raise ValueError(f"--speedup chooses MLP widths (--structure mlp) or blocks (--structure depth), "
-                         f"not --structure {o.structure}")
-    if o.sparsity is not None:
+                         f"not --structure {options.structure}")
+    if options.sparsity is not None:
         raise ValueError("--speedup sets the MLP sparsity; drop --sparsity")
     if not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 1):
         raise ValueError(f"--speedup must be a number > 1, got {sp!r}")
-    if o.low_memory:
+    if options.low_memory:
         raise ValueError("--speedup is not available with --low-memory")
 
 
@@ -174,8 +175,10 @@ def skipped(model: nn.Module, arch: ArchSpec, removed: Sequence[int]):
 def _note_output_kind(model: nn.Module, arch: ArchSpec, ids: torch.Tensor) -> None:
     """Whether blocks return a tuple (older layers) or a tensor, so that :func:`skipped` answers in kind."""
     blocks = get_module(model, arch.blocks)
-    hooks = [b.register_forward_hook(lambda m, a, o: setattr(m, "_optprune_tuple_out", isinstance(o, tuple)))
-             for b in blocks]
+    def note(module, args, output):
+        module._optprune_tuple_out = isinstance(output, tuple)
+
+    hooks = [b.register_forward_hook(note) for b in blocks]
     try:
         with torch.no_grad():
             model(ids[:1, :8])

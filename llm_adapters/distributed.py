@@ -75,7 +75,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistributedError", "RankFailed", "ASSIGNMENTS", "assign_blocks", "env_world", "loopback_interface",
-           "choose_backend", "distributed_context", "exchange", "DistContext", "world_for"]
+           "choose_backend", "distributed_context", "exchange", "DistContext", "world_for",
+           "tcp_addresses", "device_for_rank", "send_tensor", "recv_into", "broadcast_inputs", "check_parallel_mode"]
 
 ASSIGNMENTS = ("contiguous", "round-robin")
 ENV_ASSIGNMENT = "OPTPRUNE_BLOCK_ASSIGNMENT"
@@ -411,10 +412,12 @@ def _xfer_device(ctx: DistContext):
 
 
 def send_tensor(t: torch.Tensor, dst: int, ctx: DistContext) -> None:
+    """Send ``t`` to rank ``dst`` (through the device the backend transfers on)."""
     dist.send(t.detach().to(_xfer_device(ctx)).contiguous(), dst=dst)
 
 
 def recv_into(t: torch.Tensor, src: int, ctx: DistContext) -> None:
+    """Receive rank ``src``'s tensor into ``t`` (same shape and dtype), on ``t``'s device."""
     buf = torch.empty(t.shape, dtype=t.dtype, device=_xfer_device(ctx))
     dist.recv(buf, src=src)
     t.copy_(buf.to(t.device))
@@ -430,7 +433,8 @@ def broadcast_inputs(ctx: DistContext, calib_ids, config):
     return ids, cfg
 
 
-def check_mode(config) -> None:
+def check_parallel_mode(config) -> None:
+    """Block-parallel pruning needs independent blocks: the dense-input mode (one-line error otherwise)."""
     if config.mode != "dense-input":
         raise DistributedError("block-parallel pruning (--nproc > 1 or torchrun) needs --mode dense-input "
                                "(independent blocks); the sequential mode stays single-process")

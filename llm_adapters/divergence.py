@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .devices import model_device
 from .selfcalib import SMALL_MODEL_PARAMS
 
 __all__ = ["kl_eval", "heldout_divergence", "DivergenceError", "HELDOUT_TOKENS"]
@@ -32,10 +33,6 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 class DivergenceError(ValueError):
     """Bad input to :func:`kl_eval` (one line)."""
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _split_head(model):
@@ -58,7 +55,7 @@ class _Logits:
 
     def __init__(self, model, ids: torch.Tensor):
         self.split = _split_head(model)
-        dev = _device(model)
+        dev = model_device(model)
         x = ids.to(dev)
         if self.split is None:
             self.full = model(input_ids=x, use_cache=False).logits
@@ -74,15 +71,9 @@ class _Logits:
         return self.head(self.h[:, t0:t1])
 
 
-@torch.inference_mode()
-def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.float32,
-            chunk_bytes: int = 64 * 2 ** 20, max_windows: Optional[int] = None, progress: bool = False,
-            num_threads: Optional[int] = None) -> dict:
-    """KL(reference ‖ model) of next-token distributions and top-1 agreement over token windows ``ids``
-    (LongTensor (N, T), or a list of equal-length id lists), streamed ``batch_size`` windows at a time.
-
-    Returns ``{"kl", "top1", "tokens", "nll", "ref_nll", "windows", "seqlen", "kl_max_window"}``.
-    """
+def _checked_windows(model, reference_model, ids, batch_size, max_windows) -> tuple:
+    """(ids as a (windows, seqlen) LongTensor cut to ``max_windows``, (model vocab, reference vocab)); bad input
+    raises a one-line :class:`DivergenceError`."""
     if not torch.is_tensor(ids):
         try:
             ids = torch.as_tensor(ids, dtype=torch.long)
@@ -106,9 +97,22 @@ def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.flo
     vocab = tuple(getattr(getattr(m, "config", None), "vocab_size", None) for m in (model, reference_model))
     if None not in vocab and vocab[0] != vocab[1]:
         raise DivergenceError(f"kl_eval: vocab sizes differ (model {vocab[0]}, reference {vocab[1]})")
+    return ids, vocab
+
+
+@torch.inference_mode()
+def kl_eval(model, reference_model, ids, batch_size: int = 4, *, dtype=torch.float32,
+            chunk_bytes: int = 64 * 2 ** 20, max_windows: Optional[int] = None, progress: bool = False,
+            num_threads: Optional[int] = None) -> dict:
+    """KL(reference ‖ model) of next-token distributions and top-1 agreement over token windows ``ids``
+    (LongTensor (N, T), or a list of equal-length id lists), streamed ``batch_size`` windows at a time.
+
+    Returns ``{"kl", "top1", "tokens", "nll", "ref_nll", "windows", "seqlen", "kl_max_window"}``.
+    """
+    ids, vocab = _checked_windows(model, reference_model, ids, batch_size, max_windows)
 
     old_threads = torch.get_num_threads()
-    if num_threads is None and _device(model).type == "cpu" and \
+    if num_threads is None and model_device(model).type == "cpu" and \
             sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
         num_threads = 1  # tiny matmuls: thread synchronisation dominates (see selfcalib.self_calibration)
     if num_threads:

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .devices import model_device
+
 __all__ = ["perplexity", "window_count", "zero_shot", "lm_eval_available", "model_context"]
 
 
@@ -30,13 +32,6 @@ def model_context(model) -> Optional[int]:
 def window_count(n_tokens: int, seqlen: int, max_windows: Optional[int] = None) -> int:
     n = n_tokens // seqlen
     return n if max_windows is None else min(n, int(max_windows))
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def _auto_batch(model, seqlen: int, device: torch.device) -> int:
@@ -65,7 +60,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, *, max_windows: Optional[i
     n = window_count(ids.numel(), seqlen, max_windows)
     if n < 1:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     bs = int(batch_size) if batch_size else _auto_batch(model, seqlen, dev)
     X = ids[: n * seqlen].view(n, seqlen)
     was_training = model.training
@@ -74,11 +69,8 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, *, max_windows: Optional[i
     t0 = time.perf_counter()
     bar = None
     if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n, desc=desc, unit="win", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=desc, unit="win", leave=False)
     try:
         for s in range(0, n, bs):
             x = X[s:s + bs].to(dev)

@@ -51,6 +51,7 @@ from torch import nn
 from ..formulations.patterns import ColumnGroups, check_sparsity
 from ..formulations.problem import LayerProblem
 from .architectures import ArchSpec, get_arch, get_module
+from .loading import count_parameters
 from .surgery import SurgeryError
 
 __all__ = ["HiddenError", "hidden_plan", "residual_statistics", "stream_problem", "slice_hidden", "prune_hidden",
@@ -208,9 +209,6 @@ def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor
     if k % plan["heads"]:
         raise HiddenError(f"width {k} is not a multiple of the {plan['heads']} attention heads")
     f64 = torch.float64
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    dt = emb.weight.dtype
     sig = stats["sigmas"]
 
     def alpha(j):
@@ -236,20 +234,39 @@ def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor
 
     alphas = []
     h, m = arch.heads, arch.mlp
-    for i, (b, p) in enumerate(zip(get_module(model, arch.blocks), plan["blocks"])):
-        na, nm_ = getattr(b, p["attn_norm"]), getattr(b, p["mlp_norm"])
-        read((h.q, h.k, h.v), b, na)
-        read(m.ups, b, nm_)
-        write((h.o,), b)
-        write((m.down,), b)
-        for j, nrm in ((2 * i, na), (2 * i + 1, nm_)):
+    for i, (block, names) in enumerate(zip(get_module(model, arch.blocks), plan["blocks"])):
+        attn_norm, mlp_norm = getattr(block, names["attn_norm"]), getattr(block, names["mlp_norm"])
+        read((h.q, h.k, h.v), block, attn_norm)
+        read(m.ups, block, mlp_norm)
+        write((h.o,), block)
+        write((m.down,), block)
+        for j, nrm in ((2 * i, attn_norm), (2 * i + 1, mlp_norm)):
             a = alpha(j)
             alphas.append(a)
             nrm.weight = nn.Parameter(torch.full((k,), a, dtype=nrm.weight.dtype), requires_grad=False)
     final = get_module(model, arch.final_norm)
-    wf = final.weight.detach().to(f64).cpu()
     af = alpha(len(sig) - 1)
     alphas.append(af)
+    tied, head_fit = _map_embeddings_and_head(model, plan, final, af, U, T, untie)
+    cfg = model.config
+    cfg.head_dim = plan["head_dim"]
+    cfg.hidden_size = k
+    return {"hidden_before": d, "hidden_after": k, "tied_embeddings": tied, "untied": bool(plan["tied"] and untie),
+            "norm_scales": alphas,
+            "tied_head_rel_misfit": head_fit}
+
+
+def _map_embeddings_and_head(model: nn.Module, plan: dict, final: nn.Module, af: float, U: torch.Tensor,
+                             T: torch.Tensor, untie: bool) -> tuple[bool, float]:
+    """Embeddings ``E → E U``; an untied head ``H → (H diag(w_f)) T`` with the final norm set to ``af``; a tied
+    head stays ``E U`` with the final norm ``af · diag(Uᵀ diag(w_f) T)`` (the diagonal fit of the tied map).
+    Returns (tied, relative misfit of that diagonal fit; 0 untied)."""
+    f64 = torch.float64
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    dt = emb.weight.dtype
+    k = U.shape[1]
+    wf = final.weight.detach().to(f64).cpu()
     E = emb.weight.detach().to(f64).cpu()
     tied = plan["tied"] and not untie
     if plan["tied"] and untie:
@@ -273,22 +290,7 @@ def slice_hidden(model: nn.Module, stats: dict, U: torch.Tensor, T: torch.Tensor
         _set_weight(head, (Hh * wf) @ T, head.weight.dtype)
         final.weight = nn.Parameter(torch.full((k,), af, dtype=final.weight.dtype), requires_grad=False)
         head_fit = 0.0
-    cfg = model.config
-    cfg.head_dim = plan["head_dim"]
-    cfg.hidden_size = k
-    return {"hidden_before": d, "hidden_after": k, "tied_embeddings": tied, "untied": bool(plan["tied"] and untie),
-            "norm_scales": alphas,
-            "tied_head_rel_misfit": head_fit}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied matrix counted once)."""
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
+    return tied, head_fit
 
 
 def prune_hidden(model: nn.Module, calib: torch.Tensor, *, method: str, sparsity: float,

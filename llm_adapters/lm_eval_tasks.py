@@ -123,8 +123,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, include_path=None, limi
     if offline is None:
         offline = _env_offline()
         if not offline:
-            from .loading import _hub_reachable
-            offline = not _hub_reachable()
+            from .loading import hub_reachable
+            offline = not hub_reachable()
     with _offline_switches(offline):
         import lm_eval
         from lm_eval.models.huggingface import HFLM

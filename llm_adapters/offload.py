@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 __all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "write_rest_and_index", "perplexity_offloaded",
-           "SHARD_BYTES", "INDEX_FILE"]
+           "SHARD_BYTES", "INDEX_FILE",
+           "save_shard", "forward_inplace", "hidden_size", "safetensors_dir", "remove_previous_weights"]
 
 #: the non-block tensors are packed into shards of at most this many bytes (a larger tensor gets its own)
 SHARD_BYTES = 2 << 30
@@ -169,14 +170,14 @@ class OffloadedModel:
             if id(v) in seen:
                 continue
             seen.add(id(v))
-            ck = self._ckpt_key(k)
-            if ck is None:
+            ckpt_key = self._ckpt_key(k)
+            if ckpt_key is None:
                 if k == self._out_key and getattr(self.config, "tie_word_embeddings", False):
                     continue  # tied to the input embeddings: stock loading re-ties it
                 if id(v) not in param_ids:
                     continue  # a persistent buffer the checkpoint does not carry: rebuilt at load time
                 raise OffloadError(f"tensor {k!r} of the model is not in the checkpoint {self.dir.resolve()}")
-            self.keys[k] = ck
+            self.keys[k] = ckpt_key
         self.block_keys = [[k for k in self.keys if k.startswith(f"{self.prefix}.{i}.")]
                            for i in range(self.n_blocks)]
         in_blocks = {k for ks in self.block_keys for k in ks}
@@ -281,6 +282,7 @@ class OffloadedModel:
 
 
 def save_shard(tensors: dict, path: Path) -> None:
+    """Write one safetensors shard atomically (a ``.part`` file renamed into place)."""
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".part")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -291,56 +293,57 @@ def save_shard(tensors: dict, path: Path) -> None:
 @torch.no_grad()
 def forward_inplace(block, hidden, batches, dtype, dev) -> None:
     """hidden ← block(hidden), batch by batch (each batch depends on its own rows only)."""
-    from .pipeline import _call_block
+    from .pipeline import call_block
     block.to(dev)
     try:
         for sl, args, kw in batches:
-            y = _call_block(block, hidden[sl].to(dev, dtype), args, kw)
+            y = call_block(block, hidden[sl].to(dev, dtype), args, kw)
             hidden[sl] = y.to("cpu", hidden.dtype)
     finally:
         block.to("cpu")
 
 
-
-def hidden_size(om) -> int:
-    c = om.config
+def hidden_size(offloaded) -> int:
+    """The residual-stream width of an offloaded model (from its config)."""
+    c = offloaded.config
     return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "d_model", 0))
 
 
-
-def write_rest_and_index(om: OffloadedModel, out_dir, *, skip=frozenset()) -> dict:
+def write_rest_and_index(offloaded: OffloadedModel, out_dir, *, skip=frozenset()) -> dict:
     """Write the non-block shards and the blocks not in ``skip`` (unpruned, copied tensor by tensor from the
     checkpoint in the compute dtype), then the index and the config. Returns the index."""
     out_dir = Path(out_dir)
-    rest_names, block_names = om.shard_names()
-    for name, keys in zip(rest_names, om.rest_shards()):
-        raw = om.ckpt.read([om.keys[k] for k in keys])
-        save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in keys}, out_dir / name)
+    rest_names, block_names = offloaded.shard_names()
+    for name, keys in zip(rest_names, offloaded.rest_shards()):
+        raw = offloaded.ckpt.read([offloaded.keys[k] for k in keys])
+        save_shard({k: _cast(raw[offloaded.keys[k]], offloaded.dtype) for k in keys}, out_dir / name)
         del raw
-    for i in range(om.n_blocks):
+    for i in range(offloaded.n_blocks):
         if i in skip:
             continue
-        raw = om.ckpt.read([om.keys[k] for k in om.block_keys[i]])
-        save_shard({k: _cast(raw[om.keys[k]], om.dtype) for k in om.block_keys[i]}, out_dir / block_names[i])
+        keys = offloaded.block_keys[i]
+        raw = offloaded.ckpt.read([offloaded.keys[k] for k in keys])
+        save_shard({k: _cast(raw[offloaded.keys[k]], offloaded.dtype) for k in keys}, out_dir / block_names[i])
         del raw
-    wm = {}
-    for name, keys in zip(rest_names, om.rest_shards()):
-        wm.update({k: name for k in keys})
-    for i, keys in enumerate(om.block_keys):
-        wm.update({k: block_names[i] for k in keys})
-    missing = [n for n in set(wm.values()) if not (out_dir / n).is_file()]
+    weight_map = {}
+    for name, keys in zip(rest_names, offloaded.rest_shards()):
+        weight_map.update({k: name for k in keys})
+    for i, keys in enumerate(offloaded.block_keys):
+        weight_map.update({k: block_names[i] for k in keys})
+    missing = [n for n in set(weight_map.values()) if not (out_dir / n).is_file()]
     if missing:
         raise RuntimeError(f"low-memory output incomplete: shard(s) {sorted(missing)[:3]} missing in {out_dir}")
-    total = sum(om.ckpt.nbytes(om.keys[k], om.dtype) for k in wm)
-    index = {"metadata": {"total_size": total, "format": "optprune-low-memory"}, "weight_map": dict(sorted(wm.items()))}
+    total = sum(offloaded.ckpt.nbytes(offloaded.keys[k], offloaded.dtype) for k in weight_map)
+    index = {"metadata": {"total_size": total, "format": "optprune-low-memory"},
+             "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    cfg = copy.deepcopy(om.config)
+    cfg = copy.deepcopy(offloaded.config)
     try:
-        cfg.dtype = om.dtype
+        cfg.dtype = offloaded.dtype
     except Exception:  # pragma: no cover - older configs
-        cfg.torch_dtype = om.dtype
+        cfg.torch_dtype = offloaded.dtype
     cfg.save_pretrained(str(out_dir))
-    gen = om.dir / "generation_config.json"
+    gen = offloaded.dir / "generation_config.json"
     if gen.is_file():
         shutil.copyfile(gen, out_dir / "generation_config.json")
     return index
@@ -364,31 +367,31 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
     from .architectures import get_module
     from .evaluation import window_count
     t0 = time.perf_counter()
-    om = OffloadedModel(directory, dtype=dtype)
+    offloaded = OffloadedModel(directory, dtype=dtype)
     ids = torch.as_tensor(ids).reshape(-1).to(torch.long)
     n = window_count(ids.numel(), seqlen, max_windows)
     if n < 1:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     X = ids[: n * seqlen].view(n, seqlen)
     dev = torch.device(device or "cpu")
-    inp = om.capture(X, device=dev, batch_size=batch_size)
+    inp = offloaded.capture(X, device=dev, batch_size=batch_size)
     hidden = inp.hidden.to("cpu")
     per_block, batches = inp.per_block, inp.batches
     del inp
-    for i in tqdm(range(om.n_blocks), desc=desc, unit="block", leave=False, disable=not progress):
-        forward_inplace(om.block(i), hidden, per_block[i], om.dtype, dev)
-        om.release(i)
+    for i in tqdm(range(offloaded.n_blocks), desc=desc, unit="block", leave=False, disable=not progress):
+        forward_inplace(offloaded.block(i), hidden, per_block[i], offloaded.dtype, dev)
+        offloaded.release(i)
     # the final norm and the output head (tied: the input embedding's weight)
-    head_keys = [k for k in om.rest_keys]
-    om._load_into(om.model, "", head_keys)
-    out = om.model.get_output_embeddings()
+    head_keys = [k for k in offloaded.rest_keys]
+    offloaded._load_into(offloaded.model, "", head_keys)
+    out = offloaded.model.get_output_embeddings()
     if out is not None and out.weight.is_meta:  # tied to the input embeddings
-        out.weight = om.model.get_input_embeddings().weight
-    norm = get_module(om.model, om.arch.final_norm).to(dev)
+        out.weight = offloaded.model.get_input_embeddings().weight
+    norm = get_module(offloaded.model, offloaded.arch.final_norm).to(dev)
     out.to(dev)
     total, count = 0.0, 0
     for sl, _, _ in batches:
-        h = norm(hidden[sl].to(dev, om.dtype))
+        h = norm(hidden[sl].to(dev, offloaded.dtype))
         logits = out(h)[:, :-1, :].float()
         x = X[sl].to(dev)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
@@ -400,7 +403,7 @@ def perplexity_offloaded(directory, ids: torch.Tensor, seqlen: int, *, max_windo
 
 
 # ============================================================================================ sources and outputs
-def resolve_source(model, model_dir) -> Path:
+def safetensors_dir(model, model_dir) -> Path:
     """The safetensors directory of a model name: built-in, local directory, or a hub id (downloaded to the hub
     cache shard by shard by ``huggingface_hub``, never loaded)."""
     from .loading import MODEL_ALIASES, builtin_path
@@ -435,7 +438,7 @@ def resolve_source(model, model_dir) -> Path:
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def clean_output(out_dir: Path) -> None:
+def remove_previous_weights(out_dir: Path) -> None:
     """Remove the weight files of a previous run in ``out_dir`` (an optprune output, checked by run.prune): a stale
     ``model.safetensors`` next to a new index would be loaded instead of it."""
     if out_dir.is_dir():

@@ -53,7 +53,6 @@ A model on the CPU with ``device="cuda"`` stays on the CPU; each block visits th
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import resource
 import time
@@ -64,12 +63,15 @@ import torch
 from torch import nn
 
 from ..formulations import NumericalError, PatternError, parse_pattern
-from ..formulations.patterns import NM, ColumnGroups, ExpanderNM, Pattern, Unstructured, check_sparsity
+from ..formulations.patterns import NM, Pattern, Unstructured, check_sparsity
+from ..solvers.serialization import to_json
 from .architectures import ArchSpec, get_arch, get_module, linear_weight, set_linear_weight
+from .devices import parameter_devices, resolve_device
 from .stats import InputStats
 
 __all__ = ["PruneConfig", "PipelineError", "prune_model", "validate_config", "capture_block_inputs",
-           "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH"]
+           "BlockInputs", "forward_block", "pattern_kind", "DIAG_ONLY_ABOVE", "TOKENS_PER_BATCH",
+           "peak_rss_mb", "forward_batch_size", "call_block"]
 
 #: above this input width, methods that need no Gram get only the diagonal Σ x̂_j² (no error reported)
 DIAG_ONLY_ABOVE = 4096
@@ -143,8 +145,9 @@ def _same(a, b) -> bool:
         return False
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    devs = {p.device for p in model.parameters()}
+def _single_device(model: nn.Module) -> torch.device:
+    """The one device holding all of the model's parameters; :class:`PipelineError` when they are spread."""
+    devs = parameter_devices(model)
     if len(devs) != 1:
         raise PipelineError(f"the model is spread over several devices ({', '.join(map(str, sorted(devs, key=str)))}); "
                             f"load it on one device (the pipeline moves one block at a time to the compute device)")
@@ -173,31 +176,8 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(dtype=torch.float32, copy=True).contiguous()
 
 
-def _jsonable(v):
-    if isinstance(v, bool) or isinstance(v, str):
-        return v
-    if isinstance(v, dict):  # e.g. info["graph"] (graph metrics of the mask)
-        d = {str(k): _jsonable(x) for k, x in v.items()}
-        return {k: x for k, x in d.items() if x is not None}
-    if isinstance(v, (list, tuple)) and len(v) <= 64:
-        items = [_jsonable(x) for x in v]
-        return None if any(x is None for x in items) else items
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return v
-    if torch.is_tensor(v) and v.numel() == 1:
-        return v.item()
-    try:
-        import numpy as np
-        if isinstance(v, np.generic) and v.size == 1:
-            return v.item()
-    except Exception:  # pragma: no cover
-        pass
-    return None
-
-
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
@@ -252,7 +232,8 @@ class BlockInputs:
         return BlockInputs(self.hidden if hidden is None else hidden, batches, self.per_block)
 
 
-def calibration_batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+def forward_batch_size(config_bs: Optional[int], nsamples: int, seqlen: int) -> int:
+    """Calibration sequences per forward: the configured batch size, else about TOKENS_PER_BATCH tokens."""
     if config_bs is not None:
         return int(config_bs)
     return max(1, min(nsamples, TOKENS_PER_BATCH // max(1, seqlen)))
@@ -333,7 +314,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
     saved = list(blocks)
     nb = len(saved)
     n, L = calib_ids.shape
-    bs = calibration_batch_size(batch_size, n, L)
+    bs = forward_batch_size(batch_size, n, L)
     batches = row_batches(n, L, bs, lengths)
     state = {"hidden": None, "cur": None, "seen": None}
     per_block = [[] for _ in range(nb)]
@@ -356,7 +337,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         for i, b in enumerate(saved):
             blocks[i] = _Recorder(b, i, store, last=i == nb - 1)
         # the blocks aside: embeddings, positional tables, norms (and the head); a one-block view has none
-        orig = _model_device(model) if any(True for _ in model.parameters()) else _model_device(saved[0])
+        orig = _single_device(model) if any(True for _ in model.parameters()) else _single_device(saved[0])
         dev = torch.device(device) if device is not None else orig
         intern = _Interner(dev)
         moved = dev != orig
@@ -383,7 +364,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
     return BlockInputs(state["hidden"], per_block[0], per_block)
 
 
-def _call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+def call_block(block: nn.Module, h: torch.Tensor, args, kw) -> torch.Tensor:
+    """The block's output hidden states for ``h`` (moved to the block's dtype and device first)."""
     p = next(block.parameters(), None)  # activations may be stored in another dtype/device (--low-memory)
     if p is not None and (h.dtype != p.dtype or h.device != p.device):
         h = h.to(p.device, p.dtype)
@@ -397,7 +379,7 @@ def forward_block(block: nn.Module, inputs: BlockInputs, out: Optional[torch.Ten
     if out is None:
         out = torch.empty_like(inputs.hidden)
     for sl, args, kw in inputs.batches:
-        out[sl] = _call_block(block, inputs.hidden[sl], args, kw)
+        out[sl] = call_block(block, inputs.hidden[sl], args, kw)
     return out
 
 
@@ -411,7 +393,7 @@ def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
 
     handle = get_module(block, path).register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        _call_block(block, h, args, kw)
+        call_block(block, h, args, kw)
     except _Stop:
         pass
     finally:
@@ -442,6 +424,31 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
     from ..solvers import get_method
     arch = get_arch(model)
     spec = get_method(config.method)  # UnknownMethodError (a ValueError) names the available methods
+    _check_options(config)
+    if calib_ids is not None:
+        _check_calibration_ids(model, calib_ids)
+    blocks_mod = get_module(model, arch.blocks)
+    nb = len(blocks_mod)
+    sel = _selected_blocks(config, nb)
+    _check_layer_sparsities(config, arch, nb)
+    if spec.structured:
+        kinds = _structure_kinds(spec, config)
+        units = {bi: _structured_groups(model, arch, spec, config, kinds, bi, blocks_mod[bi]) for bi in sel}
+    else:
+        units = {bi: _pattern_groups(arch, spec, config, bi, blocks_mod[bi]) for bi in sel}
+    if config.targets or config.ignore:  # keep only the chosen sub-layers; blocks left with none are skipped
+        from .targets import select_layers
+        layers = {e[1]: type(get_module(model, e[1])).__name__ for bi in sel for g in units[bi] for e in g}
+        keep = select_layers(layers, config.targets, config.ignore, other_modules=dict(model.named_modules()))
+        units = {bi: [g2 for g2 in ([e for e in g if e[1] in keep] for g in units[bi]) if g2] for bi in sel}
+        sel = [bi for bi in sel if units[bi]]
+        units = {bi: units[bi] for bi in sel}
+    dev = resolve_device(config.device, PipelineError)
+    _single_device(model)
+    return _Plan(arch, spec, sel, units, nb, dev)
+
+
+def _check_options(config: PruneConfig) -> None:
     if config.mode not in _MODES:
         raise PipelineError(f"mode must be one of {', '.join(_MODES)}, got {config.mode!r}")
     if config.sparsity is not None:  # (None is fine for N:M patterns, which fix their own sparsity)
@@ -452,107 +459,100 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
         raise PipelineError(f"batch_size must be ≥ 1, got {config.batch_size}")
     if not isinstance(config.method_options, dict):
         raise PipelineError(f"method_options must be a dict, got {type(config.method_options).__name__}")
-    if calib_ids is not None:
-        if not torch.is_tensor(calib_ids) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
-            raise PipelineError("calib_ids must be a non-empty (nsamples, seqlen) tensor of token ids")
-        if calib_ids.dtype not in (torch.int64, torch.int32):
-            raise PipelineError(f"calib_ids must hold integer token ids, got dtype {calib_ids.dtype}")
-        emb = model.get_input_embeddings()
-        vocab = getattr(emb, "num_embeddings", None)
-        if vocab is not None and (int(calib_ids.max()) >= vocab or int(calib_ids.min()) < 0):
-            raise PipelineError(f"calib_ids contain token ids outside the vocabulary [0, {vocab})")
 
-    blocks_mod = get_module(model, arch.blocks)
-    nb = len(blocks_mod)
+
+def _check_calibration_ids(model: nn.Module, calib_ids) -> None:
+    if not torch.is_tensor(calib_ids) or calib_ids.dim() != 2 or calib_ids.numel() == 0:
+        raise PipelineError("calib_ids must be a non-empty (nsamples, seqlen) tensor of token ids")
+    if calib_ids.dtype not in (torch.int64, torch.int32):
+        raise PipelineError(f"calib_ids must hold integer token ids, got dtype {calib_ids.dtype}")
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and (int(calib_ids.max()) >= vocab or int(calib_ids.min()) < 0):
+        raise PipelineError(f"calib_ids contain token ids outside the vocabulary [0, {vocab})")
+
+
+def _selected_blocks(config: PruneConfig, nb: int) -> list:
+    """The sorted block indices to prune (all of them without ``config.blocks``)."""
     if config.blocks is None:
-        sel = list(range(nb))
-    else:
-        try:
-            sel = sorted({int(b) for b in config.blocks})
-        except (TypeError, ValueError):
-            raise PipelineError(f"blocks must be a list of block indices, got {config.blocks!r}") from None
-        bad = [b for b in sel if not 0 <= b < nb]
-        if bad or not sel:
-            raise PipelineError(f"blocks must be indices in [0, {nb}), got {config.blocks!r}")
-
-    all_names = {f"{arch.blocks}.{i}.{s}" for i in range(nb) for s in arch.sublayer_names()}
-    if config.layer_sparsity:
-        unknown = sorted(set(config.layer_sparsity) - all_names)
-        if unknown:
-            raise PipelineError(f"layer_sparsity names unknown sub-layers: {', '.join(unknown[:3])}"
-                                f"{' ...' if len(unknown) > 3 else ''} (expected names such as "
-                                f"{arch.blocks}.0.{arch.sublayer_names()[0]})")
-        for k, v in config.layer_sparsity.items():
-            check_sparsity(v, f"sparsity of {k}")
-
-    units = {}
-    if spec.structured:
-        if "groups" not in spec.patterns:
-            raise PipelineError(f"structured method {spec.name!r} does not declare the 'groups' pattern")
-        kinds = [k.strip().lower() for k in str(config.structure).split(",") if k.strip()]
-        if not kinds or any(k not in _STRUCTURE_KINDS for k in kinds):
-            raise PipelineError(f"structure must be a comma list of 'mlp', 'heads' (query heads) and 'heads:kv' "
-                                f"(whole key/value groups), e.g. 'mlp,heads'; got {config.structure!r}")
-        if "heads" in kinds and "heads:kv" in kinds:
-            raise PipelineError("structure: give 'heads' (query heads) or 'heads:kv' (key/value groups), not both")
-        try:
-            surgery = importlib.import_module(f"{__package__}.surgery")
-        except ModuleNotFoundError as e:
-            raise PipelineError(f"structured method {spec.name!r} needs optprune.llm_adapters.surgery, which is "
-                                f"not available ({e})") from None
-        order = arch.sublayer_names()
-        for bi in sel:
-            groups = []
-            for token in dict.fromkeys(kinds):
-                kind, _, head_groups = token.partition(":")
-                table = arch.mlp if kind == "mlp" else arch.heads
-                if table is None:
-                    raise PipelineError(f"architecture {arch.name!r} has no {kind} structure table")
-                sub0 = table.down if kind == "mlp" else table.o
-                s = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
-                try:
-                    kw = {"head_groups": head_groups} if head_groups else {}  # "heads:kv"
-                    sub, pat = surgery.structure_pattern(model, arch, bi, kind, s, **kw)
-                except NotImplementedError as e:  # e.g. heads of GPT-2's fused c_attn
-                    raise PipelineError(f"{kind} structure on block {bi}: {e}") from None
-                name = f"{arch.blocks}.{bi}.{sub}"
-                shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
-                _check_layer(spec, pat, name, shape)
-                groups.append([(sub, name, pat, kind)])
-            groups.sort(key=lambda g: order.index(g[0][0]) if g[0][0] in order else len(order))
-            units[bi] = groups
-    else:
-        for bi in sel:
-            groups = []
-            for grp in arch.sublayers:
-                g = []
-                for sub in grp:
-                    name = f"{arch.blocks}.{bi}.{sub}"
-                    pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree,
-                                        quant=config.quant)
-                    shape = tuple(linear_weight(get_module(blocks_mod[bi], sub), sub in arch.transposed).shape)
-                    _check_layer(spec, pat, name, shape)
-                    g.append((sub, name, pat, None))
-                groups.append(g)
-            units[bi] = groups
-
-    if config.targets or config.ignore:  # keep only the chosen sub-layers; blocks left with none are skipped
-        from .targets import select_layers
-        layers = {e[1]: type(get_module(model, e[1])).__name__ for bi in sel for g in units[bi] for e in g}
-        keep = select_layers(layers, config.targets, config.ignore, other_modules=dict(model.named_modules()))
-        units = {bi: [g2 for g2 in ([e for e in g if e[1] in keep] for g in units[bi]) if g2] for bi in sel}
-        sel = [bi for bi in sel if units[bi]]
-        units = {bi: units[bi] for bi in sel}
-
-    dev = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return list(range(nb))
     try:
-        dev = torch.device(dev)
-    except (RuntimeError, TypeError):
-        raise PipelineError(f"unknown device {config.device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device 'cuda' asked for but CUDA is not available")
-    _model_device(model)
-    return _Plan(arch, spec, sel, units, nb, dev)
+        sel = sorted({int(b) for b in config.blocks})
+    except (TypeError, ValueError):
+        raise PipelineError(f"blocks must be a list of block indices, got {config.blocks!r}") from None
+    bad = [b for b in sel if not 0 <= b < nb]
+    if bad or not sel:
+        raise PipelineError(f"blocks must be indices in [0, {nb}), got {config.blocks!r}")
+    return sel
+
+
+def _check_layer_sparsities(config: PruneConfig, arch: ArchSpec, nb: int) -> None:
+    if not config.layer_sparsity:
+        return
+    all_names = {f"{arch.blocks}.{i}.{s}" for i in range(nb) for s in arch.sublayer_names()}
+    unknown = sorted(set(config.layer_sparsity) - all_names)
+    if unknown:
+        raise PipelineError(f"layer_sparsity names unknown sub-layers: {', '.join(unknown[:3])}"
+                            f"{' ...' if len(unknown) > 3 else ''} (expected names such as "
+                            f"{arch.blocks}.0.{arch.sublayer_names()[0]})")
+    for k, v in config.layer_sparsity.items():
+        check_sparsity(v, f"sparsity of {k}")
+
+
+def _structure_kinds(spec, config: PruneConfig) -> list:
+    """The structure kinds of ``config.structure`` ('mlp', 'heads', 'heads:kv'), checked."""
+    if "groups" not in spec.patterns:
+        raise PipelineError(f"structured method {spec.name!r} does not declare the 'groups' pattern")
+    kinds = [k.strip().lower() for k in str(config.structure).split(",") if k.strip()]
+    if not kinds or any(k not in _STRUCTURE_KINDS for k in kinds):
+        raise PipelineError(f"structure must be a comma list of 'mlp', 'heads' (query heads) and 'heads:kv' "
+                            f"(whole key/value groups), e.g. 'mlp,heads'; got {config.structure!r}")
+    if "heads" in kinds and "heads:kv" in kinds:
+        raise PipelineError("structure: give 'heads' (query heads) or 'heads:kv' (key/value groups), not both")
+    return kinds
+
+
+def _structured_groups(model: nn.Module, arch: ArchSpec, spec, config: PruneConfig, kinds: list, bi: int,
+                       block) -> list:
+    """Block ``bi``'s groups for a structured method: one single-layer group per structure kind, in the
+    architecture's sub-layer order."""
+    from . import surgery
+    order = arch.sublayer_names()
+    groups = []
+    for token in dict.fromkeys(kinds):
+        kind, _, head_groups = token.partition(":")
+        table = arch.mlp if kind == "mlp" else arch.heads
+        if table is None:
+            raise PipelineError(f"architecture {arch.name!r} has no {kind} structure table")
+        sub0 = table.down if kind == "mlp" else table.o
+        sparsity = _layer_sparsity(config, f"{arch.blocks}.{bi}.{sub0}")
+        try:
+            kw = {"head_groups": head_groups} if head_groups else {}  # "heads:kv"
+            sub, pat = surgery.structure_pattern(model, arch, bi, kind, sparsity, **kw)
+        except NotImplementedError as e:  # e.g. heads of GPT-2's fused c_attn
+            raise PipelineError(f"{kind} structure on block {bi}: {e}") from None
+        name = f"{arch.blocks}.{bi}.{sub}"
+        shape = tuple(linear_weight(get_module(block, sub), sub in arch.transposed).shape)
+        _check_layer(spec, pat, name, shape)
+        groups.append([(sub, name, pat, kind)])
+    groups.sort(key=lambda g: order.index(g[0][0]) if g[0][0] in order else len(order))
+    return groups
+
+
+def _pattern_groups(arch: ArchSpec, spec, config: PruneConfig, bi: int, block) -> list:
+    """Block ``bi``'s groups of sub-layers (the architecture's, e.g. q/k/v together), each with its pattern."""
+    groups = []
+    for grp in arch.sublayers:
+        group = []
+        for sub in grp:
+            name = f"{arch.blocks}.{bi}.{sub}"
+            pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree,
+                                quant=config.quant)
+            shape = tuple(linear_weight(get_module(block, sub), sub in arch.transposed).shape)
+            _check_layer(spec, pat, name, shape)
+            group.append((sub, name, pat, None))
+        groups.append(group)
+    return groups
 
 
 def _check_layer(spec, pat: Pattern, name: str, shape) -> None:
@@ -586,8 +586,10 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     t_start = time.perf_counter()
     plan = validate_config(model, config, calib_ids)  # nothing is touched before this passes
     arch, spec, dev = plan.arch, plan.spec, plan.device
-    surgery = importlib.import_module(f"{__package__}.surgery") if spec.structured else None
-    orig_dev = _model_device(model)
+    surgery = None
+    if spec.structured:
+        from . import surgery
+    orig_dev = _single_device(model)
     was_training = model.training
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -595,7 +597,6 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     selected = set(plan.blocks)
     last = plan.blocks[-1]
     layers_rec, blocks_rec = [], []
-    gdt = config.gram_dtype
 
     model.eval()
     try:
@@ -615,53 +616,9 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
                 forward_block(block, cur, hidden)
                 block.to(orig_dev)
                 continue
-            t_stats = t_solve = t_fwd = 0.0
-            groups = plan.units[bi]
-            need_out_dense = config.mode == "dense-input" and bi != last
-            # the dense copy: X of the later groups (error correction) and the dense outputs (dense-input mode,
-            # computed after the statistics so that the inputs are not overwritten before they are read)
-            dense = copy.deepcopy(block) if config.error_correction and (len(groups) > 1 or need_out_dense) \
-                else None
-
-            def solve_group(group, acc):
-                nonlocal t_solve
-                for sub, name, pat, kind in group:
-                    ts = time.perf_counter()
-                    rec = _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result,
-                                       surgery, model)
-                    t_solve += time.perf_counter() - ts
-                    layers_rec.append(rec)
-
-            if config.error_correction:
-                for gi, group in enumerate(groups):
-                    t0 = time.perf_counter()
-                    # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
-                    acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
-                                                config, gdt, dev)
-                    t_stats += time.perf_counter() - t0
-                    solve_group(group, acc)
-                    del acc
-                if need_out_dense:  # dense stream: the dense copy's outputs
-                    t0 = time.perf_counter()
-                    forward_block(dense, cur, hidden)
-                    t_fwd += time.perf_counter() - t0
-            else:
-                t0 = time.perf_counter()
-                accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
-                                         hidden if need_out_dense else None)
-                t_stats += time.perf_counter() - t0
-                for gi, group in enumerate(groups):
-                    solve_group(group, accs[gi])
-                    accs[gi] = None  # a group's Grams are freed once its layers are solved
-                del accs
-            del dense
-            if config.mode == "sequential" and bi != last:
-                t0 = time.perf_counter()
-                forward_block(block, cur, hidden)
-                t_fwd += time.perf_counter() - t0
+            timings = _prune_block(model, block, bi, cur, hidden, plan, config, layers_rec, refit_result, surgery)
             block.to(orig_dev)
-            blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, "stats_time_s": t_stats,
-                               "solve_time_s": t_solve, "forward_time_s": t_fwd})
+            blocks_rec.append({"block": bi, "time_s": time.perf_counter() - tb, **timings})
             if on_block is not None:
                 on_block(bi, block, [r for r in layers_rec if r.get("block") == bi], blocks_rec[-1])
         bar.close()
@@ -675,11 +632,64 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     res = {"layers": layers_rec, "blocks": blocks_rec, "time_s": time.perf_counter() - t_start,
            "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / tot if tot else 0.0,
            "device": str(dev), "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": forward_batch_size(config.batch_size, *calib_ids.shape),
            "tokens": int(sum(config.calib_lengths)) if config.calib_lengths is not None else int(calib_ids.numel())}
     if dev.type == "cuda":
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return res
+
+
+def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, plan: _Plan, config: PruneConfig,
+                 layers_rec: list, refit_result, surgery) -> dict:
+    """Prune block ``bi``'s groups in order (statistics, then one solve per layer; records appended to
+    ``layers_rec``) and write the next block's inputs into ``hidden`` as the mode says; returns the timings."""
+    arch, spec, dev, last = plan.arch, plan.spec, plan.device, plan.blocks[-1]
+    gdt = config.gram_dtype
+    t_stats = t_solve = t_fwd = 0.0
+    groups = plan.units[bi]
+    need_out_dense = config.mode == "dense-input" and bi != last
+    # the dense copy: X of the later groups (error correction) and the dense outputs (dense-input mode,
+    # computed after the statistics so that the inputs are not overwritten before they are read)
+    dense = copy.deepcopy(block) if config.error_correction and (len(groups) > 1 or need_out_dense) \
+        else None
+
+    def solve_group(group, acc):
+        nonlocal t_solve
+        for sub, name, pat, kind in group:
+            ts = time.perf_counter()
+            rec = _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result,
+                               surgery, model)
+            t_solve += time.perf_counter() - ts
+            layers_rec.append(rec)
+
+    if config.error_correction:
+        for gi, group in enumerate(groups):
+            t0 = time.perf_counter()
+            # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
+            acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
+                                        config, gdt, dev)
+            t_stats += time.perf_counter() - t0
+            solve_group(group, acc)
+            del acc
+        if need_out_dense:  # dense stream: the dense copy's outputs
+            t0 = time.perf_counter()
+            forward_block(dense, cur, hidden)
+            t_fwd += time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
+                                 hidden if need_out_dense else None)
+        t_stats += time.perf_counter() - t0
+        for gi, group in enumerate(groups):
+            solve_group(group, accs[gi])
+            accs[gi] = None  # a group's Grams are freed once its layers are solved
+        del accs
+    del dense
+    if config.mode == "sequential" and bi != last:
+        t0 = time.perf_counter()
+        forward_block(block, cur, hidden)
+        t_fwd += time.perf_counter() - t0
+    return {"stats_time_s": t_stats, "solve_time_s": t_solve, "forward_time_s": t_fwd}
 
 
 def _new_acc(n, full, corrected, gdt, dev):
@@ -728,7 +738,7 @@ def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt,
             handles.append(get_module(block, s).register_forward_pre_hook(make(i), with_kwargs=True))
         for sl, args, kw in inputs.batches:
             try:
-                y = _call_block(block, inputs.hidden[sl], args, kw)
+                y = call_block(block, inputs.hidden[sl], args, kw)
             except _Stop:
                 continue
             if out is not None:
@@ -737,6 +747,26 @@ def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt,
         for h in handles:
             h.remove()
     return accs
+
+
+def _method_info_record(res, pat: Pattern) -> dict:
+    """What a layer's record keeps of the method's ``info``: its small JSON values (``time_s`` renamed
+    ``method_time_s``; the layer's error and sparsity are measured again by the caller), and for an N:M mask its
+    graph metrics."""
+    rec = {}
+    for k, v in (res.info or {}).items():
+        j = to_json(v, compact=True)
+        if j is not None:
+            rec[k] = j
+    if "time_s" in rec:
+        rec["method_time_s"] = rec.pop("time_s")
+    rec.pop("error", None)
+    rec.pop("sparsity", None)
+    if isinstance(pat, NM) and "graph" not in rec and res.mask is not None:
+        # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan)
+        from ..solvers.methods.graph_metrics import graph_metrics
+        rec["graph"] = graph_metrics(res.mask, M=pat.M)
+    return rec
 
 
 def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model) -> dict:
@@ -766,19 +796,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         raise NumericalError(f"layer {name!r}: method {spec.name!r} returned NaN/Inf weights")
 
     qparams = (res.info or {}).pop("qparams", None)  # a grid's scales: kept on the module for the exporter
-    rec = {}
-    for k, v in (res.info or {}).items():
-        j = _jsonable(v)
-        if j is not None:
-            rec[k] = j
-    if "time_s" in rec:
-        rec["method_time_s"] = rec.pop("time_s")
-    rec.pop("error", None)
-    rec.pop("sparsity", None)
-    if isinstance(pat, NM) and "graph" not in rec and res.mask is not None:
-        # connectivity of every N:M mask (degrees, components, spectral gap vs Ramanujan)
-        from ..solvers.methods.graph_metrics import graph_metrics
-        rec["graph"] = graph_metrics(res.mask, M=pat.M)
+    rec = _method_info_record(res, pat)
 
     if kind is None:  # unstructured / N:M / expander: write the weights in place
         set_linear_weight(mod, W, tr)
@@ -798,7 +816,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
     else:  # structured: surgery removes the groups and writes the refitted weights into the shrunk layer
         info = surgery.apply_structured(model, arch, bi, kind, res, pat) or {}
         for k, v in info.items():
-            j = _jsonable(v)
+            j = to_json(v, compact=True)
             if j is not None:
                 rec.setdefault(f"surgery_{k}" if k in rec else k, j)
         written = linear_weight(get_module(block, sub), tr)
@@ -820,5 +838,5 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
                sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
                stats="gram" if full else "diag", nsamples=problem.nsamples)
     if certificate is not None:
-        rec["certificate"] = _jsonable(certificate)
+        rec["certificate"] = to_json(certificate, compact=True)
     return rec

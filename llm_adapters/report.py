@@ -1,8 +1,9 @@
 """The run record and the terminal: what a run measured, on which machine and versions, and its summary.
 
 Shared by ``optprune prune`` (:mod:`.engine`) and ``optprune eval`` (:mod:`.run`): versions and machine,
-JSON-ready values, prunable-weight counts, perplexities per protocol, KL/top-1 against a reference, saving a
-pruned model, and the summaries printed at the end of a run.
+prunable-weight counts, perplexities per protocol, KL/top-1 against a reference, and the summaries printed at
+the end of a run. Values become JSON through :func:`optprune.solvers.serialization.to_json`; the pruned model is
+written by :mod:`.saving`.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import torch
 
 from . import data as D
 from .evaluation import perplexity
-from .pipeline import peak_rss_mb  # noqa: F401  (re-exported for the run record)
 from .settings import RUN_FILE, RunError
 
-__all__ = ["RUN_FILE", "HELDOUT_SEQLEN"]
+__all__ = ["RUN_FILE", "HELDOUT_SEQLEN", "library_versions", "machine_info", "count_prunable", "perplexities",
+           "reference_divergence", "in_memory_meta", "print_prune_header", "print_prune_summary",
+           "print_eval_summary"]
 
-def versions() -> dict:
+
+def library_versions() -> dict:
+    """Versions of Python, torch, numpy, transformers and optprune, and the git commit of a checkout."""
     import numpy
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
@@ -29,9 +33,8 @@ def versions() -> dict:
         out["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    version = getattr(sys.modules.get(__package__.rsplit(".", 1)[0]), "__version__", None)
-    if version:  # (the top package is loaded before any of its modules; importing it here would be a cycle)
-        out["optprune"] = version
+    # the top package is loaded before any of its modules (importing it at module level would be a cycle)
+    out["optprune"] = sys.modules[__package__.rsplit(".", 1)[0]].__version__
     try:
         import subprocess
         repo = Path(__file__).resolve().parents[1]
@@ -48,6 +51,7 @@ def versions() -> dict:
 
 
 def machine_info(device: str) -> dict:
+    """Platform, CPU count, torch threads, memory and GPU of this machine, and the run's device."""
     m = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
     try:
@@ -61,24 +65,6 @@ def machine_info(device: str) -> dict:
     if torch.cuda.is_available():
         m["cuda"] = torch.cuda.get_device_name(0)
     return m
-
-
-def jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if torch.is_tensor(v):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, torch.dtype):
-        return str(v).replace("torch.", "")
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
 
 
 def _prunable(model, arch):
@@ -98,32 +84,27 @@ def count_prunable(model, arch) -> tuple[int, int]:
     return tot, nz
 
 
-def perplexities(model, tok, s: dict, data_dir, device, progress, batch_size=None) -> dict:
+def perplexities(model, tok, settings: dict, data_dir, device, progress, batch_size=None) -> dict:
+    """Perplexity of ``model`` on each evaluation text of the settings (``{text: record}``), windows as the
+    protocol says."""
     out = {}
     model.to(device)
-    for name in s["eval_datasets"]:
-        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-        r = perplexity(model, ids, s["eval_seqlen"], max_windows=s["eval_windows"], device=device,
+    for name in settings["eval_datasets"]:
+        ids = D.eval_tokens(tok, name, seqlen=settings["eval_seqlen"], data_dir=data_dir)
+        r = perplexity(model, ids, settings["eval_seqlen"], max_windows=settings["eval_windows"], device=device,
                        progress=progress, desc=f"eval {name}", batch_size=batch_size)
         r["dataset"] = name
-        r["all_windows"] = s["eval_windows"] is None or r["windows"] < s["eval_windows"]
+        r["all_windows"] = settings["eval_windows"] is None or r["windows"] < settings["eval_windows"]
         out[name] = r
     return out
-
-
-def check_reference_hook():
-    """``--reference``: KL divergence and top-1 agreement (llm_adapters/divergence.py)."""
-    try:
-        from . import divergence  # noqa: F401
-    except ModuleNotFoundError as e:
-        raise RunError(f"--reference needs optprune.llm_adapters.divergence, which is not available ({e})") from None
 
 
 #: window of the held-out self-generated sequences of the data-free KL (clipped to the model's context)
 HELDOUT_SEQLEN = 512
 
 
-def divergence_record(model, tok, reference, s, *, model_dir, data_dir, device, progress, self_gen=False) -> dict:
+def reference_divergence(model, tok, reference, settings, *, model_dir, data_dir, device, progress,
+                         self_gen=False) -> dict:
     """compare next-token distributions with a reference (dense) model: ``{"divergence": ...}`` on the
     first evaluation text's windows (same windows as the perplexity) when there is a text, and with ``self_gen``
     ``{"divergence_self": ...}`` on held-out sequences sampled from the reference (data-free)."""
@@ -131,17 +112,17 @@ def divergence_record(model, tok, reference, s, *, model_dir, data_dir, device, 
     from .loading import load_model
     ref, ref_tok, ref_meta = load_model(reference, model_dir=model_dir, device=device)
     out = {}
-    if s["eval_datasets"]:
-        name = s["eval_datasets"][0]
-        ids = D.eval_tokens(tok, name, seqlen=s["eval_seqlen"], data_dir=data_dir)
-        L = s["eval_seqlen"]
-        n = ids.numel() // L if s["eval_windows"] is None else min(ids.numel() // L, s["eval_windows"])
+    if settings["eval_datasets"]:
+        name = settings["eval_datasets"][0]
+        ids = D.eval_tokens(tok, name, seqlen=settings["eval_seqlen"], data_dir=data_dir)
+        L = settings["eval_seqlen"]
+        n = ids.numel() // L if settings["eval_windows"] is None else min(ids.numel() // L, settings["eval_windows"])
         windows = ids[: n * L].view(n, L)
         r = divergence.kl_eval(model, ref, windows, progress=progress)
         r.update(reference=ref_meta.get("source"), text=name)
         out["divergence"] = r
     if self_gen:  # data-free: held-out sequences sampled from the reference (seed + 1000)
-        r = divergence.heldout_divergence(model, ref, ref_tok, seed=s["seed"], seqlen=HELDOUT_SEQLEN,
+        r = divergence.heldout_divergence(model, ref, ref_tok, seed=settings["seed"], seqlen=HELDOUT_SEQLEN,
                                           progress=progress)
         r.update(reference=ref_meta.get("source"))
         out["divergence_self"] = r
@@ -149,34 +130,8 @@ def divergence_record(model, tok, reference, s, *, model_dir, data_dir, device, 
     return out
 
 
-def save_model(model, tok, out_dir: Path, arch, spec, *, save_format="dense", dtype=None, layers=None,
-          pattern=None, format_options=None) -> dict:
-    """Write the model (+ tokenizer) through ``export.save_model`` (format, dtype, format options). A structured
-    method's shrunk model in the dense format goes through ``surgery.save_shrunk`` (which writes
-    ``optprune_widths.json`` and, when the widths are uniform, a stock-loadable config) and gets a loading note."""
-    from . import export
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.to("cpu")
-    info = {"path": str(out_dir.resolve())}
-    opts = {k: v for k, v in (format_options or {}).items() if v is not None}
-    if not spec.structured or save_format != "dense":
-        info.update(export.save_model(model, out_dir, tok, format=save_format, dtype=dtype or torch.float32,
-                                      layers=layers, pattern=pattern, structured=spec.structured, **opts))
-        return info
-    if dtype is not None:
-        model.to(dtype)  # (structured: the shrunk model is written in the output dtype)
-        info["dtype"] = str(dtype).replace("torch.", "")
-    # SURGERY CALL SITE (llm_adapters/surgery.py): shrunk models, possibly with per-layer widths
-    from . import surgery
-    widths = surgery.save_shrunk(model, str(out_dir), arch)
-    info.update(save_format="dense", format="optprune-shrunk", stock_loadable=bool(widths.get("stock_loadable")),
-                uniform=bool(widths.get("uniform")))
-    tok.save_pretrained(str(out_dir))
-    export.write_loading_note(out_dir, surgery.loading_note(widths))
-    return info
-
-
-def memory_meta(model, label) -> dict:
+def in_memory_meta(model, label) -> dict:
+    """The record's model entry for a model handed over in memory."""
     from .loading import count_parameters
     cfg = model.config
     return {"name": str(label), "source": "in-memory", "format": "in-memory",
@@ -214,14 +169,15 @@ def _budget_text(sparsity, speedup=None, flops=None) -> str:
     return f"speed-up {speedup:g}" if speedup else f"FLOPs {flops:g}" if flops else f"sparsity {sparsity:.2f}"
 
 
-def print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_dir, file=None, speedup=None,
-                  flops=None) -> None:
+def print_prune_header(model, spec, sparsity, pattern, settings: dict, *, evaluate, kl, out_dir, file=None,
+                       speedup=None, flops=None) -> None:
+    """The one line a prune run prints before it starts: model, method, budget, calibration, evaluation, output."""
     file = file or sys.stderr
-    calib = "none (data-free method)" if s["calibration"] == "none" else \
-        f"{s['calibration']} {s['nsamples']}×{s['seqlen']} seed {s['seed']}"
+    calib = "none (data-free method)" if settings["calibration"] == "none" else \
+        f"{settings['calibration']} {settings['nsamples']}×{settings['seqlen']} seed {settings['seed']}"
     ev, nt = [], torch.get_num_threads()
     if evaluate:
-        ev += [f"perplexity {', '.join(s['eval_datasets'])}"] if s["eval_datasets"] else []
+        ev += [f"perplexity {', '.join(settings['eval_datasets'])}"] if settings["eval_datasets"] else []
         ev += ["KL/top-1 vs dense (held-out self-generated)"] if kl else []
     print(f"[optprune] prune {model}: {spec.name} · {'structured' if spec.structured else pattern} · "
           f"{_budget_text(sparsity, speedup, flops)} · calibration {calib} · eval {'; '.join(ev) or 'off'} · output "
@@ -229,24 +185,48 @@ def print_header(model, spec, sparsity, pattern, s: dict, *, evaluate, kl, out_d
 
 
 def print_prune_summary(record: dict, out_dir, file=None) -> None:
+    """The end-of-run summary of ``optprune prune``: settings, per-block table, timings, perplexities, output."""
     file = file or sys.stdout
-    c, p, sm, t = record["config"], record["protocol"], record["summary"], record["timings"]
-    pat = "structured " + str(c["structure"]) if c.get("structure") else c["pattern"]
-    if c.get("quant"):
-        pat = f"{pat} · {c['quant']}"
-    print(f"\noptprune prune: {c['method']} · {pat} · {_budget_text(c['sparsity'], c.get('speedup'), c.get('flops'))} · "
+    config, protocol, timings = record["config"], record["protocol"], record["timings"]
+    pat = "structured " + str(config["structure"]) if config.get("structure") else config["pattern"]
+    if config.get("quant"):
+        pat = f"{pat} · {config['quant']}"
+    budget = _budget_text(config["sparsity"], config.get("speedup"), config.get("flops"))
+    print(f"\noptprune prune: {config['method']} · {pat} · {budget} · "
           f"{record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params)", file=file)
-    d = record.get("depth")
-    if d:
-        sp = record.get("speed") or {}
-        print(f"  removed blocks {d['removed']} of {len(d['surgery']['kept']) + len(d['removed'])} ({d['rule']}); "
-              f"{d['saving']:.1%} of the dense model's {d['budget']['unit']} removed"
-              + (f"; measured prefill speed-up {sp['speedup']:.3f}× (batch {sp['batch']} × {sp['seqlen']})" if sp
-                 else ""), file=file)
-    print(f"  protocol {p['name']}: calibration {p['calibration']} {p['nsamples']}×{p['seqlen']} seed {p['seed']}; "
-          f"mode {c['mode']}, error correction {'on' if c['error_correction'] else 'off'}"
-          f"{', refit' if c['refit'] else ''}", file=file)
-    layers = record.get("layers") or []
+    _print_depth(record, file)
+    print(f"  protocol {protocol['name']}: calibration {protocol['calibration']} "
+          f"{protocol['nsamples']}×{protocol['seqlen']} seed {protocol['seed']}; "
+          f"mode {config['mode']}, error correction {'on' if config['error_correction'] else 'off'}"
+          f"{', refit' if config['refit'] else ''}", file=file)
+    _print_block_table(record.get("layers") or [], record["summary"], file)
+    print(f"  time: load {timings.get('load_s', 0):.1f} s, calibration {timings.get('calibration_s', 0):.1f} s, "
+          f"prune {timings.get('prune_s') or 0:.1f} s, eval {timings.get('eval_s', 0):.1f} s, "
+          f"total {timings['total_s']:.1f} s; peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
+    _print_ppl(record, file)
+    if out_dir is not None:
+        saved = record.get("saved") or {}
+        size = f", {saved['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if saved.get("weights_bytes") else ""
+        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {saved.get('save_format', 'dense')} "
+              f"{saved.get('dtype', '')}{size})", file=file)
+
+
+def _print_depth(record: dict, file) -> None:
+    """The removed blocks of a depth-pruned run (nothing for other runs)."""
+    depth = record.get("depth")
+    if not depth:
+        return
+    speed = record.get("speed") or {}
+    n_blocks = len(depth["surgery"]["kept"]) + len(depth["removed"])
+    measured = (f"; measured prefill speed-up {speed['speedup']:.3f}× (batch {speed['batch']} × {speed['seqlen']})"
+                if speed else "")
+    print(f"  removed blocks {depth['removed']} of {n_blocks} ({depth['rule']}); "
+          f"{depth['saving']:.1%} of the dense model's {depth['budget']['unit']} removed{measured}", file=file)
+
+
+def _print_block_table(layers: list, summary: dict, file) -> None:
+    """Per block: layers, sparsity, relative error (mean, max) and solve time; then the totals and, for a
+    certified run, the certificates' gaps."""
     blocks = {}
     for r in layers:
         b = blocks.setdefault(r["block"], {"n": 0, "w": 0, "z": 0.0, "rel": [], "t": 0.0})
@@ -265,31 +245,23 @@ def print_prune_summary(record: dict, out_dir, file=None) -> None:
               f"{_fmt(max(rel) if rel else None):>12} {b['t']:>8.2f}", file=file)
     pruned_w = sum(b["w"] for b in blocks.values())
     pruned_s = sum(b["z"] for b in blocks.values()) / pruned_w if pruned_w else 0.0
-    print(f"  {'all':>5} {sm['layers']:>6} {pruned_s:>9.4f} {_fmt(sm['mean_rel_error']):>13} "
-          f"{_fmt(sm['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
-          f"(target {_fmt(sm['sparsity_target'])})", file=file)
-    if abs(pruned_s - sm["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
-        print(f"  zeros/removed weights over all {sm['prunable_weights']} prunable weights: {sm['sparsity']:.4f}",
-              file=file)
-    cs = sm.get("certificates")
-    if cs:
-        g = cs["l0_rel_gap"]
-        print(f"  certified: (ours − lower bound)/ours over {g['n']} layers: median {g['median']:.3g}, "
-              f"p90 {g['p90']:.3g}, max {g['max']:.3g} (weakest: {cs['weakest'][0]['name']})"
-              + (f"; ℓ1 duality gap median {cs['l1_rel_gap']['median']:.2e}" if cs.get("l1_rel_gap") else ""),
-              file=file)
-    print(f"  time: load {t.get('load_s', 0):.1f} s, calibration {t.get('calibration_s', 0):.1f} s, "
-          f"prune {t.get('prune_s') or 0:.1f} s, eval {t.get('eval_s', 0):.1f} s, total {t['total_s']:.1f} s; "
-          f"peak RSS {record['peak_rss_mb']:.0f} MB", file=file)
-    _print_ppl(record, file)
-    if out_dir is not None:
-        sv = record.get("saved") or {}
-        size = f", {sv['weights_bytes'] / 2 ** 20:.1f} MiB of weights" if sv.get("weights_bytes") else ""
-        print(f"  saved: {out_dir}/ (model, tokenizer, {RUN_FILE}; {sv.get('save_format', 'dense')} "
-              f"{sv.get('dtype', '')}{size})", file=file)
+    print(f"  {'all':>5} {summary['layers']:>6} {pruned_s:>9.4f} {_fmt(summary['mean_rel_error']):>13} "
+          f"{_fmt(summary['max_rel_error']):>12} {sum(b['t'] for b in blocks.values()):>8.2f}   "
+          f"(target {_fmt(summary['sparsity_target'])})", file=file)
+    if abs(pruned_s - summary["sparsity"]) > 5e-5:  # structured runs: the rows above are the pruned layers only
+        print(f"  zeros/removed weights over all {summary['prunable_weights']} prunable weights: "
+              f"{summary['sparsity']:.4f}", file=file)
+    certificates = summary.get("certificates")
+    if certificates:
+        gap = certificates["l0_rel_gap"]
+        l1 = certificates.get("l1_rel_gap")
+        print(f"  certified: (ours − lower bound)/ours over {gap['n']} layers: median {gap['median']:.3g}, "
+              f"p90 {gap['p90']:.3g}, max {gap['max']:.3g} (weakest: {certificates['weakest'][0]['name']})"
+              + (f"; ℓ1 duality gap median {l1['median']:.2e}" if l1 else ""), file=file)
 
 
 def print_eval_summary(record: dict, out_file, file=None) -> None:
+    """The end-of-run summary of ``optprune eval``."""
     file = file or sys.stdout
     p = record["protocol"]
     print(f"\noptprune eval: {record['model'].get('name')} ({record['model'].get('n_params', 0) / 1e6:.2f}M params), "

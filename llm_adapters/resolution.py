@@ -46,9 +46,6 @@ def derive(o) -> dict:
     nproc, world = _check_execution(o)
     alloc = check_allocation(o.allocation)
     device = default_device(o.device)
-    if o.reference:
-        from .report import check_reference_hook
-        check_reference_hook()
     in_memory = isinstance(o.model, torch.nn.Module)
     cfg = o.model.config.to_dict() if in_memory else ((files["model"] or {}).get("config") or None)
     from . import export

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Optional
 
 from .evaluation import zero_shot
-from .report import (check_reference_hook, divergence_record, jsonable, machine_info, peak_rss_mb,  # noqa: F401
-                     perplexities, print_eval_summary, save_model, versions)
+from ..solvers.serialization import to_json
+from .pipeline import peak_rss_mb
+from .report import library_versions, machine_info, perplexities, print_eval_summary, reference_divergence
 from .description import RESOLVE_EXTRA, check_run_options, with_signature
 from .settings import (RUN_FILE, SELF_CALIB_DEFAULT, RunError, check_sizes, clip_to_context,  # noqa: F401
                        default_device, log, model_sizes, protocol_record, resolve_settings, split_list)
@@ -116,13 +117,13 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     mdl, tok, meta = preflight.load_checked(load_model, model, model_dir=model_dir, device=dev)
     timings = {"load_s": time.perf_counter() - t0}
     clip_to_context(s, mdl, need_calibration=False)
-    record = {"command": "eval", "model": meta, "versions": versions(), "machine": machine_info(dev)}
+    record = {"command": "eval", "model": meta, "versions": library_versions(), "machine": machine_info(dev)}
     t0 = time.perf_counter()
     record["perplexity"] = perplexities(mdl, tok, s, data_dir, dev, progress, batch_size)
     timings["eval_s"] = time.perf_counter() - t0
     if reference:
         t0 = time.perf_counter()
-        record.update(divergence_record(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
+        record.update(reference_divergence(mdl, tok, reference, s, model_dir=model_dir, data_dir=data_dir,
                                   device=dev, progress=progress, self_gen=True))
         timings["divergence_s"] = time.perf_counter() - t0
     if task_list:
@@ -137,7 +138,7 @@ def evaluate(model, protocol: Optional[str] = None, output=None, data_dir=None, 
     timings["total_s"] = time.perf_counter() - t_total
     record["timings"] = timings
     record["peak_rss_mb"] = peak_rss_mb()
-    record = jsonable(record)
+    record = to_json(record)
     if out_file is not None:  # whole or not at all
         tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1))
@@ -156,7 +157,6 @@ def _evaluate_preflight(model, *, protocol, output, data_dir, model_dir, device,
     preflight.check_data_dir(data_dir)
     info = preflight.check_model_source(model, model_dir)
     if reference:
-        check_reference_hook()
         preflight.check_model_source(reference, model_dir, what="--reference")
     task_list = split_list(tasks) if tasks else None
     if task_list:  # lm-eval installed, every task known: before the model is loaded

@@ -275,21 +275,8 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
     in 3.7 s with one thread and 123 s with two. Default (None): one thread for models under
     :data:`SMALL_MODEL_PARAMS` parameters on the CPU, torch's setting otherwise.
     """
-    if int(nsamples) < 1:
-        raise SelfCalibrationError(f"self-calibration: nsamples must be ≥ 1, got {nsamples}")
-    if not (0.0 < float(top_p) <= 1.0):
-        raise SelfCalibrationError(f"self-calibration: top_p must be in (0, 1], got {top_p}")
-    if float(temperature) < 0.0:
-        raise SelfCalibrationError(f"self-calibration: temperature must be ≥ 0, got {temperature}")
-    if batch_size is None:
-        batch_size = default_batch_size(model, int(nsamples), int(seqlen))
-    if int(batch_size) < 1:
-        raise SelfCalibrationError(f"self-calibration: batch_size must be ≥ 1, got {batch_size}")
-    nsamples, seqlen, batch_size = int(nsamples), int(seqlen), int(batch_size)
-    temperature, top_p = float(temperature), float(top_p)
-    maxpos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if maxpos is not None and seqlen > int(maxpos):
-        raise SelfCalibrationError(f"self-calibration: seqlen {seqlen} exceeds the model's context {maxpos}")
+    nsamples, seqlen, batch_size, temperature, top_p = _checked_options(model, nsamples, seqlen, batch_size,
+                                                                        temperature, top_p)
     pids = _prompt_ids(tokenizer, model, prompts)
     if max(len(p) for p in pids) >= seqlen:
         raise SelfCalibrationError(f"self-calibration: seqlen {seqlen} is not longer than the prompts")
@@ -310,19 +297,72 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         path = root / "selfcalib" / f"{key}.pt"
         rec["cache_path"] = str(path)
-        if path.is_file():
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                ids = blob["ids"]
-                if tuple(ids.shape) == (nsamples, seqlen) and ids.dtype == torch.long:
-                    rec["cache_hit"] = True
-                    rec["generation_time_s"] = float(blob.get("generation_time_s", 0.0))
-                    if info is not None:
-                        info.update(rec)
-                    return ids
-            except Exception:  # a corrupt/partial file: regenerate and overwrite
-                pass
+        ids = _read_cache(path, nsamples, seqlen, rec)
+        if ids is not None:
+            if info is not None:
+                info.update(rec)
+            return ids
 
+    out = _generate(model, pids, nsamples, seqlen, batch_size, seed, temperature, top_p, banned, rec,
+                    progress=progress, num_threads=num_threads, done_rows=done_rows, on_batch=on_batch)
+    if path is not None:
+        _write_cache(path, out, rec)
+    if info is not None:
+        info.update(rec)
+    return out
+
+
+def _checked_options(model, nsamples, seqlen, batch_size, temperature, top_p) -> tuple:
+    """(nsamples, seqlen, batch_size, temperature, top_p) as numbers, checked (one-line
+    :class:`SelfCalibrationError`); the batch size defaults to :func:`default_batch_size`."""
+    if int(nsamples) < 1:
+        raise SelfCalibrationError(f"self-calibration: nsamples must be ≥ 1, got {nsamples}")
+    if not (0.0 < float(top_p) <= 1.0):
+        raise SelfCalibrationError(f"self-calibration: top_p must be in (0, 1], got {top_p}")
+    if float(temperature) < 0.0:
+        raise SelfCalibrationError(f"self-calibration: temperature must be ≥ 0, got {temperature}")
+    if batch_size is None:
+        batch_size = default_batch_size(model, int(nsamples), int(seqlen))
+    if int(batch_size) < 1:
+        raise SelfCalibrationError(f"self-calibration: batch_size must be ≥ 1, got {batch_size}")
+    maxpos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if maxpos is not None and int(seqlen) > int(maxpos):
+        raise SelfCalibrationError(f"self-calibration: seqlen {int(seqlen)} exceeds the model's context {maxpos}")
+    return int(nsamples), int(seqlen), int(batch_size), float(temperature), float(top_p)
+
+
+def _read_cache(path: Path, nsamples: int, seqlen: int, rec: dict) -> Optional[torch.Tensor]:
+    """The cached sequences at ``path`` when they have the asked shape (``rec`` notes the hit), else None."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ids = blob["ids"]
+        if tuple(ids.shape) == (nsamples, seqlen) and ids.dtype == torch.long:
+            rec["cache_hit"] = True
+            rec["generation_time_s"] = float(blob.get("generation_time_s", 0.0))
+            return ids
+    except Exception:  # a corrupt/partial file: regenerate and overwrite
+        pass
+    return None
+
+
+def _write_cache(path: Path, ids: torch.Tensor, rec: dict) -> None:
+    """Store the sequences atomically; a failure (read-only home) is noted in ``rec``, never raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"ids": ids, "generation_time_s": rec["generation_time_s"],
+                    "meta": json.dumps({k: v for k, v in rec.items() if k != "cache_path"})}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop the run
+        rec["cache_error"] = str(e)
+
+
+def _generate(model, pids, nsamples, seqlen, batch_size, seed, temperature, top_p, banned, rec, *, progress,
+              num_threads, done_rows, on_batch) -> torch.Tensor:
+    """Sample the ``(nsamples, seqlen)`` sequences batch by batch (``rec["generation_time_s"]`` is set); the
+    model's training flag and torch's thread count are restored afterwards."""
     # group the samples by prompt (sample i uses prompt i mod P) so that a batch needs no padding
     groups: dict[int, list[int]] = {}
     for i in range(nsamples):
@@ -359,17 +399,6 @@ def self_calibration(model, tokenizer, nsamples: int = 128, seqlen: int = 512, *
         model.train(was_training)
         torch.set_num_threads(old_threads)
     rec["generation_time_s"] = time.perf_counter() - t0
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"ids": out, "generation_time_s": rec["generation_time_s"],
-                        "meta": json.dumps({k: v for k, v in rec.items() if k != "cache_path"})}, tmp)
-            os.replace(tmp, path)
-        except OSError as e:  # a read-only home must not stop the run
-            rec["cache_error"] = str(e)
-    if info is not None:
-        info.update(rec)
     return out
 
 

@@ -81,7 +81,9 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
     from .llm_adapters.architectures import get_arch
     from .llm_adapters.checkpoint import atomic_output
     from .llm_adapters.preflight import check_output
-    from .llm_adapters.run import RUN_FILE, jsonable, save_model
+    from .llm_adapters.run import RUN_FILE
+    from .llm_adapters.saving import save_pruned_model
+    from .solvers.serialization import to_json
     from .solvers import get_method
     import torch
 
@@ -112,13 +114,13 @@ def save(model: "torch.nn.Module", output: PathLike, tokenizer: Any = None, *, f
             if structured and target != next(model.parameters()).dtype:
                 import copy
                 model = copy.deepcopy(model)  # the shrunk model is cast to be saved: not the caller's
-            info = save_model(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
+            info = save_pruned_model(model, tokenizer, stage, get_arch(model), spec, save_format=format, dtype=target,
                          layers=layers, pattern=cfg.get("pattern"), format_options={"gguf_type": gguf_type})
             info["path"] = str(Path(out).resolve())
         if record is not None:
             rec = dict(record, saved=info)
             rec["config"] = dict(cfg, output=str(out), save_format=format, dtype=dtype, gguf_type=gguf_type)
-            (stage / RUN_FILE).write_text(json.dumps(jsonable(rec), indent=1))
+            (stage / RUN_FILE).write_text(json.dumps(to_json(rec), indent=1))
     return info
 
 

@@ -42,7 +42,7 @@ def _tiny(kind):
 def test_inference_reads_what_the_table_says(kind):
     """Inference on the meta-device model gives the table entry's layout, field for field."""
     cfg = _tiny(kind)
-    inferred, table = A.infer_arch(_meta(cfg)), A._table_entry(cfg.model_type)
+    inferred, table = A.infer_arch(_meta(cfg)), A.table_entry(cfg.model_type)
     assert table is not None and "inferred" in inferred.name
     for f in FIELDS:
         assert getattr(inferred, f) == getattr(table, f), f
@@ -55,7 +55,7 @@ def test_table_entry_overrides_inference(monkeypatch):
     monkeypatch.delitem(A.ARCHITECTURES, "llama")
     assert A.get_arch(cfg).name == "llama (inferred)"
     with pytest.raises(ValueError, match="already"):
-        A.register_arch(A._table_entry("opt"))
+        A.register_arch(A.table_entry("opt"))
 
 
 def test_llama_like_without_table_entry_pruned_end_to_end(stories_dir, tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_llama_like_without_table_entry_pruned_end_to_end(stories_dir, tmp_path,
 
     assert run(tmp_path / "table") == 0
     monkeypatch.setattr(A, "ARCHITECTURES", {k: v for k, v in A.ARCHITECTURES.items() if k != "llama"})
-    assert A._table_entry("llama") is None
+    assert A.table_entry("llama") is None
     assert A.get_arch(_tiny("llama")).name == "llama (inferred)"
     assert run(tmp_path / "inferred") == 0
     rec = json.loads((tmp_path / "inferred" / "run.json").read_text())

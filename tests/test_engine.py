@@ -270,16 +270,3 @@ def test_auto_allocation_plot_is_written_with_the_output(stories_dir, tmp_path):
     plot = Path(rec["allocation"]["plot"])
     assert plot == out / "allocation_selection.png" and plot.is_file() and plot.stat().st_size > 0
     assert json.loads((out / "run.json").read_text())["allocation"]["plot"] == str(plot)
-
-
-def test_the_run_flow_uses_no_private_name_of_another_module():
-    """The engine package, the run description and the run functions import only public names: what they need
-    of another module has a public home there."""
-    files = sorted((REPO / "llm_adapters" / "engine").glob("*.py")) + [
-        REPO / "llm_adapters" / f"{m}.py" for m in ("description", "resolution", "run", "settings", "preflight",
-                                                    "recipes")] + [REPO / "optprune" / "cli.py"]
-    private = [(f.relative_to(REPO).as_posix(), node.module, a.name)
-               for f in files for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
-               if isinstance(node, ast.ImportFrom) for a in node.names
-               if a.name.startswith("_") and not a.name.startswith("__")]
-    assert not private, private

@@ -301,6 +301,8 @@ def test_structured_method_calls_surgery(monkeypatch):
                                             structured=True))
     fake = _fake_surgery()
     monkeypatch.setitem(sys.modules, "optprune.llm_adapters.surgery", fake)
+    import optprune.llm_adapters as package
+    monkeypatch.setattr(package, "surgery", fake, raising=False)  # what ``from . import surgery`` reads
     model = stories()
     ids = calib()
     rep = prune_model(model, ids, PruneConfig(method="_neurons", sparsity=0.5, structure="mlp"), progress=False)

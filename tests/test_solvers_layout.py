@@ -1,33 +1,20 @@
-"""The shape of ``solvers/`` and ``formulations/``: folders by role, discovery by package, short functions, no
-private names taken from other modules, and reference backends in cvxpy's build / optimize / read-back shape.
+"""The shape of ``solvers/``: folders by role, discovery by package, and reference backends in cvxpy's
+build / optimize / read-back shape (the package-wide rules — short functions, no private names taken from other
+modules — are tests/test_package_structure.py's).
 
 * every module of ``solvers/methods/`` and ``solvers/backends/`` is imported by the registry's discovery, and a
   module that registers something lives in the folder of its role;
-* no function in either folder is longer than 80 lines unless its docstring says why ("One function on
-  purpose");
-* no module imports a name starting with ``_`` from another module of the package;
 * a backend over a solver's own model implements the three steps and maps the solver's statuses through its
   table (checked on the Gurobi / SCIP / cvxpy backends with a model whose solver stops at a limit).
 """
 from __future__ import annotations
 
-import ast
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"optprune.solvers": REPO / "solvers", "optprune.formulations": REPO / "formulations"}
-MAX_LINES = 80
-WHY_LONG = "One function on purpose"
-
-
-def _modules():
-    for pkg, folder in FOLDERS.items():
-        for path in sorted(folder.rglob("*.py")):
-            parts = [pkg, *path.relative_to(folder).with_suffix("").parts]
-            yield ".".join(parts[:-1] if path.name == "__init__.py" else parts), path
 
 
 def test_every_module_of_the_methods_and_backends_packages_is_discovered():
@@ -48,35 +35,6 @@ def test_registrations_live_in_the_folder_of_their_role():
     for cls in backend_classes():
         if cls.__module__.startswith("optprune."):
             assert cls.__module__.startswith("optprune.solvers.backends."), (cls.name, cls.__module__)
-
-
-def test_no_function_is_longer_than_80_lines_unless_it_says_why():
-    long = []
-    for _, path in _modules():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                if n > MAX_LINES and WHY_LONG not in (ast.get_docstring(node) or ""):
-                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
-    assert not long, "split into named steps, or say why not in the docstring: " + "; ".join(long)
-
-
-def private_imports(source: str) -> list:
-    """``(line, names)`` of each ``from X import _name`` in ``source``."""
-    out = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
-            private = [a.name for a in node.names if a.name.startswith("_")]
-            if private:
-                out.append((node.lineno, private))
-    return out
-
-
-def test_no_module_imports_another_modules_private_names():
-    assert private_imports("from .registry import (get_method,\n    _METHODS)\nimport os\n") == [(1, ["_METHODS"])]
-    found = [f"{path.relative_to(REPO)}:{line} imports {', '.join(names)}"
-             for _, path in _modules() for line, names in private_imports(path.read_text())]
-    assert not found, "give them public names in their home module: " + "; ".join(found)
 
 
 @pytest.mark.parametrize("name", ["gurobi", "scip", "cvxpy", "bqp-gurobi", "sdp"])

@@ -184,11 +184,11 @@ def main(argv=None) -> int:
     if text_windows is not None:
         corr["all (KL on WikiText-2)"] = _rank_corr([r.get("text_kl") for r in done], [r["ppl"] for r in done])
 
-    from optprune.llm_adapters.run import versions, machine_info
+    from optprune.llm_adapters.report import library_versions, machine_info
     result = {"benchmark": "self_vs_c4_calibration", "model": model, "protocol": protocol, "quick": args.quick,
               "eval_protocol": eval_prot, "dense_ppl": dense_ppl, "heldout_tokens": args.heldout_tokens,
               "rows": rows, "rank_correlation_kl_vs_ppl": corr, "total_s": time.perf_counter() - t_all,
-              "versions": versions(), "machine": machine_info(str(args.device or "cpu")),
+              "versions": library_versions(), "machine": machine_info(str(args.device or "cpu")),
               "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
     (out_dir / "self_vs_c4.json").write_text(json.dumps(result, indent=1, default=str))
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..offload import OffloadError, OffloadedModel, forward_inplace, hidden_size, save_shard, write_rest_and_index
 from ..architectures import get_module, linear_weight
-from ..pipeline import BlockInputs, PipelineError, calibration_batch_size, peak_rss_mb, prune_model, validate_config
+from ..pipeline import BlockInputs, PipelineError, forward_batch_size, peak_rss_mb, prune_model, validate_config
 
 __all__ = ["prune_offloaded", "BlockView"]
 
@@ -159,7 +159,7 @@ def _walk_record(om: OffloadedModel, calib_ids, config, dev, act_dtype, *, layer
     res = {"layers": layers, "blocks": blocks, "time_s": time.perf_counter() - t_start,
            "peak_rss_mb": peak_rss_mb(), "sparsity": zeros / tot_all if tot_all else 0.0, "device": str(dev),
            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": forward_batch_size(config.batch_size, *calib_ids.shape),
            "low_memory": {"activation_dtype": str(act_dtype).replace("torch.", ""),
                           "compute_dtype": str(om.dtype).replace("torch.", ""), "capture_time_s": t_capture,
                           "model_mb": om.size_bytes() / 2 ** 20,

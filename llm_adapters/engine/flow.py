@@ -17,7 +17,7 @@ import time
 
 from ..checkpoint import WriteError, as_write_error
 from ..description import RunDescription, resolve
-from ..report import print_header, print_prune_summary
+from ..report import print_prune_header, print_prune_summary
 from ..settings import RunError
 from . import stages
 from .in_memory import InMemorySource
@@ -70,7 +70,7 @@ class PruneRun:
         self.preflight()
         d, s = self.d, self.protocol
         if self.verbose:  # what is about to run, after every check, before any heavy work
-            print_header(d.model_label, d.spec, self.sparsity, "hidden" if d.hidden else d.method.pattern, s,
+            print_prune_header(d.model_label, d.spec, self.sparsity, "hidden" if d.hidden else d.method.pattern, s,
                           evaluate=d.evaluation.evaluate, kl=d.evaluation.kl, out_dir=d.out_dir,
                           speedup=d.method.speedup, flops=d.method.flops)
         try:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ..distributed import DistContext, DistributedError, recv_into, send_tensor, world_for
-from ..pipeline import calibration_batch_size
-from ..report import HELDOUT_SEQLEN, count_prunable, memory_meta, perplexities, save_model
+from ..pipeline import forward_batch_size
+from ..report import HELDOUT_SEQLEN, count_prunable, in_memory_meta, perplexities
+from ..saving import save_pruned_model
 from ..settings import RunError
 from .parallel import prune_rank, run_blocks_parallel
 
@@ -49,7 +50,7 @@ class InMemorySource:
         d = run.d
         if isinstance(d.model.model, torch.nn.Module):
             self.model, self.tok = d.model.model, d.model.tokenizer
-            self.meta = memory_meta(d.model.model, run.d.model_label)
+            self.meta = in_memory_meta(d.model.model, run.d.model_label)
         else:
             self.model, tok, self.meta = preflight.load_checked(load_model, d.model.model, model_dir=d.model.model_dir,
                                                                 require_arch=True)
@@ -80,7 +81,7 @@ class InMemorySource:
             from ..hidden import prune_hidden
             res = prune_hidden(self.model, calib, method=run.d.spec.name, sparsity=run.sparsity,
                                method_options=run.d.method_options,
-                               batch_size=calibration_batch_size(run.config.batch_size, *calib.shape),
+                               batch_size=forward_batch_size(run.config.batch_size, *calib.shape),
                                device=run.d.device, progress=d.execution.progress)
             run.record["hidden"] = res["hidden"]
             self.model.to("cpu")
@@ -124,7 +125,7 @@ class InMemorySource:
             from ..hidden import save_sliced
             return save_sliced(self.model, self.tok, stage,
                                dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])))
-        return save_model(self.model, self.tok, stage, self.arch, run.d.spec, save_format=d.output.save_format,
+        return save_pruned_model(self.model, self.tok, stage, self.arch, run.d.spec, save_format=d.output.save_format,
                      dtype=export.resolve_dtype(d.output.dtype, getattr(torch, self.meta["source_dtype"])),
                      layers=[r["name"] for r in run.record["layers"]], pattern=d.method.pattern,
                      format_options={"gguf_type": d.output.gguf_type})

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, broadcast_inputs, check_mode,
+from ..distributed import (ENV_ASSIGNMENT, DistContext, DistributedError, broadcast_inputs, check_parallel_mode,
                            device_for_rank, tcp_addresses, assign_blocks, distributed_context, env_world, exchange,
                            world_for)
-from ..pipeline import calibration_batch_size, peak_rss_mb
+from ..pipeline import forward_batch_size, peak_rss_mb
 
 __all__ = ["run_blocks_parallel", "prune_rank", "merge_records"]
 
@@ -31,7 +31,7 @@ def run_blocks_parallel(source, calib_ids, config, *, nproc: int, progress: bool
     merged record on rank 0, ``None`` elsewhere (see :mod:`.distributed` for launch, transfer and errors)."""
     from ..pipeline import validate_config
     world = world_for(nproc)
-    check_mode(config)
+    check_parallel_mode(config)
     validate_config(source.model, config, calib_ids)  # bad input: the same one-line error on every rank
     assignment = assignment or os.environ.get(ENV_ASSIGNMENT)
     assign_blocks([0], 1, assignment)  # checks the name
@@ -71,7 +71,7 @@ def prune_rank(ctx: DistContext, source, calib_ids, config, *, progress: bool = 
     cpu0 = time.process_time()
     import torch.distributed as dist
     dist.barrier()  # rank 0 has prepared the output (sharded: cleaned it) before anyone writes
-    check_mode(config)
+    check_parallel_mode(config)
     config = dataclasses.replace(config, device=device_for_rank(config.device, ctx.local_rank, ctx.backend))
     plan, err, mine = None, error, []
     local = {"layers": [], "blocks": []}
@@ -121,7 +121,7 @@ def merge_records(gathered: list, ctx: DistContext, *, owners, assignment, calib
            "peak_rss_mb": max(g.get("peak_rss_mb") or 0.0 for g in gathered),
            "sparsity": zeros / tot if tot else 0.0, "device": gathered[0].get("device"),
            "nsamples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-           "batch_size": calibration_batch_size(config.batch_size, *calib_ids.shape),
+           "batch_size": forward_batch_size(config.batch_size, *calib_ids.shape),
            "distributed": {"world_size": ctx.world, "backend": ctx.backend, "launcher": ctx.launcher,
                            "assignment": (assignment or os.environ.get(ENV_ASSIGNMENT) or "contiguous"),
                            "owners": owners, "threads": threads, "tcp_addresses": addrs,

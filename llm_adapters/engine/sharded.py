@@ -72,8 +72,8 @@ class ShardedSource:
     def load(self, run) -> None:
         from transformers import AutoTokenizer
 
-        from ..offload import resolve_source
-        self.directory = resolve_source(run.d.model.model, run.d.model.model_dir)
+        from ..offload import safetensors_dir
+        self.directory = safetensors_dir(run.d.model.model, run.d.model.model_dir)
         self.om = om = OffloadedModel(self.directory)
         self.tok = AutoTokenizer.from_pretrained(str(self.directory))
         self.out_dir = Path(run.write_dir)
@@ -95,8 +95,8 @@ class ShardedSource:
 
     def before_prune(self, run) -> None:
         if env_world() is None or env_world()[0] == 0:  # (torchrun: rank 0 only; the others wait at a barrier)
-            from ..offload import clean_output
-            clean_output(self.out_dir)
+            from ..offload import remove_previous_weights
+            remove_previous_weights(self.out_dir)
 
     def prune(self, run, calib) -> Optional[dict]:
         if run.d.world > 1:

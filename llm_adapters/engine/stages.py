@@ -15,7 +15,8 @@ import torch
 from .. import data as D
 from ..checkpoint import as_write_error
 from ..pipeline import peak_rss_mb
-from ..report import (RUN_FILE, divergence_record, jsonable, machine_info, perplexities, versions)
+from ...solvers.serialization import to_json
+from ..report import RUN_FILE, library_versions, machine_info, perplexities, reference_divergence
 from ..settings import clip_to_context, protocol_record
 
 __all__ = ["load", "calibrate", "allocate", "prune_blocks", "evaluate", "save", "prune_config", "SELECTION_PLOT"]
@@ -43,7 +44,7 @@ def load(run) -> dict:
         budget = width_sparsity(src.model, src.arch, float(d.method.speedup))
         run.sparsity = budget["sparsity"]
         run.speed_dense = copy.deepcopy(src.model).to("cpu")
-        part["speed_budget"] = jsonable(budget)
+        part["speed_budget"] = to_json(budget)
     run.config = prune_config(run)
     if run.d.hidden:
         from ..hidden import hidden_plan
@@ -52,7 +53,7 @@ def load(run) -> dict:
         from ..pipeline import validate_config
         validate_config(src.model, run.config)  # the pattern against every sub-layer shape (e.g. 4:8 on width 172)
     settings = d.record(sparsity=run.sparsity, damp=run.config.damp)
-    return {"config": jsonable(src.config_record(run, settings)), "versions": versions(),
+    return {"config": to_json(src.config_record(run, settings)), "versions": library_versions(),
             "machine": machine_info(run.d.device), "model": src.meta, **part}
 
 
@@ -90,7 +91,7 @@ def calibrate(run) -> dict:
         info["tokens"] = 0 if run.d.data_free else int(calib.numel())
     run.timings["calibration_s"] = time.perf_counter() - t0
     run.calib = calib
-    part["calibration"] = jsonable(info)
+    part["calibration"] = to_json(info)
     return part
 
 
@@ -156,7 +157,7 @@ def allocate(run) -> dict:
     if run.d.out_dir is not None and info.get("candidates"):  # auto: candidates' scores, saved next to run.json
         run.selection = info
         info["plot"] = str(run.d.out_dir / SELECTION_PLOT)
-    return {"allocation": jsonable(info)}
+    return {"allocation": to_json(info)}
 
 
 # ============================================================================================ prune
@@ -193,7 +194,7 @@ def _prune_depth(run, part: dict) -> dict:
                       progress=run.verbose)
     if "speed" in rec:
         part["speed"] = rec.pop("speed")
-    part["depth"] = jsonable(rec)
+    part["depth"] = to_json(rec)
     return {"layers": [], "blocks": [], "time_s": rec["time_s"]}
 
 
@@ -217,8 +218,8 @@ def _summary(run, res: dict) -> dict:
     if run.d.method.certify:
         from ...solvers.verification.certificates import summarize_certificates
         summary["certificates"] = summarize_certificates(layers)
-    return {"layers": jsonable(layers), "blocks": jsonable(res.get("blocks", [])),
-            "pipeline": jsonable({k: v for k, v in res.items() if k not in ("layers", "blocks")}),
+    return {"layers": to_json(layers), "blocks": to_json(res.get("blocks", [])),
+            "pipeline": to_json({k: v for k, v in res.items() if k not in ("layers", "blocks")}),
             "summary": summary}
 
 
@@ -231,7 +232,7 @@ def evaluate(run) -> dict:
         part.update(src.evaluate(run))
     if d.evaluation.reference:
         t0 = time.perf_counter()
-        part.update(divergence_record(src.model, src.tok, d.evaluation.reference, run.protocol, model_dir=d.model.model_dir,
+        part.update(reference_divergence(src.model, src.tok, d.evaluation.reference, run.protocol, model_dir=d.model.model_dir,
                                 data_dir=d.calibration.data_dir, device=run.d.device, progress=d.execution.progress))
         run.timings["divergence_s"] = time.perf_counter() - t0
     part["protocol"] = protocol_record(run.protocol)
@@ -257,7 +258,7 @@ def save(run, record: dict) -> dict:
         if run.result.get("peak_cuda_mb") is not None:
             record["peak_cuda_mb"] = run.result["peak_cuda_mb"]
         record["status"] = "done"
-        record = jsonable(record)
+        record = to_json(record)
         if run.d.out_dir is not None:
             (stage / RUN_FILE).write_text(json.dumps(record, indent=1))
     return record

@@ -324,8 +324,8 @@ class FistaEngine:
         ``tol`` > 0 stops when ``‖W⁺ − W‖_F ≤ tol·‖W⁺‖_F``; ``gap_tol`` > 0 stops when the certified relative
         duality gap (:meth:`relative_gap`) is ≤ ``gap_tol`` (both checked every ``check_every`` iterations, not
         after the last; ``iters`` is the cap). ``self.last_gap_stop`` says whether the gap test stopped it.
-        ``on_iter(k, W⁺)`` is called after every iteration (history recording). One function on purpose: the hot
-        loop swaps its buffers in place and keeps the branchless form's device scalars in locals.
+        ``on_iter(k, W⁺)`` is called after every iteration (history recording).
+        Long because the hot loop swaps its buffers in place and keeps the branchless form's device scalars in locals.
         """
         if lam < 0:
             raise ValueError(f"λ must be ≥ 0, got {lam}")
