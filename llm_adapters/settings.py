@@ -324,14 +324,8 @@ def protocol_record(s: dict) -> dict:
 
 
 def default_device(device) -> str:
-    if device:
-        dev = str(device)
-        try:
-            td = torch.device(dev)
-        except (RuntimeError, TypeError):
-            raise RunError(f"unknown device {device!r}; use cpu or cuda") from None
-        if td.type == "cuda" and not torch.cuda.is_available():
-            raise RunError("device 'cuda' asked for but CUDA is not available here")
-        return dev
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The run's device as a string (None: CUDA when available, else the CPU); one-line :class:`RunError` for an
+    unknown name or CUDA on a machine without it."""
+    from .devices import resolve_device
+    return str(resolve_device(device, RunError))
 
