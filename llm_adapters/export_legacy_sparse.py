@@ -76,10 +76,8 @@ class LegacySparseFormat(SaveFormat):
                "and vLLM do not load it)")
     structured = False
 
-    def check(self, *, dtype, structured, model_type, config, options):
-        why = sparse_compressors_available()
-        if why:
-            raise ExportError(why)
+    def unavailable(self):
+        return sparse_compressors_available()
 
     def write(self, model, out, tokenizer, *, dtype, layers, pattern, options):
         from compressed_tensors import ModelCompressor

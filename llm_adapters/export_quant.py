@@ -149,11 +149,10 @@ class PackQuantizedFormat(SaveFormat):
     summary = ("compressed-tensors pack-quantized (W4A16/W8A16, channel or group scales, needs --quant): "
                "transformers and vLLM load it")
     structured = False
+    error = PackQuantizedError
 
-    def check(self, *, dtype, structured, model_type, config, options):
-        why = pack_quantized_available()
-        if why:
-            raise PackQuantizedError(why)
+    def unavailable(self):
+        return pack_quantized_available()
 
     def check_quant(self, quant):
         check_pack_quantized(quant)

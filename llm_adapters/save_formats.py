@@ -33,9 +33,20 @@ class SaveFormat:
     options: tuple = ()
     structured: bool = True
 
+    #: the error a refusal raises (a subclass of :class:`ExportError`)
+    error: type = ExportError
+
+    def unavailable(self) -> Optional[str]:
+        """Why the installed libraries cannot write or load this format (one line), or None."""
+        return None
+
     def check(self, *, dtype, structured: bool, model_type: Optional[str], config: Optional[dict],
               options: dict) -> None:
-        """Refuse (one line, :class:`ExportError`) what this format cannot write; no weights are read."""
+        """Refuse (one line, :attr:`error`) what this format cannot write; no weights are read. The base refuses
+        a format whose libraries are missing (:meth:`unavailable`)."""
+        why = self.unavailable()
+        if why:
+            raise self.error(why)
 
     def check_quant(self, quant: Optional[str]) -> None:
         """Refuse a run's ``--quant`` grid (None: no grid) this format cannot store (before pruning)."""
