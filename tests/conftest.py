@@ -34,6 +34,7 @@ DATA_DIR: Path = None
 STORIES: Path = None
 #: True when the real stories260K weights are used (tests that need its exact numbers check this)
 REAL_STORIES = False
+TINY_ROOT: Path = None
 
 _TEXT_FILES = ("wikitext-2-raw/wiki.test.raw", "wikitext-2-raw/wiki.valid.raw", "ptb/ptb.test.txt",
                "ptb/ptb.valid.txt", "tinystories/tinystories_sample.txt")
@@ -170,14 +171,27 @@ def _cached(root: Path, name: str, build) -> Path:
     return final
 
 
+def _tiny_root(config) -> Path:
+    cache = getattr(config, "cache", None)
+    return cache.mkdir("optprune-tiny") if cache is not None else \
+        Path(tempfile.gettempdir()) / f"optprune-tests-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
+def tiny_stories() -> Path:
+    """The tiny trained stories260K-shaped model (byte-level BPE tokenizer) even when the real stories260K is
+    used: for the checks that need a tokenizer kind the real one (SentencePiece-style BPE) does not have."""
+    if not REAL_STORIES:
+        return STORIES
+    return _cached(TINY_ROOT, f"models-{_fingerprint()}", lambda d: _build_model(d / "stories260K")) / "stories260K"
+
+
 def pytest_configure(config):
-    global MODEL_DIR, DATA_DIR, STORIES, REAL_STORIES
+    global MODEL_DIR, DATA_DIR, STORIES, REAL_STORIES, TINY_ROOT
+    TINY_ROOT = _tiny_root(config)
     real_models = _real("OPTPRUNE_MODEL_DIR", "stories260K/config.json")
     real_data = _real("OPTPRUNE_DATA_DIR", "wikitext-2-raw/wiki.test.raw")
     if real_models is None or real_data is None:
-        cache = getattr(config, "cache", None)
-        root = cache.mkdir("optprune-tiny") if cache is not None else \
-            Path(tempfile.gettempdir()) / f"optprune-tests-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        root = TINY_ROOT
         key = _fingerprint()
         if real_data is None:
             real_data = _cached(root, f"data-{key}", _build_data)

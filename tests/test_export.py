@@ -341,6 +341,8 @@ def test_every_offered_format_loads_with_the_installed_transformers_or_is_refuse
     and computes the logits of the same prune made in memory, or the run stops before any work (exit 2, one
     line, nothing written) — which of the two depends on the libraries installed."""
     assert set(OFFERED) == set(E.save_formats()), "a registered --save-format has no case here"
+    from conftest import tiny_stories
+    stories_dir = tiny_stories()  # a byte-level BPE tokenizer (GGUF's), also when the real stories260K is used
     text = _text_file(tmp_path / "calib.txt")
     opts = OFFERED[fmt]
     out = tmp_path / "o"

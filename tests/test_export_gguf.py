@@ -52,10 +52,19 @@ STRUCTURE = {"llama": "mlp,heads:kv", "qwen2": "mlp"}
 #: half of the key/value groups: transformers' LlamaConfig wants hidden_size (64) divisible by the head count
 
 
+@pytest.fixture
+def stories_dir():
+    """The GGUF writer takes byte-level BPE tokenizers: the tiny model's, also when the real stories260K (a
+    SentencePiece-style tokenizer, refused up front: tests/test_export_gguf.py's refusal test) is used."""
+    from conftest import tiny_stories
+    return tiny_stories()
+
+
 @pytest.fixture(scope="module")
 def outputs():
     """(family, kind) → (model, tokenizer)."""
-    from conftest import STORIES as stories_dir
+    from conftest import tiny_stories
+    stories_dir = tiny_stories()
     ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
     res = {}
     for fam in ("llama", "qwen2"):

@@ -194,8 +194,10 @@ CASES = [
     ("disk-full-while-saving", {}, lambda t, m, mp: _full_disk_on_save(mp),
      ("out failed (No space left on device); nothing was replaced — free disk space, then the checkpoint in ",
       ".out.optprune-checkpoint is kept: run the same command with --resume to continue"), "SafetensorError"),
+    # (the first checkpoint file written is calib.pt, or calib_partial.pt when a slow self-calibration saves
+    # its rows first)
     ("disk-full-while-checkpointing", {"--method": "wanda"}, lambda t, m, mp: _full_disk_on_checkpoint(mp),
-     ".out.optprune-checkpoint/calib.pt failed (the write was cut short, disk full?); nothing was replaced — free "
+     ".pt failed (the write was cut short, disk full?); nothing was replaced — free "
      "disk space, then run the command again", "enforce fail"),
     ("foreign-folder-where-the-checkpoint-goes (early)", {},
      lambda t, m, mp: _write(t / ".out.optprune-checkpoint" / "notes.txt", b"x"),
