@@ -41,7 +41,7 @@ from ..solvers.whole_model.allocation import ALLOCATIONS as _RULES
 from ..solvers.whole_model.spectra import AGGREGATES, MatrixSpectrum, matrix_spectra
 from .architectures import ArchSpec, get_arch, get_module, linear_weight
 from .devices import model_device
-from .stats import InputStats
+from .stats import add_hook_input
 
 __all__ = ["prunable_matrices", "model_spectra", "activation_sq_norms", "owl_outlier_ratios",
            "parse_allocation", "AllocationError", "OWL_M", "ALLOCATIONS", "calibration_ids", "reference_check"]
@@ -166,10 +166,7 @@ def activation_sq_norms(model: nn.Module, arch: Optional[ArchSpec], calib_ids: t
 
     def hook(name):
         def pre(mod, args, kwargs=None):
-            x = args[0] if args else (kwargs or {}).get("input")
-            if name not in acc:
-                acc[name] = InputStats(x.shape[-1], full=False, dtype=torch.float32, device=x.device)
-            acc[name].add(x.detach())
+            add_hook_input(acc, name, args, kwargs, full=False)
         return pre
 
     try:

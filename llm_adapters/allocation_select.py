@@ -47,7 +47,7 @@ from ..solvers.serialization import to_json
 from ..solvers.whole_model.spectra import AGGREGATES, SHAPE_METRICS
 from .architectures import ArchSpec, get_arch, linear_weight
 from .devices import model_device
-from .stats import InputStats
+from .stats import add_hook_input
 
 __all__ = ["error_curves", "block_upper_bounds", "proxy_error", "one_pass_loss", "heldout_loss", "selection_candidates",
            "select_allocation", "plot_selection", "DEFAULT_GRID", "DEFAULT_GROWTH"]
@@ -91,9 +91,7 @@ def input_grams(model: nn.Module, arch: Optional[ArchSpec], calib_ids: torch.Ten
                 alias[name] = live[key][1]
                 return
             live[key] = (x, name)
-            if name not in grams:
-                grams[name] = InputStats(x.shape[-1], full=True, dtype=torch.float32, device=x.device)
-            grams[name].add(x.detach())
+            add_hook_input(grams, name, args, kwargs, full=True)
         return pre
 
     try:

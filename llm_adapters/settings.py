@@ -130,41 +130,30 @@ def resolve_settings(model, *, protocol=None, calibration=None, nsamples=None, s
     return s
 
 
+#: the integer protocol settings an option may override: key -> (flag, smallest value, note in the refusal)
+_INT_SETTINGS = {"nsamples": ("--nsamples", 1, ""), "seqlen": ("--seqlen", 2, ""),
+                 "eval_seqlen": ("--eval-seqlen", 2, ""), "eval_windows": ("--eval-windows", 0, " (0 = all windows)")}
+
+
 def _apply_overrides(s: dict, *, calibration, nsamples, seqlen, seed, eval_datasets, eval_seqlen,
                      eval_windows) -> dict:
     """The explicit options over the protocol's settings (in place); returns those that changed a setting."""
+    given = {"calibration": None if calibration is None else str(calibration),
+             "seed": None if seed is None else int(seed),
+             "eval_datasets": None if eval_datasets is None else split_list(eval_datasets)}
+    for key, value in (("nsamples", nsamples), ("seqlen", seqlen), ("eval_seqlen", eval_seqlen),
+                       ("eval_windows", eval_windows)):
+        if value is not None:
+            flag, low, note = _INT_SETTINGS[key]
+            if int(value) < low:
+                raise RunError(f"{flag} must be ≥ {low}{note}, got {value}")
+            given[key] = int(value)
+    if given.get("eval_windows") == 0:
+        given["eval_windows"] = None  # 0: all windows
     overrides = {}
-
-    def over(k, v):
-        if v is not None and v != s[k]:
-            overrides[k] = v
-            s[k] = v
-
-    if calibration is not None:
-        over("calibration", str(calibration))
-    if nsamples is not None:
-        if int(nsamples) < 1:
-            raise RunError(f"--nsamples must be ≥ 1, got {nsamples}")
-        over("nsamples", int(nsamples))
-    if seqlen is not None:
-        if int(seqlen) < 2:
-            raise RunError(f"--seqlen must be ≥ 2, got {seqlen}")
-        over("seqlen", int(seqlen))
-    if seed is not None:
-        over("seed", int(seed))
-    if eval_datasets is not None:
-        over("eval_datasets", split_list(eval_datasets))
-    if eval_seqlen is not None:
-        if int(eval_seqlen) < 2:
-            raise RunError(f"--eval-seqlen must be ≥ 2, got {eval_seqlen}")
-        over("eval_seqlen", int(eval_seqlen))
-    if eval_windows is not None:
-        if int(eval_windows) < 0:
-            raise RunError(f"--eval-windows must be ≥ 0 (0 = all windows), got {eval_windows}")
-        w = None if int(eval_windows) == 0 else int(eval_windows)
-        if w != s["eval_windows"]:
-            overrides["eval_windows"] = w
-            s["eval_windows"] = w
+    for key in ("calibration", "nsamples", "seqlen", "seed", "eval_datasets", "eval_seqlen", "eval_windows"):
+        if key in given and (given[key] is not None or key == "eval_windows") and given[key] != s[key]:
+            overrides[key] = s[key] = given[key]
     return overrides
 
 

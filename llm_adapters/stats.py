@@ -21,7 +21,7 @@ import torch
 
 from ..formulations import GramAccumulator, LayerProblem
 
-__all__ = ["InputStats"]
+__all__ = ["InputStats", "add_hook_input"]
 
 
 class InputStats:
@@ -73,3 +73,14 @@ class InputStats:
         if self.sum_hat is not None:
             p.meta["input_mean_hat"] = self.sum_hat / c
         return p
+
+
+def add_hook_input(stats: dict, name: str, args, kwargs, *, full: bool) -> torch.Tensor:
+    """In a forward pre-hook: add the module's input (``args[0]`` or ``kwargs["input"]``) to ``stats[name]``
+    (an :class:`InputStats` made on first use: float32, on the input's device; ``full``: the whole Gram, else
+    the diagonal). Returns the input."""
+    x = args[0] if args else (kwargs or {}).get("input")
+    if name not in stats:
+        stats[name] = InputStats(x.shape[-1], full=full, dtype=torch.float32, device=x.device)
+    stats[name].add(x.detach())
+    return x
