@@ -284,6 +284,25 @@ def build_block(page: Path, results_dir: Path, bench_dir: Path, img_dir: Path, s
             doc = json.loads(f.read_text())
             L.append(bm_md(doc, level=3))
             L.append("")
+    quants = sorted(Path(bench_dir).glob("quant_vs_*.jsonl"))
+    if quants:
+        sys.path.insert(0, str(REPO / "benchmarks" / "quant"))
+        from quant_sweep import table as quant_table
+        L.append("### Low-bit weights against llm-compressor")
+        L.append("")
+        L.append("One calibration (the same token ids for both tools) and one evaluator (optprune's, `cpu` protocol "
+                 "WikiText-2) per file; rows of `tool: other` are llm-compressor's checkpoints, written in its own "
+                 "virtual environment by `benchmarks/quant/llmc_gptq.py` and evaluated here. Commands: "
+                 "`benchmarks/quant/quant_sweep.py`'s docstring. The times of these runs were taken on a loaded "
+                 "2-core machine at different priorities: they are not a speed comparison. "
+                 "SmolLM2-135M's file: 32 C4 windows of 512 tokens from the `cpu` protocol's calibration (a quarter "
+                 "of its 128, to fit this machine's time), group 64 (576-wide inputs do not divide by 128).")
+        L.append("")
+        for f in quants:
+            L.append(f"`{_relpath(f, page)}`:")
+            L.append("")
+            L.append(quant_table(str(f)))
+            L.append("")
     certs = sorted(Path(bench_dir).glob("certificates_*.json"))
     if certs:
         sys.path.insert(0, str(REPO / "benchmarks" / "solvers"))
