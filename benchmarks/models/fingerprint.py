@@ -57,6 +57,7 @@ CONFIGS = {
 
 
 def _digest_dir(out: Path) -> dict:
+    import torch
     from safetensors import safe_open
 
     tensors = {}
@@ -64,8 +65,8 @@ def _digest_dir(out: Path) -> dict:
         with safe_open(str(f), "pt") as fh:
             for k in fh.keys():
                 t = fh.get_tensor(k).contiguous()
-                tensors[k] = hashlib.sha256(t.view(-1).view(__import__("torch").uint8).numpy().tobytes()
-                                            + str(tuple(t.shape)).encode() + str(t.dtype).encode()).hexdigest()
+                raw = t.view(-1).view(torch.uint8).numpy().tobytes()
+                tensors[k] = hashlib.sha256(raw + str(tuple(t.shape)).encode() + str(t.dtype).encode()).hexdigest()
     rec = json.loads((out / "run.json").read_text())
     layers = [{k: lay.get(k) for k in ("name", "error", "sparsity", "kept", "widths") if k in lay}
               for lay in rec.get("layers", [])]
