@@ -66,10 +66,13 @@ def quantize(args) -> int:
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
     elapsed = time.perf_counter() - t0
     name = f"llmc-w4a16-g{args.group_size}" + (f"-s{args.sparsity}" if args.sparsity else "")
+    if args.sparsity and args.mask_structure != "0:0":
+        name += "-m" + args.mask_structure.replace(":", "of")
     model.save_pretrained(str(work / name), save_compressed=True)
     tok.save_pretrained(str(work / name))
     (work / f"{name}.json").write_text(json.dumps({"oneshot_s": elapsed, "group_size": args.group_size,
-                                                   "sparsity": args.sparsity}, indent=1))
+                                                   "sparsity": args.sparsity,
+                                                   "mask_structure": args.mask_structure}, indent=1))
     print(f"wrote {work / name} ({elapsed:.1f} s)")
     return 0
 

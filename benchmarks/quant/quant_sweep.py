@@ -62,12 +62,16 @@ def external_row(label: str, directory: str, args) -> dict:
     method, _, quant = label.partition(":")
     t0 = time.perf_counter()
     rec = evaluate(directory, protocol=args.protocol, data_dir=args.data_dir, progress=False, verbose=False)
-    meta = Path(directory + ".json")
+    meta_path = Path(directory + ".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    structure = meta.get("mask_structure") or "0:0"
+    pattern = structure if meta.get("sparsity") and structure != "0:0" else "unstructured"
+    sparsity = meta.get("sparsity") if pattern == "unstructured" else None
     return {"key": json.dumps({"external": label, "protocol": args.protocol}), "method": method, "quant": quant or None,
-            "pattern": "unstructured", "sparsity": None, "external": True,
+            "pattern": pattern, "sparsity": sparsity, "external": True,
             "perplexity": {k: (v.get("ppl") if isinstance(v, dict) else v)
                            for k, v in (rec.get("perplexity") or {}).items()},
-            "mean_rel_error": None, "prune_s": json.loads(meta.read_text()).get("oneshot_s") if meta.exists() else None,
+            "mean_rel_error": None, "prune_s": meta.get("oneshot_s"),
             "eval_wall_s": time.perf_counter() - t0, "pack_quantized_bytes": dir_bytes(Path(directory)),
             "versions": rec.get("versions"), "machine": rec.get("machine")}
 
