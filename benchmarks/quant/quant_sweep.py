@@ -67,7 +67,10 @@ def external_row(label: str, directory: str, args) -> dict:
     structure = meta.get("mask_structure") or "0:0"
     pattern = structure if meta.get("sparsity") and structure != "0:0" else "unstructured"
     sparsity = meta.get("sparsity") if pattern == "unstructured" else None
-    return {"key": json.dumps({"external": label, "protocol": args.protocol}), "method": method, "quant": quant or None,
+    key = {"external": label, "protocol": args.protocol}
+    if pattern != "unstructured" or sparsity:
+        key.update(pattern=pattern, sparsity=sparsity)
+    return {"key": json.dumps(key), "method": method, "quant": quant or None,
             "pattern": pattern, "sparsity": sparsity, "external": True,
             "perplexity": {k: (v.get("ppl") if isinstance(v, dict) else v)
                            for k, v in (rec.get("perplexity") or {}).items()},
