@@ -44,6 +44,7 @@ solution. Reports give the distribution and name the layers where the bound is w
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,6 +60,12 @@ __all__ = ["L0Bound", "l0_lower_bound", "certify_layer", "summarize_certificates
 _ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHOD_MIXTURES = "diagonal-shift bound (best of the λ_min, Jacobi and OBS diagonals)"
 METHOD_SDP = "diagonal-shift bound, optimal diagonal (SDP in the diagonal)"
+METHOD_LAGRANGIAN = "Lagrangian over the count (best diagonal per row and count)"
+METHOD_BNB = "diagonal-shift bound + branch-and-bound on the loosest rows"
+
+#: ``certify_layer``'s branch-and-bound budget per layer (seconds, all rows together) and per row
+BNB_TIME_S = 2.0
+BNB_ROW_S = 0.25
 
 
 @dataclass
@@ -246,10 +253,17 @@ def _gram_data(problem: LayerProblem, dead: torch.Tensor) -> dict:
     return data
 
 
-def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2) -> L0Bound:
+def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2, lagrangian: bool = True,
+                   bnb_time_s: float = 0.0, bnb_row_s: float = BNB_ROW_S,
+                   upper_rows: Optional[torch.Tensor] = None) -> L0Bound:
     """A valid lower bound on ``min f(W)`` over supports feasible for ``pattern`` (see the module docstring):
     the best of the diagonal combinations, improved by ``sdp_rounds`` rounds of the optimal-diagonal search
-    (0: the combinations only)."""
+    (0: the combinations only); under per-matrix unstructured sparsity by the Lagrangian over the count
+    (``lagrangian``); for patterns whose rows are independent by branch-and-bound on the loosest rows within
+    ``bnb_time_s`` seconds (``bnb_row_s`` per row; rows ordered by ``upper_rows − row bound``, the per-row
+    ``f_i(W) − f*_i`` of a solution, when given). ``row_bounds.py`` has the mathematics of the last two."""
+    from .row_bounds import (ENUMERATE_MAX, branch_and_bound_row, count_lagrangian, exact_row_count_values,
+                             live_inverse, row_count_bounds, row_data)
     with Timer() as t:
         p = problem.to(torch.float64)
         dead = torch.from_numpy(dead_columns(p))
@@ -262,10 +276,13 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
         best_total = -math.inf
         best_alpha = None
         sep = _separable_rows(pattern)
+        diagonals, cand_rows = [], []
         for a in _mixtures(d_obs is not None):
             dd = a[0] * d_eig + a[1] * d_jac + (a[2] * d_obs if d_obs is not None else 0.0)
+            diagonals.append(dd)
             S = W2 * dd.unsqueeze(0)
             pruned_rows = S.sum(1) - _kept_score(pattern, S)  # per-row pruned score of the optimal support
+            cand_rows.append(pruned_rows)
             if sep:
                 best_rows = pruned_rows if best_rows is None else torch.maximum(best_rows, pruned_rows)
             tot = float(pruned_rows.sum())
@@ -278,31 +295,80 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
             a = best_alpha
             d0 = a[0] * d_eig + a[1] * d_jac + (a[2] * d_obs if d_obs is not None else 0.0)
             d = _optimal_diagonal(p.Hh, live, W2, pattern, d0, int(sdp_rounds))
+            diagonals.append(d)
             S = W2 * d.unsqueeze(0)
             rows = S.sum(1) - _kept_score(pattern, S)
+            cand_rows.append(rows)
             sdp_extra = float(rows.sum())
             new = float(torch.maximum(best_rows, rows).sum()) if sep else sdp_extra
             if new > extra:
                 extra, method = new, METHOD_SDP
         bound = fst + 0.5 * max(extra, 0.0)
+        info = {}
+        m, n = p.shape
+        if lagrangian and isinstance(pattern, Unstructured) and pattern.scope == "matrix" and bool(live.any()):
+            with Timer() as tl:
+                ell = row_count_bounds(W2, diagonals)
+                if int(live.sum()) <= ENUMERATE_MAX:
+                    for i in range(m):
+                        ell[i] = torch.maximum(ell[i], exact_row_count_values(p.Hh, live, Wst[i]))
+                lag, mu = count_lagrangian(ell, pattern.kept_count((m, n)))
+            info.update(lagrangian_bound=fst + lag, lagrangian_mu=mu, lagrangian_time_s=tl.elapsed)
+            if fst + lag > bound:
+                bound, method = fst + lag, METHOD_LAGRANGIAN
+        if sep and bnb_time_s > 0 and bool(live.any()):
+            with Timer() as tb:
+                Hinv, slack = live_inverse(p.Hh, live)
+                stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": Hinv is None}
+                if Hinv is not None:
+                    R = torch.stack(cand_rows)                 # (candidates, m): pruned score per row
+                    row_lb = 0.5 * R.max(0).values              # the diagonal bound per row (½·score)
+                    which = R.argmax(0)
+                    order = (torch.argsort(upper_rows.to(torch.float64) - row_lb, descending=True)
+                             if upper_rows is not None else torch.arange(m))
+                    start = time.perf_counter()
+                    for i in order.tolist():
+                        left = bnb_time_s - (time.perf_counter() - start)
+                        if left <= 0:
+                            break
+                        data = row_data(Hinv, live, Wst[i], diagonals[int(which[i])], pattern, n)
+                        r = branch_and_bound_row(data, time_budget=min(bnb_row_s, left), slack=slack)
+                        stats["rows"] += 1
+                        stats["proven"] += int(r.proven)
+                        stats["nodes"] += r.nodes
+                        if r.bound > float(row_lb[i]):
+                            row_lb[i] = r.bound
+                    b_bnb = fst + float(row_lb.sum())
+                    stats["bound"] = b_bnb
+                    if b_bnb > bound:
+                        bound, method = b_bnb, METHOD_BNB
+            stats["time_s"] = tb.elapsed
+            info["bnb"] = stats
+    info.update({"alpha": best_alpha, "per_row_alpha": sep, "time_s": t.elapsed,
+                 "dead_inputs": int(dead.sum()), "mixtures_bound": fst + 0.5 * max(mix_extra, 0.0),
+                 "sdp_bound": None if sdp_extra is None else fst + 0.5 * max(sdp_extra, 0.0)})
     return L0Bound(bound=float(bound), f_unconstrained=float(fst), lam_min=lam_min, jacobi_t=tj, method=method,
-                   info={"alpha": best_alpha, "per_row_alpha": sep, "time_s": t.elapsed,
-                         "dead_inputs": int(dead.sum()), "mixtures_bound": fst + 0.5 * max(mix_extra, 0.0),
-                         "sdp_bound": None if sdp_extra is None else fst + 0.5 * max(sdp_extra, 0.0)})
+                   info=info)
 
 
-def certify_layer(problem: LayerProblem, pattern: Pattern, result) -> dict:
+def certify_layer(problem: LayerProblem, pattern: Pattern, result, *, bnb_time_s: float = BNB_TIME_S) -> dict:
     """The per-layer certificate record of ``optprune prune --certify``: our objective ``f(W)``, a valid lower
     bound on the optimum of the layer's L0 program and the relative gap ``(f(W) − bound)/f(W)``; and, when the
     method reports one (FISTA), the certified duality gap of its ℓ1 model."""
     W = result.W.to(problem.H.device)
-    obj = float(problem.to(torch.float64).objective(W.to(torch.float64)))
-    b = l0_lower_bound(problem, pattern)
+    p64 = problem.to(torch.float64)
+    f_rows = p64.objective(W.to(torch.float64), per_row=True)
+    obj = float(f_rows.sum())
+    b = l0_lower_bound(problem, pattern, bnb_time_s=bnb_time_s, upper_rows=f_rows)
     rel = (obj - b.bound) / obj if obj > 0 else 0.0
     rec = {"objective": obj, "lower_bound": b.bound, "rel_gap": rel, "bound_method": b.method,
            "bound_mixtures": b.info["mixtures_bound"], "bound_sdp": b.info["sdp_bound"],
            "f_unconstrained": b.f_unconstrained, "lam_min": b.lam_min, "jacobi_t": b.jacobi_t,
            "bound_time_s": b.info["time_s"], "bound_alpha": b.info["alpha"]}
+    if "lagrangian_bound" in b.info:
+        rec["bound_lagrangian"] = b.info["lagrangian_bound"]
+    if "bnb" in b.info:
+        rec["bound_bnb"] = b.info["bnb"]
     l1 = (result.info or {}).get("l1_certificate")
     if l1:
         rec["l1"] = dict(l1)
