@@ -260,8 +260,8 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
     the best of the diagonal combinations, improved by ``sdp_rounds`` rounds of the optimal-diagonal search
     (0: the combinations only); under per-matrix unstructured sparsity by the Lagrangian over the count
     (``lagrangian``); for patterns whose rows are independent by branch-and-bound on the loosest rows within
-    ``bnb_time_s`` seconds (``bnb_row_s`` per row; rows ordered by ``upper_rows − row bound``, the per-row
-    ``f_i(W) − f*_i`` of a solution, when given). ``row_bounds.py`` has the mathematics of the last two."""
+    ``bnb_time_s`` seconds (``bnb_row_s`` per row; loosest rows first when ``upper_rows``, the per-row
+    ``f_i(W)`` of a solution, is given). ``row_bounds.py`` has the mathematics of the last two."""
     from .row_bounds import (ENUMERATE_MAX, branch_and_bound_row, count_lagrangian, exact_row_count_values,
                              live_inverse, row_count_bounds, row_data)
     with Timer() as t:
@@ -324,8 +324,11 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
                     R = torch.stack(cand_rows)                 # (candidates, m): pruned score per row
                     row_lb = 0.5 * R.max(0).values              # the diagonal bound per row (½·score)
                     which = R.argmax(0)
-                    order = (torch.argsort(upper_rows.to(torch.float64) - row_lb, descending=True)
-                             if upper_rows is not None else torch.arange(m))
+                    if upper_rows is not None:  # loosest first: f_i(W) − f*_i − (row bound)
+                        slack_rows = upper_rows.to(torch.float64) - p.objective(Wst, per_row=True) - row_lb
+                        order = torch.argsort(slack_rows, descending=True)
+                    else:
+                        order = torch.arange(m)
                     start = time.perf_counter()
                     for i in order.tolist():
                         left = bnb_time_s - (time.perf_counter() - start)
