@@ -197,7 +197,7 @@ def test_optimal_diagonal_raises_the_bound_on_correlated_grams():
         p = LayerProblem.random(4, 8, kind="correlated", corrected=True, seed=seed)
         for pat in PATTERNS:
             opt = en.solve(l0_program(p, pat)).objective
-            new, old = l0_lower_bound(p, pat), l0_lower_bound(p, pat, sdp_rounds=0)
+            new, old = l0_lower_bound(p, pat, lagrangian=False), l0_lower_bound(p, pat, sdp_rounds=0, lagrangian=False)
             assert old.method != new.method or new.bound == old.bound
             assert new.info["mixtures_bound"] == pytest.approx(old.bound, rel=1e-12)
             assert old.bound <= new.bound <= opt * (1 + 1e-9) + 1e-12, (seed, pat.name, new.bound, opt)
@@ -212,7 +212,10 @@ def test_certificate_names_the_bound_that_produced_it():
     # N:M rows are independent: the bound takes, row by row, the better of the two diagonals
     assert rec["lower_bound"] >= max(rec["bound_mixtures"], rec["bound_sdp"]) * (1 - 1e-12)
     assert rec["bound_method"].startswith("diagonal-shift bound")
-    assert ("optimal diagonal" in rec["bound_method"]) == (rec["lower_bound"] > rec["bound_mixtures"])
+    if "branch-and-bound" in rec["bound_method"]:
+        assert rec["lower_bound"] == rec["bound_bnb"]["bound"] > max(rec["bound_mixtures"], rec["bound_sdp"])
+    else:
+        assert ("optimal diagonal" in rec["bound_method"]) == (rec["lower_bound"] > rec["bound_mixtures"])
 
 
 # ---------------------------------------------------------------- bounds that certify: Lagrangian and B&B
@@ -286,6 +289,19 @@ def test_lagrangian_with_diagonal_rows_only_is_valid_and_lifts_the_matrix_bound(
         assert old * (1 - 1e-12) <= b.info["lagrangian_bound"] <= opt * (1 + 1e-9)
         lifted += b.info["lagrangian_bound"] > old * (1 + 1e-9)
     assert lifted >= 3, lifted
+    # searching the loosest rows at their dual counts (branch-and-bound) lifts it further, still valid
+    searched = 0
+    for kind, corr in KINDS:
+        for seed in range(3):
+            p = LayerProblem.random(4, 8, kind=kind, corrected=corr, seed=seed)
+            pat = Unstructured(0.5)
+            opt = en.solve(l0_program(p, pat)).objective
+            up = p.objective(get_method("sparsegpt")(p, pat, refit=True).W, per_row=True)
+            lag = l0_lower_bound(p, pat, sdp_rounds=0)
+            b = l0_lower_bound(p, pat, sdp_rounds=0, bnb_time_s=3.0, upper_rows=up)
+            assert lag.bound * (1 - 1e-12) <= b.bound <= opt * (1 + 1e-9), (kind, seed, b.bound, opt)
+            searched += b.info["bnb"]["rows"] > 0 and b.bound > lag.bound * (1 + 1e-6)
+    assert searched >= 10, searched
     from optprune.solvers.verification.row_bounds import count_lagrangian, row_count_bounds
     W2 = torch.rand(5, 6, dtype=torch.float64)
     d = torch.rand(6, dtype=torch.float64)
@@ -307,4 +323,5 @@ def test_certificate_records_the_search_and_its_time():
     off = certify_layer(p, NM(2, 4), res, bnb_time_s=0.0)
     assert "bound_bnb" not in off and off["lower_bound"] <= rec["lower_bound"] * (1 + 1e-12)
     rec_u = certify_layer(p, Unstructured(0.5), get_method("sparsegpt")(p, Unstructured(0.5)))
-    assert rec_u["bound_lagrangian"] <= rec_u["objective"] and "bound_bnb" not in rec_u
+    assert rec_u["bound_lagrangian"] <= rec_u["lower_bound"] <= rec_u["objective"]
+    assert rec_u["bound_method"].startswith("Lagrangian over the count") and rec_u["bound_bnb"]["rows"] >= 1

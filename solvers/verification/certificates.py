@@ -62,6 +62,7 @@ METHOD_MIXTURES = "diagonal-shift bound (best of the λ_min, Jacobi and OBS diag
 METHOD_SDP = "diagonal-shift bound, optimal diagonal (SDP in the diagonal)"
 METHOD_LAGRANGIAN = "Lagrangian over the count (best diagonal per row and count)"
 METHOD_BNB = "diagonal-shift bound + branch-and-bound on the loosest rows"
+METHOD_LAGRANGIAN_BNB = "Lagrangian over the count + branch-and-bound on the loosest rows"
 
 #: ``certify_layer``'s branch-and-bound budget per layer (seconds, all rows together) and per row
 BNB_TIME_S = 2.0
@@ -253,13 +254,57 @@ def _gram_data(problem: LayerProblem, dead: torch.Tensor) -> dict:
     return data
 
 
+def _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, budget, row_s, rounds: int = 4) -> dict:
+    """Branch-and-bound on the loosest rows at the kept count ``k_i`` the Lagrangian gives them (per-matrix
+    unstructured); raises ``ell[i, :k_i + 1]`` in place to each row's search bound, then maximises the dual
+    again and searches the rows whose count moved (``rounds`` times, within ``budget`` seconds)."""
+    from .row_bounds import branch_and_bound_row, count_lagrangian, live_inverse, row_data
+    m, n = Wst.shape
+    stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": False, "rounds": 0}
+    with Timer() as tb:
+        Hinv, slack = live_inverse(p.Hh, live)
+        if Hinv is None:
+            stats["skipped"] = True
+        else:
+            ks = torch.arange(n + 1, dtype=torch.float64)
+            f_rows = p.objective(Wst, per_row=True)
+            searched = set()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                _, mu = count_lagrangian(ell, K)
+                k = (ell + mu * ks).argmin(1)
+                cur = ell.gather(1, k.unsqueeze(1)).squeeze(1)
+                order = (torch.argsort(upper_rows.to(torch.float64) - f_rows - cur, descending=True)
+                         if upper_rows is not None else torch.arange(m))
+                todo = [i for i in order.tolist() if 0 < int(k[i]) < n and (i, int(k[i])) not in searched]
+                if not todo or time.perf_counter() - start >= budget:
+                    break
+                stats["rounds"] += 1
+                for i in todo:
+                    left = budget - (time.perf_counter() - start)
+                    if left <= 0:
+                        break
+                    ki = int(k[i])
+                    searched.add((i, ki))
+                    pat = Unstructured((n - ki + 0.5) / n, "row")  # prunes exactly n − k_i of the row
+                    r = branch_and_bound_row(row_data(Hinv, live, Wst[i], diagonals[int(which[i, ki])], pat, n),
+                                             time_budget=min(row_s, left), slack=slack)
+                    stats["rows"] += 1
+                    stats["proven"] += int(r.proven)
+                    stats["nodes"] += r.nodes
+                    ell[i, : ki + 1] = torch.maximum(ell[i, : ki + 1], torch.tensor(r.bound, dtype=ell.dtype))
+    stats["time_s"] = tb.elapsed
+    return stats
+
+
 def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2, lagrangian: bool = True,
                    bnb_time_s: float = 0.0, bnb_row_s: float = BNB_ROW_S,
                    upper_rows: Optional[torch.Tensor] = None) -> L0Bound:
     """A valid lower bound on ``min f(W)`` over supports feasible for ``pattern`` (see the module docstring):
     the best of the diagonal combinations, improved by ``sdp_rounds`` rounds of the optimal-diagonal search
     (0: the combinations only); under per-matrix unstructured sparsity by the Lagrangian over the count
-    (``lagrangian``); for patterns whose rows are independent by branch-and-bound on the loosest rows within
+    (``lagrangian``; with ``bnb_time_s`` also searching the loosest rows at their dual counts); for patterns
+    whose rows are independent by branch-and-bound on the loosest rows within
     ``bnb_time_s`` seconds (``bnb_row_s`` per row; loosest rows first when ``upper_rows``, the per-row
     ``f_i(W)`` of a solution, is given). ``row_bounds.py`` has the mathematics of the last two."""
     from .row_bounds import (ENUMERATE_MAX, branch_and_bound_row, count_lagrangian, exact_row_count_values,
@@ -308,14 +353,30 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
         m, n = p.shape
         if lagrangian and isinstance(pattern, Unstructured) and pattern.scope == "matrix" and bool(live.any()):
             with Timer() as tl:
-                ell = row_count_bounds(W2, diagonals)
+                ell, which = row_count_bounds(W2, diagonals, with_argmax=True)
+                # nothing kept: the row's cost is exactly ½ w*ᵀĤw*
+                zero = 0.5 * ((Wst @ p.Hh) * Wst).sum(1) * (1 - 1e-12)
+                ell[:, 0] = torch.maximum(ell[:, 0], zero)
                 if int(live.sum()) <= ENUMERATE_MAX:
                     for i in range(m):
                         ell[i] = torch.maximum(ell[i], exact_row_count_values(p.Hh, live, Wst[i]))
-                lag, mu = count_lagrangian(ell, pattern.kept_count((m, n)))
-            info.update(lagrangian_bound=fst + lag, lagrangian_mu=mu, lagrangian_time_s=tl.elapsed)
+                K = pattern.kept_count((m, n))
+                lag, mu = count_lagrangian(ell, K)
+                info.update(lagrangian_bound=fst + lag, lagrangian_mu=mu)
+                if bnb_time_s > 0 and int(live.sum()) > ENUMERATE_MAX:
+                    # search the loosest rows at the count the dual gives them: a bound at k kept holds for
+                    # every k' ≤ k (fewer kept never costs less), then the dual is maximised again
+                    stats = _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, bnb_time_s, bnb_row_s)
+                    lag2, mu2 = count_lagrangian(ell, K)
+                    stats["bound"] = fst + lag2
+                    info["bnb"] = stats
+                    if lag2 > lag:
+                        lag, mu = lag2, mu2
+                        info["lagrangian_search_bound"] = fst + lag2
+            info["lagrangian_time_s"] = tl.elapsed
             if fst + lag > bound:
-                bound, method = fst + lag, METHOD_LAGRANGIAN
+                bound, method = fst + lag, (METHOD_LAGRANGIAN if "lagrangian_search_bound" not in info
+                                            else METHOD_LAGRANGIAN_BNB)
         if sep and bnb_time_s > 0 and bool(live.any()):
             with Timer() as tb:
                 Hinv, slack = live_inverse(p.Hh, live)

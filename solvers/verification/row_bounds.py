@@ -218,17 +218,20 @@ def exact_row_count_values(Hh: torch.Tensor, live: torch.Tensor, wst_row: torch.
     return torch.cummin(out, 0).values
 
 
-def row_count_bounds(W2: torch.Tensor, diagonals: list) -> torch.Tensor:
+def row_count_bounds(W2: torch.Tensor, diagonals: list, with_argmax: bool = False):
     """``ℓ_i(k)`` for k = 0..n kept: per row and count the best separable diagonal-shift bound over the
-    candidate diagonals (in units of ½(w − w*)Ĥ(w − w*), i.e. without ``f*_i``)."""
+    candidate diagonals (in units of ½(w − w*)Ĥ(w − w*), i.e. without ``f*_i``); with ``with_argmax`` also
+    which diagonal gives it."""
     m, n = W2.shape
     best = torch.zeros(m, n + 1, dtype=torch.float64)
-    for d in diagonals:
+    arg = torch.zeros(m, n + 1, dtype=torch.long)
+    for a, d in enumerate(diagonals):
         S = W2 * d.unsqueeze(0)
         top = torch.sort(S, 1, descending=True).values.cumsum(1)
-        ell = 0.5 * (S.sum(1, keepdim=True) - torch.cat([torch.zeros(m, 1, dtype=S.dtype), top], 1))
-        best = torch.maximum(best, ell.clamp_min(0.0))
-    return best
+        ell = (0.5 * (S.sum(1, keepdim=True) - torch.cat([torch.zeros(m, 1, dtype=S.dtype), top], 1))).clamp_min(0.0)
+        arg = torch.where(ell > best, torch.full_like(arg, a), arg)
+        best = torch.maximum(best, ell)
+    return (best, arg) if with_argmax else best
 
 
 def count_lagrangian(ell: torch.Tensor, K: int, *, iters: int = 80) -> tuple[float, float]:
