@@ -297,6 +297,65 @@ def _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, budget, r
     return stats
 
 
+def _lagrangian_bound(p, pattern, live, Wst, W2, diagonals, upper_rows, bnb_time_s, bnb_row_s, info) -> float:
+    """The Lagrangian over the matrix-wide count (without ``f*``), per-row bounds from every diagonal, exact
+    values for enumerable rows, and with a budget the search of the loosest rows at their dual counts."""
+    from .row_bounds import ENUMERATE_MAX, count_lagrangian, exact_row_count_values, row_count_bounds
+    m, n = Wst.shape
+    with Timer() as tl:
+        ell, which = row_count_bounds(W2, diagonals, with_argmax=True)
+        ell[:, 0] = torch.maximum(ell[:, 0], 0.5 * ((Wst @ p.Hh) * Wst).sum(1) * (1 - 1e-12))  # nothing kept: exact
+        if int(live.sum()) <= ENUMERATE_MAX:
+            for i in range(m):
+                ell[i] = torch.maximum(ell[i], exact_row_count_values(p.Hh, live, Wst[i]))
+        K = pattern.kept_count((m, n))
+        lag, mu = count_lagrangian(ell, K)
+        info.update(lagrangian_value=lag, lagrangian_mu=mu)
+        if bnb_time_s > 0 and int(live.sum()) > ENUMERATE_MAX:
+            stats = _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, bnb_time_s, bnb_row_s)
+            lag2, mu2 = count_lagrangian(ell, K)
+            stats["value"] = lag2
+            info["bnb"] = stats
+            if lag2 > lag:
+                lag = lag2
+                info.update(lagrangian_search_value=lag2, lagrangian_mu=mu2)
+    info["lagrangian_time_s"] = tl.elapsed
+    return lag
+
+
+def _row_search(p, pattern, live, Wst, diagonals, cand_rows, upper_rows, budget, row_s) -> dict:
+    """Branch-and-bound on the loosest rows of a pattern whose rows are independent; ``rows_bound`` is the sum
+    of the rows' bounds (the diagonal one where a row was not searched), without ``f*``."""
+    from .row_bounds import branch_and_bound_row, live_inverse, row_data
+    m, n = Wst.shape
+    with Timer() as tb:
+        Hinv, slack = live_inverse(p.Hh, live)
+        stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": Hinv is None, "rows_bound": None}
+        if Hinv is not None:
+            R = torch.stack(cand_rows)                 # (candidates, m): pruned score per row
+            row_lb = 0.5 * R.max(0).values              # the diagonal bound per row (½·score)
+            which = R.argmax(0)
+            if upper_rows is not None:  # loosest first: f_i(W) − f*_i − (row bound)
+                order = torch.argsort(upper_rows.to(torch.float64) - p.objective(Wst, per_row=True) - row_lb,
+                                      descending=True)
+            else:
+                order = torch.arange(m)
+            start = time.perf_counter()
+            for i in order.tolist():
+                left = budget - (time.perf_counter() - start)
+                if left <= 0:
+                    break
+                r = branch_and_bound_row(row_data(Hinv, live, Wst[i], diagonals[int(which[i])], pattern, n),
+                                         time_budget=min(row_s, left), slack=slack)
+                stats["rows"] += 1
+                stats["proven"] += int(r.proven)
+                stats["nodes"] += r.nodes
+                row_lb[i] = max(float(row_lb[i]), r.bound)
+            stats["rows_bound"] = float(row_lb.sum())
+    stats["time_s"] = tb.elapsed
+    return stats
+
+
 def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2, lagrangian: bool = True,
                    bnb_time_s: float = 0.0, bnb_row_s: float = BNB_ROW_S,
                    upper_rows: Optional[torch.Tensor] = None) -> L0Bound:
@@ -307,8 +366,6 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
     whose rows are independent by branch-and-bound on the loosest rows within
     ``bnb_time_s`` seconds (``bnb_row_s`` per row; loosest rows first when ``upper_rows``, the per-row
     ``f_i(W)`` of a solution, is given). ``row_bounds.py`` has the mathematics of the last two."""
-    from .row_bounds import (ENUMERATE_MAX, branch_and_bound_row, count_lagrangian, exact_row_count_values,
-                             live_inverse, row_count_bounds, row_data)
     with Timer() as t:
         p = problem.to(torch.float64)
         dead = torch.from_numpy(dead_columns(p))
@@ -350,64 +407,24 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
                 extra, method = new, METHOD_SDP
         bound = fst + 0.5 * max(extra, 0.0)
         info = {}
-        m, n = p.shape
         if lagrangian and isinstance(pattern, Unstructured) and pattern.scope == "matrix" and bool(live.any()):
-            with Timer() as tl:
-                ell, which = row_count_bounds(W2, diagonals, with_argmax=True)
-                # nothing kept: the row's cost is exactly ½ w*ᵀĤw*
-                zero = 0.5 * ((Wst @ p.Hh) * Wst).sum(1) * (1 - 1e-12)
-                ell[:, 0] = torch.maximum(ell[:, 0], zero)
-                if int(live.sum()) <= ENUMERATE_MAX:
-                    for i in range(m):
-                        ell[i] = torch.maximum(ell[i], exact_row_count_values(p.Hh, live, Wst[i]))
-                K = pattern.kept_count((m, n))
-                lag, mu = count_lagrangian(ell, K)
-                info.update(lagrangian_bound=fst + lag, lagrangian_mu=mu)
-                if bnb_time_s > 0 and int(live.sum()) > ENUMERATE_MAX:
-                    # search the loosest rows at the count the dual gives them: a bound at k kept holds for
-                    # every k' ≤ k (fewer kept never costs less), then the dual is maximised again
-                    stats = _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, bnb_time_s, bnb_row_s)
-                    lag2, mu2 = count_lagrangian(ell, K)
-                    stats["bound"] = fst + lag2
-                    info["bnb"] = stats
-                    if lag2 > lag:
-                        lag, mu = lag2, mu2
-                        info["lagrangian_search_bound"] = fst + lag2
-            info["lagrangian_time_s"] = tl.elapsed
+            lag = _lagrangian_bound(p, pattern, live, Wst, W2, diagonals, upper_rows, bnb_time_s, bnb_row_s, info)
             if fst + lag > bound:
-                bound, method = fst + lag, (METHOD_LAGRANGIAN if "lagrangian_search_bound" not in info
-                                            else METHOD_LAGRANGIAN_BNB)
+                bound = fst + lag
+                method = METHOD_LAGRANGIAN_BNB if "lagrangian_search_value" in info else METHOD_LAGRANGIAN
         if sep and bnb_time_s > 0 and bool(live.any()):
-            with Timer() as tb:
-                Hinv, slack = live_inverse(p.Hh, live)
-                stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": Hinv is None}
-                if Hinv is not None:
-                    R = torch.stack(cand_rows)                 # (candidates, m): pruned score per row
-                    row_lb = 0.5 * R.max(0).values              # the diagonal bound per row (½·score)
-                    which = R.argmax(0)
-                    if upper_rows is not None:  # loosest first: f_i(W) − f*_i − (row bound)
-                        slack_rows = upper_rows.to(torch.float64) - p.objective(Wst, per_row=True) - row_lb
-                        order = torch.argsort(slack_rows, descending=True)
-                    else:
-                        order = torch.arange(m)
-                    start = time.perf_counter()
-                    for i in order.tolist():
-                        left = bnb_time_s - (time.perf_counter() - start)
-                        if left <= 0:
-                            break
-                        data = row_data(Hinv, live, Wst[i], diagonals[int(which[i])], pattern, n)
-                        r = branch_and_bound_row(data, time_budget=min(bnb_row_s, left), slack=slack)
-                        stats["rows"] += 1
-                        stats["proven"] += int(r.proven)
-                        stats["nodes"] += r.nodes
-                        if r.bound > float(row_lb[i]):
-                            row_lb[i] = r.bound
-                    b_bnb = fst + float(row_lb.sum())
-                    stats["bound"] = b_bnb
-                    if b_bnb > bound:
-                        bound, method = b_bnb, METHOD_BNB
-            stats["time_s"] = tb.elapsed
-            info["bnb"] = stats
+            info["bnb"] = _row_search(p, pattern, live, Wst, diagonals, cand_rows, upper_rows, bnb_time_s, bnb_row_s)
+            rows_bound = info["bnb"].pop("rows_bound")
+            if rows_bound is not None:
+                info["bnb"]["bound"] = fst + rows_bound
+                if fst + rows_bound > bound:
+                    bound, method = fst + rows_bound, METHOD_BNB
+    if "lagrangian_value" in info:
+        info["lagrangian_bound"] = fst + info.pop("lagrangian_value")
+    if "lagrangian_search_value" in info:
+        info["lagrangian_search_bound"] = fst + info.pop("lagrangian_search_value")
+    if "value" in info.get("bnb", {}):
+        info["bnb"]["bound"] = fst + info["bnb"].pop("value")
     info.update({"alpha": best_alpha, "per_row_alpha": sep, "time_s": t.elapsed,
                  "dead_inputs": int(dead.sum()), "mixtures_bound": fst + 0.5 * max(mix_extra, 0.0),
                  "sdp_bound": None if sdp_extra is None else fst + 0.5 * max(sdp_extra, 0.0)})
