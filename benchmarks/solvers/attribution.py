@@ -2,8 +2,8 @@
 sparse + low-rank at an equal parameter count), at 50 % / 2:4 / 70 %.
 
 Each cell is one ``optprune prune`` run (the command is printed and recorded); one JSON line per run is appended to
-``--out`` (runs already there are skipped, so the script resumes), the run records are kept under
-``<out>.runs/``, and the table (wikitext-2 perplexity and prune time per cell) is printed and, with
+``--out`` (runs already there are skipped, so the script resumes), the run records (``run.json``, not the
+pruned weights) are kept under ``<out>.runs/``, and the table (wikitext-2 perplexity and prune time per cell) is printed and, with
 ``--write-docs``, written between this script's markers in docs/results.md.
 
     python benchmarks/solvers/attribution.py --model smollm2-135m --protocol cpu \\
@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,10 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol", default="smoke")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma list of 50%%, 2:4, 70%%")
-    ap.add_argument("--out", required=True, help="JSON lines (resumable); run records go to <out>.runs/")
+    ap.add_argument("--out", required=True, help="JSON lines (resumable); run records go to <out>.runs/<row>_<pattern>.json")
     ap.add_argument("--extra", default="", help="more `optprune prune` arguments, one string (e.g. '--data-dir D')")
     ap.add_argument("--write-docs", action="store_true", help="write the table into docs/results.md")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--render-only", action="store_true", help="run nothing: the table from the runs in --out")
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     pats = [p.strip() for p in a.patterns.split(",") if p.strip()]
@@ -127,21 +130,27 @@ def main(argv=None) -> int:
         done = [json.loads(s) for s in out.read_text().splitlines() if s.strip()]
     have = {(r["row"], r["pattern"]) for r in done}
     extra = shlex.split(a.extra)
-    for pat in pats:
+    for pat in ([] if a.render_only else pats):
         for row in rows:
             if (row, pat) in have or _skip(row, pat):
                 continue
             tag = f"{row}_{pat.replace('%', 'pct').replace(':', 'of')}"
-            cmd = _command(a.model, a.protocol, row, pat, runs / tag, extra)
-            shown = shlex.join([c for c in cmd[:-2]] + ["--output", f"{runs.name}/{tag}"])
+            scratch = Path(tempfile.mkdtemp(prefix="attribution-"))
+            cmd = _command(a.model, a.protocol, row, pat, scratch / "out", extra)
+            shown = shlex.join(cmd[:-2])
             print(shown, flush=True)
             if a.dry_run:
+                shutil.rmtree(scratch, ignore_errors=True)
                 continue
             exe = [str(Path(sys.executable).with_name("optprune"))] if Path(sys.executable).with_name(
                 "optprune").exists() else [sys.executable, "-m", "optprune"]
             t0 = time.perf_counter()
             proc = subprocess.run(exe + cmd[1:], cwd=ROOT, capture_output=True, text=True)
-            rec_path = runs / tag / "run.json"
+            rec_path = runs / f"{tag}.json"  # the run record only: the pruned weights are not kept
+            if proc.returncode == 0 and (scratch / "out" / "run.json").exists():
+                runs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(scratch / "out" / "run.json", rec_path)
+            shutil.rmtree(scratch, ignore_errors=True)
             if proc.returncode != 0 or not rec_path.exists():
                 print(f"  failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
