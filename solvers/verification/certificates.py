@@ -36,6 +36,12 @@ feasible). The result is made safe before use: d is lowered by ``max(0, −λ_mi
 clipped at 0), so ``diag(d) ⪯ Ĥ`` holds after round-off; any such d gives a valid bound, converged or not. The
 certificate records which diagonal produced it (``bound_method``).
 
+**Bounds that use the rows** (``row_bounds.py``). Per matrix, a Lagrangian over the kept count lets each row
+take its best diagonal per count (``l0_lower_bound(..., lagrangian=True)``); with a search budget
+(``bnb_time_s``; ``certify_layer`` gives :data:`BNB_TIME_S` per layer) the loosest rows are solved by
+branch-and-bound — at the counts the dual gives them per matrix, under their own pattern per row and N:M —
+and each row keeps the better of its bounds. The certificate records which bound won and the search's time.
+
 **Tightness.** The bound is exact when Ĥ is diagonal and weakens as the inputs correlate: ``λ_min`` and ``t``
 measure how far Ĥ is from its diagonal, and real layers' Grams are ill-conditioned (``t`` often 1e-3 or less),
 so the certified relative gap ``(ours − bound)/ours`` is a statement about the bound as much as about the
