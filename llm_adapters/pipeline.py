@@ -804,7 +804,9 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         if not torch.isfinite(written).all():  # e.g. overflow in a half-precision model
             raise NumericalError(f"layer {name!r}: the written weights contain NaN/Inf (model dtype {model_dtype})")
         sparsity = float((written == 0).sum()) / (m * n)
-        _check_target(name, spec.name, pat, (m, n), int((written != 0).sum()))
+        # a sparse + low-rank result is written folded (dense): its sparse part's support is what the pattern bounds
+        folded = bool((res.info or {}).get("folded_lowrank")) and res.mask is not None
+        _check_target(name, spec.name, pat, (m, n), int(res.mask.sum()) if folded else int((written != 0).sum()))
         W_eval = written.float() if model_dtype != torch.float32 else W
         if qparams is not None:
             mod.optprune_quant = qparams.to(torch.float32, torch.device("cpu"))

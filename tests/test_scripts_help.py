@@ -171,3 +171,28 @@ def test_fingerprint_sees_a_changed_weight(stories_dir, tmp_path, capsys):
     assert fp.main(["--model", str(stories_dir), "--only", "magnitude-50", "--out", str(b),
                     "--compare", str(a)]) == 1
     assert f"1 tensors differ, e.g. ['{name}']" in capsys.readouterr().out
+
+
+def test_attribution_table_and_its_docs_section(tmp_path):
+    at = _script("attribution")
+    rows = [{"row": "sparsegpt", "pattern": "50%", "command": "optprune prune A", "cell": {"ppl": 40.5, "prune_s": 12.0}},
+            {"row": "admm+ec", "pattern": "2:4", "command": "optprune prune B", "cell": {"ppl": 61.25, "prune_s": 30.4}},
+            {"row": "slr-equal", "pattern": "50%", "command": "optprune prune C", "cell": {"ppl": None, "prune_s": 1.0}}]
+    md = at.table(rows, "m")
+    lines = md.splitlines()
+    head = next(s for s in lines if s.startswith("| configuration"))
+    assert head.split(" | ")[1:] == ["50%", "2:4 |"]
+    sg = next(s for s in lines if s.startswith("| SparseGPT, error correction off"))
+    assert "40.50 (12)" in sg and sg.rstrip(" |").endswith("–")
+    admm = next(s for s in lines if s.startswith("| ADMM, error correction on"))
+    assert "61.25 (30)" in admm
+    slr = next(s for s in lines if s.startswith("| sparse + low-rank"))
+    assert "failed" in slr and "n/a" in slr and any(s.startswith("n/a: N:M") for s in lines)
+    assert "optprune prune B" in md
+    doc = tmp_path / "results.md"
+    doc.write_text("# R\n\n<!-- results:start -->\nG\n<!-- results:end -->\n")
+    at.write_docs(md, doc)
+    at.write_docs(md, doc)  # replaced in place, not appended twice
+    text = doc.read_text()
+    assert text.count(at.BEGIN) == 1 and text.index(at.END) < text.index("<!-- results:start -->")
+    assert at.main(["--out", str(tmp_path / "x.jsonl"), "--rows", "nope"]) == 2

@@ -36,6 +36,12 @@ feasible). The result is made safe before use: d is lowered by ``max(0, −λ_mi
 clipped at 0), so ``diag(d) ⪯ Ĥ`` holds after round-off; any such d gives a valid bound, converged or not. The
 certificate records which diagonal produced it (``bound_method``).
 
+**Bounds that use the rows** (``row_bounds.py``). Per matrix, a Lagrangian over the kept count lets each row
+take its best diagonal per count (``l0_lower_bound(..., lagrangian=True)``); with a search budget
+(``bnb_time_s``; ``certify_layer`` gives :data:`BNB_TIME_S` per layer) the loosest rows are solved by
+branch-and-bound — at the counts the dual gives them per matrix, under their own pattern per row and N:M —
+and each row keeps the better of its bounds. The certificate records which bound won and the search's time.
+
 **Tightness.** The bound is exact when Ĥ is diagonal and weakens as the inputs correlate: ``λ_min`` and ``t``
 measure how far Ĥ is from its diagonal, and real layers' Grams are ill-conditioned (``t`` often 1e-3 or less),
 so the certified relative gap ``(ours − bound)/ours`` is a statement about the bound as much as about the
@@ -44,6 +50,7 @@ solution. Reports give the distribution and name the layers where the bound is w
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -59,6 +66,13 @@ __all__ = ["L0Bound", "l0_lower_bound", "certify_layer", "summarize_certificates
 _ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHOD_MIXTURES = "diagonal-shift bound (best of the λ_min, Jacobi and OBS diagonals)"
 METHOD_SDP = "diagonal-shift bound, optimal diagonal (SDP in the diagonal)"
+METHOD_LAGRANGIAN = "Lagrangian over the count (best diagonal per row and count)"
+METHOD_BNB = "diagonal-shift bound + branch-and-bound on the loosest rows"
+METHOD_LAGRANGIAN_BNB = "Lagrangian over the count + branch-and-bound on the loosest rows"
+
+#: ``certify_layer``'s branch-and-bound budget per layer (seconds, all rows together) and per row
+BNB_TIME_S = 2.0
+BNB_ROW_S = 0.25
 
 
 @dataclass
@@ -246,10 +260,118 @@ def _gram_data(problem: LayerProblem, dead: torch.Tensor) -> dict:
     return data
 
 
-def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2) -> L0Bound:
+def _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, budget, row_s, rounds: int = 4) -> dict:
+    """Branch-and-bound on the loosest rows at the kept count ``k_i`` the Lagrangian gives them (per-matrix
+    unstructured); raises ``ell[i, :k_i + 1]`` in place to each row's search bound, then maximises the dual
+    again and searches the rows whose count moved (``rounds`` times, within ``budget`` seconds)."""
+    from .row_bounds import branch_and_bound_row, count_lagrangian, live_inverse, row_data
+    m, n = Wst.shape
+    stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": False, "rounds": 0}
+    with Timer() as tb:
+        Hinv, slack = live_inverse(p.Hh, live)
+        if Hinv is None:
+            stats["skipped"] = True
+        else:
+            ks = torch.arange(n + 1, dtype=torch.float64)
+            f_rows = p.objective(Wst, per_row=True)
+            searched = set()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                _, mu = count_lagrangian(ell, K)
+                k = (ell + mu * ks).argmin(1)
+                cur = ell.gather(1, k.unsqueeze(1)).squeeze(1)
+                order = (torch.argsort(upper_rows.to(torch.float64) - f_rows - cur, descending=True)
+                         if upper_rows is not None else torch.arange(m))
+                todo = [i for i in order.tolist() if 0 < int(k[i]) < n and (i, int(k[i])) not in searched]
+                if not todo or time.perf_counter() - start >= budget:
+                    break
+                stats["rounds"] += 1
+                for i in todo:
+                    left = budget - (time.perf_counter() - start)
+                    if left <= 0:
+                        break
+                    ki = int(k[i])
+                    searched.add((i, ki))
+                    pat = Unstructured((n - ki + 0.5) / n, "row")  # prunes exactly n − k_i of the row
+                    r = branch_and_bound_row(row_data(Hinv, live, Wst[i], diagonals[int(which[i, ki])], pat, n),
+                                             time_budget=min(row_s, left), slack=slack)
+                    stats["rows"] += 1
+                    stats["proven"] += int(r.proven)
+                    stats["nodes"] += r.nodes
+                    ell[i, : ki + 1] = torch.maximum(ell[i, : ki + 1], torch.tensor(r.bound, dtype=ell.dtype))
+    stats["time_s"] = tb.elapsed
+    return stats
+
+
+def _lagrangian_bound(p, pattern, live, Wst, W2, diagonals, upper_rows, bnb_time_s, bnb_row_s, info) -> float:
+    """The Lagrangian over the matrix-wide count (without ``f*``), per-row bounds from every diagonal, exact
+    values for enumerable rows, and with a budget the search of the loosest rows at their dual counts."""
+    from .row_bounds import ENUMERATE_MAX, count_lagrangian, exact_row_count_values, row_count_bounds
+    m, n = Wst.shape
+    with Timer() as tl:
+        ell, which = row_count_bounds(W2, diagonals, with_argmax=True)
+        ell[:, 0] = torch.maximum(ell[:, 0], 0.5 * ((Wst @ p.Hh) * Wst).sum(1) * (1 - 1e-12))  # nothing kept: exact
+        if int(live.sum()) <= ENUMERATE_MAX:
+            for i in range(m):
+                ell[i] = torch.maximum(ell[i], exact_row_count_values(p.Hh, live, Wst[i]))
+        K = pattern.kept_count((m, n))
+        lag, mu = count_lagrangian(ell, K)
+        info.update(lagrangian_value=lag, lagrangian_mu=mu)
+        if bnb_time_s > 0 and int(live.sum()) > ENUMERATE_MAX:
+            stats = _search_counts(p, live, Wst, ell, which, diagonals, K, upper_rows, bnb_time_s, bnb_row_s)
+            lag2, mu2 = count_lagrangian(ell, K)
+            stats["value"] = lag2
+            info["bnb"] = stats
+            if lag2 > lag:
+                lag = lag2
+                info.update(lagrangian_search_value=lag2, lagrangian_mu=mu2)
+    info["lagrangian_time_s"] = tl.elapsed
+    return lag
+
+
+def _row_search(p, pattern, live, Wst, diagonals, cand_rows, upper_rows, budget, row_s) -> dict:
+    """Branch-and-bound on the loosest rows of a pattern whose rows are independent; ``rows_bound`` is the sum
+    of the rows' bounds (the diagonal one where a row was not searched), without ``f*``."""
+    from .row_bounds import branch_and_bound_row, live_inverse, row_data
+    m, n = Wst.shape
+    with Timer() as tb:
+        Hinv, slack = live_inverse(p.Hh, live)
+        stats = {"rows": 0, "proven": 0, "nodes": 0, "skipped": Hinv is None, "rows_bound": None}
+        if Hinv is not None:
+            R = torch.stack(cand_rows)                 # (candidates, m): pruned score per row
+            row_lb = 0.5 * R.max(0).values              # the diagonal bound per row (½·score)
+            which = R.argmax(0)
+            if upper_rows is not None:  # loosest first: f_i(W) − f*_i − (row bound)
+                order = torch.argsort(upper_rows.to(torch.float64) - p.objective(Wst, per_row=True) - row_lb,
+                                      descending=True)
+            else:
+                order = torch.arange(m)
+            start = time.perf_counter()
+            for i in order.tolist():
+                left = budget - (time.perf_counter() - start)
+                if left <= 0:
+                    break
+                r = branch_and_bound_row(row_data(Hinv, live, Wst[i], diagonals[int(which[i])], pattern, n),
+                                         time_budget=min(row_s, left), slack=slack)
+                stats["rows"] += 1
+                stats["proven"] += int(r.proven)
+                stats["nodes"] += r.nodes
+                row_lb[i] = max(float(row_lb[i]), r.bound)
+            stats["rows_bound"] = float(row_lb.sum())
+    stats["time_s"] = tb.elapsed
+    return stats
+
+
+def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int = 2, lagrangian: bool = True,
+                   bnb_time_s: float = 0.0, bnb_row_s: float = BNB_ROW_S,
+                   upper_rows: Optional[torch.Tensor] = None) -> L0Bound:
     """A valid lower bound on ``min f(W)`` over supports feasible for ``pattern`` (see the module docstring):
     the best of the diagonal combinations, improved by ``sdp_rounds`` rounds of the optimal-diagonal search
-    (0: the combinations only)."""
+    (0: the combinations only); under per-matrix unstructured sparsity by the Lagrangian over the count
+    (``lagrangian``; with ``bnb_time_s`` also searching the loosest rows at their dual counts); for patterns
+    whose rows are independent by branch-and-bound on the loosest rows within
+    ``bnb_time_s`` seconds (``bnb_row_s`` per row; loosest rows first when ``upper_rows``, the per-row
+    ``f_i(W)`` of a solution, is given). ``row_bounds.py`` has the mathematics of the last two."""
     with Timer() as t:
         p = problem.to(torch.float64)
         dead = torch.from_numpy(dead_columns(p))
@@ -262,10 +384,13 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
         best_total = -math.inf
         best_alpha = None
         sep = _separable_rows(pattern)
+        diagonals, cand_rows = [], []
         for a in _mixtures(d_obs is not None):
             dd = a[0] * d_eig + a[1] * d_jac + (a[2] * d_obs if d_obs is not None else 0.0)
+            diagonals.append(dd)
             S = W2 * dd.unsqueeze(0)
             pruned_rows = S.sum(1) - _kept_score(pattern, S)  # per-row pruned score of the optimal support
+            cand_rows.append(pruned_rows)
             if sep:
                 best_rows = pruned_rows if best_rows is None else torch.maximum(best_rows, pruned_rows)
             tot = float(pruned_rows.sum())
@@ -278,31 +403,59 @@ def l0_lower_bound(problem: LayerProblem, pattern: Pattern, *, sdp_rounds: int =
             a = best_alpha
             d0 = a[0] * d_eig + a[1] * d_jac + (a[2] * d_obs if d_obs is not None else 0.0)
             d = _optimal_diagonal(p.Hh, live, W2, pattern, d0, int(sdp_rounds))
+            diagonals.append(d)
             S = W2 * d.unsqueeze(0)
             rows = S.sum(1) - _kept_score(pattern, S)
+            cand_rows.append(rows)
             sdp_extra = float(rows.sum())
             new = float(torch.maximum(best_rows, rows).sum()) if sep else sdp_extra
             if new > extra:
                 extra, method = new, METHOD_SDP
         bound = fst + 0.5 * max(extra, 0.0)
+        info = {}
+        if lagrangian and isinstance(pattern, Unstructured) and pattern.scope == "matrix" and bool(live.any()):
+            lag = _lagrangian_bound(p, pattern, live, Wst, W2, diagonals, upper_rows, bnb_time_s, bnb_row_s, info)
+            if fst + lag > bound:
+                bound = fst + lag
+                method = METHOD_LAGRANGIAN_BNB if "lagrangian_search_value" in info else METHOD_LAGRANGIAN
+        if sep and bnb_time_s > 0 and bool(live.any()):
+            info["bnb"] = _row_search(p, pattern, live, Wst, diagonals, cand_rows, upper_rows, bnb_time_s, bnb_row_s)
+            rows_bound = info["bnb"].pop("rows_bound")
+            if rows_bound is not None:
+                info["bnb"]["bound"] = fst + rows_bound
+                if fst + rows_bound > bound:
+                    bound, method = fst + rows_bound, METHOD_BNB
+    if "lagrangian_value" in info:
+        info["lagrangian_bound"] = fst + info.pop("lagrangian_value")
+    if "lagrangian_search_value" in info:
+        info["lagrangian_search_bound"] = fst + info.pop("lagrangian_search_value")
+    if "value" in info.get("bnb", {}):
+        info["bnb"]["bound"] = fst + info["bnb"].pop("value")
+    info.update({"alpha": best_alpha, "per_row_alpha": sep, "time_s": t.elapsed,
+                 "dead_inputs": int(dead.sum()), "mixtures_bound": fst + 0.5 * max(mix_extra, 0.0),
+                 "sdp_bound": None if sdp_extra is None else fst + 0.5 * max(sdp_extra, 0.0)})
     return L0Bound(bound=float(bound), f_unconstrained=float(fst), lam_min=lam_min, jacobi_t=tj, method=method,
-                   info={"alpha": best_alpha, "per_row_alpha": sep, "time_s": t.elapsed,
-                         "dead_inputs": int(dead.sum()), "mixtures_bound": fst + 0.5 * max(mix_extra, 0.0),
-                         "sdp_bound": None if sdp_extra is None else fst + 0.5 * max(sdp_extra, 0.0)})
+                   info=info)
 
 
-def certify_layer(problem: LayerProblem, pattern: Pattern, result) -> dict:
+def certify_layer(problem: LayerProblem, pattern: Pattern, result, *, bnb_time_s: float = BNB_TIME_S) -> dict:
     """The per-layer certificate record of ``optprune prune --certify``: our objective ``f(W)``, a valid lower
     bound on the optimum of the layer's L0 program and the relative gap ``(f(W) − bound)/f(W)``; and, when the
     method reports one (FISTA), the certified duality gap of its ℓ1 model."""
     W = result.W.to(problem.H.device)
-    obj = float(problem.to(torch.float64).objective(W.to(torch.float64)))
-    b = l0_lower_bound(problem, pattern)
+    p64 = problem.to(torch.float64)
+    f_rows = p64.objective(W.to(torch.float64), per_row=True)
+    obj = float(f_rows.sum())
+    b = l0_lower_bound(problem, pattern, bnb_time_s=bnb_time_s, upper_rows=f_rows)
     rel = (obj - b.bound) / obj if obj > 0 else 0.0
     rec = {"objective": obj, "lower_bound": b.bound, "rel_gap": rel, "bound_method": b.method,
            "bound_mixtures": b.info["mixtures_bound"], "bound_sdp": b.info["sdp_bound"],
            "f_unconstrained": b.f_unconstrained, "lam_min": b.lam_min, "jacobi_t": b.jacobi_t,
            "bound_time_s": b.info["time_s"], "bound_alpha": b.info["alpha"]}
+    if "lagrangian_bound" in b.info:
+        rec["bound_lagrangian"] = b.info["lagrangian_bound"]
+    if "bnb" in b.info:
+        rec["bound_bnb"] = b.info["bnb"]
     l1 = (result.info or {}).get("l1_certificate")
     if l1:
         rec["l1"] = dict(l1)
