@@ -1,13 +1,14 @@
 """How far GPTQ, RTN, ADMM and the joint SparseGPT + GPTQ are from the exact optimum of the grid programs.
 
-Reads the JSON ``optprune verify --output`` writes (its rows), and renders, per grid program and production
+Reads the JSON files ``optprune verify --output`` writes (their rows; one run per program can run in parallel),
+and renders, per grid program and production
 solver, the relative gap to the best proven optimum of each instance — ``(f(W) − f*) / f*`` — over the instances
 where a reference proved its optimum: how many, how many reached the optimum (gap ≤ 1e-6), mean, median, 90th
-percentile and max; and per reference backend how many of its solves proved optimality and how many stopped at a
+percentile and max, and the median over the real-layer slices alone; and per reference backend how many of its solves proved optimality and how many stopped at a
 limit. ``--page`` writes the table into docs/results.md between its ``quant-verify`` markers::
 
-    optprune verify --programs "L0 w2,L0 unstructured+w2g4a,L0 2:4+w2" --output benchmarks/results/verify_grid.json
-    python benchmarks/quant/verify_grid_table.py benchmarks/results/verify_grid.json --page docs/results.md
+    optprune verify --programs "L0 w2" --output benchmarks/results/verify_grid_w2.json   # and so on per program
+    python benchmarks/quant/verify_grid_table.py benchmarks/results/verify_grid_*.json --page docs/results.md
 """
 from __future__ import annotations
 
@@ -39,17 +40,20 @@ def gap_rows(rows: list[dict]) -> list[dict]:
         if r["role"] not in ("heuristic", "exact") or r["solver"].endswith("+refit"):
             continue
         s = out.setdefault((r["program"], r["solver"]), {"program": r["program"], "solver": r["solver"], "gaps": [],
-                                                         "unjudged": 0, "failed": 0})
+                                                         "real": [], "unjudged": 0, "failed": 0})
         if str(r["check"]).startswith("FAIL"):
             s["failed"] += 1
         g = r["gap"]
         if isinstance(g, (int, float)) and math.isfinite(g):
             s["gaps"].append(max(float(g), 0.0))
+            if r.get("family") == "real-slice":
+                s["real"].append(max(float(g), 0.0))
         else:
             s["unjudged"] += 1
     res = []
     for s in out.values():
-        g = s.pop("gaps")
+        g, real = s.pop("gaps"), s.pop("real")
+        s["median_real"] = statistics.median(real) if real else None
         s.update(instances=len(g), at_optimum=sum(x <= AT_OPTIMUM for x in g),
                  mean=statistics.fmean(g) if g else None, median=statistics.median(g) if g else None,
                  p90=_quantile(g, 0.9) if g else None, max=max(g) if g else None)
@@ -80,16 +84,17 @@ def _fmt(x) -> str:
     return "–" if x is None else "0" if x == 0 else f"{x:.3g}"
 
 
-def render(doc: dict, source: str) -> str:
-    rows = doc["rows"]
-    L = [f"Record: [{Path(source).name}](../{source}) (`{doc['summary']}`).", "",
-         "| program | production solver | instances | at the optimum | mean gap | median gap | 90th pct. | max gap |",
-         "|---|---|---|---|---|---|---|---|"]
+def render(docs: list, sources: list) -> str:
+    rows = [r for d in docs for r in d["rows"]]
+    L = ["Records: " + ", ".join(f"[{Path(src).name}](../{src}) (`{d['summary']}`)" for d, src in zip(docs, sources))
+         + ".", "",
+         "| program | production solver | instances | at the optimum | mean gap | median gap | 90th pct. | max gap | "
+         "median gap, real slices |", "|---|---|---|---|---|---|---|---|---|"]
     for s in gap_rows(rows):
         extra = (f" ({s['unjudged']} without a proven optimum)" if s["unjudged"] else "") + \
             (f" (**{s['failed']} failed checks**)" if s["failed"] else "")
         L.append(f"| {s['program']} | {s['solver']} | {s['instances']}{extra} | {s['at_optimum']} | {_fmt(s['mean'])} | "
-                 f"{_fmt(s['median'])} | {_fmt(s['p90'])} | {_fmt(s['max'])} |")
+                 f"{_fmt(s['median'])} | {_fmt(s['p90'])} | {_fmt(s['max'])} | {_fmt(s['median_real'])} |")
     L += ["", "| program | reference | solves | proven optimal | stopped at a limit | other (unproven) | mean s |",
           "|---|---|---|---|---|---|---|"]
     for s in reference_rows(rows):
@@ -100,17 +105,19 @@ def render(doc: dict, source: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("record", help="JSON written by optprune verify --output")
+    ap.add_argument("records", nargs="+", help="JSON files written by optprune verify --output")
     ap.add_argument("--page", default=None, help="write the table between the quant-verify markers of this page "
                                                  "(default: print it)")
     args = ap.parse_args(argv)
-    path = Path(args.record)
-    doc = json.loads(path.read_text())
-    try:
-        source = str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        source = str(path)
-    md = render(doc, source)
+    docs, sources = [], []
+    for rec in args.records:
+        path = Path(rec)
+        docs.append(json.loads(path.read_text()))
+        try:
+            sources.append(str(path.resolve().relative_to(ROOT)))
+        except ValueError:
+            sources.append(str(path))
+    md = render(docs, sources)
     if args.page is None:
         print(md)
         return 0
