@@ -34,7 +34,7 @@ from ..solvers.whole_model.allocation import integer_bits
 from .allocation import parse_allocation, prunable_matrices
 from .architectures import ArchSpec, get_arch, linear_weight
 
-__all__ = ["layer_grids", "check_bit_allocation", "BITS_LO", "BITS_HI", "AUTO_EPS"]
+__all__ = ["layer_grids", "check_bit_allocation", "rtn_loss", "BITS_LO", "BITS_HI", "AUTO_EPS"]
 
 BITS_LO, BITS_HI = 2, 8
 AUTO_EPS = (0.1, 0.2, 0.3, 0.5)

@@ -84,8 +84,24 @@ def _fmt(x) -> str:
     return "–" if x is None else "0" if x == 0 else f"{x:.3g}"
 
 
+def merged_rows(docs: list) -> list[dict]:
+    """The rows of all records; a program verified in several records (references run apart) is labelled with
+    each record's references, so that no production result is counted twice."""
+    seen: dict = {}
+    for d in docs:
+        for prog in {r["program"] for r in d["rows"]}:
+            seen[prog] = seen.get(prog, 0) + 1
+    out = []
+    for d in docs:
+        refs = {p: sorted({r["solver"] for r in d["rows"] if r["program"] == p and r["role"] == "reference"})
+                for p in {r["program"] for r in d["rows"]}}
+        out += [dict(r, program=f"{r['program']} vs {', '.join(refs[r['program']])}") if seen[r["program"]] > 1 else r
+                for r in d["rows"]]
+    return out
+
+
 def render(docs: list, sources: list) -> str:
-    rows = [r for d in docs for r in d["rows"]]
+    rows = merged_rows(docs)
     L = ["Records: " + ", ".join(f"[{Path(src).name}](../{src}) (`{d['summary']}`)" for d, src in zip(docs, sources))
          + ".", "",
          "| program | production solver | instances | at the optimum | mean gap | median gap | 90th pct. | max gap | "
