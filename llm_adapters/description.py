@@ -135,7 +135,9 @@ class MethodOptions:
     min_degree: Optional[int] = option(None, "expander N:M: keep ≥ B entries per column per tile (default: none)",
                                        type=int, range="[0, inf)", record=True, key=True)
     allocation: str = option("uniform", "per-layer sparsity: uniform, alpha, owl, auto; options after ':' "
-                                        "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3)",
+                                        "(alpha:median, alpha:weighted, alpha:bounded, auto:finalists=3); with "
+                                        "--quant alone: per-layer bit widths in 2..8 averaging the --quant bits "
+                                        "(alpha, owl, auto)",
                              record=True, key=True)
     allocation_eps: Optional[float] = option(None, "alpha/owl: sparsities in [S(1-ε), S(1+ε)] (default: the "
                                                    "allocation's)", type=float, range="[0, 1)", record=True, key=True)
@@ -185,7 +187,9 @@ class OutputOptions:
                               " (docs/deployment.md)", api=False, record=True, choices=tuple(SAVE_FORMAT_HELP),
                               check=False)
     gguf_type: Optional[str] = option(None, "--save-format gguf: type of the matrices in the GGUF file (default: from "
-                                            "--dtype; norms stay f32)", choices=("f32", "f16", "bf16", "q8_0"),
+                                            "--dtype; norms stay f32); q4_0/q4_1/q5_0/q5_1/q8_0 store a --quant "
+                                            "grid of the same bits exactly (groups a multiple of 32)",
+                                      choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"),
                                       check=False, api=False, record=True)
     dtype: str = option("auto", "dtype of the saved weights (auto: the input model's); solving is float32/float64 "
                                 "anyway", choices=("auto", "float32", "float16", "bfloat16"), check=False, api=False,

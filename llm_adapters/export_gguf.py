@@ -11,10 +11,14 @@ The file is written with the ``gguf`` package's own :class:`gguf.GGUFWriter`, an
   count) are permuted per head from half order to pair order — the permutation llama.cpp's converter applies and
   transformers' GGUF loader inverts (``docs/methods.md §10``). Qwen2 uses half order in llama.cpp too: no
   permutation;
-* **types** (``gguf_type``): ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices; norms and biases (1-D)
-  stay ``F32``, as llama.cpp's converter keeps them. ``q8_0`` stores blocks of 32 values as int8 times one f16
-  scale ``d = max|x|/127`` (so zeros stay exactly zero: a pruned mask survives); a matrix whose rows are not a
-  multiple of 32 long falls back to ``f16`` (recorded in ``run.json``);
+* **types** (``gguf_type``): ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0`` or ``q5_1`` for
+  the matrices; norms and biases (1-D) stay ``F32``, as llama.cpp's converter keeps them. The ``q*`` types store
+  blocks of 32 values as integer codes times one f16 scale (``_1``: plus an f16 offset), so zeros stay exactly
+  zero: a pruned mask survives. A matrix quantized by ``--quant`` on the grid its type represents
+  (:data:`GRID_TYPES`: same bits and symmetry, groups a multiple of 32) is written with **our** codes and scales
+  (:func:`pack_grid_blocks`; only the scale's f16 rounding); any other matrix is rounded by ``gguf.quants``
+  (``q8_0``: ``d = max|x|/127``), recorded in ``run.json`` as ``requantized``. A matrix whose rows are not a
+  multiple of 32 long falls back to ``f16`` (recorded too);
 * **per-block widths**: a structurally pruned model whose blocks differ gets ``feed_forward_length``,
   ``attention.head_count`` and ``attention.head_count_kv`` as per-layer arrays, which llama.cpp reads; stock
   transformers' GGUF loader reads only one value per key, so such a file loads in llama.cpp but not in
@@ -42,11 +46,18 @@ from torch import nn
 
 from .save_formats import ExportError, SaveFormat, register_format
 
-__all__ = ["GGUF_TYPES", "GGUF_ARCHS", "gguf_file_name", "gguf_widths", "GGUFFormat"]
+__all__ = ["GGUF_TYPES", "GGUF_ARCHS", "GRID_TYPES", "gguf_file_name", "gguf_widths", "GGUFFormat", "grid_is_exact",
+           "pack_grid_blocks"]
 
 #: ``gguf_type`` → (GGMLQuantizationType name, LlamaFileType name)
 GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-              "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+              "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1")}
+#: the block types and the grid each one represents exactly: blocks of 32 values with one f16 scale ``d`` —
+#: symmetric ``b`` bits ``d·(q − 2^(b−1))`` (q8_0: ``d·q``, q a signed byte), asymmetric ``d·q + m`` with an f16
+#: offset ``m`` — i.e. ``w<b>`` / ``w<b>g<G>`` (``a``: asymmetric) with ``G`` a multiple of 32
+GRID_TYPES = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+QK = 32  # values per block of every type above
 _FROM_DTYPE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 #: Hugging Face model_type → (llama.cpp architecture, Q/K rows permuted to pair order)
 GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
@@ -107,6 +118,38 @@ def gguf_widths(model: nn.Module) -> dict:
         out[gkey] = vals[0] if len(set(vals)) == 1 else vals
     out["head_dim"] = int(w[0]["head_dim"])
     return out
+
+
+def grid_is_exact(quantizer, gguf_type: str, n: int) -> bool:
+    """Whether a layer quantized on ``quantizer``'s grid (width ``n``) is a ``gguf_type`` tensor without further
+    rounding: same bits and symmetry, and every block of 32 inside one scale group."""
+    want = GRID_TYPES.get(gguf_type)
+    return (quantizer is not None and want == (quantizer.spec.bits, quantizer.spec.symmetric) and n % QK == 0
+            and quantizer.gs % QK == 0)
+
+
+def pack_grid_blocks(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gguf_type: str):
+    """The bytes of ``gguf_type`` blocks holding ``x`` (m, n), whose entries are on the grid with per-entry
+    ``scale``/``zero`` (m, n; constant on each block of 32): our codes and scales, the scale (and offset
+    ``−s·z``) rounded to f16 — the only rounding. Same layout as ``gguf.quants.quantize``'s output."""
+    import numpy as np
+    bits, sym = GRID_TYPES[gguf_type]
+    m, n = x.shape
+    s = scale.to(torch.float64).reshape(-1, QK)
+    c = (torch.round(x.to(torch.float64).reshape(-1, QK) / s) + zero.to(torch.float64).reshape(-1, QK))
+    d = s[:, :1].numpy().astype(np.float16).view(np.uint8)
+    if gguf_type == "q8_0":
+        return np.concatenate([d, c.numpy().astype(np.int8).view(np.uint8)], axis=1).reshape(m, -1)
+    q = (c + (1 << (bits - 1)) if sym else c).numpy().astype(np.uint8)  # unsigned codes 0 .. 2^b − 1
+    parts = [d]
+    if not sym:
+        parts.append((-(s[:, :1] * zero.to(torch.float64).reshape(-1, QK)[:, :1])).numpy().astype(np.float16)
+                     .view(np.uint8))
+    if bits == 5:  # the fifth bits, one per value, little-endian in 4 bytes
+        parts.append(np.packbits((q >> 4).reshape(-1, 1, QK), axis=-1, bitorder="little").reshape(-1, 4))
+    lo = q.reshape(-1, 2, QK // 2) & np.uint8(0x0F)
+    parts.append(lo[:, 0, :] | (lo[:, 1, :] << np.uint8(4)))
+    return np.concatenate(parts, axis=1).reshape(m, -1)
 
 
 def _permute(W: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -209,6 +252,29 @@ def _tensor_plan(model: nn.Module) -> list:
     return plan
 
 
+def _tensor_data(gguf, t: torch.Tensor, gname: str, qtype, gtype: str, qz, widths):
+    """One tensor's GGUF bytes and type: 1-D in F32; a matrix in ``qtype`` — our own codes where the layer's grid
+    is the type's (:func:`grid_is_exact`), else ``gguf.quants``' rounding; F16 for rows not a multiple of 32 long
+    (as llama.cpp's converter). ``widths``: per-block head counts when Q/K rows are permuted to pair order."""
+    x = t.detach().to("cpu", torch.float32)
+    exact = qz is not None and x.dim() == 2 and grid_is_exact(qz, gtype, x.shape[-1])
+    S = Z = None
+    if exact:
+        S, Z = qz.scales_full(dtype=torch.float64), qz.zeros_full(dtype=torch.float64)
+    if widths is not None and gname.split(".")[-2] in ("attn_q", "attn_k"):
+        i = int(gname.split(".")[1])
+        heads = widths[i]["heads"] if ".attn_q." in gname else widths[i]["kv_heads"]
+        x = _permute(x, heads)
+        if exact:
+            S, Z = _permute(S, heads), _permute(Z, heads)
+    t_here = qtype if x.dim() >= 2 else gguf.GGMLQuantizationType.F32
+    if t_here.name.lower() in GRID_TYPES and x.shape[-1] % QK:
+        return gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+    if exact and t_here.name.lower() in GRID_TYPES:
+        return pack_grid_blocks(x, S, Z, gtype), t_here
+    return gguf.quants.quantize(x.numpy(), t_here), t_here
+
+
 @register_format
 class GGUFFormat(SaveFormat):
     name = "gguf"
@@ -270,21 +336,17 @@ class GGUFFormat(SaveFormat):
             if pattern:
                 w.add_string("optprune.pattern", str(pattern))
             vocab.add_to(w)
-            fallback = []
-            blk = {}
+            fallback, exact, requant = [], [], []
+            mods = dict(model.named_modules())
             for name, gname, t in plan:
-                x = t.detach().to("cpu", torch.float32)
-                if permute and gname.split(".")[-2] in ("attn_q", "attn_k"):
-                    i = int(gname.split(".")[1])
-                    x = _permute(x, widths[i]["heads"] if ".attn_q." in gname else widths[i]["kv_heads"])
-                arr = x.numpy()
-                t_here = qtype if arr.ndim >= 2 else gguf.GGMLQuantizationType.F32
-                if t_here == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32:
-                    t_here = gguf.GGMLQuantizationType.F16  # as llama.cpp's converter does
+                base, _, suffix = name.rpartition(".")
+                qz = getattr(mods.get(base), "optprune_quant", None) if suffix == "weight" else None
+                data, t_here = _tensor_data(gguf, t, gname, qtype, gtype, qz, widths if permute else None)
+                if t_here == gguf.GGMLQuantizationType.F16 and qtype not in (t_here, gguf.GGMLQuantizationType.F32):
                     fallback.append(gname)
-                data = gguf.quants.quantize(arr, t_here)
+                elif t_here.name.lower() in GRID_TYPES:
+                    (exact if grid_is_exact(qz, gtype, t.shape[-1]) else requant).append(gname)
                 w.add_tensor(gname, data, raw_dtype=t_here)
-                blk[gname] = t_here.name
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
@@ -295,6 +357,7 @@ class GGUFFormat(SaveFormat):
         return {"format": "gguf", "gguf_file": path.name, "tokens_left_out": vocab.dropped, "gguf_type": gtype,
                 "gguf_arch": arch_name,
                 "stock_loadable": not per_layer, "per_layer_keys": per_layer, "f16_fallback": fallback,
+                "grid_exact": exact, "requantized": requant,
                 "weights_bytes": path.stat().st_size}
 
     def loading_note(self, info):
@@ -304,6 +367,17 @@ class GGUFFormat(SaveFormat):
                  f"* llama.cpp: `llama-cli -m {f}` / `llama-server -m {f}`; Ollama: a `Modelfile` with "
                  f"`FROM ./{f}`, then `ollama create NAME -f Modelfile`.",
                  "* llama-cpp-python: `llama_cpp.Llama(model_path=\"" + f + "\")`."]
+        if info.get("grid_exact"):
+            lines.append(f"* {len(info['grid_exact'])} matrices were quantized on the grid `{info['gguf_type']}` "
+                         "represents and are stored exactly: our integer codes, with each scale (and asymmetric "
+                         "offset) rounded to f16, the type's only rounding.")
+        if info.get("requantized"):
+            shown = ", ".join(info["requantized"][:4]) + (" ..." if len(info["requantized"]) > 4 else "")
+            lines.append(f"* {len(info['requantized'])} matrices ({shown}) were rounded again by gguf's "
+                         f"`{info['gguf_type']}` quantizer (its own scale per block of 32): each weight moves by up "
+                         "to half a step of that block plus the f16 rounding of its scale, on top of any "
+                         "quantization of ours (to avoid it, prune with the grid of the type: q4_0 ↔ w4g32/w4g128, "
+                         "q4_1 ↔ w4g32a, q5_0 ↔ w5g32, q5_1 ↔ w5g32a, q8_0 ↔ w8g32).")
         if info.get("per_layer_keys"):
             lines.append(f"* The blocks have different widths: `{', '.join(info['per_layer_keys'])}` are per-layer "
                          "arrays, which llama.cpp reads. transformers' GGUF loader reads one value per key and "

@@ -5,7 +5,8 @@ stock transformers loads (``AutoModelForCausalLM.from_pretrained``) and vLLM ser
 ``nn.Linear`` stores its integer codes packed into int32 words (``weight_packed``), its scales
 (``weight_scale``, one per output channel or per group of inputs) and its shape; ``config.json`` gets the
 ``quantization_config`` block (``config_groups`` with the grid's bits, strategy ``channel``/``group`` and
-group size; ``ignore``: the linear layers that were not quantized, e.g. ``lm_head``).
+group size; ``ignore``: the linear layers that were not quantized, e.g. ``lm_head``). A mixed-precision model
+(``--allocation`` with ``--quant``) gets one config group per grid, each naming its layers.
 
 The library writes it (current compressed-tensors release): the grid of each layer is attached to a copy of
 the model as a compressed-tensors ``QuantizationScheme`` (``apply_quantization_config``), its scales are our
@@ -91,23 +92,28 @@ def save_pack_quantized(model: nn.Module, out: Union[str, os.PathLike], dtype: t
     grids = quantized_modules(model)
     if not grids:
         raise PackQuantizedError(f"--save-format {PACK_FORMAT}: no layer carries a quantization grid (prune with --quant)")
-    specs = {g.spec for g in grids.values()}
-    if len(specs) > 1:
-        raise PackQuantizedError(f"--save-format {PACK_FORMAT} writes one grid for all layers; this model has "
-                          f"{', '.join(sorted(s.name for s in specs))}")
-    spec = specs.pop()
-    if not spec.symmetric:
-        raise PackQuantizedError(f"--save-format {PACK_FORMAT} takes symmetric grids, got {spec.name}")
+    by_spec: dict = {}
+    for n, g in grids.items():
+        by_spec.setdefault(g.spec, []).append(n)
+    bad = sorted(s.name for s in by_spec if not s.symmetric)
+    if bad:
+        raise PackQuantizedError(f"--save-format {PACK_FORMAT} takes symmetric grids, got {', '.join(bad)}")
     mods = dict(model.named_modules())
     bad = [n for n in grids if not isinstance(mods[n], nn.Linear)]
     if bad:
+        # nn.Embedding too would be packed by compressed-tensors 0.20, but transformers 5.25 cannot load it back
+        # (its weight initialisation asks the replaced module for a ``weight``): docs/deployment.md
         raise PackQuantizedError(f"--save-format {PACK_FORMAT} stores nn.Linear weights; {bad[0]} is "
-                          f"{type(mods[bad[0]]).__name__}")
-    args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True,
-                            strategy="channel" if spec.group is None else "group", group_size=spec.group)
+                                 f"{type(mods[bad[0]]).__name__}")
+    groups = {}
+    for i, (spec, names) in enumerate(sorted(by_spec.items(), key=lambda kv: (kv[0].bits, kv[0].group or 0))):
+        args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True,
+                                strategy="channel" if spec.group is None else "group", group_size=spec.group)
+        # one grid: every quantized Linear; mixed precision: one group per grid, naming its layers
+        groups[f"group_{i}"] = QuantizationScheme(targets=["Linear"] if len(by_spec) == 1 else sorted(names),
+                                                  weights=args)
     ignore = [n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in grids]
-    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                              ignore=ignore, quantization_status="frozen", format=PACK_FORMAT)
+    qcfg = QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status="frozen", format=PACK_FORMAT)
     work = copy.deepcopy(model).to(dtype)
     for m in work.modules():
         if hasattr(m, "optprune_quant"):

@@ -94,6 +94,7 @@ class PruneConfig:
     min_degree: Optional[int] = None       # expander N:M (EGGS)
     quant: Optional[str] = None            # quantization grid of the kept weights (formulations/grid.py)
     layer_sparsity: Optional[dict] = None  # full sub-layer module name -> sparsity (allocation)
+    layer_quant: Optional[dict] = None     # full sub-layer module name -> grid (mixed precision; others: quant)
     structure: str = "mlp"                 # structured methods: "mlp", "heads", "heads:kv", "mlp,heads", …
     mode: str = "sequential"               # "sequential" | "dense-input"
     error_correction: bool = True          # within a block: X̂ from pruned upstream, target dense W0 X
@@ -419,6 +420,10 @@ def _layer_sparsity(config: PruneConfig, name: str) -> Optional[float]:
     return ls.get(name, config.sparsity)
 
 
+def _layer_quant(config: PruneConfig, name: str) -> Optional[str]:
+    return (config.layer_quant or {}).get(name, config.quant)
+
+
 def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[torch.Tensor] = None) -> _Plan:
     """Check everything that can be checked before touching the model; one-line errors."""
     from ..solvers import get_method
@@ -431,6 +436,7 @@ def validate_config(model: nn.Module, config: PruneConfig, calib_ids: Optional[t
     nb = len(blocks_mod)
     sel = _selected_blocks(config, nb)
     _check_layer_sparsities(config, arch, nb)
+    _check_layer_quant(config, arch, nb)
     if spec.structured:
         kinds = _structure_kinds(spec, config)
         units = {bi: _structured_groups(model, arch, spec, config, kinds, bi, blocks_mod[bi]) for bi in sel}
@@ -486,17 +492,34 @@ def _selected_blocks(config: PruneConfig, nb: int) -> list:
     return sel
 
 
+def _check_layer_names(per_layer: dict, what: str, arch: ArchSpec, nb: int) -> None:
+    """Every key of a per-layer option (``layer_sparsity``, ``layer_quant``) names a prunable sub-layer."""
+    all_names = {f"{arch.blocks}.{i}.{s}" for i in range(nb) for s in arch.sublayer_names()}
+    unknown = sorted(set(per_layer) - all_names)
+    if unknown:
+        raise PipelineError(f"{what} names unknown sub-layers: {', '.join(unknown[:3])}"
+                            f"{' ...' if len(unknown) > 3 else ''} (expected names such as "
+                            f"{arch.blocks}.0.{arch.sublayer_names()[0]})")
+
+
 def _check_layer_sparsities(config: PruneConfig, arch: ArchSpec, nb: int) -> None:
     if not config.layer_sparsity:
         return
-    all_names = {f"{arch.blocks}.{i}.{s}" for i in range(nb) for s in arch.sublayer_names()}
-    unknown = sorted(set(config.layer_sparsity) - all_names)
-    if unknown:
-        raise PipelineError(f"layer_sparsity names unknown sub-layers: {', '.join(unknown[:3])}"
-                            f"{' ...' if len(unknown) > 3 else ''} (expected names such as "
-                            f"{arch.blocks}.0.{arch.sublayer_names()[0]})")
+    _check_layer_names(config.layer_sparsity, "layer_sparsity", arch, nb)
     for k, v in config.layer_sparsity.items():
         check_sparsity(v, f"sparsity of {k}")
+
+
+def _check_layer_quant(config: PruneConfig, arch: ArchSpec, nb: int) -> None:
+    """Per-layer grids (mixed precision): known sub-layer names, valid grids, and a ``quant`` for the rest."""
+    if not config.layer_quant:
+        return
+    from ..formulations.grid import parse_grid
+    if config.quant is None:
+        raise PipelineError("layer_quant gives per-layer grids: set quant too (the grid of the other layers)")
+    _check_layer_names(config.layer_quant, "layer_quant", arch, nb)
+    for v in config.layer_quant.values():
+        parse_grid(v)
 
 
 def _structure_kinds(spec, config: PruneConfig) -> list:
@@ -547,7 +570,7 @@ def _pattern_groups(arch: ArchSpec, spec, config: PruneConfig, bi: int, block) -
         for sub in grp:
             name = f"{arch.blocks}.{bi}.{sub}"
             pat = parse_pattern(config.pattern, _layer_sparsity(config, name), min_degree=config.min_degree,
-                                quant=config.quant)
+                                quant=_layer_quant(config, name))
             shape = tuple(linear_weight(get_module(block, sub), sub in arch.transposed).shape)
             _check_layer(spec, pat, name, shape)
             group.append((sub, name, pat, None))
@@ -811,6 +834,7 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         if qparams is not None:
             mod.optprune_quant = qparams.to(torch.float32, torch.device("cpu"))
             rec["on_grid"] = bool(qparams.on_grid(W.to(torch.float64)))
+            rec["bits"] = int(qparams.spec.bits)
         try:
             rec["feasible"] = bool(pat.is_feasible(res.mask.to(W.device)))
         except Exception:  # pragma: no cover - a pattern without a feasibility test

@@ -45,6 +45,8 @@ def derive(o) -> dict:
     pattern = _check_pattern(o, spec, hidden, sparsity)
     nproc, world = _check_execution(o)
     alloc = check_allocation(o.allocation)
+    if o.quant is not None and alloc != "uniform":
+        _check_bit_allocation(o, alloc, sparsity)
     device = default_device(o.device)
     in_memory = isinstance(o.model, torch.nn.Module)
     cfg = o.model.config.to_dict() if in_memory else ((files["model"] or {}).get("config") or None)
@@ -230,6 +232,19 @@ def check_allocation(allocation) -> str:
         if alloc not in known:
             raise RunError(f"unknown allocation {allocation!r}; choose from {', '.join(known)}")
     return alloc
+
+
+def _check_bit_allocation(o, alloc: str, sparsity: float) -> None:
+    """``--quant`` with an allocation distributes bit widths (llm_adapters/allocation_bits.py): the sparsity stays
+    uniform (none, or one given), the spec is one a bit allocation takes, and the layers are saved per width."""
+    from .allocation_bits import check_bit_allocation
+    if sparsity > 0:
+        raise RunError(f"--allocation {alloc} with --quant distributes bit widths over the layers (mean: the --quant "
+                       f"bits); it does not also allocate sparsity: drop --sparsity/--pattern or --allocation")
+    try:
+        check_bit_allocation(alloc)
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def equal_widths_structure(spec, structure: str, allocation: str, chosen_layers: bool) -> str:

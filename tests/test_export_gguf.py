@@ -228,7 +228,7 @@ def test_what_gguf_cannot_express_is_refused_before_pruning(stories_dir, tmp_pat
         rc = main(["prune", "-q", "--model", str(stories_dir), "--method", "wanda", "--output", str(out)] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0] and not out.exists(), err
-    with pytest.raises(E.ExportError, match="unknown --gguf-type 'q4_k'; choose from f32, f16, bf16, q8_0"):
+    with pytest.raises(E.ExportError, match="unknown --gguf-type 'q4_k'; choose from f32, f16, bf16, q8_0, q4_0"):
         E.check_save_options("gguf", gguf_type="q4_k", config={"model_type": "llama"})
 
 
@@ -263,3 +263,50 @@ def test_a_gguf_source_keeps_its_pre_tokenizer_name(outputs, tmp_path):
     info = optprune.save(m, tmp_path / "c", t, format="gguf", gguf_type="f32")
     assert gguf.GGUFReader(str(tmp_path / "c" / info["gguf_file"])).fields["tokenizer.ggml.pre"].contents() == \
         "smollm"
+
+
+#: (family, --quant, --gguf-type): grids the block type represents exactly — per channel on the tiny Llama, whose
+#: MLP width 172 takes no group of 32 (its down_proj rows, 172 long, are written in f16)
+EXACT = [("qwen2", "w4g32", "q4_0"), ("llama", "w4", "q4_0"), ("qwen2", "w4a", "q4_1"), ("qwen2", "w5", "q5_0"),
+         ("qwen2", "w5g64a", "q5_1"), ("llama", "w8", "q8_0")]
+
+
+@pytest.mark.parametrize("family,quant,gtype", EXACT)
+def test_a_grid_the_gguf_type_represents_is_written_exactly(stories_dir, tmp_path, family, quant, gtype):
+    """A model quantized on the grid of a GGUF block type: transformers' GGUF loader gives back our codes times
+    our scales rounded to f16 (asymmetric: plus the f16 offset −s·z) — no other rounding; Q/K rows permuted."""
+    model, tok = _family(family, stories_dir)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, rec = optprune.prune(model, tokenizer=tok, method="rtn", quant=quant, dataset=ids, progress=False)
+    info = optprune.save(model, tmp_path / "g", tok, format="gguf", gguf_type=gtype)
+    mods = dict(model.named_modules())
+    layers = [r for r in rec["layers"] if mods[r["name"]].weight.shape[1] % 32 == 0]
+    assert len(info["grid_exact"]) == len(layers) > 0
+    assert len(info["f16_fallback"]) == len(rec["layers"]) - len(layers)
+    # rounded again by gguf: only what we left dense (the embeddings, an untied output)
+    assert not [g for g in info["requantized"] if g.startswith("blk.")]
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "g"), gguf_file=info["gguf_file"],
+                                                            dtype=torch.float32).state_dict()
+    for r in layers:
+        qz = mods[r["name"]].optprune_quant
+        W = mods[r["name"]].weight.detach().double()
+        S, Z = qz.scales_full(dtype=torch.float64), qz.zeros_full(dtype=torch.float64)
+        k = torch.round(W / S)  # W = s·(c − z): k = c − z
+        S16 = S.half().double()
+        exp = S16 * k if qz.spec.symmetric else S16 * (k + Z) + (-(S * Z)).half().double()
+        got = back[r["name"] + ".weight"].double()
+        assert float((got - exp).abs().max()) <= 1e-6 * float(W.abs().max()), r["name"]
+        # i.e. ours up to the f16 rounding of the scale (and offset)
+        slack = (S16 - S).abs() * k.abs() + (0 if qz.spec.symmetric else (S16 - S).abs() * (k + Z).abs() +
+                                                     ((-(S * Z)).half().double() + S * Z).abs())
+        assert bool(((got - W).abs() <= slack + 1e-6 * float(W.abs().max())).all()), r["name"]
+    assert "exactly" in (tmp_path / "g" / E.LOADING_FILE).read_text()
+
+
+def test_a_grid_the_gguf_type_does_not_represent_is_rounded_again_and_says_so(stories_dir, tmp_path):
+    model, tok = _family("qwen2", stories_dir)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    model, rec = optprune.prune(model, tokenizer=tok, method="rtn", quant="w4g64", dataset=ids, progress=False)
+    info = optprune.save(model, tmp_path / "g", tok, format="gguf", gguf_type="q5_0")
+    assert not info["grid_exact"] and len(info["requantized"]) >= len(rec["layers"])
+    assert "rounded again" in (tmp_path / "g" / E.LOADING_FILE).read_text()

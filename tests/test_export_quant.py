@@ -83,3 +83,32 @@ def test_quant_options_refused_up_front(tmp_path, capsys, stories_dir):
         rc = main(["prune", "--model", str(stories_dir), *argv, "--no-eval", "--output", str(out)])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and words in err[0] and not out.exists(), err
+
+
+def test_mixed_precision_saves_one_group_per_width_and_reloads_to_our_weights(tmp_path):
+    """``--quant w3g4 --allocation alpha``: per-block widths averaging 3 bits; the pack-quantized checkpoint has
+    one config group per width naming its layers, and stock transformers reloads our weights exactly."""
+    from conftest import STORIES
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    model, record = optprune.prune(str(STORIES), dataset=ids, method="gptq", quant="w3g4", allocation="alpha",
+                                   progress=False)
+    bits = {r["name"]: r["bits"] for r in record["layers"]}
+    assert set(bits) == set(record["allocation"]["layer_bits"])
+    assert all(bits[n] == b for n, b in record["allocation"]["layer_bits"].items())
+    numel = {n: m.weight.numel() for n, m in model.named_modules() if n in bits}
+    assert sum(numel[n] * b for n, b in bits.items()) / sum(numel.values()) == pytest.approx(3.0)
+    assert len(set(bits.values())) > 1  # stories260K's α differ between blocks: not uniform
+    out = tmp_path / "mixed"
+    optprune.save(model, out, format="pack-quantized")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    saved = {t: g["weights"]["num_bits"] for g in cfg["config_groups"].values() for t in g["targets"]}
+    assert saved == bits
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    mods, ours = dict(loaded.named_modules()), dict(model.named_modules())
+    for name in bits:
+        assert torch.equal(EQ.dequantized_weight(mods[name]), ours[name].weight.detach().float()), name
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)

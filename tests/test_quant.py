@@ -194,3 +194,57 @@ def test_admm_grid_refuses_refit_options():
     pr = LayerProblem.random(4, 8, seed=0)
     with pytest.raises(ValueError, match="do not apply with a grid"):
         get_method("admm")(pr, parse_pattern(None, quant="w4"), refit="cholesky")
+
+
+# ------------------------------------------------------------------------------------------- mixed precision
+def test_integer_bits_meets_the_budget_and_rounds_nearest():
+    from optprune.solvers.whole_model.allocation import integer_bits
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        L, B = int(torch.randint(2, 12, (1,), generator=g)), int(torch.randint(3, 8, (1,), generator=g))
+        t = torch.rand(L, generator=g, dtype=torch.float64) * 3
+        t = (t - t.mean() + B).clamp(2, 8)
+        t = t - t.mean() + B  # mean exactly B (equal sizes), within [2, 8] up to the clamp's shift
+        if t.min() < 2 or t.max() > 8:
+            continue
+        b = integer_bits(t.tolist(), [1.0] * L, B)
+        assert sum(b) == B * L and all(2 <= x <= 8 for x in b)
+        assert all(abs(x - y) < 1 for x, y in zip(b, t.tolist()))  # floor or ceil of its target
+        sizes = (torch.rand(L, generator=g, dtype=torch.float64) * 5 + 1).tolist()
+        b = integer_bits(t.tolist(), sizes, B)
+        assert sum(p * x for p, x in zip(sizes, b)) <= B * sum(sizes) + 1e-9
+
+
+def test_bit_allocation_mean_and_auto_keeps_uniform_as_a_candidate(stories_dir):
+    from transformers import AutoModelForCausalLM
+
+    from optprune.llm_adapters.allocation_bits import layer_grids, rtn_loss
+    from optprune.llm_adapters.architectures import get_arch
+    model = AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32)
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    grids, info = layer_grids(model, None, "alpha", "w3g4")
+    assert info["mean_bits"] == pytest.approx(3.0) and 2 <= info["min_bits"] < info["max_bits"] <= 8
+    assert {parse_grid(g).group for g in grids.values()} == {4}
+    assert all(parse_grid(g).bits == info["layer_bits"][n] for n, g in grids.items())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    grids, info = layer_grids(model, None, "auto", "w3g4", calib_ids=ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # scoring restores the weights
+    labels = [c["label"] for c in info["candidates"]]
+    assert labels[0] == "uniform" and info["chosen"] in labels
+    best = min(c["rtn_loss"] for c in info["candidates"])
+    assert next(c for c in info["candidates"] if c["label"] == info["chosen"])["rtn_loss"] == best
+    # the score is the model's own loss with those widths (an independent recomputation)
+    assert rtn_loss(model, get_arch(model), parse_grid("w3g4"), info["layer_bits"], ids[:8]) == pytest.approx(best)
+    grids, info = layer_grids(model, None, "alpha", "w2g4")  # a mean of 2 bits within 2..8: uniform
+    assert set(info["layer_bits"].values()) == {2}
+
+
+def test_bit_allocation_refusals(tmp_path, capsys, stories_dir):
+    from optprune.cli import main
+    out = tmp_path / "o"
+    for argv, words in ((["--allocation", "alpha:bounded"], "bit widths"),
+                        (["--allocation", "alpha", "--sparsity", "0.5"], "does not also allocate sparsity")):
+        rc = main(["prune", "--model", str(stories_dir), "--method", "gptq", "--quant", "w3", *argv, "--no-eval",
+                   "--output", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and words in err[0] and not out.exists(), err

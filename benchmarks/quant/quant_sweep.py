@@ -8,7 +8,12 @@ configuration already there is skipped). ``--table`` renders the Markdown table 
         --configs rtn:w4g64,gptq:w4g64,quant-refit:w4g64,sparsegpt:w4g64:0.5 --out benchmarks/results/quant_smollm2.jsonl
     python benchmarks/quant/quant_sweep.py --table benchmarks/results/quant_smollm2.jsonl
 
-A configuration is ``method:quant[:setting]`` with setting a sparsity (``0.5``) or an N:M pattern (``2:4``).
+A configuration is ``method:quant[:setting][@allocation]`` with setting a sparsity (``0.5``) or an N:M pattern
+(``2:4``); ``@allocation`` gives mixed precision — per-block bit widths averaging the grid's bits
+(``gptq:w3g64@alpha``, ``gptq:w3@auto``; ``--allocation`` with ``--quant``)::
+
+    python benchmarks/quant/quant_sweep.py --model stories260k --protocol smoke --dtype float32 \
+        --configs gptq:w3@alpha,gptq:w3,gptq:w4 --out benchmarks/results/quant_stories.jsonl
 
 Against another tool on the same calibration and evaluator (benchmarks/quant/llmc_gptq.py writes both the token
 ids and the other tool's checkpoint): ``--calibration-ids W/calibration_ids.pt`` calibrates every configuration on
@@ -33,10 +38,13 @@ from sweep import portable  # noqa: E402
 
 
 def parse_config(text: str) -> dict:
-    parts = text.strip().split(":")
+    text, _, allocation = text.strip().partition("@")
+    parts = text.split(":")
     if len(parts) < 2:
-        raise SystemExit(f"configuration {text!r}: use method:quant[:setting]")
+        raise SystemExit(f"configuration {text!r}: use method:quant[:setting][@allocation]")
     cfg = {"method": parts[0], "quant": parts[1], "pattern": "unstructured", "sparsity": None}
+    if allocation:
+        cfg["allocation"] = allocation
     rest = ":".join(parts[2:])
     if rest:
         if ":" in rest:
@@ -48,7 +56,8 @@ def parse_config(text: str) -> dict:
 
 def key_of(d: dict) -> str:
     return json.dumps({k: d.get(k) for k in ("model", "protocol", "method", "quant", "pattern", "sparsity",
-                                                  "calibration") if d.get(k) is not None or k != "calibration"},
+                                                  "calibration", "allocation")
+                       if d.get(k) is not None or k not in ("calibration", "allocation")},
                       sort_keys=True)
 
 
@@ -107,6 +116,7 @@ def run(args) -> int:
         try:
             t0 = time.perf_counter()
             rec = prune(args.model, cfg["method"], sparsity=cfg["sparsity"], pattern=cfg["pattern"], quant=cfg["quant"],
+                        allocation=cfg.get("allocation", "uniform"),
                         protocol=args.protocol, data_dir=args.data_dir, output=str(tmp / "pq"), calibration=calibration,
                         save_format="pack-quantized", dtype=args.dtype, progress=False, verbose=False, kl=False)
             wall = time.perf_counter() - t0
@@ -118,6 +128,10 @@ def run(args) -> int:
                    "pack_quantized_bytes": dir_bytes(tmp / "pq"), "dtype": args.dtype,
                    "all_on_grid": all(l.get("on_grid", False) for l in rec.get("layers", [])),
                    "versions": rec.get("versions"), "machine": rec.get("machine"), "timings": rec.get("timings")}
+            if cfg.get("allocation"):  # mixed precision: the widths chosen
+                a = rec.get("allocation") or {}
+                row["bits"] = {k: a.get(k) for k in ("mean_bits", "min_bits", "max_bits", "block_bits", "chosen",
+                                                      "candidates", "sensitivity")}
             if args.dense_size:  # the dense model in bfloat16, for the size ratio
                 from optprune.llm_adapters.export import save_model
                 from optprune.llm_adapters.loading import load_model
@@ -138,13 +152,16 @@ def run(args) -> int:
 
 def table(path: str) -> str:
     rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-    lines = ["| tool | method | grid | pruned | WikiText-2 ppl | mean rel. layer error | prune s | checkpoint MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| tool | method | grid | bits per block | pruned | WikiText-2 ppl | mean rel. layer error | prune s | "
+             "checkpoint MB |", "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731  (RTN collects no Grams: no error)
     for r in rows:
         ppl = next(iter((r.get("perplexity") or {}).values()), None)
         setting = r["pattern"] if r["pattern"] != "unstructured" else (f"{r['sparsity']:.0%}" if r.get("sparsity") else "–")
-        lines.append(f"| {'other' if r.get('external') else 'optprune'} | {r['method']} | {r['quant']} | {setting} | {f(ppl, '.2f')} | {f(r['mean_rel_error'], '.4f')} | "
+        b = r.get("bits")
+        bits = "uniform" if not b else (f"{r['allocation']}" + (f" → {b['chosen']}" if b.get("chosen") else "") +
+                                        f": {'/'.join(map(str, b.get('block_bits') or b.get('unit_bits') or []))} (mean {b['mean_bits']:.2f})")
+        lines.append(f"| {'other' if r.get('external') else 'optprune'} | {r['method']} | {r['quant']} | {bits} | {setting} | {f(ppl, '.2f')} | {f(r['mean_rel_error'], '.4f')} | "
                      f"{f(r['prune_s'], '.0f')} | {r['pack_quantized_bytes'] / 2**20:.2f} |")
     return "\n".join(lines)
 

@@ -142,13 +142,20 @@ def _given_calibration(run):
 
 # ============================================================================================ allocate
 def allocate(run) -> dict:
-    """Per-sub-layer sparsities (``--allocation``) into the pipeline's config; returns ``allocation`` (none for
-    a uniform one)."""
+    """Per-sub-layer sparsities (``--allocation``) — or, with ``--quant``, per-sub-layer grids (bit widths) —
+    into the pipeline's config; returns ``allocation`` (none for a uniform one)."""
     if run.d.allocation == "uniform":
         return {}
-    from ..allocation_targets import layer_sparsities
     src = run.source
     t0 = time.perf_counter()
+    if run.d.method.quant is not None:  # mixed precision: per-layer bit widths (allocation_bits.py)
+        from ..allocation_bits import layer_grids
+        grids, info = layer_grids(src.model, src.arch, run.d.allocation, run.d.method.quant,
+                                  eps=run.d.method.allocation_eps, calib_ids=run.calib, progress=run.verbose)
+        run.config.layer_quant = grids
+        run.timings["allocation_s"] = time.perf_counter() - t0
+        return {"allocation": info}
+    from ..allocation_targets import layer_sparsities
     layer_s, info = layer_sparsities(src.model, src.arch, run.d.allocation, run.sparsity,
                                      eps=run.d.method.allocation_eps,
                                      calib_ids=run.calib, data=None, prune_config=run.config, progress=run.verbose)

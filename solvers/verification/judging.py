@@ -4,17 +4,19 @@ pair statistics per (program, production solver, reference backend), the tables 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Optional
 
 import torch
 
 from ...formulations.programs import Program
 
-__all__ = ["CONVEX_RTOL", "EXACT_RTOL", "NEVER_BEAT", "judge", "pair_stats", "format_pairs", "format_table",
+__all__ = ["AT_OPTIMUM", "CONVEX_RTOL", "EXACT_RTOL", "NEVER_BEAT", "judge", "pair_stats", "format_pairs", "format_table",
            "plot_gaps", "program_feasible", "roundoff_slack"]
 
 CONVEX_RTOL = 1e-6   # convex models: relative objective agreement
 EXACT_RTOL = 1e-6    # exact combinatorial models: same optimum (relative)
+AT_OPTIMUM = 1e-6   # a production solver "reached the optimum" on an instance: relative gap at most this
 NEVER_BEAT = 1e-9    # float64 round-off of evaluating a program (relative), the least of the slack ρ below
 
 
@@ -135,7 +137,9 @@ def judge(rows: list[dict], kind: str, f0: Optional[float] = None, slack: float 
 def pair_stats(rows: list[dict]) -> list[dict]:
     """Per (program, production solver, reference backend): instances where the reference proved its optimum
     and the production solver returned a solution, the limit-stopped / failed reference solves, failures of the
-    production solver, max |gap| and max relative gap (production − reference), mean times."""
+    production solver, max |gap| and the relative gaps (production − reference) / |reference|: max, mean,
+    median, and how many instances the production solver reached the optimum on (relative gap ≤ 1e-6), mean
+    times."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["program"], r["instance"]), []).append(r)
@@ -150,8 +154,9 @@ def pair_stats(rows: list[dict]) -> list[dict]:
                                            "role": pr["role"], "instances": 0, "ok": 0, "reference_limit": 0,
                                            "reference_other": 0, "production_fail": 0, "production_skipped": 0,
                                            "max_abs_gap": 0.0,
-                                           "max_rel_gap": 0.0, "production_time_s": 0.0, "reference_time_s": 0.0,
-                                           "families": {}})
+                                           "max_rel_gap": 0.0, "mean_rel_gap": None, "median_rel_gap": None,
+                                           "at_optimum": 0, "production_time_s": 0.0, "reference_time_s": 0.0,
+                                           "families": {}, "_gaps": []})
                 if pr["check"] == "skipped":
                     s["production_skipped"] += 1
                     continue
@@ -170,6 +175,7 @@ def pair_stats(rows: list[dict]) -> list[dict]:
                 rel = a / max(abs(rf["objective"]), 1e-12)
                 s["max_abs_gap"] = max(s["max_abs_gap"], abs(a))
                 s["max_rel_gap"] = max(s["max_rel_gap"], abs(rel))
+                s["_gaps"].append(rel)
                 s["production_time_s"] += pr["time_s"] or 0.0
                 s["reference_time_s"] += rf["time_s"] or 0.0
                 if str(pr["check"]).startswith("FAIL") or str(rf["check"]).startswith("FAIL"):
@@ -181,18 +187,24 @@ def pair_stats(rows: list[dict]) -> list[dict]:
         n = max(s["instances"], 1)
         s["production_time_s"] /= n
         s["reference_time_s"] /= n
+        gaps = sorted(s.pop("_gaps"))
+        if gaps:
+            s["mean_rel_gap"] = sum(gaps) / len(gaps)
+            s["median_rel_gap"] = statistics.median(gaps)
+            s["at_optimum"] = sum(1 for g in gaps if g <= AT_OPTIMUM)
         out.append(s)
     return sorted(out, key=lambda s: (s["program"], s["role"], s["production"], s["reference"]))
 
 
 def format_pairs(pairs: list[dict]) -> str:
     head = ["program", "production", "reference", "inst", "ok", "limit", "fail", "skip", "max|gap|", "max rel.gap",
-            "prod s", "ref s"]
+            "mean rel.gap", "at opt", "prod s", "ref s"]
     table = [head]
     for s in pairs:
         table.append([s["program"], s["production"] + ("" if s["role"] == "exact" else " (h)"), s["reference"],
                       str(s["instances"]), str(s["ok"]), str(s["reference_limit"]),
                       str(s["production_fail"]), str(s["production_skipped"]), f"{s['max_abs_gap']:.2e}", f"{s['max_rel_gap']:.2e}",
+                      "–" if s["mean_rel_gap"] is None else f"{s['mean_rel_gap']:.2e}", str(s["at_optimum"]),
                       f"{s['production_time_s']:.4f}", f"{s['reference_time_s']:.4f}"])
     w = [max(len(t[i]) for t in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(t)) for t in table]

@@ -15,6 +15,7 @@ For AlphaPruning (``t = c* r``, ``w = p/r``) this is the paper's map ``s = c·r`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -26,7 +27,7 @@ from ...formulations.programs import Program
 from ..base import SolveResult, Timer
 from .spectra import AGGREGATES, SpectraError, aggregate_metric
 
-__all__ = ["AllocationResult", "solve_allocation", "allocate", "reference_allocation", "ALLOCATIONS"]
+__all__ = ["AllocationResult", "solve_allocation", "allocate", "reference_allocation", "ALLOCATIONS", "integer_bits"]
 
 ALLOCATIONS = ("uniform", "alpha", "owl")
 
@@ -274,3 +275,26 @@ def allocate(name: str, metrics_or_weights, sparsity: float, eps: Optional[float
     per_matrix = {mname: per_unit[u] for mname, u in mat2unit.items()}
     return AllocationResult(key, float(sparsity), units, [int(x) if float(x).is_integer() else float(x) for x in sizes],
                             s.tolist(), per_matrix, info, prog)
+
+
+def integer_bits(real_bits, sizes, budget: int, lo: int = 2, hi: int = 8) -> list[int]:
+    """Integer bit widths ``b_l ∈ [lo, hi]`` near real targets ``t_l`` with ``Σ p_l b_l ≤ budget · Σ p_l``
+    (docs/methods.md §12, mixed precision): every unit starts at ``floor(t_l)`` (clipped), then units receive one
+    more bit in order of decreasing remainder ``t_l − floor(t_l)`` while the budget allows. When the targets'
+    weighted mean is the budget and the units are equally large (decoder blocks), exactly the largest remainders
+    are rounded up and the weighted mean is the budget itself."""
+    t = [min(max(float(x), lo), hi) for x in real_bits]
+    p = [float(x) for x in sizes]
+    if len(t) != len(p) or not t or min(p) <= 0:
+        raise AllocationError("integer_bits needs one positive size per unit")
+    if not (lo <= int(budget) <= hi):
+        raise AllocationError(f"bit budget {budget} outside [{lo}, {hi}]")
+    b = [int(math.floor(x + 1e-9)) for x in t]
+    room = float(budget) * sum(p) - sum(pi * bi for pi, bi in zip(p, b))
+    for i in sorted(range(len(t)), key=lambda i: (-(t[i] - b[i]), i)):
+        if t[i] - b[i] <= 1e-9 or b[i] >= hi:
+            continue
+        if p[i] <= room + 1e-9 * sum(p):
+            b[i] += 1
+            room -= p[i]
+    return b
