@@ -155,3 +155,22 @@ def test_joint_widths_run_end_to_end_and_the_checkpoint_loads(tmp_path, data_dir
     # the model's own modelled time of what was saved meets the budget
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "heads", "heads:kv"])
+def test_width_time_curve_times_the_shrunk_submodule_and_leaves_the_model(kind, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from optprune.llm_adapters.architectures import get_arch
+    monkeypatch.setenv("OPTPRUNE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    arch = get_arch(model)
+    c = latency.width_time_curve(model, arch, kind, batch=2, seqlen=16, fractions=(1.0, 0.5, 0.1), repeats=2)
+    groups = {"mlp": 48, "heads": 4, "heads:kv": 2}[kind]
+    assert c["width"] == groups and not c["cached"]
+    assert [f for f, _ in c["points"]] == [1.0, round(0.5 * groups) / groups, max(1, round(0.1 * groups)) / groups]  # whole groups
+    assert all(t > 0 for _, t in c["points"])
+    assert latency.width_time_curve(model, arch, kind, batch=2, seqlen=16, fractions=(1.0, 0.5, 0.1))["cached"]
+    assert model.config.num_hidden_layers == 3 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
