@@ -224,14 +224,15 @@ def width_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, kind: st
     fractions ``fractions`` on a ``batch × seqlen`` prefill: block 0 of a one-block copy of the model shrunk
     (random groups kept: the time depends on the shape only), the sub-module timed by forward hooks, the
     minimum of ``repeats`` (interference on a shared machine only adds time). Points are at the kept fraction
-    of groups after rounding. Cached beside :func:`latency_model` (key: shapes, batch, seqlen, threads, CPU,
+    of groups after rounding; ``block_s`` is the whole dense block's time in the same measurement, so that the
+    curve can be read as shares of a block whatever the machine's load was then. Cached beside :func:`latency_model` (key: shapes, batch, seqlen, threads, CPU,
     torch, kind)."""
     from .surgery import apply_structured, structure_pattern
     from ..solvers.base import LayerResult
     from .architectures import linear_weight
     arch = arch or get_arch(model)
     base, _, head_groups = kind.partition(":")
-    key = f"{kind}:" + _key(model, batch, seqlen) + ":" + ",".join(f"{f:g}" for f in fractions)
+    key = f"width:{kind}:" + _key(model, batch, seqlen) + ":" + ",".join(f"{f:g}" for f in fractions)
     hit = _cache_get(key) if cache else None
     if hit is not None:
         return dict(hit, cached=True)
@@ -239,8 +240,8 @@ def width_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, kind: st
         one = _one_block_model(model, arch)
         ids = _ids(one, batch, seqlen).to(next(one.parameters()).device)
         kw = {"head_groups": head_groups} if head_groups else {}
-        width, times = None, []
-        for f in fractions:
+        width, times, block_s = None, [], None
+        for f in (1.0,) + tuple(f for f in fractions if f != 1.0):
             m = copy.deepcopy(one)
             name, pat = structure_pattern(m, arch, 0, base, 0.0, **kw)
             W = linear_weight(get_module(get_module(m, arch.blocks)[0], name), name in arch.transposed)
@@ -253,30 +254,37 @@ def width_time_curve(model: nn.Module, arch: Optional[ArchSpec] = None, kind: st
                 mask = pat.mask_from_groups(keep, W.shape[0], W.shape[1])
                 _, pat = structure_pattern(m, arch, 0, base, 1.0 - k / n_groups, **kw)
                 apply_structured(m, arch, 0, base, LayerResult(W * mask, mask, {}), pat)
-            times.append((k / n_groups, _module_time(m, get_module(get_module(m, arch.blocks)[0],
-                                                                   _kind_module(arch, base)), ids, repeats)))
+            blk = get_module(m, arch.blocks)[0]
+            t_mod, t_blk = _module_time(m, get_module(blk, _kind_module(arch, base)), blk, ids, repeats)
+            times.append((k / n_groups, t_mod))
+            block_s = block_s or t_blk  # the dense block's time, measured with the first (full) width
             del m
-    rec = {"kind": kind, "width": width, "points": times, "batch": batch, "seqlen": seqlen,
+    rec = {"kind": kind, "width": width, "points": times, "block_s": block_s, "batch": batch, "seqlen": seqlen,
            "threads": SPEED_THREADS or torch.get_num_threads()}
     if cache:
         _cache_put(key, rec)
     return dict(rec, cached=False)
 
 
-def _module_time(model: nn.Module, module: nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """The minimum over ``repeats`` forwards of ``model`` (after one warm-up) of ``module``'s time inside it."""
-    start, spent = [0.0], []
-    h1 = module.register_forward_pre_hook(lambda *_: start.__setitem__(0, time.perf_counter()))
-    h2 = module.register_forward_hook(lambda *_: spent.append(time.perf_counter() - start[0]))
+def _module_time(model: nn.Module, module: nn.Module, block: nn.Module, ids: torch.Tensor,
+                 repeats: int) -> tuple[float, float]:
+    """The minimum over ``repeats`` forwards of ``model`` (after one warm-up) of ``module``'s time and of its
+    ``block``'s time inside it."""
+    marks: dict = {}
+    spent: dict = {"module": [], "block": []}
+    hooks = []
+    for what, mod in (("module", module), ("block", block)):
+        hooks.append(mod.register_forward_pre_hook(lambda *_, w=what: marks.__setitem__(w, time.perf_counter())))
+        hooks.append(mod.register_forward_hook(lambda *_, w=what: spent[w].append(time.perf_counter() - marks[w])))
     try:
         model(ids, use_cache=False)  # warm-up
-        spent.clear()
+        spent["module"].clear(), spent["block"].clear()
         for _ in range(max(1, repeats)):
             model(ids, use_cache=False)
     finally:
-        h1.remove()
-        h2.remove()
-    return min(spent)
+        for h in hooks:
+            h.remove()
+    return min(spent["module"]), min(spent["block"])
 
 
 def interpolate(points: list, f: float) -> float:

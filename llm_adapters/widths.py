@@ -5,11 +5,13 @@
 
 **Latency model** (measured on this machine, cached): the dense per-block prefill times ``b_i`` and the rest
 ``r`` (:func:`~.latency.latency_model`) and, per kind, the time ``c_k(f)`` of one block's MLP or attention at
-kept fraction ``f`` (:func:`~.latency.width_time_curve`, interpolated). With ``k_u`` groups kept the modelled
-time is ``T(k) = r + Σ_i b_i − Σ_u [c_k(1) − c_k(k_u / g_u)]``; the budget is ``T_dense / T(k) ≥ X``.
+kept fraction ``f`` (:func:`~.latency.width_time_curve`, interpolated), read as shares of the dense block time
+``β_k`` measured beside it (the two measurements may have run under different loads of a shared machine). With
+``k_u`` groups kept the modelled time is ``T(k) = r + Σ_i b_i − Σ_u b_i [c_k(1) − c_k(k_u / g_u)] / β_k``; the
+budget is ``T_dense / T(k) ≥ X``.
 
 **Allocation**: the allocation machinery (:func:`~optprune.solvers.whole_model.allocation.allocate`) over the
-units, each unit's size being its dense time ``c_k(1)``: the time-weighted mean sparsity ``S`` is spread by the
+units, each unit's size being its dense time ``b_i c_k(1) / β_k``: the time-weighted mean sparsity ``S`` is spread by the
 rule — ``uniform`` (every unit ``S``: the same widths in every block) or ``alpha`` (AlphaPruning's map of the
 unit's matrix's heavy-tail exponent, within ``[S(1−ε), S(1+ε)]``). ``S`` is the smallest value whose widths,
 rounded to whole groups as the pattern rounds them, meet the budget (bisection; the modelled speed-up is
@@ -95,9 +97,15 @@ def modelled_time(tm: dict, units: list, kept: list) -> tuple[float, float]:
     dense = lat["rest_s"] + sum(lat["block_s"])
     saved = 0.0
     for u, k in zip(units, kept):
-        pts = tm["curves"][u["kind"]]["points"]
-        saved += interpolate(pts, 1.0) - interpolate(pts, k / u["groups"])
+        c = tm["curves"][u["kind"]]
+        share = (interpolate(c["points"], 1.0) - interpolate(c["points"], k / u["groups"])) / _block_s(c)
+        saved += share * lat["block_s"][u["block"]]
     return dense, dense - saved
+
+
+def _block_s(curve: dict) -> float:
+    """The dense block time the curve was measured beside (the curve is read as shares of it)."""
+    return float(curve["block_s"])
 
 
 def _spread(rule: str, S: float, units: list, sizes: list, metric: Optional[list], eps: Optional[float]) -> list:
@@ -111,7 +119,9 @@ def _spread(rule: str, S: float, units: list, sizes: list, metric: Optional[list
 def _solve_budget(rule: str, tm: dict, units: list, speedup: float, metric, eps) -> dict:
     """The smallest mean ``S`` whose rounded widths meet the budget (bisection), and those widths."""
     from .latency import interpolate
-    sizes = [interpolate(tm["curves"][u["kind"]]["points"], 1.0) for u in units]
+    lat = tm["latency_model"]["block_s"]
+    sizes = [interpolate(tm["curves"][u["kind"]]["points"], 1.0) / _block_s(tm["curves"][u["kind"]]) * lat[u["block"]]
+             for u in units]
 
     def at(S):
         s = _spread(rule, S, units, sizes, metric, eps)

@@ -10,10 +10,11 @@ from optprune.llm_adapters import latency, widths
 
 
 def _tm(L, rest=0.4, mlp=(1.0, 0.6), heads=(1.0, 0.2), block=1.0):
-    """4 blocks of 1.0 s of which the MLP is 0.6 s and the attention 0.2 s, both linear in the kept width."""
+    """Blocks of 1.0 s of which the MLP is 0.6 s and the attention 0.2 s, both linear in the kept width (the curves
+    measured at another load of the machine: twice and half as slow; only their shares of a block count)."""
     return {"latency_model": {"block_s": [block] * L, "rest_s": rest},
-            "curves": {"mlp": {"points": [(1.0, mlp[1]), (0.5, mlp[1] / 2), (0.1, mlp[1] / 10)]},
-                       "heads": {"points": [(1.0, heads[1]), (0.5, heads[1] / 2)]}}}
+            "curves": {"mlp": {"points": [(1.0, 2 * mlp[1]), (0.5, mlp[1]), (0.1, mlp[1] / 5)], "block_s": 2.0},
+                       "heads": {"points": [(1.0, heads[1] / 2), (0.5, heads[1] / 4)], "block_s": 0.5}}}
 
 
 def _units(L, groups=(1000, 8)):
@@ -108,7 +109,8 @@ def _fixed_time_model(monkeypatch):
     monkeypatch.setattr(latency, "latency_model", lambda model, **kw: {
         "block_s": [1.0] * model.config.num_hidden_layers, "rest_s": 0.5, "total_s": 0.0})
     monkeypatch.setattr(latency, "width_time_curve", lambda model, arch, kind, **kw: {
-        "kind": kind, "points": [(1.0, 0.5 if kind == "mlp" else 0.3), (0.1, 0.05 if kind == "mlp" else 0.03)]})
+        "kind": kind, "points": [(1.0, 0.5 if kind == "mlp" else 0.3), (0.1, 0.05 if kind == "mlp" else 0.03)],
+        "block_s": 1.0})
 
 
 def test_mlp_speed_budget_run_records_the_chosen_sparsity_and_measured_speed(tmp_path, stories_dir, data_dir,
@@ -169,7 +171,7 @@ def test_width_time_curve_times_the_shrunk_submodule_and_leaves_the_model(kind, 
     arch = get_arch(model)
     c = latency.width_time_curve(model, arch, kind, batch=2, seqlen=16, fractions=(1.0, 0.5, 0.1), repeats=2)
     groups = {"mlp": 48, "heads": 4, "heads:kv": 2}[kind]
-    assert c["width"] == groups and not c["cached"]
+    assert c["width"] == groups and not c["cached"] and c["block_s"] > c["points"][0][1] > 0
     assert [f for f, _ in c["points"]] == [1.0, round(0.5 * groups) / groups, max(1, round(0.1 * groups)) / groups]  # whole groups
     assert all(t > 0 for _, t in c["points"])
     assert latency.width_time_curve(model, arch, kind, batch=2, seqlen=16, fractions=(1.0, 0.5, 0.1))["cached"]
