@@ -5,7 +5,8 @@
 
 **Latency model** (measured on this machine, cached): the dense per-block prefill times ``b_i`` and the rest
 ``r`` (:func:`~.latency.latency_model`) and, per kind, the time ``c_k(f)`` of one block's MLP or attention at
-kept fraction ``f`` (:func:`~.latency.width_time_curve`, interpolated), read as shares of the dense block time
+kept fraction ``f`` (:func:`~.latency.width_time_curve`, made non-decreasing in ``f`` — interference only adds
+time — and interpolated), read as shares of the dense block time
 ``β_k`` measured beside it (the two measurements may have run under different loads of a shared machine). With
 ``k_u`` groups kept the modelled time is ``T(k) = r + Σ_i b_i − Σ_u b_i [c_k(1) − c_k(k_u / g_u)] / β_k``; the
 budget is ``T_dense / T(k) ≥ X``.
@@ -98,9 +99,20 @@ def modelled_time(tm: dict, units: list, kept: list) -> tuple[float, float]:
     saved = 0.0
     for u, k in zip(units, kept):
         c = tm["curves"][u["kind"]]
-        share = (interpolate(c["points"], 1.0) - interpolate(c["points"], k / u["groups"])) / _block_s(c)
+        pts = _points(c)
+        share = (interpolate(pts, 1.0) - interpolate(pts, k / u["groups"])) / _block_s(c)
         saved += share * lat["block_s"][u["block"]]
     return dense, dense - saved
+
+
+def _points(curve: dict) -> list:
+    """The curve made non-decreasing in the kept fraction: a narrower sub-module is never slower, and on a shared
+    machine interference only adds time, so a point is capped by every point measured at a larger width."""
+    out, cap = [], float("inf")
+    for f, t in sorted(curve["points"], reverse=True):
+        cap = min(cap, float(t))
+        out.append((float(f), cap))
+    return out[::-1]
 
 
 def _block_s(curve: dict) -> float:
@@ -120,7 +132,7 @@ def _solve_budget(rule: str, tm: dict, units: list, speedup: float, metric, eps)
     """The smallest mean ``S`` whose rounded widths meet the budget (bisection), and those widths."""
     from .latency import interpolate
     lat = tm["latency_model"]["block_s"]
-    sizes = [interpolate(tm["curves"][u["kind"]]["points"], 1.0) / _block_s(tm["curves"][u["kind"]]) * lat[u["block"]]
+    sizes = [interpolate(_points(tm["curves"][u["kind"]]), 1.0) / _block_s(tm["curves"][u["kind"]]) * lat[u["block"]]
              for u in units]
 
     def at(S):

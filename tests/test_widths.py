@@ -176,3 +176,9 @@ def test_width_time_curve_times_the_shrunk_submodule_and_leaves_the_model(kind, 
     assert all(t > 0 for _, t in c["points"])
     assert latency.width_time_curve(model, arch, kind, batch=2, seqlen=16, fractions=(1.0, 0.5, 0.1))["cached"]
     assert model.config.num_hidden_layers == 3 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_noisy_curve_is_read_non_decreasing_in_the_width():
+    # measured under interference: the 0.1 point slower than the 0.25 one, the 0.5 one slower than 0.75
+    c = {"points": [(1.0, 1.0), (0.75, 0.6), (0.5, 0.7), (0.25, 0.2), (0.1, 0.4)], "block_s": 2.0}
+    assert widths._points(c) == [(0.1, 0.2), (0.25, 0.2), (0.5, 0.6), (0.75, 0.6), (1.0, 1.0)]
