@@ -175,6 +175,25 @@ def markdown(rows: list, cells: list, speed: dict, dense_other: dict, calibratio
     return "\n".join(lines) + "\n"
 
 
+def model_check(widths_speed: dict) -> str:
+    """The latency model against measurement: the widths ``--speedup X`` chooses, modelled and measured."""
+    rows = [r for r in (widths_speed or {}).get("rows", []) if r.get("modelled") is not None
+            and r["phase"] == "prefill" and r["batch"] == 8]
+    if not rows:
+        return ""
+    la = widths_speed.get("load_average")
+    lines = ["", "Latency model check (`bench_structured_speed.py --budgets`: the uniform widths `--speedup X` "
+                 "chooses, random groups removed, the shape alone decides the speed):", "",
+             "| shape | modelled prefill b8 | measured prefill b8 | dense s | pruned s |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['modelled']:.2f}× | {r['speedup']:.2f}× | {r['dense_s']:.1f} | "
+                     f"{r['pruned_s']:.1f} |")
+    lines += ["", f"{widths_speed.get('repeats')} alternated dense/pruned pair(s) per shape, "
+                  f"{widths_speed.get('threads')} threads" + (f"; load average {la[0]:.1f} at the end" if la else "")
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -208,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-results", default=str(ROOT / "benchmarks/results/cpu_smollm2.jsonl"))
     ap.add_argument("--speed", default=str(ROOT / "benchmarks/results/structured_speed_smollm2.json"),
                     help="bench_structured_speed.py --json output (missing: speeds from the runs only)")
+    ap.add_argument("--widths-speed", default=str(ROOT / "benchmarks/results/structured_speed_widths_smollm2.json"),
+                    help="bench_structured_speed.py --budgets --json output: the latency model check (missing: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/structured_pareto.md"))
     ap.add_argument("--plot", default=str(ROOT / "docs/img/structured_pareto.png"))
     ap.add_argument("--dense", action="append", default=[], metavar="WINDOWS=PPL",
@@ -221,6 +242,8 @@ def main(argv=None) -> int:
     cells = target_cells(rows, args.calibration)
     dense_other = {int(k): float(v) for k, v in (d.split("=") for d in args.dense)}
     md = markdown(rows, cells, speed, dense_other, args.calibration)
+    ws = Path(args.widths_speed)
+    md += model_check(json.loads(ws.read_text()) if ws.exists() else {})
     Path(args.out).write_text(md)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "targets": cells}, indent=1))
     plot(rows, Path(args.plot))
