@@ -74,6 +74,9 @@ def run_rows(paths: list) -> list:
             b = d["budget"]
             what = {"speedup": f"--speedup {b['target']:g}", "flops": f"--flops {b['target']:g}",
                     "blocks": f"--sparsity {b['target']:g}"}[b["kind"]]
+            o = d.get("options") or {}
+            if d.get("calibration_windows"):  # what the selection saw: -O windows / tokens of the calibration
+                row["calibration"] = f"{d['calibration_windows']}×{o.get('tokens') or r['calibration']['seqlen']}"
             row.update(budget=f"{what}: {len(d['removed'])} blocks", shape=f"depth -{len(d['removed'])}",
                        removed=d["removed"], predicted_increase=d.get("predicted_increase"),
                        measured_increase=d.get("measured_increase"))
