@@ -431,7 +431,9 @@ class ColumnGroups(Pattern):
         return [list(range(b, b + self._size)) for b in range(0, n, self._size)]
 
     def n_groups(self, n: int) -> int:
-        return len(self.group_list(n))
+        if self._groups is None:  # consecutive blocks of _size columns: counted, not listed
+            return -(-n // self._size)
+        return len(self._groups)
 
     def keep_groups(self, n: int) -> int:
         g = self.n_groups(n)

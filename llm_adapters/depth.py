@@ -35,7 +35,7 @@ from torch import nn
 
 from .architectures import ArchSpec, get_module
 
-__all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "check_depth_options", "check_width_speedup", "width_sparsity", "skipped", "calibration_nll", "removal_costs",
+__all__ = ["DepthRule", "DEPTH_RULES", "depth_rule", "check_depth_options", "skipped", "calibration_nll", "removal_costs",
            "block_influence", "depth_budget", "select_blocks", "prune_depth"]
 
 log = logging.getLogger("optprune")
@@ -113,34 +113,6 @@ def check_depth_options(options) -> None:
         ("--ignore", bool(options.ignore)), ("--save-format", options.save_format != "dense")) if bad]
     if unsupported:
         raise ValueError(f"{unsupported[0][0]} does not apply to --structure depth (whole blocks are removed)")
-
-
-def check_width_speedup(options, spec) -> None:
-    """``--speedup`` without ``--structure depth``: a structured method on MLP widths, no ``--sparsity``."""
-    sp = options.speedup
-    if not spec.structured:
-        raise ValueError(f"--speedup applies to structured methods (--structure depth or mlp); {spec.name} prunes "
-                         f"individual weights")
-    if str(options.structure or "mlp").strip().lower() != "mlp":
-        raise ValueError(f"--speedup chooses MLP widths (--structure mlp) or blocks (--structure depth), "
-                         f"not --structure {options.structure}")
-    if options.sparsity is not None:
-        raise ValueError("--speedup sets the MLP sparsity; drop --sparsity")
-    if not (isinstance(sp, (int, float)) and math.isfinite(sp) and sp > 1):
-        raise ValueError(f"--speedup must be a number > 1, got {sp!r}")
-    if options.low_memory:
-        raise ValueError("--speedup is not available with --low-memory")
-
-
-def width_sparsity(model: nn.Module, arch: ArchSpec, speedup: float, *, batch: int = 8, seqlen: int = 512) -> dict:
-    """The mean MLP sparsity whose modelled prefill time is the dense time ``/ speedup`` (measured block times
-    and MLP times per width on this machine, cached); the allocation spreads it over the blocks."""
-    from .latency import latency_model, mlp_sparsity_for_speedup, mlp_time_curve
-    blocks = latency_model(model, batch=batch, seqlen=seqlen)
-    curve = mlp_time_curve(model, arch, batch=batch, seqlen=seqlen)
-    rec = mlp_sparsity_for_speedup(blocks, curve, speedup)
-    return {**rec, "target": speedup, "latency_model": blocks, "mlp_curve": curve,
-            "unit": f"prefill time (batch {batch} × {seqlen} tokens, modelled)"}
 
 
 # ------------------------------------------------------------------------------------------------ measuring

@@ -81,9 +81,12 @@ def _method_spec(o, depth: bool):
     spec = get_method(o.method)
     if o.flops is not None:
         raise RunError("--flops applies to --structure depth")
-    if o.speedup is not None:  # MLP widths chosen by the measured latency model
-        from .depth import check_width_speedup
-        check_width_speedup(o, spec)
+    if o.speedup is not None:  # per-block widths chosen under the measured latency model
+        from .widths import check_speed_widths
+        try:
+            check_speed_widths(o, spec)
+        except ValueError as e:
+            raise RunError(str(e)) from None
     return spec
 
 

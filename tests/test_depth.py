@@ -194,58 +194,6 @@ def test_depth_bad_input_is_one_line_exit_2(args, msg, tmp_path, capsys, stories
     assert rc == 2 and len(err) == 1 and msg in err[0] and not out.exists(), err
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--method", "wanda", "--speedup", "1.5"], "applies to structured methods"),
-    (["--method", "spap", "--structure", "heads", "--speedup", "1.5"], "not --structure heads"),
-    (["--method", "spap", "--speedup", "1.5", "--sparsity", "0.3"], "drop --sparsity"),
-    (["--method", "spap", "--speedup", "1"], "> 1"),
-    (["--method", "spap", "--flops", "0.5"], "--flops applies to --structure depth"),
-])
-def test_width_speed_budget_bad_input(args, msg, tmp_path, capsys, stories_dir):
-    from optprune.cli import main
-    rc = main(["prune", "--model", str(stories_dir), *args, "--output", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and msg in err[0] and not (tmp_path / "o").exists(), err
-
-
-def test_mlp_sparsity_for_speedup_inverts_the_time_model():
-    from optprune.llm_adapters.latency import mlp_sparsity_for_speedup
-    # 4 blocks of 1.0 s of which the MLP is 0.6 s, linear in the kept width; rest 0.4 s: T(S) = 4.4 − 2.4 S
-    blocks = {"block_s": [1.0] * 4, "rest_s": 0.4}
-    curve = {"width": 1000, "points": [(1.0, 0.6), (0.5, 0.3), (0.1, 0.06)]}
-    r = mlp_sparsity_for_speedup(blocks, curve, 1.5)
-    assert r["sparsity"] == pytest.approx((4.4 - 4.4 / 1.5) / 2.4, abs=1e-9)
-    assert r["modelled_speedup"] == pytest.approx(1.5, abs=1e-9)
-    with pytest.raises(ValueError, match="cannot be reached by MLP widths"):
-        mlp_sparsity_for_speedup(blocks, curve, 3.0)  # T ≥ 4.4 − 2.4·0.999 → at most 2.2×
-
-
-def test_width_speed_budget_run_records_the_chosen_sparsity_and_measured_speed(tmp_path, stories_dir, data_dir,
-                                                                             monkeypatch):
-    import json
-    from optprune.cli import main
-    from optprune.llm_adapters import latency
-    # a deterministic time model (the real one is measured; here it must not depend on the machine's load)
-    monkeypatch.setattr(latency, "latency_model", lambda model, **kw: {
-        "block_s": [1.0] * model.config.num_hidden_layers, "rest_s": 0.5, "total_s": 0.0})
-    monkeypatch.setattr(latency, "mlp_time_curve", lambda model, arch, **kw: {
-        "width": model.config.intermediate_size, "points": [(1.0, 0.5), (0.1, 0.05)]})
-    out = tmp_path / "w"
-    rc = main(["-q", "prune", "--model", str(stories_dir), "--method", "group_obs", "--speedup", "1.2",
-               "--nsamples", "8", "--seqlen", "64", "--no-kl", "--eval-windows", "2", "--data-dir", str(data_dir),
-               "--output", str(out)])
-    assert rc == 0
-    rec = json.loads((out / "run.json").read_text())
-    L = rec["model"]["num_layers"]
-    S = rec["speed_budget"]["sparsity"]
-    assert S == pytest.approx((1 - 1 / 1.2) * (L + 0.5) / (0.5 * L), abs=1e-6)
-    assert rec["config"]["sparsity"] == pytest.approx(S) and rec["config"]["speedup"] == 1.2
-    assert rec["speed"]["speedup"] > 0
-    widths = json.loads((out / "optprune_widths.json").read_text())["layers"]
-    n = rec["speed_budget"]["mlp_curve"]["width"]
-    assert all(w["mlp"] == n - int(round(S * n)) or abs(w["mlp"] - (1 - S) * n) <= 1 for w in widths)
-
-
 @pytest.mark.parametrize("method", ["depth", "shortgpt"])
 def test_depth_run_saves_a_shorter_model_stock_transformers_loads(method, tmp_path, stories_dir, data_dir):
     import json

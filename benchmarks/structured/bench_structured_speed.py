@@ -3,7 +3,9 @@
 Shrinks every MLP to the same width with :mod:`optprune.llm_adapters.surgery` (``apply_structured``), keeping
 *random* neurons: the speed of a dense matmul depends on its shape, not on which neurons were kept, so this
 measures exactly what an SPAP-pruned model of the same width runs at (a pruned model is a smaller dense model).
-``--depth K1,K2`` adds models with K whole blocks removed (``surgery.remove_blocks``; which blocks does not
+``--budgets 1.25,1.5 --structure mlp,heads`` adds the uniform widths that ``--speedup X`` chooses
+(llm_adapters/widths.py; the modelled speed-up is written beside the measured one), ``--depth K1,K2`` adds models
+with K whole blocks removed (``surgery.remove_blocks``; which blocks does not
 change the speed), ``--pruned DIR`` saved pruned checkpoints loaded by stock transformers, ``--json`` writes
 every ratio for the Pareto table (``benchmarks/structured/structured_pareto.py``).
 
@@ -51,22 +53,46 @@ def shrink_depth(model, k: int):
     return m
 
 
-def shrink_random(model, sparsity: float, seed: int = 0):
+def shrink_random(model, sparsity, seed: int = 0):
+    """A copy with random groups removed: ``sparsity`` is one MLP sparsity for every block, or
+    ``{(block, kind): sparsity}`` (kinds ``mlp``, ``heads``, ``heads:kv``)."""
     from optprune.llm_adapters.architectures import get_arch, get_module, linear_weight
     from optprune.llm_adapters.surgery import apply_structured, structure_pattern
     from optprune.solvers.base import LayerResult
     m = copy.deepcopy(model)
     arch = get_arch(m)
     g = torch.Generator().manual_seed(seed)
-    for i in range(len(get_module(m, arch.blocks))):
-        name, pat = structure_pattern(m, arch, i, "mlp", sparsity)
+    L = len(get_module(m, arch.blocks))
+    plan = sparsity if isinstance(sparsity, dict) else {(i, "mlp"): float(sparsity) for i in range(L)}
+    for (i, kind), s in sorted(plan.items(), key=lambda kv: (kv[0][0], kv[0][1] != "mlp")):
+        base, _, hg = kind.partition(":")
+        name, pat = structure_pattern(m, arch, i, base, s, **({"head_groups": hg} if hg else {}))
         W = linear_weight(get_module(get_module(m, arch.blocks)[i], name), name in arch.transposed).clone()
-        n = W.shape[1]
+        n = pat.n_groups(W.shape[1])
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=g)[: pat.keep_groups(n)]] = True
-        mask = pat.mask_from_groups(keep, W.shape[0], n)
-        apply_structured(m, arch, i, "mlp", LayerResult(W * mask, mask, {}), pat)
+        keep[torch.randperm(n, generator=g)[: pat.keep_groups(W.shape[1])]] = True
+        mask = pat.mask_from_groups(keep, W.shape[0], W.shape[1])
+        apply_structured(m, arch, i, base, LayerResult(W * mask, mask, {}), pat)
     return m
+
+
+def budget_shapes(model, structure: str, budgets: list) -> dict:
+    """``{"widths <structure> @<X>x": (model with the uniform widths ``--speedup X`` chooses, modelled
+    speed-up)}`` — the latency model of llm_adapters/widths.py (measured here, cached)."""
+    from optprune.llm_adapters.architectures import get_arch
+    from optprune.llm_adapters.widths import speed_widths
+    arch = get_arch(model)
+    kinds = [k.strip() for k in structure.split(",") if k.strip()]
+    out = {}
+    for x in budgets:
+        plan = speed_widths(model, arch, kinds, x)
+        per = {}
+        for name, s in plan["layer_sparsity"].items():
+            bi = int(name[len(arch.blocks) + 1:].split(".", 1)[0])
+            kind = next(k for k in kinds if (arch.mlp.down if k == "mlp" else arch.heads.o) in name)
+            per[(bi, kind)] = s
+        out[f"widths {structure} @{x:g}x"] = (shrink_random(model, per), plan["modelled_speedup"])
+    return out
 
 
 @torch.no_grad()
@@ -141,10 +167,13 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--sparsities", default="0.2,0.3,0.5", help="MLP sparsities ('' for none)")
     ap.add_argument("--depth", default="", help="comma list of removed-block counts (default: none)")
+    ap.add_argument("--budgets", default="", help="comma list of --speedup budgets: the uniform widths of "
+                                                   "--structure that the latency model chooses for each (default: none)")
+    ap.add_argument("--structure", default="mlp,heads", help="the widths --budgets shrinks (default: mlp,heads)")
     ap.add_argument("--pruned", action="append", default=[], metavar="DIR",
                     help="a saved pruned model (stock-loadable), repeatable (default: none)")
     ap.add_argument("--batches", default="1,8", help="prefill batches")
-    ap.add_argument("--decode-batches", default=None, help="decode batches (default: the prefill batches)")
+    ap.add_argument("--decode-batches", default=None, help="decode batches, or none (default: the prefill batches)")
     ap.add_argument("--prefill", type=int, default=128, help="prefill tokens per sequence")
     ap.add_argument("--decode", type=int, default=16, help="decode steps")
     ap.add_argument("--repeats", type=int, default=3)
@@ -159,11 +188,15 @@ def main(argv=None):
     print(f"model: {label}; torch threads {torch.get_num_threads()}; load {time.perf_counter() - t0:.1f} s")
     sps = [float(s) for s in args.sparsities.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
-    dbatches = [int(b) for b in (args.decode_batches or args.batches).split(",")]
+    dbatches = [] if args.decode_batches == "none" else [int(b) for b in (args.decode_batches or args.batches).split(",")]
     pruned = {f"mlp {s:.0%}": shrink_random(dense, s) for s in sps}
     pruned.update({f"depth -{int(k)}": shrink_depth(dense, int(k)) for k in args.depth.split(",") if k})
     for d in args.pruned:
         pruned[Path(d).name] = load_model(d)[0]
+    modelled = {}
+    for name, (mdl, x) in budget_shapes(dense, args.structure,
+                                        [float(b) for b in args.budgets.split(",") if b]).items():
+        pruned[name], modelled[name] = mdl, x
     att, mlp, head = linear_params(dense)
     tot = att + mlp + head
     print(f"linear weights: attention {att / 1e6:.1f}M ({att / tot:.1%}), MLP {mlp / 1e6:.1f}M ({mlp / tot:.1%}), "
@@ -208,7 +241,8 @@ def main(argv=None):
             unit = 1e3
             print(f"{phase:8s} {b:5d} {s:>14s} {md * unit:8.1f}ms {mp * unit:8.1f}ms {md / mp:8.3f}x "
                   f"{ntok / md:11.1f} {ntok / mp:12.1f}", flush=True)
-            rows.append({"phase": phase, "batch": b, "model": s, "dense_s": md, "pruned_s": mp, "speedup": md / mp,
+            rows.append({"phase": phase, "batch": b, "model": s, "modelled": modelled.get(s),
+                         "dense_s": md, "pruned_s": mp, "speedup": md / mp,
                          "dense_tok_s": ntok / md, "pruned_tok_s": ntok / mp,
                          "tokens": args.prefill if phase == "prefill" else args.decode})
     wall = time.perf_counter() - t0

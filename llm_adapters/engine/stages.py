@@ -37,11 +37,9 @@ def load(run) -> dict:
     clip_to_context(run.protocol, src.model)
     part = {}
     run.speed_dense = None
-    if not run.d.depth and d.method.speedup is not None:  # widths from the speed budget
+    if not run.d.depth and d.method.speedup is not None:  # widths from the speed budget (uniform candidate)
         import copy
-
-        from ..depth import width_sparsity
-        budget = width_sparsity(src.model, src.arch, float(d.method.speedup))
+        budget = _speed_widths(run)
         run.sparsity = budget["sparsity"]
         run.speed_dense = copy.deepcopy(src.model).to("cpu")
         part["speed_budget"] = to_json(budget)
@@ -55,6 +53,17 @@ def load(run) -> dict:
     settings = d.record(sparsity=run.sparsity, damp=run.config.damp)
     return {"config": to_json(src.config_record(run, settings)), "versions": library_versions(),
             "machine": machine_info(run.d.device), "model": src.meta, **part}
+
+
+def _speed_widths(run, calib=None) -> dict:
+    """Per-block widths under ``--speedup`` (llm_adapters/widths.py): the uniform ones at load, the allocation's
+    candidate beside them once the calibration is there."""
+    from ..widths import speed_widths
+    d, src = run.d, run.source
+    kinds = [k.strip().lower() for k in str(run.d.structure).split(",") if k.strip()]
+    return speed_widths(src.model, src.arch, kinds, float(d.method.speedup),
+                        allocation=run.d.allocation if calib is not None else "uniform",
+                        eps=d.method.allocation_eps, calib=calib)
 
 
 def prune_config(run):
@@ -147,6 +156,13 @@ def allocate(run) -> dict:
     if run.d.allocation == "uniform":
         return {}
     src = run.source
+    if not run.d.depth and run.d.method.speedup is not None:  # widths under the speed budget: the rule's candidate
+        t0 = time.perf_counter()
+        budget = _speed_widths(run, run.calib)
+        run.config.layer_sparsity = dict(budget["layer_sparsity"])
+        run.timings["allocation_s"] = time.perf_counter() - t0
+        return {"speed_budget": to_json(budget)}
+    from ..allocation_targets import layer_sparsities
     t0 = time.perf_counter()
     if run.d.method.quant is not None:  # mixed precision: per-layer bit widths (allocation_bits.py)
         from ..allocation_bits import layer_grids
