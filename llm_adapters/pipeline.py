@@ -646,6 +646,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
     arch, spec, dev, last = plan.arch, plan.spec, plan.device, plan.blocks[-1]
     gdt = config.gram_dtype
     t_stats = t_solve = t_fwd = 0.0
+    clock = {"stats_forward_time_s": 0.0, "report_time_s": 0.0}  # parts of the statistics and of the solves
     groups = plan.units[bi]
     need_out_dense = config.mode == "dense-input" and bi != last
     # the dense copy: X of the later groups (error correction) and the dense outputs (dense-input mode,
@@ -658,7 +659,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
         for sub, name, pat, kind in group:
             ts = time.perf_counter()
             rec = _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result,
-                               surgery, model)
+                               surgery, model, clock)
             t_solve += time.perf_counter() - ts
             layers_rec.append(rec)
 
@@ -667,7 +668,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
             t0 = time.perf_counter()
             # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
             acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
-                                        config, gdt, dev)
+                                        config, gdt, dev, clock)
             t_stats += time.perf_counter() - t0
             solve_group(group, acc)
             del acc
@@ -678,7 +679,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
     else:
         t0 = time.perf_counter()
         accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
-                                 hidden if need_out_dense else None)
+                                 hidden if need_out_dense else None, clock)
         t_stats += time.perf_counter() - t0
         for gi, group in enumerate(groups):
             solve_group(group, accs[gi])
@@ -689,7 +690,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
         t0 = time.perf_counter()
         forward_block(block, cur, hidden)
         t_fwd += time.perf_counter() - t0
-    return {"stats_time_s": t_stats, "solve_time_s": t_solve, "forward_time_s": t_fwd}
+    return {"stats_time_s": t_stats, "solve_time_s": t_solve, "forward_time_s": t_fwd, **clock}
 
 
 def _new_acc(n, full, corrected, gdt, dev):
@@ -700,10 +701,11 @@ def _width(block, sub, arch) -> int:
     return linear_weight(get_module(block, sub), sub in arch.transposed).shape[1]
 
 
-def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev):
+def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev, clock):
     """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block.
 
     ``dense=None``: nothing upstream is pruned yet, so X̂ = X and a plain (uncorrected) accumulator is exact.
+    ``clock["stats_forward_time_s"]`` gains the time of the forward passes that produce the inputs.
     """
     n = _width(block, sub, arch)
     full = _needs_full(spec, config, n)
@@ -711,24 +713,28 @@ def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, co
     acc = _new_acc(n, full, corrected, gdt, dev)
     for sl, args, kw in inputs.batches:
         h = inputs.hidden[sl]
+        t0 = time.perf_counter()
         xhat = _input_until(block, sub, h, args, kw)
-        if corrected:
-            acc.add(_input_until(dense, sub, h, args, kw), xhat)
-        else:
-            acc.add(xhat)
+        x = _input_until(dense, sub, h, args, kw) if corrected else None
+        clock["stats_forward_time_s"] += time.perf_counter() - t0
+        acc.add(x, xhat) if corrected else acc.add(xhat)
     return acc
 
 
-def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out):
-    """One pass of the (still dense) block: H of every group's input; outputs into ``out`` when given."""
+def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out, clock):
+    """One pass of the (still dense) block: H of every group's input; outputs into ``out`` when given.
+    ``clock["stats_forward_time_s"]`` gains the time of the pass less that of the accumulation."""
     accs = [_new_acc(_width(block, s, arch), _needs_full(spec, config, _width(block, s, arch)), False, gdt, dev)
             for s in subs]
     stop_at = None if out is not None else len(subs) - 1
     handles = []
+    t_start, t_add = time.perf_counter(), [0.0]
 
     def make(i):
         def pre(mod, a, k):
+            t0 = time.perf_counter()
             accs[i].add(a[0] if a else next(iter(k.values())))
+            t_add[0] += time.perf_counter() - t0
             if i == stop_at:
                 raise _Stop
         return pre
@@ -746,6 +752,7 @@ def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt,
     finally:
         for h in handles:
             h.remove()
+    clock["stats_forward_time_s"] += time.perf_counter() - t_start - t_add[0]
     return accs
 
 
@@ -769,7 +776,8 @@ def _method_info_record(res, pat: Pattern) -> dict:
     return rec
 
 
-def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model) -> dict:
+def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model,
+                 clock=None) -> dict:
     tr = sub in arch.transposed
     mod = get_module(block, sub)
     W_model = linear_weight(mod, tr)
@@ -827,13 +835,14 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         rec["shape_after"] = list(written.shape)
         W_eval = W
 
+    t_report = time.perf_counter()
     if full:
-        err_before = problem.objective(problem.W0)
-        err = problem.objective(W_eval.to(problem.H.device))
-        f0 = problem.constant()
+        err_before, err, f0 = problem.report(W_eval.to(problem.H.device))
         rel = err / f0 if f0 > 0 else 0.0
     else:
         err_before = err = rel = None
+    if clock is not None:
+        clock["report_time_s"] += time.perf_counter() - t_report
     rec.update(name=name, block=bi, shape=[m, n], pattern=pat.name, sparsity_target=pat.target_sparsity((m, n)),
                sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
                stats="gram" if full else "diag", nsamples=problem.nsamples)
