@@ -383,24 +383,27 @@ def forward_block(block: nn.Module, inputs: BlockInputs, out: Optional[torch.Ten
     return out
 
 
-def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
-    """The input of sub-module ``path`` when ``block`` runs on ``h``; the forward stops there."""
+def _input_until(block: nn.Module, path: str, h, args, kw, *, stop: bool = True):
+    """The input of sub-module ``path`` when ``block`` runs on ``h``; the forward stops there. ``stop=False``: the
+    forward runs to its end and ``(input, block output)`` is returned (one pass gives both)."""
     box = {}
 
     def pre(mod, a, k):
         box["x"] = a[0] if a else next(iter(k.values()))
-        raise _Stop
+        if stop:
+            raise _Stop
 
     handle = get_module(block, path).register_forward_pre_hook(pre, with_kwargs=True)
+    y = None
     try:
-        call_block(block, h, args, kw)
+        y = call_block(block, h, args, kw)
     except _Stop:
         pass
     finally:
         handle.remove()
     if "x" not in box:
         raise RuntimeError(f"sub-layer {path!r} was not called by its block's forward")
-    return box["x"]
+    return box["x"] if stop else (box["x"], y)
 
 
 # ============================================================================================ validation
@@ -664,15 +667,18 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
             layers_rec.append(rec)
 
     if config.error_correction:
+        wrote = False
         for gi, group in enumerate(groups):
             t0 = time.perf_counter()
-            # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
-            acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
-                                        config, gdt, dev, clock)
+            # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass; the
+            # last group's dense pass runs on to the block's end and gives the dense outputs (dense-input mode)
+            out = hidden if need_out_dense and gi == len(groups) - 1 else None
+            acc, wrote = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
+                                               config, gdt, dev, clock, out)
             t_stats += time.perf_counter() - t0
             solve_group(group, acc)
             del acc
-        if need_out_dense:  # dense stream: the dense copy's outputs
+        if need_out_dense and not wrote:  # dense stream: the dense copy's outputs
             t0 = time.perf_counter()
             forward_block(dense, cur, hidden)
             t_fwd += time.perf_counter() - t0
@@ -701,24 +707,35 @@ def _width(block, sub, arch) -> int:
     return linear_weight(get_module(block, sub), sub in arch.transposed).shape[1]
 
 
-def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev, clock):
-    """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block.
+def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev, clock,
+                          out=None) -> tuple:
+    """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block;
+    returns ``(statistics, wrote)``.
 
     ``dense=None``: nothing upstream is pruned yet, so X̂ = X and a plain (uncorrected) accumulator is exact.
+    ``out``: the dense copy's pass runs to the block's end and writes the dense outputs there, batch by batch
+    after the batch's inputs are read (``wrote``: it did; not when the statistics need no dense pass).
     ``clock["stats_forward_time_s"]`` gains the time of the forward passes that produce the inputs.
     """
     n = _width(block, sub, arch)
     full = _needs_full(spec, config, n)
     corrected = dense is not None and full  # diag-only statistics need X̂ alone: no dense pass
+    wrote = corrected and out is not None
     acc = _new_acc(n, full, corrected, gdt, dev)
     for sl, args, kw in inputs.batches:
         h = inputs.hidden[sl]
         t0 = time.perf_counter()
         xhat = _input_until(block, sub, h, args, kw)
-        x = _input_until(dense, sub, h, args, kw) if corrected else None
+        x = y = None
+        if wrote:
+            x, y = _input_until(dense, sub, h, args, kw, stop=False)
+        elif corrected:
+            x = _input_until(dense, sub, h, args, kw)
         clock["stats_forward_time_s"] += time.perf_counter() - t0
         acc.add(x, xhat) if corrected else acc.add(xhat)
-    return acc
+        if y is not None:  # after the statistics: an input may be a view of the batch's hidden states
+            out[sl] = y
+    return acc, wrote
 
 
 def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out, clock):

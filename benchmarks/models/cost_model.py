@@ -10,7 +10,7 @@ Per block and calibration set of ``B`` samples × ``L`` tokens (``T = B·L``), c
   dense-input mode, which also gives the outputs), plus one full pass of the pruned block for the next
   block's inputs (sequential mode, not after the last block). With error correction, per group: a partial
   pass of the pruned-so-far block and, from the second group on, one of the dense copy; then the full pass
-  (sequential mode) or the dense copy's full pass (dense-input mode).
+  (sequential mode), or in dense-input mode the last group's dense pass runs on to the block's end.
 * **statistics**: per group of input width ``n``: ``H`` as a symmetric rank-k update, about ``2·T·n²·(k+1)/(2k)``
   with ``k = ⌈n/512⌉`` row blocks on the CPU from ``n ≥ 1024`` on (counted block by block; ``2·T·n²``
   otherwise); with error
@@ -66,8 +66,8 @@ def block_flops(dims: dict, nsamples: int, seqlen: int, *, error_correction: boo
     # the cost of the block before each group's input: attention runs between the q/k/v and o groups
     prefix = [0.0, lin[0] + attn, lin[0] + attn + lin[1], lin[0] + attn + lin[1] + lin[2]]
     full = sum(lin) + attn
-    if error_correction:
-        fwd = sum(prefix) + sum(prefix[1:]) + (0.0 if last else full)
+    if error_correction:  # dense-input: the last group's dense pass runs on to the block's outputs
+        fwd = sum(prefix) + sum(prefix[1:]) + (0.0 if last else full if mode == "sequential" else full - prefix[-1])
     else:
         fwd = (full if (mode == "dense-input" and not last) else prefix[-1]) + \
               (full if (mode == "sequential" and not last) else 0.0)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost_model  # noqa: E402
+from bench_whole_model import _rss_mb, _Sampler, memory_parts  # noqa: E402
 
 PARTS = ("stats_forward_time_s", "gram_time_s", "method_time_s", "report_time_s", "forward_time_s", "other_time_s")
 
@@ -59,16 +60,25 @@ def main(argv=None) -> int:
     from optprune.llm_adapters.loading import load_model
     from optprune.llm_adapters.pipeline import PruneConfig, peak_rss_mb, prune_model
 
-    model, tok, _ = load_model(args.model)
-    ids = calibration_tokens(tok, "c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0, data_dir=args.data_dir)
-    dims = cost_model.llama_dims(model.config)
-    ec = args.error_correction == "on"
-    cfg = PruneConfig(method=args.method, sparsity=args.sparsity, error_correction=ec, mode=args.mode,
-                      blocks=list(range(args.blocks)), device="cpu")
-    rate0 = cost_model.matmul_rate()
-    t0 = time.perf_counter()
-    res = prune_model(model, ids, cfg, progress=False)
-    wall = time.perf_counter() - t0
+    import transformers.models.llama.modeling_llama  # noqa: F401 - the runtime includes the model code
+    runtime = _rss_mb()
+    with _Sampler() as smp:
+        ta = time.perf_counter()
+        model, tok, _ = load_model(args.model)
+        tb = time.perf_counter()
+        loaded = _rss_mb()
+        ids = calibration_tokens(tok, "c4", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                                 data_dir=args.data_dir)
+        dims = cost_model.llama_dims(model.config)
+        ec = args.error_correction == "on"
+        cfg = PruneConfig(method=args.method, sparsity=args.sparsity, error_correction=ec, mode=args.mode,
+                          blocks=list(range(args.blocks)), device="cpu")
+        rate0 = cost_model.matmul_rate()
+        t0 = time.perf_counter()
+        res = prune_model(model, ids, cfg, progress=False)
+        wall = time.perf_counter() - t0
+    t_cap = t0 + res["time_s"] - sum(b["time_s"] for b in res["blocks"])
+    stages = {"load": smp.peak(ta, tb), "capture": smp.peak(t0, t_cap), "blocks": smp.peak(t_cap, t0 + wall)}
     rate = (rate0 + cost_model.matmul_rate()) / 2
     fl = cost_model.block_flops(dims, args.nsamples, args.seqlen, error_correction=ec, mode=args.mode,
                                 method=args.method)
@@ -87,6 +97,12 @@ def main(argv=None) -> int:
     tot = med("time_s")
     print("median (blocks that propagate): " + ", ".join(f"{p[:-7]} {med(p):.2f} s ({100 * med(p) / tot:.0f}%)"
                                                           for p in PARTS) + f" of {tot:.2f} s")
+    parts = memory_parts(dims, args.nsamples, args.seqlen, low_memory=False, error_correction=ec)
+    dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    print(f"memory: runtime {runtime:.0f} MB; peak while loading {stages['load']:.0f}, after loading {loaded:.0f}, "
+          f"capture {stages['capture']:.0f}, blocks {stages['blocks']:.0f} MB; the weights are {dense_mb:.0f} MB: "
+          f"peak {peak_rss_mb() / dense_mb:.2f}× them, above the runtime {(peak_rss_mb() - runtime) / dense_mb:.2f}×; "
+          "held: " + ", ".join(f"{k} {v / 2 ** 20:.0f} MB" for k, v in parts.items()))
     if fl["total"] is not None:
         print(f"cost model per block: forward {fl['forward'] / 1e9:.1f} GFLOP ({fl['forward'] / rate:.2f} s), "
               f"statistics {fl['statistics'] / 1e9:.1f} GFLOP ({fl['statistics'] / rate:.2f} s), solve "
@@ -94,7 +110,9 @@ def main(argv=None) -> int:
               f"measured {tot:.2f} s = {tot / (fl['total'] / rate):.2f}× the limit")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rate_flops": rate, "blocks": rows,
-                                              "peak_rss_mb": peak_rss_mb()}, indent=1))
+                                              "peak_rss_mb": peak_rss_mb(), "runtime_mb": runtime,
+                                              "loaded_mb": loaded, "stage_peak_mb": stages,
+                                              "weights_mb": dense_mb}, indent=1))
     return 0
 
 
