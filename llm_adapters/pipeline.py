@@ -46,7 +46,7 @@ dtype), ``rel_error = error/f(0)``, ``time_s`` (method + refit), ``stats``, ``ns
 and the method's scalar ``info`` items (its own ``time_s`` as ``method_time_s``).
 
 Memory: one block (plus its dense copy with error correction), one activation buffer (``nsamples × seqlen ×
-hidden``, model dtype, on the compute device: each forward writes a batch's outputs over that batch's inputs)
+hidden``, in ``activation_dtype`` — default the model's — on the compute device: each forward writes a batch's outputs over that batch's inputs)
 and the Grams of one group (uncorrected: of every group of the block, each freed once its layers are solved).
 A model on the CPU with ``device="cuda"`` stays on the CPU; each block visits the GPU while it is pruned.
 """
@@ -108,6 +108,7 @@ class PruneConfig:
     ignore: Optional[list] = None          # sub-layers left dense (same patterns)
     certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.verification.certificates), ℓ1 gap
     calib_lengths: Optional[tuple] = None  # tokens of each calibration row (rows as samples); None: all full
+    activation_dtype: Optional[torch.dtype] = None  # dtype of the held block inputs (default: the model's)
 
 
 # ============================================================================================ helpers
@@ -297,7 +298,7 @@ class _Interner:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=None, batch_size: Optional[int] = None,
-                         arch: Optional[ArchSpec] = None, lengths=None) -> BlockInputs:
+                         arch: Optional[ArchSpec] = None, lengths=None, dtype=None) -> BlockInputs:
     """Block 0's hidden states and every block's own arguments, from the model's own forward (module doc).
 
     Every block is replaced by a recorder that keeps its arguments and passes the hidden state through; the
@@ -308,7 +309,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
     ``lengths`` (rows as samples): the real tokens of each row of a right-padded ``calib_ids``; rows of one length
     are batched together and cut to it (:func:`row_batches`), so no pad token enters a forward, a mask or a Gram;
-    the hidden states beyond a row's length stay zero and are never read."""
+    the hidden states beyond a row's length stay zero and are never read. ``dtype``: the hidden states are held in
+    it (default: the model's; each batch is cast back to the block's dtype as it enters a block)."""
     arch = arch or get_arch(model)
     blocks = get_module(model, arch.blocks)
     saved = list(blocks)
@@ -325,7 +327,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         if i == 0:
             if state["hidden"] is None:
                 state["hidden"] = (torch.empty if lengths is None else torch.zeros)(
-                    (n, L) + tuple(h.shape[2:]), dtype=h.dtype, device=dev)
+                    (n, L) + tuple(h.shape[2:]), dtype=dtype or h.dtype, device=dev)
             state["hidden"][sl] = h.to(dev)
         if i in state["seen"]:
             raise RuntimeError(f"block {i} was called twice in one forward of the model; the architecture's blocks "
@@ -605,7 +607,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     try:
         if inputs is None:
             inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch,
-                                          lengths=config.calib_lengths)
+                                          lengths=config.calib_lengths, dtype=config.activation_dtype)
         # one activation buffer: every forward writes a batch's outputs over that batch's inputs (batches are
         # independent, and a batch's inputs are read whole before its outputs are written)
         hidden = inputs.hidden

@@ -391,3 +391,25 @@ def test_each_block_forward_runs_once_where_once_suffices(mode, ec):
     stats_passes = 2 * (groups - 1) if ec else 1
     propagate = 1 if mode == "sequential" else 0
     assert calls[0] == n_batches * (2 * stats_passes + propagate)
+
+
+def test_activations_held_in_the_activation_dtype():
+    """``activation_dtype`` is the dtype of the one whole-set buffer (half of float32's bytes in bfloat16); each
+    batch enters the block in the model's dtype, so the result stays close to the float32 walk's."""
+    ids = calib(n=6, L=32)
+    model = stories()
+    inp = pl.capture_block_inputs(model, ids, device="cpu", batch_size=2, dtype=torch.bfloat16)
+    assert inp.hidden.dtype == torch.bfloat16
+    ref = pl.capture_block_inputs(model, ids, device="cpu", batch_size=2)
+    assert torch.equal(inp.hidden, ref.hidden.to(torch.bfloat16))
+    errs = {}
+    for dt in (None, torch.bfloat16):
+        m = stories()
+        with _WholeSetAllocations((6, 32, m.config.hidden_size)) as watch:
+            rep = prune_model(m, ids, PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2, device="cpu",
+                                                  activation_dtype=dt), progress=False)
+        assert watch.count == 1
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+        errs[dt] = sum(r["error"] for r in rep["layers"])
+    assert errs[torch.bfloat16] != errs[None]  # the stored inputs are rounded ...
+    assert errs[torch.bfloat16] == pytest.approx(errs[None], rel=0.05)  # ... to bfloat16's precision only
