@@ -27,10 +27,19 @@ from __future__ import annotations
 import math
 import time
 
-__all__ = ["llama_dims", "block_layers", "block_flops", "model_flops", "matmul_rate", "SYRK_BLOCK", "SYRK_MIN_N"]
+__all__ = ["llama_dims", "block_layers", "block_flops", "model_flops", "matmul_rate", "gpu_prediction",
+           "PREDICT_MODELS", "SYRK_BLOCK", "SYRK_MIN_N"]
 
 SYRK_BLOCK = 512   # as optprune.formulations.problem.SYRK_BLOCK / SYRK_MIN_N (kept in step by a test)
 SYRK_MIN_N = 1024
+
+#: published shapes (vocabulary included) for the prediction: Llama-3-8B and -70B
+PREDICT_MODELS = {
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),
+    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256),
+}
 
 
 def llama_dims(config) -> dict:
@@ -107,3 +116,21 @@ def matmul_rate(n: int = 1536, reps: int = 3) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2.0 * n ** 3 / best
+
+
+def gpu_prediction(config, rate_flops: float, ratio: float = 1.0, nsamples: int = 128, seqlen: int = 2048,
+                   nproc: int = 8) -> dict:
+    """Predicted SparseGPT prune time (error correction) of a Llama-shaped model on GPUs at ``rate_flops`` each,
+    times ``ratio`` (measured/limit): one GPU (sequential), and ``nproc`` GPUs (``--nproc``, dense-input: ranks
+    own contiguous blocks, a rank first forwards the dense blocks before its own, so the last rank waits
+    longest). Seconds, with the FLOPs per block and the sizes a rank holds (float32)."""
+    dims = llama_dims(config)
+    kw = dict(error_correction=True, method="sparsegpt", cpu=False)
+    blk = block_flops(dims, nsamples, seqlen, **kw)
+    one = model_flops(dims, nsamples, seqlen, **kw)["total"] / rate_flops * ratio
+    fwd = 2.0 * nsamples * seqlen * blk["params"] / rate_flops * ratio
+    per = block_flops(dims, nsamples, seqlen, mode="dense-input", **kw)["total"] / rate_flops * ratio
+    own = math.ceil(dims["blocks"] / nproc)
+    return {"blocks": dims["blocks"], "flops_per_block": blk["total"], "one_s": one,
+            "many_s": (dims["blocks"] - own) * fwd + own * per, "nproc": nproc,
+            "activations_bytes": nsamples * seqlen * dims["d"] * 4, "block_bytes": blk["params"] * 4}

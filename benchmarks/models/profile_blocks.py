@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--error-correction", default="on", choices=["on", "off"])
     ap.add_argument("--mode", default="sequential", choices=["sequential", "dense-input"])
+    ap.add_argument("--activation-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the held block inputs (default: the model's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=None, help="write the per-block records as JSON here")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         dims = cost_model.llama_dims(model.config)
         ec = args.error_correction == "on"
         cfg = PruneConfig(method=args.method, sparsity=args.sparsity, error_correction=ec, mode=args.mode,
-                          blocks=list(range(args.blocks)), device="cpu")
+                          blocks=list(range(args.blocks)), device="cpu",
+                          activation_dtype=getattr(torch, args.activation_dtype) if args.activation_dtype else None)
         rate0 = cost_model.matmul_rate()
         t0 = time.perf_counter()
         res = prune_model(model, ids, cfg, progress=False)
@@ -97,7 +100,9 @@ def main(argv=None) -> int:
     tot = med("time_s")
     print("median (blocks that propagate): " + ", ".join(f"{p[:-7]} {med(p):.2f} s ({100 * med(p) / tot:.0f}%)"
                                                           for p in PARTS) + f" of {tot:.2f} s")
-    parts = memory_parts(dims, args.nsamples, args.seqlen, low_memory=False, error_correction=ec)
+    act_bytes = getattr(torch, args.activation_dtype).itemsize if args.activation_dtype else 4
+    parts = memory_parts(dims, args.nsamples, args.seqlen, low_memory=False, error_correction=ec,
+                         act_bytes=act_bytes)
     dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     print(f"memory: runtime {runtime:.0f} MB; peak while loading {stages['load']:.0f}, after loading {loaded:.0f}, "
           f"capture {stages['capture']:.0f}, blocks {stages['blocks']:.0f} MB; the weights are {dense_mb:.0f} MB: "
