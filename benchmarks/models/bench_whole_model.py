@@ -233,7 +233,8 @@ def _print_row(m: str, res: dict, args, ref: dict, dims: dict) -> None:
         print(f"{'':>10}  resident-set peak after each block: "
               + ", ".join(f"{v:.0f}" for v in res["peak_after_block_mb"]) + " MB", flush=True)
     rate = sum(res["matmul_gflops"]) / 2 * 1e9
-    one = cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m)
+    # a one-block walk (--blocks 1) is its last block: no propagating forward
+    one = cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m, last=res["blocks"] == 1)
     if one["total"] is None:
         return
     tot = cost_model.model_flops(dims, ns, sl, error_correction=ec, method=m)["total"]
