@@ -46,7 +46,7 @@ def row_summary(r: dict) -> dict:
     after = r.get("peak_after_block_mb") or []
     parts = c["memory_parts"]
     held_block = (parts["weights"] + parts["dense_copy"]) / 2 ** 20
-    return {"model": r["model"], "method": r["method"], "params": n_params(dims), "blocks": dims["blocks"],
+    return {"model": r["model"], "method": r["method"], "params": n_params(dims), "dims": dims, "blocks": dims["blocks"],
             "walked": r["blocks"], "low_memory": r["low_memory"], "error_correction": ec,
             "nsamples": r["nsamples"], "seqlen": r["seqlen"], "threads": r.get("threads"),
             "rate_gflops": c["rate_flops"] / 1e9, "limit_block_s": c["limit_block_s"],
