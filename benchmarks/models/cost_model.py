@@ -17,7 +17,8 @@ Per block and calibration set of ``B`` samples × ``L`` tokens (``T = B·L``), c
   correction from the second group on also ``Ĥ`` (the same) and ``C`` (``2·T·n²``).
 * **solve** (SparseGPT) per sub-layer of ``m`` outputs and ``n`` inputs: the damped inverse's factorisations
   (``≈ 4/3·n³``: Cholesky, its inverse, the Cholesky of the inverse) and the column sweep with its lazy block
-  updates (``≈ 2·m·n²``), plus the pipeline's error report, ``f(W0)`` and ``f(W)`` (``2·m·n²`` each).
+  updates (``≈ 2·m·n²``), plus the pipeline's error report (``LayerProblem.report``: two products of ``2·m·n²``
+  where ``X̂ = X``, five where error correction gives ``X̂ ≠ X``).
 
 ``predict(flops, rate)`` is seconds at a measured rate; :func:`matmul_rate` measures the rate of a float32
 matrix product on this machine (wall clock, so it sees the machine's load as the prune does).
@@ -86,10 +87,15 @@ def block_flops(dims: dict, nsamples: int, seqlen: int, *, error_correction: boo
         stats += _gram(T, n, cpu)
         if error_correction and gi:
             stats += _gram(T, n, cpu) + 2.0 * T * n * n
+
+    def report(gi, m, n):  # LayerProblem.report: 5 products of m·n² where X̂ ≠ X (corrected later groups), else 2
+        return (10.0 if error_correction and gi else 4.0) * m * n * n
+
     if method == "sparsegpt":
-        solve = sum(4.0 / 3.0 * n ** 3 + 2.0 * m * n * n + 4.0 * m * n * n for g in groups for _, m, n in g)
+        solve = sum(4.0 / 3.0 * n ** 3 + 2.0 * m * n * n + report(gi, m, n)
+                    for gi, g in enumerate(groups) for _, m, n in g)
     elif method in ("wanda", "magnitude"):
-        solve = sum(4.0 * m * n * n for g in groups for _, m, n in g)  # the error report only
+        solve = sum(report(gi, m, n) for gi, g in enumerate(groups) for _, m, n in g)  # the error report only
     else:
         solve = None
     return {"forward": fwd, "statistics": stats, "solve": solve,

@@ -44,13 +44,17 @@ def row_summary(r: dict) -> dict:
     pred_mem = memory_model(dims, r["nsamples"], r["seqlen"], low_memory=r["low_memory"], error_correction=ec,
                             runtime_mb=r["runtime_mb"])
     after = r.get("peak_after_block_mb") or []
+    # the limit from the FLOP model as it is now, at the rate measured in the row's process (a one-block walk is
+    # its last block: no propagating forward)
+    limit = cost_model.block_flops(dims, r["nsamples"], r["seqlen"], error_correction=ec, method=r["method"],
+                                   last=r["blocks"] == 1)["total"] / c["rate_flops"]
     parts = c["memory_parts"]
     held_block = (parts["weights"] + parts["dense_copy"]) / 2 ** 20
     return {"model": r["model"], "method": r["method"], "params": n_params(dims), "dims": dims, "blocks": dims["blocks"],
             "walked": r["blocks"], "low_memory": r["low_memory"], "error_correction": ec,
             "nsamples": r["nsamples"], "seqlen": r["seqlen"], "threads": r.get("threads"),
-            "rate_gflops": c["rate_flops"] / 1e9, "limit_block_s": c["limit_block_s"],
-            "median_block_s": c["median_block_s"], "ratio": c["median_block_s"] / c["limit_block_s"],
+            "rate_gflops": c["rate_flops"] / 1e9, "limit_block_s": limit,
+            "median_block_s": c["median_block_s"], "ratio": c["median_block_s"] / limit,
             "peak_rss_mb": r["peak_rss_mb"], "runtime_mb": r["runtime_mb"], "predicted_rss_mb": pred_mem,
             "activations_mb": parts["activations"] / 2 ** 20, "weights_held_mb": held_block,
             "excess_mb": r["peak_rss_mb"] - r["runtime_mb"] - held_block - parts["activations"] / 2 ** 20,
