@@ -8,9 +8,10 @@ against parameters (measured points, prediction lines), and the prediction for L
 Per row: the measured median time per block against the FLOP model's limit at the matmul rate measured in the
 same process (``cost_model.py``), and the peak resident set against the memory model: the runtime measured in
 the process, plus the tensors the walk holds (``bench_whole_model.memory_parts``: with ``--low-memory`` the
-largest block and the embeddings, the activation buffer, the Grams of one group, the dense copy of a block).
-The prediction lines use the rows' median measured/limit ratio; the 8B/70B figures are predictions, not
-measurements (GPU rate assumed, ``--gpu-tflops``). ``--json`` writes the document that
+largest block and the embeddings, the activation buffer, the Grams of one group, the dense copy of a block),
+and the peak less the largest block (what ``--low-memory`` holds beside the block; flat as models grow if the
+walk holds nothing per block). The prediction lines use the rows' median measured/limit ratio; the 8B/70B
+figures are predictions at the FLOP limit, not measurements (GPU rate assumed, ``--gpu-tflops``). ``--json`` writes the document that
 ``paper_repro/make_readme_results.py`` renders (:func:`render_markdown`) into docs/results.md.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ def row_summary(r: dict) -> dict:
                                    last=r["blocks"] == 1)["total"] / c["rate_flops"]
     parts = c["memory_parts"]
     held_block = (parts["weights"] + parts["dense_copy"]) / 2 ** 20
+    blk_mb = sum(m * n for g in cost_model.block_layers(dims) for _, m, n in g) * 4 / 2 ** 20  # float32
     return {"model": r["model"], "method": r["method"], "params": n_params(dims), "dims": dims, "blocks": dims["blocks"],
             "walked": r["blocks"], "low_memory": r["low_memory"], "error_correction": ec,
             "nsamples": r["nsamples"], "seqlen": r["seqlen"], "threads": r.get("threads"),
@@ -57,7 +59,8 @@ def row_summary(r: dict) -> dict:
             "median_block_s": c["median_block_s"], "ratio": c["median_block_s"] / limit,
             "peak_rss_mb": r["peak_rss_mb"], "runtime_mb": r["runtime_mb"], "predicted_rss_mb": pred_mem,
             "activations_mb": parts["activations"] / 2 ** 20, "weights_held_mb": held_block,
-            "excess_mb": r["peak_rss_mb"] - r["runtime_mb"] - held_block - parts["activations"] / 2 ** 20,
+            "rest_mb": r["peak_rss_mb"] - pred_mem, "largest_block_mb": blk_mb,
+            "over_block_mb": r["peak_rss_mb"] - blk_mb,
             "peak_after_block_mb": after, "command": r.get("command")}
 
 
@@ -79,7 +82,7 @@ def predictions(rows: list, gpu_tflops: float) -> dict:
     line.sort(key=lambda x: x["params"])
     gpu = []
     for name, cfg in cost_model.PREDICT_MODELS.items():  # the published calibration, 128 × 2048
-        g = cost_model.gpu_prediction(cfg, gpu_tflops * 1e12, ratio)
+        g = cost_model.gpu_prediction(cfg, gpu_tflops * 1e12, 1.0)
         gpu.append({"model": name, "blocks": g["blocks"], "tflop_per_block": g["flops_per_block"] / 1e12,
                     "one_gpu_min": g["one_s"] / 60, "eight_gpus_min": g["many_s"] / 60,
                     "activations_gb": g["activations_bytes"] / 1e9, "largest_block_gb": g["block_bytes"] / 1e9})
@@ -127,14 +130,14 @@ def render_markdown(doc: dict, level: int = 3) -> str:
            "(`benchmarks/models/cost_model.py`); the memory model is the measured runtime plus the tensors the walk "
            "holds. Rows: " + ", ".join(f"`{p}`" for p in doc.get("sources", [])) + ".", ""]
     out.append("| model | params | walk | blocks walked | calibration | matmul GFLOP/s | per block: measured · limit "
-               "(ratio) | peak RSS MB (runtime) | memory model MB | excess over block + activations MB |")
+               "(ratio) | peak RSS MB (runtime) | memory model MB (rest) | peak − largest block MB |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in doc["rows"]:
         out.append(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {'--low-memory' if r['low_memory'] else 'in memory'}"
                    f"{', error correction' if r['error_correction'] else ''} | {r['walked']} of {r['blocks']} | "
                    f"{r['nsamples']}×{r['seqlen']} | {r['rate_gflops']:.1f} | {r['median_block_s']:.1f} s · "
                    f"{r['limit_block_s']:.1f} s ({r['ratio']:.2f}×) | {r['peak_rss_mb']:.0f} ({r['runtime_mb']:.0f}) | "
-                   f"{r['predicted_rss_mb']:.0f} | {r['excess_mb']:.0f} |")
+                   f"{r['predicted_rss_mb']:.0f} ({r['rest_mb']:+.0f}) | {r['over_block_mb']:.0f} |")
     out.append("")
     for r in doc["rows"]:
         if r.get("peak_after_block_mb"):
@@ -144,9 +147,10 @@ def render_markdown(doc: dict, level: int = 3) -> str:
     if doc.get("plot"):
         out.append(f"![time per block and peak memory against parameters]({doc['plot']})")
         out.append("")
-    out.append(f"**Prediction (not measured).** The measured/limit ratio of these rows ({pred['ratio']:.2f}, "
-               f"median) applied to the FLOP model: SparseGPT with error correction on 128×2048 calibration "
-               f"tokens, float32 matrix products at an assumed {pred['gpu_tflops']:.0f} TFLOP/s per GPU:")
+    out.append(f"**Prediction (not measured).** The FLOP model's limit for SparseGPT with error correction on "
+               f"128×2048 calibration tokens, float32 matrix products at an assumed {pred['gpu_tflops']:.0f} TFLOP/s "
+               f"per GPU; a GPU as far from its limit as these CPU rows ({pred['ratio']:.2f}×, median) would take "
+               f"that many times longer:")
     out.append("")
     out.append("| model | blocks | TFLOP per block | 1 H100 | 8 GPUs (`--nproc 8`, dense-input) | activations "
                "(float32) | largest block |")
