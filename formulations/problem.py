@@ -308,6 +308,26 @@ class LayerProblem:
         rows = rows.clamp_min(0.0) if dt == torch.float64 else rows
         return rows if per_row else float(rows.sum())
 
+    def report(self, W: torch.Tensor) -> tuple[float, float, float]:
+        """``(f(W0), f(W), f(0))`` with their shared products computed once: each value as :meth:`objective`
+        (per-row terms summed in the same order) and :meth:`constant` would give it, up to the order of the
+        final sum for ``f(0)``. Without error correction ``f(W0) = 0`` exactly (``X̂ = X``), and ``W Ĥ`` serves as
+        ``W Cᵀ``. Two products of ``m × n × n`` uncorrected, five corrected (seven as three separate calls)."""
+        dt = self.H.dtype
+        W, W0 = W.to(dt), self.W0.to(dt)
+        const = ((W0 @ self.H) * W0).sum(1)
+        WH = W @ self.Hh
+        quad = (WH * W).sum(1)
+        lin = ((WH if self.C is None else W @ self.C.T) * W0).sum(1)
+        rows = 0.5 * quad - lin + 0.5 * const
+        rows = rows.clamp_min(0.0) if dt == torch.float64 else rows
+        if self.corrected:
+            rows0 = 0.5 * ((W0 @ self.Hhat) * W0).sum(1) - ((W0 @ self.C.T) * W0).sum(1) + 0.5 * const
+            before = float((rows0.clamp_min(0.0) if dt == torch.float64 else rows0).sum())
+        else:
+            before = 0.0
+        return before, float(rows.sum()), 0.5 * float(const.sum())
+
     def gradient(self, W: torch.Tensor) -> torch.Tensor:
         dt = self.H.dtype
         return W.to(dt) @ self.Hh - self.W0.to(dt) @ self.Cm

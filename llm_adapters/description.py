@@ -237,8 +237,8 @@ class ExecutionOptions:
     force_nproc: bool = option(False, "allow --nproc above the number of CPU cores (oversubscribed ranks)", type=bool)
     low_memory: bool = option(False, "read one block at a time from the safetensors shards and write the output "
                                      "shard by shard", type=bool, api=False)
-    activation_dtype: Optional[str] = option(None, "--low-memory: dtype of the stored calibration activations "
-                                                   "(default: the model's)", choices=("float32", "float16", "bfloat16"),
+    activation_dtype: Optional[str] = option(None, "dtype of the held calibration activations (the block "
+                                                   "inputs; default: the model's)", choices=("float32", "float16", "bfloat16"),
                                              check=False, api=False)
     batch_size: Optional[int] = option(None, cli=False, config=True, type=int, range="[1, inf)", key=True,
                                        label="--batch-size",

@@ -36,7 +36,7 @@ from torch import nn
 
 __all__ = ["OffloadError", "Checkpoint", "OffloadedModel", "write_rest_and_index", "perplexity_offloaded",
            "SHARD_BYTES", "INDEX_FILE",
-           "save_shard", "forward_inplace", "hidden_size", "safetensors_dir", "remove_previous_weights"]
+           "save_shard", "forward_inplace", "hidden_size", "safetensors_dir", "remove_previous_weights", "parse_dtype"]
 
 #: the non-block tensors are packed into shards of at most this many bytes (a larger tensor gets its own)
 SHARD_BYTES = 2 << 30
@@ -50,6 +50,8 @@ class OffloadError(ValueError):
 
 
 def parse_dtype(v, what="--activation-dtype") -> Optional[torch.dtype]:
+    """The torch dtype a name gives (float32/float16/bfloat16, or fp32/fp16/bf16); ``None`` stays ``None``;
+    any other name is an :class:`OffloadError` naming the valid ones."""
     if v is None or isinstance(v, torch.dtype):
         return v
     key = str(v).strip().lower().replace("torch.", "")

@@ -46,7 +46,7 @@ dtype), ``rel_error = error/f(0)``, ``time_s`` (method + refit), ``stats``, ``ns
 and the method's scalar ``info`` items (its own ``time_s`` as ``method_time_s``).
 
 Memory: one block (plus its dense copy with error correction), one activation buffer (``nsamples × seqlen ×
-hidden``, model dtype, on the compute device: each forward writes a batch's outputs over that batch's inputs)
+hidden``, in ``activation_dtype`` — default the model's — on the compute device: each forward writes a batch's outputs over that batch's inputs)
 and the Grams of one group (uncorrected: of every group of the block, each freed once its layers are solved).
 A model on the CPU with ``device="cuda"`` stays on the CPU; each block visits the GPU while it is pruned.
 """
@@ -109,6 +109,7 @@ class PruneConfig:
     ignore: Optional[list] = None          # sub-layers left dense (same patterns)
     certify: bool = False                  # per layer: lower bound on the L0 optimum (solvers.verification.certificates), ℓ1 gap
     calib_lengths: Optional[tuple] = None  # tokens of each calibration row (rows as samples); None: all full
+    activation_dtype: Optional[torch.dtype] = None  # dtype of the held block inputs (default: the model's)
 
 
 # ============================================================================================ helpers
@@ -298,7 +299,7 @@ class _Interner:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=None, batch_size: Optional[int] = None,
-                         arch: Optional[ArchSpec] = None, lengths=None) -> BlockInputs:
+                         arch: Optional[ArchSpec] = None, lengths=None, dtype=None) -> BlockInputs:
     """Block 0's hidden states and every block's own arguments, from the model's own forward (module doc).
 
     Every block is replaced by a recorder that keeps its arguments and passes the hidden state through; the
@@ -309,7 +310,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
 
     ``lengths`` (rows as samples): the real tokens of each row of a right-padded ``calib_ids``; rows of one length
     are batched together and cut to it (:func:`row_batches`), so no pad token enters a forward, a mask or a Gram;
-    the hidden states beyond a row's length stay zero and are never read."""
+    the hidden states beyond a row's length stay zero and are never read. ``dtype``: the hidden states are held in
+    it (default: the model's; each batch is cast back to the block's dtype as it enters a block)."""
     arch = arch or get_arch(model)
     blocks = get_module(model, arch.blocks)
     saved = list(blocks)
@@ -326,7 +328,7 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device=No
         if i == 0:
             if state["hidden"] is None:
                 state["hidden"] = (torch.empty if lengths is None else torch.zeros)(
-                    (n, L) + tuple(h.shape[2:]), dtype=h.dtype, device=dev)
+                    (n, L) + tuple(h.shape[2:]), dtype=dtype or h.dtype, device=dev)
             state["hidden"][sl] = h.to(dev)
         if i in state["seen"]:
             raise RuntimeError(f"block {i} was called twice in one forward of the model; the architecture's blocks "
@@ -384,24 +386,27 @@ def forward_block(block: nn.Module, inputs: BlockInputs, out: Optional[torch.Ten
     return out
 
 
-def _input_until(block: nn.Module, path: str, h, args, kw) -> torch.Tensor:
-    """The input of sub-module ``path`` when ``block`` runs on ``h``; the forward stops there."""
+def _input_until(block: nn.Module, path: str, h, args, kw, *, stop: bool = True):
+    """The input of sub-module ``path`` when ``block`` runs on ``h``; the forward stops there. ``stop=False``: the
+    forward runs to its end and ``(input, block output)`` is returned (one pass gives both)."""
     box = {}
 
     def pre(mod, a, k):
         box["x"] = a[0] if a else next(iter(k.values()))
-        raise _Stop
+        if stop:
+            raise _Stop
 
     handle = get_module(block, path).register_forward_pre_hook(pre, with_kwargs=True)
+    y = None
     try:
-        call_block(block, h, args, kw)
+        y = call_block(block, h, args, kw)
     except _Stop:
         pass
     finally:
         handle.remove()
     if "x" not in box:
         raise RuntimeError(f"sub-layer {path!r} was not called by its block's forward")
-    return box["x"]
+    return box["x"] if stop else (box["x"], y)
 
 
 # ============================================================================================ validation
@@ -625,7 +630,7 @@ def prune_model(model: nn.Module, calib_ids: torch.LongTensor, config: PruneConf
     try:
         if inputs is None:
             inputs = capture_block_inputs(model, calib_ids, device=dev, batch_size=config.batch_size, arch=arch,
-                                          lengths=config.calib_lengths)
+                                          lengths=config.calib_lengths, dtype=config.activation_dtype)
         # one activation buffer: every forward writes a batch's outputs over that batch's inputs (batches are
         # independent, and a batch's inputs are read whole before its outputs are written)
         hidden = inputs.hidden
@@ -669,6 +674,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
     arch, spec, dev, last = plan.arch, plan.spec, plan.device, plan.blocks[-1]
     gdt = config.gram_dtype
     t_stats = t_solve = t_fwd = 0.0
+    clock = {"stats_forward_time_s": 0.0, "report_time_s": 0.0}  # parts of the statistics and of the solves
     groups = plan.units[bi]
     need_out_dense = config.mode == "dense-input" and bi != last
     # the dense copy: X of the later groups (error correction) and the dense outputs (dense-input mode,
@@ -681,27 +687,30 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
         for sub, name, pat, kind in group:
             ts = time.perf_counter()
             rec = _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result,
-                               surgery, model)
+                               surgery, model, clock)
             t_solve += time.perf_counter() - ts
             layers_rec.append(rec)
 
     if config.error_correction:
+        wrote = False
         for gi, group in enumerate(groups):
             t0 = time.perf_counter()
-            # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass
-            acc = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
-                                        config, gdt, dev)
+            # the first group has nothing pruned upstream in this block: X̂ = X exactly, no dense pass; the
+            # last group's dense pass runs on to the block's end and gives the dense outputs (dense-input mode)
+            out = hidden if need_out_dense and gi == len(groups) - 1 else None
+            acc, wrote = _accumulate_corrected(block, dense if gi else None, group[0][0], cur, arch, spec,
+                                               config, gdt, dev, clock, out)
             t_stats += time.perf_counter() - t0
             solve_group(group, acc)
             del acc
-        if need_out_dense:  # dense stream: the dense copy's outputs
+        if need_out_dense and not wrote:  # dense stream: the dense copy's outputs
             t0 = time.perf_counter()
             forward_block(dense, cur, hidden)
             t_fwd += time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
         accs = _accumulate_dense(block, [g[0][0] for g in groups], cur, arch, spec, config, gdt, dev,
-                                 hidden if need_out_dense else None)
+                                 hidden if need_out_dense else None, clock)
         t_stats += time.perf_counter() - t0
         for gi, group in enumerate(groups):
             solve_group(group, accs[gi])
@@ -712,7 +721,7 @@ def _prune_block(model, block, bi: int, cur: BlockInputs, hidden: torch.Tensor, 
         t0 = time.perf_counter()
         forward_block(block, cur, hidden)
         t_fwd += time.perf_counter() - t0
-    return {"stats_time_s": t_stats, "solve_time_s": t_solve, "forward_time_s": t_fwd}
+    return {"stats_time_s": t_stats, "solve_time_s": t_solve, "forward_time_s": t_fwd, **clock}
 
 
 def _new_acc(n, full, corrected, gdt, dev):
@@ -723,35 +732,51 @@ def _width(block, sub, arch) -> int:
     return linear_weight(get_module(block, sub), sub in arch.transposed).shape[1]
 
 
-def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev):
-    """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block.
+def _accumulate_corrected(block, dense, sub, inputs: BlockInputs, arch, spec, config, gdt, dev, clock,
+                          out=None) -> tuple:
+    """Error-corrected statistics of ``sub``'s input: X from the dense copy, X̂ from the pruned-so-far block;
+    returns ``(statistics, wrote)``.
 
     ``dense=None``: nothing upstream is pruned yet, so X̂ = X and a plain (uncorrected) accumulator is exact.
+    ``out``: the dense copy's pass runs to the block's end and writes the dense outputs there, batch by batch
+    after the batch's inputs are read (``wrote``: it did; not when the statistics need no dense pass).
+    ``clock["stats_forward_time_s"]`` gains the time of the forward passes that produce the inputs.
     """
     n = _width(block, sub, arch)
     full = _needs_full(spec, config, n)
     corrected = dense is not None and full  # diag-only statistics need X̂ alone: no dense pass
+    wrote = corrected and out is not None
     acc = _new_acc(n, full, corrected, gdt, dev)
     for sl, args, kw in inputs.batches:
         h = inputs.hidden[sl]
+        t0 = time.perf_counter()
         xhat = _input_until(block, sub, h, args, kw)
-        if corrected:
-            acc.add(_input_until(dense, sub, h, args, kw), xhat)
-        else:
-            acc.add(xhat)
-    return acc
+        x = y = None
+        if wrote:
+            x, y = _input_until(dense, sub, h, args, kw, stop=False)
+        elif corrected:
+            x = _input_until(dense, sub, h, args, kw)
+        clock["stats_forward_time_s"] += time.perf_counter() - t0
+        acc.add(x, xhat) if corrected else acc.add(xhat)
+        if y is not None:  # after the statistics: an input may be a view of the batch's hidden states
+            out[sl] = y
+    return acc, wrote
 
 
-def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out):
-    """One pass of the (still dense) block: H of every group's input; outputs into ``out`` when given."""
+def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt, dev, out, clock):
+    """One pass of the (still dense) block: H of every group's input; outputs into ``out`` when given.
+    ``clock["stats_forward_time_s"]`` gains the time of the pass less that of the accumulation."""
     accs = [_new_acc(_width(block, s, arch), _needs_full(spec, config, _width(block, s, arch)), False, gdt, dev)
             for s in subs]
     stop_at = None if out is not None else len(subs) - 1
     handles = []
+    t_start, t_add = time.perf_counter(), [0.0]
 
     def make(i):
         def pre(mod, a, k):
+            t0 = time.perf_counter()
             accs[i].add(a[0] if a else next(iter(k.values())))
+            t_add[0] += time.perf_counter() - t0
             if i == stop_at:
                 raise _Stop
         return pre
@@ -769,6 +794,7 @@ def _accumulate_dense(block, subs, inputs: BlockInputs, arch, spec, config, gdt,
     finally:
         for h in handles:
             h.remove()
+    clock["stats_forward_time_s"] += time.perf_counter() - t_start - t_add[0]
     return accs
 
 
@@ -792,7 +818,8 @@ def _method_info_record(res, pat: Pattern) -> dict:
     return rec
 
 
-def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model) -> dict:
+def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit_result, surgery, model,
+                 clock=None) -> dict:
     tr = sub in arch.transposed
     mod = get_module(block, sub)
     W_model = linear_weight(mod, tr)
@@ -853,13 +880,14 @@ def _solve_layer(block, bi, sub, name, pat, kind, acc, spec, config, arch, refit
         rec["shape_after"] = list(written.shape)
         W_eval = W
 
+    t_report = time.perf_counter()
     if full:
-        err_before = problem.objective(problem.W0)
-        err = problem.objective(W_eval.to(problem.H.device))
-        f0 = problem.constant()
+        err_before, err, f0 = problem.report(W_eval.to(problem.H.device))
         rel = err / f0 if f0 > 0 else 0.0
     else:
         err_before = err = rel = None
+    if clock is not None:
+        clock["report_time_s"] += time.perf_counter() - t_report
     rec.update(name=name, block=bi, shape=[m, n], pattern=pat.name, sparsity_target=pat.target_sparsity((m, n)),
                sparsity=sparsity, error_before=err_before, error=err, rel_error=rel, time_s=t_solve,
                stats="gram" if full else "diag", nsamples=problem.nsamples)

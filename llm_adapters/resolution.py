@@ -350,7 +350,8 @@ def _final_checks(o, s: dict, info: Optional[dict]) -> None:
     for note in (s.get("calibration_note"), s.get("eval_note") if o.evaluate else None):
         if note:
             log.warning(note)
-    if o.activation_dtype is not None and not o.low_memory:
-        raise RunError("--activation-dtype applies to --low-memory only")
+    if o.activation_dtype is not None:
+        from .offload import parse_dtype
+        parse_dtype(o.activation_dtype)  # a dtype it does not know: one line naming the valid ones
     if o.certify and o.low_memory:
         raise RunError("--certify is not available with --low-memory (run it in memory)")

@@ -6,6 +6,7 @@ Reads
 * ``benchmarks/results/bench_solvers.json`` (``benchmarks/solvers/bench_solvers.py``),
 * ``benchmarks/results/bench_models_<model>.json`` (``benchmarks/models/bench_models.py``),
 * ``benchmarks/results/certificates_<model>.json`` (``benchmarks/solvers/certificate_report.py``),
+* ``benchmarks/results/scale_<machine>.json`` (``benchmarks/models/scale_report.py``: cost against model size),
 
 draws one plot per method of perplexity vs sparsity (matplotlib, Agg backend; PNG under ``docs/img/``) from the
 paper-reproduction rows of each scale, and replaces **only** the text between ``<!-- results:start -->`` and
@@ -303,6 +304,14 @@ def build_block(page: Path, results_dir: Path, bench_dir: Path, img_dir: Path, s
             L.append("")
             L.append(quant_table(str(f)))
             L.append("")
+    for f in sorted(Path(bench_dir).glob("scale_*.json")):  # cost against model size (scale_report.py)
+        sys.path.insert(0, str(REPO / "benchmarks" / "models"))
+        from scale_report import render_markdown as scale_md
+        doc = json.loads(f.read_text())
+        if doc.get("plot"):  # the plot sits beside the JSON; link it from the page
+            doc["plot"] = _relpath(f.parent / doc["plot"], page)
+        L.append(scale_md(doc, level=3))
+        L.append("")
     certs = sorted(Path(bench_dir).glob("certificates_*.json"))
     if certs:
         sys.path.insert(0, str(REPO / "benchmarks" / "solvers"))

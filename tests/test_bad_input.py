@@ -94,7 +94,6 @@ CASES = [
     ("unknown-protocol", {"--protocol": "nope", "--no-eval": None}, None, "unknown protocol"),
     ("unknown-eval-text", {"--eval": "no_such_text", "--no-eval": None}, None, "no_such_text"),
     ("nproc-sequential", {"--nproc": "2"}, None, "dense-input"),
-    ("activation-dtype-without-low-memory", {"--activation-dtype": "float16"}, None, "--low-memory"),
     ("resume-with-low-memory", {"--resume": True, "--low-memory": True}, None, "--low-memory"),
     # files and folders
     ("data-dir-missing", {"--data-dir": "{tmp}/nodata"}, None, "--data-dir"),

@@ -80,3 +80,39 @@ def test_error_correction_and_propagation_count_the_passes_the_pipeline_runs():
     assert f[True]["forward"] - last[True]["forward"] == pytest.approx(full)
     assert f[True]["forward"] > f[False]["forward"]  # a dense and a pruned partial pass per later group
     assert f[True]["statistics"] > f[False]["statistics"]  # Ĥ and C from the second group on
+
+
+def test_dense_input_error_correction_counts_one_full_pass_less():
+    """Dense-input mode with error correction: the last group's dense pass runs on to the block's outputs (the
+    pipeline's pass count is tested in test_pipeline), so a block costs a full pass less the last group's prefix
+    more than the last block, not a whole full pass more."""
+    dims = CM.llama_dims(dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=101))
+    seq = CM.block_flops(dims, 2, 16, error_correction=True)
+    den = CM.block_flops(dims, 2, 16, error_correction=True, mode="dense-input")
+    last = CM.block_flops(dims, 2, 16, error_correction=True, last=True)
+    down = 2 * 2 * 16 * dims["ff"] * dims["d"]  # the down projection: what a full pass adds to the last prefix
+    assert den["forward"] - last["forward"] == pytest.approx(down)
+    assert seq["forward"] > den["forward"]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "models" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scale_report_counts_a_models_parameters_and_predicts_from_the_flop_model(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks" / "models"))
+    SR = _script("scale_report")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert SR.n_params(CM.llama_dims(cfg)) == sum(p.numel() for p in model.parameters()) - norms
+    for name, shape in CM.PREDICT_MODELS.items():
+        g = CM.gpu_prediction(shape, 50e12, 1.5)
+        total = CM.model_flops(CM.llama_dims(shape), 128, 2048, error_correction=True, cpu=False)["total"]
+        assert g["one_s"] == pytest.approx(total / 50e12 * 1.5)
+        assert g["many_s"] < g["one_s"]  # eight ranks, each its own eighth of the blocks

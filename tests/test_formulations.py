@@ -46,6 +46,23 @@ def test_objective_matches_explicit_activations(corrected, kind):
 
 
 @pytest.mark.parametrize("corrected", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_report_is_the_three_objectives_with_shared_products(corrected, dtype):
+    W0, X, Xh = activations(corrected=corrected)
+    p = LayerProblem.from_activations(W0, X, Xh).to(dtype)
+    W = torch.randn(W0.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    before, err, f0 = p.report(W)
+    assert err == p.objective(W)  # the same per-row terms, summed in the same order: the same number
+    assert err == pytest.approx(explicit_f(W.double(), W0, X, Xh), rel=1e-12 if dtype == torch.float64 else 1e-4)
+    assert f0 == pytest.approx(p.constant(), rel=1e-12 if dtype == torch.float64 else 1e-5)
+    if corrected:
+        assert before == p.objective(p.W0)
+        assert before == pytest.approx(explicit_f(W0, W0, X, Xh), rel=1e-10 if dtype == torch.float64 else 1e-3)
+    else:
+        assert before == 0.0
+
+
+@pytest.mark.parametrize("corrected", [False, True])
 def test_gradient_matches_explicit_and_finite_differences(corrected):
     W0, X, Xh = activations(corrected=corrected)
     p = LayerProblem.from_activations(W0, X, Xh)

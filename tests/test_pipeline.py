@@ -360,3 +360,56 @@ def test_the_walk_holds_one_activation_buffer(mode, ec):
         prune_model(model, ids, PruneConfig(method="sparsegpt", sparsity=0.5, mode=mode, error_correction=ec,
                                             batch_size=2, device="cpu"), progress=False)
     assert watch.count == 1  # the capture's buffer, and nothing else of its size
+
+
+# --------------------------------------------------------------------------------------------- passes
+@pytest.mark.parametrize("mode,ec", [("sequential", True), ("dense-input", True), ("sequential", False),
+                                     ("dense-input", False)])
+def test_each_block_forward_runs_once_where_once_suffices(mode, ec):
+    """The passes the walk makes over a block, counted at the block's first sub-layer (a pass that stops at a
+    group's input before it does not count): with error correction a pruned and a dense pass per later group
+    (the dense outputs of dense-input mode come from the last of them, not from a pass of their own); without,
+    one pass for every group's statistics; in sequential mode also the pruned block's full pass for the next
+    block's inputs. Two blocks: the last one propagates nothing."""
+    model = stories()
+    arch = get_arch(model)
+    ids = calib(n=6, L=32)
+    n_batches, groups = 3, len(arch.sublayers)
+    for bi in (0, 1):  # the flag travels with the pipeline's dense copy of the block (deepcopy)
+        get_module(model, f"{arch.blocks}.{bi}.{arch.sublayers[0][0]}").optprune_test_count = True
+    calls = [0]
+
+    def count(mod, a, out):
+        calls[0] += bool(getattr(mod, "optprune_test_count", False))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        prune_model(model, ids, PruneConfig(method="sparsegpt", sparsity=0.5, mode=mode, error_correction=ec,
+                                            batch_size=2, blocks=[0, 1], device="cpu"), progress=False)
+    finally:
+        handle.remove()
+    stats_passes = 2 * (groups - 1) if ec else 1
+    propagate = 1 if mode == "sequential" else 0
+    assert calls[0] == n_batches * (2 * stats_passes + propagate)
+
+
+def test_activations_held_in_the_activation_dtype():
+    """``activation_dtype`` is the dtype of the one whole-set buffer (half of float32's bytes in bfloat16); each
+    batch enters the block in the model's dtype, so the result stays close to the float32 walk's."""
+    ids = calib(n=6, L=32)
+    model = stories()
+    inp = pl.capture_block_inputs(model, ids, device="cpu", batch_size=2, dtype=torch.bfloat16)
+    assert inp.hidden.dtype == torch.bfloat16
+    ref = pl.capture_block_inputs(model, ids, device="cpu", batch_size=2)
+    assert torch.equal(inp.hidden, ref.hidden.to(torch.bfloat16))
+    errs = {}
+    for dt in (None, torch.bfloat16):
+        m = stories()
+        with _WholeSetAllocations((6, 32, m.config.hidden_size)) as watch:
+            rep = prune_model(m, ids, PruneConfig(method="sparsegpt", sparsity=0.5, batch_size=2, device="cpu",
+                                                  activation_dtype=dt), progress=False)
+        assert watch.count == 1
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+        errs[dt] = sum(r["error"] for r in rep["layers"])
+    assert errs[torch.bfloat16] != errs[None]  # the stored inputs are rounded ...
+    assert errs[torch.bfloat16] == pytest.approx(errs[None], rel=0.05)  # ... to bfloat16's precision only

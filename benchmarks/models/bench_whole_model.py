@@ -51,15 +51,6 @@ RANDOM_MODELS = {
     "random-llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                               num_key_value_heads=4),
 }
-#: published shapes for the prediction (Llama-3-8B and -70B)
-PREDICT_MODELS = {
-    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256),
-    "Llama-3-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=128256),
-}
-
-
 def _build_random(name: str, dest: Path) -> None:
     """Write the random model ``name`` (float32 safetensors, SmolLM2's tokenizer) to ``dest`` (own process)."""
     import torch
@@ -242,7 +233,8 @@ def _print_row(m: str, res: dict, args, ref: dict, dims: dict) -> None:
         print(f"{'':>10}  resident-set peak after each block: "
               + ", ".join(f"{v:.0f}" for v in res["peak_after_block_mb"]) + " MB", flush=True)
     rate = sum(res["matmul_gflops"]) / 2 * 1e9
-    one = cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m)
+    # a one-block walk (--blocks 1) is its last block: no propagating forward
+    one = cost_model.block_flops(dims, ns, sl, error_correction=ec, method=m, last=res["blocks"] == 1)
     if one["total"] is None:
         return
     tot = cost_model.model_flops(dims, ns, sl, error_correction=ec, method=m)["total"]
@@ -265,20 +257,10 @@ def predict(rate_flops: float, ratio: float, nsamples: int = 128, seqlen: int = 
     """Prune time of SparseGPT (error-corrected) on Llama-3-8B/-70B at ``rate_flops`` per GPU × ``ratio``."""
     print(f"prediction: SparseGPT, error correction, {nsamples}×{seqlen} calibration, {rate_flops / 1e12:.0f} "
           f"TFLOP/s per GPU (float32 matmul; assumed, not measured), measured/limit ratio {ratio:.2f}")
-    for name, cfg in PREDICT_MODELS.items():
-        dims = cost_model.llama_dims(cfg)
-        kw = dict(error_correction=True, method="sparsegpt", cpu=False)
-        blk = cost_model.block_flops(dims, nsamples, seqlen, **kw)
-        one = cost_model.model_flops(dims, nsamples, seqlen, **kw)["total"] / rate_flops * ratio
-        # --nproc 8 (dense-input): ranks own contiguous blocks; a rank first forwards the dense blocks before
-        # its own; the last rank waits longest
-        fwd = 2.0 * nsamples * seqlen * blk["params"] / rate_flops * ratio
-        per = blk["total"] / rate_flops * ratio
-        nb = dims["blocks"]
-        own = math.ceil(nb / 8)
-        eight = (nb - own) * fwd + own * per
-        print(f"  {name}: {nb} blocks, {blk['total'] / 1e12:.1f} TFLOP per block → one GPU {one / 60:.0f} min, "
-              f"8 GPUs (--nproc 8) {eight / 60:.0f} min", flush=True)
+    for name, cfg in cost_model.PREDICT_MODELS.items():
+        g = cost_model.gpu_prediction(cfg, rate_flops, ratio, nsamples, seqlen)
+        print(f"  {name}: {g['blocks']} blocks, {g['flops_per_block'] / 1e12:.1f} TFLOP per block → one GPU "
+              f"{g['one_s'] / 60:.0f} min, 8 GPUs (--nproc 8) {g['many_s'] / 60:.0f} min", flush=True)
 
 
 def _parse_reference(items) -> dict:
@@ -354,8 +336,12 @@ def main(argv=None) -> int:
         p.start()
         res = q.get()
         p.join()
+        if isinstance(res.get("low_memory"), dict):  # the walk's own record: largest block, activations
+            res["walk"] = res["low_memory"]
         res.update(method=m, model=args.model, low_memory=bool(args.low_memory), wall_s=time.perf_counter() - t0,
-                   threads=args.threads, dims=dims)
+                   threads=args.threads, dims=dims, error_correction=args.error_correction == "on",
+                   command="python benchmarks/models/bench_whole_model.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                      else argv))
         rows.append(res)
         if "error" in res:
             print(f"{m}: error: {res['error']}", file=sys.stderr)

@@ -78,6 +78,9 @@ def prune_config(run):
         kw["damp"] = float(d.method.damp)
     if d.execution.batch_size is not None:
         kw["batch_size"] = int(d.execution.batch_size)
+    if d.execution.activation_dtype is not None:
+        from ..offload import parse_dtype
+        kw["activation_dtype"] = parse_dtype(d.execution.activation_dtype)
     if run.d.targets or run.d.ignore:
         kw.update(targets=run.d.targets, ignore=run.d.ignore)
     return PruneConfig(**kw)
