@@ -70,7 +70,7 @@ def sparse_lowrank_program(problem: LayerProblem, pattern: Pattern, rank: int) -
     variables = {"S": Variable("S", (m, n)), "L": Variable("L", (m, n)), "z": Variable("z", (m, n), "binary")}
     cons = [Indicator("S", "z", torch.arange(m * n)), RankAtMost("L", int(rank))] + pattern.constraints((m, n))
     return Program("sparse + low-rank (S + L)", "SLR", variables, [SumObjective()], cons, problem, pattern,
-                   meta={"rank": int(rank), "params": pattern.kept_count((m, n)) + lowrank_params((m, n), rank)})
+                   meta={"heuristic": True, "rank": int(rank), "params": pattern.kept_count((m, n)) + lowrank_params((m, n), rank)})
 
 
 def gram_half(Hh: torch.Tensor, rel: float = 1e-13):

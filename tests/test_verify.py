@@ -85,7 +85,7 @@ def test_quick_passes_prints_pairs_and_writes_json_and_plot(quick):
 
 def test_quick_covers_every_registered_program(quick):
     _, _, data, _ = quick
-    programs = set(data["programs"])
+    programs = set(data["programs"]) | set(data["unverified"])  # the latter: no reference backend solves them
     kinds = {k for n in list_methods() for k in get_method(n).patterns} & set(CANONICAL_PATTERNS)
     for kd in kinds:
         assert f"L0 {CANONICAL_PATTERNS[kd]().name}" in programs, kd

@@ -184,7 +184,7 @@ def _declared_programs(spec, p: LayerProblem, mask):
 
 def _declared_cases(specs: list, p: LayerProblem, inst: str, fam: str, how: str) -> list[Case]:
     """The programs methods declare (other than the L0 program): a method is exact for the convex and mask
-    programs it declares, a heuristic of a MIQP; the ℓ1 program is solved by the method's ``l1_solver``."""
+    programs it declares, a heuristic of a MIQP or of a program marked ``meta['heuristic']``; the ℓ1 program is solved by the method's ``l1_solver``."""
     from ..methods.baselines import wanda
     mask = wanda(p, Unstructured(0.5)).mask.to(torch.bool)
     cases, seen = [], set()
@@ -208,7 +208,8 @@ def _declared_cases(specs: list, p: LayerProblem, inst: str, fam: str, how: str)
                 shown = "".join(f" {k}={v}" for k, v in vopts.items())
                 c = Case(f"{prog.kind} {label} ({spec.name}{shown})",
                          "convex" if prog.kind in ("QP", "L1", "LP") else "exact", inst, fam, how, prog)
-                c.producers.append(_method_producer(spec.name, spec, p, pat, prog, prog.kind != "MIQP", **opts))
+                exact = prog.kind != "MIQP" and not prog.meta.get("heuristic")  # else no solver of ours is exact
+                c.producers.append(_method_producer(spec.name, spec, p, pat, prog, exact, **opts))
             cases.append(c)
     return cases
 

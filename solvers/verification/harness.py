@@ -115,6 +115,7 @@ class Runner:
         self.threads = threads
         self.include, self.exclude = include, exclude
         self.refused: dict = {}
+        self.unreferenced: dict = {}  # program key -> why no reference backend took it (not verified)
 
     def row(self, case: Case, solver: str, role: str, **kw) -> dict:
         r = {"program": case.key, "kind": case.program.kind, "instance": case.instance, "family": case.family,
@@ -131,6 +132,10 @@ class Runner:
         refs, refused = select_backends(prog, quick=self.quick, include=self.include, exclude=self.exclude)
         for name, why in refused:
             self.refused.setdefault((case.key, name), why)
+        if not refs and not any(pr.exact for pr in case.producers):
+            # nothing can prove an optimum here: a heuristic row would be judged against nothing
+            self.unreferenced.setdefault(case.key, sorted({why for _, why in refused}))
+            return []
         for label, b, opts in refs:
             o = dict(opts)
             if self.time_limit is not None:
@@ -260,6 +265,8 @@ def _verify(quick, gurobi, output, seed, data_dir, model_dir, _cli, time_limit, 
             print(f"[verify] instance {k + 1}/{n_inst}: {len(R.rows)} rows, {time.perf_counter() - t_start:.0f} s",
                   file=sys.stderr, flush=True)
     _top_up(R, factory, n_inst, quick, progress)
+    for key, whys in R.unreferenced.items():
+        factory.notes.append(f"{key} is not verified: no reference backend solves it ({'; '.join(whys)})")
     return _report(R, factory, quick, n_inst, output, _cli, time.perf_counter() - t_start)
 
 
@@ -345,6 +352,7 @@ def _report(R: Runner, factory: InstanceFactory, quick: bool, n_inst: int, outpu
         with open(out, "w") as f:
             json.dump({"summary": summary, "quick": quick, "wall_s": wall, "instances_per_program": n_inst,
                        "programs": sorted({r["program"] for r in rows}), "pairs": pairs, "backends": backends_info,
+                       "unverified": {k: v for k, v in sorted(R.unreferenced.items())},
                        "refused": refused, "notes": factory.notes, "plot": plot, "rows": rows}, f, indent=1,
                       default=str)
     if _cli:
